@@ -1,0 +1,65 @@
+"""The ``carddeck`` command.
+
+Each subcommand lives in the module that owns its work and exposes ``configure(parser)`` and
+``run(args) -> int``. Only the chosen subcommand's module is imported, so ``carddeck serve``
+never imports torch and starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from carddeck.errors import CarddeckError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("carddeck.server.main", "serve a deck over gRPC (own API + Open Inference Protocol)"),
+    "predict": ("carddeck.server.client_cli", "classify image files with a running server"),
+    "deck": ("carddeck.server.deck_cli", "add, remove or list the cards of a running server"),
+    "corrupt": ("carddeck.data.corrupt_cli", "write a CIFAR-10-C-style corrupted copy of a dataset"),
+    "compress": ("carddeck.compress.cli", "train and compress a CARD (lrr, biprop, filter)"),
+    "export": ("carddeck.export.cli", "export a CARD checkpoint to compact ONNX with parity checks"),
+    "calibrate": ("carddeck.gating.cli", "compute domain signatures and fit the calibrated router"),
+    "eval": ("carddeck.eval.cli", "robustness evaluation of a deck: tables, JSON and plots"),
+}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="carddeck",
+        description="CARD-Deck: robust image classification from a gated deck of compressed networks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # configure (and import) only the chosen command
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = _parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return int(module.run(args) or 0)
+    except CarddeckError as exc:
+        print(f"carddeck: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""One error hierarchy for the whole package.
+
+Domain code raises these; only ``carddeck.server`` translates them to gRPC status codes
+(through one table), and the CLI turns them into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+
+class CarddeckError(Exception):
+    """Base of every error CARD-Deck raises on purpose."""
+
+
+class InvalidInput(CarddeckError, ValueError):
+    """The caller sent something malformed: the message names the field and what is accepted."""
+
+
+class TooLarge(InvalidInput):
+    """Input larger than a configured limit (batch size, message size, upload size)."""
+
+
+class CardNotFound(CarddeckError, KeyError):
+    """No card (or card version) with that name in the deck."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "card not found"
+
+
+class CardRejected(CarddeckError):
+    """A card file failed validation (unreadable ONNX, bad CardMeta, contract mismatch)."""
+
+
+class DeckConflict(CarddeckError):
+    """The change conflicts with the deck's state (duplicate card version, incompatible classes)."""
+
+
+class Unauthenticated(CarddeckError):
+    """Missing or wrong credentials for an RPC that requires them."""
+
+
+class NotReady(CarddeckError):
+    """The server or deck cannot serve right now (starting, draining, empty deck)."""
+
+
+class Cancelled(CarddeckError):
+    """The request was cancelled or its deadline passed before it could be served."""
+
+
+__all__ = [
+    "Cancelled",
+    "CardNotFound",
+    "CardRejected",
+    "CarddeckError",
+    "DeckConflict",
+    "InvalidInput",
+    "NotReady",
+    "TooLarge",
+    "Unauthenticated",
+]

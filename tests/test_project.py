@@ -1,0 +1,68 @@
+"""The project's own wiring: README commands, CI script, lint and types."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [b.strip() for b in blocks]
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    serve, test = readme_commands()[:2]
+    assert serve.endswith("carddeck serve") and "-c constraints.txt" in serve
+    assert "pytest" in test and "-c constraints.txt" in test
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test = readme_commands()[1]
+    ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
+    assert test in ci_lines
+
+
+def test_constraints_pin_cpu_torch():
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff comes with the dev extra")
+def test_ruff_is_clean():
+    result = subprocess.run(["ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_is_clean_on_the_serving_path():
+    pytest.importorskip("mypy")
+    paths = [
+        p for p in ("carddeck/card.py", "carddeck/gating", "carddeck/deck", "carddeck/server") if (ROOT / p).exists()
+    ]
+    result = subprocess.run([sys.executable, "-m", "mypy", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_help_lists_every_command():
+    result = subprocess.run([sys.executable, "-m", "carddeck.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for name in ("serve", "corrupt", "compress", "export", "eval"):
+        assert name in result.stdout
+
+
+def test_serving_path_does_not_import_torch():
+    code = (
+        "import sys, carddeck, carddeck.card, carddeck.errors\n"
+        "import importlib, pkgutil\n"
+        "for pkg in ('carddeck.gating', 'carddeck.deck', 'carddeck.server'):\n"
+        "    mod = importlib.import_module(pkg)\n"
+        "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
