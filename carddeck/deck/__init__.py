@@ -1,1 +1,18 @@
-"""deck"""
+"""The deck: on-disk store of cards, ONNX Runtime sessions, and the Deck (route -> run -> combine). No torch."""
+
+from carddeck.deck.deck import Deck, Prediction, prepare_images
+from carddeck.deck.runtime import CardSession, choose_providers, threads_per_card
+from carddeck.deck.store import CardEntry, DeckStore, Manifest, read_card_meta
+
+__all__ = [
+    "CardEntry",
+    "CardSession",
+    "Deck",
+    "DeckStore",
+    "Manifest",
+    "Prediction",
+    "choose_providers",
+    "prepare_images",
+    "read_card_meta",
+    "threads_per_card",
+]

@@ -1,0 +1,95 @@
+"""ONNX Runtime sessions for cards: execution providers, thread budgets, a shared worker pool.
+
+One session per card. Providers: CUDA then CPU when onnxruntime-gpu sees a GPU, else CPU; each
+session logs the providers it actually got (ORT falls back to CPU silently apart from a log line).
+Threads: cards selected for a batch run concurrently, so each session gets
+``cores // min(cards, cores)`` intra-op threads and the pool runs at most ``cores`` cards at once;
+together they never ask for more threads than there are cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def cpu_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """``requested`` if given (each must be available), else CUDA then CPU when CUDA is available."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            from carddeck.errors import InvalidInput
+
+            raise InvalidInput(f"execution provider(s) {missing} not available; this onnxruntime has {available}")
+        return list(requested)
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def threads_per_card(num_cards: int, cores: int | None = None) -> int:
+    cores = cpu_cores() if cores is None else cores
+    return max(1, cores // max(1, min(num_cards, cores)))
+
+
+class CardSession:
+    """One card's ORT session. ``run`` is thread-safe (ORT releases the GIL)."""
+
+    def __init__(self, model: bytes, *, key: str, digest: str, providers: Sequence[str], intra_op_threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.key = key
+        self.digest = digest
+        self.intra_op_threads = intra_op_threads
+        self.session = ort.InferenceSession(model, opts, providers=list(providers))
+        self.providers: list[str] = list(self.session.get_providers())
+        log.info("card %s: ONNX Runtime providers %s, %d intra-op threads", key, self.providers, intra_op_threads)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run(["logits"], {"images": images})
+        return np.asarray(out, np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def card_pool() -> ThreadPoolExecutor:
+    """A process-wide pool that runs the cards of one batch concurrently (shared by deck snapshots)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="carddeck-card")
+        return _pool
+
+
+__all__ = ["CardSession", "card_pool", "choose_providers", "cpu_cores", "softmax", "threads_per_card"]

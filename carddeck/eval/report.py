@@ -1,0 +1,97 @@
+"""Write an EvalResult as JSON, a markdown table and a PNG plot (matplotlib imported only here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from carddeck.eval.robustness import EvalResult
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(result: EvalResult) -> str:
+    """Methods as rows: clean, mean corrupted, cards per image, then one column per corruption
+    (mean over severities). A second table lists the mean over corruptions per severity."""
+    corruptions = list(dict.fromkeys(c for c, _ in result.corrupted))
+    severities = sorted({s for _, s in result.corrupted})
+    head = ["method", "clean", "mean corrupted", "cards/image", *corruptions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in result.methods:
+        per = result.per_corruption(m)
+        row = [
+            m,
+            _pct(result.clean(m)),
+            _pct(result.mean_corrupted(m)) if result.corrupted else "-",
+            f"{result.cards_per_image.get(m, 0):.2f}",
+            *(_pct(per[c]) for c in corruptions),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    out = ["## Accuracy (%) per corruption, mean over severities", "", *lines, ""]
+    if severities:
+        head = ["method", *(f"severity {s}" for s in severities)]
+        out += ["## Accuracy (%) per severity, mean over corruptions", ""]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in result.methods:
+            vals = [
+                np.mean([a for (c, s), a in result.accuracy[m].items() if s == sev and c != "clean"])
+                for sev in severities
+            ]
+            out.append("| " + " | ".join([m, *(_pct(float(v)) for v in vals)]) + " |")
+        out.append("")
+    if result.notes:
+        out += ["## Notes", "", *(f"- {k}: {v}" for k, v in result.notes.items()), ""]
+    return "\n".join(out)
+
+
+def plot(result: EvalResult, path: Path, methods: list[str] | None = None) -> None:
+    """Grouped bars: accuracy per corruption (mean over severities), methods side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = methods or [m for m in result.methods if not m.endswith("/per-sample")]
+    corruptions = ["clean", *dict.fromkeys(c for c, _ in result.corrupted)]
+    values = np.array(
+        [
+            [result.clean(m) or 0.0 if c == "clean" else result.per_corruption(m)[c] for c in corruptions]
+            for m in methods
+        ]
+    )
+    fig, ax = plt.subplots(figsize=(max(9.0, 0.9 * len(corruptions) + 4), 4.5))
+    width = 0.8 / len(methods)
+    x = np.arange(len(corruptions))
+    for i, m in enumerate(methods):
+        label = f"{m} ({100 * result.mean_corrupted(m):.1f})" if result.corrupted else m
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, 100 * values[i], width, label=label)
+    ax.set_xticks(x, corruptions, rotation=45, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    low = float(np.floor(100 * values.min() / 10) * 10)  # zoom in: differences are a few points
+    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set_title("Accuracy by corruption (mean over severities)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="method (mean corrupted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: EvalResult, out: Path, *, png: bool = True) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    paths["markdown"].write_text(markdown(result))
+    if png:
+        try:
+            plot(result, out / "eval.png")
+            paths["png"] = out / "eval.png"
+        except ImportError:  # matplotlib is in the train extra
+            pass
+    return paths
+
+
+__all__ = ["markdown", "plot", "write_report"]

@@ -1,0 +1,287 @@
+"""Robustness evaluation of a deck: every card, the uniform deck, each gate policy and the oracle.
+
+Each card runs once per condition (clean, or a corruption at a severity) on the test images; every
+policy is then scored from those cached probabilities and the routing weights it produces for
+serving-sized batches (``batch_size``), so adding a policy costs no extra inference and every
+method sees exactly the same corrupted images. The oracle takes the best single card per condition
+(an upper bound no gate can know). Anything fitted (the calibrated router) uses the validation
+split, corrupted with a different seed; reported numbers come from the test split only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from carddeck.deck.deck import Deck
+from carddeck.errors import InvalidInput
+from carddeck.gating.policies import Gate, Routing
+from carddeck.gating.router import CalibratedRouter, CalibrationPoint, fit_router
+from carddeck.gating.signature import sample_signatures
+
+log = logging.getLogger(__name__)
+
+CLEAN = ("clean", 0)
+GATE_POLICIES = ("nearest-domain", "top-k", "soft", "calibrated")
+# Conditions are (corruption, severity); severity 0 is the clean images.
+Condition = tuple[str, int]
+# A source of test images for a condition: -> (images uint8 NHWC, labels int64)
+Source = Callable[[Condition], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class ConditionRun:
+    """What every card said about one condition's images, and their signatures."""
+
+    condition: Condition
+    labels: np.ndarray  # [n]
+    probabilities: np.ndarray  # [K, n, C]
+    signatures: np.ndarray  # [n, D] per-sample signatures (batch signatures are their batch means)
+
+
+@dataclass
+class EvalResult:
+    cards: tuple[str, ...]
+    conditions: tuple[Condition, ...]
+    accuracy: dict[str, dict[Condition, float]]  # method -> condition -> accuracy
+    cards_per_image: dict[str, float]  # method -> mean number of cards run per image (all conditions)
+    batch_size: int
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def corrupted(self) -> tuple[Condition, ...]:
+        return tuple(c for c in self.conditions if c != CLEAN)
+
+    def clean(self, method: str) -> float | None:
+        return self.accuracy[method].get(CLEAN)
+
+    def mean_corrupted(self, method: str) -> float:
+        return float(np.mean([self.accuracy[method][c] for c in self.corrupted]))
+
+    def per_corruption(self, method: str) -> dict[str, float]:
+        names = dict.fromkeys(c for c, _ in self.corrupted)
+        return {n: float(np.mean([a for (c, _), a in self.accuracy[method].items() if c == n])) for n in names}
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.accuracy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cards": list(self.cards),
+            "batch_size": self.batch_size,
+            "notes": self.notes,
+            "conditions": [f"{c}/{s}" for c, s in self.conditions],
+            "methods": {
+                m: {
+                    "clean": self.clean(m),
+                    "mean_corrupted": self.mean_corrupted(m) if self.corrupted else None,
+                    "cards_per_image": self.cards_per_image.get(m),
+                    "per_corruption": self.per_corruption(m),
+                    "per_condition": {f"{c}/{s}": a for (c, s), a in self.accuracy[m].items()},
+                }
+                for m in self.methods
+            },
+        }
+
+
+def run_condition(deck: Deck, condition: Condition, images: np.ndarray, labels: np.ndarray) -> ConditionRun:
+    chunk = 512  # bounds memory on large test sets
+    probs = np.stack(
+        [
+            np.concatenate([deck.run_card(name, images[i : i + chunk]) for i in range(0, len(images), chunk)])
+            for name in deck.card_names
+        ]
+    )
+    return ConditionRun(condition, np.asarray(labels, np.int64), probs, sample_signatures(images))
+
+
+def batches(n: int, size: int) -> Iterable[slice]:
+    return (slice(i, min(i + size, n)) for i in range(0, n, size))
+
+
+def route_run(gate: Gate, run: ConditionRun, policy: str, per_sample: bool, batch_size: int) -> np.ndarray:
+    """Routing weights [n, K] for one condition, in serving-sized batches."""
+    out = []
+    for sl in batches(len(run.labels), batch_size):
+        sigs = run.signatures[sl] if per_sample else run.signatures[sl].mean(axis=0, keepdims=True)
+        r: Routing = gate.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=sl.stop - sl.start)
+        out.append(r.weights)
+    return np.concatenate(out)
+
+
+def calibration_points(runs: Sequence[ConditionRun], batch_size: int) -> list[CalibrationPoint]:
+    points = []
+    for run in runs:
+        for sl in batches(len(run.labels), batch_size):
+            points.append(
+                CalibrationPoint(
+                    run.signatures[sl].mean(axis=0),
+                    run.probabilities[:, sl],
+                    run.labels[sl],
+                    tag=f"{run.condition[0]}/{run.condition[1]}",
+                )
+            )
+    return points
+
+
+def held_out_routers(deck: Deck, runs: Sequence[ConditionRun], **fit: Any) -> dict[str, CalibratedRouter]:
+    """For each corruption in ``runs``, a router fitted on the other conditions only."""
+    names = dict.fromkeys(r.condition[0] for r in runs if r.condition != CLEAN)
+    return {n: fit_router_on(deck, [r for r in runs if r.condition[0] != n], **fit) for n in names}
+
+
+def fit_router_on(
+    deck: Deck,
+    runs: Sequence[ConditionRun],
+    *,
+    batch_size: int,
+    max_cards: int | None = None,
+    cost: float = 0.0,
+    metric: str | None = None,
+) -> CalibratedRouter:
+    """The calibrated router from validation runs (one calibration point per serving batch)."""
+    gate = deck.gate
+    if gate is None:
+        raise InvalidInput("the deck has no cards")
+    return fit_router(
+        calibration_points(runs, batch_size),
+        gate.keys,
+        max_cards=max_cards,
+        metric=metric or gate.params.metric,
+        cost=cost,
+    )
+
+
+def evaluate(
+    deck: Deck,
+    runs: Sequence[ConditionRun],
+    *,
+    router: CalibratedRouter | None,
+    batch_size: int = 64,
+    policies: Sequence[str] = GATE_POLICIES,
+    per_sample: bool = True,
+    metric: str | None = None,
+    held_out_routers: dict[str, CalibratedRouter] | None = None,
+) -> EvalResult:
+    """Score every card, the uniform deck, each policy (per batch, and per sample if asked) and the oracle.
+
+    ``held_out_routers`` (corruption -> a router fitted without that corruption) adds the row
+    ``calibrated/held-out``: each corruption routed by a router that never saw it (a harder test of
+    the calibrated gate than the same corruptions on other images).
+    """
+    from dataclasses import replace
+
+    if deck.gate is None or not runs:
+        raise InvalidInput("nothing to evaluate: the deck has no cards or there are no conditions")
+    gate = replace(deck.gate, router=router) if router is not None else deck.gate
+    if metric is not None:  # compare distances on the same runs
+        gate = replace(gate, params=replace(gate.params, metric=metric))
+    names = deck.card_names
+    acc: dict[str, dict[Condition, float]] = {}
+    per_image: dict[str, float] = {}
+    conditions = tuple(r.condition for r in runs)
+
+    def score(method: str, weights_of: Callable[[ConditionRun], np.ndarray]) -> None:
+        acc[method], counts = {}, []
+        for run in runs:
+            w = weights_of(run)  # [n, K]
+            mixed = np.einsum("nk,knc->nc", w, run.probabilities)
+            acc[method][run.condition] = float((mixed.argmax(axis=1) == run.labels).mean())
+            counts.append((w > 0).sum(axis=1))
+        per_image[method] = float(np.concatenate(counts).mean())
+
+    def single(k: int) -> Callable[[ConditionRun], np.ndarray]:
+        return lambda run: np.eye(len(names), dtype=np.float32)[np.full(len(run.labels), k)]
+
+    def routed(policy: str, per_sample: bool) -> Callable[[ConditionRun], np.ndarray]:
+        return lambda run: route_run(gate, run, policy, per_sample, batch_size)
+
+    for k, name in enumerate(names):
+        score(f"card:{name}", single(k))
+    score("uniform", lambda run: np.full((len(run.labels), len(names)), 1.0 / len(names), np.float32))
+    for policy in policies:
+        if policy == "calibrated" and gate.router is None:
+            continue
+        score(policy, routed(policy, False))
+        if per_sample:
+            score(f"{policy}/per-sample", routed(policy, True))
+    if held_out_routers and gate.router is not None:
+        full = gate.router
+
+        def held_out(run: ConditionRun) -> np.ndarray:
+            r = held_out_routers.get(run.condition[0], full)  # clean: the full router
+            return route_run(replace(gate, router=r), run, "calibrated", False, batch_size)
+
+        score("calibrated/held-out", held_out)
+    acc["oracle"] = {c: max(acc[f"card:{n}"][c] for n in names) for c in conditions}
+    per_image["oracle"] = 1.0
+    return EvalResult(names, conditions, acc, per_image, batch_size)
+
+
+# -- where the images come from ----------------------------------------------------------------
+def generated_source(images: np.ndarray, labels: np.ndarray, *, seed: int) -> Source:
+    """Corrupt ``images`` on the fly with :func:`carddeck.data.corruptions.corrupt`."""
+    from carddeck.data.corruptions import corrupt
+
+    def get(condition: Condition) -> tuple[np.ndarray, np.ndarray]:
+        name, severity = condition
+        if condition == CLEAN:
+            return images, labels
+        return corrupt(images, name, severity, seed=seed), labels
+
+    return get
+
+
+def suite_source(clean_images: np.ndarray, clean_labels: np.ndarray, suite: Any, limit: int | None) -> Source:
+    """A stored corrupted suite (CIFAR-10-C layout) for corruptions, ``clean_*`` for the clean condition."""
+
+    def get(condition: Condition) -> tuple[np.ndarray, np.ndarray]:
+        if condition == CLEAN:
+            return clean_images, clean_labels
+        data = suite.get(*condition)
+        return data.images[:limit], data.labels[:limit]
+
+    return get
+
+
+def collect_runs(
+    deck: Deck, conditions: Sequence[Condition], source: Source, *, desc: str = "eval"
+) -> list[ConditionRun]:
+    """Run every card on every condition's images (progress bar when tqdm is installed)."""
+    try:
+        from tqdm import tqdm
+
+        it: Iterable[Condition] = tqdm(conditions, desc=desc, unit="condition")
+    except ImportError:  # tqdm is in the train extra
+        it = conditions
+    runs = []
+    for condition in it:
+        images, labels = source(condition)
+        runs.append(run_condition(deck, condition, images, labels))
+    return runs
+
+
+def conditions_for(corruptions: Sequence[str], severities: Sequence[int], *, clean: bool = True) -> list[Condition]:
+    return ([CLEAN] if clean else []) + [(c, s) for c in corruptions for s in severities]
+
+
+__all__ = [
+    "CLEAN",
+    "GATE_POLICIES",
+    "ConditionRun",
+    "EvalResult",
+    "collect_runs",
+    "conditions_for",
+    "evaluate",
+    "fit_router_on",
+    "generated_source",
+    "held_out_routers",
+    "route_run",
+    "run_condition",
+    "suite_source",
+]

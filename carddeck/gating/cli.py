@@ -1,0 +1,107 @@
+"""``carddeck calibrate``: domain reference signatures and the calibrated router of a deck.
+
+Uses training data for the references (each domain's augmentation of clean training images) and
+corrupted validation data for the router, never the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deck", required=True, help="deck directory (manifest.json + cards/)")
+    parser.add_argument("--data", default="digits32", help="dataset spec: digits32, cifar10:PATH, npz:PATH ...")
+    parser.add_argument(
+        "--signatures",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute each domain's reference signature from the training split (default: on)",
+    )
+    parser.add_argument("--train-images", type=int, default=2000, help="training images per reference signature")
+    parser.add_argument(
+        "--router",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit the calibrated router on corrupted validation images (default: on)",
+    )
+    parser.add_argument("--corruptions", default=None, help="comma-separated (default: the 15 benchmark corruptions)")
+    parser.add_argument("--severities", type=_ints, default=[1, 2, 3, 4, 5], help="comma-separated, default 1,2,3,4,5")
+    parser.add_argument("--val-images", type=int, default=None, help="limit validation images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="calibration batch = serving batch size")
+    parser.add_argument(
+        "--max-cards", type=int, default=None, help="largest card set the router may pick (default K/2)"
+    )
+    parser.add_argument("--cost", type=float, default=0.0, help="accuracy the router gives up per extra card")
+    parser.add_argument("--seed", type=int, default=1, help="corruption seed for validation data (eval uses 0)")
+    parser.add_argument("--policy", default=None, help="also make this the deck's default gate policy")
+    parser.add_argument(
+        "--store-calibration",
+        type=int,
+        default=0,
+        metavar="N",
+        help="store N clean training images in the deck, to sign cards added later without a signature",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from carddeck.data.datasets import load_dataset
+    from carddeck.deck import Deck, DeckStore
+    from carddeck.errors import InvalidInput
+    from carddeck.gating.signature import domain_signature
+
+    store = DeckStore(args.deck)
+    cards = store.list_cards()
+    if not cards:
+        raise InvalidInput(f"deck {args.deck} has no cards to calibrate")
+    if args.batch_size < 1:
+        raise InvalidInput(f"--batch-size must be positive, got {args.batch_size}")
+    if args.signatures or args.store_calibration:
+        train = load_dataset(args.data, "train")
+        rng = np.random.default_rng(0)
+        index = np.sort(rng.permutation(len(train))[: args.train_images])
+        if args.signatures:
+            references = {}
+            for domain in dict.fromkeys(c.domain for c in cards):
+                references[domain] = domain_signature(domain, train.images[index], seed=0)
+                log.info("reference signature of domain %s from %d training images", domain, len(index))
+            store.set_gate(references=references)
+        if args.store_calibration:
+            store.set_calibration(train.images[index[: args.store_calibration]])
+    if args.router:
+        from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
+        from carddeck.eval.robustness import collect_runs, conditions_for, fit_router_on, generated_source
+
+        val = load_dataset(args.data, "val")
+        images, labels = val.images[: args.val_images], val.labels[: args.val_images]
+        corruptions = args.corruptions.split(",") if args.corruptions else list(BENCHMARK_CORRUPTIONS)
+        if any(s not in range(1, 6) for s in args.severities):
+            raise InvalidInput(f"--severities must be among 1..5, got {args.severities}")
+        deck = Deck.open(store.root)
+        runs = collect_runs(
+            deck,
+            conditions_for(corruptions, args.severities),
+            generated_source(images, labels, seed=args.seed),
+            desc="calibrate",
+        )
+        router = fit_router_on(deck, runs, batch_size=args.batch_size, max_cards=args.max_cards, cost=args.cost)
+        store.set_gate(router=router)
+        log.info(
+            "calibrated router: %d calibration batches, %d candidate card sets",
+            len(router.signatures),
+            len(router.subsets),
+        )
+    if args.policy:
+        store.set_gate(policy=args.policy)
+    m = store.manifest()
+    print(f"deck {store.root}: version {m.version}, gate {dict(m.gate).get('policy', 'nearest-domain')}")
+    return 0

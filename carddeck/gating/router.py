@@ -1,0 +1,188 @@
+"""The calibrated router: signatures of held-out corrupted batches vote for the card sets that did best.
+
+Fitting (``carddeck calibrate``, validation data only): for each calibration batch (a corruption
+and severity applied to validation images, plus clean ones) record its signature and the accuracy
+of every candidate card set (every subset of at most ``max_cards`` cards, predictions averaged).
+
+Routing: each calibration batch votes with a Gaussian kernel of its distance to the query
+signature; a prior vote of weight ``prior`` goes to every set's mean accuracy over all calibration
+batches. Near familiar conditions the local votes dominate; for a batch unlike anything seen in
+calibration the kernel weights vanish and the router falls back to the set that is best overall
+(measured on digits32: this lifted corruptions left out of calibration from 95.8 to 96.5 mean
+accuracy, where plain nearest-neighbour votes had picked the sets of unrelated corruptions). The
+best set wins, minus ``cost`` per extra card so that a larger set must earn its compute. The
+kernel bandwidth is the median distance from a calibration batch to its ``neighbours``-th nearest
+one. Saved as a small ``.npz`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from carddeck.errors import InvalidInput
+from carddeck.gating.policies import DEFAULT_METRIC, pairwise_distances
+
+ROUTER_FORMAT = "carddeck-router/2"  # 2: kernel votes with a prior (1 was k-nearest votes)
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One calibration batch: its signature, every card's probabilities [K, n, C] and the labels [n]."""
+
+    signature: np.ndarray
+    probabilities: np.ndarray
+    labels: np.ndarray
+    tag: str = ""  # e.g. "fog/3", for reports
+
+
+@dataclass(frozen=True)
+class CalibratedRouter:
+    card_keys: tuple[str, ...]  # name/version of the cards it was fitted for, in fit order
+    subsets: np.ndarray  # [S, K] bool: candidate card sets
+    signatures: np.ndarray  # [P, D] calibration batch signatures
+    scores: np.ndarray  # [P, S] accuracy of each set on each calibration batch
+    metric: str = DEFAULT_METRIC
+    bandwidth: float = 1.0
+    prior: float = 1.0
+    cost: float = 0.0
+
+    def choose(self, signatures: np.ndarray) -> np.ndarray:
+        """Index of the winning card set for each signature row -> int64 [N]."""
+        dist = pairwise_distances(np.asarray(signatures, np.float32), self.signatures, self.metric)
+        votes = np.exp(-0.5 * (dist / self.bandwidth) ** 2)  # [N, P]
+        overall = self.scores.mean(axis=0)  # [S]
+        expected = (votes @ self.scores + self.prior * overall) / (votes.sum(axis=1, keepdims=True) + self.prior)
+        expected = expected - self.cost * (self.subsets.sum(axis=1) - 1)
+        return np.argmax(expected, axis=1)  # subsets are ordered by size: ties go to fewer cards
+
+    def weights(self, signatures: np.ndarray, deck_keys: Sequence[str]) -> np.ndarray:
+        """[N, K_deck] equal weights over the chosen set, in the deck's card order."""
+        missing = [k for k in self.card_keys if k not in deck_keys]
+        if missing:
+            raise InvalidInput(
+                f"the calibrated router was fitted for cards {', '.join(self.card_keys)} but the deck lacks "
+                f"{', '.join(missing)}; run `carddeck calibrate` again"
+            )
+        column = [list(deck_keys).index(k) for k in self.card_keys]
+        chosen = self.subsets[self.choose(signatures)].astype(np.float32)  # [N, K_router]
+        out = np.zeros((len(chosen), len(deck_keys)), np.float32)
+        out[:, column] = chosen / chosen.sum(axis=1, keepdims=True)
+        return out
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path: Path | str | BinaryIO) -> None:
+        header = {
+            "format": ROUTER_FORMAT,
+            "card_keys": list(self.card_keys),
+            "metric": self.metric,
+            "bandwidth": self.bandwidth,
+            "prior": self.prior,
+            "cost": self.cost,
+        }
+        if isinstance(path, str | Path):
+            with open(path, "wb") as f:
+                self.save(f)
+            return
+        np.savez(
+            path,
+            header=np.array(json.dumps(header)),
+            subsets=self.subsets,
+            signatures=self.signatures,
+            scores=self.scores,
+        )
+
+    @classmethod
+    def load(cls, path: Path | str | BinaryIO) -> CalibratedRouter:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                subsets, signatures, scores = z["subsets"], z["signatures"], z["scores"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidInput(f"{path}: not a calibrated router file ({exc})") from None
+        if header.get("format") != ROUTER_FORMAT:
+            raise InvalidInput(
+                f"{path}: router format {header.get('format')!r}, expected {ROUTER_FORMAT!r}; run `carddeck calibrate`"
+            )
+        try:
+            return cls(
+                card_keys=tuple(header["card_keys"]),
+                subsets=subsets.astype(bool),
+                signatures=signatures.astype(np.float32),
+                scores=scores.astype(np.float32),
+                metric=header["metric"],
+                bandwidth=float(header["bandwidth"]),
+                prior=float(header["prior"]),
+                cost=float(header["cost"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"{path}: malformed router header ({type(exc).__name__}: {exc})") from None
+
+
+def candidate_subsets(num_cards: int, max_cards: int) -> np.ndarray:
+    """Every non-empty set of at most ``max_cards`` cards, smallest first -> bool [S, K]."""
+    rows = []
+    for size in range(1, min(max_cards, num_cards) + 1):
+        for combo in itertools.combinations(range(num_cards), size):
+            row = np.zeros(num_cards, bool)
+            row[list(combo)] = True
+            rows.append(row)
+    return np.stack(rows)
+
+
+def fit_router(
+    points: Sequence[CalibrationPoint],
+    card_keys: Sequence[str],
+    *,
+    max_cards: int | None = None,
+    metric: str = DEFAULT_METRIC,
+    neighbours: int = 10,
+    prior: float = 1.0,
+    cost: float = 0.0,
+) -> CalibratedRouter:
+    """Score every candidate card set on every calibration batch and keep the table."""
+    if not points:
+        raise InvalidInput("fit_router needs at least one calibration batch")
+    num_cards = len(card_keys)
+    max_cards = max(1, num_cards // 2) if max_cards is None else max_cards
+    subsets = candidate_subsets(num_cards, max_cards)
+    weights = subsets.astype(np.float32) / subsets.sum(axis=1, keepdims=True)  # [S, K]
+    scores = np.zeros((len(points), len(subsets)), np.float32)
+    for i, p in enumerate(points):
+        if p.probabilities.shape[0] != num_cards:
+            raise InvalidInput(f"calibration batch {i}: {p.probabilities.shape[0]} cards, expected {num_cards}")
+        mixed = np.einsum("sk,knc->snc", weights, p.probabilities)  # [S, n, C]
+        scores[i] = (mixed.argmax(axis=2) == p.labels[None, :]).mean(axis=1)
+    signatures = np.stack([np.asarray(p.signature, np.float32) for p in points])
+    return CalibratedRouter(
+        tuple(card_keys),
+        subsets,
+        signatures,
+        scores,
+        metric,
+        kernel_bandwidth(signatures, metric, neighbours),
+        prior,
+        cost,
+    )
+
+
+def kernel_bandwidth(signatures: np.ndarray, metric: str, neighbours: int, max_points: int = 2000) -> float:
+    """Median distance from a calibration signature to its ``neighbours``-th nearest other one
+    (on a seeded subsample of at most ``max_points``, so the cost stays bounded)."""
+    if len(signatures) < 2:
+        return 1.0
+    if len(signatures) > max_points:
+        signatures = signatures[np.random.default_rng(0).choice(len(signatures), max_points, replace=False)]
+    d = np.sort(pairwise_distances(signatures, signatures, metric), axis=1)
+    k = min(neighbours, len(signatures) - 1)  # column 0 is the point itself
+    bandwidth = float(np.median(d[:, k]))
+    return bandwidth if bandwidth > 0 else float(d[:, 1:].mean()) or 1.0
+
+
+__all__ = ["CalibratedRouter", "CalibrationPoint", "candidate_subsets", "fit_router"]

@@ -1,0 +1,117 @@
+"""Wiring: one gRPC server with the CardDeck API, the Open Inference Protocol, health and reflection.
+
+Hook for observability: ``build_server(..., interceptors=[...])`` puts extra interceptors
+(metrics, request ids, logging) *before* authentication, so refused calls are observed too; the
+data plane takes an optional ``metrics`` object (see :class:`~carddeck.server.dataplane.MetricsHook`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from carddeck.errors import InvalidInput
+from carddeck.server.auth import AuthInterceptor
+from carddeck.server.carddeck_servicer import CardDeckServicer, MiB
+from carddeck.server.dataplane import Dataplane
+from carddeck.server.health import Health
+from carddeck.server.oip_servicer import OipServicer
+from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2, carddeck_pb2_grpc
+from carddeck.server.proto_gen.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from carddeck.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Every served file in one pool (the OIP messages live outside protobuf's default pool)."""
+    pool = descriptor_pool.DescriptorPool()
+    seen: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in seen:
+            return
+        for dep in file.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        seen.add(file.name)
+
+    for module in (carddeck_pb2, model_config_pb2, grpc_service_pb2, health_pb2, reflection_pb2):
+        add(module.DESCRIPTOR)
+    return pool
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+
+    def read(path: str, name: str) -> bytes:
+        try:
+            return Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"setting {name!r}: cannot read {path}: {exc.strerror}") from None
+
+    pair = (read(settings.tls_key, "tls_key"), read(settings.tls_cert, "tls_cert"))
+    ca = read(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def build_server(
+    settings: Settings,
+    dataplane: Dataplane,
+    health: Health,
+    *,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
+    """A server bound to ``settings.address`` (not started) and the port it got."""
+    auth = AuthInterceptor(
+        admin_token=settings.resolved_admin_token(),
+        inference_token=settings.resolved_inference_token(),
+        allow_unauthenticated_admin=settings.allow_unauthenticated_admin,
+    )
+    limit = settings.max_message_mb * MiB
+    server = grpc.server(
+        ThreadPoolExecutor(settings.workers, thread_name_prefix="carddeck-rpc"),
+        interceptors=[*interceptors, auth],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    carddeck_pb2_grpc.add_CardDeckServicer_to_server(CardDeckServicer(dataplane, settings), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(dataplane, settings), server)
+    health.add_to(server)
+    reflection.enable_server_reflection(SERVICE_NAMES, server, pool=reflection_pool())
+    credentials = _credentials(settings)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.address)
+        else:
+            port = server.add_secure_port(settings.address, credentials)
+    except RuntimeError as exc:
+        raise InvalidInput(f"cannot listen on {settings.address}: {exc}") from None
+    if port == 0:
+        raise InvalidInput(f"cannot listen on {settings.address} (in use, or not an address of this machine)")
+    return server, port
+
+
+__all__ = ["SERVICE_NAMES", "build_server", "reflection_pool"]

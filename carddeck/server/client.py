@@ -1,0 +1,143 @@
+"""A small Python client for carddeck.v1.CardDeck (used by ``carddeck predict`` and ``carddeck deck``)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from carddeck.card import CardMeta
+from carddeck.server import convert
+from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+
+CHUNK = 1 << 20  # AddCard chunk size: far below any message limit
+DEFAULT_SERVER = "127.0.0.1:8001"
+
+
+@dataclass(frozen=True)
+class Result:
+    probabilities: np.ndarray
+    labels: np.ndarray
+    label_names: list[str]
+    routing: dict[str, Any]
+    deck_version: int
+
+
+def routing_dict(r: pb.Routing) -> dict[str, Any]:
+    return {
+        "policy": r.policy,
+        "per_sample": r.per_sample,
+        "card_names": list(r.card_names),
+        "selected": list(r.selected),
+        "cards_per_image": r.cards_per_image,
+        "weights": convert.from_matrix(r.weights),
+        "domains": list(r.domains),
+        "distances": convert.from_matrix(r.distances),
+    }
+
+
+class CardDeckClient:
+    def __init__(
+        self,
+        address: str = DEFAULT_SERVER,
+        *,
+        token: str = "",
+        tls_ca: str | Path | None = None,
+        tls: bool = False,
+        timeout: float | None = 60.0,
+    ) -> None:
+        options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        if tls or tls_ca:
+            root = Path(tls_ca).read_bytes() if tls_ca else None
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = carddeck_pb2_grpc.CardDeckStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CardDeckClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        return method(request, timeout=self.timeout, metadata=self.metadata)
+
+    def predict(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> Result:
+        request = pb.PredictRequest(images=convert.tensor_from_images(images), policy=policy, per_sample=per_sample)
+        r = self._call(self.stub.Predict, request)
+        return Result(
+            convert.from_matrix(r.probabilities),
+            np.asarray(r.labels, np.int64),
+            list(r.label_names),
+            routing_dict(r.routing),
+            r.deck_version,
+        )
+
+    def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:
+        request = pb.RouteRequest(images=convert.tensor_from_images(images), policy=policy, per_sample=per_sample)
+        return routing_dict(self._call(self.stub.Route, request).routing)
+
+    def list_cards(self) -> pb.ListCardsResponse:
+        return self._call(self.stub.ListCards, pb.ListCardsRequest())
+
+    def get_card(self, name: str, version: int = 0) -> CardMeta:
+        card = self._call(self.stub.GetCard, pb.GetCardRequest(name=name, version=version))
+        return CardMeta.from_json(card.meta_json)
+
+    def add_card(self, model: bytes | str | Path) -> pb.AddCardResponse:
+        data = model if isinstance(model, bytes) else Path(model).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+
+        def chunks() -> Iterator[pb.AddCardChunk]:
+            for i in range(0, len(data), CHUNK):
+                yield pb.AddCardChunk(data=data[i : i + CHUNK], sha256=digest if i == 0 else "")
+
+        return self.stub.AddCard(chunks(), timeout=self.timeout, metadata=self.metadata)
+
+    def remove_card(self, name: str, version: int = 0) -> pb.RemoveCardResponse:
+        return self._call(self.stub.RemoveCard, pb.RemoveCardRequest(name=name, version=version))
+
+
+# -- shared CLI plumbing -----------------------------------------------------------------------
+def add_client_arguments(parser: argparse.ArgumentParser, *, token_env: str = "CARDDECK_TOKEN") -> None:
+    parser.add_argument(
+        "--server", default=os.environ.get("CARDDECK_SERVER", DEFAULT_SERVER), help="HOST:PORT [env CARDDECK_SERVER]"
+    )
+    parser.add_argument("--token-file", help=f"file holding the bearer token [else env {token_env}]")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    parser.add_argument("--tls-ca", help="PEM CA bundle that signed the server's certificate (implies --tls)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.set_defaults(token_env=token_env)
+
+
+def client_from_args(args: argparse.Namespace) -> CardDeckClient:
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(args.token_env, "")
+    return CardDeckClient(args.server, token=token, tls_ca=args.tls_ca, tls=args.tls, timeout=args.timeout)
+
+
+def rpc_error_message(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}"
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o), indent=2)
+
+
+__all__ = ["CardDeckClient", "Result", "add_client_arguments", "client_from_args", "rpc_error_message"]

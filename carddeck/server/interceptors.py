@@ -1,0 +1,188 @@
+"""gRPC server interceptor: request ids, and requests/latency/in-flight metrics with the final status code.
+
+The final code is what the client receives: the code a handler set (``context.set_code`` or
+``context.abort``), ``UNKNOWN`` for an exception without one (what grpc sends), ``CANCELLED`` when
+the client went away (cancel or deadline), else ``OK``. Streaming responses are finished when the
+iterator ends, fails or is closed; a termination callback catches a stream abandoned mid-flight.
+Unknown methods pass through uncounted (their names come from clients: unbounded cardinality).
+
+Request ids: an incoming ``x-request-id`` metadata value is kept if it is a short safe string, else
+one is generated; it is set in :data:`carddeck.server.logs.request_id_var` while the handler runs and
+returned to the client as trailing metadata ``x-request-id`` (on errors too).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from carddeck.server.logs import request_id_var
+from carddeck.server.metrics import Metrics
+
+REQUEST_ID_KEY = "x-request-id"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_LOG = logging.getLogger("carddeck.access")
+# Access log levels: successes only at DEBUG (one line per RPC is too much at high rates); a failed
+# call at INFO so a caller's request id can be found in the log; a server-side failure at WARNING.
+_SERVER_SIDE = frozenset({"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNIMPLEMENTED"})
+
+
+def request_id_from(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The caller's ``x-request-id`` when it is 1-64 of ``[A-Za-z0-9._:-]``, else a fresh random one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _SAFE_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """``/inference.GRPCInferenceService/ModelInfer`` -> ``("inference.GRPCInferenceService", "ModelInfer")``."""
+    service, _, rpc = method.lstrip("/").rpartition("/")
+    return service or "unknown", rpc
+
+
+def _code_name(code: grpc.StatusCode | None) -> str | None:
+    return None if code is None else code.name
+
+
+class _Call:
+    """One RPC being measured; :meth:`finish` records it once, whichever path gets there first."""
+
+    def __init__(self, metrics: Metrics | None, service: str, rpc: str, request_id: str) -> None:
+        self.metrics, self.service, self.rpc, self.request_id = metrics, service, rpc, request_id
+        self.start = time.perf_counter()
+        self._done = False
+        self._lock = threading.Lock()
+        if metrics is not None:
+            metrics.in_flight_requests.labels(service=service, rpc=rpc).inc()
+
+    def finish(self, code: str) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        seconds = time.perf_counter() - self.start
+        if self.metrics is not None:
+            self.metrics.in_flight_requests.labels(service=self.service, rpc=self.rpc).dec()
+            self.metrics.observe_rpc(self.service, self.rpc, code, seconds)
+        level = logging.DEBUG if code == "OK" else logging.WARNING if code in _SERVER_SIDE else logging.INFO
+        _LOG.log(
+            level, "rpc %s/%s %s in %.1f ms", self.service, self.rpc, code, seconds * 1e3,
+            extra={"request_id": self.request_id, "rpc": self.rpc, "code": code, "duration_ms": seconds * 1e3},
+        )  # fmt: skip
+
+
+def _code_after_return(context: grpc.ServicerContext) -> str:
+    set_code = _code_name(context.code())
+    if set_code is not None:
+        return set_code
+    return "OK" if context.is_active() else "CANCELLED"
+
+
+def _code_after_exception(context: grpc.ServicerContext) -> str:
+    # grpc sends the code the handler set (abort sets it), else UNKNOWN; a handler that failed
+    # because the client had gone away (e.g. reading a cancelled request stream) ends CANCELLED.
+    set_code = _code_name(context.code())
+    if set_code is not None:
+        return set_code
+    return "UNKNOWN" if context.is_active() else "CANCELLED"
+
+
+class _Context:
+    """The servicer context, with ``x-request-id`` kept in whatever trailing metadata the handler sets."""
+
+    def __init__(self, context: grpc.ServicerContext, request_id: str) -> None:
+        self._context = context
+        self._pair = (REQUEST_ID_KEY, request_id)
+        context.set_trailing_metadata((self._pair,))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        pairs = [p for p in trailing_metadata if p[0] != REQUEST_ID_KEY]
+        self._context.set_trailing_metadata((*pairs, self._pair))
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self.set_trailing_metadata(status.trailing_metadata or ())
+        self._context.abort(status.code, status.details)
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    """Counts and times every known RPC into ``metrics`` (optional) and assigns request ids."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, rpc = split_method(handler_call_details.method)
+        request_id = request_id_from(handler_call_details.invocation_metadata)
+        streaming = handler.response_streaming
+        if handler.request_streaming and streaming:
+            inner, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            inner, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif streaming:
+            inner, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            inner, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            call = _Call(self.metrics, service, rpc, request_id)
+            token = request_id_var.set(request_id)
+            try:
+                result = inner(request, _Context(context, request_id))
+            except BaseException:
+                call.finish(_code_after_exception(context))
+                raise
+            finally:
+                request_id_var.reset(token)
+            if not streaming:
+                call.finish(_code_after_return(context))
+                return result
+            context.add_callback(lambda: call.finish("CANCELLED"))  # a stream dropped before it ended
+            return _stream(result, call, context)
+
+        return factory(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _stream(responses: Iterator[Any], call: _Call, context: grpc.ServicerContext) -> Iterator[Any]:
+    """Yield the handler's responses with the request id set while each is produced; finish at the end."""
+    try:
+        while True:
+            token = request_id_var.set(call.request_id)
+            try:
+                response = next(responses)
+            except StopIteration:
+                call.finish(_code_after_return(context))
+                return
+            finally:
+                request_id_var.reset(token)
+            yield response
+    except GeneratorExit:  # grpc closed the stream early: the client cancelled
+        call.finish("CANCELLED")
+        raise
+    except BaseException:
+        call.finish(_code_after_exception(context))
+        raise
+
+
+__all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor", "request_id_from", "split_method"]

@@ -1,0 +1,125 @@
+"""``carddeck serve``: load the deck, serve gRPC, and drain gracefully on SIGTERM.
+
+Shutdown order (SIGTERM or Ctrl-C): health goes NOT_SERVING (Watch streams see it at once), the
+server keeps serving for ``shutdown_delay_s`` (so load balancers stop sending), then refuses new
+work with UNAVAILABLE and waits up to ``drain_timeout_s`` for in-flight requests, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from carddeck.server.settings import Settings, add_arguments, load_settings
+
+log = logging.getLogger("carddeck.server")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.description = (
+        "Serve a deck over gRPC: carddeck.v1.CardDeck, the Open Inference Protocol "
+        "(inference.GRPCInferenceService, for Triton/KServe clients), grpc.health.v1 and server reflection."
+    )
+    add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve(load_settings(args))
+
+
+def _observability(settings: Settings) -> tuple[Any, Sequence[grpc.ServerInterceptor], Any]:
+    """Metrics, their interceptors and the /metrics endpoint (carddeck.server.metrics, when present)."""
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from carddeck.server.interceptors import ObservabilityInterceptor
+        from carddeck.server.metrics import Metrics, start_metrics_server
+    except ImportError:  # observability is optional: serve without it
+        return None, (), None
+    metrics = Metrics(CollectorRegistry())
+    endpoint = None
+    if settings.metrics_port >= 0:
+        endpoint = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, endpoint.port)
+    return metrics, (ObservabilityInterceptor(metrics),), endpoint
+
+
+def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
+    from carddeck.server.app import build_server
+    from carddeck.server.dataplane import Dataplane, DataplaneConfig
+    from carddeck.server.health import Health
+    from carddeck.server.logs import configure_logging
+
+    configure_logging(json_logs=settings.log_format == "json", level=logging.getLogger().level or logging.INFO)
+    stop = stop or threading.Event()
+    log.info("settings: %s", settings.public_dict())
+    metrics, interceptors, endpoint = _observability(settings)
+    dataplane = Dataplane(
+        DataplaneConfig(
+            deck_path=settings.deck_path,
+            batching=settings.batching,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            batch_workers=settings.batch_workers or (os.cpu_count() or 1),
+            poll_interval_s=settings.poll_interval_s,
+            providers=settings.provider_list(),
+            intra_op_threads=settings.intra_op_threads or None,
+            calibration_data=settings.calibration_data,
+        ),
+        metrics=metrics,
+    )
+    if metrics is not None:
+        from carddeck.server.shift import ShiftCalibrator
+
+        dataplane.on_swap.append(ShiftCalibrator(metrics))
+    health = Health()
+    dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
+    server = None
+    try:
+        deck = dataplane.start()
+        server, port = build_server(settings, dataplane, health, interceptors=interceptors)
+        server.start()
+        health.set_serving(dataplane.ready)
+        log.info(
+            "serving deck %s (version %d, %d cards%s) on %s:%d",
+            deck.root,
+            deck.version,
+            len(deck.cards),
+            "" if deck.cards else ": NOT ready until a card is added",
+            settings.host,
+            port,
+        )
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: stop.set())
+        while not stop.wait(0.5):
+            pass
+        log.info("shutting down: health NOT_SERVING, draining up to %.1f s", settings.drain_timeout_s)
+        dataplane.begin_shutdown()
+        health.enter_shutdown()
+        if settings.shutdown_delay_s:
+            time.sleep(settings.shutdown_delay_s)
+        if dataplane.drain(settings.drain_timeout_s):
+            log.info("drained: every in-flight request finished")
+        else:
+            log.warning("drain timeout: %d requests still in flight are cancelled", dataplane.inflight)
+        return 0
+    finally:
+        if server is not None:
+            server.stop(grace=1.0).wait()
+        dataplane.close()
+        health.close()
+        if endpoint is not None:
+            endpoint.stop()
+
+
+__all__ = ["configure", "run", "serve"]

@@ -1,0 +1,298 @@
+"""Prometheus metrics of the server, in a registry that is passed in (never the global one).
+
+One :class:`Metrics` object holds every collector; the server calls its small ``observe_*`` /
+``set_*`` methods and :func:`start_metrics_server` exposes ``/metrics`` on its own port (8002 by
+default, Triton's convention). Labels are low-cardinality only: RPC names, status codes, card
+names, domains, policies; never request ids or client addresses.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+from wsgiref.simple_server import WSGIServer
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+if TYPE_CHECKING:
+    from carddeck.server.shift import ShiftThresholds
+
+# Latency: 1-2.5-5 steps from 1 ms to 10 s, so p50/p90/p99 interpolate within a factor of 2.5.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Queue waits are often sub-millisecond: three finer buckets below the latency ones.
+WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Signature distances (gate metric, l2 by default, between radial log-spectrum profiles): on digits32
+# a 32-image batch sits ~0.3-1.5 from its own domain, shifted ones ~2-10, single images up to ~10.
+DISTANCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+UNKNOWN_DOMAIN = "unknown"
+
+
+class RoutingLike(Protocol):
+    """What :meth:`Metrics.observe_routing` reads from a :class:`carddeck.gating.Routing`."""
+
+    policy: str
+    per_sample: bool
+    card_names: tuple[str, ...]
+    weights: np.ndarray
+    domains: tuple[str, ...]
+    distances: np.ndarray
+
+
+@dataclass(frozen=True)
+class _CardChildren:
+    selections: Any
+    images: Any
+    weight: Any
+
+
+class Metrics:
+    """Every collector of the server, registered in ``registry``.
+
+    Thread-safe (prometheus_client collectors are). ``shift`` holds the calibrated out-of-domain
+    thresholds (see :mod:`carddeck.server.shift`); without it distances are still recorded but no
+    batch is counted out of domain.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, shift: ShiftThresholds | None = None) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "carddeck_requests", "RPCs finished, by service, RPC and gRPC status code.", ["service", "rpc", "code"],
+            registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "carddeck_request_duration_seconds", "RPC latency from handler entry to final status.",
+            ["service", "rpc"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight_requests = Gauge(
+            "carddeck_requests_in_flight", "RPCs being handled now.", ["service", "rpc"], registry=r
+        )
+        self.card_duration = Histogram(
+            "carddeck_card_duration_seconds", "Time to run one CARD on one batch.", ["card"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "carddeck_batch_size", "Images per batch run through the deck (after micro-batching).",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("carddeck_queue_depth", "Requests waiting in the micro-batching queue.", registry=r)
+        self.queue_wait = Histogram(
+            "carddeck_queue_wait_seconds", "Time a request waited in the micro-batching queue.",
+            buckets=WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.gate_decisions = Counter(
+            "carddeck_gate_decisions", "Gate decisions: one per batch (mode=batch) or per image (mode=sample).",
+            ["policy", "mode"], registry=r,
+        )  # fmt: skip
+        self.gate_selections = Counter(
+            "carddeck_gate_selections", "Gate decisions that ran the card.", ["card", "domain"], registry=r
+        )
+        self.gate_images = Counter("carddeck_gate_images", "Images the card ran on.", ["card", "domain"], registry=r)
+        self.gate_weight = Counter(
+            "carddeck_gate_weight",
+            "Sum over images of the card's combination weight: its share of the deck's predictions.",
+            ["card", "domain"], registry=r,
+        )  # fmt: skip
+        self.domain_distance = Histogram(
+            "carddeck_domain_distance", "Distance from the batch (or image) signature to each domain's reference.",
+            ["domain"], buckets=DISTANCE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.nearest_distance = Histogram(
+            "carddeck_nearest_domain_distance", "Distance from the batch (or image) signature to the nearest domain.",
+            buckets=DISTANCE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.out_of_domain = Counter(
+            "carddeck_out_of_domain",
+            "Gate decisions whose signature sat farther from every domain than the calibrated threshold.",
+            ["mode"], registry=r,
+        )  # fmt: skip
+        self.out_of_domain_threshold = Gauge(
+            "carddeck_out_of_domain_threshold", "Calibrated out-of-domain distance threshold, by batch size.",
+            ["batch_size"], registry=r,
+        )  # fmt: skip
+        self.deck_version = Gauge("carddeck_deck_version", "Version of the deck snapshot being served.", registry=r)
+        self.deck_cards = Gauge("carddeck_deck_cards", "Number of CARDs in the deck being served.", registry=r)
+        self.card_changes = Counter(
+            "carddeck_card_changes", "Card loads and removals, by operation and outcome.", ["op", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.build = Info("carddeck_build", "Versions this server was built from.", registry=r)
+
+        for mode in ("batch", "sample"):
+            self.out_of_domain.labels(mode=mode)
+        self._lock = threading.Lock()
+        self._card_domains: dict[str, str] = {}
+        self._card_children: dict[tuple[str, str], _CardChildren] = {}
+        self.shift: ShiftThresholds | None = None
+        self.set_shift(shift)
+        self.build_info()
+
+    # -- requests (called by the interceptor) ---------------------------------------------------
+    def observe_rpc(self, service: str, rpc: str, code: str, seconds: float) -> None:
+        self.requests.labels(service=service, rpc=rpc, code=code).inc()
+        self.request_duration.labels(service=service, rpc=rpc).observe(seconds)
+
+    @contextmanager
+    def in_flight(self, service: str, rpc: str) -> Iterator[None]:
+        gauge = self.in_flight_requests.labels(service=service, rpc=rpc)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    # -- dataplane --------------------------------------------------------------------------------
+    def observe_card(self, card: str, seconds: float) -> None:
+        self.card_duration.labels(card=card).observe(seconds)
+
+    def observe_batch(self, size: int, wait_seconds: float | Iterable[float] = ()) -> None:
+        """One batch of ``size`` images ran; ``wait_seconds``: the queue wait of each request in it."""
+        self.batch_size.observe(size)
+        waits = [wait_seconds] if isinstance(wait_seconds, int | float) else wait_seconds
+        for wait in waits:
+            self.queue_wait.observe(wait)
+
+    def set_queue_depth(self, n: int) -> None:
+        self.queue_depth.set(n)
+
+    def track_queue_depth(self, depth: Callable[[], int]) -> None:
+        """Read the queue depth at scrape time (e.g. ``lambda: batcher.queue_depth``) instead of setting it."""
+        self.queue_depth.set_function(depth)
+
+    def observe_routing(self, routing: RoutingLike, out_of_domain_threshold: float | None = None) -> None:
+        """Record one gate decision: selections and weights per card, distances per domain, shift.
+
+        Per-batch routing is one decision (distance rows are all equal, one is observed); per-sample
+        routing is one decision per image. The out-of-domain threshold is ``out_of_domain_threshold``
+        when given, else the calibrated one for the decision's batch size (1 for per-sample).
+        """
+        weights = np.asarray(routing.weights, dtype=np.float64)
+        if weights.ndim != 2 or weights.shape[1] != len(routing.card_names):
+            raise ValueError(f"routing.weights must be [N, {len(routing.card_names)}], got {list(weights.shape)}")
+        n = weights.shape[0]
+        mode = "sample" if routing.per_sample else "batch"
+        decisions = n if routing.per_sample else 1
+        self.gate_decisions.labels(policy=routing.policy, mode=mode).inc(decisions)
+
+        ran = weights > 0
+        images = ran.sum(axis=0)
+        decided = images if routing.per_sample else (images > 0).astype(np.int64)
+        share = weights.sum(axis=0)
+        for k, card in enumerate(routing.card_names):
+            if images[k] == 0:
+                continue
+            children = self._children(card)
+            children.selections.inc(int(decided[k]))
+            children.images.inc(int(images[k]))
+            children.weight.inc(float(share[k]))
+
+        distances = np.asarray(routing.distances, dtype=np.float64)
+        if distances.size == 0 or len(routing.domains) == 0:
+            return
+        rows = distances if routing.per_sample else distances[:1]
+        for d, domain in enumerate(routing.domains):
+            hist = self.domain_distance.labels(domain=domain)
+            for value in rows[:, d]:
+                hist.observe(float(value))
+        nearest = rows.min(axis=1)
+        for value in nearest:
+            self.nearest_distance.observe(float(value))
+        threshold = out_of_domain_threshold
+        if threshold is None and self.shift is not None:
+            threshold = self.shift.threshold_for(1 if routing.per_sample else n)
+        if threshold is not None:
+            far = int((nearest > threshold).sum())
+            if far:
+                self.out_of_domain.labels(mode=mode).inc(far)
+
+    def _children(self, card: str) -> _CardChildren:
+        domain = self._card_domains.get(card, UNKNOWN_DOMAIN)
+        key = (card, domain)
+        children = self._card_children.get(key)
+        if children is None:
+            with self._lock:
+                children = _CardChildren(
+                    self.gate_selections.labels(card=card, domain=domain),
+                    self.gate_images.labels(card=card, domain=domain),
+                    self.gate_weight.labels(card=card, domain=domain),
+                )
+                self._card_children[key] = children
+        return children
+
+    # -- deck -------------------------------------------------------------------------------------
+    def set_deck(self, version: int, cards: int | Iterable[Any]) -> None:
+        """The served snapshot changed. ``cards``: its CardMeta objects (``.name``, ``.key``,
+        ``.domain``), which also tells the gate metrics each card's domain; or just their number."""
+        if isinstance(cards, int):
+            count = cards
+        else:
+            metas = list(cards)
+            count = len(metas)
+            with self._lock:
+                for meta in metas:
+                    self._card_domains[meta.name] = meta.domain
+                    self._card_domains[getattr(meta, "key", meta.name)] = meta.domain
+        self.deck_version.set(version)
+        self.deck_cards.set(count)
+
+    def card_change(self, op: str, outcome: str) -> None:
+        """A card load/removal finished: ``op`` e.g. add/remove, ``outcome`` e.g. ok/rejected/conflict/not_found."""
+        self.card_changes.labels(op=op, outcome=outcome).inc()
+
+    def set_shift(self, shift: ShiftThresholds | None) -> None:
+        self.shift = shift
+        self.out_of_domain_threshold.clear()
+        if shift is not None:
+            for size, value in shift.thresholds.items():
+                self.out_of_domain_threshold.labels(batch_size=str(size)).set(value)
+
+    def build_info(self, extra: Mapping[str, str] | None = None) -> None:
+        from carddeck import __version__
+
+        info = {"version": __version__, "python": platform.python_version()}
+        for module in ("grpc", "onnxruntime", "numpy"):
+            try:
+                info[module] = str(__import__(module).__version__)
+            except ImportError:
+                info[module] = "none"
+        info.update(extra or {})
+        self.build.info(info)
+
+
+@dataclass
+class MetricsServer:
+    """The running ``/metrics`` endpoint; ``port`` is the bound one (useful with port 0)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_server(metrics: Metrics, host: str = "0.0.0.0", port: int = 8002) -> MetricsServer:
+    """Serve ``metrics.registry`` at ``http://host:port/metrics`` from a daemon thread (port 0: any free one)."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsServer(server, thread)
+
+
+__all__ = [
+    "BATCH_BUCKETS",
+    "DISTANCE_BUCKETS",
+    "LATENCY_BUCKETS",
+    "Metrics",
+    "MetricsServer",
+    "start_metrics_server",
+]

@@ -1,0 +1,177 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_UINT8: DType
+DTYPE_FLOAT32: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Matrix(_message.Message):
+    __slots__ = ("rows", "cols", "data")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    data: bytes
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("images", "policy", "per_sample")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    images: Tensor
+    policy: str
+    per_sample: bool
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., policy: _Optional[str] = ..., per_sample: bool = ...) -> None: ...
+
+class Routing(_message.Message):
+    __slots__ = ("policy", "per_sample", "card_names", "weights", "domains", "distances", "selected", "cards_per_image")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    CARD_NAMES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    CARDS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    per_sample: bool
+    card_names: _containers.RepeatedScalarFieldContainer[str]
+    weights: Matrix
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    distances: Matrix
+    selected: _containers.RepeatedScalarFieldContainer[str]
+    cards_per_image: float
+    def __init__(self, policy: _Optional[str] = ..., per_sample: bool = ..., card_names: _Optional[_Iterable[str]] = ..., weights: _Optional[_Union[Matrix, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., distances: _Optional[_Union[Matrix, _Mapping]] = ..., selected: _Optional[_Iterable[str]] = ..., cards_per_image: _Optional[float] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("probabilities", "labels", "label_names", "routing", "deck_version", "class_names")
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    probabilities: Matrix
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    routing: Routing
+    deck_version: int
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., label_names: _Optional[_Iterable[str]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., deck_version: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ("images", "policy", "per_sample")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    images: Tensor
+    policy: str
+    per_sample: bool
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., policy: _Optional[str] = ..., per_sample: bool = ...) -> None: ...
+
+class RouteResponse(_message.Message):
+    __slots__ = ("routing", "deck_version")
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    routing: Routing
+    deck_version: int
+    def __init__(self, routing: _Optional[_Union[Routing, _Mapping]] = ..., deck_version: _Optional[int] = ...) -> None: ...
+
+class Card(_message.Message):
+    __slots__ = ("name", "version", "domain", "architecture", "compression_method", "sparsity", "weight_bits", "signature", "meta_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BITS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    META_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    domain: str
+    architecture: str
+    compression_method: str
+    sparsity: float
+    weight_bits: int
+    signature: _containers.RepeatedScalarFieldContainer[float]
+    meta_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., domain: _Optional[str] = ..., architecture: _Optional[str] = ..., compression_method: _Optional[str] = ..., sparsity: _Optional[float] = ..., weight_bits: _Optional[int] = ..., signature: _Optional[_Iterable[float]] = ..., meta_json: _Optional[str] = ...) -> None: ...
+
+class ListCardsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCardsResponse(_message.Message):
+    __slots__ = ("cards", "deck_version", "default_policy", "class_names")
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    cards: _containers.RepeatedCompositeFieldContainer[Card]
+    deck_version: int
+    default_policy: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., deck_version: _Optional[int] = ..., default_policy: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetCardRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class AddCardChunk(_message.Message):
+    __slots__ = ("data", "sha256")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    sha256: str
+    def __init__(self, data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class AddCardResponse(_message.Message):
+    __slots__ = ("card", "deck_version")
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    card: Card
+    deck_version: int
+    def __init__(self, card: _Optional[_Union[Card, _Mapping]] = ..., deck_version: _Optional[int] = ...) -> None: ...
+
+class RemoveCardRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RemoveCardResponse(_message.Message):
+    __slots__ = ("deck_version",)
+    DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    deck_version: int
+    def __init__(self, deck_version: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,65 @@
+"""The one table from carddeck.errors to gRPC status codes.
+
+Domain code raises :mod:`carddeck.errors`; servicers call :func:`status_for` and abort with the
+code and the exception's message. The most specific class wins (``TooLarge`` is an
+``InvalidInput`` but maps to RESOURCE_EXHAUSTED), so the table is looked up along the MRO.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from carddeck import errors
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.CardNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.CardRejected: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.DeckConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code of an exception: the table's entry for its nearest class, else INTERNAL."""
+    for cls in type(exc).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Servicer method decorator: carddeck errors -> their status; anything else -> INTERNAL, logged.
+
+    The server never dies of a request: every exception ends as a status on that one call.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except errors.CarddeckError as exc:
+            code = status_for(exc)
+            remaining = context.time_remaining()
+            if isinstance(exc, errors.Cancelled) and remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            context.abort(code, str(exc))
+        except Exception as exc:  # servicers never call context.abort themselves, so this is a bug
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
+
+    return wrapper
+
+
+__all__ = ["STATUS_CODES", "rpc_errors", "status_for"]

@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+
+from carddeck.deck import Deck, DeckStore
+from carddeck.deck.runtime import CardSession, threads_per_card
+from carddeck.errors import CardNotFound, InvalidInput, NotReady
+from tests.deck.conftest import add_noise, card
+
+
+def test_predict_combines_the_routed_cards(store, images):
+    deck = Deck.open(store.root)
+    assert deck.version == 2 and deck.card_names == ("g1", "a1") and deck.default_policy == "nearest-domain"
+    assert deck.input.height == 32 and len(deck.class_names) == 10
+    smooth = deck.predict(images)
+    assert smooth.routing.selected == ("a1",)
+    np.testing.assert_allclose(smooth.probabilities, deck.run_card("a1", images), rtol=1e-6)
+    noisy = deck.predict(add_noise(images))
+    assert noisy.routing.selected == ("g1",)
+    uni = deck.predict(images, policy="uniform")
+    want = (deck.run_card("g1", images) + deck.run_card("a1", images)) / 2
+    np.testing.assert_allclose(uni.probabilities, want, rtol=1e-5)
+    assert uni.labels.dtype == np.int64 and (uni.labels == want.argmax(1)).all()
+    assert uni.probabilities.dtype == np.float32 and np.allclose(uni.probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_uint8_and_float32_inputs_agree(store, images):
+    deck = Deck.open(store.root)
+    as_float = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255
+    a, b = deck.predict(images, policy="uniform"), deck.predict(as_float, policy="uniform")
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+
+
+def test_per_sample_routing_runs_each_card_once_on_its_rows(store, images, monkeypatch):
+    deck = Deck.open(store.root)
+    mixed = np.concatenate([images, add_noise(images)])
+    calls = []
+    real = CardSession.logits
+
+    def counting(self, x):
+        calls.append((self.key, len(x)))
+        return real(self, x)
+
+    monkeypatch.setattr(CardSession, "logits", counting)
+    pred = deck.predict(mixed, per_sample=True)
+    assert sorted(calls) == [("a1/1", 6), ("g1/1", 6)]
+    assert (pred.routing.weights[:6, 1] == 1).all() and (pred.routing.weights[6:, 0] == 1).all()
+    monkeypatch.undo()
+    np.testing.assert_allclose(pred.probabilities[:6], deck.run_card("a1", images), rtol=1e-5)
+    np.testing.assert_allclose(pred.probabilities[6:], deck.run_card("g1", add_noise(images)), rtol=1e-5)
+    assert pred.routing.cards_per_image == 1.0
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((0, 32, 32, 3), np.uint8), "empty batch"),
+        (np.zeros((2, 28, 28, 3), np.uint8), r"\[N, 32, 32, 3\]"),
+        (np.zeros((2, 32, 32, 3), np.float32), r"\[N, 3, 32, 32\]"),
+        (np.zeros((2, 3, 32, 32), np.float64), "dtype float64"),
+        (np.full((2, 3, 32, 32), 1.5, np.float32), r"\[0, 1\]"),
+        (np.full((2, 3, 32, 32), np.nan, np.float32), "NaN"),
+        (np.zeros((32, 32, 3), np.uint8), "4-D"),
+        ([[0]], "numpy array"),
+    ],
+)
+def test_invalid_input_names_what_is_accepted(store, bad, message):
+    deck = Deck.open(store.root)
+    with pytest.raises(InvalidInput, match=message):
+        deck.predict(bad)
+
+
+def test_unknown_card_and_policy(store, images):
+    deck = Deck.open(store.root)
+    with pytest.raises(CardNotFound, match="g1, a1"):
+        deck.run_card("zz", images)
+    with pytest.raises(InvalidInput, match="valid choices"):
+        deck.predict(images, policy="best")
+
+
+def test_empty_deck_is_not_ready(tmp_path, images):
+    deck = Deck.open(DeckStore.create(tmp_path / "empty").root)
+    assert deck.version == 0 and deck.cards == ()
+    with pytest.raises(NotReady):
+        deck.predict(images)
+
+
+def test_reopen_reuses_unchanged_sessions_and_snapshots_are_immutable(store, images):
+    old = Deck.open(store.root)
+    store.add_card(card("g2", "gaussian", seed=5))
+    new = Deck.open(store.root, previous=old)
+    assert new.version == 3 and new.card_names == ("g1", "a1", "g2")
+    assert new._sessions["g1"] is old._sessions["g1"] and new._sessions["a1"] is old._sessions["a1"]
+    assert old.card_names == ("g1", "a1") and old.predict(add_noise(images)).routing.selected == ("g1",)
+    assert new.predict(add_noise(images)).routing.selected == ("g1", "g2")
+    store.remove_card("g2")
+    store.add_card(card("g2", "gaussian", version=2, seed=6))
+    newer = Deck.open(store.root, previous=new)
+    assert newer._sessions["g2"] is not new._sessions["g2"] and newer._sessions["g2"].key == "g2/2"
+
+
+def test_providers_and_threads(store):
+    deck = Deck.open(store.root, intra_op_threads=1)
+    assert deck.providers() == {"g1": ["CPUExecutionProvider"], "a1": ["CPUExecutionProvider"]}
+    assert threads_per_card(2, cores=8) == 4 and threads_per_card(16, cores=8) == 1 and threads_per_card(1, 2) == 2
+    with pytest.raises(InvalidInput, match="not available"):
+        Deck.open(store.root, providers=["NoSuchExecutionProvider"])
+
+
+def test_gate_settings_from_the_manifest(store, images):
+    store.set_gate(policy="uniform", params={"metric": "l1"})
+    deck = Deck.open(store.root)
+    assert deck.default_policy == "uniform" and deck.gate.params.metric == "l1"
+    assert deck.predict(images).routing.selected == ("g1", "a1")
+    store.set_gate(policy="calibrated")  # no router fitted: falls back to nearest-domain
+    assert Deck.open(store.root).default_policy == "nearest-domain"
+
+
+def test_a_stale_or_broken_router_does_not_stop_the_deck(store, images):
+    from carddeck.gating import CalibrationPoint, fit_router
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), size=(2, 8)).astype(np.float32)
+    point = CalibrationPoint(np.zeros(17, np.float32), probs, np.arange(8) % 10)
+    store.set_gate(policy="calibrated", router=fit_router([point], ["g1/1", "a1/1"]))
+    deck = Deck.open(store.root)
+    assert deck.default_policy == "calibrated" and deck.predict(images).routing.policy == "calibrated"
+    (store.root / store.manifest().gate["router"]).write_bytes(b"not a router")
+    deck = Deck.open(store.root)
+    assert deck.default_policy == "nearest-domain" and deck.gate.router is None
+    with pytest.raises(InvalidInput, match="carddeck calibrate"):
+        deck.predict(images, policy="calibrated")
+    store.set_gate(router=fit_router([point], ["g1/1", "gone/1"]))  # fitted for a card the deck lacks
+    assert Deck.open(store.root).gate.router is None

@@ -1,0 +1,165 @@
+import hashlib
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import carddeck.deck.store as store_mod
+from carddeck.card import METADATA_KEY
+from carddeck.deck import Deck, DeckStore, read_card_meta
+from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
+from tests.cards import tiny_card, tiny_meta
+from tests.deck.conftest import NOISE_SIG, card
+
+
+def test_create_add_list_and_versions(store):
+    m = store.manifest()
+    assert m.version == 2 and m["version"] == 2
+    assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]
+    assert m.class_names == tuple(str(i) for i in range(10)) and m.input["height"] == 32
+    for entry in m.cards:  # the manifest's hashes are the stored files' hashes
+        for fname, digest in entry.sha256.items():
+            assert hashlib.sha256((store.root / entry.path / fname).read_bytes()).hexdigest() == digest
+    on_disk = json.loads((store.root / "manifest.json").read_text())
+    assert on_disk["version"] == 2 and len(on_disk["cards"]) == 2
+    with pytest.raises(DeckConflict):
+        DeckStore.create(store.root)
+    with pytest.raises(InvalidInput, match="not a deck"):
+        DeckStore(store.root / "cards")
+
+
+def test_read_card_meta(tmp_path):
+    data = card("g1", "gaussian")
+    assert read_card_meta(data).name == "g1"
+    (tmp_path / "m.onnx").write_bytes(data)
+    assert read_card_meta(tmp_path / "m.onnx").signature == NOISE_SIG
+    with pytest.raises(CardRejected, match="not an ONNX"):
+        read_card_meta(b"garbage")
+    with pytest.raises(CardRejected, match="cannot read"):
+        read_card_meta(tmp_path / "missing.onnx")
+
+
+def test_duplicates_and_mismatches_conflict(store):
+    with pytest.raises(DeckConflict, match="already in the deck"):
+        store.add_card(card("g1", "gaussian"))
+    with pytest.raises(DeckConflict, match="classes"):
+        store.add_card(card("c5", "gaussian", num_classes=5))
+    with pytest.raises(DeckConflict, match="input"):
+        store.add_card(card("big", "gaussian", size=64))
+    assert store.manifest().version == 2
+
+
+def test_bad_cards_are_rejected(store):
+    model = tiny_card(tiny_meta("nometa", signature=NOISE_SIG))
+    del model.metadata_props[:]
+    with pytest.raises(CardRejected, match="no CardMeta"):
+        store.add_card(model.SerializeToString())
+    model = tiny_card(tiny_meta("badmeta", signature=NOISE_SIG))
+    model.metadata_props[0].value = '{"name": "x"}'
+    with pytest.raises(CardRejected, match="bad CardMeta"):
+        store.add_card(model.SerializeToString())
+    model = tiny_card(tiny_meta("renamed", signature=NOISE_SIG))
+    model.graph.output[0].name = "scores"
+    model.graph.node[-1].output[0] = "scores"
+    with pytest.raises(CardRejected, match="logits"):
+        store.add_card(model.SerializeToString())
+    model = tiny_card(tiny_meta("lying", signature=NOISE_SIG))  # claims 10 classes, computes 10: make it 12
+    meta = json.loads(model.metadata_props[0].value)
+    meta["num_classes"], meta["class_names"] = 12, [str(i) for i in range(12)]
+    model.metadata_props[0].value = json.dumps(meta)
+    with pytest.raises(CardRejected, match="logits"):
+        store.add_card(model.SerializeToString())
+    with pytest.raises(CardRejected, match="no spectral signature"):
+        store.add_card(card("nosig", "gaussian", signature=None))
+    assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]
+
+
+def test_signature_dimension_must_match(store):
+    with pytest.raises(CardRejected, match="signature has 3 values"):
+        store.add_card(card("short", "gaussian", signature=(1.0, 2.0, 3.0)))
+
+
+def test_remove(store):
+    store.add_card(card("g1", "gaussian", version=2))
+    assert [c.key for c in store.list_cards()] == ["g1/2", "a1/1"]  # the highest version serves
+    assert store.remove_card("g1", 2) == ["g1/2"]
+    assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]
+    assert not (store.root / "cards/g1/2").exists()
+    with pytest.raises(CardNotFound, match="g1/1, a1/1"):
+        store.remove_card("nope")
+    store.remove_card("g1")
+    store.remove_card("a1")
+    m = store.manifest()
+    assert m.cards == () and m.class_names == () and m.version == 6
+    store.add_card(card("c5", "gaussian", num_classes=5))  # an empty deck takes any classes
+
+
+def crash_on(monkeypatch, name: str) -> None:
+    real = store_mod.atomic_write
+
+    def failing(path, data):
+        if path.name == name:
+            raise OSError("simulated crash")
+        real(path, data)
+
+    monkeypatch.setattr(store_mod, "atomic_write", failing)
+
+
+@pytest.mark.parametrize("crash_before", ["card.json", "manifest.json"])
+def test_interrupted_add_leaves_the_old_deck(store, monkeypatch, crash_before, images):
+    before = Deck.open(store.root).predict(images).probabilities
+    crash_on(monkeypatch, crash_before)
+    with pytest.raises(OSError, match="simulated"):
+        store.add_card(card("g2", "gaussian", seed=3))
+    monkeypatch.undo()
+    fresh = DeckStore(store.root)
+    assert fresh.manifest().version == 2 and [c.key for c in fresh.list_cards()] == ["g1/1", "a1/1"]
+    np.testing.assert_array_equal(Deck.open(store.root).predict(images).probabilities, before)
+    fresh.add_card(card("g2", "gaussian", seed=3))  # the leftovers of the crash do not block a retry
+    assert [c.key for c in fresh.list_cards()] == ["g1/1", "a1/1", "g2/1"]
+
+
+def test_crash_inside_the_manifest_write_keeps_the_old_manifest(store, monkeypatch):
+    real = os.replace
+
+    def no_rename(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise OSError("simulated crash before rename")
+        real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", no_rename)
+    with pytest.raises(OSError):
+        store.add_card(card("g2", "gaussian"))
+    monkeypatch.undo()
+    assert DeckStore(store.root).manifest().version == 2
+    assert not [p for p in store.root.iterdir() if p.name.endswith(".tmp")]  # temporary file cleaned up
+
+
+def test_manifest_polling_is_cached_and_sees_changes(store):
+    other = DeckStore(store.root)  # a second replica on the same store
+    first = other.manifest()
+    assert other.manifest() is first
+    store.add_card(card("g2", "gaussian"))
+    assert other.manifest().version == 3
+
+
+def test_calibration_images_sign_cards_without_a_signature(store):
+    pytest.importorskip("carddeck.data.domains")
+    rng = np.random.default_rng(0)
+    calib = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    meta = store.add_card(card("clean1", "clean", signature=(0.0,) * 17), calibration=None)
+    assert meta.signature == (0.0,) * 17
+    added = store.add_card(card("signed", "clean", signature=None), calibration=calib)
+    assert added.signature is not None and len(added.signature) == 17
+    stored = read_card_meta(store.root / "cards/signed/1/model.onnx")
+    assert stored.signature == added.signature  # the ONNX file and card.json agree
+    assert json.loads((store.root / "cards/signed/1/card.json").read_text())["signature"] == list(added.signature)
+    store.set_calibration(calib)
+    assert store.add_card(card("signed2", "clean", signature=None)).signature == added.signature
+
+
+def test_metadata_key_constant_is_used():
+    model = onnx.load_model_from_string(card("g1", "gaussian"))
+    assert {p.key for p in model.metadata_props} == {METADATA_KEY}

@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+
+from carddeck.cli import main
+from carddeck.deck import Deck, DeckStore
+from carddeck.gating import CalibratedRouter
+from tests.deck.conftest import card
+
+FAST = ["--corruptions", "gaussian_noise,fog", "--severities", "1,5"]
+
+
+def tiny_deck(tmp_path):
+    store = DeckStore.create(tmp_path / "deck")
+    store.add_card(card("g1", "gaussian", seed=1))
+    store.add_card(card("a1", "augmix", seed=2))
+    return store
+
+
+def test_calibrate_then_eval(tmp_path, capsys):
+    store = tiny_deck(tmp_path)
+    args = ["calibrate", "--deck", str(store.root), "--train-images", "48", "--val-images", "64", *FAST]
+    assert main([*args, "--policy", "calibrated", "--store-calibration", "16"]) == 0
+    m = store.manifest()
+    assert m.gate["policy"] == "calibrated" and set(m.gate["references"]) == {"gaussian", "augmix"}
+    router = CalibratedRouter.load(store.root / m.gate["router"])
+    assert router.card_keys == ("g1/1", "a1/1") and len(router.signatures) == 5 * 1  # 5 conditions x 64 images
+    assert store.calibration_images().shape == (16, 32, 32, 3)
+    deck = Deck.open(store.root)
+    assert deck.default_policy == "calibrated"
+    assert deck.predict(np.zeros((3, 32, 32, 3), np.uint8)).routing.policy == "calibrated"
+
+    out = tmp_path / "report"
+    assert main(["eval", "--deck", str(store.root), "--limit", "64", *FAST, "--out", str(out)]) == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert data["notes"]["router"] == "the deck's (carddeck calibrate)"
+    assert data["conditions"] == ["clean/0", "gaussian_noise/1", "gaussian_noise/5", "fog/1", "fog/5"]
+    methods = data["methods"]
+    names = ("card:g1", "card:a1", "uniform", "nearest-domain", "calibrated", "calibrated/held-out", "soft/per-sample")
+    for name in (*names, "oracle"):
+        assert 0 <= methods[name]["mean_corrupted"] <= 1
+    assert "| oracle |" in (out / "eval.md").read_text() and "verdict" in data["notes"]
+    assert "mean corrupted" in capsys.readouterr().out
+
+
+def test_eval_fits_a_router_when_the_deck_has_none(tmp_path):
+    store = tiny_deck(tmp_path)
+    out = tmp_path / "r"
+    args = ["eval", "--deck", str(store.root), "--limit", "32", "--val-images", "32", *FAST, "--no-per-sample"]
+    assert main([*args, "--out", str(out)]) == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert data["notes"]["router"].startswith("fitted on 32 val images")
+    assert "calibrated" in data["methods"] and "calibrated/per-sample" not in data["methods"]
+    assert "calibrated/held-out" in data["methods"]
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    store = tiny_deck(tmp_path)
+    assert main(["eval", "--deck", str(store.root), "--corruptions", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "not available" in capsys.readouterr().err
+    assert main(["eval", "--deck", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a deck" in capsys.readouterr().err
+    empty = DeckStore.create(tmp_path / "empty")
+    assert main(["calibrate", "--deck", str(empty.root)]) == 2
+    assert "no cards" in capsys.readouterr().err
+
+
+def test_eval_reads_a_stored_suite_written_by_carddeck_corrupt(tmp_path):
+    store = tiny_deck(tmp_path)
+    suite = tmp_path / "digits32-c"
+    args = ["corrupt", "--data", "digits32", "--out", str(suite), "--corruptions", "fog,contrast"]
+    assert main([*args, "--severities", "2,4"]) == 0
+    out = tmp_path / "r"
+    args = ["eval", "--deck", str(store.root), "--corrupted", str(suite), "--limit", "48", "--router", "none"]
+    assert main([*args, "--out", str(out)]) == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert data["conditions"] == ["clean/0", "fog/2", "fog/4", "contrast/2", "contrast/4"]
+    assert data["notes"]["corrupted"] == f"c:{suite}" and "calibrated" not in data["methods"]
+    assert main([*args[:-2], "--severities", "5", "--out", str(out)]) == 2

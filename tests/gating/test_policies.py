@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from carddeck.errors import InvalidInput
+from carddeck.gating import POLICIES, Gate, GateParams, Routing, pairwise_distances
+
+D = 17
+NOISE = np.linspace(-2, 0, D).astype(np.float32)  # synthetic references: a noisy and a smooth domain
+SMOOTH = np.linspace(-2, -5, D).astype(np.float32)
+
+
+def gate(**params) -> Gate:
+    cards = [("g1", "gaussian", tuple(NOISE)), ("a1", "augmix", tuple(SMOOTH)), ("g2", "gaussian", tuple(NOISE))]
+    cards.append(("a2", "augmix", tuple(SMOOTH + 0.01)))
+    return Gate.from_cards(cards, params=GateParams(**params))
+
+
+def route(g: Gate, sigs: np.ndarray, policy: str, per_sample: bool = True) -> Routing:
+    return g.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=len(sigs))
+
+
+def test_registry_names():
+    assert set(POLICIES.names()) == {"nearest-domain", "top-k", "soft", "uniform", "calibrated"}
+    with pytest.raises(InvalidInput, match="valid choices"):
+        POLICIES.get("nearest")
+
+
+@pytest.mark.parametrize("metric", ["l2", "l1", "cosine"])
+def test_distances_match_scipy(metric):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, D)), rng.normal(size=(3, D))
+    want = cdist(a, b, {"l2": "euclidean", "l1": "cityblock", "cosine": "cosine"}[metric])
+    np.testing.assert_allclose(pairwise_distances(a, b, metric), want, rtol=1e-4, atol=1e-5)
+
+
+def test_nearest_domain_picks_all_cards_of_the_nearest_domain():
+    r = route(gate(), np.stack([NOISE + 0.1, SMOOTH - 0.1]), "nearest-domain")
+    assert r.domains == ("gaussian", "augmix")
+    np.testing.assert_allclose(r.weights, [[0.5, 0, 0.5, 0], [0, 0.5, 0, 0.5]])
+    assert r.selected == ("g1", "a1", "g2", "a2") and r.cards_per_image == 2.0
+    assert r.distances.shape == (2, 2) and r.distances[0, 0] < r.distances[0, 1]
+
+
+def test_per_batch_routing_repeats_one_decision():
+    r = route(gate(), (NOISE + 0.2)[None], "nearest-domain", per_sample=False)
+    r5 = gate().route_signatures((NOISE + 0.2)[None], policy="nearest-domain", per_sample=False, batch_size=5)
+    assert r5.weights.shape == (5, 4) and (r5.weights == r.weights[0]).all() and r5.selected == ("g1", "g2")
+
+
+def test_top_k():
+    r = route(gate(k=1), np.stack([SMOOTH]), "top-k")
+    assert r.selected == ("a1",)
+    r = route(gate(k=3), np.stack([SMOOTH]), "top-k")
+    assert r.selected == ("g1", "a1", "a2") and np.isclose(r.weights.sum(), 1)
+
+
+def test_soft_weights_prefer_the_near_domain_and_drop_far_ones():
+    mid = 0.7 * NOISE + 0.3 * SMOOTH
+    r = route(gate(temperature=1.0, min_weight=0.0), mid[None], "soft")
+    w = r.weights[0]
+    assert np.isclose(w.sum(), 1) and w[0] == w[2] > w[1] > 0
+    r = route(gate(temperature=0.1, min_weight=0.1), mid[None], "soft")
+    assert r.selected == ("g1", "g2")
+
+
+def test_uniform_runs_every_card():
+    r = route(gate(), np.stack([NOISE, SMOOTH]), "uniform")
+    np.testing.assert_allclose(r.weights, 0.25)
+    assert r.cards_per_image == 4
+
+
+def test_calibrated_without_router_says_how_to_fit_one():
+    with pytest.raises(InvalidInput, match="carddeck calibrate"):
+        route(gate(), NOISE[None], "calibrated")
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    d = route(gate(), NOISE[None], "nearest-domain", per_sample=False).to_dict()
+    assert json.loads(json.dumps(d))["selected"] == ["g1", "g2"]
+
+
+def test_bad_params_and_missing_signature():
+    with pytest.raises(InvalidInput, match="metric"):
+        GateParams(metric="chebyshev")
+    with pytest.raises(InvalidInput, match="unknown gate parameter"):
+        GateParams.from_dict({"kk": 2})
+    with pytest.raises(InvalidInput, match="no reference signature"):
+        Gate.from_cards([("x", "fog", None)])

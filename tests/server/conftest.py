@@ -1,0 +1,117 @@
+"""Real decks (tiny ONNX cards in a DeckStore) and real server processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carddeck.deck import DeckStore
+from carddeck.gating import SIGNATURE_DIM
+from tests.cards import tiny_card_bytes, tiny_meta
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "test-admin-token"
+# Synthetic domain references: noisy images lift the high-frequency rings, smooth ones do not.
+NOISE_SIG = tuple(float(v) for v in np.r_[0.3, np.linspace(-2.0, -2.5, SIGNATURE_DIM - 1)])
+SMOOTH_SIG = tuple(float(v) for v in np.r_[0.3, np.linspace(-1.5, -7.0, SIGNATURE_DIM - 1)])
+
+
+def card(name: str, domain: str, *, version: int = 1, seed: int = 0, **kw) -> bytes:
+    sig = kw.pop("signature", NOISE_SIG if domain == "gaussian" else SMOOTH_SIG)
+    return tiny_card_bytes(tiny_meta(name, version=version, domain=domain, signature=sig, **kw), seed=seed)
+
+
+def make_deck(root: Path) -> Path:
+    store = DeckStore.create(root)
+    store.add_card(card("g1", "gaussian", seed=1))
+    store.add_card(card("a1", "augmix", seed=2))
+    store.set_calibration(smooth_images(8, seed=99))  # signs cards uploaded without a signature
+    return root
+
+
+def smooth_images(n: int = 6, seed: int = 0) -> np.ndarray:
+    """Smooth blobs (uint8 NHWC): the gate sends them to the augmix card."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32]
+    out = []
+    for _ in range(n):
+        cy, cx = rng.uniform(8, 24, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 40.0)
+        out.append(np.repeat((blob * 255).astype(np.uint8)[..., None], 3, axis=-1))
+    return np.stack(out)
+
+
+def noisy_images(n: int = 6, seed: int = 0) -> np.ndarray:
+    """Pixel noise (uint8 NHWC): the gate sends them to the gaussian card."""
+    return (np.random.default_rng(seed).random((n, 32, 32, 3)) * 255).astype(np.uint8)
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    log_path: Path
+    address: str = ""
+    deck: Path = field(default_factory=Path)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(f"server did not exit {timeout} s after SIGTERM:\n{self.log()[-3000:]}") from None
+        return self.proc.returncode
+
+
+def start_server(deck: Path, tmp: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """``python -m carddeck.cli serve`` on a free port (port 0: the server picks and logs it)."""
+    log_path = tmp / f"server-{time.monotonic_ns()}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
+    full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
+    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", "--metrics-port", "-1"]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = ServerProcess(proc, log_path, deck=deck)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        match = re.search(r"serving deck .* on (\S+):(\d+)", server.log())
+        if match:
+            server.address = f"127.0.0.1:{match.group(2)}"
+            return server
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"server did not start in 60 s:\n{server.log()[-3000:]}")
+
+
+@pytest.fixture
+def deck_path(tmp_path: Path) -> Path:
+    return make_deck(tmp_path / "deck")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the module: admin token set, batching on, poll fast."""
+    tmp = tmp_path_factory.mktemp("server")
+    srv = start_server(
+        make_deck(tmp / "deck"), tmp, "--poll-interval-s", "0.2", "--max-request-images", "256",
+        "--max-card-mb", "1", env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+    yield srv
+    srv.terminate()

@@ -1,0 +1,156 @@
+"""The data plane against real decks (ONNX Runtime sessions), no gRPC."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from carddeck.deck import Deck, DeckStore
+from carddeck.errors import CardRejected, NotReady
+from carddeck.server.dataplane import Dataplane, DataplaneConfig
+from carddeck.server.metrics import Metrics
+from tests.server.conftest import card, noisy_images, smooth_images
+
+
+class BatchSizes(Metrics):
+    """The real metrics, also remembering each batch size the batcher ran."""
+
+    def __init__(self) -> None:
+        super().__init__(CollectorRegistry())
+        self.sizes: list[int] = []
+
+    def observe_batch(self, size, wait_seconds=()) -> None:
+        super().observe_batch(size, wait_seconds)
+        self.sizes.append(size)
+
+
+def dataplane(deck_path, metrics=None, **kw) -> Dataplane:
+    config = DataplaneConfig(deck_path=deck_path, poll_interval_s=kw.pop("poll_interval_s", 0), **kw)
+    dp = Dataplane(config, metrics=metrics)
+    dp.start()
+    return dp
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_predictions_equal_the_in_process_deck(deck_path, batching):
+    dp = dataplane(deck_path, batching=batching)
+    deck = Deck.open(deck_path)
+    try:
+        for images in (smooth_images(5), noisy_images(3), smooth_images(2).transpose(0, 3, 1, 2) / np.float32(255)):
+            for policy, per_sample in (("nearest-domain", False), ("uniform", False), ("soft", True)):
+                got, _ = dp.predict(images, policy=policy, per_sample=per_sample)
+                want = deck.predict(images, policy=policy, per_sample=per_sample)
+                np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+                assert np.array_equal(got.labels, want.labels)
+                np.testing.assert_array_equal(got.routing.weights, want.routing.weights)
+    finally:
+        dp.close()
+
+
+def test_merged_requests_keep_their_own_routing(deck_path):
+    """Smooth and noisy requests batched together: each is routed (and answered) as if alone."""
+    sizes = BatchSizes()
+    dp = dataplane(deck_path, sizes, max_batch_size=256, max_wait_s=0.02)
+    deck = Deck.open(deck_path)
+    requests = [smooth_images(2, seed=i) if i % 2 else noisy_images(2, seed=i) for i in range(24)]
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda im: dp.predict(im)[0], requests))
+        for images, got in zip(requests, results):
+            want = deck.predict(images)
+            assert got.routing.selected == want.routing.selected
+            np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+        assert {r.routing.selected for r in results} == {("a1",), ("g1",)}
+        assert max(sizes.sizes) > 2  # requests were merged (a request alone in the server runs directly)
+    finally:
+        dp.close()
+
+
+def test_hot_add_under_load_fails_no_request(deck_path):
+    dp = dataplane(deck_path, max_batch_size=64)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0]
+
+    def load(i: int) -> None:
+        while not stop.is_set():
+            try:  # smooth images run on a1, which is removed under them
+                dp.predict(smooth_images(2) if i % 2 else noisy_images(2))
+                done[0] += 1
+            except BaseException as exc:  # any failure is the test's finding
+                errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        before = dp.deck.version
+        dp.add_card(card("g2", "gaussian", seed=7))
+        dp.remove_card("a1")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        dp.close()
+    assert not errors, errors[:3]
+    assert done[0] > 3 and dp.deck.version == before + 2
+    assert dp.deck.card_names == ("g1", "g2")
+
+
+def test_a_rejected_card_leaves_the_deck_untouched(deck_path):
+    dp = dataplane(deck_path)
+    try:
+        before = (dp.deck.version, dp.deck.card_names)
+        with pytest.raises(CardRejected):
+            dp.add_card(b"not an onnx file")
+        with pytest.raises(CardRejected):  # a signature of the wrong length
+            dp.add_card(card("short", "gaussian", signature=(1.0, 2.0, 3.0)))
+        assert (dp.deck.version, dp.deck.card_names) == before
+        assert DeckStore(deck_path).manifest().version == before[0]
+    finally:
+        dp.close()
+
+
+def test_a_manifest_written_by_another_replica_is_picked_up(deck_path):
+    dp = dataplane(deck_path, poll_interval_s=0.05)
+    try:
+        old = dp.deck
+        DeckStore(deck_path).add_card(card("g3", "gaussian", seed=3))  # "another replica"
+        deadline = time.monotonic() + 10
+        while dp.deck is old and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "g3" in dp.deck.card_names
+        assert old.card_names == ("g1", "a1")  # the old snapshot is untouched
+        assert old.predict(noisy_images(1)).probabilities.shape == (1, 10)
+    finally:
+        dp.close()
+
+
+def test_drain_refuses_new_work_and_waits_for_in_flight(deck_path):
+    dp = dataplane(deck_path)
+    try:
+        entered = threading.Event()
+        release = threading.Event()
+
+        def slow() -> None:
+            with dp.request():
+                entered.set()
+                release.wait(5)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        entered.wait(5)
+        assert dp.drain(0.05) is False  # still in flight
+        with pytest.raises(NotReady), dp.request():
+            pass
+        release.set()
+        t.join()
+        assert dp.drain(1.0) is True
+        assert not dp.ready
+    finally:
+        dp.close()
