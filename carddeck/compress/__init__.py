@@ -1,1 +1,22 @@
-"""compress"""
+"""Make CARDs: pruning and binarization methods, importance criteria, schedules, one training loop.
+
+``compress(CompressConfig(...))`` trains and writes one CARD (``card.pt`` + ``card.json``);
+``load_card`` rebuilds it. Methods are found by name in ``METHODS``: dense, lrr, biprop, filter.
+"""
+
+from carddeck.compress.checkpoint import CARD_FORMAT, load_card, save_card
+from carddeck.compress.methods import METHODS, Method, MethodConfig
+from carddeck.compress.pipeline import CompressConfig, CompressResult, compress, plan
+
+__all__ = [
+    "CARD_FORMAT",
+    "METHODS",
+    "CompressConfig",
+    "CompressResult",
+    "Method",
+    "MethodConfig",
+    "compress",
+    "load_card",
+    "plan",
+    "save_card",
+]

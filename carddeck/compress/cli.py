@@ -1,0 +1,122 @@
+"""``carddeck compress``: train and compress one CARD into ``--out DIR`` (card.pt + card.json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from carddeck.errors import InvalidInput
+
+ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
+METHOD_NAMES = ("dense", "lrr", "biprop", "filter")
+DOMAIN_NAMES = ("clean", "gaussian", "augmix")
+
+
+def _arch_kw(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (VALUE in JSON), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not JSON (e.g. false, 2, [16, 32])") from None
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t for t in (s.strip() for s in text.split(",")) if t)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "methods: dense, lrr (iterative magnitude pruning + LR rewinding), biprop (binary weights + mask), "
+        "filter (structured L1 filter pruning, optional GraNet regrowth). "
+        "domains: clean, gaussian, augmix. architectures: resnet20, resnet18, preact-wrn18."
+    )
+    a = parser.add_argument
+    a("--arch", required=True, help=f"architecture: {', '.join(ARCHS)}")
+    a("--data", default="digits32", help="dataset spec (digits32, cifar10:PATH, npz:PATH, ...)")
+    a("--domain", default="clean", help=f"augmentation domain: {', '.join(DOMAIN_NAMES)}")
+    a("--method", default="dense", help=f"compression method: {', '.join(METHOD_NAMES)}")
+    a("--sparsity", type=float, default=0.0, help="target: fraction of weights removed (filter: of filters), [0, 1)")
+    a("--out", type=Path, required=True, help="output directory (card.pt, card.json, checkpoint.pt)")
+    a("--epochs", type=int, default=10, help="epochs per training round (LRR replays them every round)")
+    a("--batch-size", type=int, default=128)
+    a("--lr", type=float, default=0.1, help="base learning rate (SGD, momentum 0.9)")
+    a("--weight-decay", type=float, default=5e-4)
+    a("--schedule", default="cosine", help="learning-rate schedule per round: cosine, step, constant")
+    a("--jsd", action="store_true", help="add AugMix's Jensen-Shannon consistency loss (weight 12)")
+    a("--seed", type=int, default=0)
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a("--width", type=float, default=None, help="width multiplier of the architecture")
+    a("--arch-kw", type=_arch_kw, action="append", default=[], metavar="KEY=JSON", help="extra architecture option")
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--prune-fraction", type=float, default=0.2, help="lrr: fraction of remaining weights per round")
+    g.add_argument("--rounds", type=int, default=None, help="lrr: number of pruning rounds to reach --sparsity")
+    a("--regrow", type=float, default=0.0, help="filter: GraNet regeneration fraction (0: one-shot Li et al.)")
+    a("--ramp", type=float, default=0.5, help="biprop, filter+regrow: fraction of steps ramping the sparsity")
+    a("--init", type=Path, default=None, help="start from this dense card.pt (lrr, filter: skips dense training)")
+    a("--corruptions", type=_csv, default=None, help="comma list for corrupted accuracy, 'none' to skip (default: 15)")
+    a("--severities", type=_csv, default=("1", "2", "3", "4", "5"), help="comma list of severities (default 1-5)")
+    a("--name", default=None, help="card name (default ARCH-DOMAIN-METHOD)")
+    a("--version", type=int, default=1, help="card version")
+    a("--resume", action="store_true", help="continue from DIR/checkpoint.pt if present")
+    a("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from carddeck.compress.pipeline import CompressConfig, compress
+
+    if args.threads < 0:
+        raise InvalidInput(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corruptions = args.corruptions
+    if corruptions is not None and tuple(c.lower() for c in corruptions) in {("none",), ()}:
+        corruptions = ()
+    try:
+        severities = tuple(int(s) for s in args.severities)
+    except ValueError:
+        raise InvalidInput(f"--severities must be integers in 1..5, got {','.join(args.severities)}") from None
+    config = CompressConfig(
+        arch=args.arch,
+        out=args.out,
+        data=args.data,
+        domain=args.domain,
+        method=args.method,
+        sparsity=args.sparsity,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        jsd=args.jsd,
+        seed=args.seed,
+        device=args.device,
+        width=args.width,
+        arch_kwargs=dict(args.arch_kw),
+        prune_fraction=args.prune_fraction,
+        rounds=args.rounds,
+        regrow=args.regrow,
+        ramp=args.ramp,
+        init=args.init,
+        corruptions=corruptions,
+        severities=severities,
+        name=args.name,
+        version=args.version,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
+    result = compress(config)
+    acc = result.meta.accuracy
+    corrupted = "n/a" if acc.corrupted is None else f"{acc.corrupted:.4f}"
+    print(
+        f"{result.card}: {result.meta.compression.method} sparsity {result.meta.compression.sparsity:.4f}, "
+        f"clean {acc.clean:.4f}, corrupted {corrupted}, params {result.params}, nonzeros {result.nonzeros}, "
+        f"MACs {result.flops}"
+    )
+    return 0

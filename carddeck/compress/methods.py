@@ -1,0 +1,98 @@
+"""The compression-method interface the training loop drives, its registry and the dense baseline.
+
+A method is a few hooks around one shared training loop: ``prepare`` (swap layers, set up masks),
+``start_round`` (e.g. prune before a retraining round), ``before_step``/``after_step`` (schedules,
+regrowth, mask enforcement), ``refresh`` (before evaluation) and ``finalize`` (a plain
+``build_net`` model holding the effective weights, plus its ``arch_kwargs``). Methods are built from
+the small parts in ``masks``, ``criteria`` and ``schedules``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from carddeck.errors import InvalidInput
+from carddeck.registry import Registry
+
+GradFn = Callable[[], None]  # runs forward + backward on the current batch (grads left in .grad)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    sparsity: float = 0.0
+    prune_fraction: float = 0.2  # lrr: fraction of remaining weights pruned per round
+    rounds: int | None = None  # lrr: number of pruning rounds (overrides prune_fraction)
+    regrow: float = 0.0  # filter: GraNet regeneration fraction (0 = Li et al. one-shot)
+    ramp: float = 0.5  # biprop / filter+regrow: fraction of the round's steps spent ramping sparsity
+    pretrained: bool = False  # weights came from --init: skip the dense training round
+
+
+@dataclass(frozen=True)
+class Finalized:
+    model: nn.Module  # a plain build_net(arch, num_classes, **arch_kwargs) model
+    arch_kwargs: dict[str, Any]
+    sparsity: float  # achieved: fraction of prunable weights (filters, when structured) removed
+
+
+class Method:
+    name = "dense"
+    weight_bits = 32
+    structured = False
+    uses_init = True  # whether --init (pretrained dense weights) makes sense
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    def check(self, arch: str, model: nn.Module) -> None:
+        """Raise InvalidInput before training if this method cannot run on ``model``."""
+        if self.config.sparsity != 0.0:
+            raise InvalidInput(f"method 'dense' trains without pruning; got --sparsity {self.config.sparsity}")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def num_rounds(self) -> int:
+        return 1
+
+    def skip_round(self, r: int) -> bool:
+        return False
+
+    def start_round(self, model: nn.Module, r: int, steps: int) -> None:
+        pass
+
+    def before_step(self, model: nn.Module, r: int, step: int, steps: int, grad_fn: GradFn) -> None:
+        pass
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def refresh(self, model: nn.Module) -> None:
+        pass
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def finalize(self, model: nn.Module, arch: str, arch_kwargs: dict[str, Any]) -> Finalized:
+        return Finalized(model, dict(arch_kwargs), 0.0)
+
+    def describe(self) -> str:
+        return self.name
+
+
+METHODS: Registry[type[Method]] = Registry("compression method")
+METHODS.register("dense")(Method)
+
+
+def to_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}

@@ -1,0 +1,162 @@
+"""`carddeck compress` end to end on a tiny slice of digits32: card.pt format, resume, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from carddeck.card import CardMeta
+from carddeck.cli import main
+from carddeck.compress import CARD_FORMAT, CompressConfig, compress, load_card
+from carddeck.data.datasets import load_dataset
+from carddeck.errors import InvalidInput
+from carddeck.nets import build_net, count_flops, prunable_modules
+
+TINY = ["--arch", "resnet20", "--width", "0.25", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+FAST_EVAL = ["--corruptions", "gaussian_noise,contrast", "--severities", "1,5"]
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("lrr", ["--sparsity", "0.8", "--rounds", "1", "--domain", "gaussian"]),
+        ("biprop", ["--sparsity", "0.9", "--domain", "augmix", "--jsd"]),
+        ("filter", ["--sparsity", "0.5", "--regrow", "0.2", "--epochs", "2"]),
+    ],
+)
+def test_compress_cli_writes_a_card_export_can_read(tmp_path, tiny_data, method, extra, capsys):
+    out = tmp_path / method
+    assert (
+        main(["compress", *TINY, "--data", tiny_data, "--method", method, "--out", str(out), *FAST_EVAL, *extra]) == 0
+    )
+    assert method in capsys.readouterr().out
+    card = torch.load(out / "card.pt", map_location="cpu", weights_only=True)
+    assert set(card) == {"format", "arch", "arch_kwargs", "state_dict", "meta"}
+    assert card["format"] == CARD_FORMAT and card["arch"] == "resnet20"
+    meta = CardMeta.from_dict(card["meta"])
+    assert CardMeta.from_json((out / "card.json").read_text()) == meta
+    assert meta.compression.method == method and meta.signature is None
+    assert meta.compression.weight_bits == (1 if method == "biprop" else 32)
+    assert meta.compression.structured == (method == "filter")
+    assert 0 <= meta.accuracy.clean <= 1 and 0 <= meta.accuracy.corrupted <= 1
+    assert meta.provenance.dataset == tiny_data and meta.provenance.seed == 0
+    assert meta.input.mean == tuple(card["arch_kwargs"]["mean"])
+    # a plain build_net model with the effective weights, exactly as the contract says
+    net = build_net(card["arch"], meta.num_classes, **card["arch_kwargs"])
+    net.load_state_dict(card["state_dict"])
+    weights = [m.weight for m in prunable_modules(net).values()]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    if method == "filter":
+        assert meta.compression.sparsity == 0.5 and card["arch_kwargs"]["stage_widths"] == [2, 4, 8]
+    else:
+        assert zeros == pytest.approx(meta.compression.sparsity, abs=1e-4)
+    if method == "biprop":
+        assert all(len(torch.unique(w.abs())) <= 2 for w in weights)  # {0, alpha} per layer
+    loaded, loaded_meta, _ = load_card(out)
+    data = load_dataset(tiny_data, "val")
+    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
+    acc = float((loaded(x).argmax(1).numpy() == data.labels).mean())
+    assert acc == pytest.approx(meta.accuracy.clean) and loaded_meta == meta
+
+
+def _config(out: Path, data: str, **kw) -> CompressConfig:
+    base = dict(arch="resnet20", width=0.25, data=data, method="lrr", sparsity=0.7, rounds=1, epochs=2)
+    base.update(batch_size=32, corruptions=(), progress=False, out=out)
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_checkpoint_resumes_to_the_same_result(tmp_path, tiny_data):
+    straight = compress(_config(tmp_path / "straight", tiny_data))
+    assert [(h["round"], h["epoch"]) for h in straight.history] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+
+    def stop_after_third(pos, record):
+        if (pos.round, pos.epoch) == (1, 1):  # mid-round: optimizer, schedule and mask must all resume
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        compress(_config(tmp_path / "cut", tiny_data), on_epoch_end=stop_after_third)
+    assert not (tmp_path / "cut" / "card.pt").exists()
+    resumed = compress(_config(tmp_path / "cut", tiny_data, resume=True))
+    assert len(resumed.history) == 4
+    a = torch.load(straight.card, weights_only=True)["state_dict"]
+    b = torch.load(resumed.card, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.meta.accuracy.clean == straight.meta.accuracy.clean
+
+    with pytest.raises(InvalidInput, match="different settings.*lr"):
+        compress(_config(tmp_path / "cut", tiny_data, resume=True, lr=0.05))
+
+
+def test_lrr_from_a_dense_card_skips_dense_training(tmp_path, tiny_data):
+    dense = compress(_config(tmp_path / "dense", tiny_data, method="dense", sparsity=0.0, epochs=1))
+    assert dense.meta.compression.method == "dense" and dense.nonzeros == dense.params
+    lrr = compress(_config(tmp_path / "lrr", tiny_data, init=dense.card, epochs=1))
+    assert [h["round"] for h in lrr.history] == [1]
+    assert lrr.meta.compression.sparsity == pytest.approx(0.7, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--arch", "vgg16"], "valid choices: preact-wrn18, resnet18, resnet20"),
+        (["--method", "prune"], "valid choices: biprop, dense, filter, lrr"),
+        (["--domain", "fog"], "valid choices: augmix, clean, gaussian"),
+        (["--method", "lrr", "--sparsity", "1.0"], r"sparsity must be in \[0.0, 1.0\)"),
+        (["--method", "lrr", "--sparsity", "-0.1"], r"sparsity must be in \[0.0, 1.0\)"),
+        (["--method", "dense", "--sparsity", "0.5"], "dense"),
+        (["--batch-size", "5000"], "1078 training images, fewer than --batch-size 5000"),
+        (["--arch", "preact-wrn18", "--method", "filter", "--sparsity", "0.5"], "resnet20, resnet18"),
+        (["--jsd"], "valid with: augmix, gaussian"),
+        (["--corruptions", "rain"], "valid choices: brightness"),
+        (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
+        (["--arch-kw", "depth=56"], "accepted: width"),
+        (["--schedule", "linear"], "cosine, step, constant"),
+    ],
+)
+def test_bad_input_fails_before_training_and_names_the_choices(tmp_path, capsys, args, message):
+    argv = ["compress", "--arch", "resnet20", "--data", "digits32", "--out", str(tmp_path / "x"), "--no-progress"]
+    assert main([*argv, *args]) == 2
+    err = capsys.readouterr().err
+    assert "carddeck: error:" in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+def test_card_json_is_the_card_meta(tmp_path, tiny_data):
+    result = compress(_config(tmp_path / "b", tiny_data, method="biprop", sparsity=0.5, rounds=None, epochs=1))
+    meta = json.loads((tmp_path / "b" / "card.json").read_text())
+    assert meta["compression"] == {"method": "biprop", "sparsity": 0.5, "structured": False, "weight_bits": 1}
+    assert meta["domain"] == "clean" and meta["accuracy"]["corrupted"] is None
+    assert result.meta.name == "resnet20-clean-biprop"
+
+
+def test_cli_help_names_match_the_registries():
+    from carddeck.compress import METHODS
+    from carddeck.compress.cli import ARCHS, DOMAIN_NAMES, METHOD_NAMES
+    from carddeck.data.domains import DOMAINS
+    from carddeck.nets import NETS
+
+    assert set(ARCHS) == set(NETS.names())
+    assert set(METHOD_NAMES) == set(METHODS.names())
+    assert set(DOMAIN_NAMES) == set(DOMAINS.names())
+
+
+@pytest.mark.parametrize("arch, method", [("preact-wrn18", "biprop"), ("resnet18", "lrr"), ("resnet18", "filter")])
+def test_the_larger_architectures_compress_too(tmp_path, tiny_data, arch, method):
+    sparsity = 0.5 if method == "filter" else 0.9
+    cfg = _config(tmp_path / arch, tiny_data, arch=arch, width=0.0625, method=method, sparsity=sparsity, epochs=1)
+    result = compress(cfg)
+    _model, meta, card = load_card(result.card)
+    assert meta.architecture == arch and meta.compression.method == method
+    if method == "biprop":
+        assert card["arch_kwargs"]["affine_bn"] is False  # the binary CARDs' non-affine BatchNorm
+    if method == "filter":
+        assert result.flops <= 0.5 * count_flops(build_net(arch, 10, width=0.0625))
