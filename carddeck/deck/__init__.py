@@ -1,8 +1,9 @@
 """The deck: on-disk store of cards, ONNX Runtime sessions, and the Deck (route -> run -> combine). No torch."""
 
+from carddeck.deck.cardfile import read_card, read_card_meta
 from carddeck.deck.deck import Deck, Prediction, prepare_images
 from carddeck.deck.runtime import CardSession, choose_providers, threads_per_card
-from carddeck.deck.store import CardEntry, DeckStore, Manifest, read_card_meta
+from carddeck.deck.store import CardEntry, DeckStore, Manifest
 
 __all__ = [
     "CardEntry",
@@ -13,6 +14,7 @@ __all__ = [
     "Prediction",
     "choose_providers",
     "prepare_images",
+    "read_card",
     "read_card_meta",
     "threads_per_card",
 ]

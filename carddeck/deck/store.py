@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from carddeck.card import METADATA_KEY, CardMeta, InputSpec
+from carddeck.deck.cardfile import atomic_write, check_contract, check_runs, read_card_bytes, read_card_meta
 from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -47,113 +47,7 @@ MODEL_FILE = "model.onnx"
 META_FILE = "card.json"
 
 
-# -- reading and checking one card ---------------------------------------------------------------
-def _load_onnx(model: bytes | Path | str) -> tuple[Any, bytes]:
-    import onnx
-
-    try:
-        data = model if isinstance(model, bytes) else Path(model).read_bytes()
-    except OSError as exc:
-        raise CardRejected(f"cannot read card file {model!s}: {exc.strerror}") from None
-    try:
-        proto = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf raises its own DecodeError
-        raise CardRejected(f"not an ONNX model ({type(exc).__name__}: {exc})") from None
-    if not proto.graph.node:
-        raise CardRejected("not an ONNX model: the graph has no nodes")
-    return proto, data
-
-
-def _meta_of(proto: Any) -> CardMeta:
-    props = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in props:
-        raise CardRejected(f"the ONNX file has no CardMeta: metadata_props lacks the key {METADATA_KEY!r}")
-    try:
-        return CardMeta.from_json(props[METADATA_KEY], source=f"metadata_props[{METADATA_KEY!r}]")
-    except InvalidInput as exc:
-        raise CardRejected(f"bad CardMeta: {exc}") from None
-
-
-def read_card_meta(model: bytes | Path | str) -> CardMeta:
-    """The CardMeta embedded in an ONNX card (path or bytes), without torch. CardRejected if unreadable."""
-    proto, _ = _load_onnx(model)
-    return _meta_of(proto)
-
-
-def _dims(value_info: Any) -> list[int | str]:
-    return [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value_info.type.tensor_type.shape.dim
-    ]
-
-
-def check_contract(proto: Any, meta: CardMeta) -> None:
-    """The graph's input ``images`` float32 [N,C,H,W] and output ``logits`` [N,num_classes] match meta."""
-    from onnx import TensorProto
-
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    spec = meta.input
-    want_in = f"one input 'images' float32 [N, {spec.channels}, {spec.height}, {spec.width}]"
-    if len(inputs) != 1 or inputs[0].name != "images":
-        raise CardRejected(f"card {meta.key}: expected {want_in}, got inputs {[i.name for i in inputs]}")
-    if inputs[0].type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise CardRejected(f"card {meta.key}: input 'images' must be float32 ({want_in})")
-    dims = _dims(inputs[0])
-    if len(dims) != 4 or list(dims[1:]) != [spec.channels, spec.height, spec.width] or isinstance(dims[0], int):
-        raise CardRejected(f"card {meta.key}: expected {want_in} with a dynamic batch, got {dims}")
-    outputs = list(proto.graph.output)
-    if len(outputs) != 1 or outputs[0].name != "logits":
-        raise CardRejected(f"card {meta.key}: expected one output 'logits', got {[o.name for o in outputs]}")
-    out = _dims(outputs[0])
-    if len(out) != 2 or (isinstance(out[1], int) and out[1] != meta.num_classes):
-        raise CardRejected(f"card {meta.key}: output 'logits' must be [N, {meta.num_classes}], got {out}")
-
-
-def check_runs(data: bytes, meta: CardMeta) -> None:
-    """Load the card in ONNX Runtime (CPU) and run a 2-image batch: the output must be [2, C] and finite."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        spec = meta.input
-        probe = np.full((2, spec.channels, spec.height, spec.width), 0.5, np.float32)
-        (logits,) = session.run(["logits"], {"images": probe})
-    except Exception as exc:  # ORT raises its own exception types
-        raise CardRejected(f"card {meta.key}: ONNX Runtime cannot run it ({type(exc).__name__}: {exc})") from None
-    if logits.shape != (2, meta.num_classes) or not np.isfinite(logits).all():
-        raise CardRejected(
-            f"card {meta.key}: a 2-image batch gave logits of shape {list(logits.shape)} "
-            f"(finite: {bool(np.isfinite(logits).all())}), expected [2, {meta.num_classes}]"
-        )
-
-
-# -- atomic file operations ----------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+# card files: reading, checking and atomic writes live in carddeck.deck.cardfile (shared with export)
 
 
 def sha256(data: bytes) -> str:
@@ -355,13 +249,12 @@ class DeckStore:
     def add_card(self, model: bytes | Path | str, *, calibration: np.ndarray | None = None) -> CardMeta:
         """Validate an ONNX card and add it. Returns its CardMeta (with the signature it is served with).
 
-        CardRejected: unreadable ONNX, bad CardMeta, contract mismatch, no signature and nothing to
-        compute one from. DeckConflict: name/version already there, classes or input size differ
-        from the deck's cards.
+        CardRejected: unreadable ONNX, fails onnx.checker, bad CardMeta, graph digest mismatch, contract
+        mismatch (all from :func:`carddeck.deck.cardfile.read_card`), ONNX Runtime cannot run it, no
+        signature and nothing to compute one from. DeckConflict: name/version already there, classes
+        or input size differ from the deck's cards.
         """
-        proto, data = _load_onnx(model)
-        meta = _meta_of(proto)
-        check_contract(proto, meta)
+        proto, meta, data = read_card_bytes(model)
         check_runs(data, meta)
         with self._locked() as m:
             if any(c.name == meta.name and c.version == meta.version for c in m.cards):
@@ -385,9 +278,10 @@ class DeckStore:
                 from carddeck.gating.signature import domain_signature
 
                 meta = meta.replace(signature=domain_signature(meta.domain, images, seed=0))
-                proto.metadata_props.clear()
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = METADATA_KEY, meta.to_json()
+                # replace only the CardMeta: other props (the graph digest) stay valid, the graph is unchanged
+                for prop in proto.metadata_props:
+                    if prop.key == METADATA_KEY:
+                        prop.value = meta.to_json()
                 data = proto.SerializeToString()
             signature = meta.signature or ()
             others = [self.read_meta(e) for e in m.active() if e.name != meta.name]
@@ -498,5 +392,6 @@ __all__ = [
     "Manifest",
     "atomic_write",
     "check_contract",
+    "check_runs",
     "read_card_meta",
 ]

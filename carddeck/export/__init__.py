@@ -2,7 +2,8 @@
 
 ``export_card(checkpoint, out, data=...)`` reads a ``card.pt``; ``export_model(model, meta, out,
 images=...)`` works on any torch module taking float32 NCHW images in [0, 1]. Names are loaded
-lazily, so ``carddeck.export.validate`` (reading a card back) never imports torch.
+lazily; reading a card back (``read_card``, from the torch-free ``carddeck.deck.cardfile``) never
+imports torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _LAZY = {
     "ParityPolicy": "carddeck.export.parity",
     "ParityReport": "carddeck.export.parity",
     "FORMATS": "carddeck.export.formats",
-    "read_card": "carddeck.export.validate",
+    "read_card": "carddeck.deck.cardfile",
 }
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from carddeck.card import CardMeta
+from carddeck.deck.cardfile import atomic_write, read_card
 from carddeck.errors import CardRejected, InvalidInput
 from carddeck.export.formats import QUANTIZED_FORMATS, format_for, to_binary, to_sparse
-from carddeck.export.metadata import card_json_path, embed_meta, write_atomic, write_card_json
+from carddeck.export.metadata import card_json_path, embed_meta, write_card_json
 from carddeck.export.onnx_export import DEFAULT_OPSET, to_onnx
 from carddeck.export.parity import ParityError, ParityPolicy, ParityReport, compare, onnx_logits, torch_logits
-from carddeck.export.validate import read_card
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def export_model(
     )
     if not report.passed:
         raise ParityError(report)
-    write_atomic(out, data)
+    atomic_write(out, data)
     json_path = None
     if write_json:
         json_path = card_json_path(out)

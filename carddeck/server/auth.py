@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from carddeck.server.interceptors import HandlerInterceptor, handler_kind
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,11 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
     def abort(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    _, factory = handler_kind(handler)
+    return factory(abort)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(HandlerInterceptor):
     def __init__(self, *, admin_token: str = "", inference_token: str = "", allow_unauthenticated_admin: bool = False):
         self.admin_token = admin_token
         self.inference_token = inference_token
@@ -91,15 +87,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return grpc.StatusCode.UNAUTHENTICATED, f"{why}: this server needs 'authorization: Bearer <token>'"
         return None
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        refusal = self.check(handler_call_details.method, handler_call_details.invocation_metadata)
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        refusal = self.check(details.method, details.invocation_metadata)
         if refusal is None:
             return handler
         return _deny(handler, *refusal)

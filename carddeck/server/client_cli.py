@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
                     for j in range(len(part)):
                         row = j if args.per_sample else 0
                         selected = [c for c, w in zip(r.routing["card_names"], r.routing["weights"][row]) if w > 0]
+                        distances = dict(zip(r.routing["domains"], r.routing["distances"][row]))
                         results.append(
                             {
                                 "image": names[start + j],
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
                                 "class": r.label_names[j],
                                 "probability": float(r.probabilities[j, r.labels[j]]),
                                 "cards": selected,
+                                "policy": r.routing["policy"],
+                                "domain_distances": distances,
                                 "probabilities": r.probabilities[j],
                                 "deck_version": r.deck_version,
                             }
@@ -99,5 +102,10 @@ def run(args: argparse.Namespace) -> int:
         print(to_json(results))
     else:
         for line in results:
-            print(f"{line['image']}: {line['class']} ({line['probability']:.3f}) cards={','.join(line['cards'])}")
+            # why the gate chose: the distance from the image's spectral signature to each domain
+            why = ", ".join(f"{d} {v:.2f}" for d, v in sorted(line["domain_distances"].items(), key=lambda kv: kv[1]))
+            print(
+                f"{line['image']}: {line['class']} ({line['probability']:.3f}) cards={','.join(line['cards'])} "
+                f"[{line['policy']}; distance to {why}]"
+            )
     return 0

@@ -19,12 +19,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from carddeck.server.logs import request_id_var
-from carddeck.server.metrics import Metrics
+
+if TYPE_CHECKING:  # a type only: auth.py imports this module and must not need prometheus_client
+    from carddeck.server.metrics import Metrics
 
 REQUEST_ID_KEY = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -46,6 +48,37 @@ def split_method(method: str) -> tuple[str, str]:
     """``/inference.GRPCInferenceService/ModelInfer`` -> ``("inference.GRPCInferenceService", "ModelInfer")``."""
     service, _, rpc = method.lstrip("/").rpartition("/")
     return service or "unknown", rpc
+
+
+def handler_kind(handler: grpc.RpcMethodHandler) -> tuple[Any, Callable[..., grpc.RpcMethodHandler]]:
+    """``handler``'s behaviour and the grpc factory that builds a handler of the same streaming kind."""
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
+class HandlerInterceptor(grpc.ServerInterceptor):
+    """Base for interceptors that replace the handler of a method the server has.
+
+    Unknown methods (``continuation`` gives None) pass through untouched: gRPC answers UNIMPLEMENTED.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return self.wrap(handler, handler_call_details)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
 
 def _code_name(code: grpc.StatusCode | None) -> str | None:
@@ -115,31 +148,17 @@ class _Context:
         self._context.abort(status.code, status.details)
 
 
-class ObservabilityInterceptor(grpc.ServerInterceptor):
+class ObservabilityInterceptor(HandlerInterceptor):
     """Counts and times every known RPC into ``metrics`` (optional) and assigns request ids."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, rpc = split_method(handler_call_details.method)
-        request_id = request_id_from(handler_call_details.invocation_metadata)
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        service, rpc = split_method(details.method)
+        request_id = request_id_from(details.invocation_metadata)
         streaming = handler.response_streaming
-        if handler.request_streaming and streaming:
-            inner, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            inner, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif streaming:
-            inner, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            inner, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        inner, factory = handler_kind(handler)
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self.metrics, service, rpc, request_id)

@@ -6,8 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
 from carddeck.cli import main
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset

@@ -10,9 +10,8 @@ import onnx
 
 from carddeck.card import METADATA_KEY, CardMeta
 from carddeck.deck import read_card_meta
+from carddeck.deck.cardfile import GRAPH_DIGEST_KEY, meta_from_model, read_card
 from carddeck.export import export_model
-from carddeck.export.metadata import GRAPH_DIGEST_KEY, meta_from_model
-from carddeck.export.validate import read_card
 from tests.export.conftest import card_meta
 
 
@@ -57,7 +56,7 @@ def test_reading_a_card_does_not_import_torch(dense_net, digits, tmp_path):
     export_model(dense_net, card_meta("notorch", "dense"), out, images=digits["val"].images[:16], write_json=False)
     assert not (tmp_path / "card.json").exists()
     code = (
-        "import sys; from carddeck.export.validate import read_card; from carddeck.deck import read_card_meta;"
+        "import sys; from carddeck.deck.cardfile import read_card; from carddeck.deck import read_card_meta;"
         f"m = read_card({str(out)!r}, load_session=True)[1]; assert read_card_meta({str(out)!r}) == m;"
         "assert 'torch' not in sys.modules, 'torch was imported'; print(m.name)"
     )

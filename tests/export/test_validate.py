@@ -7,11 +7,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from carddeck.deck import read_card_meta
+from carddeck.deck import DeckStore, read_card_meta
+from carddeck.deck.cardfile import GRAPH_DIGEST_KEY, read_card
 from carddeck.errors import CardRejected
 from carddeck.export import export_model
 from carddeck.export.metadata import embed_meta
-from carddeck.export.validate import read_card
 from tests.export.conftest import card_meta
 
 
@@ -58,6 +58,28 @@ def test_flipped_weight_bytes_are_caught_by_the_graph_digest(card_bytes):
     assert len(corrupted) == len(card_bytes)
     with pytest.raises(CardRejected, match="graph digest mismatch"):
         read_card(corrupted)
+    with pytest.raises(CardRejected, match="graph digest mismatch"):  # the deck's reader shares the check
+        read_card_meta(corrupted)
+
+
+def test_deck_store_refuses_flipped_weight_bytes(card_bytes, tmp_path):
+    model = onnx.load_from_string(card_bytes)
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    raw = bytearray(weight.raw_data)
+    raw[len(raw) // 3] ^= 0x01
+    weight.raw_data = bytes(raw)
+    store = DeckStore.create(tmp_path / "deck")
+    with pytest.raises(CardRejected, match="graph digest mismatch"):
+        store.add_card(model.SerializeToString())
+    assert store.manifest().version == 0
+    # an intact card without a signature is signed by the store; the digest stays in the file and valid
+    unsigned = embed_meta(onnx.load_from_string(card_bytes), read_card(card_bytes)[1].replace(signature=None))
+    calibration = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    assert store.add_card(unsigned.SerializeToString(), calibration=calibration).signature is not None
+    (entry,) = store.manifest().cards
+    stored, meta = read_card(store.read_model(entry))
+    assert meta.name == "valid" and meta.signature is not None
+    assert GRAPH_DIGEST_KEY in {p.key for p in stored.metadata_props}
 
 
 def test_missing_or_malformed_meta(card_bytes):

@@ -5,8 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from tests.server.conftest import ROOT
 
 
@@ -52,7 +50,6 @@ def _fields(descriptor):
 
 
 def test_oip_messages_match_tritons_wire_format():
-    pytest.importorskip("tritonclient.grpc")
     from tritonclient.grpc import model_config_pb2 as triton_mc
     from tritonclient.grpc import service_pb2 as triton
 

@@ -91,7 +91,8 @@ def test_oip_model_infer_round_trips_fp32_and_uint8(server):
 
 
 def test_tritonclient_talks_to_the_server(server):
-    tc = pytest.importorskip("tritonclient.grpc")
+    import tritonclient.grpc as tc
+
     deck = Deck.open(server.deck)
     client = tc.InferenceServerClient(server.address)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("carddeck")
@@ -260,7 +261,8 @@ def test_health_and_reflection(server):
 def test_cli_predict_and_deck_list(server, tmp_path):
     images = noisy_images(2)
     np.save(tmp_path / "batch.npy", images)
-    pil = pytest.importorskip("PIL.Image")
+    import PIL.Image as pil
+
     pil.fromarray(smooth_images(1)[0]).resize((64, 64)).save(tmp_path / "blob.png")
     cmd = [sys.executable, "-m", "carddeck.cli"]
     files = [str(tmp_path / "batch.npy"), str(tmp_path / "blob.png")]
@@ -346,7 +348,6 @@ def _self_signed(tmp_path):
 
 
 def test_tls_and_inference_token(tmp_path):
-    pytest.importorskip("cryptography")
     cert, key = _self_signed(tmp_path)
     srv = start_server(
         make_deck(tmp_path / "deck"), tmp_path, "--tls-cert", str(cert), "--tls-key", str(key),
