@@ -1,7 +1,13 @@
 """CARD-Deck: robust image classification from a gated deck of CARDs.
 
-The public API. Serving-path names import without torch.
+The public API. Everything here imports without torch; the deck and gate names load on first use,
+so ``import carddeck`` stays cheap for the CLI.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from carddeck.card import CardMeta
 from carddeck.errors import (
@@ -17,15 +23,43 @@ from carddeck.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Deck": "carddeck.deck",
+    "DeckStore": "carddeck.deck",
+    "Prediction": "carddeck.deck",
+    "read_card": "carddeck.deck",
+    "Routing": "carddeck.gating",
+    "POLICIES": "carddeck.gating",
+    "load_dataset": "carddeck.data",
+    "load_corrupted": "carddeck.data",
+    "corrupt": "carddeck.data.corruptions",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'carddeck' has no attribute {name!r}")
+
+
 __all__ = [
+    "POLICIES",
     "CardMeta",
     "CardNotFound",
     "CardRejected",
     "CarddeckError",
+    "Deck",
     "DeckConflict",
+    "DeckStore",
     "InvalidInput",
     "NotReady",
+    "Prediction",
+    "Routing",
     "TooLarge",
     "Unauthenticated",
     "__version__",
+    "corrupt",
+    "load_corrupted",
+    "load_dataset",
+    "read_card",
 ]
