@@ -66,9 +66,11 @@ def plot(result: EvalResult, path: Path, methods: list[str] | None = None) -> No
     fig, ax = plt.subplots(figsize=(max(9.0, 0.9 * len(corruptions) + 4), 4.5))
     width = 0.8 / len(methods)
     x = np.arange(len(corruptions))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: one per method, none repeated
     for i, m in enumerate(methods):
         label = f"{m} ({100 * result.mean_corrupted(m):.1f})" if result.corrupted else m
-        ax.bar(x + (i - (len(methods) - 1) / 2) * width, 100 * values[i], width, label=label)
+        offset = (i - (len(methods) - 1) / 2) * width
+        ax.bar(x + offset, 100 * values[i], width, label=label, color=colors[i % len(colors)])
     ax.set_xticks(x, corruptions, rotation=45, ha="right")
     ax.set_ylabel("accuracy (%)")
     low = float(np.floor(100 * values.min() / 10) * 10)  # zoom in: differences are a few points

@@ -1,0 +1,100 @@
+"""Keeps the committed default deck in models/ honest, and checks the gate on real trained CARDs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carddeck.card import CardMeta
+from carddeck.data import load_dataset
+from carddeck.data.corruptions import corrupt
+from carddeck.deck import Deck, DeckStore, read_card_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+DECK = Path(os.environ.get("CARDDECK_TEST_DECK", ROOT / "models"))
+REPORT = DECK / "report" / "eval.json"
+
+
+@pytest.fixture(scope="module")
+def deck() -> Deck:
+    return Deck.open(DECK)
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_dataset("digits32", "test")
+
+
+def test_manifest_hashes_match_the_files():
+    store = DeckStore(DECK)
+    entries = store.manifest().cards
+    assert len(entries) >= 6
+    for entry in entries:
+        for name, digest in entry.sha256.items():
+            data = (DECK / entry.path / name).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == digest, f"{entry.path}/{name} changed"
+
+
+def test_every_card_meta_validates_and_matches_its_onnx_file():
+    store = DeckStore(DECK)
+    for entry in store.manifest().cards:
+        card_dir = DECK / entry.path
+        from_json = CardMeta.from_json((card_dir / "card.json").read_text(), source=str(card_dir / "card.json"))
+        assert read_card_meta(card_dir / "model.onnx") == from_json
+        assert from_json.signature is not None
+
+
+def test_the_deck_mixes_domains_and_methods(deck: Deck):
+    pairs = {(m.domain, m.compression.method) for m in deck.cards}
+    assert {d for d, _ in pairs} >= {"augmix", "gaussian"}
+    assert {m for _, m in pairs} >= {"lrr", "biprop", "filter"}
+    total = sum(p.stat().st_size for p in DECK.rglob("*") if p.is_file())
+    assert total < 10 * 2**20, f"the default deck is {total / 2**20:.1f} MiB, over the 10 MiB budget"
+
+
+def test_each_card_accuracy_matches_the_recorded_figure(deck: Deck, test_split):
+    recorded = json.loads(REPORT.read_text())["methods"]
+    for name in deck.card_names:
+        probs = deck.run_card(name, test_split.images)
+        accuracy = float((probs.argmax(1) == test_split.labels).mean())
+        assert abs(accuracy - recorded[f"card:{name}"]["clean"]) <= 0.005, name
+
+
+def test_report_shows_a_gate_beating_uniform_and_the_best_card_with_half_the_cards():
+    methods = json.loads(REPORT.read_text())["methods"]
+    cards = [m for m in methods if m.startswith("card:")]
+    best_card = max(methods[m]["mean_corrupted"] for m in cards)
+    uniform = methods["uniform"]["mean_corrupted"]
+    winners = [
+        m
+        for m, r in methods.items()
+        if m not in cards
+        and m not in ("uniform", "oracle")
+        and r["mean_corrupted"] >= max(best_card, uniform)
+        and r["cards_per_image"] <= len(cards) / 2
+    ]
+    assert winners, f"no gate policy reaches max(best card {best_card:.4f}, uniform {uniform:.4f}) with <= half"
+
+
+@pytest.mark.parametrize(
+    ("corruption", "severity", "domain"),
+    [("gaussian_noise", 5, "gaussian"), ("shot_noise", 5, "gaussian"), ("fog", 5, "augmix"), ("contrast", 5, "augmix")],
+)
+def test_nearest_domain_routes_by_spectrum(deck: Deck, test_split, corruption, severity, domain):
+    images = corrupt(test_split.images[:64], corruption, severity, seed=3)
+    routing = deck.route(images, policy="nearest-domain")
+    domains = {m.name: m.domain for m in deck.cards}
+    assert routing.selected and {domains[c] for c in routing.selected} == {domain}
+
+
+def test_the_gated_deck_predicts_well_on_clean_and_noisy_images(deck: Deck, test_split):
+    for images in (test_split.images, corrupt(test_split.images, "gaussian_noise", 4, seed=5)):
+        pred = deck.predict(images)
+        assert pred.probabilities.shape == (len(images), 10)
+        assert np.allclose(pred.probabilities.sum(1), 1, atol=1e-4)
+        assert (pred.labels == test_split.labels).mean() > 0.9
