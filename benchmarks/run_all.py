@@ -22,9 +22,22 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
+def deck_checkpoints() -> list[str]:
+    """The default deck's own augmix checkpoints (from models/build.py), when they are here."""
+    work = ROOT / "build" / "deck-work"
+    pairs = {"dense": "augmix-dense", "sparse": "augmix-lrr", "binary": "augmix-biprop", "filter": "augmix-filter"}
+    found = {fmt: work / name / "card.pt" for fmt, name in pairs.items()}
+    if not all(p.exists() for p in found.values()):
+        return []  # bench_formats trains quick cards of its own
+    return [arg for fmt, p in found.items() for arg in ("--card", f"{fmt}={p.relative_to(ROOT)}")]
+
+
 def benches(deck: Path) -> dict[str, tuple[str, list[str]]]:
     return {
-        "formats": ("Card formats: size, speed and accuracy against dense fp32", ["bench_formats.py"]),
+        "formats": (
+            "Card formats: size, speed and accuracy against dense fp32",
+            ["bench_formats.py", *deck_checkpoints()],
+        ),
         "gate": ("Gate overhead on the default deck (64-image batch)", ["bench_gate.py", "--deck", str(deck)]),
         "server": (
             "Server throughput and latency against in-process ONNX Runtime and a PyTorch uniform deck",
