@@ -17,8 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
+from carddeck.server.interceptors import ObservabilityInterceptor
+from carddeck.server.metrics import Metrics, start_metrics_server
 from carddeck.server.settings import Settings, add_arguments, load_settings
+from carddeck.server.shift import ShiftCalibrator
 
 log = logging.getLogger("carddeck.server")
 
@@ -36,15 +40,8 @@ def run(args: argparse.Namespace) -> int:
     return serve(load_settings(args))
 
 
-def _observability(settings: Settings) -> tuple[Any, Sequence[grpc.ServerInterceptor], Any]:
-    """Metrics, their interceptors and the /metrics endpoint (carddeck.server.metrics, when present)."""
-    try:
-        from prometheus_client import CollectorRegistry
-
-        from carddeck.server.interceptors import ObservabilityInterceptor
-        from carddeck.server.metrics import Metrics, start_metrics_server
-    except ImportError:  # observability is optional: serve without it
-        return None, (), None
+def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInterceptor], Any]:
+    """Metrics in a registry of their own, their interceptor, and the /metrics endpoint (off when port < 0)."""
     metrics = Metrics(CollectorRegistry())
     endpoint = None
     if settings.metrics_port >= 0:
@@ -77,10 +74,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
         ),
         metrics=metrics,
     )
-    if metrics is not None:
-        from carddeck.server.shift import ShiftCalibrator
-
-        dataplane.on_swap.append(ShiftCalibrator(metrics))
+    dataplane.on_swap.append(ShiftCalibrator(metrics))
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
     server = None
