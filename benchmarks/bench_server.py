@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from carddeck.card import METADATA_KEY, CardMeta, Compression, InputSpec, Provenance  # noqa: E402
+from carddeck.card import Provenance  # noqa: E402
 from carddeck.deck import Deck, DeckStore  # noqa: E402
 
 DOMAINS = ("clean", "gaussian", "augmix")
@@ -66,9 +66,11 @@ def build_deck(root: Path, n_cards: int) -> tuple[Path, list]:
     import torch
 
     from carddeck.data.datasets import load_dataset
+    from carddeck.export.metadata import embed_meta
     from carddeck.export.onnx_export import to_onnx
     from carddeck.gating import domain_signature
     from carddeck.nets import build_net
+    from tests.cards import tiny_meta
 
     clean = load_dataset("digits32", "train").images[:256]
     store = DeckStore.create(root)
@@ -77,21 +79,11 @@ def build_deck(root: Path, n_cards: int) -> tuple[Path, list]:
         domain = DOMAINS[i % len(DOMAINS)]
         torch.manual_seed(i)
         net = build_net("resnet20", 10).eval()
-        meta = CardMeta(
-            name=f"{domain}-{i}",
-            version=1,
-            architecture="resnet20",
-            num_classes=10,
-            class_names=tuple(str(c) for c in range(10)),
-            input=InputSpec(height=32, width=32),
-            compression=Compression(),
-            domain=domain,
-            signature=domain_signature(domain, clean, seed=0),
-            provenance=Provenance(dataset="digits32", seed=i),
+        sig = domain_signature(domain, clean, seed=0)
+        meta = tiny_meta(f"{domain}-{i}", domain=domain, signature=sig).replace(
+            architecture="resnet20", provenance=Provenance(dataset="digits32", seed=i)
         )
-        proto = to_onnx(net, 32, 32)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, meta.to_json()
+        proto = embed_meta(to_onnx(net, 32, 32), meta)
         store.add_card(proto.SerializeToString())
         modules.append(net)
     return root, modules

@@ -149,12 +149,15 @@ class Deck:
         return self.gate
 
     def route(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Routing:
-        x = self.prepare(images)
+        return self.route_prepared(self.prepare(images), policy=policy, per_sample=per_sample)
+
+    def route_prepared(self, x: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Routing:
+        """:meth:`route` for images already checked by :meth:`prepare` (validation is a pass over the data)."""
         return self._gate().route(x, policy=policy or self.default_policy, per_sample=per_sample)
 
     def predict(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Prediction:
         x = self.prepare(images)
-        routing = self._gate().route(x, policy=policy or self.default_policy, per_sample=per_sample)
+        routing = self.route_prepared(x, policy=policy, per_sample=per_sample)
         probs = self.combine(x, routing)
         return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing)
 

@@ -224,7 +224,7 @@ class Dataplane:
         announced = self._announce(len(images))
         try:
             x = deck.prepare(images)
-            routing = deck.route(x, policy=policy, per_sample=per_sample)
+            routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
         except BaseException:
             if announced:
                 self._batcher.withdraw()  # type: ignore[union-attr]
