@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -39,6 +39,16 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def abort_with(context: grpc.ServicerContext, exc: errors.CarddeckError) -> NoReturn:
+    """End the call with ``exc``'s status and message (DEADLINE_EXCEEDED for a Cancelled past its deadline)."""
+    code = status_for(exc)
+    remaining = context.time_remaining()
+    if isinstance(exc, errors.Cancelled) and remaining is not None and remaining <= 0:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+    context.abort(code, str(exc))
+    raise AssertionError("context.abort returned")  # it raises; this tells type checkers so
+
+
 def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Servicer method decorator: carddeck errors -> their status; anything else -> INTERNAL, logged.
 
@@ -50,11 +60,7 @@ def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except errors.CarddeckError as exc:
-            code = status_for(exc)
-            remaining = context.time_remaining()
-            if isinstance(exc, errors.Cancelled) and remaining is not None and remaining <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-            context.abort(code, str(exc))
+            abort_with(context, exc)
         except Exception as exc:  # servicers never call context.abort themselves, so this is a bug
             log.exception("internal error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
@@ -62,4 +68,4 @@ def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-__all__ = ["STATUS_CODES", "rpc_errors", "status_for"]
+__all__ = ["STATUS_CODES", "abort_with", "rpc_errors", "status_for"]
