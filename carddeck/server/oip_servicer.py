@@ -10,9 +10,6 @@ Input: ``images``, FP32 [N, 3, H, W] in [0, 1] or UINT8 [N, H, W, 3]. Request pa
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import grpc
 import numpy as np
 
@@ -261,10 +258,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             meta = read_card_meta(data)
             if meta.name != name:
                 raise InvalidInput(f"model_name: {name!r} does not match the card's own name {meta.name!r}")
-            with tempfile.TemporaryDirectory(prefix="carddeck-upload-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                path.write_bytes(data)
-                self.dp.add_card(path)
+            self.dp.add_card(data)
             return oip.RepositoryModelLoadResponse()
 
     @rpc_errors

@@ -7,12 +7,15 @@ import re
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
+from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.observability.scrape import scrape, value
-from tests.server.conftest import ADMIN_TOKEN, make_deck, start_server
+from tests.server.conftest import ADMIN_TOKEN, ROOT, make_deck, start_server
 
 pytestmark = pytest.mark.integration
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -89,3 +92,36 @@ def test_undecodable_bodies_are_invalid_argument_counted_and_free(tmp_path):
     log = server.log()
     assert "Traceback" not in log and "ERROR" not in log
     assert len(re.findall(r"WARNING .*request body \(\d+ bytes\) is not a valid", log)) == 22000
+
+
+def test_corrupted_card_uploads_are_rejected_never_internal(tmp_path):
+    """300 seeded 8-byte corruptions of a real card: AddCard and RepositoryModelLoad never answer INTERNAL."""
+    data = (ROOT / "models" / "cards" / "resnet20-augmix-lrr" / "1" / "model.onnx").read_bytes()
+    server = start_server(make_deck(tmp_path / "deck"), tmp_path, env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN})
+    rng = np.random.default_rng(2)
+    codes: dict[str, int] = {}
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            add, load = carddeck_pb2_grpc.CardDeckStub(channel).AddCard, oip_grpc.GRPCInferenceServiceStub(channel)
+            for i in range(300):
+                bad = bytearray(data)
+                at = int(rng.integers(0, len(bad) - 8))
+                bad[at : at + 8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
+                request = oip.RepositoryModelLoadRequest(model_name="resnet20-augmix-lrr")
+                request.parameters["file:model.onnx"].bytes_param = bytes(bad)
+                for rpc in ("AddCard", "RepositoryModelLoad")[:: 1 - 2 * (i % 2)]:
+                    try:
+                        if rpc == "AddCard":
+                            add(iter([pb.AddCardChunk(data=bytes(bad))]), timeout=60, metadata=ADMIN)
+                        else:
+                            load.RepositoryModelLoad(request, timeout=60, metadata=ADMIN)
+                        code = "OK"
+                    except grpc.RpcError as exc:
+                        code = exc.code().name
+                        assert "upload" not in exc.details() and str(tmp_path) not in exc.details(), exc.details()
+                        assert code != "INTERNAL", f"{rpc}, corruption at byte {at}: {exc.details()}"
+                    codes[code] = codes.get(code, 0) + 1
+    finally:
+        server.terminate()
+    assert set(codes) <= {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OK"}, codes
+    assert codes.get("INVALID_ARGUMENT", 0) > 500, codes  # nearly every corruption is caught before it is stored
