@@ -137,12 +137,13 @@ class Dataplane:
             self._poller.start()
         return deck
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the batcher and the poller; ``wait=False`` leaves card runs still going to finish unwatched."""
         self._stop.set()
         if self._batcher is not None:
-            self._batcher.close()
+            self._batcher.close(wait=wait)
         if self._poller is not None:
-            self._poller.join(timeout=5)
+            self._poller.join(timeout=5 if wait else 0.1)
 
     @property
     def deck(self) -> Deck:

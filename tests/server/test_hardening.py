@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -125,3 +129,37 @@ def test_corrupted_card_uploads_are_rejected_never_internal(tmp_path):
         server.terminate()
     assert set(codes) <= {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OK"}, codes
     assert codes.get("INVALID_ARGUMENT", 0) > 500, codes  # nearly every corruption is caught before it is stored
+
+
+def copy_default_deck(dest: Path) -> Path:
+    shutil.copytree(ROOT / "models", dest, ignore=shutil.ignore_patterns("report", "samples", "*.md", "*.py"))
+    return dest
+
+
+def test_shutdown_is_bounded_by_the_drain_timeout(tmp_path):
+    """A 4096-image request on the default deck in flight: the process exits within drain + 2 s of SIGTERM."""
+    drain = 0.5
+    server = start_server(copy_default_deck(tmp_path / "deck"), tmp_path, "--drain-timeout-s", str(drain))
+    images = np.random.default_rng(0).integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
+    request = pb.PredictRequest(images=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=images.shape, data=images.tobytes()))
+    outcome: list[str] = []
+
+    def predict() -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                carddeck_pb2_grpc.CardDeckStub(channel).Predict(request, timeout=120)
+                outcome.append("OK")
+            except grpc.RpcError as exc:
+                outcome.append(exc.code().name)
+
+    client = threading.Thread(target=predict, daemon=True)
+    client.start()
+    time.sleep(2.0)  # the request is in, its card runs take far longer than the test waits
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(60)
+    exited_after = time.monotonic() - start
+    client.join(10)
+    assert "drain timeout: 1 requests still in flight are cancelled" in server.log(), server.log()[-2000:]
+    assert exited_after < drain + 2.0, f"exited {exited_after:.1f} s after SIGTERM (--drain-timeout-s {drain})"
+    assert code == 0 and outcome in (["UNAVAILABLE"], ["CANCELLED"]), (code, outcome)
