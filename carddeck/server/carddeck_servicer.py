@@ -88,6 +88,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             deck_version=deck.version,
             default_policy=deck.default_policy,
             class_names=deck.class_names,
+            default_policy_note=deck.policy_note,
         )
 
     @rpc_errors
@@ -119,12 +120,17 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             data, digest = receive_card(chunks(), limit_bytes=self.settings.max_card_mb * MiB)
             if expected[0] and digest != expected[0].lower():
                 raise InvalidInput(f"sha256: the upload's digest {digest} does not match {expected[0]}")
-            meta = self.dp.add_card(data)
-            return pb.AddCardResponse(card=convert.card_to_proto(meta), deck_version=self.dp.deck.version)
+            meta, new = self.dp.add_card(data)
+            return pb.AddCardResponse(
+                card=convert.card_to_proto(meta), deck_version=self.dp.deck.version, already_present=not new
+            )
 
     @rpc_errors
     def RemoveCard(self, request: pb.RemoveCardRequest, context: grpc.ServicerContext) -> pb.RemoveCardResponse:
         with self.dp.request():
             name = check_card_name(request.name)
-            self.dp.remove_card(name, request.version or None)
-            return pb.RemoveCardResponse(deck_version=self.dp.deck.version)
+            _, note = self.dp.remove_card(name, request.version or None)
+            deck = self.dp.deck
+            return pb.RemoveCardResponse(
+                deck_version=deck.version, default_policy=deck.default_policy, default_policy_note=note
+            )

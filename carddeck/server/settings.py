@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import InvalidInput
 
 ENV_PREFIX = "CARDDECK_"
@@ -58,6 +59,11 @@ class Settings:
     poll_interval_s: float = _opt(
         2.0, "how often to check the store for a manifest written by another replica (0: never)"
     )
+    debris_grace_s: float = _opt(
+        DEBRIS_GRACE_S,
+        "keep deck files the manifest no longer names (removed cards, superseded routers, interrupted adds) "
+        "this long for replicas still loading an older manifest, then delete them",
+    )
     calibration_data: str = _opt(
         "", "dataset spec (e.g. digits32) whose clean images sign cards added without a signature"
     )
@@ -81,6 +87,7 @@ class Settings:
             ("drain_timeout_s", self.drain_timeout_s >= 0, "must be >= 0"),
             ("shutdown_delay_s", self.shutdown_delay_s >= 0, "must be >= 0"),
             ("poll_interval_s", self.poll_interval_s >= 0, "must be >= 0"),
+            ("debris_grace_s", self.debris_grace_s >= 0, "must be >= 0"),
             ("intra_op_threads", self.intra_op_threads >= 0, "must be >= 0"),
             ("metrics_port", -1 <= self.metrics_port <= 65535, "must be in -1..65535"),
             ("log_format", self.log_format in ("text", "json"), "must be text or json"),
