@@ -22,7 +22,7 @@ import numpy as np
 from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.runtime import CardSession, card_pool, choose_providers, softmax, threads_per_card
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
-from carddeck.errors import CardNotFound, InvalidInput, NotReady
+from carddeck.errors import CardNotFound, InvalidInput, NotReady, shown
 from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class Deck:
         """Probabilities [N, C] from one card, no gate."""
         session = self._sessions.get(name)
         if session is None:
-            raise CardNotFound(f"no card {name!r} in the deck (cards: {', '.join(self.card_names) or 'none'})")
+            raise CardNotFound(f"no card {shown(name)} in the deck (cards: {', '.join(self.card_names) or 'none'})")
         return softmax(session.logits(self.prepare(images)))
 
 

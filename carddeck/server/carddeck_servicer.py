@@ -10,7 +10,7 @@ import numpy as np
 
 from carddeck.card import NAME_PATTERN
 from carddeck.deck import DeckStore
-from carddeck.errors import CardNotFound, InvalidInput, TooLarge
+from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
 from carddeck.server import convert
 from carddeck.server.dataplane import Dataplane
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -24,7 +24,7 @@ MiB = 1 << 20
 def check_card_name(name: str, field: str = "name") -> str:
     """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
     if not NAME_PATTERN.match(name):
-        raise InvalidInput(f"{field}: {name!r} is not a card name; names match {NAME_PATTERN.pattern}")
+        raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
     return name
 
 

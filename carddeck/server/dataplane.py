@@ -30,7 +30,7 @@ import numpy as np
 from carddeck.card import CardMeta
 from carddeck.deck import Deck, DeckStore, Prediction
 from carddeck.deck.store import DEBRIS_GRACE_S
-from carddeck.errors import Cancelled, CarddeckError, CardRejected, NotReady
+from carddeck.errors import Cancelled, CarddeckError, CardRejected, NotReady, shown
 from carddeck.gating import Routing
 from carddeck.server.batching import MicroBatcher
 
@@ -516,7 +516,9 @@ def _card_index(deck: Deck, name: str) -> int:
     try:
         return deck.card_names.index(name)
     except ValueError:
-        raise CardNotFound(f"no card {name!r} in the deck (cards: {', '.join(deck.card_names) or 'none'})") from None
+        raise CardNotFound(
+            f"no card {shown(name)} in the deck (cards: {', '.join(deck.card_names) or 'none'})"
+        ) from None
 
 
 def _combine(deck: Deck, x: np.ndarray, weights: np.ndarray, on_card: OnCard | None = None) -> np.ndarray:

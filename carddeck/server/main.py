@@ -54,8 +54,8 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
     metrics = Metrics(CollectorRegistry())
     endpoint = None
     if settings.metrics_port >= 0:
-        endpoint = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, endpoint.port)
+        endpoint = start_metrics_server(metrics, settings.metrics_address, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_address, endpoint.port)
     return metrics, (ObservabilityInterceptor(metrics),), endpoint
 
 

@@ -70,7 +70,7 @@ class Settings:
     providers: str = _opt("", "comma-separated ONNX Runtime execution providers (default: best available)")
     intra_op_threads: int = _opt(0, "ONNX Runtime threads per card (0: share the cores among the cards)")
     deck_model_name: str = _opt("carddeck", "the gated deck's model name in the Open Inference Protocol")
-    metrics_host: str = _opt("0.0.0.0", "address of the Prometheus /metrics endpoint")
+    metrics_host: str = _opt("", "address of the Prometheus /metrics endpoint (empty: the gRPC --host)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (-1: no metrics endpoint)")
     log_format: str = _opt("text", "log format: text, or json (one JSON object per line with request_id)")
 
@@ -106,6 +106,11 @@ class Settings:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """Where /metrics listens: ``metrics_host``, else the gRPC host (never wider than gRPC by default)."""
+        return self.metrics_host or self.host
 
     def resolved_admin_token(self) -> str:
         return self.admin_token or _read_secret(self.admin_token_file, "admin_token_file")

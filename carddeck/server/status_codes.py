@@ -18,6 +18,7 @@ from carddeck import errors
 
 log = logging.getLogger(__name__)
 
+MAX_DETAILS_BYTES = 2000
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -39,13 +40,22 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def details(exc: BaseException) -> str:
+    """The status message: ``str(exc)``, cut to :data:`MAX_DETAILS_BYTES` of UTF-8 so that, percent-encoded
+    (up to 3 bytes per byte), it always fits gRPC's 8 KiB header limit. Echoed values are capped where
+    they are written (:func:`carddeck.errors.shown`); this is the net under every other message."""
+    text = str(exc)
+    raw = text.encode()
+    return text if len(raw) <= MAX_DETAILS_BYTES else raw[: MAX_DETAILS_BYTES - 3].decode(errors="ignore") + "..."
+
+
 def abort_with(context: grpc.ServicerContext, exc: errors.CarddeckError) -> NoReturn:
     """End the call with ``exc``'s status and message (DEADLINE_EXCEEDED for a Cancelled past its deadline)."""
     code = status_for(exc)
     remaining = context.time_remaining()
     if isinstance(exc, errors.Cancelled) and remaining is not None and remaining <= 0:
         code = grpc.StatusCode.DEADLINE_EXCEEDED
-    context.abort(code, str(exc))
+    context.abort(code, details(exc))
     raise AssertionError("context.abort returned")  # it raises; this tells type checkers so
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -14,12 +15,13 @@ import grpc
 import numpy as np
 import pytest
 
+from carddeck.deck import DeckStore
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.observability.scrape import scrape, value
-from tests.server.conftest import ADMIN_TOKEN, ROOT, make_deck, start_server
+from tests.server.conftest import ADMIN_TOKEN, ROOT, card, make_deck, start_server
 
 pytestmark = pytest.mark.integration
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -163,3 +165,141 @@ def test_shutdown_is_bounded_by_the_drain_timeout(tmp_path):
     assert "drain timeout: 1 requests still in flight are cancelled" in server.log(), server.log()[-2000:]
     assert exited_after < drain + 2.0, f"exited {exited_after:.1f} s after SIGTERM (--drain-timeout-s {drain})"
     assert code == 0 and outcome in (["UNAVAILABLE"], ["CANCELLED"]), (code, outcome)
+
+
+def test_errors_cap_what_they_echo(server):
+    """Values of 17,000 characters come back as the right error, not RESOURCE_EXHAUSTED from the header limit."""
+    huge, wide = "n" * 17000, "é" * 17000
+    images = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[1, 32, 32, 3], data=bytes(32 * 32 * 3))
+    with grpc.insecure_channel(server.address) as channel:
+        cd, stub = carddeck_pb2_grpc.CardDeckStub(channel), oip_grpc.GRPCInferenceServiceStub(channel)
+        infer = oip.ModelInferRequest(model_name="carddeck")
+        infer.inputs.add(name=huge, datatype="UINT8", shape=[1, 32, 32, 3])
+        infer.raw_input_contents.append(bytes(32 * 32 * 3))
+        params = oip.ModelInferRequest(model_name="carddeck")
+        params.parameters[wide].string_param = "x"
+        shape = pb.PredictRequest(images=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[1] * 5000, data=b""))
+        cases = [
+            (cd.Predict, pb.PredictRequest(images=images, policy=huge), "INVALID_ARGUMENT"),
+            (cd.Predict, pb.PredictRequest(images=images, policy=wide), "INVALID_ARGUMENT"),
+            (cd.Predict, shape, "INVALID_ARGUMENT"),
+            (cd.GetCard, pb.GetCardRequest(name=huge), "INVALID_ARGUMENT"),
+            (cd.RemoveCard, pb.RemoveCardRequest(name=wide), "INVALID_ARGUMENT"),
+            (stub.ModelMetadata, oip.ModelMetadataRequest(name=wide), "NOT_FOUND"),
+            (stub.ModelMetadata, oip.ModelMetadataRequest(name="carddeck", version=huge), "NOT_FOUND"),
+            (stub.ModelInfer, infer, "INVALID_ARGUMENT"),
+            (stub.ModelInfer, params, "INVALID_ARGUMENT"),
+            (stub.RepositoryModelLoad, oip.RepositoryModelLoadRequest(model_name=huge), "INVALID_ARGUMENT"),
+        ]
+        for call, request, expected in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=10, metadata=ADMIN)
+            assert info.value.code().name == expected, (call, info.value.code(), info.value.details()[:200])
+            assert len(info.value.details()) < 400 and "..." in info.value.details(), info.value.details()
+
+
+def test_the_deck_model_name_is_reserved(server):
+    with grpc.insecure_channel(server.address) as channel:
+        cd, stub = carddeck_pb2_grpc.CardDeckStub(channel), oip_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            cd.AddCard(iter([pb.AddCardChunk(data=card("carddeck", "gaussian"))]), timeout=30, metadata=ADMIN)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'carddeck' is reserved" in info.value.details()
+        names = [m.name for m in stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10).models]
+        assert names.count("carddeck") == 1
+
+
+def test_a_retried_add_is_ok_and_changes_nothing(server):
+    data = card("retry1", "gaussian", seed=21)
+    with grpc.insecure_channel(server.address) as channel:
+        cd, stub = carddeck_pb2_grpc.CardDeckStub(channel), oip_grpc.GRPCInferenceServiceStub(channel)
+        first = cd.AddCard(iter([pb.AddCardChunk(data=data)]), timeout=30, metadata=ADMIN)
+        again = cd.AddCard(iter([pb.AddCardChunk(data=data)]), timeout=30, metadata=ADMIN)
+        assert not first.already_present and again.already_present
+        assert again.deck_version == first.deck_version and again.card.name == "retry1"
+        load = oip.RepositoryModelLoadRequest(model_name="retry1")
+        load.parameters["file:model.onnx"].bytes_param = data
+        stub.RepositoryModelLoad(load, timeout=30, metadata=ADMIN)  # OK: the same card, already there
+        assert cd.ListCards(pb.ListCardsRequest(), timeout=10).deck_version == first.deck_version
+        with pytest.raises(grpc.RpcError) as info:
+            cd.AddCard(iter([pb.AddCardChunk(data=card("retry1", "gaussian", seed=22))]), timeout=30, metadata=ADMIN)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "other bytes" in info.value.details()
+        cd.RemoveCard(pb.RemoveCardRequest(name="retry1"), timeout=30, metadata=ADMIN)
+
+
+def test_crash_debris_is_removed_at_start_and_after_changes(tmp_path):
+    """kill -9 mid-change leaves temporary files and orphan card dirs; the next server removes them."""
+    deck = make_deck(tmp_path / "deck")
+    env = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+    blobs = [card(f"c{i}", "augmix", version=v, seed=i) for i in range(2) for v in (1, 2, 3)]
+    for run in range(3):  # real crashes, somewhere inside adds and removes
+        victim = start_server(deck, tmp_path, env=env)
+        with grpc.insecure_channel(victim.address) as channel:
+            cd = carddeck_pb2_grpc.CardDeckStub(channel)
+            for blob in blobs[run:]:
+                future = cd.AddCard.future(iter([pb.AddCardChunk(data=blob)]), timeout=30, metadata=ADMIN)
+            time.sleep(0.05 * run)
+            victim.proc.kill()
+            victim.proc.wait()
+            future.cancel()
+    # and what such a crash leaves, for certain: a half-written file and a card dir no manifest names
+    (deck / ".manifest.json.k9.tmp").write_bytes(b"{")
+    (deck / "cards/ghost/7").mkdir(parents=True)
+    (deck / "cards/ghost/7/.model.onnx.k9.tmp").write_bytes(b"\x08")
+    young = deck / "cards/young/1"
+    young.mkdir(parents=True)
+
+    def debris() -> list[str]:
+        named = {c.path for c in DeckStore(deck).manifest().cards}
+        tmp = [p for p in deck.rglob("*.tmp")]
+        orphans = [p for p in deck.glob("cards/*/*") if p.relative_to(deck).as_posix() not in named]
+        return sorted(p.relative_to(deck).as_posix() for p in tmp + orphans)
+
+    assert debris()
+    os.utime(young, (time.time(), time.time()))
+    for p in deck.glob("cards/*/*"):  # everything else is older than the grace period
+        if p != young:
+            os.utime(p, (0, 0))
+    server = start_server(deck, tmp_path, "--debris-grace-s", "30", env=env)
+    try:
+        assert debris() == ["cards/young/1"]  # an interrupted add younger than the grace period stays
+        with grpc.insecure_channel(server.address) as channel:
+            cd = carddeck_pb2_grpc.CardDeckStub(channel)
+            cd.RemoveCard(pb.RemoveCardRequest(name="a1"), timeout=30, metadata=ADMIN)
+            assert (deck / "cards/a1/1/model.onnx").exists()  # a replica on the old manifest may still read it
+    finally:
+        server.terminate()
+    for p in deck.glob("cards/*/*"):
+        os.utime(p, (0, 0))
+    server = start_server(deck, tmp_path, "--debris-grace-s", "30", env=env)
+    server.terminate()
+    assert debris() == []
+    assert [c.name for c in DeckStore(deck).list_cards()][:1] == ["g1"]
+
+
+def test_removing_a_card_that_changes_the_default_policy_says_so(tmp_path):
+    deck = copy_default_deck(tmp_path / "deck")
+    server = start_server(deck, tmp_path, "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+                          env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN})  # fmt: skip
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            cd = carddeck_pb2_grpc.CardDeckStub(channel)
+            listed = cd.ListCards(pb.ListCardsRequest(), timeout=10)
+            assert listed.default_policy == "calibrated" and listed.default_policy_note == ""
+            s = scrape(metrics_port(server))
+            assert value(s, "carddeck_default_policy_info", policy="calibrated", configured="calibrated") == 1
+            removed = cd.RemoveCard(pb.RemoveCardRequest(name="resnet20-gaussian-lrr"), timeout=60, metadata=ADMIN)
+            assert removed.default_policy == "nearest-domain"
+            assert "from 'calibrated' to 'nearest-domain'" in removed.default_policy_note
+            assert "resnet20-gaussian-lrr/1" in removed.default_policy_note
+            listed = cd.ListCards(pb.ListCardsRequest(), timeout=10)
+            assert listed.default_policy == "nearest-domain"
+            assert "calibrated" in listed.default_policy_note and "carddeck calibrate" in listed.default_policy_note
+            s = scrape(metrics_port(server))
+            assert value(s, "carddeck_default_policy_info", policy="nearest-domain", configured="calibrated") == 1
+            assert value(s, "carddeck_default_policy_info", policy="calibrated", configured="calibrated") == 0
+            quiet = cd.RemoveCard(pb.RemoveCardRequest(name="resnet20-augmix-lrr"), timeout=60, metadata=ADMIN)
+            assert quiet.default_policy == "nearest-domain" and quiet.default_policy_note == ""
+    finally:
+        server.terminate()
+    assert re.search(r"WARNING .*the default policy changed from 'calibrated' to 'nearest-domain'", server.log())
