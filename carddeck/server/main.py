@@ -92,6 +92,12 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     drained = True  # an error before the drain leaves nothing running worth waiting for
     try:
         deck = dataplane.start()
+        if settings.deck_model_name in deck.card_names:  # stored before the name was reserved
+            log.warning(
+                "card %r has the deck's own OIP model name and is shadowed by it; remove it and add it under "
+                "another name (or serve with another --deck-model-name)",
+                settings.deck_model_name,
+            )
         server, port = build_server(settings, dataplane, health, interceptors=interceptors)
         server.start()
         health.set_serving(dataplane.ready)
