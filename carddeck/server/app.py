@@ -102,7 +102,8 @@ def build_server(
     add_servicer(server, CardDeckServicer(dataplane, settings), carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"])
     add_servicer(server, OipServicer(dataplane, settings), OIP_SERVICE)
     health.add_to(server)
-    reflection.enable_server_reflection(SERVICE_NAMES, server, pool=reflection_pool())
+    reflector = reflection.ReflectionServicer(SERVICE_NAMES, pool=reflection_pool())
+    add_servicer(server, reflector, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
     credentials = _credentials(settings)
     try:
         if credentials is None:

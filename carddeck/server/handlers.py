@@ -41,31 +41,43 @@ def parser(method: MethodDescriptor) -> Callable[[bytes], Message]:
     return parse
 
 
+_FACTORIES = {  # (client streaming, server streaming) -> grpc's handler factory
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _handler(behavior: Callable[..., Any], method: MethodDescriptor) -> grpc.RpcMethodHandler:
     parse = parser(method)
-    serialize = GetMessageClass(method.output_type).SerializeToString
-    if method.client_streaming:
 
-        @functools.wraps(behavior)
-        def streamed(raw_requests: Iterator[bytes], context: grpc.ServicerContext, *a: Any) -> Any:
-            # parsed as the servicer reads them: its own error handling answers a bad chunk
-            return behavior((parse(raw) for raw in raw_requests), context, *a)
+    def read(raw: Any) -> Any:  # a request stream is parsed as the servicer reads it
+        return (parse(chunk) for chunk in raw) if method.client_streaming else parse(raw)
 
-        if method.server_streaming:
-            return grpc.stream_stream_rpc_method_handler(streamed, response_serializer=serialize)
-        return grpc.stream_unary_rpc_method_handler(streamed, response_serializer=serialize)
-
-    @functools.wraps(behavior)
-    def unary(raw: bytes, context: grpc.ServicerContext, *a: Any) -> Any:
-        try:
-            request = parse(raw)
-        except CarddeckError as exc:
-            abort_with(context, exc)
-        return behavior(request, context, *a)
-
+    # A bad body ends the call with its status here; our servicers answer their own errors before
+    # (carddeck.server.status_codes.rpc_errors), grpc's (health, reflection) never raise ours.
     if method.server_streaming:
-        return grpc.unary_stream_rpc_method_handler(unary, response_serializer=serialize)
-    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+
+        def handle_stream(raw: Any, context: grpc.ServicerContext, *a: Any) -> Iterator[Any]:
+            try:
+                yield from behavior(read(raw), context, *a)
+            except CarddeckError as exc:
+                abort_with(context, exc)
+
+        handle: Callable[..., Any] = handle_stream
+    else:
+
+        def handle(raw: Any, context: grpc.ServicerContext, *a: Any) -> Any:
+            try:
+                return behavior(read(raw), context, *a)
+            except CarddeckError as exc:
+                abort_with(context, exc)
+
+    factory = _FACTORIES[(method.client_streaming, method.server_streaming)]
+    return factory(
+        functools.wraps(behavior)(handle), response_serializer=GetMessageClass(method.output_type).SerializeToString
+    )
 
 
 def add_servicer(server: grpc.Server, servicer: Any, service: ServiceDescriptor) -> None:

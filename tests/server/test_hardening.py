@@ -303,3 +303,23 @@ def test_removing_a_card_that_changes_the_default_policy_says_so(tmp_path):
     finally:
         server.terminate()
     assert re.search(r"WARNING .*the default policy changed from 'calibrated' to 'nearest-domain'", server.log())
+
+
+def test_undecodable_bodies_on_streams_and_health_are_invalid_argument(server):
+    rng = random.Random(5)
+    calls = {
+        "/grpc.health.v1.Health/Check": "unary_unary",
+        "/grpc.health.v1.Health/Watch": "unary_stream",
+        "/carddeck.v1.CardDeck/AddCard": "stream_unary",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "stream_stream",
+    }
+    with grpc.insecure_channel(server.address) as channel:
+        for method, kind in calls.items():
+            call = getattr(channel, kind)(method)
+            body = undecodable(rng)
+            with pytest.raises(grpc.RpcError) as info:
+                answer = call(iter([body]) if kind.startswith("stream") else body, timeout=10, metadata=ADMIN)
+                list(answer) if kind.endswith("stream") else None
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value.details())
+            assert info.value.details().startswith("request body is not a valid "), info.value.details()
+    assert "Traceback" not in server.log()
