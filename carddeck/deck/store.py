@@ -10,10 +10,11 @@ Layout::
 
 Every file is written to a temporary name, flushed, fsynced and renamed into place; the manifest is
 written last, so a crash at any point leaves the previous manifest, which names only complete files.
-Debris (temporary files of an interrupted write, card directories and routers the manifest no longer
-names) is swept at every change and by :meth:`DeckStore.clean`: temporary files at once (every writer
-holds the lock, so none is being written), the rest once unnamed for ``debris_grace_s`` (60 s by
-default): a replica that read the previous manifest may still be loading those files.
+Debris is swept at every change and by :meth:`DeckStore.clean`, under the lock (so no writer is
+mid-write): temporary files and the card directories of interrupted adds (never named by a manifest)
+at once; the directories of removed cards (marked ``.removed``) and superseded routers once unnamed
+for ``debris_grace_s`` (60 s by default), since a replica that read the previous manifest may still
+be loading them.
 Adding a card that is already there with the same bytes answers it again (a retried add); other
 bytes under the same name and version are a DeckConflict. Writers take an exclusive ``flock`` on
 ``ROOT/.lock``; readers never lock. ``manifest()`` re-reads
@@ -52,6 +53,7 @@ CALIBRATION = "calibration.npz"
 MODEL_FILE = "model.onnx"
 META_FILE = "card.json"
 RESERVED_NAMES = frozenset({"carddeck"})  # the deck's own model name in the Open Inference Protocol
+REMOVED_MARK = ".removed"  # in a removed card's directory: kept for the grace period, from the mark's time
 DEBRIS_GRACE_S = 60.0  # replicas poll every few seconds and load a deck in seconds: ample margin
 
 
@@ -272,16 +274,26 @@ class DeckStore:
             return self._sweep(m)
 
     def _debris(self, manifest: Manifest) -> list[Path]:
-        """Temporary files, and card directories and routers unnamed by ``manifest`` past the grace period."""
+        """What :meth:`clean` removes now, given ``manifest`` (see the module docstring)."""
         named = {c.path for c in manifest.cards} | {str(manifest.gate.get("router"))}
         cutoff = time.time() - self.debris_grace_s
+
+        def unnamed(path: Path) -> bool:
+            return path.relative_to(self.root).as_posix() not in named
+
+        def expired(path: Path) -> bool:
+            with contextlib.suppress(FileNotFoundError):
+                return path.stat().st_mtime < cutoff
+            return True
+
         tmp = [*self.root.glob(".*.tmp"), *self.root.glob("cards/*/*/.*.tmp"), *self.root.glob("gate/.*.tmp")]
-        unnamed = [
-            p
-            for p in [*self.root.glob("cards/*/*"), *self.root.glob("gate/router-*.npz")]
-            if p.relative_to(self.root).as_posix() not in named and p.stat().st_mtime < cutoff
+        cards = [
+            d
+            for d in self.root.glob("cards/*/*")
+            if d.is_dir() and unnamed(d) and (not (d / REMOVED_MARK).exists() or expired(d / REMOVED_MARK))
         ]
-        return tmp + unnamed
+        routers = [r for r in self.root.glob("gate/router-*.npz") if unnamed(r) and expired(r)]
+        return tmp + cards + routers
 
     def _sweep(self, manifest: Manifest) -> list[str]:
         """Under the lock (no writer is mid-write): remove the debris, then card-name directories left empty."""
@@ -365,6 +377,7 @@ class DeckStore:
                 )
             rel = f"cards/{meta.name}/{meta.version}"
             meta_bytes = meta.to_json().encode()
+            (self.root / rel / REMOVED_MARK).unlink(missing_ok=True)  # the key comes back within the grace period
             atomic_write(self.root / rel / MODEL_FILE, data)
             atomic_write(self.root / rel / META_FILE, meta_bytes)
             entry_ = CardEntry(
@@ -387,18 +400,17 @@ class DeckStore:
     def remove_card(self, name: str, version: int | None = None) -> list[str]:
         """Remove one version of a card, or every version when ``version`` is None. CardNotFound if absent.
 
-        Only the manifest changes now; the files stay for the grace period (a replica may be loading the
-        previous manifest) and go with a later sweep. Returns the removed keys.
+        Only the manifest changes now; the files, marked removed, stay for the grace period (a replica may
+        be loading the previous manifest) and go with a later sweep. Returns the removed keys.
         """
         with self._locked() as m:
             gone = [c for c in m.cards if c.name == name and (version is None or c.version == version)]
             if not gone:
                 m.find(name, version)  # raises CardNotFound naming what is there
             keep = tuple(c for c in m.cards if c not in gone)
-            now = time.time()
-            for c in gone:  # the grace period counts from now, not from when the files were written
+            for c in gone:  # kept for the grace period, counted from now
                 with contextlib.suppress(OSError):
-                    os.utime(self.card_dir(c), (now, now))
+                    (self.card_dir(c) / REMOVED_MARK).touch()
             self._commit(
                 replace(
                     m,

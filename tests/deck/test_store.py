@@ -167,7 +167,8 @@ def test_metadata_key_constant_is_used():
 
 
 def test_debris_is_swept_at_once_or_after_the_grace_period(store, monkeypatch):
-    """kill -9 leftovers: temporary files go at the next sweep; unnamed card dirs and routers after the grace."""
+    """kill -9 leftovers go at the next sweep; what a replica may still read (removed cards, old routers) after the
+    grace period."""
     crash_on(monkeypatch, "manifest.json")  # an add that died before its manifest: an orphan card dir
     with pytest.raises(OSError, match="simulated"):
         store.add_card(card("g2", "gaussian", seed=3))
@@ -177,25 +178,30 @@ def test_debris_is_swept_at_once_or_after_the_grace_period(store, monkeypatch):
         path.write_bytes(b"partial")
     (store.root / "gate").mkdir()
     (store.root / "gate/router-1.npz").write_bytes(b"superseded")
-    assert DeckStore(store.root).clean() == [".manifest.json.x1.tmp", "cards/a1/1/.model.onnx.x2.tmp"]
-    assert (store.root / "cards/g2/1").is_dir() and (store.root / "gate/router-1.npz").exists()  # within grace
     version = store.version
-    assert DeckStore(store.root, debris_grace_s=0).clean() == ["cards/g2/1", "gate/router-1.npz"]
+    swept = [".manifest.json.x1.tmp", "cards/a1/1/.model.onnx.x2.tmp", "cards/g2/1"]  # g2: never in a manifest
+    assert DeckStore(store.root).clean() == swept
     assert not (store.root / "cards/g2").exists() and store.version == version  # sweeping is not a change
+    store.remove_card("g1")  # a change sweeps too
+    assert (store.root / "cards/g1/1/model.onnx").exists() and (store.root / "gate/router-1.npz").exists()
+    assert DeckStore(store.root, debris_grace_s=0).clean() == ["cards/g1/1", "gate/router-1.npz"]
     assert DeckStore(store.root).clean() == []
-    assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]
+    assert [c.key for c in store.list_cards()] == ["a1/1"]
 
 
 def test_a_change_sweeps_debris_past_the_grace_period(store):
     (store.root / "cards/old/3").mkdir(parents=True)
     (store.root / "cards/old/3/model.onnx").write_bytes(b"from a crashed add")
-    os.utime(store.root / "cards/old/3", (0, 0))  # long ago
+    (store.root / "cards/gone/1").mkdir(parents=True)
+    (store.root / "cards/gone/1/.removed").write_bytes(b"")
+    os.utime(store.root / "cards/gone/1/.removed", (0, 0))  # removed long ago
     (store.root / ".calibration.npz.x.tmp").write_bytes(b"")
-    quick = DeckStore(store.root, debris_grace_s=30)
-    quick.remove_card("a1")
+    DeckStore(store.root, debris_grace_s=30).remove_card("a1")
     assert sorted(p.name for p in store.root.iterdir() if p.name.endswith(".tmp")) == []
-    assert not (store.root / "cards/old").exists()
-    assert (store.root / "cards/a1/1").is_dir()  # just removed: kept for the grace period
+    assert not (store.root / "cards/old").exists() and not (store.root / "cards/gone").exists()
+    assert (store.root / "cards/a1/1/model.onnx").exists()  # just removed: kept for the grace period
+    store.add_card(card("a1", "augmix", seed=2))  # back within the grace period: no longer marked removed
+    assert DeckStore(store.root, debris_grace_s=0).clean() == [] and [c.key for c in store.list_cards()][-1] == "a1/1"
 
 
 def test_re_adding_the_same_bytes_is_idempotent(store):
