@@ -224,9 +224,11 @@ def debris_of(deck: Path, tmpdir: Path) -> dict[str, int]:
     referenced = {c["path"] for c in manifest["cards"]}
     router = (manifest.get("gate") or {}).get("router")
     cards = [p for p in (deck / "cards").glob("*/*") if p.is_dir()]
+    orphans = [p for p in cards if str(p.relative_to(deck)) not in referenced]
     return {
         "tmp files": sum(1 for _ in deck.rglob("*.tmp")),
-        "orphan card dirs": sum(1 for p in cards if str(p.relative_to(deck)) not in referenced),
+        "orphan card dirs": sum(1 for p in orphans if not (p / ".removed").exists()),
+        "removed cards within the grace period": sum(1 for p in orphans if (p / ".removed").exists()),
         "upload dirs": sum(1 for p in tmpdir.iterdir() if p.name.startswith("carddeck-upload")),
         "superseded routers": sum(1 for p in (deck / "gate").glob("router-*.npz") if f"gate/{p.name}" != router)
         if (deck / "gate").is_dir()
