@@ -61,8 +61,8 @@ class Settings:
     )
     debris_grace_s: float = _opt(
         DEBRIS_GRACE_S,
-        "keep deck files the manifest no longer names (removed cards, superseded routers, interrupted adds) "
-        "this long for replicas still loading an older manifest, then delete them",
+        "keep the files of removed cards and superseded routers this long for replicas still loading an older "
+        "manifest, then delete them (what interrupted writes leave goes at once)",
     )
     calibration_data: str = _opt(
         "", "dataset spec (e.g. digits32) whose clean images sign cards added without a signature"
