@@ -251,7 +251,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     "parameters['file:model.onnx'] (bytes_param)"
                 )
             if len(files) != 1 or files.get("file:model.onnx") is None:
-                raise InvalidInput(f"parameters: send exactly one file, 'file:model.onnx'; got {sorted(files)}")
+                raise InvalidInput(f"parameters: send exactly one file, 'file:model.onnx'; got {shown(sorted(files))}")
             data = files["file:model.onnx"].bytes_param
             if len(data) > self.settings.max_card_mb * MiB:
                 raise TooLarge(f"card exceeds the server's limit of {self.settings.max_card_mb} MiB (max_card_mb)")
