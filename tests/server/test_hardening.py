@@ -141,7 +141,9 @@ def copy_default_deck(dest: Path) -> Path:
 def test_shutdown_is_bounded_by_the_drain_timeout(tmp_path):
     """A 4096-image request on the default deck in flight: the process exits within drain + 2 s of SIGTERM."""
     drain = 0.5
-    server = start_server(copy_default_deck(tmp_path / "deck"), tmp_path, "--drain-timeout-s", str(drain))
+    deck = copy_default_deck(tmp_path / "deck")
+    server = start_server(deck, tmp_path, "--drain-timeout-s", str(drain), "--metrics-host", "127.0.0.1",
+                          "--metrics-port", "0")  # fmt: skip
     images = np.random.default_rng(0).integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
     request = pb.PredictRequest(images=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=images.shape, data=images.tobytes()))
     outcome: list[str] = []
@@ -156,7 +158,12 @@ def test_shutdown_is_bounded_by_the_drain_timeout(tmp_path):
 
     client = threading.Thread(target=predict, daemon=True)
     client.start()
-    time.sleep(2.0)  # the request is in, its card runs take far longer than the test waits
+    deadline = time.monotonic() + 60
+    while not value(scrape(metrics_port(server)), "carddeck_requests_in_flight", service="carddeck.v1.CardDeck",
+                    rpc="Predict"):  # fmt: skip
+        assert time.monotonic() < deadline and not outcome, outcome
+        time.sleep(0.05)
+    time.sleep(0.5)  # past parsing: its card runs take far longer than the test waits
     start = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(60)
