@@ -1,4 +1,4 @@
-"""``carddeck serve``: load the deck, serve gRPC, and drain gracefully on SIGTERM.
+"""``carddeck serve``: load the deck, serve gRPC and HTTP, and drain gracefully on SIGTERM.
 
 Shutdown order (SIGTERM or Ctrl-C): health goes NOT_SERVING (Watch streams see it at once), the
 server keeps serving for ``shutdown_delay_s`` (so load balancers stop sending), then refuses new
@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (
         "Serve a deck over gRPC: carddeck.v1.CardDeck, the Open Inference Protocol "
-        "(inference.GRPCInferenceService, for Triton/KServe clients), grpc.health.v1 and server reflection."
+        "(inference.GRPCInferenceService, for Triton/KServe clients), grpc.health.v1 and server reflection; "
+        "and the Open Inference Protocol over HTTP/REST (KServe V2 / Triton routes under /v2)."
     )
     add_arguments(parser)
 
@@ -51,6 +52,7 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
 
 
 def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
+    from carddeck.http import start_http_server
     from carddeck.server.app import build_server
     from carddeck.server.dataplane import Dataplane, DataplaneConfig
     from carddeck.server.health import Health
@@ -77,11 +79,14 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     dataplane.on_swap.append(ShiftCalibrator(metrics))
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
-    server = None
+    server = http = None
     try:
         deck = dataplane.start()
         server, port = build_server(settings, dataplane, health, interceptors=interceptors)
         server.start()
+        if settings.http_port >= 0:
+            http = start_http_server(settings, dataplane, metrics=metrics)
+            log.info("HTTP (Open Inference Protocol, /v2) on %s:%d", settings.host, http.port)
         health.set_serving(dataplane.ready)
         log.info(
             "serving deck %s (version %d, %d cards%s) on %s:%d",
@@ -108,6 +113,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             log.warning("drain timeout: %d requests still in flight are cancelled", dataplane.inflight)
         return 0
     finally:
+        if http is not None:
+            http.stop()
         if server is not None:
             server.stop(grace=1.0).wait()
         dataplane.close()

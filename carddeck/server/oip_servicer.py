@@ -1,33 +1,26 @@
 """inference.GRPCInferenceService (Open Inference Protocol): the deck is one model, each card another.
 
-The gated deck answers as ``settings.deck_model_name`` (default ``carddeck``; version = deck
-version) with outputs ``probabilities`` FP32 [N, C], ``labels`` INT64 [N] and ``routing_weights``
-FP32 [N, K] (columns in card order, listed in the response parameter ``card_names``). Each card
-answers under its own name (version = card version) with ``probabilities`` and ``labels``.
-Input: ``images``, FP32 [N, 3, H, W] in [0, 1] or UINT8 [N, H, W, 3]. Request parameters:
-``policy`` (string) and ``per_sample`` (bool). Outputs are always in raw_output_contents.
+The models, their inputs, outputs and parameters are :mod:`carddeck.serving.oip`'s (shared with the
+HTTP binding); this servicer converts protobuf to and from it. Outputs are always in
+raw_output_contents.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import grpc
-import numpy as np
 
 import carddeck
 from carddeck.card import CardMeta
-from carddeck.deck import Deck, read_card_meta
-from carddeck.errors import CardNotFound, InvalidInput, TooLarge
+from carddeck.deck import Deck
 from carddeck.server import convert
-from carddeck.server.carddeck_servicer import MiB, check_card_name
+from carddeck.server.carddeck_servicer import MiB
 from carddeck.server.dataplane import Dataplane
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
 from carddeck.server.proto_gen.inference import model_config_pb2 as mc
 from carddeck.server.settings import Settings
 from carddeck.server.status_codes import rpc_errors
+from carddeck.serving.oip import OipModels
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 Tensor = oip.ModelMetadataResponse.TensorMetadata
@@ -38,25 +31,20 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.dp = dataplane
         self.settings = settings
         self.deck_name = settings.deck_model_name
+        self.models = OipModels(
+            dataplane,
+            deck_name=settings.deck_model_name,
+            max_request_images=settings.max_request_images,
+            max_card_bytes=settings.max_card_mb * MiB,
+        )
 
     # -- model lookup -------------------------------------------------------------------------
     def _model(self, name: str, version: str, deck: Deck) -> CardMeta | None:
         """None for the deck model, the CardMeta for a card; NOT_FOUND for anything else."""
-        if not name:
-            raise InvalidInput(f"name: empty; models: {', '.join(self._names(deck))}")
-        if name == self.deck_name:
-            if version and version != str(deck.version):
-                raise CardNotFound(f"model {name!r} has version {deck.version}, not {version!r}")
-            return None
-        for meta in deck.cards:
-            if meta.name == name:
-                if version and version != str(meta.version):
-                    raise CardNotFound(f"model {name!r} is served at version {meta.version}, not {version!r}")
-                return meta
-        raise CardNotFound(f"no model {name!r}; models: {', '.join(self._names(deck))}")
+        return self.models.resolve(name, version, deck).card
 
     def _names(self, deck: Deck) -> list[str]:
-        return [self.deck_name, *deck.card_names]
+        return self.models.names(deck)
 
     # -- health and metadata ------------------------------------------------------------------
     @rpc_errors
@@ -69,12 +57,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc_errors
     def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.ServicerContext) -> oip.ModelReadyResponse:
-        deck = self.dp.deck
-        try:
-            self._model(request.name, request.version, deck)
-        except CardNotFound:
-            return oip.ModelReadyResponse(ready=False)
-        return oip.ModelReadyResponse(ready=self.dp.ready)
+        return oip.ModelReadyResponse(ready=self.models.is_ready(request.name, request.version))
 
     @rpc_errors
     def ServerMetadata(
@@ -86,21 +69,13 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        deck = self.dp.deck
-        meta = self._model(request.name, request.version, deck)
-        spec = deck.input
-        outputs = [
-            Tensor(name="probabilities", datatype="FP32", shape=[-1, len(deck.class_names)]),
-            Tensor(name="labels", datatype="INT64", shape=[-1]),
-        ]
-        if meta is None:
-            outputs.append(Tensor(name="routing_weights", datatype="FP32", shape=[-1, len(deck.cards)]))
+        info = self.models.metadata(self.models.resolve(request.name, request.version))
         return oip.ModelMetadataResponse(
-            name=request.name,
-            versions=[str(deck.version if meta is None else meta.version)],
-            platform="carddeck_deck" if meta is None else "onnxruntime_onnx",
-            inputs=[Tensor(name="images", datatype="FP32", shape=[-1, spec.channels, spec.height, spec.width])],
-            outputs=outputs,
+            name=info.name,
+            versions=[info.version],
+            platform=info.platform,
+            inputs=[Tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in info.inputs],
+            outputs=[Tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in info.outputs],
         )
 
     @rpc_errors
@@ -145,39 +120,21 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc_errors
     def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> oip.ModelInferResponse:
         with self.dp.request():
-            deck = self.dp.deck
-            meta = self._model(request.model_name, request.model_version, deck)
-            policy, per_sample = convert.oip_options(request.parameters)
-            spec = deck.input
-            images = convert.oip_images(
-                request, max_images=self.settings.max_request_images, height=spec.height, width=spec.width
+            model = self.models.resolve(request.model_name, request.model_version)
+            images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.deck.input)
+            result = self.models.infer(
+                model,
+                images,
+                convert.oip_plain_parameters(request.parameters),
+                timeout_s=context.time_remaining(),
+                is_cancelled=lambda: not context.is_active(),
             )
-            timeout, cancelled = context.time_remaining(), (lambda: not context.is_active())
-            response = oip.ModelInferResponse(model_name=request.model_name, id=request.id)
-            if meta is None:
-                prediction, deck = self.dp.predict(
-                    images,
-                    policy=policy,
-                    per_sample=per_sample,
-                    timeout_s=timeout,
-                    is_cancelled=cancelled,
-                    model=self.deck_name,
-                )
-                probs, labels = prediction.probabilities, prediction.labels
-                available = {"probabilities": probs, "labels": labels, "routing_weights": prediction.routing.weights}
-                response.model_version = str(deck.version)
-                response.parameters["policy"].string_param = prediction.routing.policy
-                response.parameters["card_names"].string_param = ",".join(prediction.routing.card_names)
-                response.parameters["selected_cards"].string_param = ",".join(prediction.routing.selected)
-            else:
-                if policy is not None or per_sample:
-                    raise InvalidInput(
-                        f"parameters: 'policy' and 'per_sample' apply to the deck model {self.deck_name!r}, not a card"
-                    )
-                probs, deck = self.dp.run_card(meta.name, images, timeout_s=timeout, is_cancelled=cancelled)
-                available = {"probabilities": probs, "labels": probs.argmax(axis=1).astype(np.int64)}
-                response.model_version = str(meta.version)
-            tensors, raw = convert.oip_outputs(request, available)
+            response = oip.ModelInferResponse(
+                model_name=request.model_name, model_version=result.model_version, id=request.id
+            )
+            for key, value in result.parameters.items():
+                response.parameters[key].string_param = value
+            tensors, raw = convert.oip_outputs(request, result.outputs)
             response.outputs.extend(tensors)
             response.raw_output_contents.extend(raw)
             return response
@@ -228,12 +185,10 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: grpc.ServicerContext
     ) -> oip.RepositoryIndexResponse:
-        deck = self.dp.deck
-        state = "READY" if self.dp.ready else "UNAVAILABLE"
         index = oip.RepositoryIndexResponse.ModelIndex
-        models = [index(name=self.deck_name, version=str(deck.version), state=state)]
-        models += [index(name=m.name, version=str(m.version), state=state) for m in deck.cards]
-        return oip.RepositoryIndexResponse(models=models)
+        return oip.RepositoryIndexResponse(
+            models=[index(name=name, version=version, state=state) for name, version, state in self.models.index()]
+        )
 
     @rpc_errors
     def RepositoryModelLoad(
@@ -241,30 +196,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> oip.RepositoryModelLoadResponse:
         """Load = add a card: its ONNX bytes in ``parameters["file:model.onnx"]`` (bytes_param)."""
         with self.dp.request():
-            name = request.model_name
-            files = {k: v for k, v in request.parameters.items() if k.startswith("file:")}
-            if name == self.deck_name and not files:
-                return oip.RepositoryModelLoadResponse()  # the deck is always loaded
-            check_card_name(name, "model_name")
-            if not files:
-                if name in self.dp.deck.card_names:
-                    return oip.RepositoryModelLoadResponse()
-                raise CardNotFound(
-                    f"no card {name!r} in the deck; to add one send its ONNX file as parameters['file:model.onnx'] "
-                    "(bytes_param)"
-                )
-            if len(files) != 1 or files.get("file:model.onnx") is None:
-                raise InvalidInput(f"parameters: send exactly one file, 'file:model.onnx'; got {sorted(files)}")
-            data = files["file:model.onnx"].bytes_param
-            if len(data) > self.settings.max_card_mb * MiB:
-                raise TooLarge(f"card exceeds the server's limit of {self.settings.max_card_mb} MiB (max_card_mb)")
-            meta = read_card_meta(data)
-            if meta.name != name:
-                raise InvalidInput(f"model_name: {name!r} does not match the card's own name {meta.name!r}")
-            with tempfile.TemporaryDirectory(prefix="carddeck-upload-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                path.write_bytes(data)
-                self.dp.add_card(path)
+            files = {k: v.bytes_param for k, v in request.parameters.items() if k.startswith("file:")}
+            self.models.load(request.model_name, files)
             return oip.RepositoryModelLoadResponse()
 
     @rpc_errors
@@ -273,10 +206,5 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> oip.RepositoryModelUnloadResponse:
         """Unload = remove the card (every stored version) from the deck."""
         with self.dp.request():
-            if request.model_name == self.deck_name:
-                raise InvalidInput(
-                    f"model_name: the deck model {self.deck_name!r} cannot be unloaded; unload its cards"
-                )
-            name = check_card_name(request.model_name, "model_name")
-            self.dp.remove_card(name)
+            self.models.unload(request.model_name)
             return oip.RepositoryModelUnloadResponse()
