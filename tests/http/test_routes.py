@@ -7,6 +7,7 @@ import gzip
 import http.client
 import json
 import re
+import ssl
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +19,7 @@ from carddeck.deck import Deck, DeckStore
 from tests.http.conftest import HttpServer, http_server, request
 from tests.observability.promql import free_port
 from tests.server.conftest import ADMIN_TOKEN, card, noisy_images, smooth_images, start_server
+from tests.server.test_server import _self_signed
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -225,7 +227,14 @@ ERRORS = [
         400,
         "'file:model.onnx'",
     ),
-    ("POST", "/v2/repository/models/h2/load", {"parameters": {"file:model.onnx": "AAAA"}}, ADMIN, 400, "not an ONNX model"),
+    (
+        "POST",
+        "/v2/repository/models/h2/load",
+        {"parameters": {"file:model.onnx": "AAAA"}},
+        ADMIN,
+        400,
+        "not an ONNX model",
+    ),
     (
         "POST",
         "/v2/repository/models/h3/load",
@@ -329,5 +338,21 @@ def test_drain_refuses_new_http_work(tmp_path, server):
         assert ready.status == 503 and "shutting down" in ready.error
         assert request(srv, "POST", "/v2/models/carddeck/infer", GOOD).status == 200
         assert srv.process.proc.wait(20) == 0
+    finally:
+        srv.process.terminate()
+
+
+def test_tls_uses_the_grpc_certificate(tmp_path, server):
+    cert, key = _self_signed(tmp_path)
+    srv = http_server(server.process.deck, tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        conn = http.client.HTTPSConnection(
+            "localhost", srv.port, timeout=10, context=ssl.create_default_context(cafile=str(cert))
+        )
+        conn.request("GET", "/v2/health/ready")
+        assert conn.getresponse().status == 200
+        conn.close()
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            request(srv, "GET", "/v2/health/ready")  # plaintext HTTP to a TLS port
     finally:
         srv.process.terminate()
