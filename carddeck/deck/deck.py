@@ -11,6 +11,7 @@ the routing weights.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -75,7 +76,7 @@ class Deck:
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str,
         manifest: Manifest,
         cards: tuple[CardMeta, ...],
         sessions: dict[str, CardSession],
@@ -212,7 +213,7 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
         from carddeck.gating.router import CalibratedRouter
 
         try:
-            router = CalibratedRouter.load(store.root / config["router"])
+            router = CalibratedRouter.load(io.BytesIO(store.read_file(config["router"])))
         except InvalidInput as exc:  # serve on without it rather than refuse the whole deck
             log.warning("deck %s: ignoring the calibrated router: %s", store.root, exc)
         missing = [k for k in router.card_keys if k not in keys] if router is not None else []

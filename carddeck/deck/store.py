@@ -8,24 +8,25 @@ Layout::
     ROOT/gate/router-<deck version>.npz     the calibrated router, when fitted
     ROOT/calibration.npz                    optional clean images to sign cards added without a signature
 
-Every file is written to a temporary name, flushed, fsynced and renamed into place; the manifest is
-written last, so a crash at any point leaves the previous manifest, which names only complete files.
-Files no manifest names (from an interrupted add) are harmless and overwritten by the next add.
-Writers take an exclusive ``flock`` on ``ROOT/.lock``; readers never lock. ``manifest()`` re-reads
-the file only when its inode, size or mtime changed, so replicas can poll the version cheaply.
-A deck serves the highest version of each card name; older versions stay until removed.
+The files live in a backend chosen by the location (:mod:`carddeck.deck.backend`: a directory, or
+``s3://bucket/prefix``). Every file is written whole (on disk: a temporary name, fsynced, renamed
+into place); the manifest is written last, by a conditional commit that fails with DeckConflict if
+another writer committed since this one read it, so a crash or a lost race at any point leaves the
+previous manifest, which names only complete files. Files no manifest names (from an interrupted
+add) are harmless. On disk, writers take an exclusive ``flock`` on ``ROOT/.lock``; readers never
+lock. ``manifest()`` re-reads the manifest only when its change stamp (inode/size/mtime, ETag)
+moved, so replicas can poll the version cheaply. Remote card files are cached locally by sha256
+(:mod:`carddeck.deck.cache`). A deck serves the highest version of each card name; older versions
+stay until removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -35,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from carddeck.card import METADATA_KEY, CardMeta, InputSpec
+from carddeck.deck.backend import open_backend
+from carddeck.deck.cache import FileCache
 from carddeck.deck.cardfile import atomic_write, check_contract, check_runs, read_card_bytes, read_card_meta
 from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
 
@@ -158,41 +161,42 @@ def input_to_dict(spec: InputSpec) -> dict[str, Any]:
 
 
 class DeckStore:
-    """Read and change a deck directory. Methods that change it take the store lock."""
+    """Read and change a deck (a directory or ``s3://bucket/prefix``). Changes commit the manifest last."""
 
     def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-        if not (self.root / MANIFEST).is_file():
+        self.backend = open_backend(root)
+        self.root = self.backend.root
+        if self.backend.stamp(MANIFEST) is None:
             raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST} (create one with `DeckStore.create(root)`)")
-        self._cache: tuple[tuple[int, int, int], Manifest] | None = None
+        self._cache: tuple[str, Manifest] | None = None
+        self._files = FileCache() if self.backend.remote else None
+        self._written: list[str] = []  # keys written by the change in progress
 
     @classmethod
     def create(cls, root: Path | str, *, exist_ok: bool = False) -> DeckStore:
         """An empty deck (version 0) at ``root``."""
-        root = Path(root)
-        if (root / MANIFEST).exists():
+        backend = open_backend(root)
+        if backend.stamp(MANIFEST) is not None:
             if exist_ok:
                 return cls(root)
-            raise DeckConflict(f"{root} already holds a deck")
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write(root / MANIFEST, _encode(Manifest(version=0, updated=_now())))
+            raise DeckConflict(f"{backend.root} already holds a deck")
+        backend.commit(MANIFEST, _encode(Manifest(version=0, updated=_now())), expected=None)
         return cls(root)
 
     # -- reading ------------------------------------------------------------------------------
     def manifest(self) -> Manifest:
-        path = self.root / MANIFEST
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise InvalidInput(f"{self.root} is not a deck: {exc.strerror}") from None
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        stamp = self.backend.stamp(MANIFEST)
+        if stamp is None:
+            raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST}")
         if self._cache is not None and self._cache[0] == stamp:
             return self._cache[1]
+        source = f"{self.root}/{MANIFEST}"
         try:
-            data = json.loads(path.read_bytes())
+            raw, stamp = self.backend.read_stamped(MANIFEST)
+            data = json.loads(raw)
         except (OSError, ValueError) as exc:
-            raise InvalidInput(f"{path}: unreadable manifest ({exc})") from None
-        manifest = Manifest.from_dict(data, str(path))
+            raise InvalidInput(f"{source}: unreadable manifest ({exc})") from None
+        manifest = Manifest.from_dict(data, source)
         self._cache = (stamp, manifest)
         return manifest
 
@@ -200,15 +204,32 @@ class DeckStore:
     def version(self) -> int:
         return self.manifest().version
 
-    def card_dir(self, entry: CardEntry) -> Path:
-        return self.root / entry.path
+    def read_file(self, key: str) -> bytes:
+        """A file of the deck by its key (``calibration.npz``, ``gate/router-3.npz``)."""
+        try:
+            return self.backend.read(key)
+        except OSError as exc:
+            raise InvalidInput(f"{self.root}/{key}: cannot read ({exc.strerror or exc})") from None
+
+    def _card_file(self, entry: CardEntry, name: str, *, verify: bool = True) -> bytes:
+        """A card file, from the local cache when its sha256 is there; checked against the manifest."""
+        digest = entry.sha256.get(name, "")
+        data = self._files.get(digest) if self._files is not None else None
+        if data is not None:
+            return data
+        try:
+            data = self.backend.read(f"{entry.path}/{name}")
+        except OSError as exc:
+            raise CardRejected(f"card {entry.key}: cannot read {self.root}/{entry.path}/{name}: {exc}") from None
+        if verify and sha256(data) != digest:
+            raise CardRejected(f"card {entry.key}: {self.root}/{entry.path}/{name} does not match the manifest sha256")
+        if self._files is not None and verify:
+            self._files.put(digest, data)
+        return data
 
     def read_meta(self, entry: CardEntry) -> CardMeta:
-        path = self.card_dir(entry) / META_FILE
-        try:
-            return CardMeta.from_json(path.read_bytes(), source=str(path))
-        except OSError as exc:
-            raise CardRejected(f"card {entry.key}: cannot read {path}: {exc.strerror}") from None
+        source = f"{self.root}/{entry.path}/{META_FILE}"
+        return CardMeta.from_json(self._card_file(entry, META_FILE), source=source)
 
     def list_cards(self, *, all_versions: bool = False) -> list[CardMeta]:
         """CardMeta of the served cards (the highest version of each name), or of every stored version."""
@@ -216,32 +237,41 @@ class DeckStore:
         return [self.read_meta(e) for e in (m.cards if all_versions else m.active())]
 
     def read_model(self, entry: CardEntry, *, verify: bool = True) -> bytes:
-        path = self.card_dir(entry) / MODEL_FILE
-        data = path.read_bytes()
-        if verify and sha256(data) != entry.sha256.get(MODEL_FILE):
-            raise CardRejected(f"card {entry.key}: {path} does not match the sha256 in the manifest")
-        return data
+        return self._card_file(entry, MODEL_FILE, verify=verify)
 
     def calibration_images(self) -> np.ndarray | None:
         m = self.manifest()
         if not m.calibration:
             return None
-        with np.load(self.root / m.calibration, allow_pickle=False) as z:
+        with np.load(io.BytesIO(self.read_file(m.calibration)), allow_pickle=False) as z:
             return np.asarray(z["images"])
 
     # -- changing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Manifest]:
-        with open(self.root / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        """One change: the manifest it starts from; files it writes are deleted again if it does not commit."""
+        with self.backend.lock():
+            self._cache = None
+            self._written = []
             try:
-                self._cache = None
                 yield self.manifest()
+            except BaseException:
+                if self.backend.remote:  # fresh keys: nobody else's files (on disk the lock kept others out)
+                    for key in self._written:
+                        with contextlib.suppress(Exception):
+                            self.backend.delete(key)
+                raise
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                self._written = []
+
+    def _write(self, key: str, data: bytes) -> None:
+        self._written.append(key)
+        self.backend.write(key, data)
 
     def _commit(self, manifest: Manifest) -> Manifest:
-        atomic_write(self.root / MANIFEST, _encode(manifest))
+        """Write the manifest, if it is still the one :meth:`_locked` read (else DeckConflict)."""
+        assert self._cache is not None, "commit outside _locked"
+        self.backend.commit(MANIFEST, _encode(manifest), expected=self._cache[0])
         self._cache = None
         log.info("deck %s: version %d (%d cards)", self.root, manifest.version, len(manifest.cards))
         return manifest
@@ -290,10 +320,10 @@ class DeckStore:
                 raise CardRejected(
                     f"card {meta.key}: signature has {len(signature)} values, the deck's cards have {dims.pop()}"
                 )
-            rel = f"cards/{meta.name}/{meta.version}"
+            rel = self.backend.fresh(f"cards/{meta.name}/{meta.version}")
             meta_bytes = meta.to_json().encode()
-            atomic_write(self.root / rel / MODEL_FILE, data)
-            atomic_write(self.root / rel / META_FILE, meta_bytes)
+            self._write(f"{rel}/{MODEL_FILE}", data)
+            self._write(f"{rel}/{META_FILE}", meta_bytes)
             entry_ = CardEntry(
                 meta.name, meta.version, meta.domain, rel, {MODEL_FILE: sha256(data), META_FILE: sha256(meta_bytes)}
             )
@@ -332,7 +362,7 @@ class DeckStore:
                 )
             )
         for c in gone:
-            shutil.rmtree(self.card_dir(c), ignore_errors=True)
+            self.backend.delete(c.path)
         return [c.key for c in gone]
 
     def set_gate(
@@ -359,10 +389,10 @@ class DeckStore:
             if references is not None:
                 gate["references"] = {d: [float(v) for v in s] for d, s in references.items()}
             if router is not None:
-                rel = f"gate/router-{m.version + 1}.npz"
+                rel = self.backend.fresh(f"gate/router-{m.version + 1}.npz")
                 buf = io.BytesIO()
                 router.save(buf)
-                atomic_write(self.root / rel, buf.getvalue())
+                self._write(rel, buf.getvalue())
                 gate["router"] = rel
             return self._commit(replace(m, version=m.version + 1, gate=gate, updated=_now()))
 
@@ -376,8 +406,9 @@ class DeckStore:
         buf = io.BytesIO()
         np.savez(buf, images=images)
         with self._locked() as m:
-            atomic_write(self.root / CALIBRATION, buf.getvalue())
-            return self._commit(replace(m, version=m.version + 1, calibration=CALIBRATION, updated=_now()))
+            rel = self.backend.fresh(CALIBRATION)
+            self._write(rel, buf.getvalue())
+            return self._commit(replace(m, version=m.version + 1, calibration=rel, updated=_now()))
 
 
 def _encode(manifest: Manifest) -> bytes:
