@@ -32,7 +32,8 @@ def _client() -> Any:
         from botocore.config import Config
     except ImportError:  # pragma: no cover - boto3 is in the s3 extra
         raise InvalidInput("s3:// decks need boto3: pip install 'carddeck[s3]'") from None
-    return boto3.client("s3", config=Config(retries={"mode": "standard"}, connect_timeout=5, read_timeout=60))
+    config = Config(retries={"mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.session.Session().client("s3", config=config)  # a new session reads the environment now
 
 
 class S3Backend:

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -170,7 +171,7 @@ class DeckStore:
             raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST} (create one with `DeckStore.create(root)`)")
         self._cache: tuple[str, Manifest] | None = None
         self._files = FileCache() if self.backend.remote else None
-        self._written: list[str] = []  # keys written by the change in progress
+        self._change = threading.local()  # the change in progress in this thread: its base stamp, its files
 
     @classmethod
     def create(cls, root: Path | str, *, exist_ok: bool = False) -> DeckStore:
@@ -185,11 +186,15 @@ class DeckStore:
 
     # -- reading ------------------------------------------------------------------------------
     def manifest(self) -> Manifest:
+        return self._stamped_manifest()[1]
+
+    def _stamped_manifest(self) -> tuple[str, Manifest]:
         stamp = self.backend.stamp(MANIFEST)
         if stamp is None:
             raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST}")
-        if self._cache is not None and self._cache[0] == stamp:
-            return self._cache[1]
+        cached = self._cache
+        if cached is not None and cached[0] == stamp:
+            return cached
         source = f"{self.root}/{MANIFEST}"
         try:
             raw, stamp = self.backend.read_stamped(MANIFEST)
@@ -198,7 +203,7 @@ class DeckStore:
             raise InvalidInput(f"{source}: unreadable manifest ({exc})") from None
         manifest = Manifest.from_dict(data, source)
         self._cache = (stamp, manifest)
-        return manifest
+        return stamp, manifest
 
     @property
     def version(self) -> int:
@@ -250,28 +255,31 @@ class DeckStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Manifest]:
         """One change: the manifest it starts from; files it writes are deleted again if it does not commit."""
+        change = self._change
         with self.backend.lock():
             self._cache = None
-            self._written = []
+            change.base, manifest = self._stamped_manifest()
+            change.written = []
             try:
-                yield self.manifest()
+                yield manifest
             except BaseException:
                 if self.backend.remote:  # fresh keys: nobody else's files (on disk the lock kept others out)
-                    for key in self._written:
+                    for key in change.written:
                         with contextlib.suppress(Exception):
                             self.backend.delete(key)
                 raise
             finally:
-                self._written = []
+                change.base, change.written = None, []
 
     def _write(self, key: str, data: bytes) -> None:
-        self._written.append(key)
+        self._change.written.append(key)
         self.backend.write(key, data)
 
     def _commit(self, manifest: Manifest) -> Manifest:
         """Write the manifest, if it is still the one :meth:`_locked` read (else DeckConflict)."""
-        assert self._cache is not None, "commit outside _locked"
-        self.backend.commit(MANIFEST, _encode(manifest), expected=self._cache[0])
+        base = getattr(self._change, "base", None)
+        assert base is not None, "commit outside _locked"
+        self.backend.commit(MANIFEST, _encode(manifest), expected=base)
         self._cache = None
         log.info("deck %s: version %d (%d cards)", self.root, manifest.version, len(manifest.cards))
         return manifest

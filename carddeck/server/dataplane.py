@@ -52,7 +52,7 @@ class MetricsHook(Protocol):
 
 @dataclass(frozen=True)
 class DataplaneConfig:
-    deck_path: Path
+    deck_path: Path | str  # a directory or a store URL (s3://bucket/prefix)
     batching: bool = True
     max_batch_size: int = 64
     max_wait_s: float = 0.002
@@ -111,6 +111,7 @@ class Dataplane:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._calibration: np.ndarray | None = None
+        self._deck_store: DeckStore | None = None  # one store object: its manifest cache and connection live on
         self.swaps = 0  # snapshots installed after the first
         self.on_swap: list[Callable[[Deck], None]] = []  # e.g. health status follows the deck
         self._batcher: MicroBatcher[_Work, _Done] | None = None
@@ -407,7 +408,7 @@ class Dataplane:
     def add_card(self, model: bytes | Path) -> CardMeta:
         """Validate and add a card through the store, then swap in the new snapshot."""
         with self._swap_lock:
-            store = DeckStore(self.config.deck_path)
+            store = self._store()
             try:
                 meta = store.add_card(model, calibration=self._calibration_images())
             except Exception:
@@ -425,7 +426,7 @@ class Dataplane:
     def remove_card(self, name: str, version: int | None = None) -> list[str]:
         with self._swap_lock:
             try:
-                removed = DeckStore(self.config.deck_path).remove_card(name, version)
+                removed = self._store().remove_card(name, version)
             except Exception:
                 self._card_change("remove", "rejected")
                 raise
@@ -436,15 +437,20 @@ class Dataplane:
     def reload_if_changed(self) -> bool:
         """Swap in a new snapshot when the store's manifest version moved (another replica wrote it)."""
         current = self._deck
-        version = DeckStore(self.config.deck_path).manifest().version
+        version = self._store().manifest().version
         if current is not None and version == current.version:
             return False
         with self._swap_lock:
             current = self._deck
-            if current is not None and DeckStore(self.config.deck_path).manifest().version == current.version:
+            if current is not None and self._store().manifest().version == current.version:
                 return False
             self._install(self._open(previous=current))
             return True
+
+    def _store(self) -> DeckStore:
+        if self._deck_store is None:
+            self._deck_store = DeckStore(self.config.deck_path)
+        return self._deck_store
 
     def _poll(self) -> None:
         while not self._stop.wait(self.config.poll_interval_s):

@@ -30,7 +30,7 @@ def _opt(default: Any, help: str, *, flag: bool = True, secret: bool = False) ->
 
 @dataclass(frozen=True)
 class Settings:
-    deck: str = _opt("", "deck store directory (default: the packaged default deck)")
+    deck: str = _opt("", "deck store: a directory, file://DIR or s3://BUCKET/PREFIX (default: the packaged deck)")
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _opt(8001, "gRPC port (0: pick a free one and log it)")
     http_port: int = _opt(8000, "Open Inference Protocol over HTTP/REST port (0: pick a free one; -1: no HTTP)")
@@ -95,7 +95,10 @@ class Settings:
 
     # -- derived ------------------------------------------------------------------------------
     @property
-    def deck_path(self) -> Path:
+    def deck_path(self) -> Path | str:
+        """The deck's location: a directory, or a URL (``s3://``, ``file://``) kept as given."""
+        if "://" in self.deck:
+            return self.deck
         return Path(self.deck).expanduser() if self.deck else default_deck_path()
 
     @property
