@@ -160,7 +160,10 @@ def build_app(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | No
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound here so that a taken port fails `carddeck serve` at start with a clear error."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets that do, and with Nagle on,
+    # a reply's headers and body wait out the client's delayed ACK (~40 ms per request).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # OIP datatype names -> numpy (little-endian, as the protocol's raw and binary contents are)
 DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 DATATYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+DATATYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INFER_PARAMETERS = ("policy", "per_sample")
 # Parameters clients send for the server's own use (Triton's and the binary extension's): accepted, not read.
 PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data")
@@ -135,9 +136,6 @@ def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field
     if dtype == np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
         raise InvalidInput(f"{field}: UINT8 values must be in 0..255, got {int(arr.min())}..{int(arr.max())}")
     return arr.astype(dtype.newbyteorder("=")).reshape(shape)
-
-
-DATATYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def datatype_of(arr: np.ndarray) -> str:
