@@ -17,7 +17,7 @@ from carddeck.http import tensors
 from carddeck.server.dataplane import Dataplane
 from carddeck.serving.oip import OipModels, TensorInfo, server_metadata
 
-EXTENSIONS = ("model_repository", "binary_tensor_data", "parameters")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
 OIP_SERVICE = "/inference.GRPCInferenceService/"
 
 
@@ -56,8 +56,11 @@ class Routes:
             ("GET", "/v2/health/live", "ServerLive", self.live),
             ("GET", "/v2/health/ready", "ServerReady", self.ready),
             ("GET", "/v2", "ServerMetadata", self.server_metadata),
+            ("GET", "/v2/models/stats", "ModelStatistics", self.statistics),  # before /v2/models/{model}
             *(("GET", path, "ModelMetadata", self.model_metadata) for path in (model, version)),
             *(("GET", path + "/ready", "ModelReady", self.model_ready) for path in (model, version)),
+            *(("GET", path + "/config", "ModelConfig", self.model_config) for path in (model, version)),
+            *(("GET", path + "/stats", "ModelStatistics", self.statistics) for path in (model, version)),
             *(("POST", path + "/infer", "ModelInfer", self.infer) for path in (model, version)),
             ("POST", "/v2/repository/index", "RepositoryIndex", self.repository_index),
             ("POST", "/v2/repository/models/{model}/load", "RepositoryModelLoad", self.load),
@@ -94,6 +97,13 @@ class Routes:
     def model_ready(self, call: Call) -> Reply:
         self._model(call)  # an unknown model is 404, not merely "not ready"
         return self.ready(call)
+
+    def model_config(self, call: Call) -> Reply:
+        return json_reply(self.models.config(self._model(call)))
+
+    def statistics(self, call: Call) -> Reply:
+        stats = self.models.statistics(call.params.get("model", ""), call.params.get("version", ""))
+        return json_reply({"model_stats": stats})
 
     def _model(self, call: Call) -> Any:
         return self.models.resolve(call.params["model"], call.params.get("version", ""))

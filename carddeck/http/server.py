@@ -132,12 +132,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> Starlette:
-    models = OipModels(
-        dataplane,
-        deck_name=settings.deck_model_name,
-        max_request_images=settings.max_request_images,
-        max_card_bytes=settings.max_card_mb * MiB,
-    )
+    models = OipModels.from_settings(dataplane, settings)
     auth = AuthInterceptor(
         admin_token=settings.resolved_admin_token(),
         inference_token=settings.resolved_inference_token(),

@@ -8,12 +8,12 @@ raw_output_contents.
 from __future__ import annotations
 
 import grpc
+from google.protobuf import json_format
 
 import carddeck
 from carddeck.card import CardMeta
 from carddeck.deck import Deck
 from carddeck.server import convert
-from carddeck.server.carddeck_servicer import MiB
 from carddeck.server.dataplane import Dataplane
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
@@ -31,12 +31,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.dp = dataplane
         self.settings = settings
         self.deck_name = settings.deck_model_name
-        self.models = OipModels(
-            dataplane,
-            deck_name=settings.deck_model_name,
-            max_request_images=settings.max_request_images,
-            max_card_bytes=settings.max_card_mb * MiB,
-        )
+        self.models = OipModels.from_settings(dataplane, settings)
 
     # -- model lookup -------------------------------------------------------------------------
     def _model(self, name: str, version: str, deck: Deck) -> CardMeta | None:
@@ -80,41 +75,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc_errors
     def ModelConfig(self, request: oip.ModelConfigRequest, context: grpc.ServicerContext) -> oip.ModelConfigResponse:
-        deck = self.dp.deck
-        meta = self._model(request.name, request.version, deck)
-        spec = deck.input
-        s = self.settings
-        config = mc.ModelConfig(
-            name=request.name,
-            platform="carddeck_deck" if meta is None else "onnxruntime_onnx",
-            backend="carddeck",
-            max_batch_size=s.max_request_images,
-            input=[
-                mc.ModelInput(
-                    name="images",
-                    data_type=mc.TYPE_FP32,
-                    format=mc.ModelInput.FORMAT_NCHW,
-                    dims=[spec.channels, spec.height, spec.width],
-                )
-            ],
-            output=[
-                mc.ModelOutput(name="probabilities", data_type=mc.TYPE_FP32, dims=[len(deck.class_names)]),
-                mc.ModelOutput(name="labels", data_type=mc.TYPE_INT64, dims=[1]),
-            ]
-            + (
-                [mc.ModelOutput(name="routing_weights", data_type=mc.TYPE_FP32, dims=[len(deck.cards)])]
-                if meta is None
-                else []
-            ),
-        )
-        config.parameters["accepts_uint8_nhwc"].string_value = "true"
-        if meta is None:
-            config.parameters["default_policy"].string_value = deck.default_policy
-            config.parameters["card_names"].string_value = ",".join(deck.card_names)
-        if s.batching and s.max_batch_size > 1:
-            config.dynamic_batching.preferred_batch_size.append(s.max_batch_size)
-            config.dynamic_batching.max_queue_delay_microseconds = int(s.max_wait_ms * 1000)
-        return oip.ModelConfigResponse(config=config)
+        config = self.models.config(self.models.resolve(request.name, request.version))
+        return oip.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
 
     # -- inference ----------------------------------------------------------------------------
     @rpc_errors
@@ -144,41 +106,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: grpc.ServicerContext
     ) -> oip.ModelStatisticsResponse:
-        deck = self.dp.deck
-        if request.name:
-            self._model(request.name, request.version, deck)
-            names = [request.name]
-        else:
-            names = self._names(deck)
-        out = []
-        for name in names:
-            s = self.dp.stats(name)
-            version = (
-                str(deck.version)
-                if name == self.deck_name
-                else next((str(m.version) for m in deck.cards if m.name == name), "")
-            )
-            d = oip.StatisticDuration
-            out.append(
-                oip.ModelStatistics(
-                    name=name,
-                    version=version,
-                    last_inference=s.last_inference_ms,
-                    inference_count=s.inference_count,
-                    execution_count=s.execution_count,
-                    inference_stats=oip.InferStatistics(
-                        success=d(count=s.success_count, ns=s.success_ns),
-                        fail=d(count=s.fail_count, ns=s.fail_ns),
-                        queue=d(count=s.success_count, ns=s.queue_ns),
-                        compute_infer=d(count=s.success_count, ns=s.compute_ns),
-                    ),
-                    batch_stats=[
-                        oip.InferBatchStatistics(batch_size=size, compute_infer=d(count=c, ns=ns))
-                        for size, (c, ns) in sorted(s.batch_sizes.items())
-                    ],
-                )
-            )
-        return oip.ModelStatisticsResponse(model_stats=out)
+        stats = self.models.statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
     # -- repository ---------------------------------------------------------------------------
     @rpc_errors

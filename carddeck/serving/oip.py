@@ -179,11 +179,37 @@ def check_card_name(name: str, field: str = "name") -> str:
 class OipModels:
     """The deck and its cards as OIP models, over one :class:`~carddeck.server.dataplane.Dataplane`."""
 
-    def __init__(self, dataplane: Dataplane, *, deck_name: str, max_request_images: int, max_card_bytes: int):
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        *,
+        deck_name: str,
+        max_request_images: int,
+        max_card_bytes: int,
+        dynamic_batching: Mapping[str, Any] | None = None,
+    ):
         self.dp = dataplane
         self.deck_name = deck_name
         self.max_request_images = max_request_images
         self.max_card_bytes = max_card_bytes
+        self.dynamic_batching = dynamic_batching  # for the model configuration: micro-batching, when on
+
+    @classmethod
+    def from_settings(cls, dataplane: Dataplane, settings: Any) -> OipModels:
+        """From ``carddeck serve``'s settings (:class:`carddeck.server.settings.Settings`)."""
+        batching = None
+        if settings.batching and settings.max_batch_size > 1:
+            batching = {
+                "preferred_batch_size": [settings.max_batch_size],
+                "max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
+            }
+        return cls(
+            dataplane,
+            deck_name=settings.deck_model_name,
+            max_request_images=settings.max_request_images,
+            max_card_bytes=settings.max_card_mb << 20,
+            dynamic_batching=batching,
+        )
 
     def names(self, deck: Deck) -> list[str]:
         return [self.deck_name, *deck.card_names]
@@ -226,6 +252,62 @@ class OipModels:
             inputs=(TensorInfo("images", "FP32", (-1, spec.channels, spec.height, spec.width)),),
             outputs=tuple(outputs),
         )
+
+    def config(self, model: Model) -> dict[str, Any]:
+        """Triton's model configuration (its JSON field names, as the HTTP route returns it)."""
+        deck, spec = model.deck, model.deck.input
+        outputs = [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [len(deck.class_names)]},
+            {"name": "labels", "data_type": "TYPE_INT64", "dims": [1]},
+        ]
+        parameters = {"accepts_uint8_nhwc": {"string_value": "true"}}
+        if model.card is None:
+            outputs.append({"name": "routing_weights", "data_type": "TYPE_FP32", "dims": [len(deck.cards)]})
+            parameters["default_policy"] = {"string_value": deck.default_policy}
+            parameters["card_names"] = {"string_value": ",".join(deck.card_names)}
+        config: dict[str, Any] = {
+            "name": model.name,
+            "platform": "carddeck_deck" if model.card is None else "onnxruntime_onnx",
+            "backend": "carddeck",
+            "max_batch_size": self.max_request_images,
+            "input": [
+                {"name": "images", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+                 "dims": [spec.channels, spec.height, spec.width]}
+            ],
+            "output": outputs,
+            "parameters": parameters,
+        }  # fmt: skip
+        if self.dynamic_batching is not None:
+            config["dynamic_batching"] = dict(self.dynamic_batching)
+        return config
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Triton's per-model statistics (ns) of one model, or of every model when ``name`` is empty."""
+        deck = self.dp.deck
+        models = [self.resolve(name, version, deck)] if name else [self.resolve(n, "", deck) for n in self.names(deck)]
+        out = []
+        for model in models:
+            s = self.dp.stats(model.name)
+            out.append(
+                {
+                    "name": model.name,
+                    "version": model.version,
+                    "last_inference": s.last_inference_ms,
+                    "inference_count": s.inference_count,
+                    "execution_count": s.execution_count,
+                    "inference_stats": {
+                        "success": {"count": s.success_count, "ns": s.success_ns},
+                        "fail": {"count": s.fail_count, "ns": s.fail_ns},
+                        "queue": {"count": s.success_count, "ns": s.queue_ns},
+                        "compute_infer": {"count": s.success_count, "ns": s.compute_ns},
+                    },
+                    "batch_stats": [
+                        {"batch_size": size, "compute_infer": {"count": c, "ns": ns}}
+                        for size, (c, ns) in sorted(s.batch_sizes.items())
+                    ],
+                }
+            )
+        return out
 
     def images_header(self, model: Model, inputs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[np.dtype, list]:
         return images_header(inputs, spec=model.deck.input, max_images=self.max_request_images)

@@ -47,7 +47,8 @@ def test_health_metadata_and_model_routes(server):
     assert request(server, "GET", "/v2/health/ready").status == 200
     meta = request(server, "GET", "/v2")
     assert meta.status == 200 and meta.headers["content-type"] == "application/json"
-    assert meta.json()["extensions"] == ["model_repository", "binary_tensor_data", "parameters"]
+    extensions = ["model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters"]
+    assert meta.json()["extensions"] == extensions
     for path in ("/v2/models/carddeck", f"/v2/models/carddeck/versions/{deck.version}"):
         doc = request(server, "GET", path).json()
         assert (doc["name"], doc["versions"], doc["platform"]) == ("carddeck", [str(deck.version)], "carddeck_deck")
@@ -212,6 +213,8 @@ ERRORS = [
     ("POST", "/v2/models/g1/versions/2/infer", GOOD, {}, 404, "version 1, not '2'"),
     ("GET", "/v2/models/nope", None, {}, 404, "no model 'nope'"),
     ("GET", "/v2/models/nope/ready", None, {}, 404, "no model 'nope'"),
+    ("GET", "/v2/models/nope/config", None, {}, 404, "no model 'nope'"),
+    ("GET", "/v2/models/g1/versions/3/stats", None, {}, 404, "version 1, not '3'"),
     ("GET", "/v2/nothing/here", None, {}, 404, "GET /v2/nothing/here: Not Found"),
     ("GET", "/v2/models/carddeck/infer", None, {}, 405, "Method Not Allowed"),
     ("POST", "/v2/repository/models/h2/load", {}, {}, 401, "no bearer token"),

@@ -41,6 +41,32 @@ def test_health_and_metadata(client, server):
     assert [o["name"] for o in card["outputs"]] == ["probabilities", "labels"]
 
 
+def test_config_and_statistics_equal_the_grpc_answers(client, server):
+    import tritonclient.grpc as tg
+    from google.protobuf import json_format
+
+    from carddeck.server.proto_gen.inference import model_config_pb2 as mc
+
+    x = images("UINT8", 2)
+    tensor = triton.InferInput("images", list(x.shape), "UINT8")
+    tensor.set_data_from_numpy(x)
+    client.infer("a1", [tensor])
+    over_grpc = tg.InferenceServerClient(server.process.address)
+    for model, version in (("carddeck", ""), ("a1", "1")):
+        config = client.get_model_config(model, version)
+        assert config["input"][0]["dims"] == [3, 32, 32] and config["max_batch_size"] == 64
+        want = over_grpc.get_model_config(model, version).config
+        assert json_format.ParseDict(config, mc.ModelConfig()) == mc.ModelConfig.FromString(want.SerializeToString())
+    stats = client.get_inference_statistics("a1")["model_stats"]
+    grpc_stats = over_grpc.get_inference_statistics("a1").model_stats
+    assert [s["inference_count"] for s in stats] == [s.inference_count for s in grpc_stats] and stats[0][
+        "inference_count"
+    ] >= 2
+    every = client.get_inference_statistics()["model_stats"]
+    assert [s["name"] for s in every] == ["carddeck", "g1", "a1"]
+    over_grpc.close()
+
+
 @pytest.mark.parametrize("dtype", ["FP32", "UINT8"])
 @pytest.mark.parametrize("binary_in", [True, False], ids=["binary-in", "json-in"])
 @pytest.mark.parametrize("binary_out", [True, False], ids=["binary-out", "json-out"])
