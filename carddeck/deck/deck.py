@@ -95,13 +95,13 @@ class Deck:
     @classmethod
     def open(
         cls,
-        root: Path | str,
+        root: Path | str | DeckStore,
         *,
         previous: Deck | None = None,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
     ) -> Deck:
-        store = DeckStore(root)
+        store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
         metas = tuple(store.read_meta(e) for e in entries)
