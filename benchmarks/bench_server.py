@@ -224,7 +224,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
         cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0"]
         self.proc = subprocess.Popen(
-            [*cmd, "--metrics-port", "-1", "--poll-interval-s", "0", *args],
+            [*cmd, "--metrics-port", "-1", "--http-port", "-1", "--poll-interval-s", "0", *args],
             cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 120

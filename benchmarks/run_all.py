@@ -43,6 +43,10 @@ def benches(deck: Path) -> dict[str, tuple[str, list[str]]]:
             "Server throughput and latency against in-process ONNX Runtime and a PyTorch uniform deck",
             ["bench_server.py", "--deck", str(deck)],
         ),
+        "http": (
+            "The Open Inference Protocol over HTTP against gRPC (Triton's clients, one server)",
+            ["bench_http.py", "--deck", str(deck)],
+        ),
         "corruptions": ("Writing digits32-C (19 corruptions x 5 severities)", ["bench_corruptions.py"]),
     }
 
@@ -74,7 +78,8 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deck", type=Path, default=ROOT / "models")
-    parser.add_argument("--only", default=None, help="comma-separated subset of: formats, gate, server, corruptions")
+    names = ", ".join(benches(ROOT))
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of: {names}")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     table = benches(args.deck)

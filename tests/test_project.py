@@ -36,7 +36,16 @@ def test_ruff_is_clean():
 
 def test_mypy_is_clean_on_the_serving_path():
     paths = [
-        p for p in ("carddeck/card.py", "carddeck/gating", "carddeck/deck", "carddeck/server") if (ROOT / p).exists()
+        p
+        for p in (
+            "carddeck/card.py",
+            "carddeck/gating",
+            "carddeck/deck",
+            "carddeck/server",
+            "carddeck/serving",
+            "carddeck/http",
+        )
+        if (ROOT / p).exists()
     ]
     result = subprocess.run([sys.executable, "-m", "mypy", *paths], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -53,7 +62,7 @@ def test_serving_path_does_not_import_torch():
     code = (
         "import sys, carddeck, carddeck.card, carddeck.errors\n"
         "import importlib, pkgutil\n"
-        "for pkg in ('carddeck.gating', 'carddeck.deck', 'carddeck.server'):\n"
+        "for pkg in ('carddeck.gating', 'carddeck.deck', 'carddeck.server', 'carddeck.serving', 'carddeck.http'):\n"
         "    mod = importlib.import_module(pkg)\n"
         "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
         "        importlib.import_module(info.name)\n"

@@ -37,7 +37,7 @@ def test_plain_carddeck_serve_serves_the_default_deck(tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "carddeck.cli", "serve", "--port", "0", "--metrics-port", "-1"],
+            [sys.executable, "-m", "carddeck.cli", "serve", "--port", "0", "--http-port", "0", "--metrics-port", "-1"],
             cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

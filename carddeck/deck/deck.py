@@ -11,6 +11,7 @@ the routing weights.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -75,7 +76,7 @@ class Deck:
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str,
         manifest: Manifest,
         cards: tuple[CardMeta, ...],
         sessions: dict[str, CardSession],
@@ -96,13 +97,13 @@ class Deck:
     @classmethod
     def open(
         cls,
-        root: Path | str,
+        root: Path | str | DeckStore,
         *,
         previous: Deck | None = None,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
     ) -> Deck:
-        store = DeckStore(root)
+        store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
         metas = tuple(store.read_meta(e) for e in entries)
@@ -221,7 +222,7 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
         from carddeck.gating.router import CalibratedRouter
 
         try:
-            router = CalibratedRouter.load(store.root / config["router"])
+            router = CalibratedRouter.load(io.BytesIO(store.read_file(config["router"])))
         except InvalidInput as exc:  # serve on without it rather than refuse the whole deck
             log.warning("deck %s: ignoring the calibrated router: %s", store.root, exc)
             why = f"its calibrated router is unreadable ({exc})"

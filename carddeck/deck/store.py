@@ -8,30 +8,35 @@ Layout::
     ROOT/gate/router-<deck version>.npz     the calibrated router, when fitted
     ROOT/calibration.npz                    optional clean images to sign cards added without a signature
 
-Every file is written to a temporary name, flushed, fsynced and renamed into place; the manifest is
-written last, so a crash at any point leaves the previous manifest, which names only complete files.
-Debris is swept at every change and by :meth:`DeckStore.clean`, under the lock (so no writer is
-mid-write): temporary files and the card directories of interrupted adds (never named by a manifest)
-at once; the directories of removed cards (marked ``.removed``) and superseded routers once unnamed
-for ``debris_grace_s`` (60 s by default), since a replica that read the previous manifest may still
-be loading them.
+The files live in a backend chosen by the location (:mod:`carddeck.deck.backend`: a directory, or
+``s3://bucket/prefix``). Every file is written whole (on disk: a temporary name, fsynced, renamed
+into place); the manifest is written last, by a conditional commit that fails with DeckConflict if
+another writer committed since this one read it, so a crash or a lost race at any point leaves the
+previous manifest, which names only complete files. On disk, writers take an exclusive ``flock`` on
+``ROOT/.lock``; readers never lock. ``manifest()`` re-reads the manifest only when its change stamp
+(inode/size/mtime, ETag) moved, so replicas can poll the version cheaply. Remote card files are
+cached locally by sha256 (:mod:`carddeck.deck.cache`). A deck serves the highest version of each card
+name; older versions stay until removed.
+Debris (on disk) is swept at every change and by :meth:`DeckStore.clean`, under the lock (so no
+writer is mid-write): temporary files and the card directories of interrupted adds (never named by a
+manifest) at once; the directories of removed cards (marked ``.removed``) and superseded routers once
+unnamed for ``debris_grace_s`` (60 s by default), since a replica that read the previous manifest may
+still be loading them. On S3 a loser's or failed writer's files are deleted by the writer itself and a
+removed card's objects at once; objects a killed writer left behind are not collected yet.
 Adding a card that is already there with the same bytes answers it again (a retried add); other
-bytes under the same name and version are a DeckConflict. Writers take an exclusive ``flock`` on
-``ROOT/.lock``; readers never lock. ``manifest()`` re-reads
-the file only when its inode, size or mtime changed, so replicas can poll the version cheaply.
-A deck serves the highest version of each card name; older versions stay until removed.
+bytes under the same name and version are a DeckConflict.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +47,8 @@ from typing import Any
 import numpy as np
 
 from carddeck.card import METADATA_KEY, CardMeta, InputSpec
+from carddeck.deck.backend import open_backend
+from carddeck.deck.cache import FileCache
 from carddeck.deck.cardfile import atomic_write, check_contract, check_runs, read_card_bytes, read_card_meta
 from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
 
@@ -168,59 +175,81 @@ def input_to_dict(spec: InputSpec) -> dict[str, Any]:
 
 
 class DeckStore:
-    """Read and change a deck directory. Methods that change it take the store lock."""
+    """Read and change a deck (a directory or ``s3://bucket/prefix``). Changes commit the manifest last."""
 
     def __init__(self, root: Path | str, *, debris_grace_s: float = DEBRIS_GRACE_S) -> None:
-        self.root = Path(root)
+        self.backend = open_backend(root)
+        self.root = self.backend.root
         self.debris_grace_s = debris_grace_s
-        if not (self.root / MANIFEST).is_file():
+        if self.backend.stamp(MANIFEST) is None:
             raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST} (create one with `DeckStore.create(root)`)")
-        self._cache: tuple[tuple[int, int, int], Manifest] | None = None
+        self._cache: tuple[str, Manifest] | None = None
+        self._files = FileCache() if self.backend.remote else None
+        self._change = threading.local()  # the change in progress in this thread: its base stamp, its files
         self.last_add_was_new = True  # False when the last add_card found the same card already there
 
     @classmethod
     def create(cls, root: Path | str, *, exist_ok: bool = False) -> DeckStore:
         """An empty deck (version 0) at ``root``."""
-        root = Path(root)
-        if (root / MANIFEST).exists():
+        backend = open_backend(root)
+        if backend.stamp(MANIFEST) is not None:
             if exist_ok:
                 return cls(root)
-            raise DeckConflict(f"{root} already holds a deck")
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write(root / MANIFEST, _encode(Manifest(version=0, updated=_now())))
+            raise DeckConflict(f"{backend.root} already holds a deck")
+        backend.commit(MANIFEST, _encode(Manifest(version=0, updated=_now())), expected=None)
         return cls(root)
 
     # -- reading ------------------------------------------------------------------------------
     def manifest(self) -> Manifest:
-        path = self.root / MANIFEST
+        return self._stamped_manifest()[1]
+
+    def _stamped_manifest(self) -> tuple[str, Manifest]:
+        stamp = self.backend.stamp(MANIFEST)
+        if stamp is None:
+            raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST}")
+        cached = self._cache
+        if cached is not None and cached[0] == stamp:
+            return cached
+        source = f"{self.root}/{MANIFEST}"
         try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise InvalidInput(f"{self.root} is not a deck: {exc.strerror}") from None
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._cache is not None and self._cache[0] == stamp:
-            return self._cache[1]
-        try:
-            data = json.loads(path.read_bytes())
+            raw, stamp = self.backend.read_stamped(MANIFEST)
+            data = json.loads(raw)
         except (OSError, ValueError) as exc:
-            raise InvalidInput(f"{path}: unreadable manifest ({exc})") from None
-        manifest = Manifest.from_dict(data, str(path))
+            raise InvalidInput(f"{source}: unreadable manifest ({exc})") from None
+        manifest = Manifest.from_dict(data, source)
         self._cache = (stamp, manifest)
-        return manifest
+        return stamp, manifest
 
     @property
     def version(self) -> int:
         return self.manifest().version
 
-    def card_dir(self, entry: CardEntry) -> Path:
-        return self.root / entry.path
+    def read_file(self, key: str) -> bytes:
+        """A file of the deck by its key (``calibration.npz``, ``gate/router-3.npz``)."""
+        try:
+            return self.backend.read(key)
+        except OSError as exc:
+            raise InvalidInput(f"{self.root}/{key}: cannot read ({exc.strerror or exc})") from None
+
+    def _card_file(self, entry: CardEntry, name: str, *, verify: bool = True) -> bytes:
+        """A card file, from the local cache when its sha256 is there; checked against the manifest."""
+        digest = entry.sha256.get(name, "")
+        data = self._files.get(digest) if self._files is not None else None
+        if data is not None:
+            return data
+        try:
+            data = self.backend.read(f"{entry.path}/{name}")
+        except OSError as exc:
+            raise CardRejected(f"card {entry.key}: cannot read {self.root}/{entry.path}/{name}: {exc}") from None
+        if verify and sha256(data) != digest:
+            raise CardRejected(f"card {entry.key}: {self.root}/{entry.path}/{name} does not match the manifest sha256")
+        if self._files is not None and verify:
+            self._files.put(digest, data)
+        return data
 
     def read_meta(self, entry: CardEntry) -> CardMeta:
-        path = self.card_dir(entry) / META_FILE
-        try:
-            return CardMeta.from_json(path.read_bytes(), source=str(path))
-        except OSError as exc:
-            raise CardRejected(f"card {entry.key}: cannot read {path}: {exc.strerror}") from None
+        source = f"{self.root}/{entry.path}/{META_FILE}"
+        return CardMeta.from_json(self._card_file(entry, META_FILE), source=source)
 
     def list_cards(self, *, all_versions: bool = False) -> list[CardMeta]:
         """CardMeta of the served cards (the highest version of each name), or of every stored version."""
@@ -228,32 +257,44 @@ class DeckStore:
         return [self.read_meta(e) for e in (m.cards if all_versions else m.active())]
 
     def read_model(self, entry: CardEntry, *, verify: bool = True) -> bytes:
-        path = self.card_dir(entry) / MODEL_FILE
-        data = path.read_bytes()
-        if verify and sha256(data) != entry.sha256.get(MODEL_FILE):
-            raise CardRejected(f"card {entry.key}: {path} does not match the sha256 in the manifest")
-        return data
+        return self._card_file(entry, MODEL_FILE, verify=verify)
 
     def calibration_images(self) -> np.ndarray | None:
         m = self.manifest()
         if not m.calibration:
             return None
-        with np.load(self.root / m.calibration, allow_pickle=False) as z:
+        with np.load(io.BytesIO(self.read_file(m.calibration)), allow_pickle=False) as z:
             return np.asarray(z["images"])
 
     # -- changing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Manifest]:
-        with open(self.root / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        """One change: the manifest it starts from; files it writes are deleted again if it does not commit."""
+        change = self._change
+        with self.backend.lock():
+            self._cache = None
+            change.base, manifest = self._stamped_manifest()
+            change.written = []
             try:
-                self._cache = None
-                yield self.manifest()
+                yield manifest
+            except BaseException:
+                if self.backend.remote:  # fresh keys: nobody else's files (on disk the lock kept others out)
+                    for key in change.written:
+                        with contextlib.suppress(Exception):
+                            self.backend.delete(key)
+                raise
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                change.base, change.written = None, []
+
+    def _write(self, key: str, data: bytes) -> None:
+        self._change.written.append(key)
+        self.backend.write(key, data)
 
     def _commit(self, manifest: Manifest) -> Manifest:
-        atomic_write(self.root / MANIFEST, _encode(manifest))
+        """Write the manifest, if it is still the one :meth:`_locked` read (else DeckConflict)."""
+        base = getattr(self._change, "base", None)
+        assert base is not None, "commit outside _locked"
+        self.backend.commit(MANIFEST, _encode(manifest), expected=base)
         self._cache = None
         log.info("deck %s: version %d (%d cards)", self.root, manifest.version, len(manifest.cards))
         try:
@@ -275,38 +316,44 @@ class DeckStore:
 
     def _debris(self, manifest: Manifest) -> list[Path]:
         """What :meth:`clean` removes now, given ``manifest`` (see the module docstring)."""
+        if self.backend.remote:
+            return []
+        root = Path(self.root)
         named = {c.path for c in manifest.cards} | {str(manifest.gate.get("router"))}
         cutoff = time.time() - self.debris_grace_s
 
         def unnamed(path: Path) -> bool:
-            return path.relative_to(self.root).as_posix() not in named
+            return path.relative_to(root).as_posix() not in named
 
         def expired(path: Path) -> bool:
             with contextlib.suppress(FileNotFoundError):
                 return path.stat().st_mtime < cutoff
             return True
 
-        tmp = [*self.root.glob(".*.tmp"), *self.root.glob("cards/*/*/.*.tmp"), *self.root.glob("gate/.*.tmp")]
+        tmp = [*root.glob(".*.tmp"), *root.glob("cards/*/*/.*.tmp"), *root.glob("gate/.*.tmp")]
         cards = [
             d
-            for d in self.root.glob("cards/*/*")
+            for d in root.glob("cards/*/*")
             if d.is_dir() and unnamed(d) and (not (d / REMOVED_MARK).exists() or expired(d / REMOVED_MARK))
         ]
-        routers = [r for r in self.root.glob("gate/router-*.npz") if unnamed(r) and expired(r)]
+        routers = [r for r in root.glob("gate/router-*.npz") if unnamed(r) and expired(r)]
         return tmp + cards + routers
 
     def _sweep(self, manifest: Manifest) -> list[str]:
         """Under the lock (no writer is mid-write): remove the debris, then card-name directories left empty."""
         removed = self._debris(manifest)
+        if self.backend.remote:
+            return []
+        root = Path(self.root)
         for path in removed:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        for name_dir in self.root.glob("cards/*"):
+        for name_dir in root.glob("cards/*"):
             if name_dir.is_dir() and not any(name_dir.iterdir()):
                 name_dir.rmdir()
-        names = sorted(p.relative_to(self.root).as_posix() for p in removed)
+        names = sorted(p.relative_to(root).as_posix() for p in removed)
         if names:
             log.info("deck %s: removed debris %s", self.root, ", ".join(names))
         return names
@@ -375,11 +422,12 @@ class DeckStore:
                 raise CardRejected(
                     f"card {meta.key}: signature has {len(signature)} values, the deck's cards have {dims.pop()}"
                 )
-            rel = f"cards/{meta.name}/{meta.version}"
+            rel = self.backend.fresh(f"cards/{meta.name}/{meta.version}")
             meta_bytes = meta.to_json().encode()
-            (self.root / rel / REMOVED_MARK).unlink(missing_ok=True)  # the key comes back within the grace period
-            atomic_write(self.root / rel / MODEL_FILE, data)
-            atomic_write(self.root / rel / META_FILE, meta_bytes)
+            if not self.backend.remote:  # the key comes back within the grace period: no longer removed
+                (Path(self.root) / rel / REMOVED_MARK).unlink(missing_ok=True)
+            self._write(f"{rel}/{MODEL_FILE}", data)
+            self._write(f"{rel}/{META_FILE}", meta_bytes)
             entry_ = CardEntry(
                 meta.name, meta.version, meta.domain, rel, {MODEL_FILE: sha256(data), META_FILE: sha256(meta_bytes)}
             )
@@ -408,9 +456,9 @@ class DeckStore:
             if not gone:
                 m.find(name, version)  # raises CardNotFound naming what is there
             keep = tuple(c for c in m.cards if c not in gone)
-            for c in gone:  # kept for the grace period, counted from now
+            for c in gone if not self.backend.remote else ():  # kept for the grace period, counted from now
                 with contextlib.suppress(OSError):
-                    (self.card_dir(c) / REMOVED_MARK).touch()
+                    (Path(self.root) / c.path / REMOVED_MARK).touch()
             self._commit(
                 replace(
                     m,
@@ -421,6 +469,9 @@ class DeckStore:
                     updated=_now(),
                 )
             )
+        if self.backend.remote:  # on disk they are marked and swept after the grace period
+            for c in gone:
+                self.backend.delete(c.path)
         return [c.key for c in gone]
 
     def set_gate(
@@ -448,13 +499,13 @@ class DeckStore:
                 gate["references"] = {d: [float(v) for v in s] for d, s in references.items()}
             if router is not None:
                 old = m.gate.get("router")
-                if old:  # superseded: kept for the grace period, counted from now
+                if old and not self.backend.remote:  # superseded: kept for the grace period, counted from now
                     with contextlib.suppress(OSError):
-                        os.utime(self.root / old)
-                rel = f"gate/router-{m.version + 1}.npz"
+                        os.utime(Path(self.root) / old)
+                rel = self.backend.fresh(f"gate/router-{m.version + 1}.npz")
                 buf = io.BytesIO()
                 router.save(buf)
-                atomic_write(self.root / rel, buf.getvalue())
+                self._write(rel, buf.getvalue())
                 gate["router"] = rel
             return self._commit(replace(m, version=m.version + 1, gate=gate, updated=_now()))
 
@@ -468,8 +519,9 @@ class DeckStore:
         buf = io.BytesIO()
         np.savez(buf, images=images)
         with self._locked() as m:
-            atomic_write(self.root / CALIBRATION, buf.getvalue())
-            return self._commit(replace(m, version=m.version + 1, calibration=CALIBRATION, updated=_now()))
+            rel = self.backend.fresh(CALIBRATION)
+            self._write(rel, buf.getvalue())
+            return self._commit(replace(m, version=m.version + 1, calibration=rel, updated=_now()))
 
 
 def _encode(manifest: Manifest) -> bytes:

@@ -21,7 +21,7 @@ def _ints(text: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deck", required=True, help="deck directory (manifest.json + cards/)")
+    parser.add_argument("--deck", required=True, help="deck: a directory (manifest.json + cards/), file://DIR or s3://BUCKET/PREFIX")
     parser.add_argument("--data", default="digits32", help="dataset spec for the clean test split (and val, to fit)")
     parser.add_argument(
         "--corrupted",

@@ -8,24 +8,17 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from carddeck.card import NAME_PATTERN
 from carddeck.deck import DeckStore
-from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+from carddeck.errors import CardNotFound, InvalidInput, TooLarge
 from carddeck.server import convert
 from carddeck.server.dataplane import Dataplane
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.server.settings import Settings
 from carddeck.server.status_codes import rpc_errors
+from carddeck.serving.oip import check_card_name
 
 MiB = 1 << 20
-
-
-def check_card_name(name: str, field: str = "name") -> str:
-    """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
-    if not NAME_PATTERN.match(name):
-        raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
-    return name
 
 
 def receive_card(chunks: Iterator[bytes], *, limit_bytes: int) -> tuple[bytes, str]:

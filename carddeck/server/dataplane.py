@@ -54,7 +54,7 @@ class MetricsHook(Protocol):
 
 @dataclass(frozen=True)
 class DataplaneConfig:
-    deck_path: Path
+    deck_path: Path | str  # a directory or a store URL (s3://bucket/prefix)
     batching: bool = True
     max_batch_size: int = 64
     max_wait_s: float = 0.002
@@ -116,6 +116,7 @@ class Dataplane:
         self._poller: threading.Thread | None = None
         self._last_clean = 0.0
         self._calibration: np.ndarray | None = None
+        self._deck_store: DeckStore | None = None  # one store object: its manifest cache and connection live on
         self.swaps = 0  # snapshots installed after the first
         self.on_swap: list[Callable[[Deck], None]] = []  # e.g. health status follows the deck
         self._batcher: MicroBatcher[_Work, _Done] | None = None
@@ -394,7 +395,7 @@ class Dataplane:
     # -- deck changes -------------------------------------------------------------------------
     def _open(self, previous: Deck | None) -> Deck:
         return Deck.open(
-            self.config.deck_path,
+            self._store(),
             previous=previous,
             providers=self.config.providers,
             intra_op_threads=self.config.intra_op_threads,
@@ -418,9 +419,6 @@ class Dataplane:
         for listener in self.on_swap:
             listener(deck)
         return note
-
-    def _store(self) -> DeckStore:
-        return DeckStore(self.config.deck_path, debris_grace_s=self.config.debris_grace_s)
 
     def _clean(self) -> None:
         """Sweep the store's debris (at start, then now and then while polling); never fails the server."""
@@ -475,15 +473,20 @@ class Dataplane:
     def reload_if_changed(self) -> bool:
         """Swap in a new snapshot when the store's manifest version moved (another replica wrote it)."""
         current = self._deck
-        version = DeckStore(self.config.deck_path).manifest().version
+        version = self._store().manifest().version
         if current is not None and version == current.version:
             return False
         with self._swap_lock:
             current = self._deck
-            if current is not None and DeckStore(self.config.deck_path).manifest().version == current.version:
+            if current is not None and self._store().manifest().version == current.version:
                 return False
             self._install(self._open(previous=current))
             return True
+
+    def _store(self) -> DeckStore:
+        if self._deck_store is None:
+            self._deck_store = DeckStore(self.config.deck_path, debris_grace_s=self.config.debris_grace_s)
+        return self._deck_store
 
     def _poll(self) -> None:
         while not self._stop.wait(self.config.poll_interval_s):

@@ -1,4 +1,4 @@
-"""``carddeck serve``: load the deck, serve gRPC, and drain gracefully on SIGTERM.
+"""``carddeck serve``: load the deck, serve gRPC and HTTP, and drain gracefully on SIGTERM.
 
 Shutdown order (SIGTERM or Ctrl-C): health goes NOT_SERVING (Watch streams see it at once), the
 server keeps serving for ``shutdown_delay_s`` (so load balancers stop sending), then refuses new
@@ -34,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (
         "Serve a deck over gRPC: carddeck.v1.CardDeck, the Open Inference Protocol "
-        "(inference.GRPCInferenceService, for Triton/KServe clients), grpc.health.v1 and server reflection."
+        "(inference.GRPCInferenceService, for Triton/KServe clients), grpc.health.v1 and server reflection; "
+        "and the Open Inference Protocol over HTTP/REST (KServe V2 / Triton routes under /v2)."
     )
     add_arguments(parser)
 
@@ -60,6 +61,7 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
 
 
 def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
+    from carddeck.http import start_http_server
     from carddeck.server.app import build_server
     from carddeck.server.dataplane import Dataplane, DataplaneConfig
     from carddeck.server.health import Health
@@ -88,7 +90,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     dataplane.on_swap.append(ShiftCalibrator(metrics))
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
-    server = None
+    server = http = None
     drained = True  # an error before the drain leaves nothing running worth waiting for
     try:
         deck = dataplane.start()
@@ -100,6 +102,9 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             )
         server, port = build_server(settings, dataplane, health, interceptors=interceptors)
         server.start()
+        if settings.http_port >= 0:
+            http = start_http_server(settings, dataplane, metrics=metrics)
+            log.info("HTTP (Open Inference Protocol, /v2) on %s:%d", settings.host, http.port)
         health.set_serving(dataplane.ready)
         log.info(
             "serving deck %s (version %d, %d cards%s) on %s:%d",
@@ -127,6 +132,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             log.warning("drain timeout: %d requests still in flight are cancelled", dataplane.inflight)
         return 0
     finally:
+        if http is not None:
+            http.stop(timeout=10.0 if drained else 1.0)  # a drain timeout bounds the exit
         if server is not None:  # after a drain timeout: cancel what is left at once, wait for no card run
             server.stop(grace=1.0 if drained else None).wait(1.0)
         dataplane.close(wait=drained)

@@ -31,9 +31,10 @@ def _opt(default: Any, help: str, *, flag: bool = True, secret: bool = False) ->
 
 @dataclass(frozen=True)
 class Settings:
-    deck: str = _opt("", "deck store directory (default: the packaged default deck)")
+    deck: str = _opt("", "deck store: a directory, file://DIR or s3://BUCKET/PREFIX (default: the packaged deck)")
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _opt(8001, "gRPC port (0: pick a free one and log it)")
+    http_port: int = _opt(8000, "Open Inference Protocol over HTTP/REST port (0: pick a free one; -1: no HTTP)")
     workers: int = _opt(32, "gRPC worker threads (concurrent RPCs)")
     batching: bool = _opt(True, "merge concurrent small requests into micro-batches")
     max_batch_size: int = _opt(64, "most images in one micro-batch; larger requests run on their own")
@@ -77,6 +78,7 @@ class Settings:
     def __post_init__(self) -> None:
         checks = [
             ("port", 0 <= self.port <= 65535, "must be in 0..65535"),
+            ("http_port", -1 <= self.http_port <= 65535, "must be in -1..65535"),
             ("workers", self.workers >= 1, "must be at least 1"),
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_wait_ms", self.max_wait_ms >= 0, "must be >= 0"),
@@ -100,7 +102,10 @@ class Settings:
 
     # -- derived ------------------------------------------------------------------------------
     @property
-    def deck_path(self) -> Path:
+    def deck_path(self) -> Path | str:
+        """The deck's location: a directory, or a URL (``s3://``, ``file://``) kept as given."""
+        if "://" in self.deck:
+            return self.deck
         return Path(self.deck).expanduser() if self.deck else default_deck_path()
 
     @property

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-import carddeck.deck.store as store_mod
+import carddeck.deck.backend as backend_mod
 from carddeck.card import METADATA_KEY
 from carddeck.deck import Deck, DeckStore, read_card_meta
 from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
@@ -98,14 +98,14 @@ def test_remove(store):
 
 
 def crash_on(monkeypatch, name: str) -> None:
-    real = store_mod.atomic_write
+    real = backend_mod.atomic_write  # the local backend does every file write of the store
 
     def failing(path, data):
         if path.name == name:
             raise OSError("simulated crash")
         real(path, data)
 
-    monkeypatch.setattr(store_mod, "atomic_write", failing)
+    monkeypatch.setattr(backend_mod, "atomic_write", failing)
 
 
 @pytest.mark.parametrize("crash_before", ["card.json", "manifest.json"])
@@ -130,7 +130,7 @@ def test_crash_inside_the_manifest_write_keeps_the_old_manifest(store, monkeypat
             raise OSError("simulated crash before rename")
         real(src, dst)
 
-    monkeypatch.setattr(store_mod.os, "replace", no_rename)
+    monkeypatch.setattr(os, "replace", no_rename)
     with pytest.raises(OSError):
         store.add_card(card("g2", "gaussian"))
     monkeypatch.undo()

@@ -61,7 +61,8 @@ def start(tmp: Path, **env_extra: str) -> Live:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     env.update(PYTHONPATH=str(ROOT), CARDDECK_ADMIN_TOKEN=TOKEN, **env_extra)
     cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(rig.deck.root), "--port", "0",
-           "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--poll-interval-s", "0"]  # fmt: skip
+           "--http-port", "-1", "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
+           "--poll-interval-s", "0"]  # fmt: skip
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60

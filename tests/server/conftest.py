@@ -83,7 +83,8 @@ def start_server(deck: Path, tmp: Path, *args: str, env: dict[str, str] | None =
     log_path = tmp / f"server-{time.monotonic_ns()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", "--metrics-port", "-1"]
+    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", "--metrics-port", "-1",
+           "--http-port", "0"]  # fmt: skip
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, log_path, deck=deck)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from carddeck.card import InputSpec
 from carddeck.errors import InvalidInput, TooLarge
 from carddeck.server import convert
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -37,6 +38,9 @@ def test_too_many_images_is_too_large():
         convert.images_from_tensor(t, max_images=8)
 
 
+SPEC = InputSpec(height=2, width=2)
+
+
 def oip_request(datatype: str, shape, raw: bytes | None = None, **contents) -> oip.ModelInferRequest:
     r = oip.ModelInferRequest(model_name="m")
     t = r.inputs.add(name="images", datatype=datatype, shape=shape)
@@ -49,10 +53,10 @@ def oip_request(datatype: str, shape, raw: bytes | None = None, **contents) -> o
 
 def test_oip_inputs_from_raw_and_typed_contents():
     x = np.random.default_rng(0).random((1, 3, 2, 2), dtype=np.float32)
-    raw = convert.oip_images(oip_request("FP32", x.shape, x.tobytes()), max_images=4, height=2, width=2)
-    typed = convert.oip_images(oip_request("FP32", x.shape, fp32_contents=x.ravel()), max_images=4, height=2, width=2)
+    raw = convert.oip_images(oip_request("FP32", x.shape, x.tobytes()), max_images=4, spec=SPEC)
+    typed = convert.oip_images(oip_request("FP32", x.shape, fp32_contents=x.ravel()), max_images=4, spec=SPEC)
     assert np.array_equal(raw, x) and np.array_equal(typed, x)
-    u = convert.oip_images(oip_request("UINT8", [1, 2, 2, 3], uint_contents=range(12)), max_images=4, height=2, width=2)
+    u = convert.oip_images(oip_request("UINT8", [1, 2, 2, 3], uint_contents=range(12)), max_images=4, spec=SPEC)
     assert u.dtype == np.uint8 and u.ravel().tolist() == list(range(12))
 
 
@@ -67,7 +71,7 @@ def test_oip_inputs_from_raw_and_typed_contents():
 )
 def test_malformed_oip_inputs_name_the_field(request_, needle):
     with pytest.raises(InvalidInput, match=needle):
-        convert.oip_images(request_, max_images=4, height=2, width=2)
+        convert.oip_images(request_, max_images=4, spec=SPEC)
 
 
 def test_oip_parameters_and_outputs():

@@ -183,7 +183,9 @@ def test_errors_cap_what_they_echo(server):
         infer = oip.ModelInferRequest(model_name="carddeck")
         infer.inputs.add(name=huge, datatype="UINT8", shape=[1, 32, 32, 3])
         infer.raw_input_contents.append(bytes(32 * 32 * 3))
-        params = oip.ModelInferRequest(model_name="carddeck")
+        params = oip.ModelInferRequest(model_name="carddeck")  # only the parameter is wrong
+        params.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 3])
+        params.raw_input_contents.append(bytes(32 * 32 * 3))
         params.parameters[wide].string_param = "x"
         shape = pb.PredictRequest(images=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[1] * 5000, data=b""))
         cases = [

@@ -1,0 +1,152 @@
+"""The KServe V2 / Triton REST routes: each converts JSON to :mod:`carddeck.serving.oip` calls and back.
+
+Each route names the Open Inference Protocol RPC it mirrors: auth treats it exactly as that gRPC
+method (open, inference token, or admin token). Handlers are synchronous and run in a worker
+thread, like the gRPC servicer's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from carddeck.errors import InvalidInput, NotReady
+from carddeck.http import tensors
+from carddeck.server.dataplane import Dataplane
+from carddeck.serving.oip import OipModels, TensorInfo, server_metadata
+
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
+OIP_SERVICE = "/inference.GRPCInferenceService/"
+
+
+@dataclass(frozen=True)
+class Call:
+    params: Mapping[str, str]  # path parameters: model, version
+    body: bytes | bytearray
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Reply:
+    body: bytes = b""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    media_type: str | None = None
+
+
+def json_reply(value: Any) -> Reply:
+    return Reply(json.dumps(value, separators=(",", ":")).encode(), media_type="application/json")
+
+
+def _tensor(t: TensorInfo) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+class Routes:
+    def __init__(self, dataplane: Dataplane, models: OipModels) -> None:
+        self.dp = dataplane
+        self.models = models
+
+    def table(self) -> list[tuple[str, str, str, Callable[[Call], Reply]]]:
+        """(HTTP method, path, mirrored OIP RPC, handler) of every route."""
+        model, version = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
+        return [
+            ("GET", "/v2/health/live", "ServerLive", self.live),
+            ("GET", "/v2/health/ready", "ServerReady", self.ready),
+            ("GET", "/v2", "ServerMetadata", self.server_metadata),
+            ("GET", "/v2/models/stats", "ModelStatistics", self.statistics),  # before /v2/models/{model}
+            *(("GET", path, "ModelMetadata", self.model_metadata) for path in (model, version)),
+            *(("GET", path + "/ready", "ModelReady", self.model_ready) for path in (model, version)),
+            *(("GET", path + "/config", "ModelConfig", self.model_config) for path in (model, version)),
+            *(("GET", path + "/stats", "ModelStatistics", self.statistics) for path in (model, version)),
+            *(("POST", path + "/infer", "ModelInfer", self.infer) for path in (model, version)),
+            ("POST", "/v2/repository/index", "RepositoryIndex", self.repository_index),
+            ("POST", "/v2/repository/models/{model}/load", "RepositoryModelLoad", self.load),
+            ("POST", "/v2/repository/models/{model}/unload", "RepositoryModelUnload", self.unload),
+        ]
+
+    # -- health and metadata ------------------------------------------------------------------
+    def live(self, call: Call) -> Reply:
+        return Reply()
+
+    def ready(self, call: Call) -> Reply:
+        if not self.dp.ready:
+            deck = self.dp.deck  # NotReady while no deck is loaded
+            if not deck.cards:
+                raise NotReady(f"not ready: deck version {deck.version} has no cards; add one")
+            raise NotReady("not ready: the server is shutting down")
+        return Reply()
+
+    def server_metadata(self, call: Call) -> Reply:
+        return json_reply(server_metadata(EXTENSIONS))
+
+    def model_metadata(self, call: Call) -> Reply:
+        info = self.models.metadata(self._model(call))
+        return json_reply(
+            {
+                "name": info.name,
+                "versions": [info.version],
+                "platform": info.platform,
+                "inputs": [_tensor(t) for t in info.inputs],
+                "outputs": [_tensor(t) for t in info.outputs],
+            }
+        )
+
+    def model_ready(self, call: Call) -> Reply:
+        self._model(call)  # an unknown model is 404, not merely "not ready"
+        return self.ready(call)
+
+    def model_config(self, call: Call) -> Reply:
+        return json_reply(self.models.config(self._model(call)))
+
+    def statistics(self, call: Call) -> Reply:
+        stats = self.models.statistics(call.params.get("model", ""), call.params.get("version", ""))
+        return json_reply({"model_stats": stats})
+
+    def _model(self, call: Call) -> Any:
+        return self.models.resolve(call.params["model"], call.params.get("version", ""))
+
+    # -- inference ----------------------------------------------------------------------------
+    def infer(self, call: Call) -> Reply:
+        with self.dp.request():
+            model = self._model(call)
+            body = tensors.parse_infer_body(call.body, call.headers.get(tensors.HEADER_LENGTH))
+            rid = tensors.request_id(body)
+            wanted, binary_default = tensors.requested_outputs(body)
+            images = tensors.input_images(body, self.models, model)
+            result = self.models.infer(model, images, tensors.request_parameters(body))
+            data, header_length = tensors.encode_result(result, wanted, binary_default, rid)
+        if header_length is None:
+            return Reply(data, media_type="application/json")
+        return Reply(data, headers={"Inference-Header-Content-Length": str(header_length)},
+                     media_type="application/octet-stream")  # fmt: skip
+
+    # -- repository extension -----------------------------------------------------------------
+    def repository_index(self, call: Call) -> Reply:
+        ready_only = tensors.json_object(call.body, "request body").get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidInput(f"ready: must be a bool, got {ready_only!r}")
+        return json_reply(
+            [
+                {"name": name, "version": version, "state": state}
+                for name, version, state in self.models.index()
+                if state == "READY" or not ready_only
+            ]
+        )
+
+    def load(self, call: Call) -> Reply:
+        with self.dp.request():
+            files = tensors.load_files(tensors.json_object(call.body, "request body"))
+            self.models.load(call.params["model"], files)
+        return Reply()
+
+    def unload(self, call: Call) -> Reply:
+        with self.dp.request():
+            tensors.json_object(call.body, "request body")  # parameters (unload_dependents) do not apply
+            self.models.unload(call.params["model"])
+        return Reply()
+
+
+__all__ = ["EXTENSIONS", "OIP_SERVICE", "Call", "Reply", "Routes"]

@@ -1,0 +1,213 @@
+"""The HTTP server: Starlette routes on uvicorn, in a thread of the ``carddeck serve`` process.
+
+Starlette + uvicorn (h11, asyncio): both are small, widely used and maintained ASGI pieces with no
+compiled dependencies; the asyncio loop only reads bodies and writes replies, while the handlers
+(numpy, ONNX Runtime, which release the GIL) run in a thread pool sized like the gRPC server's.
+
+Every route goes through :func:`_endpoint`: bearer-token auth (the same rule as the gRPC method it
+mirrors), the request-size limit (413 before reading more than the limit), the request id, the
+metrics (``service="http"``, the route template in ``rpc``, the HTTP status in ``code``) and the
+one error table of :mod:`carddeck.http.errors`, answered as ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated
+from carddeck.http.errors import status_for
+from carddeck.http.routes import OIP_SERVICE, Call, Reply, Routes
+from carddeck.server.auth import AuthInterceptor
+from carddeck.server.dataplane import Dataplane
+from carddeck.server.interceptors import REQUEST_ID_KEY, request_id_from
+from carddeck.server.logs import request_id_var
+from carddeck.server.metrics import Metrics
+from carddeck.server.settings import Settings
+from carddeck.serving.oip import OipModels
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("carddeck.access")
+MiB = 1 << 20
+SERVICE = "http"
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
+    """The body, refused (413) as soon as it passes ``limit`` bytes, inflated when gzip/deflate-encoded."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {int(declared)} bytes exceeds the server's limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"request body exceeds the server's limit of {limit} bytes")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInput(f"header Content-Encoding: {encoding!r} is not accepted; send identity, gzip or deflate")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(bytes(body), limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body: not valid {encoding} data ({exc})") from None
+    if len(out) > limit:
+        raise TooLarge(f"request body inflates past the server's limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInput(f"request body: truncated {encoding} data")
+    return out
+
+
+def _endpoint(
+    handler: Callable[[Call], Reply], rpc: str, route: str, auth: AuthInterceptor, metrics: Metrics | None, limit: int
+) -> Callable[[Request], Any]:
+    method = OIP_SERVICE + rpc
+
+    async def endpoint(request: Request) -> Response:
+        start = time.perf_counter()
+        rid = request_id_from([(REQUEST_ID_KEY, request.headers.get(REQUEST_ID_KEY, ""))])
+        token = request_id_var.set(rid)  # run_in_threadpool copies the context: the handler logs it too
+        if metrics is not None:
+            metrics.in_flight_requests.labels(service=SERVICE, rpc=route).inc()
+        response: Response
+        try:
+            authorization = request.headers.get("authorization")
+            refusal = auth.check(method, [("authorization", authorization)] if authorization is not None else [])
+            if refusal is not None:
+                raise Unauthenticated(refusal[1])
+            body = await read_body(request, limit) if request.method == "POST" else b""
+            reply = await run_in_threadpool(handler, Call(request.path_params, body, request.headers))
+            response = Response(reply.body, reply.status, reply.headers, reply.media_type)
+        except CarddeckError as exc:
+            response = _json_error(status_for(exc), str(exc))
+        except Exception as exc:  # routes raise carddeck errors only, so this is a bug: no traceback to the client
+            log.exception("internal error in %s %s", request.method, route)
+            response = _json_error(500, f"internal error in {route}: {type(exc).__name__}")
+        finally:
+            request_id_var.reset(token)
+        response.headers[REQUEST_ID_KEY] = rid
+        seconds = time.perf_counter() - start
+        code = str(response.status_code)
+        if metrics is not None:
+            metrics.in_flight_requests.labels(service=SERVICE, rpc=route).dec()
+            metrics.observe_rpc(SERVICE, route, code, seconds)
+        status = response.status_code
+        level = logging.DEBUG if status < 400 else logging.WARNING if status >= 500 else logging.INFO
+        access_log.log(
+            level, "http %s %s %s in %.1f ms", request.method, route, code, seconds * 1e3,
+            extra={"request_id": rid, "rpc": route, "code": code, "duration_ms": seconds * 1e3},
+        )  # fmt: skip
+        return response
+
+    return endpoint
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and methods: Starlette's 404/405, as JSON like every other error."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+    return _json_error(status, f"{request.method} {request.url.path}: {detail}")
+
+
+def build_app(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> Starlette:
+    models = OipModels.from_settings(dataplane, settings)
+    auth = AuthInterceptor(
+        admin_token=settings.resolved_admin_token(),
+        inference_token=settings.resolved_inference_token(),
+        allow_unauthenticated_admin=settings.allow_unauthenticated_admin,
+    )
+    message_limit = settings.max_message_mb * MiB
+    card_limit = settings.max_card_mb * MiB * 4 // 3 + MiB  # a card travels base64-encoded in JSON
+    routes = []
+    for method, path, rpc, handler in Routes(dataplane, models).table():
+        limit = card_limit if rpc == "RepositoryModelLoad" else message_limit
+        routes.append(Route(path, _endpoint(handler, rpc, path, auth, metrics, limit), methods=[method]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.workers  # like the gRPC pool
+        yield
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so that a taken port fails `carddeck serve` at start with a clear error."""
+    # proto must say TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets that do, and with Nagle on,
+    # a reply's headers and body wait out the client's delayed ACK (~40 ms per request).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise InvalidInput(f"cannot listen for HTTP on {host}:{port}: {exc.strerror} (see --http-port)") from None
+    return sock
+
+
+@dataclass
+class HttpServer:
+    """A running HTTP server; ``port`` is the bound one (useful with port 0)."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    port: int
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=timeout)
+
+
+def start_http_server(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> HttpServer:
+    """Serve the Open Inference Protocol over HTTP on ``settings.host:settings.http_port`` from a thread."""
+    sock = _listen(settings.host, settings.http_port)
+    tls: dict[str, Any] = {}
+    if settings.tls_cert:  # the same certificate (and client CA) as the gRPC port
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+        if settings.tls_client_ca:
+            tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    config = uvicorn.Config(
+        build_app(settings, dataplane, metrics=metrics),
+        log_config=None,
+        access_log=False,  # carddeck.access logs every request with its id
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        **tls,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="carddeck-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise InvalidInput(f"the HTTP server on {settings.host}:{settings.http_port} did not start; see the log")
+        time.sleep(0.01)
+    return HttpServer(server, thread, sock.getsockname()[1])
+
+
+__all__ = ["HttpServer", "build_app", "read_body", "start_http_server"]

@@ -1,0 +1,409 @@
+"""The Open Inference Protocol's view of a deck, free of any transport.
+
+The gated deck answers as one model (``deck_name``, default ``carddeck``; version = deck version)
+with outputs ``probabilities`` FP32 [N, C], ``labels`` INT64 [N] and ``routing_weights`` FP32
+[N, K] (columns in card order, named in the result parameter ``card_names``). Each card answers
+under its own name (version = card version) with ``probabilities`` and ``labels``. Input:
+``images``, FP32 [N, C, H, W] in the deck's value range or UINT8 [N, H, W, C] (the deck's
+:class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool).
+
+The gRPC servicer (:mod:`carddeck.server.oip_servicer`) and the HTTP routes (:mod:`carddeck.http`)
+only convert their wire formats to these calls and back, so both transports resolve models,
+decode tensors, validate and answer the same way, with the same messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import carddeck
+from carddeck.card import NAME_PATTERN, CardMeta, InputSpec
+from carddeck.deck import Deck, read_card_meta
+from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+
+if TYPE_CHECKING:
+    from carddeck.server.dataplane import Dataplane
+
+# OIP datatype names -> numpy (little-endian, as the protocol's raw and binary contents are)
+DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
+DATATYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+DATATYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INFER_PARAMETERS = ("policy", "per_sample")
+# Parameters clients send for the server's own use (Triton's and the binary extension's): accepted, not read.
+PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data")
+CARD_FILE = "file:model.onnx"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a variable dimension
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    platform: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model resolved on one deck snapshot: the gated deck (``card`` None) or one card."""
+
+    name: str
+    deck: Deck
+    card: CardMeta | None
+
+    @property
+    def version(self) -> str:
+        return str(self.deck.version if self.card is None else self.card.version)
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    outputs: dict[str, np.ndarray]  # every output of the model, in metadata order
+    parameters: dict[str, str]
+
+
+# -- tensors -----------------------------------------------------------------------------------
+def accepted_images(spec: InputSpec) -> str:
+    lo, hi = spec.value_range
+    c, h, w = spec.channels, spec.height, spec.width
+    return f"FP32 [N, {c}, {h}, {w}] in [{lo:g}, {hi:g}] or UINT8 [N, {h}, {w}, {c}]"
+
+
+def images_header(
+    inputs: Sequence[tuple[str, str, Sequence[int]]], *, spec: InputSpec, max_images: int
+) -> tuple[np.dtype[Any], list[int]]:
+    """Check the inputs' (name, datatype, shape): exactly one ``images`` input; its dtype and shape."""
+    accepted = accepted_images(spec)
+    if len(inputs) != 1:
+        raise InvalidInput(f"inputs: expected exactly one input named 'images' ({accepted}), got {len(inputs)}")
+    name, datatype, shape = inputs[0][0], inputs[0][1], [int(d) for d in inputs[0][2]]
+    if name != "images":
+        raise InvalidInput(f"inputs[0].name: {shown(name)} is not an input of this model; send 'images' ({accepted})")
+    if datatype not in ("FP32", "UINT8"):
+        raise InvalidInput(f"inputs[0].datatype: {shown(datatype)} is not accepted; send {accepted}")
+    check_shape(shape, "inputs[0].shape", max_images, accepted)
+    return DTYPES[datatype], shape
+
+
+def check_shape(shape: list[int], field: str, max_images: int, accepted: str) -> None:
+    if len(shape) != 4:
+        raise InvalidInput(f"{field}: expected 4 dimensions ({accepted}), got {shown(shape)}")
+    if any(d <= 0 for d in shape):
+        raise InvalidInput(f"{field}: every dimension must be positive ({accepted}), got {shown(shape)}")
+    if shape[0] > max_images:
+        raise TooLarge(f"{field}: {shape[0]} images in one request; the server accepts at most {max_images}")
+
+
+def array_from_bytes(data: bytes | memoryview, dtype: np.dtype[Any], shape: list[int], field: str) -> np.ndarray:
+    """A read-only view of little-endian row-major bytes (no copy on little-endian machines)."""
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"{field}: {len(data)} bytes do not match shape {shown(shape)} of {dtype.name} ({expected} bytes expected)"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field: str) -> np.ndarray:
+    """Numbers (flat row-major, or nested like the shape) as an array of ``shape``."""
+    try:
+        arr = np.asarray(values)
+    except ValueError:  # ragged nesting
+        raise InvalidInput(f"{field}: not a rectangular array of numbers (shape {shown(shape)} expected)") from None
+    count = math.prod(shape)
+    if arr.size != count:
+        raise InvalidInput(f"{field}: {arr.size} values do not match shape {shown(shape)} ({count} expected)")
+    integral = dtype.kind in "iu"
+    if arr.dtype.kind not in ("iu" if integral else "iuf"):
+        kind = "integers" if integral else "numbers"
+        raise InvalidInput(f"{field}: expected {kind} for {DATATYPE_NAMES[dtype]}, got {arr.dtype.name} values")
+    if dtype == np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise InvalidInput(f"{field}: UINT8 values must be in 0..255, got {int(arr.min())}..{int(arr.max())}")
+    return arr.astype(dtype.newbyteorder("=")).reshape(shape)
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    return DATATYPES[arr.dtype]
+
+
+def infer_options(parameters: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """The request parameters CARD-Deck reads (plain values): ``policy`` (string), ``per_sample`` (bool)."""
+    for key in parameters:
+        if key not in INFER_PARAMETERS and not key.startswith(PASSED_PARAMETERS):
+            raise InvalidInput(
+                f"parameters[{shown(key)}]: unknown parameter; CARD-Deck reads {', '.join(INFER_PARAMETERS)}"
+            )
+    policy = parameters.get("policy")
+    if policy is not None and not isinstance(policy, str):
+        raise InvalidInput(f"parameters['policy']: must be a string, got {shown(policy)}")
+    per_sample = parameters.get("per_sample", False)
+    if not isinstance(per_sample, bool):
+        raise InvalidInput(f"parameters['per_sample']: must be a bool, got {shown(per_sample)}")
+    return policy or None, per_sample
+
+
+def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The requested outputs (all when none are named), in the order asked."""
+    out = {}
+    for i, name in enumerate(requested or list(available)):
+        if name not in available:
+            raise InvalidInput(
+                f"outputs[{i}].name: {shown(name)} is not an output of this model; outputs: {', '.join(available)}"
+            )
+        out[name] = available[name]
+    return out
+
+
+def check_card_name(name: str, field: str = "name") -> str:
+    """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
+    if not NAME_PATTERN.match(name):
+        raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
+    return name
+
+
+# -- models ------------------------------------------------------------------------------------
+class OipModels:
+    """The deck and its cards as OIP models, over one :class:`~carddeck.server.dataplane.Dataplane`."""
+
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        *,
+        deck_name: str,
+        max_request_images: int,
+        max_card_bytes: int,
+        dynamic_batching: Mapping[str, Any] | None = None,
+    ):
+        self.dp = dataplane
+        self.deck_name = deck_name
+        self.max_request_images = max_request_images
+        self.max_card_bytes = max_card_bytes
+        self.dynamic_batching = dynamic_batching  # for the model configuration: micro-batching, when on
+
+    @classmethod
+    def from_settings(cls, dataplane: Dataplane, settings: Any) -> OipModels:
+        """From ``carddeck serve``'s settings (:class:`carddeck.server.settings.Settings`)."""
+        batching = None
+        if settings.batching and settings.max_batch_size > 1:
+            batching = {
+                "preferred_batch_size": [settings.max_batch_size],
+                "max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
+            }
+        return cls(
+            dataplane,
+            deck_name=settings.deck_model_name,
+            max_request_images=settings.max_request_images,
+            max_card_bytes=settings.max_card_mb << 20,
+            dynamic_batching=batching,
+        )
+
+    def names(self, deck: Deck) -> list[str]:
+        return [self.deck_name, *deck.card_names]
+
+    def resolve(self, name: str, version: str = "", deck: Deck | None = None) -> Model:
+        """The model ``name`` (at ``version``, when given) on ``deck`` (default: the current snapshot)."""
+        deck = deck or self.dp.deck
+        if not name:
+            raise InvalidInput(f"name: empty; models: {', '.join(self.names(deck))}")
+        if name == self.deck_name:
+            if version and version != str(deck.version):
+                raise CardNotFound(f"model {shown(name)} has version {deck.version}, not {shown(version)}")
+            return Model(name, deck, None)
+        for meta in deck.cards:
+            if meta.name == name:
+                if version and version != str(meta.version):
+                    raise CardNotFound(f"model {shown(name)} is served at version {meta.version}, not {shown(version)}")
+                return Model(name, deck, meta)
+        raise CardNotFound(f"no model {shown(name)}; models: {', '.join(self.names(deck))}")
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+        except CardNotFound:
+            return False
+        return self.dp.ready
+
+    def metadata(self, model: Model) -> ModelInfo:
+        deck, spec = model.deck, model.deck.input
+        outputs = [
+            TensorInfo("probabilities", "FP32", (-1, len(deck.class_names))),
+            TensorInfo("labels", "INT64", (-1,)),
+        ]
+        if model.card is None:
+            outputs.append(TensorInfo("routing_weights", "FP32", (-1, len(deck.cards))))
+        return ModelInfo(
+            name=model.name,
+            version=model.version,
+            platform="carddeck_deck" if model.card is None else "onnxruntime_onnx",
+            inputs=(TensorInfo("images", "FP32", (-1, spec.channels, spec.height, spec.width)),),
+            outputs=tuple(outputs),
+        )
+
+    def config(self, model: Model) -> dict[str, Any]:
+        """Triton's model configuration (its JSON field names, as the HTTP route returns it)."""
+        deck, spec = model.deck, model.deck.input
+        outputs = [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [len(deck.class_names)]},
+            {"name": "labels", "data_type": "TYPE_INT64", "dims": [1]},
+        ]
+        parameters = {"accepts_uint8_nhwc": {"string_value": "true"}}
+        if model.card is None:
+            outputs.append({"name": "routing_weights", "data_type": "TYPE_FP32", "dims": [len(deck.cards)]})
+            parameters["default_policy"] = {"string_value": deck.default_policy}
+            parameters["card_names"] = {"string_value": ",".join(deck.card_names)}
+        config: dict[str, Any] = {
+            "name": model.name,
+            "platform": "carddeck_deck" if model.card is None else "onnxruntime_onnx",
+            "backend": "carddeck",
+            "max_batch_size": self.max_request_images,
+            "input": [
+                {"name": "images", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+                 "dims": [spec.channels, spec.height, spec.width]}
+            ],
+            "output": outputs,
+            "parameters": parameters,
+        }  # fmt: skip
+        if self.dynamic_batching is not None:
+            config["dynamic_batching"] = dict(self.dynamic_batching)
+        return config
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Triton's per-model statistics (ns) of one model, or of every model when ``name`` is empty."""
+        deck = self.dp.deck
+        models = [self.resolve(name, version, deck)] if name else [self.resolve(n, "", deck) for n in self.names(deck)]
+        out = []
+        for model in models:
+            s = self.dp.stats(model.name)
+            out.append(
+                {
+                    "name": model.name,
+                    "version": model.version,
+                    "last_inference": s.last_inference_ms,
+                    "inference_count": s.inference_count,
+                    "execution_count": s.execution_count,
+                    "inference_stats": {
+                        "success": {"count": s.success_count, "ns": s.success_ns},
+                        "fail": {"count": s.fail_count, "ns": s.fail_ns},
+                        "queue": {"count": s.success_count, "ns": s.queue_ns},
+                        "compute_infer": {"count": s.success_count, "ns": s.compute_ns},
+                    },
+                    "batch_stats": [
+                        {"batch_size": size, "compute_infer": {"count": c, "ns": ns}}
+                        for size, (c, ns) in sorted(s.batch_sizes.items())
+                    ],
+                }
+            )
+        return out
+
+    def images_header(self, model: Model, inputs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[np.dtype, list]:
+        return images_header(inputs, spec=model.deck.input, max_images=self.max_request_images)
+
+    def infer(
+        self,
+        model: Model,
+        images: np.ndarray,
+        parameters: Mapping[str, Any],
+        *,
+        timeout_s: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> InferResult:
+        """Run the model; callers wrap this in ``dataplane.request()`` (drain accounting)."""
+        policy, per_sample = infer_options(parameters)
+        if model.card is None:
+            prediction, deck = self.dp.predict(
+                images,
+                policy=policy,
+                per_sample=per_sample,
+                timeout_s=timeout_s,
+                is_cancelled=is_cancelled,
+                model=self.deck_name,
+            )
+            routing = prediction.routing
+            return InferResult(
+                model.name,
+                str(deck.version),
+                {"probabilities": prediction.probabilities, "labels": prediction.labels,
+                 "routing_weights": routing.weights},
+                {"policy": routing.policy, "card_names": ",".join(routing.card_names),
+                 "selected_cards": ",".join(routing.selected)},
+            )  # fmt: skip
+        if policy is not None or per_sample:
+            raise InvalidInput(
+                f"parameters: 'policy' and 'per_sample' apply to the deck model {self.deck_name!r}, not a card"
+            )
+        probs, _ = self.dp.run_card(model.card.name, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
+        outputs = {"probabilities": probs, "labels": probs.argmax(axis=1).astype(np.int64)}
+        return InferResult(model.name, str(model.card.version), outputs, {})
+
+    # -- repository extension ---------------------------------------------------------------------
+    def index(self) -> list[tuple[str, str, str]]:
+        """(name, version, state) of every model."""
+        deck = self.dp.deck
+        state = "READY" if self.dp.ready else "UNAVAILABLE"
+        return [(self.deck_name, str(deck.version), state), *((m.name, str(m.version), state) for m in deck.cards)]
+
+    def load(self, name: str, files: Mapping[str, bytes]) -> None:
+        """Load = add a card, its ONNX bytes in ``files["file:model.onnx"]``; a loaded model is a no-op."""
+        if name == self.deck_name and not files:
+            return  # the deck is always loaded
+        check_card_name(name, "model_name")
+        if not files:
+            if name in self.dp.deck.card_names:
+                return
+            raise CardNotFound(
+                f"no card {shown(name)} in the deck; to add one send its ONNX file as parameter {CARD_FILE!r}"
+            )
+        if len(files) != 1 or CARD_FILE not in files:
+            raise InvalidInput(f"parameters: send exactly one file, {CARD_FILE!r}; got {shown(sorted(files))}")
+        data = files[CARD_FILE]
+        if len(data) > self.max_card_bytes:
+            raise TooLarge(f"card exceeds the server's limit of {self.max_card_bytes >> 20} MiB (max_card_mb)")
+        meta = read_card_meta(data)
+        if meta.name != name:
+            raise InvalidInput(f"model_name: {shown(name)} does not match the card's own name {meta.name!r}")
+        self.dp.add_card(data)  # bytes in memory: no temporary path a message could name or a crash leave behind
+
+    def unload(self, name: str) -> None:
+        """Unload = remove the card (every stored version) from the deck."""
+        if name == self.deck_name:
+            raise InvalidInput(f"model_name: the deck model {self.deck_name!r} cannot be unloaded; unload its cards")
+        self.dp.remove_card(check_card_name(name, "model_name"))
+
+
+def server_metadata(extensions: Sequence[str]) -> dict[str, Any]:
+    return {"name": "carddeck", "version": carddeck.__version__, "extensions": list(extensions)}
+
+
+__all__ = [
+    "CARD_FILE",
+    "DTYPES",
+    "InferResult",
+    "Model",
+    "ModelInfo",
+    "OipModels",
+    "TensorInfo",
+    "accepted_images",
+    "array_from_bytes",
+    "array_from_values",
+    "check_card_name",
+    "check_shape",
+    "datatype_of",
+    "images_header",
+    "infer_options",
+    "select_outputs",
+    "server_metadata",
+]
