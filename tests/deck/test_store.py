@@ -163,3 +163,18 @@ def test_calibration_images_sign_cards_without_a_signature(store):
 def test_metadata_key_constant_is_used():
     model = onnx.load_model_from_string(card("g1", "gaussian"))
     assert {p.key for p in model.metadata_props} == {METADATA_KEY}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_created_files_follow_the_umask(tmp_path, umask):
+    """Manifest and card files get 0666 & ~umask, like any other created file (not mkstemp's 0600)."""
+    old = os.umask(umask)
+    try:
+        s = DeckStore.create(tmp_path / "deck")
+        s.add_card(card("g1", "gaussian", seed=1))
+    finally:
+        os.umask(old)
+    files = [s.root / "manifest.json", *(s.root / "cards" / "g1" / "1").iterdir()]
+    assert len(files) == 3
+    for f in files:
+        assert oct(f.stat().st_mode & 0o777) == oct(0o666 & ~umask), f
