@@ -107,10 +107,14 @@ def build_server(
             port = server.add_insecure_port(settings.address)
         else:
             port = server.add_secure_port(settings.address, credentials)
-    except RuntimeError as exc:
-        raise InvalidInput(f"cannot listen on {settings.address}: {exc}") from None
-    if port == 0:
-        raise InvalidInput(f"cannot listen on {settings.address} (in use, or not an address of this machine)")
+    except RuntimeError:
+        port = 0
+    if port == 0:  # grpc says no more than that it failed: the port is taken, or the host is not ours
+        raise InvalidInput(
+            f"cannot listen for gRPC on {settings.address}: port {settings.port} is in use (or {settings.host} is "
+            "not an address of this machine); stop the other server or choose another port with --port "
+            "(0: any free port) [env CARDDECK_PORT]"
+        )
     return server, port
 
 
