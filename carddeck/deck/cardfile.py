@@ -77,6 +77,15 @@ def meta_from_model(model: onnx.ModelProto) -> CardMeta | None:
     return None
 
 
+def set_card_meta(model: onnx.ModelProto, meta: CardMeta) -> None:
+    """Replace the CardMeta in ``model`` (in place). The graph is unchanged, so its digest stays valid."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = meta.to_json()
+            return
+    model.metadata_props.add(key=METADATA_KEY, value=meta.to_json())
+
+
 # -- checks --------------------------------------------------------------------------------------
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
     """Static sizes as ints, symbolic ones by name ("?" when a dimension has neither)."""
@@ -224,4 +233,5 @@ __all__ = [
     "read_card",
     "read_card_bytes",
     "read_card_meta",
+    "set_card_meta",
 ]

@@ -7,6 +7,7 @@ Layout::
     ROOT/cards/<name>/<version>/card.json   the same CardMeta
     ROOT/gate/router-<deck version>.npz     the calibrated router, when fitted
     ROOT/calibration.npz                    optional clean images to sign cards added without a signature
+    ROOT/READ-ONLY                          present in the packaged default deck: every change is refused
 
 Every file is written to a temporary name, flushed, fsynced and renamed into place; the manifest is
 written last, so a crash at any point leaves the previous manifest, which names only complete files.
@@ -34,9 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from carddeck.card import METADATA_KEY, CardMeta, InputSpec
-from carddeck.deck.cardfile import atomic_write, check_contract, check_runs, read_card_bytes, read_card_meta
-from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
+from carddeck.card import CardMeta, InputSpec
+from carddeck.deck.cardfile import (
+    atomic_write,
+    check_contract,
+    check_runs,
+    read_card_bytes,
+    read_card_meta,
+    set_card_meta,
+)
+from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ MANIFEST_FORMAT = "carddeck-deck/1"
 CALIBRATION = "calibration.npz"
 MODEL_FILE = "model.onnx"
 META_FILE = "card.json"
+READ_ONLY = "READ-ONLY"  # marker file: the deck is shipped (in the package, in the repository), never changed
 
 
 # card files: reading, checking and atomic writes live in carddeck.deck.cardfile (shared with export)
@@ -230,8 +239,20 @@ class DeckStore:
             return np.asarray(z["images"])
 
     # -- changing -----------------------------------------------------------------------------
+    @property
+    def read_only(self) -> bool:
+        return (self.root / READ_ONLY).exists()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyDeck(
+                f"the deck {self.root} is read-only (the packaged default deck): make a copy you can change with "
+                "`carddeck deck init DIR` and serve that with `carddeck serve --deck DIR`"
+            )
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Manifest]:
+        self._check_writable()
         with open(self.root / ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -254,6 +275,7 @@ class DeckStore:
         signature and nothing to compute one from. DeckConflict: name/version already there, classes
         or input size differ from the deck's cards.
         """
+        self._check_writable()  # before the costly checks
         proto, meta, data = read_card_bytes(model)
         check_runs(data, meta)
         with self._locked() as m:
@@ -278,10 +300,7 @@ class DeckStore:
                 from carddeck.gating.signature import domain_signature
 
                 meta = meta.replace(signature=domain_signature(meta.domain, images, seed=0))
-                # replace only the CardMeta: other props (the graph digest) stay valid, the graph is unchanged
-                for prop in proto.metadata_props:
-                    if prop.key == METADATA_KEY:
-                        prop.value = meta.to_json()
+                set_card_meta(proto, meta)
                 data = proto.SerializeToString()
             signature = meta.signature or ()
             others = [self.read_meta(e) for e in m.active() if e.name != meta.name]
@@ -387,6 +406,7 @@ def _encode(manifest: Manifest) -> bytes:
 __all__ = [
     "CALIBRATION",
     "MANIFEST",
+    "READ_ONLY",
     "CardEntry",
     "DeckStore",
     "Manifest",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carddeck.deck.default import default_deck_path
 from carddeck.errors import InvalidInput
 
 ENV_PREFIX = "CARDDECK_"
@@ -117,17 +118,6 @@ class Settings:
             if f.metadata.get("secret") and out[f.name]:
                 out[f.name] = "***"
         return out
-
-
-def default_deck_path() -> Path:
-    """The packaged default deck (``carddeck/_default_deck`` in the wheel), else the repository's models/."""
-    packaged = Path(__file__).resolve().parents[1] / "_default_deck"
-    if (packaged / "manifest.json").is_file():
-        return packaged
-    repo = Path(__file__).resolve().parents[2] / "models"
-    if (repo / "manifest.json").is_file():
-        return repo
-    return packaged
 
 
 def _read_secret(path: str, name: str) -> str:
