@@ -7,7 +7,9 @@ data plane takes an optional ``metrics`` object (see :class:`~carddeck.server.da
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,6 +104,8 @@ def build_server(
     health.add_to(server)
     reflection.enable_server_reflection(SERVICE_NAMES, server, pool=reflection_pool())
     credentials = _credentials(settings)
+    if not port_free(settings.host, settings.port):  # say it ourselves: grpc would log an error line of its own
+        raise InvalidInput(_port_in_use(settings))
     try:
         if credentials is None:
             port = server.add_insecure_port(settings.address)
@@ -110,12 +114,35 @@ def build_server(
     except RuntimeError:
         port = 0
     if port == 0:  # grpc says no more than that it failed: the port is taken, or the host is not ours
-        raise InvalidInput(
-            f"cannot listen for gRPC on {settings.address}: port {settings.port} is in use (or {settings.host} is "
-            "not an address of this machine); stop the other server or choose another port with --port "
-            "(0: any free port) [env CARDDECK_PORT]"
-        )
+        raise InvalidInput(_port_in_use(settings))
     return server, port
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (port 0 always can). Binds like grpc does (SO_REUSEADDR)."""
+    if port == 0:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return True  # not resolvable: let grpc report it
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+    return True
+
+
+def _port_in_use(settings: Settings) -> str:
+    return (
+        f"cannot listen for gRPC on {settings.address}: port {settings.port} is in use (or {settings.host} is not "
+        "an address of this machine); stop the other server or choose another port with --port (0: any free "
+        "port) [env CARDDECK_PORT]"
+    )
 
 
 __all__ = ["SERVICE_NAMES", "build_server", "reflection_pool"]

@@ -8,8 +8,8 @@ import pytest
 
 import carddeck.deck.store as store_mod
 from carddeck.card import METADATA_KEY
-from carddeck.deck import Deck, DeckStore, read_card_meta
-from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
+from carddeck.deck import Deck, DeckStore, default_deck_path, init_deck, read_card_meta
+from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
 from tests.cards import tiny_card, tiny_meta
 from tests.deck.conftest import NOISE_SIG, card
 
@@ -178,3 +178,37 @@ def test_created_files_follow_the_umask(tmp_path, umask):
     assert len(files) == 3
     for f in files:
         assert oct(f.stat().st_mode & 0o777) == oct(0o666 & ~umask), f
+
+
+def test_a_read_only_deck_refuses_every_change_and_writes_nothing(store, images):
+    (store.root / "READ-ONLY").write_text("shipped")
+    (store.root / ".lock").unlink()
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    for change in (
+        lambda: store.add_card(card("n1", "gaussian", seed=3)),
+        lambda: store.remove_card("g1"),
+        lambda: store.set_gate(policy="uniform"),
+        lambda: store.set_calibration(images),
+    ):
+        with pytest.raises(ReadOnlyDeck, match=r"read-only.*carddeck deck init DIR") as info:
+            change()
+        assert isinstance(info.value, DeckConflict)  # -> FAILED_PRECONDITION through the status table
+    assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before
+    assert store.version == 2
+
+
+def test_the_default_deck_is_read_only_and_init_copies_it(tmp_path):
+    default = DeckStore(default_deck_path())
+    assert default.read_only
+    copy = init_deck(tmp_path / "mine")
+    assert not copy.read_only
+    assert copy.manifest() == default.manifest()
+    assert [m.to_dict() for m in copy.list_cards()] == [m.to_dict() for m in default.list_cards()]
+    for entry in copy.manifest().cards:
+        assert copy.read_model(entry) == default.read_model(entry)  # sha256 checked against the manifest
+    assert Deck.open(copy.root).version == default.version  # router and calibration came along
+    copy.remove_card(copy.manifest().cards[0].name)  # and it can change
+    with pytest.raises(DeckConflict, match="already holds a deck"):
+        init_deck(tmp_path / "mine")
+    empty = init_deck(tmp_path / "empty", empty=True)
+    assert empty.manifest().cards == () and not empty.read_only
