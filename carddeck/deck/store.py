@@ -172,7 +172,10 @@ class DeckStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         if not (self.root / MANIFEST).is_file():
-            raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST} (create one with `DeckStore.create(root)`)")
+            raise InvalidInput(
+                f"{self.root} is not a deck: no {MANIFEST} (make one with `carddeck deck init DIR`, "
+                "or `DeckStore.create(root)` in Python)"
+            )
         self._cache: tuple[tuple[int, int, int], Manifest] | None = None
 
     @classmethod
