@@ -10,7 +10,8 @@
    in `&` is a server, and a new server first stops the one before (as the tour says to);
 4. checks what each command must show, and a few things a new user meets in the first minutes
    (`carddeck --version`, a command that needs the [train] extra, an admin call on the read-only
-   default deck): one-line messages, never a traceback.
+   default deck, for which the first server also gets an admin token in its environment): one-line
+   messages, never a traceback.
 
 The commands run verbatim when ports 8001 and 8002 are free; when another process holds them (a shared
 dev machine) the tour's ports are replaced by free ones, and the run says so. Exit status 0 when every
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DEFAULT_PORTS = (8001, 8002)
 START_TIMEOUT_S = 120.0
+TOKEN = "secret"  # the tour's admin token; the first server gets it in its environment for the read-only check
 
 
 # -- the README --------------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ class Tour:
         self.check("Traceback" not in out, "no Python traceback")
         return result
 
-    def start_server(self, command: str) -> None:
+    def start_server(self, command: str, env: dict[str, str] | None = None) -> None:
         self.stop_server()  # the tour: stop the first server before starting the second
         start = time.perf_counter()
         print(f"$ {command}", flush=True)
@@ -141,7 +143,11 @@ class Tour:
         argv[0] = shutil.which(argv[0], path=self.env["PATH"]) or argv[0]
         with open(self.server_log, "wb") as log:
             self.server = subprocess.Popen(
-                argv, cwd=self.work, env={**self.env, **assignments}, stdout=log, stderr=subprocess.STDOUT
+                argv,
+                cwd=self.work,
+                env={**self.env, **(env or {}), **assignments},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         text = ""
@@ -194,7 +200,7 @@ def first_minutes(tour: Tour, address: str) -> None:
     extra = tour.run("carddeck compress --help")
     tour.check(extra.returncode == 2 and "carddeck[train]" in extra.stderr, "`compress` without torch names [train]")
     deck_add = tour.run(
-        f"CARDDECK_ADMIN_TOKEN=secret carddeck deck add --server {address} models/extra/resnet20-clean-lrr.onnx"
+        f"CARDDECK_ADMIN_TOKEN={TOKEN} carddeck deck add --server {address} models/extra/resnet20-clean-lrr.onnx"
     )
     tour.check(
         deck_add.returncode != 0 and "FAILED_PRECONDITION" in deck_add.stderr and "deck init" in deck_add.stderr,
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         no_torch = "python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(\"torch\") is None)'"
         tour.check(tour.run(no_torch).returncode == 1, "no torch in the plain install (the tour needs none)")
         print("== the README's first command serves the default deck", flush=True)
-        tour.start_server(tour.localize(serve))
+        tour.start_server(tour.localize(serve), env={"CARDDECK_ADMIN_TOKEN": TOKEN})
         address = f"127.0.0.1:{tour.ports.get(8001, 8001)}"
         first_minutes(tour, address)
         print("== the tour", flush=True)
