@@ -31,7 +31,9 @@ def _opt(default: Any, help: str, *, flag: bool = True, secret: bool = False) ->
 
 @dataclass(frozen=True)
 class Settings:
-    deck: str = _opt("", "deck store directory (default: the packaged default deck)")
+    deck: str = _opt(
+        "", "deck store directory (default: the packaged default deck, read-only; `carddeck deck init DIR` copies it)"
+    )
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _opt(8001, "gRPC port (0: pick a free one and log it)")
     workers: int = _opt(32, "gRPC worker threads (concurrent RPCs)")
