@@ -3,7 +3,7 @@
     python models/build.py                 # ~40 min on a busy 2-core machine (training ~35, the rest ~5)
     python models/build.py --report-only   # re-run the evaluation and REPORT.md (~3 min)
     python models/build.py --epochs 3 --out /tmp/deck   # a quick, weaker deck elsewhere
-    python models/build.py --extra         # only the tour's extra card, models/extra/ (~5 min; 21 min on a busy machine)
+    python models/build.py --extra         # only the tour's extra card, models/extra/ (~5 min; 21 on a busy box)
 
 Checkpoints are kept under build/deck-work/, so an interrupted build picks up where it stopped.
 

@@ -54,7 +54,8 @@ def test_the_tour_is_what_these_tests_run():
     install, serve = setup_command(README.read_text())
     assert (install, serve) == ("pip install -c constraints.txt .", "carddeck serve")
     commands = tour_commands(README.read_text())
-    assert [c.split()[0:3] for c in commands if " serve " in c] == [["CARDDECK_ADMIN_TOKEN=secret", "carddeck", "serve"]]
+    servers = [c.split()[0:3] for c in commands if " serve " in c]
+    assert servers == [["CARDDECK_ADMIN_TOKEN=secret", "carddeck", "serve"]]
     assert any("deck init" in c for c in commands)
     added = [c for c in commands if " deck add " in c]
     assert added and all(str(EXTRA_CARD.relative_to(ROOT)) in c for c in added)
