@@ -95,3 +95,14 @@ def test_an_unreadable_file_is_one_line(tmp_path):
     out = run_cli("deck", "init", str(tmp_path / "file" / "deck"), code=f"open({str(tmp_path / 'file')!r}, 'w')")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("carddeck: error: ") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_calibrate_refuses_a_read_only_deck_before_working(tmp_path):
+    deck = make_deck(tmp_path / "deck")
+    (deck / "READ-ONLY").write_text("shipped")
+    manifest = (deck / "manifest.json").read_bytes()
+    out = run_cli("calibrate", "--deck", str(deck), "--data", "digits32", timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "read-only" in line and "carddeck deck init DIR" in line
+    assert (deck / "manifest.json").read_bytes() == manifest

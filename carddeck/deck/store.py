@@ -246,7 +246,8 @@ class DeckStore:
     def read_only(self) -> bool:
         return (self.root / READ_ONLY).exists()
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """ReadOnlyDeck (naming the way out) when the deck may not be changed."""
         if self.read_only:
             raise ReadOnlyDeck(
                 f"the deck {self.root} is read-only (the packaged default deck): make a copy you can change with "
@@ -255,7 +256,7 @@ class DeckStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Manifest]:
-        self._check_writable()
+        self.check_writable()
         with open(self.root / ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -278,7 +279,7 @@ class DeckStore:
         signature and nothing to compute one from. DeckConflict: name/version already there, classes
         or input size differ from the deck's cards.
         """
-        self._check_writable()  # before the costly checks
+        self.check_writable()  # before the costly checks
         proto, meta, data = read_card_bytes(model)
         check_runs(data, meta)
         with self._locked() as m:
