@@ -196,7 +196,10 @@ def client_from_args(args: argparse.Namespace) -> CardDeckClient:
 def rpc_error_message(exc: grpc.RpcError) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}"
+    hint = ""
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
+        hint = " (is `carddeck serve` running there? --server HOST[:PORT] names another server)"
+    return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}{hint}"
 
 
 def _plain(o: Any) -> Any:

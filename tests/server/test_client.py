@@ -137,6 +137,18 @@ def test_a_server_without_a_port_means_port_8001(given, used):
     assert with_default_port(given) == used
 
 
+def test_no_server_there_is_one_line_with_a_hint(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = carddeck("deck", "list", "--server", f"127.0.0.1:{port}", "--timeout", "5")
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("carddeck: error: UNAVAILABLE") and "`carddeck serve`" in line
+
+
 def test_inference_token_has_one_name_for_client_and_server(tmp_path):
     srv = start_server(make_deck(tmp_path / "deck"), tmp_path, env={"CARDDECK_INFERENCE_TOKEN": "inf"})
     try:
