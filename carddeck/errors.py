@@ -6,6 +6,18 @@ Domain code raises these; only ``carddeck.server`` translates them to gRPC statu
 
 from __future__ import annotations
 
+ECHO_LIMIT = 80
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with an ellipsis.
+
+    Messages echo what the caller sent; a 17,000-character name must not push the status past gRPC's
+    8 KiB header limit (the caller would get RESOURCE_EXHAUSTED instead of the error).
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class CarddeckError(Exception):
     """Base of every error CARD-Deck raises on purpose."""
@@ -61,4 +73,5 @@ __all__ = [
     "ReadOnlyDeck",
     "TooLarge",
     "Unauthenticated",
+    "shown",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, shown
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise InvalidInput(
-                f"unknown {self.kind} {name!r}; valid choices: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {shown(name)}; valid choices: {', '.join(sorted(self._items))}"
             ) from None
 
     def names(self) -> list[str]:

@@ -163,6 +163,16 @@ def _read_bytes(card: bytes | Path | str) -> tuple[str, bytes]:
 def read_card_bytes(card: bytes | Path | str, *, load_session: bool = False) -> tuple[onnx.ModelProto, CardMeta, bytes]:
     """:func:`read_card` that also returns the file's bytes (what the deck stores and ORT loads)."""
     source, data = _read_bytes(card)
+    try:
+        model, meta = _parse(source, data, load_session=load_session)
+    except CardRejected:
+        raise
+    except Exception as exc:  # hostile bytes reach corners of onnx/protobuf that raise anything (UnicodeDecodeError)
+        raise CardRejected(f"{source}: not a readable card, corrupted or truncated ({type(exc).__name__})") from None
+    return model, meta, data
+
+
+def _parse(source: str, data: bytes, *, load_session: bool) -> tuple[onnx.ModelProto, CardMeta]:
     if not data:
         raise CardRejected(f"{source}: empty file, not an ONNX model")
     try:
@@ -179,7 +189,7 @@ def read_card_bytes(card: bytes | Path | str, *, load_session: bool = False) -> 
         )
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+    except Exception as exc:  # ValidationError, or e.g. UnicodeDecodeError on a corrupted string field
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CardRejected(f"{source}: fails onnx.checker, corrupted or truncated ({first})") from None
     try:
@@ -204,7 +214,7 @@ def read_card_bytes(card: bytes | Path | str, *, load_session: bool = False) -> 
             ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises several unrelated exception types for bad models
             raise CardRejected(f"{source}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
-    return model, meta, data
+    return model, meta
 
 
 def read_card(card: bytes | Path | str, *, load_session: bool = False) -> tuple[onnx.ModelProto, CardMeta]:

@@ -22,7 +22,7 @@ import numpy as np
 from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.runtime import CardSession, card_pool, choose_providers, softmax, threads_per_card
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
-from carddeck.errors import CardNotFound, InvalidInput, NotReady
+from carddeck.errors import CardNotFound, InvalidInput, NotReady, shown
 from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Deck:
         sessions: dict[str, CardSession],
         gate: Gate | None,
         default_policy: str,
+        policy_note: str = "",
     ) -> None:
         self.root = root
         self.manifest = manifest
@@ -89,6 +90,7 @@ class Deck:
         self._sessions = sessions  # by card name (a deck serves one version per name)
         self.gate = gate
         self.default_policy = default_policy
+        self.policy_note = policy_note  # why default_policy is not the configured one ("" when it is)
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -117,9 +119,14 @@ class Deck:
             sessions[entry.name] = CardSession(
                 store.read_model(entry), key=entry.key, digest=digest, providers=chosen, intra_op_threads=threads
             )
-        gate, policy = _gate(store, manifest, metas)
+        gate, policy, note = _gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)
-        return cls(store.root, manifest, metas, sessions, gate, policy)
+        return cls(store.root, manifest, metas, sessions, gate, policy, note)
+
+    @property
+    def configured_policy(self) -> str:
+        """The manifest's default policy (``default_policy`` differs when it cannot serve: see ``policy_note``)."""
+        return str(self.manifest.gate.get("policy", DEFAULT_POLICY))
 
     # -- the contract -------------------------------------------------------------------------
     @property
@@ -196,17 +203,19 @@ class Deck:
         """Probabilities [N, C] from one card, no gate."""
         session = self._sessions.get(name)
         if session is None:
-            raise CardNotFound(f"no card {name!r} in the deck (cards: {', '.join(self.card_names) or 'none'})")
+            raise CardNotFound(f"no card {shown(name)} in the deck (cards: {', '.join(self.card_names) or 'none'})")
         return softmax(session.logits(self.prepare(images)))
 
 
-def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str]:
+def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str, str]:
+    """The gate, the default policy it serves, and why that is not the configured one ("" when it is)."""
     config = dict(manifest.gate)
     policy = str(config.get("policy", DEFAULT_POLICY))
     POLICIES.get(policy)
     if not metas:
-        return None, policy
+        return None, policy, ""
     router = None
+    why = "the deck has no calibrated router"
     keys = tuple(m.key for m in metas)
     if config.get("router"):
         from carddeck.gating.router import CalibratedRouter
@@ -215,14 +224,21 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
             router = CalibratedRouter.load(store.root / config["router"])
         except InvalidInput as exc:  # serve on without it rather than refuse the whole deck
             log.warning("deck %s: ignoring the calibrated router: %s", store.root, exc)
+            why = f"its calibrated router is unreadable ({exc})"
         missing = [k for k in router.card_keys if k not in keys] if router is not None else []
         if missing:
             log.warning(
                 "deck %s: calibrated router is stale (cards %s gone); run carddeck calibrate", store.root, missing
             )
             router = None
+            why = f"its calibrated router needs card{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+    note = ""
     if policy == "calibrated" and router is None:
         log.warning("deck %s: default policy 'calibrated' has no usable router; using %s", store.root, DEFAULT_POLICY)
+        note = (
+            f"configured default policy 'calibrated' cannot serve: {why}; serving {DEFAULT_POLICY!r} "
+            "until `carddeck calibrate` fits a router to the current cards"
+        )
         policy = DEFAULT_POLICY
     gate = Gate.from_cards(
         [(m.name, m.domain, m.signature) for m in metas],
@@ -231,7 +247,7 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
         router=router,
         card_keys=keys,
     )
-    return gate, policy
+    return gate, policy, note
 
 
 __all__ = ["Deck", "Prediction", "prepare_images"]

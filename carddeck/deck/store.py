@@ -11,8 +11,14 @@ Layout::
 
 Every file is written to a temporary name, flushed, fsynced and renamed into place; the manifest is
 written last, so a crash at any point leaves the previous manifest, which names only complete files.
-Files no manifest names (from an interrupted add) are harmless and overwritten by the next add.
-Writers take an exclusive ``flock`` on ``ROOT/.lock``; readers never lock. ``manifest()`` re-reads
+Debris is swept at every change and by :meth:`DeckStore.clean`, under the lock (so no writer is
+mid-write): temporary files and the card directories of interrupted adds (never named by a manifest)
+at once; the directories of removed cards (marked ``.removed``) and superseded routers once unnamed
+for ``debris_grace_s`` (60 s by default), since a replica that read the previous manifest may still
+be loading them.
+Adding a card that is already there with the same bytes answers it again (a retried add); other
+bytes under the same name and version are a DeckConflict. Writers take an exclusive ``flock`` on
+``ROOT/.lock``; readers never lock. ``manifest()`` re-reads
 the file only when its inode, size or mtime changed, so replicas can poll the version cheaply.
 A deck serves the highest version of each card name; older versions stay until removed.
 """
@@ -27,7 +33,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +61,9 @@ CALIBRATION = "calibration.npz"
 MODEL_FILE = "model.onnx"
 META_FILE = "card.json"
 READ_ONLY = "READ-ONLY"  # marker file: the deck is shipped (in the package, in the repository), never changed
+RESERVED_NAMES = frozenset({"carddeck"})  # the deck's own model name in the Open Inference Protocol
+REMOVED_MARK = ".removed"  # in a removed card's directory: kept for the grace period, from the mark's time
+DEBRIS_GRACE_S = 60.0  # replicas poll every few seconds and load a deck in seconds: ample margin
 
 
 # card files: reading, checking and atomic writes live in carddeck.deck.cardfile (shared with export)
@@ -169,14 +179,16 @@ def input_to_dict(spec: InputSpec) -> dict[str, Any]:
 class DeckStore:
     """Read and change a deck directory. Methods that change it take the store lock."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, debris_grace_s: float = DEBRIS_GRACE_S) -> None:
         self.root = Path(root)
+        self.debris_grace_s = debris_grace_s
         if not (self.root / MANIFEST).is_file():
             raise InvalidInput(
                 f"{self.root} is not a deck: no {MANIFEST} (make one with `carddeck deck init DIR`, "
                 "or `DeckStore.create(root)` in Python)"
             )
         self._cache: tuple[tuple[int, int, int], Manifest] | None = None
+        self.last_add_was_new = True  # False when the last add_card found the same card already there
 
     @classmethod
     def create(cls, root: Path | str, *, exist_ok: bool = False) -> DeckStore:
@@ -269,31 +281,86 @@ class DeckStore:
         atomic_write(self.root / MANIFEST, _encode(manifest))
         self._cache = None
         log.info("deck %s: version %d (%d cards)", self.root, manifest.version, len(manifest.cards))
+        try:
+            self._sweep(manifest)
+        except OSError as exc:  # the change is committed; debris waits for the next sweep
+            log.warning("deck %s: could not remove debris: %s", self.root, exc)
         return manifest
 
-    def add_card(self, model: bytes | Path | str, *, calibration: np.ndarray | None = None) -> CardMeta:
+    # -- debris -------------------------------------------------------------------------------
+    def clean(self) -> list[str]:
+        """Remove debris (see the module docstring); returns what was removed, relative to the root.
+
+        Takes the lock only when there is debris: a clean deck is not written to, a read-only one never.
+        """
+        if self.read_only or not self._debris(self.manifest()):
+            return []
+        with self._locked() as m:
+            return self._sweep(m)
+
+    def _debris(self, manifest: Manifest) -> list[Path]:
+        """What :meth:`clean` removes now, given ``manifest`` (see the module docstring)."""
+        named = {c.path for c in manifest.cards} | {str(manifest.gate.get("router"))}
+        cutoff = time.time() - self.debris_grace_s
+
+        def unnamed(path: Path) -> bool:
+            return path.relative_to(self.root).as_posix() not in named
+
+        def expired(path: Path) -> bool:
+            with contextlib.suppress(FileNotFoundError):
+                return path.stat().st_mtime < cutoff
+            return True
+
+        tmp = [*self.root.glob(".*.tmp"), *self.root.glob("cards/*/*/.*.tmp"), *self.root.glob("gate/.*.tmp")]
+        cards = [
+            d
+            for d in self.root.glob("cards/*/*")
+            if d.is_dir() and unnamed(d) and (not (d / REMOVED_MARK).exists() or expired(d / REMOVED_MARK))
+        ]
+        routers = [r for r in self.root.glob("gate/router-*.npz") if unnamed(r) and expired(r)]
+        return tmp + cards + routers
+
+    def _sweep(self, manifest: Manifest) -> list[str]:
+        """Under the lock (no writer is mid-write): remove the debris, then card-name directories left empty."""
+        removed = self._debris(manifest)
+        for path in removed:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        for name_dir in self.root.glob("cards/*"):
+            if name_dir.is_dir() and not any(name_dir.iterdir()):
+                name_dir.rmdir()
+        names = sorted(p.relative_to(self.root).as_posix() for p in removed)
+        if names:
+            log.info("deck %s: removed debris %s", self.root, ", ".join(names))
+        return names
+
+    def add_card(
+        self,
+        model: bytes | Path | str,
+        *,
+        calibration: np.ndarray | None = None,
+        reserved: Iterable[str] = (),
+    ) -> CardMeta:
         """Validate an ONNX card and add it. Returns its CardMeta (with the signature it is served with).
 
         CardRejected: unreadable ONNX, fails onnx.checker, bad CardMeta, graph digest mismatch, contract
-        mismatch (all from :func:`carddeck.deck.cardfile.read_card`), ONNX Runtime cannot run it, no
-        signature and nothing to compute one from. DeckConflict: name/version already there, classes
-        or input size differ from the deck's cards.
+        mismatch (all from :func:`carddeck.deck.cardfile.read_card`), ONNX Runtime cannot run it, a
+        reserved name (:data:`RESERVED_NAMES` and ``reserved``), no signature and nothing to compute one
+        from. DeckConflict: name/version already there with other bytes, classes or input size differ
+        from the deck's cards. The same bytes again change nothing (:attr:`last_add_was_new` is False).
         """
         self.check_writable()  # before the costly checks
         proto, meta, data = read_card_bytes(model)
+        taken = RESERVED_NAMES | set(reserved)
+        if meta.name in taken:
+            raise CardRejected(
+                f"card name {meta.name!r} is reserved: it is the deck's own model name in the Open Inference "
+                f"Protocol (reserved: {', '.join(sorted(taken))}); export the card under another name"
+            )
         check_runs(data, meta)
         with self._locked() as m:
-            if any(c.name == meta.name and c.version == meta.version for c in m.cards):
-                raise DeckConflict(f"card {meta.key} is already in the deck; bump its version to replace it")
-            if m.class_names and tuple(meta.class_names) != tuple(m.class_names):
-                raise DeckConflict(
-                    f"card {meta.key} has {meta.num_classes} classes {list(meta.class_names)[:5]}..., the deck has "
-                    f"{len(m.class_names)} classes {list(m.class_names)[:5]}...; every card must share the classes"
-                )
-            if m.input is not None and input_to_dict(meta.input) != dict(m.input):
-                raise DeckConflict(
-                    f"card {meta.key} takes input {input_to_dict(meta.input)}, the deck's cards take {dict(m.input)}"
-                )
             if meta.signature is None:
                 images = calibration if calibration is not None else self.calibration_images()
                 if images is None:
@@ -306,6 +373,24 @@ class DeckStore:
                 meta = meta.replace(signature=domain_signature(meta.domain, images, seed=0))
                 set_card_meta(proto, meta)
                 data = proto.SerializeToString()
+            same = next((c for c in m.cards if c.name == meta.name and c.version == meta.version), None)
+            if same is not None:
+                if same.sha256.get(MODEL_FILE) == sha256(data):  # a retry of an add that landed
+                    self.last_add_was_new = False
+                    log.info("deck %s: card %s is already present with the same bytes", self.root, meta.key)
+                    return self.read_meta(same)
+                raise DeckConflict(
+                    f"card {meta.key} is already in the deck with other bytes; bump its version to replace it"
+                )
+            if m.class_names and tuple(meta.class_names) != tuple(m.class_names):
+                raise DeckConflict(
+                    f"card {meta.key} has {meta.num_classes} classes {list(meta.class_names)[:5]}..., the deck has "
+                    f"{len(m.class_names)} classes {list(m.class_names)[:5]}...; every card must share the classes"
+                )
+            if m.input is not None and input_to_dict(meta.input) != dict(m.input):
+                raise DeckConflict(
+                    f"card {meta.key} takes input {input_to_dict(meta.input)}, the deck's cards take {dict(m.input)}"
+                )
             signature = meta.signature or ()
             others = [self.read_meta(e) for e in m.active() if e.name != meta.name]
             dims = {len(o.signature) for o in others if o.signature is not None}
@@ -315,6 +400,7 @@ class DeckStore:
                 )
             rel = f"cards/{meta.name}/{meta.version}"
             meta_bytes = meta.to_json().encode()
+            (self.root / rel / REMOVED_MARK).unlink(missing_ok=True)  # the key comes back within the grace period
             atomic_write(self.root / rel / MODEL_FILE, data)
             atomic_write(self.root / rel / META_FILE, meta_bytes)
             entry_ = CardEntry(
@@ -330,20 +416,24 @@ class DeckStore:
                     updated=_now(),
                 )
             )
+        self.last_add_was_new = True
         log.info("deck %s: added card %s (domain %s)", self.root, meta.key, meta.domain)
         return meta
 
     def remove_card(self, name: str, version: int | None = None) -> list[str]:
         """Remove one version of a card, or every version when ``version`` is None. CardNotFound if absent.
 
-        The manifest is rewritten first, then the files are deleted (a crash in between leaves
-        unreferenced files, never a manifest naming missing ones). Returns the removed keys.
+        Only the manifest changes now; the files, marked removed, stay for the grace period (a replica may
+        be loading the previous manifest) and go with a later sweep. Returns the removed keys.
         """
         with self._locked() as m:
             gone = [c for c in m.cards if c.name == name and (version is None or c.version == version)]
             if not gone:
                 m.find(name, version)  # raises CardNotFound naming what is there
             keep = tuple(c for c in m.cards if c not in gone)
+            for c in gone:  # kept for the grace period, counted from now
+                with contextlib.suppress(OSError):
+                    (self.card_dir(c) / REMOVED_MARK).touch()
             self._commit(
                 replace(
                     m,
@@ -354,8 +444,6 @@ class DeckStore:
                     updated=_now(),
                 )
             )
-        for c in gone:
-            shutil.rmtree(self.card_dir(c), ignore_errors=True)
         return [c.key for c in gone]
 
     def set_gate(
@@ -382,6 +470,10 @@ class DeckStore:
             if references is not None:
                 gate["references"] = {d: [float(v) for v in s] for d, s in references.items()}
             if router is not None:
+                old = m.gate.get("router")
+                if old:  # superseded: kept for the grace period, counted from now
+                    with contextlib.suppress(OSError):
+                        os.utime(self.root / old)
                 rel = f"gate/router-{m.version + 1}.npz"
                 buf = io.BytesIO()
                 router.save(buf)
@@ -409,8 +501,10 @@ def _encode(manifest: Manifest) -> bytes:
 
 __all__ = [
     "CALIBRATION",
+    "DEBRIS_GRACE_S",
     "MANIFEST",
     "READ_ONLY",
+    "RESERVED_NAMES",
     "CardEntry",
     "DeckStore",
     "Manifest",

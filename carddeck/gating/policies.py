@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, shown
 from carddeck.gating.signature import batch_signature, sample_signatures
 from carddeck.registry import Registry
 
@@ -41,7 +41,7 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray, metric: str = DEFAULT_METRI
         an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
         bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
         return (1.0 - an @ bn.T).astype(np.float32)
-    raise InvalidInput(f"unknown distance metric {metric!r}; valid choices: {', '.join(METRICS)}")
+    raise InvalidInput(f"unknown distance metric {shown(metric)}; valid choices: {', '.join(METRICS)}")
 
 
 @dataclass(frozen=True)

@@ -24,17 +24,19 @@ from carddeck.errors import InvalidInput
 from carddeck.server.auth import AuthInterceptor
 from carddeck.server.carddeck_servicer import CardDeckServicer, MiB
 from carddeck.server.dataplane import Dataplane
+from carddeck.server.handlers import add_servicer
 from carddeck.server.health import Health
 from carddeck.server.oip_servicer import OipServicer
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2, carddeck_pb2_grpc
-from carddeck.server.proto_gen.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2
+from carddeck.server.proto_gen.inference import grpc_service_pb2, model_config_pb2
 from carddeck.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAMES = (
     carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"].full_name,
-    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    OIP_SERVICE.full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -99,10 +101,11 @@ def build_server(
         ],
         maximum_concurrent_rpcs=None,
     )
-    carddeck_pb2_grpc.add_CardDeckServicer_to_server(CardDeckServicer(dataplane, settings), server)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(dataplane, settings), server)
+    add_servicer(server, CardDeckServicer(dataplane, settings), carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"])
+    add_servicer(server, OipServicer(dataplane, settings), OIP_SERVICE)
     health.add_to(server)
-    reflection.enable_server_reflection(SERVICE_NAMES, server, pool=reflection_pool())
+    reflector = reflection.ReflectionServicer(SERVICE_NAMES, pool=reflection_pool())
+    add_servicer(server, reflector, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
     credentials = _credentials(settings)
     if not port_free(settings.host, settings.port):  # say it ourselves: grpc would log an error line of its own
         raise InvalidInput(_port_in_use(settings))

@@ -96,12 +96,13 @@ class MicroBatcher(Generic[T, R]):
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Stop collecting; ``wait=False`` does not wait for the batches running now (shutdown past its drain)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=5)
-        self._pool.shutdown(wait=True)
+        self._thread.join(timeout=5 if wait else 0.1)
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
     # -- the collector ------------------------------------------------------------------------
     def _next_batch(self) -> list[_Entry[T, R]] | None:

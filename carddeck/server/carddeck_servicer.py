@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 
 from carddeck.card import NAME_PATTERN
 from carddeck.deck import DeckStore
-from carddeck.errors import CardNotFound, InvalidInput, TooLarge
+from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
 from carddeck.server import convert
 from carddeck.server.dataplane import Dataplane
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -26,28 +24,23 @@ MiB = 1 << 20
 def check_card_name(name: str, field: str = "name") -> str:
     """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
     if not NAME_PATTERN.match(name):
-        raise InvalidInput(f"{field}: {name!r} is not a card name; names match {NAME_PATTERN.pattern}")
+        raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
     return name
 
 
-def receive_card(chunks: Iterator[bytes], folder: Path, *, limit_bytes: int) -> tuple[Path, str]:
-    """Write streamed card bytes to a file in ``folder`` (never whole in memory); TooLarge past the limit.
-
-    Returns the file and its sha256 hex digest.
-    """
-    path = folder / "upload.onnx"
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "wb") as f:
-        for data in chunks:
-            size += len(data)
-            if size > limit_bytes:
-                raise TooLarge(f"card upload exceeds the server's limit of {limit_bytes // MiB} MiB (max_card_mb)")
-            digest.update(data)
-            f.write(data)
-    if size == 0:
+def receive_card(chunks: Iterator[bytes], *, limit_bytes: int) -> tuple[bytes, str]:
+    """Streamed card bytes, joined in memory (no temporary file a crash could leave behind); TooLarge past
+    the limit. Returns the bytes and their sha256 hex digest."""
+    buf = bytearray()
+    for data in chunks:
+        if len(buf) + len(data) > limit_bytes:
+            raise TooLarge(f"card upload exceeds the server's limit of {limit_bytes // MiB} MiB (max_card_mb)")
+        buf += data
+    if not buf:
         raise InvalidInput("data: empty upload; stream the ONNX file's bytes in AddCardChunk.data")
-    return path, digest.hexdigest()
+    data = bytes(buf)
+    del buf  # one copy of the card at a time
+    return data, hashlib.sha256(data).hexdigest()
 
 
 class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
@@ -95,6 +88,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             deck_version=deck.version,
             default_policy=deck.default_policy,
             class_names=deck.class_names,
+            default_policy_note=deck.policy_note,
         )
 
     @rpc_errors
@@ -114,7 +108,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
 
     @rpc_errors
     def AddCard(self, request_iterator: Iterator[pb.AddCardChunk], context: grpc.ServicerContext) -> pb.AddCardResponse:
-        with self.dp.request(), tempfile.TemporaryDirectory(prefix="carddeck-upload-") as tmp:
+        with self.dp.request():
             expected = [""]
 
             def chunks() -> Iterator[bytes]:
@@ -123,15 +117,20 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
                         expected[0] = chunk.sha256
                     yield chunk.data
 
-            path, digest = receive_card(chunks(), Path(tmp), limit_bytes=self.settings.max_card_mb * MiB)
+            data, digest = receive_card(chunks(), limit_bytes=self.settings.max_card_mb * MiB)
             if expected[0] and digest != expected[0].lower():
                 raise InvalidInput(f"sha256: the upload's digest {digest} does not match {expected[0]}")
-            meta = self.dp.add_card(path)
-            return pb.AddCardResponse(card=convert.card_to_proto(meta), deck_version=self.dp.deck.version)
+            meta, new = self.dp.add_card(data)
+            return pb.AddCardResponse(
+                card=convert.card_to_proto(meta), deck_version=self.dp.deck.version, already_present=not new
+            )
 
     @rpc_errors
     def RemoveCard(self, request: pb.RemoveCardRequest, context: grpc.ServicerContext) -> pb.RemoveCardResponse:
         with self.dp.request():
             name = check_card_name(request.name)
-            self.dp.remove_card(name, request.version or None)
-            return pb.RemoveCardResponse(deck_version=self.dp.deck.version)
+            _, note = self.dp.remove_card(name, request.version or None)
+            deck = self.dp.deck
+            return pb.RemoveCardResponse(
+                deck_version=deck.version, default_policy=deck.default_policy, default_policy_note=note
+            )

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from carddeck.card import CardMeta
-from carddeck.errors import InvalidInput, TooLarge
+from carddeck.errors import InvalidInput, TooLarge, shown
 from carddeck.gating import Routing
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
@@ -22,9 +22,9 @@ OIP_DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.
 
 def _check_shape(shape: list[int], field: str, max_images: int, accepted: str) -> None:
     if len(shape) != 4:
-        raise InvalidInput(f"{field}: expected 4 dimensions ({accepted}), got {shape}")
+        raise InvalidInput(f"{field}: expected 4 dimensions ({accepted}), got {shown(shape)}")
     if any(d <= 0 for d in shape):
-        raise InvalidInput(f"{field}: every dimension must be positive ({accepted}), got {shape}")
+        raise InvalidInput(f"{field}: every dimension must be positive ({accepted}), got {shown(shape)}")
     if shape[0] > max_images:
         raise TooLarge(f"{field}: {shape[0]} images in one request; the server accepts at most {max_images}")
 
@@ -33,7 +33,7 @@ def _from_bytes(data: bytes, dtype: np.dtype[Any], shape: list[int], field: str)
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"{field}: {len(data)} bytes do not match shape {shape} of {dtype.name} ({expected} bytes expected)"
+            f"{field}: {len(data)} bytes do not match shape {shown(shape)} of {dtype.name} ({expected} bytes expected)"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
@@ -104,13 +104,13 @@ def oip_options(parameters: Mapping[str, oip.InferParameter]) -> tuple[str | Non
     known = ("policy", "per_sample")
     for key in parameters:
         if key not in known and not key.startswith(("triton_", "sequence_", "priority", "timeout", "binary_data")):
-            raise InvalidInput(f"parameters[{key!r}]: unknown parameter; CARD-Deck reads {', '.join(known)}")
+            raise InvalidInput(f"parameters[{shown(key)}]: unknown parameter; CARD-Deck reads {', '.join(known)}")
     policy = oip_parameter(parameters["policy"]) if "policy" in parameters else None
     if policy is not None and not isinstance(policy, str):
-        raise InvalidInput(f"parameters['policy']: must be a string_param, got {policy!r}")
+        raise InvalidInput(f"parameters['policy']: must be a string_param, got {shown(policy)}")
     per_sample = oip_parameter(parameters["per_sample"]) if "per_sample" in parameters else False
     if not isinstance(per_sample, bool):
-        raise InvalidInput(f"parameters['per_sample']: must be a bool_param, got {per_sample!r}")
+        raise InvalidInput(f"parameters['per_sample']: must be a bool_param, got {shown(per_sample)}")
     return policy or None, per_sample
 
 
@@ -121,9 +121,11 @@ def oip_images(request: oip.ModelInferRequest, *, max_images: int, height: int, 
         raise InvalidInput(f"inputs: expected exactly one input named 'images' ({accepted}), got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != "images":
-        raise InvalidInput(f"inputs[0].name: {tensor.name!r} is not an input of this model; send 'images' ({accepted})")
+        raise InvalidInput(
+            f"inputs[0].name: {shown(tensor.name)} is not an input of this model; send 'images' ({accepted})"
+        )
     if tensor.datatype not in ("FP32", "UINT8"):
-        raise InvalidInput(f"inputs[0].datatype: {tensor.datatype!r} is not accepted; send {accepted}")
+        raise InvalidInput(f"inputs[0].datatype: {shown(tensor.datatype)} is not accepted; send {accepted}")
     shape = list(tensor.shape)
     _check_shape(shape, "inputs[0].shape", max_images, accepted)
     dtype = OIP_DTYPES[tensor.datatype]
@@ -137,7 +139,7 @@ def oip_images(request: oip.ModelInferRequest, *, max_images: int, height: int, 
     field = "inputs[0].contents." + ("fp32_contents" if tensor.datatype == "FP32" else "uint_contents")
     count = math.prod(shape)
     if len(values) != count:
-        raise InvalidInput(f"{field}: {len(values)} values do not match shape {shape} ({count} expected)")
+        raise InvalidInput(f"{field}: {len(values)} values do not match shape {shown(shape)} ({count} expected)")
     arr = np.asarray(values, dtype=np.float32 if tensor.datatype == "FP32" else np.uint32)
     if tensor.datatype == "UINT8":
         if arr.size and arr.max() > 255:
@@ -155,7 +157,7 @@ def oip_outputs(
     for i, name in enumerate(names):
         if name not in available:
             raise InvalidInput(
-                f"outputs[{i}].name: {name!r} is not an output of this model; outputs: {', '.join(available)}"
+                f"outputs[{i}].name: {shown(name)} is not an output of this model; outputs: {', '.join(available)}"
             )
         arr = available[name]
         datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}[arr.dtype]

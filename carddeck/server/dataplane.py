@@ -29,7 +29,8 @@ import numpy as np
 
 from carddeck.card import CardMeta
 from carddeck.deck import Deck, DeckStore, Prediction
-from carddeck.errors import Cancelled, CardRejected, NotReady
+from carddeck.deck.store import DEBRIS_GRACE_S
+from carddeck.errors import Cancelled, CarddeckError, CardRejected, NotReady, shown
 from carddeck.gating import Routing
 from carddeck.server.batching import MicroBatcher
 
@@ -46,6 +47,7 @@ class MetricsHook(Protocol):
     def track_queue_depth(self, depth: Callable[[], int]) -> None: ...
     def observe_routing(self, routing: Any, out_of_domain_threshold: float | None = None) -> None: ...
     def set_deck(self, version: int, cards: Any) -> None: ...
+    def set_default_policy(self, policy: str, configured: str) -> None: ...
     def card_change(self, op: str, outcome: str) -> None: ...
     def observe_card(self, card: str, seconds: float) -> None: ...
 
@@ -61,6 +63,8 @@ class DataplaneConfig:
     providers: Sequence[str] | None = None
     intra_op_threads: int | None = None
     calibration_data: str = ""
+    reserved_names: tuple[str, ...] = ()  # card names taken by the server (its deck model name)
+    debris_grace_s: float = DEBRIS_GRACE_S
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Dataplane:
         self._shutting_down = False
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._last_clean = 0.0
         self._calibration: np.ndarray | None = None
         self.swaps = 0  # snapshots installed after the first
         self.on_swap: list[Callable[[Deck], None]] = []  # e.g. health status follows the deck
@@ -131,18 +136,20 @@ class Dataplane:
     def start(self) -> Deck:
         """Open the deck (raises on a missing or broken store) and start watching it for changes."""
         deck = self._open(previous=None)
+        self._clean()
         self._install(deck)
         if self.config.poll_interval_s > 0:
             self._poller = threading.Thread(target=self._poll, name="carddeck-deck-poll", daemon=True)
             self._poller.start()
         return deck
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the batcher and the poller; ``wait=False`` leaves card runs still going to finish unwatched."""
         self._stop.set()
         if self._batcher is not None:
-            self._batcher.close()
+            self._batcher.close(wait=wait)
         if self._poller is not None:
-            self._poller.join(timeout=5)
+            self._poller.join(timeout=5 if wait else 0.1)
 
     @property
     def deck(self) -> Deck:
@@ -393,26 +400,54 @@ class Dataplane:
             intra_op_threads=self.config.intra_op_threads,
         )
 
-    def _install(self, deck: Deck) -> None:
+    def _install(self, deck: Deck) -> str:
+        """Swap in ``deck``; returns a note when that changed the default policy ("" otherwise)."""
         old = self._deck
         self._deck = deck  # one reference swap: in-flight requests keep the snapshot they read
+        note = ""
         if old is not None:
             self.swaps += 1
             log.info("deck snapshot %d -> %d (%d cards)", old.version, deck.version, len(deck.cards))
+            if old.default_policy != deck.default_policy:
+                note = f"the default policy changed from {old.default_policy!r} to {deck.default_policy!r}"
+                note += f": {deck.policy_note}" if deck.policy_note else ""
+                log.warning("deck %s version %d: %s", deck.root, deck.version, note)
         if self.metrics is not None:
             self.metrics.set_deck(deck.version, deck.cards)
+            self.metrics.set_default_policy(deck.default_policy, deck.configured_policy)
         for listener in self.on_swap:
             listener(deck)
+        return note
 
-    def add_card(self, model: bytes | Path) -> CardMeta:
-        """Validate and add a card through the store, then swap in the new snapshot."""
+    def _store(self) -> DeckStore:
+        return DeckStore(self.config.deck_path, debris_grace_s=self.config.debris_grace_s)
+
+    def _clean(self) -> None:
+        """Sweep the store's debris (at start, then now and then while polling); never fails the server."""
+        self._last_clean = time.monotonic()
+        try:
+            self._store().clean()
+        except (OSError, CarddeckError) as exc:  # e.g. a read-only deck: nothing of ours to clean there
+            log.warning("deck %s: could not remove debris: %s", self.config.deck_path, exc)
+
+    def add_card(self, model: bytes | Path) -> tuple[CardMeta, bool]:
+        """Validate and add a card through the store, then swap in the new snapshot.
+
+        Returns its CardMeta and whether it is new (False: the same bytes were already there, e.g. a
+        retried add whose answer was lost; nothing changes).
+        """
         with self._swap_lock:
-            store = DeckStore(self.config.deck_path)
+            store = self._store()
             try:
-                meta = store.add_card(model, calibration=self._calibration_images())
+                meta = store.add_card(
+                    model, calibration=self._calibration_images(), reserved=self.config.reserved_names
+                )
             except Exception:
                 self._card_change("add", "rejected")
                 raise
+            if not store.last_add_was_new:
+                self._card_change("add", "already_present")
+                return meta, False
             try:
                 self._install(self._open(previous=self._deck))
             except Exception as exc:  # the store took it but it cannot be served: undo
@@ -420,18 +455,22 @@ class Dataplane:
                 self._card_change("add", "rejected")
                 raise CardRejected(f"card {meta.key} was stored but cannot be served ({exc}); removed again") from exc
             self._card_change("add", "ok")
-            return meta
+            return meta, True
 
-    def remove_card(self, name: str, version: int | None = None) -> list[str]:
+    def remove_card(self, name: str, version: int | None = None) -> tuple[list[str], str]:
+        """Remove a card (one version, or all) and swap in the new snapshot.
+
+        Returns the removed keys and a note when the removal changed the deck's default policy.
+        """
         with self._swap_lock:
             try:
-                removed = DeckStore(self.config.deck_path).remove_card(name, version)
+                removed = self._store().remove_card(name, version)
             except Exception:
                 self._card_change("remove", "rejected")
                 raise
-            self._install(self._open(previous=self._deck))
+            note = self._install(self._open(previous=self._deck))
             self._card_change("remove", "ok")
-            return removed
+            return removed, note
 
     def reload_if_changed(self) -> bool:
         """Swap in a new snapshot when the store's manifest version moved (another replica wrote it)."""
@@ -450,6 +489,8 @@ class Dataplane:
         while not self._stop.wait(self.config.poll_interval_s):
             try:
                 self.reload_if_changed()
+                if time.monotonic() - self._last_clean > self.config.debris_grace_s:
+                    self._clean()  # debris from a crash, younger than the grace period at start
             except Exception as exc:  # a half-written store from another replica: keep serving
                 log.warning(
                     "deck reload failed, still serving version %s: %s", getattr(self._deck, "version", "?"), exc
@@ -475,7 +516,9 @@ def _card_index(deck: Deck, name: str) -> int:
     try:
         return deck.card_names.index(name)
     except ValueError:
-        raise CardNotFound(f"no card {name!r} in the deck (cards: {', '.join(deck.card_names) or 'none'})") from None
+        raise CardNotFound(
+            f"no card {shown(name)} in the deck (cards: {', '.join(deck.card_names) or 'none'})"
+        ) from None
 
 
 def _combine(deck: Deck, x: np.ndarray, weights: np.ndarray, on_card: OnCard | None = None) -> np.ndarray:

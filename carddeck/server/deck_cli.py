@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
             if args.deck_command == "add":
                 for path in args.cards:
                     r = client.add_card(card_bytes(path, args.version, client))
-                    print(
-                        f"added {r.card.name}/{r.card.version} (domain {r.card.domain}); deck version {r.deck_version}"
-                    )
+                    done = "already present (same bytes)" if r.already_present else "added"
+                    card = f"{r.card.name}/{r.card.version} (domain {r.card.domain})"
+                    print(f"{done} {card}; deck version {r.deck_version}")
             elif args.deck_command == "remove":
                 removed = client.remove_card(args.name, args.version)
                 print(f"removed {args.name}; deck version {removed.deck_version}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
+
+from carddeck.server.handlers import add_servicer
 
 SERVICES = ("", "carddeck.v1.CardDeck", "inference.GRPCInferenceService")
 
@@ -32,7 +34,7 @@ class Health:
         self.servicer.enter_graceful_shutdown()
 
     def add_to(self, server: grpc.Server) -> None:
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        add_servicer(server, self.servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -3,6 +3,8 @@
 Shutdown order (SIGTERM or Ctrl-C): health goes NOT_SERVING (Watch streams see it at once), the
 server keeps serving for ``shutdown_delay_s`` (so load balancers stop sending), then refuses new
 work with UNAVAILABLE and waits up to ``drain_timeout_s`` for in-flight requests, then exits 0.
+Requests still running then are cancelled and the process exits at once (within about a second):
+ONNX Runtime cannot interrupt a card run, so nothing waits for one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -40,7 +43,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return serve(load_settings(args))
+    code = serve(load_settings(args))
+    # The process ends here, now: a normal exit joins every worker thread, and after a drain timeout
+    # some may still be inside an ONNX Runtime run that nothing can interrupt (seconds to minutes).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInterceptor], Any]:
@@ -49,14 +58,14 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
     endpoint = None
     if settings.metrics_port >= 0:
         try:
-            endpoint = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
+            endpoint = start_metrics_server(metrics, settings.metrics_address, settings.metrics_port)
         except OSError as exc:
             raise InvalidInput(
-                f"cannot listen for metrics on {settings.metrics_host}:{settings.metrics_port} ({exc.strerror}): "
+                f"cannot listen for metrics on {settings.metrics_address}:{settings.metrics_port} ({exc.strerror}): "
                 "stop the other server or choose another port with --metrics-port (0: any free port, -1: no "
                 "metrics endpoint) [env CARDDECK_METRICS_PORT]"
             ) from None
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, endpoint.port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_address, endpoint.port)
     return metrics, (ObservabilityInterceptor(metrics),), endpoint
 
 
@@ -81,6 +90,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             providers=settings.provider_list(),
             intra_op_threads=settings.intra_op_threads or None,
             calibration_data=settings.calibration_data,
+            reserved_names=(settings.deck_model_name,),
+            debris_grace_s=settings.debris_grace_s,
         ),
         metrics=metrics,
     )
@@ -88,8 +99,15 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
     server = None
+    drained = True  # an error before the drain leaves nothing running worth waiting for
     try:
         deck = dataplane.start()
+        if settings.deck_model_name in deck.card_names:  # stored before the name was reserved
+            log.warning(
+                "card %r has the deck's own OIP model name and is shadowed by it; remove it and add it under "
+                "another name (or serve with another --deck-model-name)",
+                settings.deck_model_name,
+            )
         server, port = build_server(settings, dataplane, health, interceptors=interceptors)
         server.start()
         health.set_serving(dataplane.ready)
@@ -113,15 +131,16 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
         health.enter_shutdown()
         if settings.shutdown_delay_s:
             time.sleep(settings.shutdown_delay_s)
-        if dataplane.drain(settings.drain_timeout_s):
+        drained = dataplane.drain(settings.drain_timeout_s)
+        if drained:
             log.info("drained: every in-flight request finished")
         else:
             log.warning("drain timeout: %d requests still in flight are cancelled", dataplane.inflight)
         return 0
     finally:
-        if server is not None:
-            server.stop(grace=1.0).wait()
-        dataplane.close()
+        if server is not None:  # after a drain timeout: cancel what is left at once, wait for no card run
+            server.stop(grace=1.0 if drained else None).wait(1.0)
+        dataplane.close(wait=drained)
         health.close()
         if endpoint is not None:
             endpoint.stop()

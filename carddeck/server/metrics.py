@@ -118,6 +118,12 @@ class Metrics:
         )  # fmt: skip
         self.deck_version = Gauge("carddeck_deck_version", "Version of the deck snapshot being served.", registry=r)
         self.deck_cards = Gauge("carddeck_deck_cards", "Number of CARDs in the deck being served.", registry=r)
+        self.default_policy = Gauge(
+            "carddeck_default_policy_info",
+            "1 for the policy served when a request names none, labelled with the deck's configured one: they "
+            "differ when the configured policy cannot serve (a calibrated router whose card was removed).",
+            ["policy", "configured"], registry=r,
+        )  # fmt: skip
         self.card_changes = Counter(
             "carddeck_card_changes", "Card loads and removals, by operation and outcome.", ["op", "outcome"],
             registry=r,
@@ -241,8 +247,13 @@ class Metrics:
         self.deck_version.set(version)
         self.deck_cards.set(count)
 
+    def set_default_policy(self, policy: str, configured: str) -> None:
+        with self._lock:
+            self.default_policy.clear()
+            self.default_policy.labels(policy=policy, configured=configured).set(1)
+
     def card_change(self, op: str, outcome: str) -> None:
-        """A card load/removal finished: ``op`` e.g. add/remove, ``outcome`` e.g. ok/rejected/conflict/not_found."""
+        """A card load/removal finished: ``op`` add/remove, ``outcome`` ok/already_present/rejected."""
         self.card_changes.labels(op=op, outcome=outcome).inc()
 
     def set_shift(self, shift: ShiftThresholds | None) -> None:

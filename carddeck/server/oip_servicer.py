@@ -10,16 +10,13 @@ Input: ``images``, FP32 [N, 3, H, W] in [0, 1] or UINT8 [N, H, W, 3]. Request pa
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import grpc
 import numpy as np
 
 import carddeck
 from carddeck.card import CardMeta
 from carddeck.deck import Deck, read_card_meta
-from carddeck.errors import CardNotFound, InvalidInput, TooLarge
+from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
 from carddeck.server import convert
 from carddeck.server.carddeck_servicer import MiB, check_card_name
 from carddeck.server.dataplane import Dataplane
@@ -46,14 +43,14 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"name: empty; models: {', '.join(self._names(deck))}")
         if name == self.deck_name:
             if version and version != str(deck.version):
-                raise CardNotFound(f"model {name!r} has version {deck.version}, not {version!r}")
+                raise CardNotFound(f"model {shown(name)} has version {deck.version}, not {shown(version)}")
             return None
         for meta in deck.cards:
             if meta.name == name:
                 if version and version != str(meta.version):
-                    raise CardNotFound(f"model {name!r} is served at version {meta.version}, not {version!r}")
+                    raise CardNotFound(f"model {shown(name)} is served at version {meta.version}, not {shown(version)}")
                 return meta
-        raise CardNotFound(f"no model {name!r}; models: {', '.join(self._names(deck))}")
+        raise CardNotFound(f"no model {shown(name)}; models: {', '.join(self._names(deck))}")
 
     def _names(self, deck: Deck) -> list[str]:
         return [self.deck_name, *deck.card_names]
@@ -250,21 +247,18 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 if name in self.dp.deck.card_names:
                     return oip.RepositoryModelLoadResponse()
                 raise CardNotFound(
-                    f"no card {name!r} in the deck; to add one send its ONNX file as parameters['file:model.onnx'] "
-                    "(bytes_param)"
+                    f"no card {shown(name)} in the deck; to add one send its ONNX file as "
+                    "parameters['file:model.onnx'] (bytes_param)"
                 )
             if len(files) != 1 or files.get("file:model.onnx") is None:
-                raise InvalidInput(f"parameters: send exactly one file, 'file:model.onnx'; got {sorted(files)}")
+                raise InvalidInput(f"parameters: send exactly one file, 'file:model.onnx'; got {shown(sorted(files))}")
             data = files["file:model.onnx"].bytes_param
             if len(data) > self.settings.max_card_mb * MiB:
                 raise TooLarge(f"card exceeds the server's limit of {self.settings.max_card_mb} MiB (max_card_mb)")
             meta = read_card_meta(data)
             if meta.name != name:
-                raise InvalidInput(f"model_name: {name!r} does not match the card's own name {meta.name!r}")
-            with tempfile.TemporaryDirectory(prefix="carddeck-upload-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                path.write_bytes(data)
-                self.dp.add_card(path)
+                raise InvalidInput(f"model_name: {shown(name)} does not match the card's own name {meta.name!r}")
+            self.dp.add_card(data)
             return oip.RepositoryModelLoadResponse()
 
     @rpc_errors

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from carddeck.deck.default import default_deck_path
+from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import InvalidInput
 
 ENV_PREFIX = "CARDDECK_"
@@ -61,13 +62,18 @@ class Settings:
     poll_interval_s: float = _opt(
         2.0, "how often to check the store for a manifest written by another replica (0: never)"
     )
+    debris_grace_s: float = _opt(
+        DEBRIS_GRACE_S,
+        "keep the files of removed cards and superseded routers this long for replicas still loading an older "
+        "manifest, then delete them (what interrupted writes leave goes at once)",
+    )
     calibration_data: str = _opt(
         "", "dataset spec (e.g. digits32) whose clean images sign cards added without a signature"
     )
     providers: str = _opt("", "comma-separated ONNX Runtime execution providers (default: best available)")
     intra_op_threads: int = _opt(0, "ONNX Runtime threads per card (0: share the cores among the cards)")
     deck_model_name: str = _opt("carddeck", "the gated deck's model name in the Open Inference Protocol")
-    metrics_host: str = _opt("0.0.0.0", "address of the Prometheus /metrics endpoint")
+    metrics_host: str = _opt("", "address of the Prometheus /metrics endpoint (empty: the gRPC --host)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (-1: no metrics endpoint)")
     log_format: str = _opt("text", "log format: text, or json (one JSON object per line with request_id)")
 
@@ -84,6 +90,7 @@ class Settings:
             ("drain_timeout_s", self.drain_timeout_s >= 0, "must be >= 0"),
             ("shutdown_delay_s", self.shutdown_delay_s >= 0, "must be >= 0"),
             ("poll_interval_s", self.poll_interval_s >= 0, "must be >= 0"),
+            ("debris_grace_s", self.debris_grace_s >= 0, "must be >= 0"),
             ("intra_op_threads", self.intra_op_threads >= 0, "must be >= 0"),
             ("metrics_port", -1 <= self.metrics_port <= 65535, "must be in -1..65535"),
             ("log_format", self.log_format in ("text", "json"), "must be text or json"),
@@ -102,6 +109,11 @@ class Settings:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """Where /metrics listens: ``metrics_host``, else the gRPC host (never wider than gRPC by default)."""
+        return self.metrics_host or self.host
 
     def resolved_admin_token(self) -> str:
         return self.admin_token or _read_secret(self.admin_token_file, "admin_token_file")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -18,6 +18,7 @@ from carddeck import errors
 
 log = logging.getLogger(__name__)
 
+MAX_DETAILS_BYTES = 2000
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -39,6 +40,25 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def details(exc: BaseException) -> str:
+    """The status message: ``str(exc)``, cut to :data:`MAX_DETAILS_BYTES` of UTF-8 so that, percent-encoded
+    (up to 3 bytes per byte), it always fits gRPC's 8 KiB header limit. Echoed values are capped where
+    they are written (:func:`carddeck.errors.shown`); this is the net under every other message."""
+    text = str(exc)
+    raw = text.encode()
+    return text if len(raw) <= MAX_DETAILS_BYTES else raw[: MAX_DETAILS_BYTES - 3].decode(errors="ignore") + "..."
+
+
+def abort_with(context: grpc.ServicerContext, exc: errors.CarddeckError) -> NoReturn:
+    """End the call with ``exc``'s status and message (DEADLINE_EXCEEDED for a Cancelled past its deadline)."""
+    code = status_for(exc)
+    remaining = context.time_remaining()
+    if isinstance(exc, errors.Cancelled) and remaining is not None and remaining <= 0:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+    context.abort(code, details(exc))
+    raise AssertionError("context.abort returned")  # it raises; this tells type checkers so
+
+
 def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Servicer method decorator: carddeck errors -> their status; anything else -> INTERNAL, logged.
 
@@ -50,11 +70,7 @@ def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except errors.CarddeckError as exc:
-            code = status_for(exc)
-            remaining = context.time_remaining()
-            if isinstance(exc, errors.Cancelled) and remaining is not None and remaining <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-            context.abort(code, str(exc))
+            abort_with(context, exc)
         except Exception as exc:  # servicers never call context.abort themselves, so this is a bug
             log.exception("internal error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
@@ -62,4 +78,4 @@ def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-__all__ = ["STATUS_CODES", "rpc_errors", "status_for"]
+__all__ = ["STATUS_CODES", "abort_with", "rpc_errors", "status_for"]

@@ -86,7 +86,8 @@ def test_remove(store):
     assert [c.key for c in store.list_cards()] == ["g1/2", "a1/1"]  # the highest version serves
     assert store.remove_card("g1", 2) == ["g1/2"]
     assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]
-    assert not (store.root / "cards/g1/2").exists()
+    assert (store.root / "cards/g1/2/model.onnx").exists()  # a replica on the old manifest may be loading it
+    assert DeckStore(store.root, debris_grace_s=0).clean() == ["cards/g1/2"]
     with pytest.raises(CardNotFound, match="g1/1, a1/1"):
         store.remove_card("nope")
     store.remove_card("g1")
@@ -212,3 +213,63 @@ def test_the_default_deck_is_read_only_and_init_copies_it(tmp_path):
         init_deck(tmp_path / "mine")
     empty = init_deck(tmp_path / "empty", empty=True)
     assert empty.manifest().cards == () and not empty.read_only
+
+
+def test_debris_is_swept_at_once_or_after_the_grace_period(store, monkeypatch):
+    """kill -9 leftovers go at the next sweep; what a replica may still read (removed cards, old routers) after the
+    grace period."""
+    crash_on(monkeypatch, "manifest.json")  # an add that died before its manifest: an orphan card dir
+    with pytest.raises(OSError, match="simulated"):
+        store.add_card(card("g2", "gaussian", seed=3))
+    monkeypatch.undo()
+    tmp = [store.root / ".manifest.json.x1.tmp", store.root / "cards/a1/1/.model.onnx.x2.tmp"]
+    for path in tmp:  # a writer killed inside atomic_write
+        path.write_bytes(b"partial")
+    (store.root / "gate").mkdir()
+    (store.root / "gate/router-1.npz").write_bytes(b"superseded")
+    version = store.version
+    swept = [".manifest.json.x1.tmp", "cards/a1/1/.model.onnx.x2.tmp", "cards/g2/1"]  # g2: never in a manifest
+    assert DeckStore(store.root).clean() == swept
+    assert not (store.root / "cards/g2").exists() and store.version == version  # sweeping is not a change
+    store.remove_card("g1")  # a change sweeps too
+    assert (store.root / "cards/g1/1/model.onnx").exists() and (store.root / "gate/router-1.npz").exists()
+    assert DeckStore(store.root, debris_grace_s=0).clean() == ["cards/g1/1", "gate/router-1.npz"]
+    assert DeckStore(store.root).clean() == []
+    assert [c.key for c in store.list_cards()] == ["a1/1"]
+
+
+def test_a_change_sweeps_debris_past_the_grace_period(store):
+    (store.root / "cards/old/3").mkdir(parents=True)
+    (store.root / "cards/old/3/model.onnx").write_bytes(b"from a crashed add")
+    (store.root / "cards/gone/1").mkdir(parents=True)
+    (store.root / "cards/gone/1/.removed").write_bytes(b"")
+    os.utime(store.root / "cards/gone/1/.removed", (0, 0))  # removed long ago
+    (store.root / ".calibration.npz.x.tmp").write_bytes(b"")
+    DeckStore(store.root, debris_grace_s=30).remove_card("a1")
+    assert sorted(p.name for p in store.root.iterdir() if p.name.endswith(".tmp")) == []
+    assert not (store.root / "cards/old").exists() and not (store.root / "cards/gone").exists()
+    assert (store.root / "cards/a1/1/model.onnx").exists()  # just removed: kept for the grace period
+    store.add_card(card("a1", "augmix", seed=2))  # back within the grace period: no longer marked removed
+    assert DeckStore(store.root, debris_grace_s=0).clean() == [] and [c.key for c in store.list_cards()][-1] == "a1/1"
+
+
+def test_re_adding_the_same_bytes_is_idempotent(store):
+    data = card("g2", "gaussian", seed=3)
+    first = store.add_card(data)
+    assert store.last_add_was_new and store.version == 3
+    again = store.add_card(data)  # a retry whose first answer was lost
+    assert again == first and not store.last_add_was_new and store.version == 3
+    with pytest.raises(DeckConflict, match="other bytes"):
+        store.add_card(card("g2", "gaussian", seed=4))
+    unsigned = card("s1", "gaussian", seed=5, signature=None)  # signed from calibration images at add time
+    calib = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    store.add_card(unsigned, calibration=calib)
+    assert store.add_card(unsigned, calibration=calib).signature is not None and not store.last_add_was_new
+
+
+def test_the_deck_model_name_is_reserved(store):
+    with pytest.raises(CardRejected, match="'carddeck' is reserved"):
+        store.add_card(card("carddeck", "gaussian"))
+    with pytest.raises(CardRejected, match="'ensemble' is reserved"):
+        store.add_card(card("ensemble", "gaussian"), reserved=("ensemble",))
+    assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]

@@ -219,8 +219,12 @@ def test_deck_add_with_a_version(server, tmp_path):
     first = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
     assert first.returncode == 0 and "added vcard/1" in first.stdout, first.stderr
     again = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
-    assert again.returncode == 1 and "FAILED_PRECONDITION" in again.stderr  # same version: refused
-    bumped = carddeck("deck", "add", "--server", server.address, "--version", "next", str(path), env=admin)
+    assert again.returncode == 0 and "already present (same bytes) vcard/1" in again.stdout, again.stderr
+    other = tmp_path / "other.onnx"
+    other.write_bytes(card("vcard", "augmix", seed=8))
+    clash = carddeck("deck", "add", "--server", server.address, str(other), env=admin)
+    assert clash.returncode == 1 and "FAILED_PRECONDITION" in clash.stderr  # same version, other bytes: refused
+    bumped = carddeck("deck", "add", "--server", server.address, "--version", "next", str(other), env=admin)
     assert bumped.returncode == 0 and "added vcard/2" in bumped.stdout, bumped.stderr
     chosen = carddeck("deck", "add", "--server", server.address, "--version", "7", str(path), env=admin)
     assert chosen.returncode == 0 and "added vcard/7" in chosen.stdout, chosen.stderr

@@ -22,6 +22,21 @@ def test_defaults_listen_on_loopback_8001():
     assert s.batching and s.max_batch_size == 64
 
 
+def test_metrics_listen_on_the_grpc_host_unless_told_otherwise():
+    from carddeck.server.main import _observability
+
+    assert load_settings(parse(), env={}).metrics_address == "127.0.0.1"
+    assert load_settings(parse("--host", "::1"), env={}).metrics_address == "::1"
+    assert (
+        load_settings(parse("--host", "0.0.0.0", "--metrics-host", "127.0.0.1"), env={}).metrics_address == "127.0.0.1"
+    )
+    _, _, endpoint = _observability(load_settings(parse("--metrics-port", "0"), env={}))
+    try:  # the socket really is bound to loopback, like the gRPC default
+        assert endpoint.server.server_address[0] == "127.0.0.1"
+    finally:
+        endpoint.stop()
+
+
 def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
     config = tmp_path / "carddeck.toml"
     config.write_text("[serve]\nport = 9001\nmax-batch-size = 16\nmax_wait_ms = 5.0\nworkers = 3\n")

@@ -127,16 +127,18 @@ class ListCardsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListCardsResponse(_message.Message):
-    __slots__ = ("cards", "deck_version", "default_policy", "class_names")
+    __slots__ = ("cards", "deck_version", "default_policy", "class_names", "default_policy_note")
     CARDS_FIELD_NUMBER: _ClassVar[int]
     DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_NOTE_FIELD_NUMBER: _ClassVar[int]
     cards: _containers.RepeatedCompositeFieldContainer[Card]
     deck_version: int
     default_policy: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., deck_version: _Optional[int] = ..., default_policy: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    default_policy_note: str
+    def __init__(self, cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., deck_version: _Optional[int] = ..., default_policy: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., default_policy_note: _Optional[str] = ...) -> None: ...
 
 class GetCardRequest(_message.Message):
     __slots__ = ("name", "version")
@@ -155,12 +157,14 @@ class AddCardChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class AddCardResponse(_message.Message):
-    __slots__ = ("card", "deck_version")
+    __slots__ = ("card", "deck_version", "already_present")
     CARD_FIELD_NUMBER: _ClassVar[int]
     DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
     card: Card
     deck_version: int
-    def __init__(self, card: _Optional[_Union[Card, _Mapping]] = ..., deck_version: _Optional[int] = ...) -> None: ...
+    already_present: bool
+    def __init__(self, card: _Optional[_Union[Card, _Mapping]] = ..., deck_version: _Optional[int] = ..., already_present: bool = ...) -> None: ...
 
 class RemoveCardRequest(_message.Message):
     __slots__ = ("name", "version")
@@ -171,7 +175,11 @@ class RemoveCardRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RemoveCardResponse(_message.Message):
-    __slots__ = ("deck_version",)
+    __slots__ = ("deck_version", "default_policy", "default_policy_note")
     DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_NOTE_FIELD_NUMBER: _ClassVar[int]
     deck_version: int
-    def __init__(self, deck_version: _Optional[int] = ...) -> None: ...
+    default_policy: str
+    default_policy_note: str
+    def __init__(self, deck_version: _Optional[int] = ..., default_policy: _Optional[str] = ..., default_policy_note: _Optional[str] = ...) -> None: ...

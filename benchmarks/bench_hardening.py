@@ -1,0 +1,306 @@
+"""Hardening figures of a live ``carddeck serve`` (issue 11), measured on any checkout of the code.
+
+    python benchmarks/bench_hardening.py fuzz     [--root DIR] [--bodies 10000]
+    python benchmarks/bench_hardening.py corrupt  [--root DIR] [--count 300]
+    python benchmarks/bench_hardening.py shutdown [--root DIR] [--drain 0.5]
+    python benchmarks/bench_hardening.py debris   [--root DIR] [--runs 20]
+
+``--root`` is the source tree the server runs from (default: this one), so the same script measures
+the code before a fix (an unmodified copy, e.g. ``git archive HEAD | tar -x -C /tmp/before``) and
+after it. Every figure is printed for that tree:
+
+* fuzz: server RSS growth per 10,000 undecodable bodies spread over every unary RPC of
+  carddeck.v1.CardDeck and the Open Inference Protocol, and the status codes they got;
+* corrupt: status codes of AddCard and RepositoryModelLoad for seeded 8-byte corruptions of a real card;
+* shutdown: seconds from SIGTERM to exit with a 4096-image request on the default deck in flight;
+* debris: leftover files after ``--runs`` kill -9 crashes during card adds/removes, and after one
+  clean restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+HERE = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(HERE))
+
+from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2  # noqa: E402
+from carddeck.server.proto_gen.inference import grpc_service_pb2  # noqa: E402
+
+ADMIN = "bench-admin-token"
+
+
+def unary_methods() -> list[str]:
+    out = []
+    for module, service in ((carddeck_pb2, "CardDeck"), (grpc_service_pb2, "GRPCInferenceService")):
+        desc = module.DESCRIPTOR.services_by_name[service]
+        out += [f"/{desc.full_name}/{m.name}" for m in desc.methods if not (m.client_streaming or m.server_streaming)]
+    return out
+
+
+def undecodable(rng: random.Random) -> bytes:
+    """Random bytes that no protobuf message accepts: the first tag names field 0, which is invalid."""
+    body = bytearray(rng.randbytes(rng.randint(1, 256)))
+    body[0] = rng.randint(0, 7)  # field number 0, any wire type
+    return bytes(body)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Server:
+    def __init__(self, root: Path, deck: Path, *args: str, tmpdir: Path | None = None) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="bench-hardening-", suffix=".log")[1])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
+        env.update({"PYTHONPATH": str(root), "CARDDECK_ADMIN_TOKEN": ADMIN})
+        if tmpdir is not None:
+            env["TMPDIR"] = str(tmpdir)
+        cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", *args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            match = re.search(r"serving deck .* on (\S+):(\d+)", self.log())
+            if match:
+                self.address = f"127.0.0.1:{match.group(2)}"
+                metrics = re.search(r"metrics on http://\S+:(\d+)/metrics", self.log())
+                self.metrics_port = int(metrics.group(1)) if metrics else None
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def tiny_deck(path: Path) -> Path:
+    from tests.server.conftest import make_deck
+
+    return make_deck(path)
+
+
+def call_raw(channel: grpc.Channel, method: str, body: bytes) -> str:
+    fn = channel.unary_unary(method)  # no serializers: bytes go out as they are
+    try:
+        fn(body, timeout=30, metadata=(("authorization", f"Bearer {ADMIN}"),))
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def fuzz(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(args.root, tiny_deck(Path(tmp) / "deck"), "--metrics-port", "-1")
+        try:
+            methods = unary_methods()
+            rng = random.Random(0)
+            codes: collections.Counter[str] = collections.Counter()
+            with grpc.insecure_channel(server.address) as channel:
+                for i in range(2000):  # warm-up: pools, caches, allocator arenas
+                    call_raw(channel, methods[i % len(methods)], undecodable(rng))
+                before = rss_mb(server.proc.pid)
+                t0 = time.monotonic()
+                for i in range(args.bodies):
+                    codes[call_raw(channel, methods[i % len(methods)], undecodable(rng))] += 1
+                elapsed = time.monotonic() - t0
+                after = rss_mb(server.proc.pid)
+            errors = server.log().count("Traceback")
+        finally:
+            server.stop()
+    print(f"fuzz ({args.root}): {args.bodies} undecodable bodies over {len(methods)} unary RPCs in {elapsed:.1f} s")
+    print(f"  RSS {before:.1f} -> {after:.1f} MB: {(after - before) * 10000 / args.bodies:+.1f} MB per 10,000 bodies")
+    print(f"  status codes: {dict(codes)}; tracebacks in the server log: {errors}")
+
+
+def corrupt(args: argparse.Namespace) -> None:
+    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+    from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
+
+    card_path = HERE / "models" / "cards" / "resnet20-augmix-lrr" / "1" / "model.onnx"
+    data = card_path.read_bytes()
+    rng = np.random.default_rng(0)
+    codes: dict[str, collections.Counter[str]] = {"AddCard": collections.Counter(), "Load": collections.Counter()}
+    leaked = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(args.root, tiny_deck(Path(tmp) / "deck"), "--metrics-port", "-1")
+        auth = (("authorization", f"Bearer {ADMIN}"),)
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                cd = carddeck_pb2_grpc.CardDeckStub(channel)
+                oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                for _ in range(args.count):
+                    bad = bytearray(data)
+                    at = int(rng.integers(0, len(bad) - 8))
+                    bad[at : at + 8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
+                    for rpc in codes:
+                        try:
+                            if rpc == "AddCard":
+                                chunks = iter([carddeck_pb2.AddCardChunk(data=bytes(bad))])
+                                cd.AddCard(chunks, timeout=60, metadata=auth)
+                            else:
+                                req = grpc_service_pb2.RepositoryModelLoadRequest(model_name=card_path.parts[-3])
+                                req.parameters["file:model.onnx"].bytes_param = bytes(bad)
+                                oip.RepositoryModelLoad(req, timeout=60, metadata=auth)
+                            codes[rpc]["OK"] += 1
+                        except grpc.RpcError as exc:
+                            codes[rpc][exc.code().name] += 1
+                            leaked += tempfile.gettempdir() in (exc.details() or "") or "carddeck-upload" in (
+                                exc.details() or ""
+                            )
+        finally:
+            server.stop()
+    print(f"corrupt ({args.root}): {args.count} seeded 8-byte corruptions of {card_path.relative_to(HERE)}")
+    for rpc, c in codes.items():
+        print(f"  {rpc}: {dict(c)}")
+    print(f"  messages naming the server's temporary path: {leaked}")
+
+
+def shutdown(args: argparse.Namespace) -> None:
+    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+
+    deck = args.root / "models"
+    server = Server(args.root, deck, "--metrics-port", "-1", "--drain-timeout-s", str(args.drain))
+    images = np.random.default_rng(0).integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
+    request = carddeck_pb2.PredictRequest(
+        images=carddeck_pb2.Tensor(shape=list(images.shape), dtype=carddeck_pb2.DTYPE_UINT8, data=images.tobytes())
+    )
+    outcome: list[str] = []
+
+    def send() -> None:
+        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            try:
+                carddeck_pb2_grpc.CardDeckStub(ch).Predict(request, timeout=300)
+                outcome.append("OK")
+            except grpc.RpcError as exc:
+                outcome.append(exc.code().name)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    time.sleep(args.wait)
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(300)
+    exited = time.monotonic() - t0
+    thread.join(60)
+    print(f"shutdown ({args.root}): SIGTERM {args.wait:.1f} s into a 4096-image Predict on the default deck,")
+    print(f"  --drain-timeout-s {args.drain}: exited {exited:.1f} s after SIGTERM (code {server.proc.returncode});")
+    print(f"  client got {outcome}")
+
+
+def debris_of(deck: Path, tmpdir: Path) -> dict[str, int]:
+    import json
+
+    manifest = json.loads((deck / "manifest.json").read_text())
+    referenced = {c["path"] for c in manifest["cards"]}
+    router = (manifest.get("gate") or {}).get("router")
+    cards = [p for p in (deck / "cards").glob("*/*") if p.is_dir()]
+    orphans = [p for p in cards if str(p.relative_to(deck)) not in referenced]
+    return {
+        "tmp files": sum(1 for _ in deck.rglob("*.tmp")),
+        "orphan card dirs": sum(1 for p in orphans if not (p / ".removed").exists()),
+        "removed cards within the grace period": sum(1 for p in orphans if (p / ".removed").exists()),
+        "upload dirs": sum(1 for p in tmpdir.iterdir() if p.name.startswith("carddeck-upload")),
+        "superseded routers": sum(1 for p in (deck / "gate").glob("router-*.npz") if f"gate/{p.name}" != router)
+        if (deck / "gate").is_dir()
+        else 0,
+    }
+
+
+def debris(args: argparse.Namespace) -> None:
+    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+    from tests.server.conftest import card
+
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        deck = tiny_deck(Path(tmp) / "deck")
+        tmpdir = Path(tmp) / "tmpdir"
+        tmpdir.mkdir()
+        blobs = [card(f"x{i}", "augmix", version=v, seed=i) for i in range(3) for v in range(1, 40)]
+        extra = ("--metrics-port", "-1", *args.server_args)
+        for _ in range(args.runs):
+            server = Server(args.root, deck, *extra, tmpdir=tmpdir)
+            stop = threading.Event()
+
+            def churn(address: str = server.address, stop: threading.Event = stop) -> None:
+                auth = (("authorization", f"Bearer {ADMIN}"),)
+                with grpc.insecure_channel(address) as ch:
+                    stub = carddeck_pb2_grpc.CardDeckStub(ch)
+                    while not stop.is_set():
+                        blob = rng.choice(blobs)
+                        try:
+                            if rng.random() < 0.7:
+                                chunks = [blob[i : i + 4096] for i in range(0, len(blob), 4096)]
+                                stub.AddCard(iter(carddeck_pb2.AddCardChunk(data=c) for c in chunks), timeout=10,
+                                             metadata=auth)  # fmt: skip
+                            else:
+                                stub.RemoveCard(carddeck_pb2.RemoveCardRequest(name=f"x{rng.randrange(3)}"),
+                                                timeout=10, metadata=auth)  # fmt: skip
+                        except grpc.RpcError:
+                            pass
+
+            workers = [threading.Thread(target=churn, daemon=True) for _ in range(3)]
+            for w in workers:
+                w.start()
+            time.sleep(rng.uniform(0.2, 1.5))
+            server.proc.kill()
+            server.proc.wait()
+            stop.set()
+            for w in workers:
+                w.join(15)
+        crashed = debris_of(deck, tmpdir)
+        server = Server(args.root, deck, *extra, tmpdir=tmpdir)
+        time.sleep(1.0)
+        restarted = debris_of(deck, tmpdir)
+        server.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    print(f"debris ({args.root}): after {args.runs} kill -9 crashes during adds/removes: {crashed}")
+    print(f"  after one restart ({' '.join(args.server_args) or 'default settings'}): {restarted}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("fuzz", "corrupt", "shutdown", "debris"))
+    parser.add_argument("--root", type=Path, default=HERE, help="source tree the server runs from")
+    parser.add_argument("--bodies", type=int, default=10000)
+    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--drain", type=float, default=0.5)
+    parser.add_argument("--wait", type=float, default=3.0, help="seconds between the request and SIGTERM")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--server-args", nargs="*", default=[], help="extra flags for the restarted server (debris)")
+    args = parser.parse_args()
+    args.root = args.root.resolve()
+    {"fuzz": fuzz, "corrupt": corrupt, "shutdown": shutdown, "debris": debris}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
