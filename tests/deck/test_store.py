@@ -273,3 +273,11 @@ def test_the_deck_model_name_is_reserved(store):
     with pytest.raises(CardRejected, match="'ensemble' is reserved"):
         store.add_card(card("ensemble", "gaussian"), reserved=("ensemble",))
     assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]
+
+
+def test_a_read_only_deck_is_never_swept(store):
+    (store.root / "READ-ONLY").write_text("shipped")
+    debris = store.root / ".manifest.json.0123.tmp"
+    debris.write_bytes(b"half a manifest")
+    assert store.clean() == []  # not ReadOnlyDeck: a server on the shipped deck must still start
+    assert debris.exists()
