@@ -170,3 +170,10 @@ def test_the_extra_card_is_not_in_the_default_deck():
 
 def test_the_dashboard_file_is_where_the_tour_says():
     assert (ROOT / "serve" / "grafana" / "dashboards" / "carddeck.json").is_file()
+
+
+def test_the_readme_names_the_default_decks_real_default_policy():
+    policy = DeckStore(default_deck_path()).manifest().gate["policy"]
+    text = " ".join(README.read_text().split())
+    assert f"The default deck's default is `{policy}`" in text  # the gate-policy table's preamble
+    assert f"(default: the deck's, `{policy}` for the default deck)" in text  # the serving section
