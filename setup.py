@@ -10,6 +10,9 @@ setup(
     packages=[*find_packages(include=["carddeck", "carddeck.*"]), "carddeck._default_deck"],
     package_dir={"carddeck._default_deck": "models"},
     package_data={
-        "carddeck._default_deck": ["manifest.json", "*.npz", "*.md", "cards/*/*/*", "gate/*", "report/*", "samples/*"]
+        "carddeck._default_deck": [
+            *("manifest.json", "READ-ONLY", "*.npz", "*.md"),
+            *("cards/*/*/*", "gate/*", "report/*", "samples/*"),
+        ]
     },
 )

@@ -17,6 +17,7 @@ from carddeck.errors import (
     DeckConflict,
     InvalidInput,
     NotReady,
+    ReadOnlyDeck,
     TooLarge,
     Unauthenticated,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidInput",
     "NotReady",
     "Prediction",
+    "ReadOnlyDeck",
     "Routing",
     "TooLarge",
     "Unauthenticated",

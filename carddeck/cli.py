@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from carddeck import __version__
 from carddeck.errors import CarddeckError
 
 # name -> (module, one-line help)
@@ -28,18 +29,49 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# the optional modules a command may import -> the extra that installs them
+EXTRAS = {"torch": "train", "tqdm": "train", "matplotlib": "train", "sklearn": "train", "ray": "ray"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already names it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, "", argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action) or help_text
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carddeck",
         description="CARD-Deck: robust image classification from a gated deck of compressed networks.",
     )
+    parser.add_argument("--version", action="version", version=f"carddeck {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == command:  # configure (and import) only the chosen command
             importlib.import_module(module).configure(p)
+            for action in p._actions:  # nested commands (carddeck deck add) show defaults too
+                if isinstance(action, argparse._SubParsersAction):
+                    for child in action.choices.values():
+                        child.formatter_class = HelpFormatter
     return parser
+
+
+def _missing_extra(exc: ModuleNotFoundError, command: str | None) -> str | None:
+    """The one-line advice for a command whose optional dependency is not installed, else None."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return (
+        f"carddeck: error: `carddeck {command}` needs the [{extra}] extra (module {top!r} is not installed): "
+        f'pip install -c constraints.txt "carddeck[{extra}]"  (or -e ".[{extra}]" in a clone)'
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except CarddeckError as exc:
+        print(f"carddeck: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        advice = _missing_extra(exc, command)
+        if advice is None:
+            raise
+        print(advice, file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written: say which, without a traceback
         print(f"carddeck: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -46,6 +46,10 @@ class DeckConflict(CarddeckError):
     """The change conflicts with the deck's state (duplicate card version, incompatible classes)."""
 
 
+class ReadOnlyDeck(DeckConflict):
+    """The deck may not be changed (the packaged default deck); the message names the way out."""
+
+
 class Unauthenticated(CarddeckError):
     """Missing or wrong credentials for an RPC that requires them."""
 
@@ -66,6 +70,7 @@ __all__ = [
     "DeckConflict",
     "InvalidInput",
     "NotReady",
+    "ReadOnlyDeck",
     "TooLarge",
     "Unauthenticated",
     "shown",

@@ -3,6 +3,7 @@
     python models/build.py                 # ~40 min on a busy 2-core machine (training ~35, the rest ~5)
     python models/build.py --report-only   # re-run the evaluation and REPORT.md (~3 min)
     python models/build.py --epochs 3 --out /tmp/deck   # a quick, weaker deck elsewhere
+    python models/build.py --extra         # only the tour's extra card, models/extra/ (~5 min; 21 on a busy box)
 
 Checkpoints are kept under build/deck-work/, so an interrupted build picks up where it stopped.
 
@@ -31,6 +32,14 @@ METHODS = {
     "biprop": (0.9, False, 2.0, ()),
     "filter": (0.5, True, 0.5, ()),
 }
+# The tour's extra card: a clean-domain LRR card that is not in the default deck, for `carddeck deck add`.
+EXTRA_DOMAIN = "clean"
+EXTRA_DIR = HERE / "extra"
+READ_ONLY_TEXT = """\
+This is CARD-Deck's default deck. It is read-only: admin calls (AddCard, RemoveCard, RepositoryModelLoad/Unload)
+and `carddeck calibrate` refuse to change it. Make a copy you can change with `carddeck deck init DIR` and serve
+that with `carddeck serve --deck DIR`. `python models/build.py` rebuilds this deck (and writes this file again).
+"""
 SAMPLES = (("clean", 0), ("gaussian_noise", 5), ("shot_noise", 5), ("fog", 5), ("contrast", 5), ("motion_blur", 3))
 
 
@@ -70,6 +79,28 @@ def write_report(out: Path) -> None:
     )
 
 
+def train_card(work: Path, onnx_dir: Path, domain: str, method: str, epochs: int, seed: int) -> Path:
+    """Compress (from the domain's dense card where the method starts from one) and export one card.
+
+    Returns its model.onnx (card.json beside it). Finished steps are kept in ``work`` and skipped.
+    """
+    common = ("--arch", "resnet20", "--data", "digits32", "--seed", seed)
+    dense = work / f"{domain}-dense"
+    if not (dense / "card.pt").exists():
+        dense_args = ("--epochs", epochs, "--domain", domain, "--method", "dense", "--corruptions", "none")
+        carddeck("compress", *common, *dense_args, "--out", dense)
+    sparsity, from_dense, epoch_factor, extra = METHODS[method]
+    card = work / f"{domain}-{method}"
+    if not (card / "card.pt").exists():
+        init = ("--init", dense / "card.pt") if from_dense else ()
+        how = ("--epochs", max(2, round(epochs * epoch_factor)), "--domain", domain, "--method", method)
+        carddeck("compress", *common, *how, "--sparsity", sparsity, *extra, *init, "--out", card)
+    onnx = onnx_dir / f"{domain}-{method}" / "model.onnx"
+    if not onnx.exists():
+        carddeck("export", card / "card.pt", "--out", onnx)
+    return onnx
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE, help="deck directory to (re)write (default: models/)")
@@ -80,6 +111,7 @@ def main() -> int:
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated subset to train")
     parser.add_argument("--train-only", action="store_true", help="train and export, leave the deck alone")
     parser.add_argument("--report-only", action="store_true", help="only re-run the evaluation and REPORT.md")
+    parser.add_argument("--extra", action="store_true", help=f"only build the tour's extra card into {EXTRA_DIR}")
     args = parser.parse_args()
     start = time.perf_counter()
     out, work = args.out.resolve(), args.work.resolve()
@@ -87,31 +119,25 @@ def main() -> int:
         write_report(out)
         return 0
     onnx_dir = work / "onnx"
-    onnx_dir.mkdir(parents=True, exist_ok=True)
-
-    common = ("--arch", "resnet20", "--data", "digits32", "--seed", args.seed)
-    cards = []
-    for domain in args.domains.split(","):
-        dense = work / f"{domain}-dense"
-        if not (dense / "card.pt").exists():
-            dense_args = ("--epochs", args.epochs, "--domain", domain, "--method", "dense", "--corruptions", "none")
-            carddeck("compress", *common, *dense_args, "--out", dense)
-        for method, (sparsity, from_dense, epoch_factor, extra) in METHODS.items():
-            card = work / f"{domain}-{method}"
-            if not (card / "card.pt").exists():
-                init = ("--init", dense / "card.pt") if from_dense else ()
-                epochs = max(2, round(args.epochs * epoch_factor))
-                how = ("--epochs", epochs, "--domain", domain, "--method", method, "--sparsity", sparsity, *extra)
-                carddeck("compress", *common, *how, *init, "--out", card)
-            onnx = onnx_dir / f"{domain}-{method}" / "model.onnx"  # card.json goes beside it
-            if not onnx.exists():
-                carddeck("export", card / "card.pt", "--out", onnx)
-            cards.append(onnx)
+    if args.extra:  # same recipe as the deck's LRR cards, written where the tour adds it from
+        onnx = train_card(work, onnx_dir, EXTRA_DOMAIN, "lrr", args.epochs, args.seed)
+        EXTRA_DIR.mkdir(exist_ok=True)
+        for name in ("model.onnx", "card.json"):
+            shutil.copyfile(onnx.parent / name, EXTRA_DIR / f"resnet20-{EXTRA_DOMAIN}-lrr.{name.split('.')[1]}")
+        print(f"extra card written to {EXTRA_DIR} in {time.perf_counter() - start:.0f} s", flush=True)
+        return 0
+    cards = [
+        train_card(work, onnx_dir, domain, method, args.epochs, args.seed)
+        for domain in args.domains.split(",")
+        for method in METHODS
+    ]
     if args.train_only:
         return 0
 
     # A fresh store: the old manifest and cards go, build.py, samples and docs stay.
-    for stale in ("manifest.json", "cards", "gate", "calibration.npz", "report"):
+    from carddeck.deck.store import READ_ONLY
+
+    for stale in (READ_ONLY, "manifest.json", "cards", "gate", "calibration.npz", "report"):
         path = out / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -138,6 +164,8 @@ def main() -> int:
     )
     write_report(out)
     write_samples(out / "samples", seed=args.seed)
+    if out == HERE:  # the shipped default deck: admin calls must not change it (carddeck deck init copies it)
+        (out / READ_ONLY).write_text(READ_ONLY_TEXT)
     print(f"deck rebuilt in {out} in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

@@ -25,6 +25,32 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert test in ci_lines
 
 
+def test_ci_runs_the_tour_from_a_fresh_virtualenv_after_the_tests():
+    ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
+    test = ci_lines.index(readme_commands()[1])
+    tour = next(i for i, line in enumerate(ci_lines) if line.endswith("python tests/tour/run_tour.py"))
+    assert tour > test
+
+
+def test_grpc_packages_that_need_protobuf_are_bounded_below_protobuf_7():
+    """From 1.82 on grpcio-health-checking/-reflection/-tools need protobuf 7, which the project caps below 7:
+    without an upper bound the resolver backtracks through every release from the newest down."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    reqs = [Requirement(r) for r in lines]
+    protobuf = next(r for r in reqs if r.name == "protobuf")
+    assert "7.0" not in protobuf.specifier
+    bounded = {
+        r.name: r.specifier for r in reqs if r.name in ("grpcio-health-checking", "grpcio-reflection", "grpcio-tools")
+    }
+    assert set(bounded) == {"grpcio-health-checking", "grpcio-reflection", "grpcio-tools"}
+    for name, spec in bounded.items():
+        assert "1.81.1" in spec and "1.82.1" not in spec and "1.85.1" not in spec, (name, spec)
+
+
 def test_constraints_pin_cpu_torch():
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()
 

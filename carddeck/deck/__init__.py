@@ -2,6 +2,7 @@
 
 from carddeck.deck.cardfile import read_card, read_card_meta
 from carddeck.deck.deck import Deck, Prediction, prepare_images
+from carddeck.deck.default import default_deck_path, init_deck
 from carddeck.deck.runtime import CardSession, choose_providers, threads_per_card
 from carddeck.deck.store import CardEntry, DeckStore, Manifest
 
@@ -13,6 +14,8 @@ __all__ = [
     "Manifest",
     "Prediction",
     "choose_providers",
+    "default_deck_path",
+    "init_deck",
     "prepare_images",
     "read_card",
     "read_card_meta",

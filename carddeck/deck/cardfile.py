@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # os.open with 0o666 lets the umask decide the mode, like any other created file (mkstemp forces 0600)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -73,6 +75,15 @@ def meta_from_model(model: onnx.ModelProto) -> CardMeta | None:
         if prop.key == METADATA_KEY:
             return CardMeta.from_json(prop.value, source=f"metadata_props[{METADATA_KEY!r}]")
     return None
+
+
+def set_card_meta(model: onnx.ModelProto, meta: CardMeta) -> None:
+    """Replace the CardMeta in ``model`` (in place). The graph is unchanged, so its digest stays valid."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = meta.to_json()
+            return
+    model.metadata_props.add(key=METADATA_KEY, value=meta.to_json())
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -232,4 +243,5 @@ __all__ = [
     "read_card",
     "read_card_bytes",
     "read_card_meta",
+    "set_card_meta",
 ]

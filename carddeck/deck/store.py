@@ -7,6 +7,7 @@ Layout::
     ROOT/cards/<name>/<version>/card.json   the same CardMeta
     ROOT/gate/router-<deck version>.npz     the calibrated router, when fitted
     ROOT/calibration.npz                    optional clean images to sign cards added without a signature
+    ROOT/READ-ONLY                          present in the packaged default deck: every change is refused
 
 The files live in a backend chosen by the location (:mod:`carddeck.deck.backend`: a directory, or
 ``s3://bucket/prefix``). Every file is written whole (on disk: a temporary name, fsynced, renamed
@@ -46,11 +47,18 @@ from typing import Any
 
 import numpy as np
 
-from carddeck.card import METADATA_KEY, CardMeta, InputSpec
+from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.backend import open_backend
 from carddeck.deck.cache import FileCache
-from carddeck.deck.cardfile import atomic_write, check_contract, check_runs, read_card_bytes, read_card_meta
-from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
+from carddeck.deck.cardfile import (
+    atomic_write,
+    check_contract,
+    check_runs,
+    read_card_bytes,
+    read_card_meta,
+    set_card_meta,
+)
+from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ MANIFEST_FORMAT = "carddeck-deck/1"
 CALIBRATION = "calibration.npz"
 MODEL_FILE = "model.onnx"
 META_FILE = "card.json"
+READ_ONLY = "READ-ONLY"  # marker file: the deck is shipped (in the package, in the repository), never changed
 RESERVED_NAMES = frozenset({"carddeck"})  # the deck's own model name in the Open Inference Protocol
 REMOVED_MARK = ".removed"  # in a removed card's directory: kept for the grace period, from the mark's time
 DEBRIS_GRACE_S = 60.0  # replicas poll every few seconds and load a deck in seconds: ample margin
@@ -182,7 +191,10 @@ class DeckStore:
         self.root = self.backend.root
         self.debris_grace_s = debris_grace_s
         if self.backend.stamp(MANIFEST) is None:
-            raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST} (create one with `DeckStore.create(root)`)")
+            raise InvalidInput(
+                f"{self.root} is not a deck: no {MANIFEST} (make one with `carddeck deck init DIR`, "
+                "or `DeckStore.create(root)` in Python)"
+            )
         self._cache: tuple[str, Manifest] | None = None
         self._files = FileCache() if self.backend.remote else None
         self._change = threading.local()  # the change in progress in this thread: its base stamp, its files
@@ -267,9 +279,22 @@ class DeckStore:
             return np.asarray(z["images"])
 
     # -- changing -----------------------------------------------------------------------------
+    @property
+    def read_only(self) -> bool:
+        return self.backend.stamp(READ_ONLY) is not None
+
+    def check_writable(self) -> None:
+        """ReadOnlyDeck (naming the way out) when the deck may not be changed."""
+        if self.read_only:
+            raise ReadOnlyDeck(
+                f"the deck {self.root} is read-only (the packaged default deck): make a copy you can change with "
+                "`carddeck deck init DIR` and serve that with `carddeck serve --deck DIR`"
+            )
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Manifest]:
         """One change: the manifest it starts from; files it writes are deleted again if it does not commit."""
+        self.check_writable()
         change = self._change
         with self.backend.lock():
             self._cache = None
@@ -307,9 +332,9 @@ class DeckStore:
     def clean(self) -> list[str]:
         """Remove debris (see the module docstring); returns what was removed, relative to the root.
 
-        Takes the lock only when there is debris: a clean deck (or a read-only one) is not written to.
+        Takes the lock only when there is debris: a clean deck is not written to, a read-only one never.
         """
-        if not self._debris(self.manifest()):
+        if self.read_only or not self._debris(self.manifest()):
             return []
         with self._locked() as m:
             return self._sweep(m)
@@ -373,6 +398,7 @@ class DeckStore:
         from. DeckConflict: name/version already there with other bytes, classes or input size differ
         from the deck's cards. The same bytes again change nothing (:attr:`last_add_was_new` is False).
         """
+        self.check_writable()  # before the costly checks
         proto, meta, data = read_card_bytes(model)
         taken = RESERVED_NAMES | set(reserved)
         if meta.name in taken:
@@ -392,10 +418,7 @@ class DeckStore:
                 from carddeck.gating.signature import domain_signature
 
                 meta = meta.replace(signature=domain_signature(meta.domain, images, seed=0))
-                # replace only the CardMeta: other props (the graph digest) stay valid, the graph is unchanged
-                for prop in proto.metadata_props:
-                    if prop.key == METADATA_KEY:
-                        prop.value = meta.to_json()
+                set_card_meta(proto, meta)
                 data = proto.SerializeToString()
             same = next((c for c in m.cards if c.name == meta.name and c.version == meta.version), None)
             if same is not None:
@@ -532,6 +555,7 @@ __all__ = [
     "CALIBRATION",
     "DEBRIS_GRACE_S",
     "MANIFEST",
+    "READ_ONLY",
     "RESERVED_NAMES",
     "CardEntry",
     "DeckStore",

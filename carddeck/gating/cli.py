@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from carddeck.gating.signature import domain_signature
 
     store = DeckStore(args.deck)
+    store.check_writable()  # before minutes of work that could not be saved
     cards = store.list_cards()
     if not cards:
         raise InvalidInput(f"deck {args.deck} has no cards to calibrate")

@@ -165,7 +165,10 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise InvalidInput(f"cannot listen for HTTP on {host}:{port}: {exc.strerror} (see --http-port)") from None
+        raise InvalidInput(
+            f"cannot listen for HTTP on {host}:{port}: {exc.strerror}; stop the other server or choose another port "
+            "with --http-port (0: any free port, -1: no HTTP) [env CARDDECK_HTTP_PORT]"
+        ) from None
     return sock
 
 

@@ -7,7 +7,9 @@ data plane takes an optional ``metrics`` object (see :class:`~carddeck.server.da
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,16 +107,45 @@ def build_server(
     reflector = reflection.ReflectionServicer(SERVICE_NAMES, pool=reflection_pool())
     add_servicer(server, reflector, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
     credentials = _credentials(settings)
+    if not port_free(settings.host, settings.port):  # say it ourselves: grpc would log an error line of its own
+        raise InvalidInput(_port_in_use(settings))
     try:
         if credentials is None:
             port = server.add_insecure_port(settings.address)
         else:
             port = server.add_secure_port(settings.address, credentials)
-    except RuntimeError as exc:
-        raise InvalidInput(f"cannot listen on {settings.address}: {exc}") from None
-    if port == 0:
-        raise InvalidInput(f"cannot listen on {settings.address} (in use, or not an address of this machine)")
+    except RuntimeError:
+        port = 0
+    if port == 0:  # grpc says no more than that it failed: the port is taken, or the host is not ours
+        raise InvalidInput(_port_in_use(settings))
     return server, port
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (port 0 always can). Binds like grpc does (SO_REUSEADDR)."""
+    if port == 0:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return True  # not resolvable: let grpc report it
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+    return True
+
+
+def _port_in_use(settings: Settings) -> str:
+    return (
+        f"cannot listen for gRPC on {settings.address}: port {settings.port} is in use (or {settings.host} is not "
+        "an address of this machine); stop the other server or choose another port with --port (0: any free "
+        "port) [env CARDDECK_PORT]"
+    )
 
 
 __all__ = ["SERVICE_NAMES", "build_server", "reflection_pool"]

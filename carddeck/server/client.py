@@ -15,12 +15,27 @@ import grpc
 import numpy as np
 
 from carddeck.card import CardMeta
+from carddeck.errors import InvalidInput
 from carddeck.server import convert
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 
 CHUNK = 1 << 20  # AddCard chunk size: far below any message limit
-DEFAULT_SERVER = "127.0.0.1:8001"
+DEFAULT_PORT = 8001  # the server's default gRPC port (Triton's convention)
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
+# One variable per secret for client and server; CARDDECK_TOKEN is the client's old name, still read.
+INFERENCE_TOKEN_ENV = "CARDDECK_INFERENCE_TOKEN"
+ADMIN_TOKEN_ENV = "CARDDECK_ADMIN_TOKEN"
+TOKEN_ENV_ALIASES = {INFERENCE_TOKEN_ENV: ("CARDDECK_TOKEN",)}
+
+
+def with_default_port(address: str) -> str:
+    """``host`` or ``[v6]`` -> ``host:8001``: gRPC itself would pick 443 for a bare host name."""
+    if "://" in address or address.startswith("unix:"):
+        return address  # a gRPC target URI says what it means
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
 
 
 @dataclass(frozen=True)
@@ -53,12 +68,21 @@ class CardDeckClient:
         token: str = "",
         tls_ca: str | Path | None = None,
         tls: bool = False,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
         timeout: float | None = 60.0,
     ) -> None:
+        """``client_cert``/``client_key`` (PEM) are presented to a server that requires mutual TLS
+        (``--tls-client-ca``); either one implies TLS, like ``tls_ca``."""
+        if bool(client_cert) != bool(client_key):
+            raise InvalidInput("a client certificate needs both client_cert and client_key (PEM files)")
+        address = with_default_port(address)
         options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
-        if tls or tls_ca:
-            root = Path(tls_ca).read_bytes() if tls_ca else None
-            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
+        if tls or tls_ca or client_cert:
+            credentials = grpc.ssl_channel_credentials(
+                _read_pem(tls_ca, "tls_ca"), _read_pem(client_key, "client_key"), _read_pem(client_cert, "client_cert")
+            )
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)
         self.stub = carddeck_pb2_grpc.CardDeckStub(self.channel)
@@ -113,31 +137,87 @@ class CardDeckClient:
         return self._call(self.stub.RemoveCard, pb.RemoveCardRequest(name=name, version=version))
 
 
+def _read_pem(path: str | Path | None, name: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+
 # -- shared CLI plumbing -----------------------------------------------------------------------
-def add_client_arguments(parser: argparse.ArgumentParser, *, token_env: str = "CARDDECK_TOKEN") -> None:
+def add_client_arguments(parser: argparse.ArgumentParser, *, token_env: str = INFERENCE_TOKEN_ENV) -> None:
+    env = os.environ.get
     parser.add_argument(
-        "--server", default=os.environ.get("CARDDECK_SERVER", DEFAULT_SERVER), help="HOST:PORT [env CARDDECK_SERVER]"
+        "--server",
+        default=env("CARDDECK_SERVER", DEFAULT_SERVER),
+        help=f"HOST[:PORT], port {DEFAULT_PORT} when omitted [env CARDDECK_SERVER]",
     )
     parser.add_argument("--token-file", help=f"file holding the bearer token [else env {token_env}]")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
-    parser.add_argument("--tls-ca", help="PEM CA bundle that signed the server's certificate (implies --tls)")
+    parser.add_argument(
+        "--tls-ca", default=env("CARDDECK_TLS_CA"), help="PEM CA bundle that signed the server's certificate "
+        "(implies --tls) [env CARDDECK_TLS_CA]"
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-cert", default=env("CARDDECK_CLIENT_CERT"),
+        help="PEM client certificate, for a server that requires mutual TLS (implies --tls) [env CARDDECK_CLIENT_CERT]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-key", default=env("CARDDECK_CLIENT_KEY"),
+        help="PEM private key of --client-cert [env CARDDECK_CLIENT_KEY]",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     parser.set_defaults(token_env=token_env)
 
 
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        return (_read_pem(args.token_file, "--token-file") or b"").decode().strip()
+    for name in (args.token_env, *TOKEN_ENV_ALIASES.get(args.token_env, ())):
+        if os.environ.get(name):
+            return os.environ[name]
+    return ""
+
+
 def client_from_args(args: argparse.Namespace) -> CardDeckClient:
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(args.token_env, "")
-    return CardDeckClient(args.server, token=token, tls_ca=args.tls_ca, tls=args.tls, timeout=args.timeout)
+    return CardDeckClient(
+        args.server,
+        token=_token(args),
+        tls_ca=args.tls_ca,
+        tls=args.tls,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        timeout=args.timeout,
+    )
 
 
 def rpc_error_message(exc: grpc.RpcError) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}"
+    hint = ""
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
+        hint = " (is `carddeck serve` running there? --server HOST[:PORT] names another server)"
+    return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}{hint}"
+
+
+def _plain(o: Any) -> Any:
+    """numpy arrays and scalars as JSON numbers and lists (a float32 distance must not become a string)."""
+    if isinstance(o, np.ndarray | np.generic):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o), indent=2)
+    return json.dumps(obj, default=_plain, indent=2)
 
 
-__all__ = ["CardDeckClient", "Result", "add_client_arguments", "client_from_args", "rpc_error_message"]
+__all__ = [
+    "CardDeckClient",
+    "Result",
+    "add_client_arguments",
+    "client_from_args",
+    "rpc_error_message",
+    "with_default_port",
+]

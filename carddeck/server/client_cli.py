@@ -1,6 +1,6 @@
 """``carddeck predict --server ADDR IMAGES...``: classify png/jpg/npy files with a running server.
 
-PNG/JPEG files are read with Pillow (``pip install pillow``) and resized to the deck's input size;
+PNG/JPEG files are read with Pillow (a core dependency) and resized to the deck's input size;
 .npy files must hold uint8 [H, W, 3] / [N, H, W, 3] or float32 [3, H, W] / [N, 3, H, W] in [0, 1].
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import grpc
@@ -29,34 +30,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_client_arguments(parser)
 
 
-def load_images(paths: list[Path], size: tuple[int, int]) -> list[tuple[list[str], np.ndarray]]:
-    """Per file: the names of its images and one uint8 NHWC or float32 NCHW array."""
-    out: list[tuple[list[str], np.ndarray]] = []
-    for path in paths:
-        suffix = path.suffix.lower()
-        if suffix == ".npy":
+def load_file(path: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarray]:
+    """The names of a file's images and one uint8 NHWC or float32 NCHW array; InvalidInput says what is wrong."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise InvalidInput(f"{path}: is a directory; pass image files (e.g. {path}/*.png)")
+    if suffix == ".npy":
+        try:
             arr = np.load(path, allow_pickle=False)
-            if arr.ndim == 3:
-                arr = arr[None]
-            if arr.dtype not in (np.uint8, np.float32) or arr.ndim != 4:
-                raise InvalidInput(
-                    f"{path}: .npy must hold uint8 [N,H,W,3] or float32 [N,3,H,W], got {arr.dtype} {arr.shape}"
-                )
-            out.append(([str(path)] if len(arr) == 1 else [f"{path}[{i}]" for i in range(len(arr))], arr))
-        elif suffix in IMAGE_SUFFIXES:
-            try:
-                from PIL import Image
-            except ImportError:
-                raise InvalidInput("reading png/jpg needs Pillow: pip install pillow (or pass .npy files)") from None
-            try:
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"{path}: not a readable .npy file ({exc})") from None
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.dtype not in (np.uint8, np.float32) or arr.ndim != 4:
+            raise InvalidInput(
+                f"{path}: .npy must hold uint8 [N,H,W,3] or float32 [N,3,H,W], got {arr.dtype} {arr.shape}"
+            )
+        return ([str(path)] if len(arr) == 1 else [f"{path}[{i}]" for i in range(len(arr))], arr)
+    if suffix in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge images: refuse, don't thrash
                 with Image.open(path) as im:
                     rgb = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            except OSError as exc:
-                raise InvalidInput(f"{path}: not a readable image ({exc})") from None
-            out.append(([str(path)], np.asarray(rgb, np.uint8)[None]))
-        else:
-            raise InvalidInput(f"{path}: unsupported file type {suffix!r}; accepted: .png, .jpg, .jpeg, .npy")
-    return out
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InvalidInput(f"{path}: image too large to decode safely ({exc})") from None
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"{path}: not a readable image ({exc})") from None
+        return ([str(path)], np.asarray(rgb, np.uint8)[None])
+    raise InvalidInput(f"{path}: unsupported file type {suffix!r}; accepted: .png, .jpg, .jpeg, .npy")
 
 
 def _input_size(client: CardDeckClient) -> tuple[int, int]:
@@ -67,45 +71,75 @@ def _input_size(client: CardDeckClient) -> tuple[int, int]:
     return spec.height, spec.width
 
 
+def _predict_file(client: CardDeckClient, args: argparse.Namespace, names: list[str], arr: np.ndarray) -> list[dict]:
+    # One request per file (chunked by --batch-size): a file's images share a routing decision,
+    # different files never influence each other's.
+    results = []
+    for start in range(0, len(arr), max(1, args.batch_size)):
+        part = arr[start : start + args.batch_size]
+        r = client.predict(part, policy=args.policy, per_sample=args.per_sample)
+        for j in range(len(part)):
+            row = j if args.per_sample else 0
+            selected = [c for c, w in zip(r.routing["card_names"], r.routing["weights"][row]) if w > 0]
+            distances = dict(zip(r.routing["domains"], r.routing["distances"][row]))
+            results.append(
+                {
+                    "image": names[start + j],
+                    "label": int(r.labels[j]),
+                    "class": r.label_names[j],
+                    "probability": float(r.probabilities[j, r.labels[j]]),
+                    "cards": selected,
+                    "policy": r.routing["policy"],
+                    "domain_distances": distances,
+                    "probabilities": r.probabilities[j],
+                    "deck_version": r.deck_version,
+                }
+            )
+    return results
+
+
+def _print_lines(results: list[dict]) -> None:
+    for line in results:
+        # why the gate chose: the distance from the image's spectral signature to each domain
+        why = ", ".join(f"{d} {v:.2f}" for d, v in sorted(line["domain_distances"].items(), key=lambda kv: kv[1]))
+        print(
+            f"{line['image']}: {line['class']} ({line['probability']:.3f}) cards={','.join(line['cards'])} "
+            f"[{line['policy']}; distance to {why}]",
+            flush=True,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    """Every file is tried: a bad one is reported on stderr, the rest still run; exit 1 if any failed."""
+    results, failed = [], 0
     try:
         with client_from_args(args) as client:
-            files = load_images(args.images, _input_size(client))
-            # One request per file (chunked by --batch-size): a file's images share a routing decision,
-            # different files never influence each other's.
-            results = []
-            for names, arr in files:
-                for start in range(0, len(arr), max(1, args.batch_size)):
-                    part = arr[start : start + args.batch_size]
-                    r = client.predict(part, policy=args.policy, per_sample=args.per_sample)
-                    for j in range(len(part)):
-                        row = j if args.per_sample else 0
-                        selected = [c for c, w in zip(r.routing["card_names"], r.routing["weights"][row]) if w > 0]
-                        distances = dict(zip(r.routing["domains"], r.routing["distances"][row]))
-                        results.append(
-                            {
-                                "image": names[start + j],
-                                "label": int(r.labels[j]),
-                                "class": r.label_names[j],
-                                "probability": float(r.probabilities[j, r.labels[j]]),
-                                "cards": selected,
-                                "policy": r.routing["policy"],
-                                "domain_distances": distances,
-                                "probabilities": r.probabilities[j],
-                                "deck_version": r.deck_version,
-                            }
-                        )
+            size = _input_size(client)
+            for path in args.images:
+                try:
+                    names, arr = load_file(path, size)
+                    done = _predict_file(client, args, names, arr)
+                except InvalidInput as exc:
+                    failed += 1
+                    print(f"carddeck: error: {exc}", file=sys.stderr, flush=True)
+                    continue
+                except grpc.RpcError as exc:
+                    if getattr(exc, "code", lambda: None)() in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                    ):
+                        raise  # the server, not the file: the other files would fail the same way
+                    failed += 1
+                    print(f"{rpc_error_message(exc)} ({path})", file=sys.stderr, flush=True)
+                    continue
+                results.extend(done)
+                if not args.json:
+                    _print_lines(done)
     except grpc.RpcError as exc:
         print(rpc_error_message(exc), file=sys.stderr)
         return 1
     if args.json:
         print(to_json(results))
-    else:
-        for line in results:
-            # why the gate chose: the distance from the image's spectral signature to each domain
-            why = ", ".join(f"{d} {v:.2f}" for d, v in sorted(line["domain_distances"].items(), key=lambda kv: kv[1]))
-            print(
-                f"{line['image']}: {line['class']} ({line['probability']:.3f}) cards={','.join(line['cards'])} "
-                f"[{line['policy']}; distance to {why}]"
-            )
-    return 0
+    if failed:
+        print(f"carddeck: {failed} of {len(args.images)} files failed", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,4 +1,5 @@
-"""``carddeck deck add|remove|list --server ADDR``: change or inspect a running server's deck.
+"""``carddeck deck init DIR`` makes a deck of your own; ``carddeck deck add|remove|list --server ADDR``
+change or inspect a running server's deck.
 
 add/remove need the admin token: ``--token-file`` or env CARDDECK_ADMIN_TOKEN.
 """
@@ -12,31 +13,81 @@ from pathlib import Path
 import grpc
 
 from carddeck.card import CardMeta
-from carddeck.server.client import add_client_arguments, client_from_args, rpc_error_message, to_json
+from carddeck.errors import InvalidInput
+from carddeck.server.client import (
+    ADMIN_TOKEN_ENV,
+    CardDeckClient,
+    add_client_arguments,
+    client_from_args,
+    rpc_error_message,
+    to_json,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="deck_command", metavar="ACTION", required=True)
+    init = sub.add_parser(
+        "init", help="create a deck you can change: a copy of the default deck (served read-only), or empty"
+    )
+    init.add_argument("dir", type=Path, help="new deck directory (serve it with `carddeck serve --deck DIR`)")
+    init.add_argument("--empty", action="store_true", help="an empty deck instead of a copy of the default deck")
     add = sub.add_parser("add", help="upload ONNX cards (streamed in chunks)")
     add.add_argument("cards", nargs="+", type=Path, help="ONNX card files")
+    add.add_argument(
+        "--version",
+        default="",
+        metavar="N|next",
+        help="upload under this card version instead of the file's own; `next`: one above the version the "
+        "server holds (to replace a card already in the deck)",
+    )
     remove = sub.add_parser("remove", help="remove a card")
     remove.add_argument("name")
-    remove.add_argument("--version", type=int, default=0, help="one version (default: the served one)")
+    remove.add_argument("--version", type=int, default=0, help="one version (0: the served one)")
     lst = sub.add_parser("list", help="list the served cards")
     lst.add_argument("--json", action="store_true", help="print every card's full CardMeta as JSON")
     for p in (add, remove, lst):
-        add_client_arguments(p, token_env="CARDDECK_ADMIN_TOKEN")
+        add_client_arguments(p, token_env=ADMIN_TOKEN_ENV)
+
+
+def card_bytes(path: Path, version: str, client: CardDeckClient) -> bytes:
+    """The card file's bytes, with its CardMeta version replaced when ``version`` asks for it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read the card file ({exc.strerror or exc})") from None
+    if not version:
+        return data
+    from carddeck.deck.cardfile import read_card_bytes, set_card_meta
+
+    model, meta, _ = read_card_bytes(data)
+    if version == "next":
+        served = {c.name: c.version for c in client.list_cards().cards}
+        new = served[meta.name] + 1 if meta.name in served else meta.version
+    elif version.isdigit() and int(version) >= 1:
+        new = int(version)
+    else:
+        raise InvalidInput(f"--version: expected a card version (an integer >= 1) or `next`, got {version!r}")
+    set_card_meta(model, meta.replace(version=new))
+    return model.SerializeToString()
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.deck_command == "init":
+        from carddeck.deck import default_deck_path, init_deck
+
+        store = init_deck(args.dir, empty=args.empty)
+        what = "an empty deck" if args.empty else f"a copy of the default deck ({default_deck_path()})"
+        print(f"created {what} in {store.root}: {len(store.manifest().cards)} cards, deck version {store.version}")
+        print(f"serve it with: carddeck serve --deck {store.root}")
+        return 0
     try:
         with client_from_args(args) as client:
             if args.deck_command == "add":
                 for path in args.cards:
-                    r = client.add_card(path)
-                    print(
-                        f"added {r.card.name}/{r.card.version} (domain {r.card.domain}); deck version {r.deck_version}"
-                    )
+                    r = client.add_card(card_bytes(path, args.version, client))
+                    done = "already present (same bytes)" if r.already_present else "added"
+                    card = f"{r.card.name}/{r.card.version} (domain {r.card.domain})"
+                    print(f"{done} {card}; deck version {r.deck_version}")
             elif args.deck_command == "remove":
                 removed = client.remove_card(args.name, args.version)
                 print(f"removed {args.name}; deck version {removed.deck_version}")
@@ -54,7 +105,4 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(rpc_error_message(exc), file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"carddeck: error: {exc}", file=sys.stderr)
-        return 2
     return 0

@@ -22,12 +22,15 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from carddeck.deck import DeckStore
+from carddeck.errors import InvalidInput
 from carddeck.server.interceptors import ObservabilityInterceptor
 from carddeck.server.metrics import Metrics, start_metrics_server
 from carddeck.server.settings import Settings, add_arguments, load_settings
 from carddeck.server.shift import ShiftCalibrator
 
 log = logging.getLogger("carddeck.server")
+READ_ONLY_NOTE = "read-only: admin calls are refused; `carddeck deck init DIR` makes a copy you can change"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +58,14 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
     metrics = Metrics(CollectorRegistry())
     endpoint = None
     if settings.metrics_port >= 0:
-        endpoint = start_metrics_server(metrics, settings.metrics_address, settings.metrics_port)
+        try:
+            endpoint = start_metrics_server(metrics, settings.metrics_address, settings.metrics_port)
+        except OSError as exc:
+            raise InvalidInput(
+                f"cannot listen for metrics on {settings.metrics_address}:{settings.metrics_port} ({exc.strerror}): "
+                "stop the other server or choose another port with --metrics-port (0: any free port, -1: no "
+                "metrics endpoint) [env CARDDECK_METRICS_PORT]"
+            ) from None
         log.info("metrics on http://%s:%d/metrics", settings.metrics_address, endpoint.port)
     return metrics, (ObservabilityInterceptor(metrics),), endpoint
 
@@ -107,11 +117,12 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             log.info("HTTP (Open Inference Protocol, /v2) on %s:%d", settings.host, http.port)
         health.set_serving(dataplane.ready)
         log.info(
-            "serving deck %s (version %d, %d cards%s) on %s:%d",
+            "serving deck %s (version %d, %d cards, %s%s) on %s:%d",
             deck.root,
             deck.version,
             len(deck.cards),
-            "" if deck.cards else ": NOT ready until a card is added",
+            READ_ONLY_NOTE if DeckStore(deck.root).read_only else "writable",
+            "" if deck.cards else "; NOT ready until a card is added",
             settings.host,
             port,
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carddeck.deck.default import default_deck_path
 from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import InvalidInput
 
@@ -31,7 +32,11 @@ def _opt(default: Any, help: str, *, flag: bool = True, secret: bool = False) ->
 
 @dataclass(frozen=True)
 class Settings:
-    deck: str = _opt("", "deck store: a directory, file://DIR or s3://BUCKET/PREFIX (default: the packaged deck)")
+    deck: str = _opt(
+        "",
+        "deck store: a directory, file://DIR or s3://BUCKET/PREFIX (default: the packaged default deck, read-only; "
+        "`carddeck deck init DIR` copies it)",
+    )
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _opt(8001, "gRPC port (0: pick a free one and log it)")
     http_port: int = _opt(8000, "Open Inference Protocol over HTTP/REST port (0: pick a free one; -1: no HTTP)")
@@ -134,17 +139,6 @@ class Settings:
             if f.metadata.get("secret") and out[f.name]:
                 out[f.name] = "***"
         return out
-
-
-def default_deck_path() -> Path:
-    """The packaged default deck (``carddeck/_default_deck`` in the wheel), else the repository's models/."""
-    packaged = Path(__file__).resolve().parents[1] / "_default_deck"
-    if (packaged / "manifest.json").is_file():
-        return packaged
-    repo = Path(__file__).resolve().parents[2] / "models"
-    if (repo / "manifest.json").is_file():
-        return repo
-    return packaged
 
 
 def _read_secret(path: str, name: str) -> str:

@@ -8,8 +8,8 @@ import pytest
 
 import carddeck.deck.backend as backend_mod
 from carddeck.card import METADATA_KEY
-from carddeck.deck import Deck, DeckStore, read_card_meta
-from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput
+from carddeck.deck import Deck, DeckStore, default_deck_path, init_deck, read_card_meta
+from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
 from tests.cards import tiny_card, tiny_meta
 from tests.deck.conftest import NOISE_SIG, card
 
@@ -166,6 +166,55 @@ def test_metadata_key_constant_is_used():
     assert {p.key for p in model.metadata_props} == {METADATA_KEY}
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_created_files_follow_the_umask(tmp_path, umask):
+    """Manifest and card files get 0666 & ~umask, like any other created file (not mkstemp's 0600)."""
+    old = os.umask(umask)
+    try:
+        s = DeckStore.create(tmp_path / "deck")
+        s.add_card(card("g1", "gaussian", seed=1))
+    finally:
+        os.umask(old)
+    files = [s.root / "manifest.json", *(s.root / "cards" / "g1" / "1").iterdir()]
+    assert len(files) == 3
+    for f in files:
+        assert oct(f.stat().st_mode & 0o777) == oct(0o666 & ~umask), f
+
+
+def test_a_read_only_deck_refuses_every_change_and_writes_nothing(store, images):
+    (store.root / "READ-ONLY").write_text("shipped")
+    (store.root / ".lock").unlink()
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    for change in (
+        lambda: store.add_card(card("n1", "gaussian", seed=3)),
+        lambda: store.remove_card("g1"),
+        lambda: store.set_gate(policy="uniform"),
+        lambda: store.set_calibration(images),
+    ):
+        with pytest.raises(ReadOnlyDeck, match=r"read-only.*carddeck deck init DIR") as info:
+            change()
+        assert isinstance(info.value, DeckConflict)  # -> FAILED_PRECONDITION through the status table
+    assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before
+    assert store.version == 2
+
+
+def test_the_default_deck_is_read_only_and_init_copies_it(tmp_path):
+    default = DeckStore(default_deck_path())
+    assert default.read_only
+    copy = init_deck(tmp_path / "mine")
+    assert not copy.read_only
+    assert copy.manifest() == default.manifest()
+    assert [m.to_dict() for m in copy.list_cards()] == [m.to_dict() for m in default.list_cards()]
+    for entry in copy.manifest().cards:
+        assert copy.read_model(entry) == default.read_model(entry)  # sha256 checked against the manifest
+    assert Deck.open(copy.root).version == default.version  # router and calibration came along
+    copy.remove_card(copy.manifest().cards[0].name)  # and it can change
+    with pytest.raises(DeckConflict, match="already holds a deck"):
+        init_deck(tmp_path / "mine")
+    empty = init_deck(tmp_path / "empty", empty=True)
+    assert empty.manifest().cards == () and not empty.read_only
+
+
 def test_debris_is_swept_at_once_or_after_the_grace_period(store, monkeypatch):
     """kill -9 leftovers go at the next sweep; what a replica may still read (removed cards, old routers) after the
     grace period."""
@@ -224,3 +273,11 @@ def test_the_deck_model_name_is_reserved(store):
     with pytest.raises(CardRejected, match="'ensemble' is reserved"):
         store.add_card(card("ensemble", "gaussian"), reserved=("ensemble",))
     assert [c.key for c in store.list_cards()] == ["g1/1", "a1/1"]
+
+
+def test_a_read_only_deck_is_never_swept(store):
+    (store.root / "READ-ONLY").write_text("shipped")
+    debris = store.root / ".manifest.json.0123.tmp"
+    debris.write_bytes(b"half a manifest")
+    assert store.clean() == []  # not ReadOnlyDeck: a server on the shipped deck must still start
+    assert debris.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -37,8 +38,14 @@ def lrr_checkpoint(tmp_path_factory):
 
 def test_export_command(lrr_checkpoint, tmp_path, capsys):
     out = tmp_path / "deck" / "model.onnx"
-    code = main(["export", str(lrr_checkpoint / "card.pt"), "--out", str(out), "--parity-images", "64", "--json"])
+    umask = os.umask(0o022)
+    try:
+        code = main(["export", str(lrr_checkpoint / "card.pt"), "--out", str(out), "--parity-images", "64", "--json"])
+    finally:
+        os.umask(umask)
     assert code == 0
+    for written in (out, out.parent / "card.json"):  # created files follow the umask (not mkstemp's 0600)
+        assert oct(written.stat().st_mode & 0o777) == oct(0o644), written
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "sparse" and report["parity"]["passed"]
     assert report["parity"]["images"] == 64 and report["parity"]["agreement"] == 1.0

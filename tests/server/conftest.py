@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carddeck.deck import DeckStore
+from carddeck.deck import DeckStore, default_deck_path
 from carddeck.gating import SIGNATURE_DIM
 from tests.cards import tiny_card_bytes, tiny_meta
 
@@ -78,16 +78,19 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(deck: Path, tmp: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """``python -m carddeck.cli serve`` on a free port (port 0: the server picks and logs it)."""
+def start_server(deck: Path | None, tmp: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """``python -m carddeck.cli serve`` on a free port (port 0: the server picks and logs it).
+
+    ``deck=None``: no ``--deck``, the server serves the packaged default deck."""
     log_path = tmp / f"server-{time.monotonic_ns()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", "--metrics-port", "-1",
+    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--port", "0", "--metrics-port", "-1",
            "--http-port", "0"]  # fmt: skip
+    cmd += ["--deck", str(deck)] if deck is not None else []
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = ServerProcess(proc, log_path, deck=deck)
+    server = ServerProcess(proc, log_path, deck=deck if deck is not None else default_deck_path())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         match = re.search(r"serving deck .* on (\S+):(\d+)", server.log())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import signal
 import threading
 import time
@@ -15,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from carddeck.deck import DeckStore
+from carddeck.deck import DeckStore, init_deck
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
@@ -134,8 +133,7 @@ def test_corrupted_card_uploads_are_rejected_never_internal(tmp_path):
 
 
 def copy_default_deck(dest: Path) -> Path:
-    shutil.copytree(ROOT / "models", dest, ignore=shutil.ignore_patterns("report", "samples", "*.md", "*.py"))
-    return dest
+    return init_deck(dest).root  # a writable copy (the default deck itself is read-only)
 
 
 def test_shutdown_is_bounded_by_the_drain_timeout(tmp_path):

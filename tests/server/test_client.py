@@ -1,0 +1,234 @@
+"""The Python client and the client commands (`carddeck predict`, `carddeck deck`) against real servers."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from carddeck.deck import DeckStore
+from carddeck.errors import InvalidInput
+from carddeck.server.client import CardDeckClient, with_default_port
+from tests.server.conftest import ADMIN_TOKEN, ROOT, card, make_deck, smooth_images, start_server
+
+
+def carddeck(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
+    full.update({"PYTHONPATH": str(ROOT), **(env or {})})
+    cmd = [sys.executable, "-m", "carddeck.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env=full)
+
+
+# -- mutual TLS ----------------------------------------------------------------------------------------
+def _pki(tmp: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def issue(cn, key, issuer, signer, *, ca=False, san=None, usage=None):
+        b = (
+            x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    def write(stem: str, cert, key) -> None:
+        (tmp / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pkcs8 = serialization.PrivateFormat.PKCS8
+        (tmp / f"{stem}.key").write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption())
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("carddeck test CA", ca_key, name("carddeck test CA"), ca_key, ca=True)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("ca", ca, ca_key)
+    write("server", issue("localhost", server_key, ca.subject, ca_key, san=san, usage=ExtendedKeyUsageOID.SERVER_AUTH),
+          server_key)  # fmt: skip
+    write("client", issue("a client", client_key, ca.subject, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH),
+          client_key)  # fmt: skip
+    files = {"ca": "ca.pem", "server": "server.pem", "server_key": "server.key", "client": "client.pem"}
+    return {k: tmp / v for k, v in {**files, "client_key": "client.key"}.items()}
+
+
+def test_mutual_tls_end_to_end(tmp_path):
+    pki = _pki(tmp_path)
+    srv = start_server(
+        make_deck(tmp_path / "deck"), tmp_path, "--tls-cert", str(pki["server"]), "--tls-key", str(pki["server_key"]),
+        "--tls-client-ca", str(pki["ca"]), env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+    try:
+        # Python: the client certificate opens the door ...
+        with CardDeckClient(
+            srv.address, tls_ca=pki["ca"], client_cert=pki["client"], client_key=pki["client_key"]
+        ) as client:
+            assert client.predict(smooth_images(1)).routing["selected"] == ["a1"]
+        # ... and without one the TLS handshake fails
+        with CardDeckClient(srv.address, tls_ca=pki["ca"], timeout=5) as client, pytest.raises(grpc.RpcError) as info:
+            client.list_cards()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the CLI, by flags ...
+        tls = ["--tls-ca", str(pki["ca"]), "--client-cert", str(pki["client"]), "--client-key", str(pki["client_key"])]
+        listing = carddeck("deck", "list", "--server", srv.address, *tls)
+        assert listing.returncode == 0 and "a1/1" in listing.stdout, listing.stderr
+        # ... and by environment variables (an admin call: the bearer token still applies on top of mTLS)
+        upload = tmp_path / "new.onnx"
+        upload.write_bytes(card("c1", "clean", seed=5))
+        env = {
+            "CARDDECK_TLS_CA": str(pki["ca"]),
+            "CARDDECK_CLIENT_CERT": str(pki["client"]),
+            "CARDDECK_CLIENT_KEY": str(pki["client_key"]),
+            "CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN,
+        }
+        added = carddeck("deck", "add", "--server", srv.address, str(upload), env=env)
+        assert added.returncode == 0 and "added c1/1" in added.stdout, added.stderr
+        refused = carddeck("deck", "list", "--server", srv.address, "--tls-ca", str(pki["ca"]), "--timeout", "5")
+        assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr and "Traceback" not in refused.stderr
+    finally:
+        assert srv.terminate() == 0
+
+
+def test_client_certificate_needs_its_key(tmp_path):
+    with pytest.raises(InvalidInput, match="client_cert and client_key"):
+        CardDeckClient("127.0.0.1:1", client_cert=tmp_path / "c.pem")
+    with pytest.raises(InvalidInput, match="cannot read"):
+        CardDeckClient("127.0.0.1:1", client_cert=tmp_path / "c.pem", client_key=tmp_path / "c.key")
+
+
+# -- addresses and tokens ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("localhost", "localhost:8001"),
+        ("10.0.0.7", "10.0.0.7:8001"),
+        ("[::1]", "[::1]:8001"),
+        ("[::1]:9000", "[::1]:9000"),
+        ("localhost:9000", "localhost:9000"),
+        ("dns:///example.org:443", "dns:///example.org:443"),
+        ("unix:/run/carddeck.sock", "unix:/run/carddeck.sock"),
+    ],
+)
+def test_a_server_without_a_port_means_port_8001(given, used):
+    assert with_default_port(given) == used
+
+
+def test_no_server_there_is_one_line_with_a_hint(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = carddeck("deck", "list", "--server", f"127.0.0.1:{port}", "--timeout", "5")
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("carddeck: error: UNAVAILABLE") and "`carddeck serve`" in line
+
+
+def test_inference_token_has_one_name_for_client_and_server(tmp_path):
+    srv = start_server(make_deck(tmp_path / "deck"), tmp_path, env={"CARDDECK_INFERENCE_TOKEN": "inf"})
+    try:
+        images = tmp_path / "x.npy"
+        np.save(images, smooth_images(1))
+        for env in ({"CARDDECK_INFERENCE_TOKEN": "inf"}, {"CARDDECK_TOKEN": "inf"}):  # the new name, the old alias
+            out = carddeck("predict", "--server", srv.address, str(images), env=env)
+            assert out.returncode == 0, (env, out.stderr)
+        out = carddeck("predict", "--server", srv.address, str(images))
+        assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
+    finally:
+        srv.terminate()
+
+
+# -- predict: every file is tried, JSON is numbers ---------------------------------------------------------
+def test_predict_reports_bad_files_and_still_runs_the_rest(server, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(smooth_images(1)[0]).save(good)
+    not_png = tmp_path / "broken.png"
+    not_png.write_bytes(b"not a png at all")
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (1, 1)).save(bomb)
+    # a PNG whose header claims far more pixels than Pillow's decompression-bomb limit (2 x 89.5 Mpx)
+    data = bytearray(bomb.read_bytes())
+    data[16:24] = (20000).to_bytes(4, "big") + (20000).to_bytes(4, "big")  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the IHDR chunk's CRC
+    bomb.write_bytes(bytes(data))
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    also_good = tmp_path / "also.npy"
+    np.save(also_good, smooth_images(2))
+    files = [good, not_png, bomb, folder, tmp_path / "missing.png", tmp_path / "notes.txt", also_good]
+    out = carddeck("predict", "--server", server.address, *map(str, files))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(good), f"{also_good}[0]", f"{also_good}[1]"], out.stdout
+    errors = out.stderr.strip().splitlines()
+    for path, why in [
+        (not_png, "not a readable image"),
+        (bomb, "too large"),
+        (folder, "is a directory"),
+        (tmp_path / "missing.png", "not a readable image"),
+        (tmp_path / "notes.txt", "unsupported file type"),
+    ]:
+        assert any(str(path) in e and why in e for e in errors), (path, why, errors)
+    assert errors[-1] == f"carddeck: 5 of {len(files)} files failed"
+
+
+def test_predict_json_has_numbers_not_strings(server, tmp_path):
+    images = tmp_path / "x.npy"
+    np.save(images, smooth_images(2))
+    out = carddeck("predict", "--server", server.address, "--json", str(images))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["domain_distances"] and all(type(v) is float for v in row["domain_distances"].values()), row
+        assert all(type(p) is float for p in row["probabilities"])
+        assert type(row["probability"]) is float and type(row["deck_version"]) is int
+
+
+# -- deck add --version --------------------------------------------------------------------------------
+def test_deck_add_with_a_version(server, tmp_path):
+    path = tmp_path / "v.onnx"
+    path.write_bytes(card("vcard", "augmix", seed=7))
+    admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+    first = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
+    assert first.returncode == 0 and "added vcard/1" in first.stdout, first.stderr
+    again = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
+    assert again.returncode == 0 and "already present (same bytes) vcard/1" in again.stdout, again.stderr
+    other = tmp_path / "other.onnx"
+    other.write_bytes(card("vcard", "augmix", seed=8))
+    clash = carddeck("deck", "add", "--server", server.address, str(other), env=admin)
+    assert clash.returncode == 1 and "FAILED_PRECONDITION" in clash.stderr  # same version, other bytes: refused
+    bumped = carddeck("deck", "add", "--server", server.address, "--version", "next", str(other), env=admin)
+    assert bumped.returncode == 0 and "added vcard/2" in bumped.stdout, bumped.stderr
+    chosen = carddeck("deck", "add", "--server", server.address, "--version", "7", str(path), env=admin)
+    assert chosen.returncode == 0 and "added vcard/7" in chosen.stdout, chosen.stderr
+    versions = sorted(m.version for m in DeckStore(server.deck).list_cards(all_versions=True) if m.name == "vcard")
+    assert versions == [1, 2, 7]
+    bad = carddeck("deck", "add", "--server", server.address, "--version", "latest", str(path), env=admin)
+    assert bad.returncode == 2 and "expected a card version" in bad.stderr
