@@ -342,8 +342,10 @@ class DeckStore:
         params: Mapping[str, Any] | None = None,
         references: Mapping[str, tuple[float, ...]] | None = None,
         router: Any | None = None,
+        shift: Any | None = None,
     ) -> Manifest:
-        """Change the default gate policy, its parameters, the domain references or the router."""
+        """Change the default gate policy, its parameters, the domain references, the router or the
+        shift detector (``carddeck.server.shift.ShiftDetector``, saved beside the router)."""
         from carddeck.gating.policies import POLICIES, GateParams
 
         if policy is not None:
@@ -358,12 +360,13 @@ class DeckStore:
                 gate["params"] = dict(params)
             if references is not None:
                 gate["references"] = {d: [float(v) for v in s] for d, s in references.items()}
-            if router is not None:
-                rel = f"gate/router-{m.version + 1}.npz"
-                buf = io.BytesIO()
-                router.save(buf)
-                atomic_write(self.root / rel, buf.getvalue())
-                gate["router"] = rel
+            for key, fitted in (("router", router), ("shift", shift)):
+                if fitted is not None:
+                    rel = f"gate/{key}-{m.version + 1}.npz"
+                    buf = io.BytesIO()
+                    fitted.save(buf)
+                    atomic_write(self.root / rel, buf.getvalue())
+                    gate[key] = rel
             return self._commit(replace(m, version=m.version + 1, gate=gate, updated=_now()))
 
     def set_calibration(self, images: np.ndarray) -> Manifest:

@@ -9,13 +9,13 @@ signatures, parameters, an optional calibrated router) and builds the ``Routing`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from carddeck.errors import InvalidInput
-from carddeck.gating.signature import batch_signature, sample_signatures
+from carddeck.gating.signature import sample_signatures
 from carddeck.registry import Registry
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class Routing:
     weights: np.ndarray  # [N, K] float32, rows sum to 1, 0 = not run for that image
     domains: tuple[str, ...]
     distances: np.ndarray  # [N, M] distance of each image (or the batch) to each domain
+    signatures: np.ndarray | None = None  # [N, D] per-image signatures, when ``Gate.route`` computed them
 
     @property
     def selected(self) -> tuple[str, ...]:
@@ -182,8 +183,10 @@ class Gate:
 
     def route(self, images: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool = False) -> Routing:
         """Signatures of ``images`` (per batch or per sample), then ``policy``."""
-        sigs = sample_signatures(images) if per_sample else batch_signature(images)[None, :]
-        return self.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=len(images))
+        sample = sample_signatures(images)  # the batch signature is their mean: kept for the shift signal
+        sigs = sample if per_sample else sample.mean(axis=0)[None, :]
+        routing = self.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=len(images))
+        return replace(routing, signatures=sample)
 
     def route_signatures(
         self, signatures: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool, batch_size: int

@@ -44,7 +44,7 @@ class MetricsHook(Protocol):
 
     def observe_batch(self, size: int, wait_seconds: Any = ()) -> None: ...
     def track_queue_depth(self, depth: Callable[[], int]) -> None: ...
-    def observe_routing(self, routing: Any, out_of_domain_threshold: float | None = None) -> None: ...
+    def observe_routing(self, routing: Any) -> None: ...
     def set_deck(self, version: int, cards: Any) -> None: ...
     def card_change(self, op: str, outcome: str) -> None: ...
     def observe_card(self, card: str, seconds: float) -> None: ...
@@ -113,6 +113,8 @@ class Dataplane:
         self._calibration: np.ndarray | None = None
         self.swaps = 0  # snapshots installed after the first
         self.on_swap: list[Callable[[Deck], None]] = []  # e.g. health status follows the deck
+        # (model, prepared images, routing, probabilities) after each Predict, e.g. the shift monitor
+        self.on_predict: list[Callable[[str, np.ndarray, Routing, np.ndarray], None]] = []
         self._batcher: MicroBatcher[_Work, _Done] | None = None
         if config.batching and config.max_batch_size > 1:
             self._batcher = MicroBatcher(
@@ -233,6 +235,8 @@ class Dataplane:
         if self.metrics is not None:
             self.metrics.observe_routing(routing)
         probs = self._combine(deck, x, routing.weights, announced, timeout_s, is_cancelled, model, start)
+        for listener in self.on_predict:
+            listener(model, x, routing, probs)
         return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing), deck
 
     def route(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> tuple[Routing, Deck]:
