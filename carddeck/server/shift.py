@@ -43,7 +43,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -252,6 +252,18 @@ class ShiftDetector:
         if votes.sum() < 1e-6:  # far from every condition: only the confidences speak
             return atc
         return 0.5 * float(votes @ self.accuracy / votes.sum()) + 0.5 * atc
+
+    def without(self, corruption: str) -> ShiftDetector:
+        """The detector without ``corruption``'s conditions (to score estimates on unseen corruptions)."""
+        keep = [i for i, c in enumerate(self.conditions) if c.rsplit("/", 1)[0] != corruption or i == 0]
+        return replace(
+            self,
+            conditions=tuple(self.conditions[i] for i in keep),
+            means=self.means[keep],
+            norms=self.norms[keep],
+            thresholds=self.thresholds[keep],
+            accuracy=self.accuracy[keep],
+        )
 
     def expected_accuracy(self, features: np.ndarray) -> float:
         return self._expected(self.statistics(features), features)
