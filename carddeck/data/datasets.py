@@ -1,7 +1,8 @@
 """Image classification datasets as uint8 NHWC arrays, found by name.
 
 Names (the same on the CLI): ``digits32``, ``leaves32`` (procedural natural images);
-``cifar10:PATH``, ``cifar100:PATH`` (python-pickle layout); ``npz:PATH`` (``images`` uint8 [N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C
+``cifar10:PATH``, ``cifar100:PATH`` (python-pickle layout); ``npz:PATH`` (``images`` uint8
+[N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C
 layout are read by :mod:`carddeck.data.corrupted`. Nothing here downloads anything.
 """
 
