@@ -1,7 +1,8 @@
 """Image classification datasets as uint8 NHWC arrays, found by name.
 
-Names (the same on the CLI): ``digits32``; ``cifar10:PATH``, ``cifar100:PATH`` (python-pickle
-layout); ``npz:PATH`` (``images`` uint8 [N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C
+Names (the same on the CLI): ``digits32``, ``leaves32`` (procedural natural images);
+``cifar10:PATH``, ``cifar100:PATH`` (python-pickle layout); ``npz:PATH`` (``images`` uint8
+[N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C
 layout are read by :mod:`carddeck.data.corrupted`. Nothing here downloads anything.
 """
 
@@ -110,6 +111,27 @@ def load_digits32(arg: str | None, split: str) -> Dataset:
     labels = digits.target.astype(np.int64)
     idx = split_indices(labels, DIGITS_SPLIT, DIGITS_SEED)[split]
     return Dataset(f"digits32:{split}", images[idx], labels[idx], tuple(str(i) for i in range(10)))
+
+
+LEAVES_SPLIT = (0.6, 0.2, 0.2)
+LEAVES_SEED = 0
+
+
+@DATASETS.register("leaves32")
+def load_leaves32(arg: str | None, split: str) -> Dataset:
+    """A procedural natural-image set (dead leaves with class-defined objects, 1/f spectra), 32x32
+    RGB, 10 classes x 400; see :mod:`carddeck.data.leaves`. Split per class 60/20/20, seed 0
+    (2400 / 800 / 800 images)."""
+    if arg is not None:
+        raise InvalidInput(f"dataset 'leaves32' takes no path, got 'leaves32:{arg}'")
+    try:
+        from carddeck.data.leaves import CLASS_NAMES, generate
+
+        images, labels = generate()
+    except ImportError:  # pragma: no cover - depends on the install
+        raise InvalidInput("dataset 'leaves32' needs scikit-learn: pip install 'carddeck[train]'") from None
+    idx = split_indices(labels, LEAVES_SPLIT, LEAVES_SEED)[split]
+    return Dataset(f"leaves32:{split}", images[idx], labels[idx], CLASS_NAMES)
 
 
 # --- CIFAR-10 / CIFAR-100, python-pickle release -------------------------------------------------
