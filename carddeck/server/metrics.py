@@ -148,6 +148,7 @@ class Metrics:
         self._card_domains: dict[str, str] = {}
         self._card_children: dict[tuple[str, str], _CardChildren] = {}
         self._shift_children: set[tuple[str, str]] = set()
+        self.set_shift_detector(None)
         self.build_info()
 
     # -- requests (called by the interceptor) ---------------------------------------------------

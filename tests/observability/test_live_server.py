@@ -102,11 +102,11 @@ def wait_until(check, what: str, timeout: float = 20.0):
         time.sleep(0.1)
 
 
-def wait_for_thresholds(live: Live) -> None:
+def wait_for_shift_detector(live: Live) -> None:
     wait_until(
-        lambda: any(k[0] == "carddeck_out_of_domain_threshold" for k in scrape(live.metrics_port)),
-        "no carddeck_out_of_domain_threshold after 20 s: carddeck/server/main.py serve() must add "
-        "`dataplane.on_swap.append(ShiftCalibrator(metrics))` (carddeck.server.shift) before dataplane.start()",
+        lambda: value(scrape(live.metrics_port), "carddeck_shift_false_alarm_rate") > 0,
+        "carddeck_shift_false_alarm_rate not set after 20 s: carddeck/server/main.py serve() must add "
+        "`dataplane.on_swap.append(ShiftLoader(monitor))` (carddeck.server.shift) before dataplane.start()",
     )
 
 
@@ -217,19 +217,26 @@ def test_card_latency_is_recorded_per_card(live: Live) -> None:
     )
 
 
-def test_out_of_domain_batches_are_counted(live: Live) -> None:
-    wait_for_thresholds(live)
+def test_shift_states_are_counted(live: Live) -> None:
+    wait_for_shift_detector(live)
     with live.client() as client:
         for i in range(3):
             client.predict(live.clean[i * BATCH : (i + 1) * BATCH])
         for i in range(2):
             client.predict(live.shifted[i * BATCH : (i + 1) * BATCH])
     s = scrape(live.metrics_port)
-    assert value(s, "carddeck_out_of_domain_total", mode="batch") == 2
+
+    def batches(state: str) -> float:
+        return value(s, "carddeck_shift_batches_total", model="carddeck", state=state, unit="batch")
+
+    assert (batches("in_distribution"), batches("covered"), batches("uncovered")) == (3, 0, 2), (
+        "shift states are not counted: carddeck/server/main.py serve() must add "
+        "`dataplane.on_predict.append(monitor)` (a carddeck.server.shift.ShiftMonitor)"
+    )
 
 
 def test_every_dashboard_and_alert_expression_on_the_real_server(live: Live, prometheus_tools, tmp_path) -> None:
-    wait_for_thresholds(live)
+    wait_for_shift_detector(live)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -262,11 +269,11 @@ def test_every_dashboard_and_alert_expression_on_the_real_server(live: Live, pro
             prom.wait_for('up{job="carddeck"} == 1')
             counts = check_every_expression(prom, timeout=40)
             wait_until(
-                lambda: any(
-                    a["labels"]["alertname"] == "CarddeckDistributionShift"
-                    for a in prom.api("alerts")["data"]["alerts"]
+                lambda: (
+                    {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]}
+                    >= {"CarddeckUncoveredShift", "CarddeckExpectedAccuracyLow"}
                 ),
-                "the shift alert never became pending on 75% out-of-domain traffic",
+                "the shift alerts never became pending on 75% shifted traffic to random tiny cards",
             )
         finally:
             stop.set()
