@@ -210,7 +210,7 @@ def test_shift_command_fits_scores_and_reports(tmp_path):
     shutil.copytree(ROOT / "models", deck, ignore=shutil.ignore_patterns("report", "samples", "*.md", "build.py"))
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "carddeck.cli", "shift", "--deck", str(deck)]
-    fit = [*cmd, "--fit", "--corruptions", "fog,gaussian_noise", "--limit", "160", "--draws", "20"]
+    fit = [*cmd, "--fit", "--corruptions", "fog,gaussian_noise", "--limit", "96", "--draws", "10"]
     result = subprocess.run(
         [*fit, "--foreign", "black", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600
     )
@@ -224,10 +224,9 @@ def test_shift_command_fits_scores_and_reports(tmp_path):
 def test_shift_command_without_a_detector_says_how_to_fit(tmp_path):
     from carddeck.deck import DeckStore
     from tests.cards import tiny_card_bytes, tiny_meta
-    from tests.observability.deck_traffic import DOMAINS
 
     store = DeckStore.create(tmp_path / "deck")
-    store.add_card(tiny_card_bytes(tiny_meta("a", domain=DOMAINS[0]), seed=0))
+    store.add_card(tiny_card_bytes(tiny_meta("a", domain="clean", signature=(0.0,) * 17), seed=0))
     result = subprocess.run(
         [sys.executable, "-m", "carddeck.cli", "shift", "--deck", str(store.root), "--out", str(tmp_path / "r")],
         capture_output=True,
