@@ -54,13 +54,13 @@ class Live:
         return CardDeckClient(self.address, token=TOKEN, timeout=30)
 
 
-def start(tmp: Path, **env_extra: str) -> Live:
-    rig = build_deck(tmp / "deck")
+def launch(deck: Path, tmp: Path, **env_extra: str) -> tuple[subprocess.Popen, Path, str, int]:
+    """``carddeck serve`` on ``deck`` with free ports; returns (process, log path, gRPC address, metrics port)."""
     metrics_port = free_port()
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     env.update(PYTHONPATH=str(ROOT), CARDDECK_ADMIN_TOKEN=TOKEN, **env_extra)
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(rig.deck.root), "--port", "0",
+    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0",
            "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--poll-interval-s", "0"]  # fmt: skip
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -69,11 +69,16 @@ def start(tmp: Path, **env_extra: str) -> Live:
         text = log_path.read_text(errors="replace")
         match = re.search(r"serving deck .* on \S+:(\d+)", text)
         if match:
-            return Live(proc, log_path, f"127.0.0.1:{match.group(1)}", metrics_port, rig.clean, rig.shifted)
+            return proc, log_path, f"127.0.0.1:{match.group(1)}", metrics_port
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"server did not start:\n{text[-3000:]}")
         time.sleep(0.05)
+
+
+def start(tmp: Path, **env_extra: str) -> Live:
+    rig = build_deck(tmp / "deck")
+    return Live(*launch(rig.deck.root, tmp, **env_extra), rig.clean, rig.shifted)
 
 
 def stop(server: Live) -> None:

@@ -58,9 +58,17 @@ def promtool_test(promtool: str, tmp_path, series: list[dict], alert: str, exp: 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def rule(name: str) -> dict:
-    (found,) = [r for r in alert_rules() if r["alert"] == name]
-    return found
+def fired(alert: str, model: str, value: str) -> list[dict]:
+    """The alert promtool must see firing for ``model`` on instance "i", annotations filled in."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == alert]
+    annotations = {
+        k: v.replace("{{ $labels.instance }}", "i")
+        .replace("{{ $labels.model }}", model)
+        .replace("{{ $value | humanizePercentage }}", value)
+        for k, v in rule["annotations"].items()
+    }
+    labels = {"severity": "warning", "job": "carddeck", "instance": "i", "model": model}
+    return [{"exp_labels": labels, "exp_annotations": annotations}]
 
 
 def test_uncovered_shift_alert_fires_only_on_sustained_uncovered_traffic(prometheus_tools, tmp_path):
@@ -72,15 +80,13 @@ def test_uncovered_shift_alert_fires_only_on_sustained_uncovered_traffic(prometh
         series.append({"series": f'carddeck_shift_batches_total{{{labels}, state="in_distribution"}}',
                        "values": f"0+{10 - n}x40"})  # fmt: skip
         series.append({"series": f'carddeck_shift_batches_total{{{labels}, state="{state}"}}', "values": f"0+{n}x40"})
-    annotations = {
-        k: v.replace("{{ $labels.instance }}", "i")
-        .replace("{{ $labels.model }}", "a")
-        .replace("{{ $value | humanizePercentage }}", "60%")
-        for k, v in rule("CarddeckUncoveredShift")["annotations"].items()
-    }
-    exp = [{"exp_labels": {"severity": "warning", "job": "carddeck", "instance": "i", "model": "a"},
-            "exp_annotations": annotations}]  # fmt: skip
-    promtool_test(prometheus_tools["promtool"], tmp_path, series, "CarddeckUncoveredShift", exp)
+    promtool_test(
+        prometheus_tools["promtool"],
+        tmp_path,
+        series,
+        "CarddeckUncoveredShift",
+        fired("CarddeckUncoveredShift", "a", "60%"),
+    )
 
 
 def test_expected_accuracy_alert_fires_only_when_the_estimate_stays_low(prometheus_tools, tmp_path):
@@ -92,15 +98,13 @@ def test_expected_accuracy_alert_fires_only_when_the_estimate_stays_low(promethe
         {"series": f'carddeck_expected_accuracy{{{labels}, model="b"}}', "values": "0.98x40"},
         {"series": f'carddeck_expected_accuracy{{{labels}, model="c"}}', "values": "0.98x10 0.85x3 0.98x27"},
     ]
-    annotations = {
-        k: v.replace("{{ $labels.instance }}", "i")
-        .replace("{{ $labels.model }}", "a")
-        .replace("{{ $value | humanizePercentage }}", "60%")
-        for k, v in rule("CarddeckExpectedAccuracyLow")["annotations"].items()
-    }
-    exp = [{"exp_labels": {"severity": "warning", "job": "carddeck", "instance": "i", "model": "a"},
-            "exp_annotations": annotations}]  # fmt: skip
-    promtool_test(prometheus_tools["promtool"], tmp_path, series, "CarddeckExpectedAccuracyLow", exp)
+    promtool_test(
+        prometheus_tools["promtool"],
+        tmp_path,
+        series,
+        "CarddeckExpectedAccuracyLow",
+        fired("CarddeckExpectedAccuracyLow", "a", "60%"),
+    )
 
 
 def test_dashboard_has_the_required_panels():

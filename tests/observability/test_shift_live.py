@@ -4,11 +4,6 @@ harmful one, while a real Prometheus scrapes it and evaluates the shipped alert 
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,35 +13,15 @@ import pytest
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.server.client import CardDeckClient
-from tests.observability.promql import alert_rules, free_port, running_prometheus
+from tests.observability.promql import alert_rules, running_prometheus
 from tests.observability.scrape import scrape, value
+from tests.observability.test_live_server import Live, launch, stop
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 16
 MODEL = "carddeck"  # the gated deck's model name (settings.deck_model_name)
-
-
-def serve(tmp: Path) -> tuple[subprocess.Popen, str, int, Path]:
-    metrics_port = free_port()
-    log_path = tmp / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
-    env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(ROOT / "models"), "--port", "0",
-           "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--poll-interval-s", "0"]  # fmt: skip
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        text = log_path.read_text(errors="replace")
-        match = re.search(r"serving deck .* on \S+:(\d+)", text)
-        if match:
-            return proc, f"127.0.0.1:{match.group(1)}", metrics_port, log_path
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start:\n{text[-3000:]}")
-        time.sleep(0.05)
 
 
 def states(port: int, unit: str = "batch") -> tuple[float, float, float]:
@@ -63,7 +38,8 @@ def test_live_server_counts_states_and_prometheus_evaluates_the_alerts(tmp_path,
     noisy = corrupt(test, "gaussian_noise", 5, seed=0)
     fog = corrupt(test, "fog", 5, seed=0)
     rules = {r["alert"]: r["expr"] for r in alert_rules()}
-    proc, address, metrics_port, log_path = serve(tmp_path)
+    proc, log_path, address, metrics_port = launch(ROOT / "models", tmp_path)
+    live = Live(proc, log_path, address, metrics_port, test, leaves)
     try:
         with (
             running_prometheus(prometheus_tools["prometheus"], f"127.0.0.1:{metrics_port}", tmp_path) as prom,
@@ -120,9 +96,4 @@ def test_live_server_counts_states_and_prometheus_evaluates_the_alerts(tmp_path,
             in_dist, covered, uncovered = states(metrics_port)
             assert (in_dist, covered) == (8, 8) and uncovered > 8  # every fog batch uncovered
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(live)
