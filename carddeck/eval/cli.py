@@ -22,7 +22,11 @@ def _ints(text: str) -> list[int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deck", required=True, help="deck directory (manifest.json + cards/)")
-    parser.add_argument("--data", default="digits32", help="dataset spec for the clean test split (and val, to fit)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="dataset spec for the clean test split (and val, to fit); default: the one the deck's cards record",
+    )
     parser.add_argument(
         "--corrupted",
         default="generate",
@@ -58,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from carddeck.data.datasets import load_dataset
+    from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck
     from carddeck.errors import InvalidInput
     from carddeck.eval.report import write_report
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     deck = Deck.open(args.deck)
     if not deck.cards:
         raise InvalidInput(f"deck {args.deck} has no cards to evaluate")
+    args.data = data_for_cards(args.data, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
     test = load_dataset(args.data, "test")
     images, labels = test.images[: args.limit], test.labels[: args.limit]
     if test.class_names != deck.class_names:

@@ -27,7 +27,9 @@ SYNTHETIC = ("noise", "black")  # foreign sets made on the spot: uniform random 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deck", required=True, help="deck directory")
-    parser.add_argument("--data", default="digits32", help="the deck's dataset (val to fit, test to score)")
+    parser.add_argument(
+        "--data", default=None, help="the deck's dataset (val to fit, test to score); default: the one its cards record"
+    )
     parser.add_argument("--fit", action="store_true", help="calibrate the detector on val data and store it")
     parser.add_argument("--alpha", type=float, default=None, help="false alarms per clean batch (default 0.005)")
     parser.add_argument("--corruptions", default=None, help="comma-separated (default: the 15 benchmark ones)")
@@ -59,7 +61,7 @@ def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator)
 
 def run(args: argparse.Namespace) -> int:
     from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
-    from carddeck.data.datasets import load_dataset
+    from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck, DeckStore
     from carddeck.errors import InvalidInput
     from carddeck.server.shift import ALPHA, ShiftDetector, deck_references, fit_detector
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     deck = Deck.open(args.deck)
     if not deck.cards:
         raise InvalidInput(f"deck {args.deck} has no cards")
+    args.data = data_for_cards(args.data, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
     corruptions = args.corruptions.split(",") if args.corruptions else list(BENCHMARK_CORRUPTIONS)
     progress = _progress()
     if args.fit:
