@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from carddeck.errors import InvalidInput
-from carddeck.gating.signature import sample_signatures
+from carddeck.gating.signature import SIGNATURE_DIM, sample_signatures
 
 if TYPE_CHECKING:
     from carddeck.deck import Deck
@@ -71,7 +71,7 @@ FEATURE_NAMES = (
     *(f"mean_{c}" for c in "rgb"),
     *(f"std_{c}" for c in "rgb"),
     "saturation",
-    *(f"spectrum_{i}" for i in range(17)),
+    *(f"spectrum_{i}" for i in range(SIGNATURE_DIM)),  # the gate's radial log-spectrum
     "gradient_h",
     "gradient_v",
     "confidence",
@@ -379,7 +379,7 @@ def fit_detector(
         alpha,
         tolerance,
         atc,
-        {"images": {r.name: len(r.features) for r in references[:1]}},
+        {"clean_images": len(clean.features), "conditions": len(references)},
     )
 
 
