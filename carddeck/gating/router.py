@@ -20,7 +20,7 @@ over the calibration batches so that no unit dominates the distance. A router fi
 signatures (format 2) uses the first columns it knows.
 
 The clean guard (policy ``guarded``): a batch whose features lie as near the clean calibration
-batches' centre as the clean batches themselves do runs the *clean set*, the set best on clean
+batches' centre as the clean batches themselves do (see ``clean_radius``) runs the *clean set*, the set best on clean
 validation batches (among those within ``CLEAN_TOLERANCE`` of the best, the one best over all
 batches, then the smallest). Users serve mostly clean images, and the corrupted-data vote must not
 cost them accuracy.
@@ -110,8 +110,20 @@ class CalibratedRouter:
             return np.zeros(len(signatures), bool)
         points = self._points[self.clean]
         centre = points.mean(axis=0, keepdims=True)
-        radius = CLEAN_MARGIN * float(pairwise_distances(points, centre, self.metric).max())
-        return pairwise_distances(self._scaled(signatures), centre, self.metric)[:, 0] <= radius
+        return pairwise_distances(self._scaled(signatures), centre, self.metric)[:, 0] <= self.clean_radius
+
+    @property
+    def clean_radius(self) -> float:
+        """``CLEAN_MARGIN`` x the farthest clean calibration batch from the centre of the *other*
+        clean batches (leave one out: that is how far a new clean batch lands; the centre of all of
+        them sits closer to each point than it would to a fresh one)."""
+        points = self._points[self.clean] if self.clean is not None else self._points[:0]
+        n = len(points)
+        if n < 2:
+            return CLEAN_MARGIN * self.bandwidth
+        others = (points.sum(axis=0, keepdims=True) - points) / (n - 1)
+        loo = np.array([pairwise_distances(points[i : i + 1], others[i : i + 1], self.metric)[0, 0] for i in range(n)])
+        return CLEAN_MARGIN * float(loo.max())
 
     def choose_guarded(self, signatures: np.ndarray) -> np.ndarray:
         """:meth:`choose`, except that batches near clean data run the clean set."""
