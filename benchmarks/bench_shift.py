@@ -50,7 +50,7 @@ def main() -> int:
     images = load_dataset("digits32", "test").images[: args.batch]
     x = deck.prepare(images)
     prediction = deck.predict(images)
-    probs, sigs = prediction.probabilities, prediction.routing.signatures
+    probs, sigs = prediction.probabilities, prediction.routing.features
 
     predict = timed(lambda: deck.predict(images), args.repeats)
     batch = timed(lambda: monitor.observe("m", x, probs, sigs), args.repeats)

@@ -88,11 +88,13 @@ def write_report(out: Path, data: str, report_path: Path) -> None:
     )
 
 
-def train_cards(data: str, domains: list[str], methods: list[str], epochs: int, seed: int, work: Path, jobs: int):
+def train_cards(
+    data: str, domains: list[str], methods: list[str], epochs: int, seed: int, work: Path, jobs: int, width: float
+):
     """compress + export every (domain, method) card not already in ``work``; ONNX paths in order."""
     onnx_dir = work / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    common = ("--arch", "resnet20", "--data", data, "--seed", seed, "--corruptions", "none")
+    common = ("--arch", "resnet20", "--width", width, "--data", data, "--seed", seed, "--corruptions", "none")
     first: list[tuple] = []  # no dependencies: dense cards, and methods that start from scratch
     then: list[tuple] = []  # start from a dense card
     for domain in domains:
@@ -132,6 +134,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, default=None, help="report file (default OUT/REPORT.md)")
     parser.add_argument("--epochs", type=int, default=10, help="dense epochs (lrr, filter: half per round; biprop: 2x)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=float, default=1.0, help="resnet20 width multiplier (0.5: ~4x less compute)")
     parser.add_argument("--policy", default="calibrated", help="the deck's default gate policy")
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated augmentation domains to train")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
@@ -154,7 +157,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     domains = [d for d in args.domains.split(",") if d]
-    cards = train_cards(args.data, domains, methods, args.epochs, args.seed, work, args.jobs)
+    cards = train_cards(args.data, domains, methods, args.epochs, args.seed, work, args.jobs, args.width)
     if args.train_only:
         return 0
 

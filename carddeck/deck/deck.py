@@ -221,8 +221,8 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
                 "deck %s: calibrated router is stale (cards %s gone); run carddeck calibrate", store.root, missing
             )
             router = None
-    if policy == "calibrated" and router is None:
-        log.warning("deck %s: default policy 'calibrated' has no usable router; using %s", store.root, DEFAULT_POLICY)
+    if policy in ("calibrated", "guarded") and router is None:
+        log.warning("deck %s: default policy %r has no usable router; using %s", store.root, policy, DEFAULT_POLICY)
         policy = DEFAULT_POLICY
     gate = Gate.from_cards(
         [(m.name, m.domain, m.signature) for m in metas],

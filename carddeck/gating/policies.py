@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from carddeck.errors import InvalidInput
-from carddeck.gating.signature import sample_signatures
+from carddeck.gating.signature import SIGNATURE_DIM, sample_features
 from carddeck.registry import Registry
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class Routing:
     weights: np.ndarray  # [N, K] float32, rows sum to 1, 0 = not run for that image
     domains: tuple[str, ...]
     distances: np.ndarray  # [N, M] distance of each image (or the batch) to each domain
-    signatures: np.ndarray | None = None  # [N, D] per-image signatures, when ``Gate.route`` computed them
+    features: np.ndarray | None = None  # [N, FEATURE_DIM] per-image ``sample_features``, from ``Gate.route``
 
     @property
     def selected(self) -> tuple[str, ...]:
@@ -183,23 +183,25 @@ class Gate:
 
     def route(self, images: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool = False) -> Routing:
         """Signatures of ``images`` (per batch or per sample), then ``policy``."""
-        sample = sample_signatures(images)  # the batch signature is their mean: kept for the shift signal
-        sigs = sample if per_sample else sample.mean(axis=0)[None, :]
+        features = sample_features(images)
+        sigs = features if per_sample else features.mean(axis=0, keepdims=True)
         routing = self.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=len(images))
-        return replace(routing, signatures=sample)
+        return replace(routing, features=features)  # per image, for the shift signal
 
     def route_signatures(
         self, signatures: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool, batch_size: int
     ) -> Routing:
+        """Route from signatures [N, D]: ``sample_features`` rows (or their batch mean), or plain
+        ``sample_signatures`` rows for decks and routers that know only those."""
         fn = POLICIES.get(policy)
         if not self.card_names:
             raise InvalidInput("the deck has no cards to route to")
         sigs = np.asarray(signatures, np.float32)
-        if sigs.shape[1] != self.references.shape[1]:
-            raise InvalidInput(
-                f"signature length {sigs.shape[1]} does not match the deck's references ({self.references.shape[1]})"
-            )
-        dist = pairwise_distances(sigs, self.references, self.params.metric)
+        d = self.references.shape[1]
+        # Features start with the signature the references are made of (sample_features).
+        if sigs.shape[1] != d and not (d == SIGNATURE_DIM and sigs.shape[1] > d):
+            raise InvalidInput(f"signature length {sigs.shape[1]} does not match the deck's references ({d})")
+        dist = pairwise_distances(sigs[:, :d], self.references, self.params.metric)
         weights = np.asarray(fn(self, sigs, dist), np.float32)
         weights = weights / weights.sum(axis=1, keepdims=True)
         if not per_sample:
@@ -255,6 +257,17 @@ def calibrated(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.
             "gate policy 'calibrated' needs a fitted router: run `carddeck calibrate --deck DIR --data NAME`"
         )
     return gate.router.weights(signatures, gate.keys)
+
+
+@POLICIES.register("guarded")
+def guarded(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """The calibrated router behind a clean guard: a batch near the clean data's signature runs the
+    set that is best on clean validation data, anything else goes to the router's vote."""
+    if gate.router is None:
+        raise InvalidInput(
+            "gate policy 'guarded' needs a fitted router: run `carddeck calibrate --deck DIR --data NAME`"
+        )
+    return gate.router.weights(signatures, gate.keys, guard=True)
 
 
 __all__ = [

@@ -1,9 +1,9 @@
 """The shift signal: is live traffic in-distribution, a shift the deck covers, or one it does not?
 
-**Features** (:func:`image_features`, per image, numpy/scipy only): colour statistics (per-channel
-mean and spread, saturation), the gate's radial log-spectrum (``carddeck.gating.sample_signatures``),
-horizontal/vertical gradient energy (orientation), and what the deck said about the image (its
-confidence and the entropy of its combined probabilities).
+**Features** (:func:`image_features`, per image, numpy/scipy only): the gate's own per-image
+features (``carddeck.gating.sample_features``: radial log-spectrum, orientation wedges, per-channel
+mean and spread, local contrast, gradient, clipping, saturation; routing has computed them already)
+and what the deck said about the image (its confidence and the entropy of its combined probabilities).
 
 **Statistic.** A kernel two-sample statistic, MMD^2 with a Gaussian kernel on standardized features,
 between a batch and a reference condition. The kernel is approximated by random Fourier features,
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from carddeck.errors import InvalidInput
-from carddeck.gating.signature import SIGNATURE_DIM, sample_signatures
+from carddeck.gating.signature import FEATURE_DIM, ORIENTATIONS, SIGNATURE_DIM, sample_features
 
 if TYPE_CHECKING:
     from carddeck.deck import Deck
@@ -68,37 +68,31 @@ BOOTSTRAP = 2000  # null batches per size (clean); conditions use a quarter
 _STD_FLOOR = 0.02  # features constant on clean data (e.g. saturation of grey digits) still get a scale
 
 FEATURE_NAMES = (
+    *(f"spectrum_{i}" for i in range(SIGNATURE_DIM)),  # the gate's features (sample_features) ...
+    *(f"orientation_{i}" for i in range(ORIENTATIONS)),
     *(f"mean_{c}" for c in "rgb"),
     *(f"std_{c}" for c in "rgb"),
+    "local_contrast",
+    "gradient",
+    "clipped",
     "saturation",
-    *(f"spectrum_{i}" for i in range(SIGNATURE_DIM)),  # the gate's radial log-spectrum
-    "gradient_h",
-    "gradient_v",
-    "confidence",
+    "confidence",  # ... and what the deck said about the image
     "entropy",
 )
 
 
-def image_features(x: np.ndarray, probabilities: np.ndarray, signatures: np.ndarray | None = None) -> np.ndarray:
-    """Per-image features, float32 [N, F]: ``x`` float32 [N, 3, H, W] in [0, 1] (as the cards see it),
-    ``probabilities`` [N, C] the deck's combined softmax, ``signatures`` the gate's per-image
-    signatures when routing already computed them (``Routing.signatures``)."""
-    x = np.asarray(x, np.float32)
-    n = len(x)
-    flat = x.reshape(n, x.shape[1], -1)
-    mean = flat.mean(axis=2)
-    std = flat.std(axis=2)
-    saturation = (x.max(axis=1) - x.min(axis=1)).reshape(n, -1).mean(axis=1, keepdims=True)
-    spectrum = sample_signatures(x) if signatures is None else np.asarray(signatures, np.float32)
-    gray = x.mean(axis=1)
-    grad_h = np.log(np.square(np.diff(gray, axis=2)).reshape(n, -1).mean(axis=1, keepdims=True) + 1e-4)
-    grad_v = np.log(np.square(np.diff(gray, axis=1)).reshape(n, -1).mean(axis=1, keepdims=True) + 1e-4)
+def image_features(x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None = None) -> np.ndarray:
+    """Per-image features, float32 [N, F]: the gate's per-image features (``sample_features``:
+    radial spectrum, orientation, colour, local statistics; pass ``Routing.features`` when routing
+    already computed them) and the confidence and entropy of the deck's combined ``probabilities``.
+    ``x``: float32 [N, 3, H, W] in [0, 1], as the cards see it."""
+    gate = sample_features(x) if gate_features is None else np.asarray(gate_features, np.float32)
+    if gate.shape[1] != FEATURE_DIM:
+        raise InvalidInput(f"gate features must have {FEATURE_DIM} columns, got {gate.shape[1]}")
     p = np.asarray(probabilities, np.float32)
     confidence = p.max(axis=1, keepdims=True)
     entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1, keepdims=True)
-    return np.concatenate([mean, std, saturation, spectrum, grad_h, grad_v, confidence, entropy], axis=1).astype(
-        np.float32, copy=False
-    )
+    return np.concatenate([gate, confidence, entropy], axis=1)
 
 
 # -- the statistic --------------------------------------------------------------------------------
@@ -425,7 +419,7 @@ def deck_features(
     for i in range(0, len(images), batch_size):
         part = images[i : i + batch_size]
         prediction = deck.predict(part)
-        feats.append(image_features(deck.prepare(part), prediction.probabilities, prediction.routing.signatures))
+        feats.append(image_features(deck.prepare(part), prediction.probabilities, prediction.routing.features))
         if labels is not None:
             hits.append(prediction.labels == labels[i : i + batch_size])
     return np.concatenate(feats), np.concatenate(hits) if hits else np.zeros(len(images), bool)
@@ -466,12 +460,12 @@ class ShiftMonitor:
     def __call__(self, model: str, x: np.ndarray, routing: Any, probabilities: np.ndarray) -> None:
         """``Dataplane.on_predict`` listener."""
         try:
-            self.observe(model, x, probabilities, getattr(routing, "signatures", None))
+            self.observe(model, x, probabilities, getattr(routing, "features", None))
         except Exception:  # the shift signal must never fail a prediction
             log.exception("shift monitor failed on a %d-image request", len(x))
 
     def observe(
-        self, model: str, x: np.ndarray, probabilities: np.ndarray, signatures: np.ndarray | None = None
+        self, model: str, x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None = None
     ) -> list[Verdict]:
         """One request's prepared images and combined probabilities; returns the verdicts it caused."""
         detector = self.detector
@@ -481,10 +475,10 @@ class ShiftMonitor:
         verdicts: list[tuple[str, Verdict]] = []
         if n >= self.min_batch:
             rows = np.linspace(0, n - 1, self.min_batch).round().astype(np.int64) if n > self.min_batch else slice(None)
-            sigs = None if signatures is None else signatures[rows]
+            sigs = None if gate_features is None else gate_features[rows]
             verdicts.append(("batch", detector.test(image_features(x[rows], probabilities[rows], sigs))))
         else:
-            features = image_features(x, probabilities, signatures)
+            features = image_features(x, probabilities, gate_features)
             with self._lock:
                 window = self._windows.setdefault(model, deque(maxlen=self.window))
                 window.extend(features)

@@ -21,7 +21,7 @@ def route(g: Gate, sigs: np.ndarray, policy: str, per_sample: bool = True) -> Ro
 
 
 def test_registry_names():
-    assert set(POLICIES.names()) == {"nearest-domain", "top-k", "soft", "uniform", "calibrated"}
+    assert set(POLICIES.names()) == {"nearest-domain", "top-k", "soft", "uniform", "calibrated", "guarded"}
     with pytest.raises(InvalidInput, match="valid choices"):
         POLICIES.get("nearest")
 

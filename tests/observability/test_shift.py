@@ -172,11 +172,11 @@ def test_monitor_windows_single_image_requests(shipped):
     for image in leaves:  # 48 one-image requests: windows at 32, 40, 48
         x = deck.prepare(image[None])
         prediction = deck.predict(image[None])
-        verdicts += monitor.observe("m", x, prediction.probabilities, prediction.routing.signatures)
+        verdicts += monitor.observe("m", x, prediction.probabilities, prediction.routing.features)
     assert [v.state for v in verdicts] == ["uncovered"] * 3 and all(v.size == 32 for v in verdicts)
     big = load_dataset("digits32", "test").images[:64]
     prediction = deck.predict(big)
-    (batch,) = monitor.observe("m", deck.prepare(big), prediction.probabilities, prediction.routing.signatures)
+    (batch,) = monitor.observe("m", deck.prepare(big), prediction.probabilities, prediction.routing.features)
     assert batch.state == "in_distribution" and batch.size == 16  # 16 evenly spaced images of the 64
     registry_values = {
         (state, unit): metrics.registry.get_sample_value(
