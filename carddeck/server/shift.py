@@ -342,8 +342,10 @@ def fit_detector(
     draws: int = BOOTSTRAP,
     seed: int = 0,
     dim: int = EMBED_DIM,
+    cards: Sequence[str] = (),
 ) -> ShiftDetector:
-    """Calibrate on reference conditions (the first must be clean)."""
+    """Calibrate on reference conditions (the first must be clean). ``cards``: the keys of the cards
+    whose predictions the features hold; a deck with other cards does not use the detector."""
     if not references or references[0].name != "clean":
         raise InvalidInput("fit_detector: the first reference condition must be 'clean'")
     if not 0 < alpha < 0.5:
@@ -373,7 +375,11 @@ def fit_detector(
         alpha,
         tolerance,
         atc,
-        {"clean_images": len(clean.features), "conditions": len(references)},
+        {
+            "clean_images": len(clean.features),
+            "conditions": len(references),
+            **({"cards": list(cards)} if cards else {}),
+        },
     )
 
 
@@ -497,26 +503,36 @@ class ShiftMonitor:
 
 class ShiftLoader:
     """Deck-swap listener (``dataplane.on_swap``): loads the deck's shift detector into ``monitor``
-    when the manifest points at a new one."""
+    when the manifest points at a new one, and drops it when the deck's cards are no longer the ones
+    it was fitted for (their confidences are part of the features)."""
 
     def __init__(self, monitor: ShiftMonitor) -> None:
         self.monitor = monitor
-        self._path: object = None
+        self._key: object = None
 
     def __call__(self, deck: Deck) -> None:
         rel = dict(deck.manifest.gate).get("shift")
         path = Path(deck.root) / rel if rel else None
-        if path == self._path:
+        cards = sorted(c.key for c in deck.cards)
+        if (path, cards) == self._key:
             return
-        self._path = path
+        self._key = (path, cards)
         detector = None
-        if path is not None:
+        if path is None:
+            log.info("deck version %d has no shift detector (run `carddeck shift --fit`)", deck.version)
+        else:
             try:
                 detector = ShiftDetector.load(path)
             except InvalidInput as exc:  # serve on without a shift signal rather than refuse the deck
                 log.warning("deck version %d: no shift signal: %s", deck.version, exc)
-        else:
-            log.info("deck version %d has no shift detector (run `carddeck shift --fit`)", deck.version)
+            fitted = detector.notes.get("cards") if detector is not None else None
+            if fitted is not None and sorted(fitted) != cards:
+                log.warning(
+                    "deck version %d: the shift detector was fitted for cards %s, the deck has %s; "
+                    "no shift signal until `carddeck shift --deck DIR --fit` runs again",
+                    deck.version, ", ".join(sorted(fitted)), ", ".join(cards),
+                )  # fmt: skip
+                detector = None
         self.monitor.set_detector(detector)
 
 

@@ -37,9 +37,8 @@ def build_deck(root: Path, calibration_images: int = 256) -> DeckRig:
     # The shift detector, fitted as `carddeck shift --fit` does (clean and one corruption, to be quick).
     val = load_dataset("digits32", "val")
     deck = Deck.open(root, intra_op_threads=1)
-    store.set_gate(
-        shift=fit_detector(deck_references(deck, val.images, val.labels, [("gaussian_noise", 3)]), draws=400)
-    )
+    refs = deck_references(deck, val.images, val.labels, [("gaussian_noise", 3)])
+    store.set_gate(shift=fit_detector(refs, draws=400, cards=[c.key for c in deck.cards]))
     test = load_dataset("digits32", "test").images
     shifted = ((test.astype(np.float32) - 128) * 0.15 + 128).astype(np.uint8)
     return DeckRig(Deck.open(root, intra_op_threads=1), store, test, shifted)

@@ -202,6 +202,21 @@ def test_monitor_settings_are_checked():
         ShiftMonitor(window=2)
 
 
+def test_a_detector_fitted_for_other_cards_is_not_used(tmp_path, caplog):
+    from tests.cards import tiny_card_bytes, tiny_meta
+    from tests.observability.deck_traffic import build_deck
+
+    rig = build_deck(tmp_path / "deck")
+    monitor = ShiftMonitor()
+    loader = ShiftLoader(monitor)
+    loader(rig.deck)
+    assert monitor.detector is not None
+    rig.store.add_card(tiny_card_bytes(tiny_meta("late", domain="clean"), seed=7))
+    with caplog.at_level(logging.WARNING, logger="carddeck.server.shift"):
+        loader(Deck.open(rig.deck.root))
+    assert monitor.detector is None and "carddeck shift --deck DIR --fit" in caplog.text
+
+
 # -- the command -----------------------------------------------------------------------------------
 def test_shift_command_fits_scores_and_reports(tmp_path):
     import shutil
