@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10, help="dense epochs (lrr, filter: half per round; biprop: 2x)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=float, default=1.0, help="resnet20 width multiplier (0.5: ~4x less compute)")
-    parser.add_argument("--policy", default="calibrated", help="the deck's default gate policy")
+    parser.add_argument("--policy", default="guarded", help="the deck's default gate policy")
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated augmentation domains to train")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--jobs", type=int, default=1, help="training steps run side by side")
