@@ -23,7 +23,7 @@ from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.runtime import CardSession, card_pool, choose_providers, softmax, threads_per_card
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
-from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing
+from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing, combine_weights
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,16 @@ class Deck:
             outputs = list(card_pool().map(run, jobs))
         else:
             outputs = [run(j) for j in jobs]
+        weights = routing.weights
+        combine = self.gate.params.combine if self.gate is not None else "mean"
+        if combine != "mean":  # needs every routed card's output on every row first
+            per_card = np.zeros((len(routing.card_names), len(x), len(self.class_names)), np.float32)
+            for (k, rows, _, _), p in zip(jobs, outputs):
+                per_card[k, rows] = p
+            weights = combine_weights(weights, per_card, combine)
         probs = np.zeros((len(x), len(self.class_names)), np.float32)
         for (k, rows, _, _), p in zip(jobs, outputs):
-            probs[rows] += routing.weights[rows, k, None] * p
+            probs[rows] += weights[rows, k, None] * p
         return probs
 
     def run_card(self, name: str, images: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 
 from carddeck.deck.deck import Deck
 from carddeck.errors import InvalidInput
-from carddeck.gating.policies import Gate, Routing
+from carddeck.gating.policies import Gate, Routing, combine_weights
 from carddeck.gating.router import CalibratedRouter, CalibrationPoint, candidate_subsets, fit_router
 from carddeck.gating.signature import sample_features
 
@@ -189,11 +189,11 @@ def evaluate(
     per_image: dict[str, float] = {}
     conditions = tuple(r.condition for r in runs)
 
-    def score(method: str, weights_of: Callable[[ConditionRun], np.ndarray]) -> None:
+    def score(method: str, weights_of: Callable[[ConditionRun], np.ndarray], combine: str = "mean") -> None:
         acc[method], counts = {}, []
         for run in runs:
             w = weights_of(run)  # [n, K]
-            mixed = np.einsum("nk,knc->nc", w, run.probabilities)
+            mixed = np.einsum("nk,knc->nc", combine_weights(w, run.probabilities, combine), run.probabilities)
             acc[method][run.condition] = float((mixed.argmax(axis=1) == run.labels).mean())
             counts.append((w > 0).sum(axis=1))
         per_image[method] = float(np.concatenate(counts).mean())
@@ -206,13 +206,21 @@ def evaluate(
 
     for k, name in enumerate(names):
         score(f"card:{name}", single(k))
-    score("uniform", lambda run: np.full((len(run.labels), len(names)), 1.0 / len(names), np.float32))
+
+    def uniform(run: ConditionRun) -> np.ndarray:
+        return np.full((len(run.labels), len(names)), 1.0 / len(names), np.float32)
+
+    score("uniform", uniform)
     for policy in policies:
         if policy in ROUTER_POLICIES and gate.router is None:
             continue
         score(policy, routed(policy, False))
         if per_sample:
             score(f"{policy}/per-sample", routed(policy, True))
+    # confidence-weighted mixing of the same routing (see combine_weights), where several cards run
+    score("uniform/confidence", uniform, "confidence")
+    for policy in (p for p in policies if p in ROUTER_POLICIES and gate.router is not None):
+        score(f"{policy}/confidence", routed(policy, False), "confidence")
     if held_out_routers and gate.router is not None:
         full = gate.router
         for policy in (p for p in policies if p in ROUTER_POLICIES):

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from carddeck.gating.router import CalibratedRouter
 
 METRICS = ("l2", "l1", "cosine")
+COMBINES = ("mean", "confidence")
 # L2 by measurement (benchmarks/bench_gate.py --metrics, a 4-CARD digits32 deck, corrupted
 # validation data): nearest-domain mean accuracy L2 94.84, L1 94.84, cosine 94.25 (uniform 94.32).
 # Cosine ignores the overall spectral level, which is what contrast loss and fog change.
@@ -89,6 +90,7 @@ class GateParams:
     k: int = 2  # top-k: cards kept
     temperature: float = 0.5  # soft: in units of the nearest domain's distance
     min_weight: float = 0.1  # soft: domains below this weight are not run
+    combine: str = "mean"  # how the chosen cards' probabilities mix: see combine_weights
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -99,6 +101,8 @@ class GateParams:
             raise InvalidInput(f"gate parameter temperature must be > 0, got {self.temperature}")
         if not 0 <= self.min_weight < 1:
             raise InvalidInput(f"gate parameter min_weight must be in [0, 1), got {self.min_weight}")
+        if self.combine not in COMBINES:
+            raise InvalidInput(f"gate parameter combine {self.combine!r} is not one of {', '.join(COMBINES)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> GateParams:
@@ -210,6 +214,22 @@ class Gate:
         return Routing(policy, per_sample, self.card_names, weights, self.domains, dist)
 
 
+def combine_weights(weights: np.ndarray, probabilities: np.ndarray, combine: str = "mean") -> np.ndarray:
+    """Per-image card weights [N, K] for mixing ``probabilities`` [K, N, C] of the routed cards.
+
+    ``mean``: the routing weights as they are. ``confidence``: each routed card's weight times its
+    confidence on that image (its top probability), renormalized per image, so a card that is
+    sure of itself outvotes one that is guessing (corruptions a card never saw tend to flatten its
+    output). Cards with routing weight 0 stay at 0.
+    """
+    if combine == "mean":
+        return weights
+    if combine != "confidence":
+        raise InvalidInput(f"unknown combine rule {combine!r}; valid choices: {', '.join(COMBINES)}")
+    w = weights * probabilities.max(axis=2).T  # [N, K]
+    return w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+
+
 Policy = Callable[[Gate, np.ndarray, np.ndarray], np.ndarray]
 POLICIES: Registry[Policy] = Registry("gate policy")
 
@@ -271,6 +291,7 @@ def guarded(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.nda
 
 
 __all__ = [
+    "COMBINES",
     "DEFAULT_METRIC",
     "DEFAULT_POLICY",
     "METRICS",
@@ -278,5 +299,6 @@ __all__ = [
     "Gate",
     "GateParams",
     "Routing",
+    "combine_weights",
     "pairwise_distances",
 ]

@@ -161,19 +161,17 @@ class CalibratedRouter:
             with open(path, "wb") as f:
                 self.save(f)
             return
-        extra = {}
+        arrays = {
+            "header": np.array(json.dumps(header)),
+            "subsets": self.subsets,
+            "signatures": self.signatures,
+            "scores": self.scores,
+        }
         if self.scale is not None:
-            extra["scale"] = self.scale
+            arrays["scale"] = self.scale
         if self.clean is not None:
-            extra["clean"] = self.clean
-        np.savez(
-            path,
-            header=np.array(json.dumps(header)),
-            subsets=self.subsets,
-            signatures=self.signatures,
-            scores=self.scores,
-            **extra,
-        )
+            arrays["clean"] = self.clean
+        np.savez(path, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: Path | str | BinaryIO) -> CalibratedRouter:
