@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from carddeck.errors import InvalidInput
     from carddeck.server.shift import ALPHA, ShiftDetector, deck_references, fit_detector
 
+    for name, value, least in (("batch", args.batch, 4), ("window", args.window, 4), ("stride", args.stride, 1),
+                               ("draws", args.draws, 1)):  # fmt: skip
+        if value < least:
+            raise InvalidInput(f"--{name} must be at least {least}, got {value}")
     deck = Deck.open(args.deck)
     if not deck.cards:
         raise InvalidInput(f"deck {args.deck} has no cards")

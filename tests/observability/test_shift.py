@@ -249,3 +249,12 @@ def test_shift_command_without_a_detector_says_how_to_fit(tmp_path):
     )
     assert result.returncode == 2 and "run `carddeck shift --deck" in result.stderr and "--fit" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_shift_command_refuses_bad_sizes():
+    result = subprocess.run(
+        [sys.executable, "-m", "carddeck.cli", "shift", "--deck", str(ROOT / "models"), "--draws", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--draws must be at least 1, got 0" in result.stderr
