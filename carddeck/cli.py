@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("carddeck.export.cli", "export a CARD checkpoint to compact ONNX with parity checks"),
     "calibrate": ("carddeck.gating.cli", "compute domain signatures and fit the calibrated router"),
     "eval": ("carddeck.eval.cli", "robustness evaluation of a deck: tables, JSON and plots"),
+    "shift": ("carddeck.eval.shift_cli", "fit the deck's shift detector and score it offline: table and plot"),
 }
 
 

@@ -14,6 +14,7 @@ from carddeck.card import CardMeta
 from carddeck.data import load_dataset
 from carddeck.data.corruptions import corrupt
 from carddeck.deck import Deck, DeckStore, read_card_meta
+from carddeck.gating.signature import sample_features
 
 ROOT = Path(__file__).resolve().parents[1]
 DECK = Path(os.environ.get("CARDDECK_TEST_DECK", ROOT / "models"))
@@ -74,7 +75,7 @@ def test_report_shows_a_gate_beating_uniform_and_the_best_card_with_half_the_car
         m
         for m, r in methods.items()
         if m not in cards
-        and m not in ("uniform", "oracle")
+        and m not in ("uniform", "oracle", "set-oracle")  # the oracles know the labels
         and r["mean_corrupted"] >= max(best_card, uniform)
         and r["cards_per_image"] <= len(cards) / 2
     ]
@@ -98,3 +99,33 @@ def test_the_gated_deck_predicts_well_on_clean_and_noisy_images(deck: Deck, test
         assert pred.probabilities.shape == (len(images), 10)
         assert np.allclose(pred.probabilities.sum(1), 1, atol=1e-4)
         assert (pred.labels == test_split.labels).mean() > 0.9
+
+
+def test_set_oracle_is_at_least_the_single_card_oracle_on_every_condition():
+    methods = json.loads(REPORT.read_text())["methods"]
+    single, sets = methods["oracle"]["per_condition"], methods["set-oracle"]["per_condition"]
+    assert set(single) == set(sets) and len(single) == 76
+    assert all(sets[c] >= single[c] for c in single)
+    assert methods["set-oracle"]["cards_per_image"] <= len([m for m in methods if m.startswith("card:")]) / 2
+
+
+def test_the_default_policy_costs_no_clean_accuracy(deck: Deck):
+    """The deck's default gate is at least as accurate on clean test data as the best single card
+    and as the uniform deck, within 0.3 points."""
+    methods = json.loads(REPORT.read_text())["methods"]
+    best_card = max(r["clean"] for m, r in methods.items() if m.startswith("card:"))
+    default = methods[deck.default_policy]["clean"]
+    assert default >= max(best_card, methods["uniform"]["clean"]) - 0.003
+
+
+def test_clean_guard_sends_clean_batches_to_the_clean_set(deck: Deck, test_split):
+    """Every clean test batch (64 images, as served) runs the set best on clean validation data."""
+    router = deck.gate.router
+    assert router is not None and router.has_guard
+    clean_set = {router.card_keys[k].split("/")[0] for k in np.flatnonzero(router.subsets[router.clean_set()])}
+    for start in range(0, len(test_split.images) - 63, 64):
+        routing = deck.route(test_split.images[start : start + 64], policy="guarded")
+        assert set(routing.selected) == clean_set, start
+    # and heavy fog is not mistaken for clean data
+    fog = corrupt(test_split.images[:64], "fog", 5, seed=3)
+    assert not router.near_clean(sample_features(fog).mean(axis=0, keepdims=True)).any()

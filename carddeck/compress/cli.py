@@ -11,7 +11,7 @@ from carddeck.errors import InvalidInput
 
 ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
 METHOD_NAMES = ("dense", "lrr", "biprop", "filter")
-DOMAIN_NAMES = ("clean", "gaussian", "augmix")
+DOMAIN_NAMES = ("clean", "gaussian", "augmix", "lowfreq")
 
 
 def _arch_kw(text: str) -> tuple[str, Any]:
@@ -32,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "methods: dense, lrr (iterative magnitude pruning + LR rewinding), biprop (binary weights + mask), "
         "filter (structured L1 filter pruning, optional GraNet regrowth). "
-        "domains: clean, gaussian, augmix. architectures: resnet20, resnet18, preact-wrn18."
+        "domains: clean, gaussian, augmix, lowfreq. architectures: resnet20, resnet18, preact-wrn18."
     )
     a = parser.add_argument
     a("--arch", required=True, help=f"architecture: {', '.join(ARCHS)}")

@@ -1,14 +1,16 @@
 """Image classification datasets as uint8 NHWC arrays, found by name.
 
-Names (the same on the CLI): ``digits32``; ``cifar10:PATH``, ``cifar100:PATH`` (python-pickle
-layout); ``npz:PATH`` (``images`` uint8 [N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C
+Names (the same on the CLI): ``digits32``, ``leaves32`` (procedural natural images);
+``cifar10:PATH``, ``cifar100:PATH`` (python-pickle layout); ``npz:PATH`` (``images`` uint8
+[N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C
 layout are read by :mod:`carddeck.data.corrupted`. Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,29 @@ def check_images_labels(images: np.ndarray, labels: np.ndarray, source: str) -> 
         raise InvalidInput(f"{source}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
     if len(labels) != len(images):
         raise InvalidInput(f"{source}: {len(images)} images but {len(labels)} labels")
+
+
+def data_for_cards(requested: str | None, recorded: Iterable[str], what: str) -> str:
+    """The dataset spec to check or fit ``what`` (a card, a deck) on: ``requested`` (``--data``) if
+    given, else the one its cards record in CardMeta (provenance.dataset).
+
+    Any other data would quietly measure the wrong thing (a card trained on another 10-class set
+    scores near chance on digits32 and both name their classes '0'..'9'), so a request that
+    differs from what the cards were trained on is announced on stderr, loudly."""
+    datasets = sorted({d for d in recorded if d})
+    if requested is None:
+        if len(datasets) == 1:
+            return datasets[0]
+        if not datasets:
+            raise InvalidInput(f"{what} records no training dataset; name one with --data (e.g. digits32)")
+        raise InvalidInput(f"{what} was trained on several datasets ({', '.join(datasets)}); choose one with --data")
+    if datasets and requested not in datasets:
+        msg = (
+            f"WARNING: {what} was trained on {', '.join(datasets)}, but --data {requested} was given: "
+            f"the figures below describe {requested}, not the data the cards were trained for"
+        )
+        print(msg, file=sys.stderr, flush=True)
+    return requested
 
 
 # A loader takes the part after "name:" (or None) and the split.
@@ -110,6 +135,27 @@ def load_digits32(arg: str | None, split: str) -> Dataset:
     labels = digits.target.astype(np.int64)
     idx = split_indices(labels, DIGITS_SPLIT, DIGITS_SEED)[split]
     return Dataset(f"digits32:{split}", images[idx], labels[idx], tuple(str(i) for i in range(10)))
+
+
+LEAVES_SPLIT = (0.6, 0.2, 0.2)
+LEAVES_SEED = 0
+
+
+@DATASETS.register("leaves32")
+def load_leaves32(arg: str | None, split: str) -> Dataset:
+    """A procedural natural-image set (dead leaves with class-defined objects, 1/f spectra), 32x32
+    RGB, 10 classes x 400; see :mod:`carddeck.data.leaves`. Split per class 60/20/20, seed 0
+    (2400 / 800 / 800 images)."""
+    if arg is not None:
+        raise InvalidInput(f"dataset 'leaves32' takes no path, got 'leaves32:{arg}'")
+    try:
+        from carddeck.data.leaves import CLASS_NAMES, generate
+
+        images, labels = generate()
+    except ImportError:  # pragma: no cover - depends on the install
+        raise InvalidInput("dataset 'leaves32' needs scikit-learn: pip install 'carddeck[train]'") from None
+    idx = split_indices(labels, LEAVES_SPLIT, LEAVES_SEED)[split]
+    return Dataset(f"leaves32:{split}", images[idx], labels[idx], CLASS_NAMES)
 
 
 # --- CIFAR-10 / CIFAR-100, python-pickle release -------------------------------------------------
@@ -237,6 +283,7 @@ def load_cifar100(arg: str | None, split: str) -> Dataset:
 
 NPZ_SPLIT = (0.6, 0.2, 0.2)
 NPZ_SEED = 0
+NPZ_CLASS_KEYS = ("class_names", "classes")  # the common spellings of the class-name array
 
 
 @DATASETS.register("npz")
@@ -246,7 +293,8 @@ def load_npz(arg: str | None, split: str) -> Dataset:
     Either ``images`` uint8 [N, H, W, 3] and ``labels`` (integers 0..C-1), split per class 60/20/20
     with seed 0 (like digits32); or explicit splits ``train_images``/``train_labels``,
     ``val_images``/``val_labels``, ``test_images``/``test_labels`` (all three). Optional
-    ``class_names`` (strings, C of them); otherwise the classes are named "0".."C-1".
+    ``class_names`` or ``classes`` (strings, C of them); otherwise the classes are named "0".."C-1".
+    Any other array is refused, naming the accepted ones.
     """
     if not arg:
         raise InvalidInput("dataset 'npz' needs a file: 'npz:PATH'")
@@ -259,6 +307,13 @@ def load_npz(arg: str | None, split: str) -> Dataset:
     except Exception as exc:
         raise InvalidInput(f"{path}: not a readable .npz file without pickled objects ({exc})") from None
     explicit = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    accepted = ["images", "labels", *explicit, *NPZ_CLASS_KEYS]
+    unknown = sorted(set(arrays) - set(accepted))
+    if unknown:  # an ignored array is a silent default: e.g. class names spelt another way
+        raise InvalidInput(f"{path}: unknown arrays {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    names_key = [k for k in NPZ_CLASS_KEYS if k in arrays]
+    if len(names_key) > 1:
+        raise InvalidInput(f"{path}: both {' and '.join(names_key)} given; keep one of them")
     if any(k in arrays for k in explicit):
         missing = [k for k in explicit if k not in arrays]
         if missing:
@@ -276,11 +331,11 @@ def load_npz(arg: str | None, split: str) -> Dataset:
         label = f"{path} ({part})" if part != "all" else str(path)
         check_images_labels(images, labels, label)
     all_labels = np.concatenate([labels for _, labels in parts.values()]).astype(np.int64)
-    if "class_names" in arrays:
-        names = arrays["class_names"]
+    if names_key:
+        names = arrays[names_key[0]]
         if names.ndim != 1 or names.dtype.kind not in "US":
             raise InvalidInput(
-                f"{path}: class_names must be a 1-D array of strings, got {names.dtype} {list(names.shape)}"
+                f"{path}: {names_key[0]} must be a 1-D array of strings, got {names.dtype} {list(names.shape)}"
             )
         class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist())
     else:

@@ -11,6 +11,14 @@ signature, so both see exactly the same distribution.
   all five with margin, and keeping half the images clean holds clean accuracy (the paper adds the
   noise before normalization and clips to [0, 1], as here).
 * ``augmix``: AugMix (width 3, depth 1..3, severity 3), see :mod:`carddeck.data.augmix_ops`.
+* ``lowfreq``: the low-frequency shifts AugMix and noise leave uncovered (fog and haze, contrast,
+  brightness, uneven light), after PixMix (Hendrycks et al. 2022): an image goes through 1..3
+  random mixing rounds, each one of: additive mixing with a bright random field (haze), a
+  contrast cut towards the image mean, a brightness shift, or multiplicative mixing with a random
+  field (light). PixMix mixes with fractal pictures; here the fields are procedural 1/f^beta noise
+  (beta in [1.5, 3]: smooth, cloud-like), drawn by spectral synthesis, so nothing is downloaded and
+  the fields are not the diamond-square plasma of the fog corruption the cards are tested on.
+  ``LOWFREQ_P`` = 0.8 of the images are mixed; the rest stay clean, as in the gaussian domain.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ GAUSSIAN_MAX_SIGMA = 0.15
 AUGMIX_SEVERITY = 3
 AUGMIX_WIDTH = 3
 AUGMIX_DEPTH = (1, 3)
+
+LOWFREQ_P = 0.8
+LOWFREQ_ROUNDS = (1, 3)
+LOWFREQ_BETA = (1.5, 3.0)
 
 Domain = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 DOMAINS: Registry[Domain] = Registry("domain")
@@ -57,6 +69,59 @@ def augmix(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def spectral_fields(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """n random fields [n, h, w] in [0, 1] with amplitude spectrum 1/f^beta, beta drawn per field."""
+    beta = rng.uniform(*LOWFREQ_BETA, size=(n, 1, 1)).astype(np.float32)
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.maximum(np.sqrt(fy**2 + fx**2), 1.0 / max(h, w)).astype(np.float32)
+    spectrum = np.fft.rfft2(rng.standard_normal((n, h, w)).astype(np.float32)) * f[None] ** -beta
+    fields = np.fft.irfft2(spectrum, s=(h, w)).astype(np.float32)
+    fields -= fields.min(axis=(1, 2), keepdims=True)
+    return fields / np.maximum(fields.max(axis=(1, 2), keepdims=True), 1e-6)
+
+
+def _haze(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n, h, w, _ = x.shape
+    airlight = rng.uniform(0.6, 1.0, size=(n, 1, 1, 1)).astype(np.float32)
+    field = airlight + 0.3 * (spectral_fields(n, h, w, rng)[..., None] - 0.5)
+    t = rng.uniform(0.1, 0.6, size=(n, 1, 1, 1)).astype(np.float32)
+    return (1 - t) * x + t * field
+
+
+def _contrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    c = rng.uniform(0.15, 0.9, size=(len(x), 1, 1, 1)).astype(np.float32)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    return mean + c * (x - mean)
+
+
+def _brightness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return x + rng.uniform(-0.3, 0.4, size=(len(x), 1, 1, 1)).astype(np.float32)
+
+
+def _light(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n, h, w, _ = x.shape
+    s = rng.uniform(0.0, 0.6, size=(n, 1, 1, 1)).astype(np.float32)
+    return x * (1 + s * (spectral_fields(n, h, w, rng)[..., None] - 0.5) * 2)
+
+
+_LOWFREQ_OPS = (_haze, _contrast, _brightness, _light)
+
+
+@DOMAINS.register("lowfreq")
+def lowfreq(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = images.astype(np.float32) / np.float32(255.0)
+    n = len(x)
+    rounds = rng.integers(LOWFREQ_ROUNDS[0], LOWFREQ_ROUNDS[1] + 1, size=n) * (rng.uniform(size=n) < LOWFREQ_P)
+    for r in range(LOWFREQ_ROUNDS[1]):
+        op = rng.integers(len(_LOWFREQ_OPS), size=n)
+        for k, fn in enumerate(_LOWFREQ_OPS):
+            pick = np.flatnonzero((rounds > r) & (op == k))
+            if len(pick):
+                x[pick] = np.clip(fn(x[pick], rng), 0.0, 1.0)
+    return x
+
+
 def augment(images: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
     """Augment uint8 [N, H, W, 3] images under ``domain``; float32 [N, H, W, 3] in [0, 1]."""
     fn = DOMAINS.get(domain)
@@ -66,4 +131,4 @@ def augment(images: np.ndarray, domain: str, rng: np.random.Generator) -> np.nda
     return fn(images, rng)
 
 
-__all__ = ["DOMAINS", "GAUSSIAN_MAX_SIGMA", "GAUSSIAN_P", "augment"]
+__all__ = ["DOMAINS", "GAUSSIAN_MAX_SIGMA", "GAUSSIAN_P", "LOWFREQ_P", "augment", "spectral_fields"]

@@ -24,7 +24,7 @@ from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.runtime import CardSession, card_pool, choose_providers, softmax, threads_per_card
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
 from carddeck.errors import CardNotFound, InvalidInput, NotReady, shown
-from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing
+from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing, combine_weights
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,16 @@ class Deck:
             outputs = list(card_pool().map(run, jobs))
         else:
             outputs = [run(j) for j in jobs]
+        weights = routing.weights
+        combine = self.gate.params.combine if self.gate is not None else "mean"
+        if combine != "mean":  # needs every routed card's output on every row first
+            per_card = np.zeros((len(routing.card_names), len(x), len(self.class_names)), np.float32)
+            for (k, rows, _, _), p in zip(jobs, outputs):
+                per_card[k, rows] = p
+            weights = combine_weights(weights, per_card, combine)
         probs = np.zeros((len(x), len(self.class_names)), np.float32)
         for (k, rows, _, _), p in zip(jobs, outputs):
-            probs[rows] += routing.weights[rows, k, None] * p
+            probs[rows] += weights[rows, k, None] * p
         return probs
 
     def run_card(self, name: str, images: np.ndarray) -> np.ndarray:
@@ -234,10 +241,10 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
             router = None
             why = f"its calibrated router needs card{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
     note = ""
-    if policy == "calibrated" and router is None:
-        log.warning("deck %s: default policy 'calibrated' has no usable router; using %s", store.root, DEFAULT_POLICY)
+    if policy in ("calibrated", "guarded") and router is None:
+        log.warning("deck %s: default policy %r has no usable router; using %s", store.root, policy, DEFAULT_POLICY)
         note = (
-            f"configured default policy 'calibrated' cannot serve: {why}; serving {DEFAULT_POLICY!r} "
+            f"configured default policy {policy!r} cannot serve: {why}; serving {DEFAULT_POLICY!r} "
             "until `carddeck calibrate` fits a router to the current cards"
         )
         policy = DEFAULT_POLICY

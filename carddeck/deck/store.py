@@ -344,7 +344,7 @@ class DeckStore:
         if self.backend.remote:
             return []
         root = Path(self.root)
-        named = {c.path for c in manifest.cards} | {str(manifest.gate.get("router"))}
+        named = {c.path for c in manifest.cards} | {str(manifest.gate.get(k)) for k in ("router", "shift")}
         cutoff = time.time() - self.debris_grace_s
 
         def unnamed(path: Path) -> bool:
@@ -361,7 +361,7 @@ class DeckStore:
             for d in root.glob("cards/*/*")
             if d.is_dir() and unnamed(d) and (not (d / REMOVED_MARK).exists() or expired(d / REMOVED_MARK))
         ]
-        routers = [r for r in root.glob("gate/router-*.npz") if unnamed(r) and expired(r)]
+        routers = [r for r in root.glob("gate/*-*.npz") if unnamed(r) and expired(r)]  # routers, shift detectors
         return tmp + cards + routers
 
     def _sweep(self, manifest: Manifest) -> list[str]:
@@ -504,8 +504,10 @@ class DeckStore:
         params: Mapping[str, Any] | None = None,
         references: Mapping[str, tuple[float, ...]] | None = None,
         router: Any | None = None,
+        shift: Any | None = None,
     ) -> Manifest:
-        """Change the default gate policy, its parameters, the domain references or the router."""
+        """Change the default gate policy, its parameters, the domain references, the router or the
+        shift detector (``carddeck.server.shift.ShiftDetector``, saved beside the router)."""
         from carddeck.gating.policies import POLICIES, GateParams
 
         if policy is not None:
@@ -520,16 +522,18 @@ class DeckStore:
                 gate["params"] = dict(params)
             if references is not None:
                 gate["references"] = {d: [float(v) for v in s] for d, s in references.items()}
-            if router is not None:
-                old = m.gate.get("router")
+            for key, fitted in (("router", router), ("shift", shift)):
+                if fitted is None:
+                    continue
+                old = m.gate.get(key)
                 if old and not self.backend.remote:  # superseded: kept for the grace period, counted from now
                     with contextlib.suppress(OSError):
                         os.utime(Path(self.root) / old)
-                rel = self.backend.fresh(f"gate/router-{m.version + 1}.npz")
+                rel = self.backend.fresh(f"gate/{key}-{m.version + 1}.npz")
                 buf = io.BytesIO()
-                router.save(buf)
+                fitted.save(buf)
                 self._write(rel, buf.getvalue())
-                gate["router"] = rel
+                gate[key] = rel
             return self._commit(replace(m, version=m.version + 1, gate=gate, updated=_now()))
 
     def set_calibration(self, images: np.ndarray) -> Manifest:

@@ -22,7 +22,11 @@ def _ints(text: str) -> list[int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deck", required=True, help="deck: a directory (manifest.json + cards/), file://DIR or s3://BUCKET/PREFIX")
-    parser.add_argument("--data", default="digits32", help="dataset spec for the clean test split (and val, to fit)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="dataset spec for the clean test split (and val, to fit); default: the one the deck's cards record",
+    )
     parser.add_argument(
         "--corrupted",
         default="generate",
@@ -46,7 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--held-out",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also score 'calibrated/held-out': each corruption routed by a router fitted without it (default: on)",
+        help="also score 'calibrated/held-out' and 'guarded/held-out': each corruption routed by a router fitted "
+        "without it (default: on)",
     )
     parser.add_argument("--val-images", type=int, default=None, help="limit validation images when fitting")
     parser.add_argument("--max-cards", type=int, default=None, help="router: largest card set (default K/2)")
@@ -58,7 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from carddeck.data.datasets import load_dataset
+    from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck
     from carddeck.errors import InvalidInput
     from carddeck.eval.report import write_report
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     deck = Deck.open(args.deck)
     if not deck.cards:
         raise InvalidInput(f"deck {args.deck} has no cards to evaluate")
+    args.data = data_for_cards(args.data, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
     test = load_dataset(args.data, "test")
     images, labels = test.images[: args.limit], test.labels[: args.limit]
     if test.class_names != deck.class_names:
@@ -145,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             notes["router"] = f"fitted on {len(vi)} val images x {len(val_runs)} conditions (seed {args.seed + 1})"
         if args.held_out:
             held_out = held_out_routers(deck, val_runs, **fit)
-            notes["calibrated/held-out"] = "per corruption, a router fitted on val data without that corruption"
+            notes["held-out"] = "*/held-out: per corruption, a router fitted on val data without that corruption"
     if mode == "none":
         router = None
     elif mode == "deck":
@@ -178,7 +184,7 @@ def verdict(result: object) -> str:
     best_card = max(cards, key=result.mean_corrupted)
     uniform = result.mean_corrupted("uniform")
     half = len(cards) / 2
-    gates = [m for m in result.methods if m not in cards and m not in ("uniform", "oracle")]
+    gates = [m for m in result.methods if m not in cards and m not in ("uniform", "oracle", "set-oracle")]
     winners = [
         m
         for m in gates

@@ -43,9 +43,42 @@ def markdown(result: EvalResult) -> str:
             ]
             out.append("| " + " | ".join([m, *(_pct(float(v)) for v in vals)]) + " |")
         out.append("")
+    if result.corrupted:
+        out += wins_and_losses(result)
     if result.notes:
         out += ["## Notes", "", *(f"- {k}: {v}" for k, v in result.notes.items()), ""]
     return "\n".join(out)
+
+
+def wins_and_losses(result: EvalResult) -> list[str]:
+    """Each gate against the two baselines it must beat: the best single card (by mean corrupted
+    accuracy) and the uniform deck; where it gains and loses most against the best card."""
+    cards = [m for m in result.methods if m.startswith("card:")]
+    best = max(cards, key=result.mean_corrupted)
+    best_clean = max(result.clean(m) or 0.0 for m in cards)
+    gates = [m for m in result.methods if m not in cards and m not in ("uniform", "oracle", "set-oracle")]
+    head = ["method", "clean - best card's", "corrupted - uniform", "corrupted - best card", "wins most", "loses most"]
+    lines = [
+        f"## Where each gate wins and loses (points; best card by corrupted accuracy: {best[5:]})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    ref = result.per_corruption(best)
+    for m in ["uniform", *gates]:
+        per = result.per_corruption(m)
+        delta = {c: per[c] - ref[c] for c in per}
+        win, loss = max(delta, key=delta.__getitem__), min(delta, key=delta.__getitem__)
+        row = [
+            m,
+            f"{100 * ((result.clean(m) or 0.0) - best_clean):+.1f}",
+            f"{100 * (result.mean_corrupted(m) - result.mean_corrupted('uniform')):+.1f}",
+            f"{100 * (result.mean_corrupted(m) - result.mean_corrupted(best)):+.1f}",
+            f"{win} {100 * delta[win]:+.1f}",
+            f"{loss} {100 * delta[loss]:+.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 def plot(result: EvalResult, path: Path, methods: list[str] | None = None) -> None:
@@ -55,7 +88,9 @@ def plot(result: EvalResult, path: Path, methods: list[str] | None = None) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = methods or [m for m in result.methods if not m.endswith("/per-sample")]
+    methods = methods or [
+        m for m in result.methods if not m.endswith(("/per-sample", "/confidence")) and m != "calibrated/held-out"
+    ]
     corruptions = ["clean", *dict.fromkeys(c for c, _ in result.corrupted)]
     values = np.array(
         [

@@ -3,8 +3,10 @@
 Each card runs once per condition (clean, or a corruption at a severity) on the test images; every
 policy is then scored from those cached probabilities and the routing weights it produces for
 serving-sized batches (``batch_size``), so adding a policy costs no extra inference and every
-method sees exactly the same corrupted images. The oracle takes the best single card per condition
-(an upper bound no gate can know). Anything fitted (the calibrated router) uses the validation
+method sees exactly the same corrupted images. Two oracles bound what a gate could reach, knowing
+the test labels: ``oracle`` takes the best single card per condition, ``set-oracle`` the best set
+of at most half the cards (predictions averaged), the sets the calibrated router chooses among.
+Anything fitted (the calibrated router) uses the validation
 split, corrupted with a different seed; reported numbers come from the test split only.
 """
 
@@ -19,14 +21,15 @@ import numpy as np
 
 from carddeck.deck.deck import Deck
 from carddeck.errors import InvalidInput
-from carddeck.gating.policies import Gate, Routing
-from carddeck.gating.router import CalibratedRouter, CalibrationPoint, fit_router
-from carddeck.gating.signature import sample_signatures
+from carddeck.gating.policies import Gate, Routing, combine_weights
+from carddeck.gating.router import CalibratedRouter, CalibrationPoint, candidate_subsets, fit_router
+from carddeck.gating.signature import sample_features
 
 log = logging.getLogger(__name__)
 
 CLEAN = ("clean", 0)
-GATE_POLICIES = ("nearest-domain", "top-k", "soft", "calibrated")
+GATE_POLICIES = ("nearest-domain", "top-k", "soft", "calibrated", "guarded")
+ROUTER_POLICIES = ("calibrated", "guarded")  # need a fitted router
 # Conditions are (corruption, severity); severity 0 is the clean images.
 Condition = tuple[str, int]
 # A source of test images for a condition: -> (images uint8 NHWC, labels int64)
@@ -40,7 +43,7 @@ class ConditionRun:
     condition: Condition
     labels: np.ndarray  # [n]
     probabilities: np.ndarray  # [K, n, C]
-    signatures: np.ndarray  # [n, D] per-sample signatures (batch signatures are their batch means)
+    signatures: np.ndarray  # [n, D] per-sample features (batch signatures are their batch means)
 
 
 @dataclass
@@ -97,7 +100,7 @@ def run_condition(deck: Deck, condition: Condition, images: np.ndarray, labels: 
             for name in deck.card_names
         ]
     )
-    return ConditionRun(condition, np.asarray(labels, np.int64), probs, sample_signatures(images))
+    return ConditionRun(condition, np.asarray(labels, np.int64), probs, sample_features(images))
 
 
 def batches(n: int, size: int) -> Iterable[slice]:
@@ -186,11 +189,11 @@ def evaluate(
     per_image: dict[str, float] = {}
     conditions = tuple(r.condition for r in runs)
 
-    def score(method: str, weights_of: Callable[[ConditionRun], np.ndarray]) -> None:
+    def score(method: str, weights_of: Callable[[ConditionRun], np.ndarray], combine: str = "mean") -> None:
         acc[method], counts = {}, []
         for run in runs:
             w = weights_of(run)  # [n, K]
-            mixed = np.einsum("nk,knc->nc", w, run.probabilities)
+            mixed = np.einsum("nk,knc->nc", combine_weights(w, run.probabilities, combine), run.probabilities)
             acc[method][run.condition] = float((mixed.argmax(axis=1) == run.labels).mean())
             counts.append((w > 0).sum(axis=1))
         per_image[method] = float(np.concatenate(counts).mean())
@@ -203,24 +206,51 @@ def evaluate(
 
     for k, name in enumerate(names):
         score(f"card:{name}", single(k))
-    score("uniform", lambda run: np.full((len(run.labels), len(names)), 1.0 / len(names), np.float32))
+
+    def uniform(run: ConditionRun) -> np.ndarray:
+        return np.full((len(run.labels), len(names)), 1.0 / len(names), np.float32)
+
+    score("uniform", uniform)
     for policy in policies:
-        if policy == "calibrated" and gate.router is None:
+        if policy in ROUTER_POLICIES and gate.router is None:
             continue
         score(policy, routed(policy, False))
         if per_sample:
             score(f"{policy}/per-sample", routed(policy, True))
+    # confidence-weighted mixing of the same routing (see combine_weights), where several cards run
+    score("uniform/confidence", uniform, "confidence")
+    for policy in (p for p in policies if p in ROUTER_POLICIES and gate.router is not None):
+        score(f"{policy}/confidence", routed(policy, False), "confidence")
     if held_out_routers and gate.router is not None:
         full = gate.router
+        for policy in (p for p in policies if p in ROUTER_POLICIES):
 
-        def held_out(run: ConditionRun) -> np.ndarray:
-            r = held_out_routers.get(run.condition[0], full)  # clean: the full router
-            return route_run(replace(gate, router=r), run, "calibrated", False, batch_size)
+            def held_out(run: ConditionRun, policy: str = policy) -> np.ndarray:
+                r = held_out_routers.get(run.condition[0], full)  # clean: the full router
+                return route_run(replace(gate, router=r), run, policy, False, batch_size)
 
-        score("calibrated/held-out", held_out)
+            score(f"{policy}/held-out", held_out)
     acc["oracle"] = {c: max(acc[f"card:{n}"][c] for n in names) for c in conditions}
     per_image["oracle"] = 1.0
+    acc["set-oracle"], per_image["set-oracle"] = set_oracle(runs, max(1, len(names) // 2))
     return EvalResult(names, conditions, acc, per_image, batch_size)
+
+
+def set_oracle(runs: Sequence[ConditionRun], max_cards: int) -> tuple[dict[Condition, float], float]:
+    """Per condition, the accuracy of the best set of at most ``max_cards`` cards (equal weights),
+    and the mean set size per image. Sets come smallest first, so ties go to fewer cards; the
+    singletons are among them, so this is never below the single-card oracle."""
+    subsets = candidate_subsets(runs[0].probabilities.shape[0], max_cards)
+    weights = subsets / subsets.sum(axis=1, keepdims=True).astype(np.float32)
+    acc: dict[Condition, float] = {}
+    sizes = []
+    for run in runs:
+        mixed = np.einsum("sk,knc->snc", weights, run.probabilities)
+        scores = (mixed.argmax(axis=2) == run.labels[None, :]).mean(axis=1)
+        best = int(np.argmax(scores))
+        acc[run.condition] = float(scores[best])
+        sizes.append(np.full(len(run.labels), subsets[best].sum()))
+    return acc, float(np.concatenate(sizes).mean())
 
 
 # -- where the images come from ----------------------------------------------------------------
@@ -283,5 +313,6 @@ __all__ = [
     "held_out_routers",
     "route_run",
     "run_condition",
+    "set_oracle",
     "suite_source",
 ]

@@ -207,11 +207,28 @@ def load_checkpoint(checkpoint: Path) -> tuple[Any, CardMeta]:
     return model.eval(), meta
 
 
+NEAR_CHANCE = 1.5  # refuse below this multiple of chance accuracy (15% for 10 classes)
+
+
+def _refuse_near_chance(model: Any, meta: CardMeta, val: Any, data: str) -> None:
+    from carddeck.export.parity import torch_logits
+
+    x = as_float_nchw(val.images, meta)
+    accuracy = float((torch_logits(model, x).argmax(axis=1) == val.labels).mean())
+    chance = 1.0 / meta.num_classes
+    if accuracy < NEAR_CHANCE * chance:
+        raise CardRejected(
+            f"card {meta.key} scores {100 * accuracy:.2f}% on {data} val ({len(x)} images), near chance "
+            f"({100 * chance:.1f}%): this is not the data it was trained for (its CardMeta says "
+            f"{meta.provenance.dataset or 'nothing'}), so a parity check on it would prove nothing"
+        )
+
+
 def export_card(
     checkpoint: Path,
     out: Path,
     *,
-    data: str = "digits32",
+    data: str | None = None,
     format: str | None = None,
     policy: ParityPolicy | None = None,
     parity_images: int | None = None,
@@ -223,11 +240,14 @@ def export_card(
 ) -> ExportReport:
     """Export ``checkpoint`` (card.pt or its directory) to ``out``, checking parity on ``data``'s val split.
 
-    int8 calibration and the domain signature use (seeded subsets of) the train split.
+    ``data`` defaults to the card's own dataset (CardMeta provenance); other data is announced on
+    stderr. int8 calibration and the domain signature use (seeded subsets of) the train split. A
+    card whose accuracy on the check data is near chance is refused: its parity would prove nothing.
     """
-    from carddeck.data.datasets import load_dataset
+    from carddeck.data.datasets import data_for_cards, load_dataset
 
     model, meta = load_checkpoint(checkpoint)
+    data = data_for_cards(data, [meta.provenance.dataset], f"card {meta.key}")
     val = load_dataset(data, "val")
     train = load_dataset(data, "train")
     if val.num_classes != meta.num_classes:
@@ -237,6 +257,7 @@ def export_card(
         val = val.subset(np.sort(rng.choice(len(val), parity_images, replace=False)))
     cal = train.images[np.sort(rng.choice(len(train), min(calibration_images, len(train)), replace=False))]
     sig = train.images[np.sort(rng.choice(len(train), min(signature_images, len(train)), replace=False))]
+    _refuse_near_chance(model, meta, val, data)
     return export_model(
         model,
         meta,

@@ -13,7 +13,11 @@ from carddeck.export.parity import MAX_ACCURACY_DROP_POINTS, MAX_PROB_DIFF, MIN_
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="card.pt written by `carddeck compress` (or its directory)")
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write (card.json goes next to it)")
-    parser.add_argument("--data", default="digits32", help="dataset whose val split checks parity (default digits32)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="dataset whose val split checks parity (default: the one the card was trained on, from its CardMeta)",
+    )
     parser.add_argument(
         "--format",
         default="auto",

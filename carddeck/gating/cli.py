@@ -20,7 +20,11 @@ def _ints(text: str) -> list[int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deck", required=True, help="deck: a directory (manifest.json + cards/), file://DIR or s3://BUCKET/PREFIX")
-    parser.add_argument("--data", default="digits32", help="dataset spec: digits32, cifar10:PATH, npz:PATH ...")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="dataset spec: digits32, leaves32, cifar10:PATH, npz:PATH ... (default: the one the deck's cards record)",
+    )
     parser.add_argument(
         "--signatures",
         action=argparse.BooleanOptionalAction,
@@ -54,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from carddeck.data.datasets import load_dataset
+    from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck, DeckStore
     from carddeck.errors import InvalidInput
     from carddeck.gating.signature import domain_signature
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"deck {args.deck} has no cards to calibrate")
     if args.batch_size < 1:
         raise InvalidInput(f"--batch-size must be positive, got {args.batch_size}")
+    args.data = data_for_cards(args.data, [c.provenance.dataset for c in cards], f"deck {args.deck}")
     if args.signatures or args.store_calibration:
         train = load_dataset(args.data, "train")
         rng = np.random.default_rng(0)

@@ -9,19 +9,20 @@ signatures, parameters, an optional calibrated router) and builds the ``Routing`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from carddeck.errors import InvalidInput, shown
-from carddeck.gating.signature import batch_signature, sample_signatures
+from carddeck.gating.signature import SIGNATURE_DIM, sample_features
 from carddeck.registry import Registry
 
 if TYPE_CHECKING:
     from carddeck.gating.router import CalibratedRouter
 
 METRICS = ("l2", "l1", "cosine")
+COMBINES = ("mean", "confidence")
 # L2 by measurement (benchmarks/bench_gate.py --metrics, a 4-CARD digits32 deck, corrupted
 # validation data): nearest-domain mean accuracy L2 94.84, L1 94.84, cosine 94.25 (uniform 94.32).
 # Cosine ignores the overall spectral level, which is what contrast loss and fog change.
@@ -54,6 +55,7 @@ class Routing:
     weights: np.ndarray  # [N, K] float32, rows sum to 1, 0 = not run for that image
     domains: tuple[str, ...]
     distances: np.ndarray  # [N, M] distance of each image (or the batch) to each domain
+    features: np.ndarray | None = None  # [N, FEATURE_DIM] per-image ``sample_features``, from ``Gate.route``
 
     @property
     def selected(self) -> tuple[str, ...]:
@@ -88,6 +90,7 @@ class GateParams:
     k: int = 2  # top-k: cards kept
     temperature: float = 0.5  # soft: in units of the nearest domain's distance
     min_weight: float = 0.1  # soft: domains below this weight are not run
+    combine: str = "mean"  # how the chosen cards' probabilities mix: see combine_weights
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -98,6 +101,8 @@ class GateParams:
             raise InvalidInput(f"gate parameter temperature must be > 0, got {self.temperature}")
         if not 0 <= self.min_weight < 1:
             raise InvalidInput(f"gate parameter min_weight must be in [0, 1), got {self.min_weight}")
+        if self.combine not in COMBINES:
+            raise InvalidInput(f"gate parameter combine {self.combine!r} is not one of {', '.join(COMBINES)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> GateParams:
@@ -182,27 +187,47 @@ class Gate:
 
     def route(self, images: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool = False) -> Routing:
         """Signatures of ``images`` (per batch or per sample), then ``policy``."""
-        sigs = sample_signatures(images) if per_sample else batch_signature(images)[None, :]
-        return self.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=len(images))
+        features = sample_features(images)
+        sigs = features if per_sample else features.mean(axis=0, keepdims=True)
+        routing = self.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=len(images))
+        return replace(routing, features=features)  # per image, for the shift signal
 
     def route_signatures(
         self, signatures: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool, batch_size: int
     ) -> Routing:
+        """Route from signatures [N, D]: ``sample_features`` rows (or their batch mean), or plain
+        ``sample_signatures`` rows for decks and routers that know only those."""
         fn = POLICIES.get(policy)
         if not self.card_names:
             raise InvalidInput("the deck has no cards to route to")
         sigs = np.asarray(signatures, np.float32)
-        if sigs.shape[1] != self.references.shape[1]:
-            raise InvalidInput(
-                f"signature length {sigs.shape[1]} does not match the deck's references ({self.references.shape[1]})"
-            )
-        dist = pairwise_distances(sigs, self.references, self.params.metric)
+        d = self.references.shape[1]
+        # Features start with the signature the references are made of (sample_features).
+        if sigs.shape[1] != d and not (d == SIGNATURE_DIM and sigs.shape[1] > d):
+            raise InvalidInput(f"signature length {sigs.shape[1]} does not match the deck's references ({d})")
+        dist = pairwise_distances(sigs[:, :d], self.references, self.params.metric)
         weights = np.asarray(fn(self, sigs, dist), np.float32)
         weights = weights / weights.sum(axis=1, keepdims=True)
         if not per_sample:
             weights = np.repeat(weights, batch_size, axis=0)
             dist = np.repeat(dist, batch_size, axis=0)
         return Routing(policy, per_sample, self.card_names, weights, self.domains, dist)
+
+
+def combine_weights(weights: np.ndarray, probabilities: np.ndarray, combine: str = "mean") -> np.ndarray:
+    """Per-image card weights [N, K] for mixing ``probabilities`` [K, N, C] of the routed cards.
+
+    ``mean``: the routing weights as they are. ``confidence``: each routed card's weight times its
+    confidence on that image (its top probability), renormalized per image, so a card that is
+    sure of itself outvotes one that is guessing (corruptions a card never saw tend to flatten its
+    output). Cards with routing weight 0 stay at 0.
+    """
+    if combine == "mean":
+        return weights
+    if combine != "confidence":
+        raise InvalidInput(f"unknown combine rule {combine!r}; valid choices: {', '.join(COMBINES)}")
+    w = weights * probabilities.max(axis=2).T  # [N, K]
+    return w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
 
 
 Policy = Callable[[Gate, np.ndarray, np.ndarray], np.ndarray]
@@ -254,7 +279,19 @@ def calibrated(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.
     return gate.router.weights(signatures, gate.keys)
 
 
+@POLICIES.register("guarded")
+def guarded(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """The calibrated router behind a clean guard: a batch near the clean data's signature runs the
+    set that is best on clean validation data, anything else goes to the router's vote."""
+    if gate.router is None:
+        raise InvalidInput(
+            "gate policy 'guarded' needs a fitted router: run `carddeck calibrate --deck DIR --data NAME`"
+        )
+    return gate.router.weights(signatures, gate.keys, guard=True)
+
+
 __all__ = [
+    "COMBINES",
     "DEFAULT_METRIC",
     "DEFAULT_POLICY",
     "METRICS",
@@ -262,5 +299,6 @@ __all__ = [
     "Gate",
     "GateParams",
     "Routing",
+    "combine_weights",
     "pairwise_distances",
 ]

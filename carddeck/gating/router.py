@@ -13,6 +13,17 @@ accuracy, where plain nearest-neighbour votes had picked the sets of unrelated c
 best set wins, minus ``cost`` per extra card so that a larger set must earn its compute. The
 kernel bandwidth is the median distance from a calibration batch to its ``neighbours``-th nearest
 one. Saved as a small ``.npz`` (no pickle).
+
+Signatures here are :func:`~carddeck.gating.signature.sample_features` batch means (the radial
+signature plus orientation, per-channel and local statistics), each feature divided by its spread
+over the calibration batches so that no unit dominates the distance. A router fitted on plain
+signatures (format 2) uses the first columns it knows.
+
+The clean guard (policy ``guarded``): a batch whose features lie as near the clean calibration
+batches' centre as the clean batches themselves do (see ``clean_radius``) runs the *clean set*, the set best on clean
+validation batches (among those within ``CLEAN_TOLERANCE`` of the best, the one best over all
+batches, then the smallest). Users serve mostly clean images, and the corrupted-data vote must not
+cost them accuracy.
 """
 
 from __future__ import annotations
@@ -29,7 +40,11 @@ import numpy as np
 from carddeck.errors import InvalidInput
 from carddeck.gating.policies import DEFAULT_METRIC, pairwise_distances
 
-ROUTER_FORMAT = "carddeck-router/2"  # 2: kernel votes with a prior (1 was k-nearest votes)
+ROUTER_FORMAT = "carddeck-router/3"  # 3: scaled features and the clean guard; 2: kernel votes with a prior
+READABLE_FORMATS = ("carddeck-router/2", ROUTER_FORMAT)
+CLEAN_TAG = "clean/0"
+CLEAN_TOLERANCE = 0.005  # clean-set candidates: within half a point of the best clean accuracy
+CLEAN_MARGIN = 1.25  # guard radius: the farthest clean calibration batch's distance x this
 
 
 @dataclass(frozen=True)
@@ -46,24 +61,79 @@ class CalibrationPoint:
 class CalibratedRouter:
     card_keys: tuple[str, ...]  # name/version of the cards it was fitted for, in fit order
     subsets: np.ndarray  # [S, K] bool: candidate card sets
-    signatures: np.ndarray  # [P, D] calibration batch signatures
+    signatures: np.ndarray  # [P, D] calibration batch signatures (features)
     scores: np.ndarray  # [P, S] accuracy of each set on each calibration batch
     metric: str = DEFAULT_METRIC
     bandwidth: float = 1.0
     prior: float = 1.0
     cost: float = 0.0
+    scale: np.ndarray | None = None  # [D] divisor per feature; None: unscaled (format 2)
+    clean: np.ndarray | None = None  # [P] bool: the clean calibration batches; None: no guard
+
+    def _scaled(self, signatures: np.ndarray) -> np.ndarray:
+        d = self.signatures.shape[1]
+        sigs = np.asarray(signatures, np.float32)
+        if sigs.shape[1] < d:
+            raise InvalidInput(f"the router needs {d} signature features, got {sigs.shape[1]}")
+        sigs = sigs[:, :d]
+        return sigs / self.scale if self.scale is not None else sigs
+
+    @property
+    def _points(self) -> np.ndarray:
+        return self._scaled(self.signatures)
 
     def choose(self, signatures: np.ndarray) -> np.ndarray:
         """Index of the winning card set for each signature row -> int64 [N]."""
-        dist = pairwise_distances(np.asarray(signatures, np.float32), self.signatures, self.metric)
+        dist = pairwise_distances(self._scaled(signatures), self._points, self.metric)
         votes = np.exp(-0.5 * (dist / self.bandwidth) ** 2)  # [N, P]
         overall = self.scores.mean(axis=0)  # [S]
         expected = (votes @ self.scores + self.prior * overall) / (votes.sum(axis=1, keepdims=True) + self.prior)
         expected = expected - self.cost * (self.subsets.sum(axis=1) - 1)
         return np.argmax(expected, axis=1)  # subsets are ordered by size: ties go to fewer cards
 
-    def weights(self, signatures: np.ndarray, deck_keys: Sequence[str]) -> np.ndarray:
-        """[N, K_deck] equal weights over the chosen set, in the deck's card order."""
+    @property
+    def has_guard(self) -> bool:
+        return self.clean is not None and bool(self.clean.any())
+
+    def clean_set(self) -> int:
+        """Index of the clean set: best on the clean calibration batches (see the module doc)."""
+        if not self.has_guard:
+            raise InvalidInput("this router has no clean calibration batches: run `carddeck calibrate` again")
+        clean_score = self.scores[self.clean].mean(axis=0)
+        near_best = np.flatnonzero(clean_score >= clean_score.max() - CLEAN_TOLERANCE)
+        overall = self.scores.mean(axis=0)[near_best]
+        return int(near_best[np.argmax(overall)])  # argmax keeps the first (smallest) set on ties
+
+    def near_clean(self, signatures: np.ndarray) -> np.ndarray:
+        """bool [N]: rows within the guard radius of the clean calibration batches' centre."""
+        if not self.has_guard:
+            return np.zeros(len(signatures), bool)
+        points = self._points[self.clean]
+        centre = points.mean(axis=0, keepdims=True)
+        return pairwise_distances(self._scaled(signatures), centre, self.metric)[:, 0] <= self.clean_radius
+
+    @property
+    def clean_radius(self) -> float:
+        """``CLEAN_MARGIN`` x the farthest clean calibration batch from the centre of the *other*
+        clean batches (leave one out: that is how far a new clean batch lands; the centre of all of
+        them sits closer to each point than it would to a fresh one)."""
+        points = self._points[self.clean] if self.clean is not None else self._points[:0]
+        n = len(points)
+        if n < 2:
+            return CLEAN_MARGIN * self.bandwidth
+        others = (points.sum(axis=0, keepdims=True) - points) / (n - 1)
+        loo = np.array([pairwise_distances(points[i : i + 1], others[i : i + 1], self.metric)[0, 0] for i in range(n)])
+        return CLEAN_MARGIN * float(loo.max())
+
+    def choose_guarded(self, signatures: np.ndarray) -> np.ndarray:
+        """:meth:`choose`, except that batches near clean data run the clean set."""
+        chosen = self.choose(signatures)
+        if self.has_guard:
+            chosen = np.where(self.near_clean(signatures), self.clean_set(), chosen)
+        return chosen
+
+    def weights(self, signatures: np.ndarray, deck_keys: Sequence[str], *, guard: bool = False) -> np.ndarray:
+        """[N, K_deck] equal weights over the chosen set (with the clean guard if asked), in deck order."""
         missing = [k for k in self.card_keys if k not in deck_keys]
         if missing:
             raise InvalidInput(
@@ -71,7 +141,8 @@ class CalibratedRouter:
                 f"{', '.join(missing)}; run `carddeck calibrate` again"
             )
         column = [list(deck_keys).index(k) for k in self.card_keys]
-        chosen = self.subsets[self.choose(signatures)].astype(np.float32)  # [N, K_router]
+        index = self.choose_guarded(signatures) if guard else self.choose(signatures)
+        chosen = self.subsets[index].astype(np.float32)  # [N, K_router]
         out = np.zeros((len(chosen), len(deck_keys)), np.float32)
         out[:, column] = chosen / chosen.sum(axis=1, keepdims=True)
         return out
@@ -90,13 +161,17 @@ class CalibratedRouter:
             with open(path, "wb") as f:
                 self.save(f)
             return
-        np.savez(
-            path,
-            header=np.array(json.dumps(header)),
-            subsets=self.subsets,
-            signatures=self.signatures,
-            scores=self.scores,
-        )
+        arrays = {
+            "header": np.array(json.dumps(header)),
+            "subsets": self.subsets,
+            "signatures": self.signatures,
+            "scores": self.scores,
+        }
+        if self.scale is not None:
+            arrays["scale"] = self.scale
+        if self.clean is not None:
+            arrays["clean"] = self.clean
+        np.savez(path, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: Path | str | BinaryIO) -> CalibratedRouter:
@@ -104,11 +179,14 @@ class CalibratedRouter:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(str(z["header"]))
                 subsets, signatures, scores = z["subsets"], z["signatures"], z["scores"]
+                scale = z["scale"].astype(np.float32) if "scale" in z.files else None
+                clean = z["clean"].astype(bool) if "clean" in z.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise InvalidInput(f"{path}: not a calibrated router file ({exc})") from None
-        if header.get("format") != ROUTER_FORMAT:
+        if header.get("format") not in READABLE_FORMATS:
             raise InvalidInput(
-                f"{path}: router format {header.get('format')!r}, expected {ROUTER_FORMAT!r}; run `carddeck calibrate`"
+                f"{path}: router format {header.get('format')!r}, expected one of {', '.join(READABLE_FORMATS)}; "
+                "run `carddeck calibrate`"
             )
         try:
             return cls(
@@ -120,6 +198,8 @@ class CalibratedRouter:
                 bandwidth=float(header["bandwidth"]),
                 prior=float(header["prior"]),
                 cost=float(header["cost"]),
+                scale=scale,
+                clean=clean,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"{path}: malformed router header ({type(exc).__name__}: {exc})") from None
@@ -160,15 +240,20 @@ def fit_router(
         mixed = np.einsum("sk,knc->snc", weights, p.probabilities)  # [S, n, C]
         scores[i] = (mixed.argmax(axis=2) == p.labels[None, :]).mean(axis=1)
     signatures = np.stack([np.asarray(p.signature, np.float32) for p in points])
+    spread = signatures.std(axis=0)
+    scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
+    clean = np.array([p.tag == CLEAN_TAG for p in points], bool)
     return CalibratedRouter(
         tuple(card_keys),
         subsets,
         signatures,
         scores,
         metric,
-        kernel_bandwidth(signatures, metric, neighbours),
+        kernel_bandwidth(signatures / scale, metric, neighbours),
         prior,
         cost,
+        scale,
+        clean,
     )
 
 
@@ -185,4 +270,4 @@ def kernel_bandwidth(signatures: np.ndarray, metric: str, neighbours: int, max_p
     return bandwidth if bandwidth > 0 else float(d[:, 1:].mean()) or 1.0
 
 
-__all__ = ["CalibratedRouter", "CalibrationPoint", "candidate_subsets", "fit_router"]
+__all__ = ["CLEAN_TAG", "CalibratedRouter", "CalibrationPoint", "candidate_subsets", "fit_router"]

@@ -45,7 +45,7 @@ class MetricsHook(Protocol):
 
     def observe_batch(self, size: int, wait_seconds: Any = ()) -> None: ...
     def track_queue_depth(self, depth: Callable[[], int]) -> None: ...
-    def observe_routing(self, routing: Any, out_of_domain_threshold: float | None = None) -> None: ...
+    def observe_routing(self, routing: Any) -> None: ...
     def set_deck(self, version: int, cards: Any) -> None: ...
     def set_default_policy(self, policy: str, configured: str) -> None: ...
     def card_change(self, op: str, outcome: str) -> None: ...
@@ -119,6 +119,8 @@ class Dataplane:
         self._deck_store: DeckStore | None = None  # one store object: its manifest cache and connection live on
         self.swaps = 0  # snapshots installed after the first
         self.on_swap: list[Callable[[Deck], None]] = []  # e.g. health status follows the deck
+        # (model, prepared images, routing, probabilities) after each Predict, e.g. the shift monitor
+        self.on_predict: list[Callable[[str, np.ndarray, Routing, np.ndarray], None]] = []
         self._batcher: MicroBatcher[_Work, _Done] | None = None
         if config.batching and config.max_batch_size > 1:
             self._batcher = MicroBatcher(
@@ -241,6 +243,8 @@ class Dataplane:
         if self.metrics is not None:
             self.metrics.observe_routing(routing)
         probs = self._combine(deck, x, routing.weights, announced, timeout_s, is_cancelled, model, start)
+        for listener in self.on_predict:
+            listener(model, x, routing, probs)
         return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing), deck
 
     def route(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> tuple[Routing, Deck]:

@@ -27,7 +27,7 @@ from carddeck.errors import InvalidInput
 from carddeck.server.interceptors import ObservabilityInterceptor
 from carddeck.server.metrics import Metrics, start_metrics_server
 from carddeck.server.settings import Settings, add_arguments, load_settings
-from carddeck.server.shift import ShiftCalibrator
+from carddeck.server.shift import ShiftLoader, ShiftMonitor
 
 log = logging.getLogger("carddeck.server")
 READ_ONLY_NOTE = "read-only: admin calls are refused; `carddeck deck init DIR` makes a copy you can change"
@@ -97,7 +97,9 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
         ),
         metrics=metrics,
     )
-    dataplane.on_swap.append(ShiftCalibrator(metrics))
+    shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
+    dataplane.on_swap.append(ShiftLoader(shift))
+    dataplane.on_predict.append(shift)
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
     server = http = None

@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 if TYPE_CHECKING:
-    from carddeck.server.shift import ShiftThresholds
+    from carddeck.server.shift import ShiftDetector, Verdict
 
 # Latency: 1-2.5-5 steps from 1 ms to 10 s, so p50/p90/p99 interpolate within a factor of 2.5.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -30,6 +30,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Signature distances (gate metric, l2 by default, between radial log-spectrum profiles): on digits32
 # a 32-image batch sits ~0.3-1.5 from its own domain, shifted ones ~2-10, single images up to ~10.
 DISTANCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+# Shift statistics in units of their calibrated threshold: 1 is the line; foreign traffic reaches 100s.
+SHIFT_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0, 1000.0)
+SHIFT_STATES = ("in_distribution", "covered", "uncovered")  # carddeck.server.shift.STATES
 UNKNOWN_DOMAIN = "unknown"
 
 
@@ -54,12 +57,11 @@ class _CardChildren:
 class Metrics:
     """Every collector of the server, registered in ``registry``.
 
-    Thread-safe (prometheus_client collectors are). ``shift`` holds the calibrated out-of-domain
-    thresholds (see :mod:`carddeck.server.shift`); without it distances are still recorded but no
-    batch is counted out of domain.
+    Thread-safe (prometheus_client collectors are). The shift signal (:mod:`carddeck.server.shift`)
+    reports through :meth:`observe_shift` and :meth:`set_shift_detector`.
     """
 
-    def __init__(self, registry: CollectorRegistry, *, shift: ShiftThresholds | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         r = registry
         self.requests = Counter(
@@ -107,14 +109,32 @@ class Metrics:
             "carddeck_nearest_domain_distance", "Distance from the batch (or image) signature to the nearest domain.",
             buckets=DISTANCE_BUCKETS, registry=r,
         )  # fmt: skip
-        self.out_of_domain = Counter(
-            "carddeck_out_of_domain",
-            "Gate decisions whose signature sat farther from every domain than the calibrated threshold.",
-            ["mode"], registry=r,
+        self.shift_batches = Counter(
+            "carddeck_shift_batches",
+            "Batches (unit=batch) and sliding windows of small requests (unit=window) by shift state: "
+            "in_distribution, covered (a shift the deck handles), uncovered (one it does not).",
+            ["model", "state", "unit"], registry=r,
         )  # fmt: skip
-        self.out_of_domain_threshold = Gauge(
-            "carddeck_out_of_domain_threshold", "Calibrated out-of-domain distance threshold, by batch size.",
-            ["batch_size"], registry=r,
+        self.shift_statistic = Histogram(
+            "carddeck_shift_statistic",
+            "MMD^2 between a batch (or window) and the clean reference, in units of the calibrated threshold.",
+            ["model", "unit"], buckets=SHIFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shift_distance = Histogram(
+            "carddeck_shift_distance",
+            "MMD^2 to the nearest known shifted condition (domain or calibration corruption), in threshold units.",
+            ["model", "unit"], buckets=SHIFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.expected_accuracy = Gauge(
+            "carddeck_expected_accuracy",
+            "Estimated accuracy of the deck on the latest batch or window (no labels needed).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.shift_false_alarm_rate = Gauge(
+            "carddeck_shift_false_alarm_rate",
+            "Calibrated false-alarm rate of the shift detector per in-distribution batch or window "
+            "(expected run time between false alarms: its inverse).",
+            registry=r,
         )  # fmt: skip
         self.deck_version = Gauge("carddeck_deck_version", "Version of the deck snapshot being served.", registry=r)
         self.deck_cards = Gauge("carddeck_deck_cards", "Number of CARDs in the deck being served.", registry=r)
@@ -130,13 +150,11 @@ class Metrics:
         )  # fmt: skip
         self.build = Info("carddeck_build", "Versions this server was built from.", registry=r)
 
-        for mode in ("batch", "sample"):
-            self.out_of_domain.labels(mode=mode)
         self._lock = threading.Lock()
         self._card_domains: dict[str, str] = {}
         self._card_children: dict[tuple[str, str], _CardChildren] = {}
-        self.shift: ShiftThresholds | None = None
-        self.set_shift(shift)
+        self._shift_children: set[tuple[str, str]] = set()
+        self.set_shift_detector(None)
         self.build_info()
 
     # -- requests (called by the interceptor) ---------------------------------------------------
@@ -171,12 +189,11 @@ class Metrics:
         """Read the queue depth at scrape time (e.g. ``lambda: batcher.queue_depth``) instead of setting it."""
         self.queue_depth.set_function(depth)
 
-    def observe_routing(self, routing: RoutingLike, out_of_domain_threshold: float | None = None) -> None:
-        """Record one gate decision: selections and weights per card, distances per domain, shift.
+    def observe_routing(self, routing: RoutingLike) -> None:
+        """Record one gate decision: selections and weights per card, distances per domain.
 
         Per-batch routing is one decision (distance rows are all equal, one is observed); per-sample
-        routing is one decision per image. The out-of-domain threshold is ``out_of_domain_threshold``
-        when given, else the calibrated one for the decision's batch size (1 for per-sample).
+        routing is one decision per image.
         """
         weights = np.asarray(routing.weights, dtype=np.float64)
         if weights.ndim != 2 or weights.shape[1] != len(routing.card_names):
@@ -209,13 +226,27 @@ class Metrics:
         nearest = rows.min(axis=1)
         for value in nearest:
             self.nearest_distance.observe(float(value))
-        threshold = out_of_domain_threshold
-        if threshold is None and self.shift is not None:
-            threshold = self.shift.threshold_for(1 if routing.per_sample else n)
-        if threshold is not None:
-            far = int((nearest > threshold).sum())
-            if far:
-                self.out_of_domain.labels(mode=mode).inc(far)
+
+    # -- shift signal -------------------------------------------------------------------------------
+    def observe_shift(self, model: str, unit: str, verdict: Verdict) -> None:
+        """One tested batch or window (``unit``) of ``model``."""
+        if (model, unit) not in self._shift_children:  # every state from the first test on, so rates start at 0
+            for state in SHIFT_STATES:
+                self.shift_batches.labels(model=model, state=state, unit=unit)
+            self._shift_children.add((model, unit))
+        self.shift_batches.labels(model=model, state=verdict.state, unit=unit).inc()
+        self.shift_statistic.labels(model=model, unit=unit).observe(verdict.statistic)
+        if np.isfinite(verdict.distance):
+            self.shift_distance.labels(model=model, unit=unit).observe(verdict.distance)
+        self.expected_accuracy.labels(model=model).set(verdict.expected_accuracy)
+
+    def set_shift_detector(self, detector: ShiftDetector | None) -> None:
+        """A new detector (or none): its false-alarm rate, and the gauge of the old one is stale."""
+        self.expected_accuracy.clear()
+        if detector is None:
+            self.shift_false_alarm_rate.set(float("nan"))
+        else:
+            self.shift_false_alarm_rate.set(detector.alpha)
 
     def _children(self, card: str) -> _CardChildren:
         domain = self._card_domains.get(card, UNKNOWN_DOMAIN)
@@ -255,13 +286,6 @@ class Metrics:
     def card_change(self, op: str, outcome: str) -> None:
         """A card load/removal finished: ``op`` add/remove, ``outcome`` ok/already_present/rejected."""
         self.card_changes.labels(op=op, outcome=outcome).inc()
-
-    def set_shift(self, shift: ShiftThresholds | None) -> None:
-        self.shift = shift
-        self.out_of_domain_threshold.clear()
-        if shift is not None:
-            for size, value in shift.thresholds.items():
-                self.out_of_domain_threshold.labels(batch_size=str(size)).set(value)
 
     def build_info(self, extra: Mapping[str, str] | None = None) -> None:
         from carddeck import __version__
@@ -303,6 +327,7 @@ __all__ = [
     "BATCH_BUCKETS",
     "DISTANCE_BUCKETS",
     "LATENCY_BUCKETS",
+    "SHIFT_BUCKETS",
     "Metrics",
     "MetricsServer",
     "start_metrics_server",

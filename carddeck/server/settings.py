@@ -78,6 +78,8 @@ class Settings:
     deck_model_name: str = _opt("carddeck", "the gated deck's model name in the Open Inference Protocol")
     metrics_host: str = _opt("", "address of the Prometheus /metrics endpoint (empty: the gRPC --host)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (-1: no metrics endpoint)")
+    shift_window: int = _opt(32, "shift signal: requests under 16 images are tested over a window of this many")
+    shift_stride: int = _opt(8, "shift signal: test the window every this many new images")
     log_format: str = _opt("text", "log format: text, or json (one JSON object per line with request_id)")
 
     def __post_init__(self) -> None:
@@ -97,6 +99,8 @@ class Settings:
             ("debris_grace_s", self.debris_grace_s >= 0, "must be >= 0"),
             ("intra_op_threads", self.intra_op_threads >= 0, "must be >= 0"),
             ("metrics_port", -1 <= self.metrics_port <= 65535, "must be in -1..65535"),
+            ("shift_window", self.shift_window >= 4, "must be at least 4"),
+            ("shift_stride", self.shift_stride >= 1, "must be at least 1"),
             ("log_format", self.log_format in ("text", "json"), "must be text or json"),
             ("tls_key", bool(self.tls_cert) == bool(self.tls_key), "TLS needs both tls_cert and tls_key"),
             ("tls_client_ca", not self.tls_client_ca or bool(self.tls_cert), "mutual TLS needs tls_cert and tls_key"),

@@ -18,10 +18,10 @@ def images():
 
 
 def test_domains_registry():
-    assert set(DOMAINS.names()) == {"clean", "gaussian", "augmix"}
+    assert set(DOMAINS.names()) == {"clean", "gaussian", "augmix", "lowfreq"}
 
 
-@pytest.mark.parametrize("domain", ["clean", "gaussian", "augmix"])
+@pytest.mark.parametrize("domain", ["clean", "gaussian", "augmix", "lowfreq"])
 def test_augment_returns_unit_float_images_and_is_seeded(images, domain):
     out = augment(images, domain, np.random.default_rng(1))
     assert out.dtype == np.float32 and out.shape == images.shape
@@ -112,3 +112,33 @@ def test_rotate_and_shear_keep_shape_and_dtype():
     for op in (ops.rotate, ops.shear_x, ops.shear_y, ops.translate_y):
         out = op(img, 3.0, np.random.default_rng(0))
         assert out.dtype == np.uint8 and out.shape == img.shape and not np.array_equal(out, img)
+
+
+def test_lowfreq_lowers_the_low_frequency_rings_of_the_signature():
+    """The low-frequency domain cuts contrast and adds haze: the signature's low rings (1..4, the
+    coarse structure that fog and contrast loss flatten) drop, on natural-statistics images."""
+    from carddeck.data import load_dataset
+    from carddeck.gating.signature import batch_signature
+
+    images = load_dataset("leaves32", "val").images[:200]
+    clean = batch_signature(images)
+    low = augment(images, "lowfreq", np.random.default_rng(0))
+    sig = batch_signature(np.ascontiguousarray(low.transpose(0, 3, 1, 2)))
+    assert (sig[1:5] < clean[1:5] - 0.1).all(), (sig[1:5], clean[1:5])
+    # and it differs from AugMix and noise there, so the gate can tell them apart
+    for other in ("augmix", "gaussian"):
+        aug = augment(images, other, np.random.default_rng(0))
+        other_sig = batch_signature(np.ascontiguousarray(aug.transpose(0, 3, 1, 2)))
+        assert (sig[1:5] < other_sig[1:5] - 0.1).all(), other
+
+
+def test_lowfreq_leaves_a_fifth_clean_and_fields_are_smooth(images):
+    from carddeck.data.domains import LOWFREQ_P, spectral_fields
+
+    out = augment(np.repeat(images, 25, axis=0), "lowfreq", np.random.default_rng(0))
+    unchanged = (out == np.repeat(images, 25, axis=0) / np.float32(255)).all(axis=(1, 2, 3))
+    assert unchanged.mean() == pytest.approx(1 - LOWFREQ_P, abs=0.06)
+    fields = spectral_fields(64, 32, 32, np.random.default_rng(0))
+    assert fields.min() == 0.0 and fields.max() == pytest.approx(1.0)
+    # smooth: neighbouring pixels differ far less than the field's range
+    assert np.abs(np.diff(fields, axis=2)).mean() < 0.05

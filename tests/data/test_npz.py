@@ -51,7 +51,8 @@ def test_explicit_splits_are_used_as_given(tmp_path):
             {"images": _images(4), "labels": np.arange(4), "class_names": np.array(["a", "b"])},
             r"labels must lie in 0..1",
         ),
-        ({"pictures": _images(4), "labels": np.arange(4)}, "expected arrays 'images' and 'labels'"),
+        ({"pictures": _images(4), "labels": np.arange(4)}, "unknown arrays pictures; accepted: images, labels"),
+        ({"labels": np.arange(4)}, "expected arrays 'images' and 'labels'"),
     ],
 )
 def test_malformed_npz_is_rejected_naming_the_file(tmp_path, arrays, message):
@@ -73,3 +74,25 @@ def test_missing_unreadable_and_pickled_files_are_rejected(tmp_path):
     np.savez(pickled, images=np.array([object()] * 2, dtype=object), labels=np.arange(2))
     with pytest.raises(InvalidInput, match="objects.npz"):
         load_dataset(f"npz:{pickled}")
+
+
+def test_class_names_under_either_common_spelling(tmp_path):
+    labels = np.repeat(np.arange(2), 10)
+    for key in ("class_names", "classes"):
+        path = tmp_path / f"{key}.npz"
+        np.savez(path, images=_images(20), labels=labels, **{key: np.array(["cat", "dog"])})
+        assert load_dataset(f"npz:{path}", "test").class_names == ("cat", "dog")
+    both = tmp_path / "both.npz"
+    np.savez(both, images=_images(20), labels=labels, classes=np.array(["a", "b"]), class_names=np.array(["a", "b"]))
+    with pytest.raises(InvalidInput, match="both class_names and classes given"):
+        load_dataset(f"npz:{both}", "test")
+
+
+def test_unknown_arrays_are_refused_with_the_accepted_names(tmp_path):
+    """Before: a 'label_names' array was silently ignored and the classes became '0'..'9'."""
+    path = tmp_path / "odd.npz"
+    np.savez(path, images=_images(20), labels=np.arange(20) % 2, label_names=np.array(["cat", "dog"]))
+    with pytest.raises(
+        InvalidInput, match=r"unknown arrays label_names; accepted: images, labels, .*class_names, classes"
+    ):
+        load_dataset(f"npz:{path}", "test")

@@ -105,7 +105,8 @@ def test_calibrate_on_s3(location, images):
     store.set_calibration(images)
     store.add_card(card("n1", "gaussian", seed=4, signature=None))  # signed from the stored calibration images
     assert DeckStore(location).list_cards()[-1].signature is not None
-    args = ["calibrate", "--deck", location, "--train-images", "32", "--val-images", "32"]
+    # the test cards record a synthetic dataset: name a real one to calibrate on
+    args = ["calibrate", "--deck", location, "--data", "digits32", "--train-images", "32", "--val-images", "32"]
     assert main([*args, "--corruptions", "gaussian_noise", "--severities", "5", "--policy", "calibrated"]) == 0
     deck = Deck.open(location)
     assert deck.default_policy == "calibrated" and deck.manifest.gate["router"].startswith("gate/router-")

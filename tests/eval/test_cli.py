@@ -7,7 +7,8 @@ from carddeck.deck import Deck, DeckStore
 from carddeck.gating import CalibratedRouter
 from tests.deck.conftest import card
 
-FAST = ["--corruptions", "gaussian_noise,fog", "--severities", "1,5"]
+# The tiny cards record the dataset "synthetic"; their inputs are digits32-shaped.
+FAST = ["--corruptions", "gaussian_noise,fog", "--severities", "1,5", "--data", "digits32"]
 
 
 def tiny_deck(tmp_path):
@@ -21,6 +22,7 @@ def test_calibrate_then_eval(tmp_path, capsys):
     store = tiny_deck(tmp_path)
     args = ["calibrate", "--deck", str(store.root), "--train-images", "48", "--val-images", "64", *FAST]
     assert main([*args, "--policy", "calibrated", "--store-calibration", "16"]) == 0
+    assert "WARNING: deck" in capsys.readouterr().err  # trained on 'synthetic', calibrated on digits32: said loudly
     m = store.manifest()
     assert m.gate["policy"] == "calibrated" and set(m.gate["references"]) == {"gaussian", "augmix"}
     router = CalibratedRouter.load(store.root / m.gate["router"])
@@ -56,8 +58,12 @@ def test_eval_fits_a_router_when_the_deck_has_none(tmp_path):
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     store = tiny_deck(tmp_path)
-    assert main(["eval", "--deck", str(store.root), "--corruptions", "nope", "--out", str(tmp_path / "x")]) == 2
+    args = ["eval", "--deck", str(store.root), "--data", "digits32", "--corruptions", "nope"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
     assert "not available" in capsys.readouterr().err
+    # no --data: the cards' own dataset, which no loader knows here
+    assert main(["eval", "--deck", str(store.root), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown dataset 'synthetic'" in capsys.readouterr().err
     assert main(["eval", "--deck", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a deck" in capsys.readouterr().err
     empty = DeckStore.create(tmp_path / "empty")
@@ -71,7 +77,8 @@ def test_eval_reads_a_stored_suite_written_by_carddeck_corrupt(tmp_path):
     args = ["corrupt", "--data", "digits32", "--out", str(suite), "--corruptions", "fog,contrast"]
     assert main([*args, "--severities", "2,4"]) == 0
     out = tmp_path / "r"
-    args = ["eval", "--deck", str(store.root), "--corrupted", str(suite), "--limit", "48", "--router", "none"]
+    args = ["eval", "--deck", str(store.root), "--data", "digits32", "--corrupted", str(suite), "--limit", "48"]
+    args += ["--router", "none"]
     assert main([*args, "--out", str(out)]) == 0
     data = json.loads((out / "eval.json").read_text())
     assert data["conditions"] == ["clean/0", "fog/2", "fog/4", "contrast/2", "contrast/4"]

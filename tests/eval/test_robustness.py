@@ -87,3 +87,29 @@ def test_reports(deck, tmp_path):
 def test_synthetic_signatures_are_what_the_gate_uses(deck):
     assert deck.gate.domains == ("gaussian", "augmix")
     np.testing.assert_allclose(deck.gate.references, [NOISE_SIG, SMOOTH_SIG], rtol=1e-6)
+
+
+def test_set_oracle_is_at_least_the_single_card_oracle_on_every_condition(tmp_path):
+    """Four cards, each right on a different half of the images: no single card beats 50%, but
+    cards 0+1 together are right on every image of the first condition (2 = half the deck)."""
+    store = DeckStore.create(tmp_path / "deck4")
+    for i, domain in enumerate(("gaussian", "augmix", "gaussian", "augmix")):
+        store.add_card(card(f"c{i}", domain, seed=i))
+    deck = Deck.open(store.root)
+    images = smooth_images(40, 7)
+    labels = np.arange(40) % C
+    runs = []
+    for condition, (a, b) in ((CLEAN, (0, 1)), (("fog", 1), (2, 3)), (("noise", 1), (1, 2))):
+        probs = np.full((4, 40, C), 0.02, np.float32)
+        wrong = (labels + 1) % C
+        for k in range(4):
+            right_rows = np.arange(40) < 20 if k == a else np.arange(40) >= 20 if k == b else np.zeros(40, bool)
+            probs[k, np.arange(40), labels] = np.where(right_rows, 0.7, 0.02)  # right: confident
+            probs[k, np.arange(40), wrong] = np.where(right_rows, 0.02, 0.5)  # wrong: less so
+        runs.append(ConditionRun(condition, labels, probs, sample_signatures(images)))
+    result = evaluate(deck, runs, router=None, batch_size=8, per_sample=False)
+    for condition in result.conditions:
+        assert result.accuracy["set-oracle"][condition] >= result.accuracy["oracle"][condition]
+        assert result.accuracy["oracle"][condition] == 0.5
+        assert result.accuracy["set-oracle"][condition] == 1.0
+    assert result.cards_per_image["set-oracle"] == 2.0

@@ -8,28 +8,42 @@ import os
 import pytest
 import torch
 
-from carddeck.card import CardMeta, Compression, InputSpec
+from carddeck.card import CardMeta, Compression, InputSpec, Provenance
 from carddeck.cli import main
 from carddeck.compress.checkpoint import save_card
 from carddeck.deck import read_card_meta
 from carddeck.nets import build_net, prunable_modules
 from tests.cards import tiny_meta
+from tests.export.conftest import accuracy, train
 
 
 @pytest.fixture(scope="module")
-def lrr_checkpoint(tmp_path_factory):
-    """A small resnet20 with 90% of each conv/linear weight exactly zero, saved as card.pt."""
+def lrr_checkpoint(tmp_path_factory, digits):
+    """A small resnet20 trained on digits32, then 90% of each conv/linear weight set exactly to zero
+    and fine-tuned with the mask held, saved as card.pt (its CardMeta records digits32)."""
     torch.manual_seed(0)
     kwargs = {"width": 0.5, "mean": [0.1, 0.1, 0.1], "std": [0.3, 0.3, 0.3]}
-    net = build_net("resnet20", 10, **kwargs).eval()
+    net = build_net("resnet20", 10, **kwargs)
+    train(net, digits["train"], 2)
+    masks = {}
     with torch.no_grad():
-        for m in prunable_modules(net).values():
+        for name, m in prunable_modules(net).items():
             threshold = m.weight.abs().flatten().kthvalue(int(0.9 * m.weight.numel())).values
-            m.weight.mul_((m.weight.abs() > threshold).float())
+            masks[name] = (m.weight.abs() > threshold).float()
+            m.weight.mul_(masks[name])
+
+    def hold_mask(model):
+        with torch.no_grad():
+            for name, m in prunable_modules(model).items():
+                m.weight.mul_(masks[name])
+
+    train(net, digits["train"], 1, after_step=hold_mask, lr=0.02)
+    assert accuracy(net.eval(), digits["val"]) > 0.3  # far above chance (10%)
     meta = tiny_meta("resnet20-lrr", domain="augmix").replace(
         architecture="resnet20",
         input=InputSpec(height=32, width=32, mean=(0.1, 0.1, 0.1), std=(0.3, 0.3, 0.3)),
         compression=Compression(method="lrr", sparsity=0.9),
+        provenance=Provenance(dataset="digits32", seed=0),
     )
     out = tmp_path_factory.mktemp("ckpt")
     save_card(out, "resnet20", kwargs, net, meta)
@@ -66,3 +80,31 @@ def test_export_command_errors(lrr_checkpoint, tmp_path, capsys):
     code = main(["export", str(lrr_checkpoint), "--out", str(tmp_path / "x.onnx"), "--max-accuracy-drop", "-3"])
     assert code == 2 and "max_accuracy_drop" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_checks_parity_on_the_cards_own_dataset(lrr_checkpoint, tmp_path, capsys):
+    """No --data: the card's CardMeta names digits32, so parity runs there, quietly."""
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(lrr_checkpoint), "--out", str(out), "--parity-images", "64", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING" not in captured.err
+    assert json.loads(captured.out)["parity"]["torch_accuracy"] > 0.3
+
+
+def test_export_on_other_data_warns_and_refuses_a_near_chance_card(lrr_checkpoint, tmp_path, capsys):
+    """leaves32 also has 10 classes: before the fix, parity on it passed at chance accuracy."""
+    out = tmp_path / "model.onnx"
+    code = main(["export", str(lrr_checkpoint), "--out", str(out), "--data", "leaves32", "--parity-images", "64"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "WARNING: card resnet20-lrr/1 was trained on digits32, but --data leaves32 was given" in err
+    assert "near chance" in err and "its CardMeta says digits32" in err
+    assert not out.exists()
+
+
+def test_export_of_a_card_without_a_recorded_dataset_asks_for_one(lrr_checkpoint, tmp_path, capsys):
+    ckpt = torch.load(lrr_checkpoint / "card.pt", weights_only=True)
+    ckpt["meta"]["provenance"]["dataset"] = ""
+    torch.save(ckpt, tmp_path / "card.pt")
+    assert main(["export", str(tmp_path / "card.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "records no training dataset; name one with --data" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def route(g: Gate, sigs: np.ndarray, policy: str, per_sample: bool = True) -> Ro
 
 
 def test_registry_names():
-    assert set(POLICIES.names()) == {"nearest-domain", "top-k", "soft", "uniform", "calibrated"}
+    assert set(POLICIES.names()) == {"nearest-domain", "top-k", "soft", "uniform", "calibrated", "guarded"}
     with pytest.raises(InvalidInput, match="valid choices"):
         POLICIES.get("nearest")
 
@@ -89,3 +89,23 @@ def test_bad_params_and_missing_signature():
         GateParams.from_dict({"kk": 2})
     with pytest.raises(InvalidInput, match="no reference signature"):
         Gate.from_cards([("x", "fog", None)])
+
+
+def test_confidence_combine_lets_a_sure_card_outvote_a_guessing_one():
+    from carddeck.gating.policies import combine_weights
+
+    probs = np.array(
+        [
+            [[0.9, 0.05, 0.05], [0.34, 0.33, 0.33]],  # card 0: sure on image 0, unsure on image 1
+            [[0.2, 0.45, 0.35], [0.05, 0.9, 0.05]],  # card 1: unsure on image 0, sure on image 1
+            [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]],  # card 2: not routed
+        ],
+        np.float32,
+    )
+    routed = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], np.float32)
+    w = combine_weights(routed, probs, "confidence")
+    assert w[0, 0] > w[0, 1] and w[1, 1] > w[1, 0] and (w[:, 2] == 0).all()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
+    assert combine_weights(routed, probs, "mean") is routed
+    with pytest.raises(InvalidInput, match="combine 'vote' is not one of mean, confidence"):
+        GateParams(combine="vote")

@@ -65,3 +65,57 @@ def test_calibrated_policy_uses_the_router(router):
     gate = Gate.from_cards(cards, router=router, card_keys=tuple(f"c{i}/1" for i in range(4)))
     r = gate.route_signatures(np.zeros((1, D)), policy="calibrated", per_sample=False, batch_size=3)
     assert r.selected == ("c0",) and r.weights.shape == (3, 4)
+
+
+def guard_router(rng) -> CalibratedRouter:
+    """Two clean batches (card 0 right) among many mildly corrupted ones nearby (cards 2+3 right):
+    the kernel vote for a clean batch is carried by the corrupted neighbours."""
+    clean = np.zeros(D, np.float32)
+    pts = [point(clean + rng.normal(0, 0.01, D), [0], rng) for _ in range(2)]
+    pts = [CalibrationPoint(p.signature, p.probabilities, p.labels, tag="clean/0") for p in pts]
+    pts += [point(clean + 0.01 + rng.normal(0, 0.01, D), [2, 3], rng) for _ in range(20)]
+    pts += [point(np.ones(D, np.float32) + rng.normal(0, 0.01, D), [1], rng) for _ in range(10)]
+    return fit_router(pts, ["c0/1", "c1/1", "c2/1", "c3/1"], neighbours=3)
+
+
+def test_clean_guard_sends_clean_batches_to_the_clean_set():
+    rng = np.random.default_rng(1)
+    router = guard_router(rng)
+    keys = ["c0/1", "c1/1", "c2/1", "c3/1"]
+    clean_batches = rng.normal(0, 0.01, (8, D)).astype(np.float32)
+    assert router.subsets[router.clean_set()].tolist() == [True, False, False, False]
+    # unguarded, the corrupted neighbours outvote the two clean batches
+    assert (router.weights(clean_batches, keys)[:, 0] == 0).all()
+    guarded = router.weights(clean_batches, keys, guard=True)
+    assert (guarded == [1, 0, 0, 0]).all()
+    # far from clean, the guard stays out of the way
+    far = np.ones((3, D), np.float32)
+    np.testing.assert_array_equal(router.weights(far, keys, guard=True), router.weights(far, keys))
+    assert not router.near_clean(far).any()
+
+
+def test_guard_survives_save_and_load_and_old_routers_have_none(tmp_path):
+    router = guard_router(np.random.default_rng(2))
+    router.save(tmp_path / "r.npz")
+    again = CalibratedRouter.load(tmp_path / "r.npz")
+    assert again.has_guard and again.clean_set() == router.clean_set()
+    np.testing.assert_array_equal(again.scale, router.scale)
+    old = CalibratedRouter(router.card_keys, router.subsets, router.signatures, router.scores)
+    assert not old.has_guard and not old.near_clean(np.zeros((2, D))).any()
+    with pytest.raises(InvalidInput, match="no clean calibration batches"):
+        old.clean_set()
+
+
+def test_router_scales_features_so_no_unit_dominates():
+    """One feature on a scale 1000x the others must not decide the vote alone."""
+    rng = np.random.default_rng(3)
+    a, b = np.zeros(D, np.float32), np.ones(D, np.float32)
+    noisy = [point(a + rng.normal(0, 0.01, D), [0], rng) for _ in range(6)]
+    noisy += [point(b + rng.normal(0, 0.01, D), [1], rng) for _ in range(6)]
+    for p in noisy:  # feature 0: large, random, carries no information
+        p.signature[0] = rng.normal(0, 1000)
+    router = fit_router(noisy, ["c0/1", "c1/1", "c2/1", "c3/1"], neighbours=3)
+    query = np.stack([a, b])
+    query[:, 0] = [800.0, -800.0]
+    w = router.weights(query, ["c0/1", "c1/1", "c2/1", "c3/1"])
+    assert w[0, 0] == 1 and w[1, 1] == 1

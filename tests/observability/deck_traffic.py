@@ -6,7 +6,6 @@ real gate, run the real ONNX cards, time them, record batches, deck changes and 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore
 from carddeck.server.metrics import Metrics
-from carddeck.server.shift import thresholds_for_deck
+from carddeck.server.shift import ShiftLoader, ShiftMonitor, deck_references, fit_detector
 from tests.cards import tiny_card_bytes, tiny_meta
 
 DOMAINS = ("clean", "gaussian", "augmix")
@@ -35,24 +34,40 @@ def build_deck(root: Path, calibration_images: int = 256) -> DeckRig:
     store.set_calibration(train[:calibration_images])
     for i, domain in enumerate(DOMAINS):
         store.add_card(tiny_card_bytes(tiny_meta(f"card-{domain}", domain=domain), seed=i))
+    # The shift detector, fitted as `carddeck shift --fit` does (clean and one corruption, to be quick).
+    val = load_dataset("digits32", "val")
+    deck = Deck.open(root, intra_op_threads=1)
+    refs = deck_references(deck, val.images, val.labels, [("gaussian_noise", 3)])
+    store.set_gate(shift=fit_detector(refs, draws=400, cards=[c.key for c in deck.cards]))
     test = load_dataset("digits32", "test").images
     shifted = ((test.astype(np.float32) - 128) * 0.15 + 128).astype(np.uint8)
     return DeckRig(Deck.open(root, intra_op_threads=1), store, test, shifted)
 
 
 def serve_batch(
-    metrics: Metrics, deck: Deck, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False
+    metrics: Metrics,
+    deck: Deck,
+    images: np.ndarray,
+    *,
+    policy: str | None = None,
+    per_sample: bool = False,
+    shift: ShiftMonitor | None = None,
 ) -> None:
-    """What the dataplane does for one batch: record it, route it, run each selected card timed."""
+    """What the dataplane does for one batch: record it, route it, run each selected card timed,
+    and hand the result to the shift monitor."""
     metrics.observe_batch(len(images), [0.0004] * 2)
-    routing = deck.route(images, policy=policy, per_sample=per_sample)
+    x = deck.prepare(images)
+    routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
     metrics.observe_routing(routing)
-    for card in routing.selected:
-        start = time.perf_counter()
-        deck.run_card(card, images)
-        metrics.observe_card(card, time.perf_counter() - start)
+    probabilities = deck.combine(x, routing, on_card=metrics.observe_card)
+    if shift is not None:
+        shift("carddeck", x, routing, probabilities)
 
 
-def announce_deck(metrics: Metrics, deck: Deck) -> None:
+def announce_deck(metrics: Metrics, deck: Deck) -> ShiftMonitor:
+    """What the server does with a new snapshot: its metrics, and a shift monitor with its detector."""
     metrics.set_deck(deck.version, deck.cards)
-    metrics.set_shift(thresholds_for_deck(deck))
+    monitor = ShiftMonitor(metrics)
+    ShiftLoader(monitor)(deck)
+    assert monitor.detector is not None, "build_deck stores a shift detector"
+    return monitor

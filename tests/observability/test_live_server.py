@@ -54,15 +54,14 @@ class Live:
         return CardDeckClient(self.address, token=TOKEN, timeout=30)
 
 
-def start(tmp: Path, **env_extra: str) -> Live:
-    rig = build_deck(tmp / "deck")
+def launch(deck: Path, tmp: Path, **env_extra: str) -> tuple[subprocess.Popen, Path, str, int]:
+    """``carddeck serve`` on ``deck`` with free ports; returns (process, log path, gRPC address, metrics port)."""
     metrics_port = free_port()
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     env.update(PYTHONPATH=str(ROOT), CARDDECK_ADMIN_TOKEN=TOKEN, **env_extra)
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(rig.deck.root), "--port", "0",
-           "--http-port", "-1", "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
-           "--poll-interval-s", "0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", "--http-port", "-1",
+           "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--poll-interval-s", "0"]  # fmt: skip
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -70,11 +69,16 @@ def start(tmp: Path, **env_extra: str) -> Live:
         text = log_path.read_text(errors="replace")
         match = re.search(r"serving deck .* on \S+:(\d+)", text)
         if match:
-            return Live(proc, log_path, f"127.0.0.1:{match.group(1)}", metrics_port, rig.clean, rig.shifted)
+            return proc, log_path, f"127.0.0.1:{match.group(1)}", metrics_port
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"server did not start:\n{text[-3000:]}")
         time.sleep(0.05)
+
+
+def start(tmp: Path, **env_extra: str) -> Live:
+    rig = build_deck(tmp / "deck")
+    return Live(*launch(rig.deck.root, tmp, **env_extra), rig.clean, rig.shifted)
 
 
 def stop(server: Live) -> None:
@@ -103,11 +107,11 @@ def wait_until(check, what: str, timeout: float = 20.0):
         time.sleep(0.1)
 
 
-def wait_for_thresholds(live: Live) -> None:
+def wait_for_shift_detector(live: Live) -> None:
     wait_until(
-        lambda: any(k[0] == "carddeck_out_of_domain_threshold" for k in scrape(live.metrics_port)),
-        "no carddeck_out_of_domain_threshold after 20 s: carddeck/server/main.py serve() must add "
-        "`dataplane.on_swap.append(ShiftCalibrator(metrics))` (carddeck.server.shift) before dataplane.start()",
+        lambda: value(scrape(live.metrics_port), "carddeck_shift_false_alarm_rate") > 0,
+        "carddeck_shift_false_alarm_rate not set after 20 s: carddeck/server/main.py serve() must add "
+        "`dataplane.on_swap.append(ShiftLoader(monitor))` (carddeck.server.shift) before dataplane.start()",
     )
 
 
@@ -218,19 +222,26 @@ def test_card_latency_is_recorded_per_card(live: Live) -> None:
     )
 
 
-def test_out_of_domain_batches_are_counted(live: Live) -> None:
-    wait_for_thresholds(live)
+def test_shift_states_are_counted(live: Live) -> None:
+    wait_for_shift_detector(live)
     with live.client() as client:
         for i in range(3):
             client.predict(live.clean[i * BATCH : (i + 1) * BATCH])
         for i in range(2):
             client.predict(live.shifted[i * BATCH : (i + 1) * BATCH])
     s = scrape(live.metrics_port)
-    assert value(s, "carddeck_out_of_domain_total", mode="batch") == 2
+
+    def batches(state: str) -> float:
+        return value(s, "carddeck_shift_batches_total", model="carddeck", state=state, unit="batch")
+
+    assert (batches("in_distribution"), batches("covered"), batches("uncovered")) == (3, 0, 2), (
+        "shift states are not counted: carddeck/server/main.py serve() must add "
+        "`dataplane.on_predict.append(monitor)` (a carddeck.server.shift.ShiftMonitor)"
+    )
 
 
 def test_every_dashboard_and_alert_expression_on_the_real_server(live: Live, prometheus_tools, tmp_path) -> None:
-    wait_for_thresholds(live)
+    wait_for_shift_detector(live)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -263,11 +274,11 @@ def test_every_dashboard_and_alert_expression_on_the_real_server(live: Live, pro
             prom.wait_for('up{job="carddeck"} == 1')
             counts = check_every_expression(prom, timeout=40)
             wait_until(
-                lambda: any(
-                    a["labels"]["alertname"] == "CarddeckDistributionShift"
-                    for a in prom.api("alerts")["data"]["alerts"]
+                lambda: (
+                    {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]}
+                    >= {"CarddeckUncoveredShift", "CarddeckExpectedAccuracyLow"}
                 ),
-                "the shift alert never became pending on 75% out-of-domain traffic",
+                "the shift alerts never became pending on 75% shifted traffic to random tiny cards",
             )
         finally:
             stop.set()

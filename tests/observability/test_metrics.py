@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from carddeck.gating import Gate, batch_signature, sample_signatures
 from carddeck.server.metrics import Metrics, start_metrics_server
-from carddeck.server.shift import ShiftThresholds
+from carddeck.server.shift import Verdict
 from tests.cards import tiny_meta
 from tests.observability.scrape import scrape, scrape_text, value
 
@@ -66,8 +66,7 @@ def test_every_metric_is_named_and_labelled_by_convention(live):
         "carddeck_gate_weight_total",
         "carddeck_domain_distance",
         "carddeck_nearest_domain_distance",
-        "carddeck_out_of_domain_total",
-        "carddeck_out_of_domain_threshold",
+        "carddeck_shift_false_alarm_rate",
         "carddeck_deck_version",
         "carddeck_deck_cards",
         "carddeck_card_changes_total",
@@ -125,7 +124,7 @@ def test_request_batch_card_and_deck_values(live):
     assert len(info) == 1 and dict(info[0][1])["version"] and s[info[0]] == 1
 
 
-def test_routing_per_batch_exact_counts_and_out_of_domain(live):
+def test_routing_per_batch_exact_counts(live):
     metrics, endpoint = live
     gate, metas = deck_gate()
     metrics.set_deck(1, metas)
@@ -133,11 +132,6 @@ def test_routing_per_batch_exact_counts_and_out_of_domain(live):
     noisy = images(11, 16, noise=60)
     shifted = images(12, 16) // 8  # nearly black: far from both domains
     dist = {name: gate.route(x).distances[0] for name, x in (("clean", clean), ("noisy", noisy), ("shifted", shifted))}
-    # A threshold between in-domain and shifted distances, as calibration would give.
-    in_domain = max(dist["clean"].min(), dist["noisy"].min())
-    assert dist["shifted"].min() > 2 * in_domain, dist
-    threshold = float(np.sqrt(in_domain * dist["shifted"].min()))
-    metrics.set_shift(ShiftThresholds({1: 10 * threshold, 16: threshold}))
 
     for _ in range(3):
         metrics.observe_routing(gate.route(clean, policy="nearest-domain"))
@@ -161,19 +155,14 @@ def test_routing_per_batch_exact_counts_and_out_of_domain(live):
     assert value(s, "carddeck_nearest_domain_distance_count") == 5
     nearest_sum = 3 * dist["clean"].min() + dist["noisy"].min() + dist["shifted"].min()
     assert value(s, "carddeck_nearest_domain_distance_sum") == pytest.approx(nearest_sum, rel=1e-5)
-    assert value(s, "carddeck_out_of_domain_total", mode="batch") == 1
-    assert value(s, "carddeck_out_of_domain_threshold", batch_size="16") == pytest.approx(threshold)
 
 
-def test_routing_per_sample_counts_images_and_uses_batch_size_one(live):
+def test_routing_per_sample_counts_images(live):
     metrics, endpoint = live
     gate, metas = deck_gate()
     metrics.set_deck(1, metas)
     batch = np.concatenate([images(20, 5), images(21, 3, noise=60)])
     routing = gate.route(batch, per_sample=True)
-    nearest = routing.distances.min(axis=1)
-    threshold_one = float(np.sort(nearest)[-3])  # exactly two images lie above it
-    metrics.set_shift(ShiftThresholds({1: threshold_one, 8: 1e-9}))
     metrics.observe_routing(routing)
     s = scrape(endpoint.port)
     assert value(s, "carddeck_gate_decisions_total", policy="nearest-domain", mode="sample") == 8
@@ -183,24 +172,34 @@ def test_routing_per_sample_counts_images_and_uses_batch_size_one(live):
         assert value(s, "carddeck_gate_images_total", card=card, domain=domain) == ran[:, k].sum()
         assert value(s, "carddeck_gate_selections_total", card=card, domain=domain) == ran[:, k].sum()
     assert value(s, "carddeck_domain_distance_count", domain="clean") == 8
-    assert value(s, "carddeck_out_of_domain_total", mode="sample") == 2
-    assert value(s, "carddeck_out_of_domain_total", mode="batch") == 0
     # Per-sample distances are single-image signatures (a batch of one).
     assert np.allclose(routing.distances, gate.route_signatures(
         sample_signatures(batch), per_sample=True, batch_size=8).distances)  # fmt: skip
 
 
-def test_explicit_threshold_overrides_and_no_calibration_counts_nothing(live):
+def test_cards_the_deck_did_not_announce_are_labelled_unknown(live):
     metrics, endpoint = live
     gate, _ = deck_gate()
-    routing = gate.route(images(30, 4))
-    metrics.observe_routing(routing)  # no calibration: distances recorded, nothing counted
-    metrics.observe_routing(routing, out_of_domain_threshold=0.0)
+    metrics.observe_routing(gate.route(images(30, 4)))
     s = scrape(endpoint.port)
-    assert value(s, "carddeck_nearest_domain_distance_count") == 2
-    assert value(s, "carddeck_out_of_domain_total", mode="batch") == 1
-    # Cards the deck did not announce are labelled domain="unknown" rather than dropped.
-    assert value(s, "carddeck_gate_images_total", card="clean-a", domain="unknown") == 8
+    assert value(s, "carddeck_nearest_domain_distance_count") == 1
+    assert value(s, "carddeck_gate_images_total", card="clean-a", domain="unknown") == 4
+
+
+def test_shift_verdicts_count_per_model_state_and_unit(live):
+    metrics, endpoint = live
+    metrics.observe_shift("m", "batch", Verdict("covered", 3.0, 0.5, "fog/1", 0.97, 16))
+    metrics.observe_shift("m", "batch", Verdict("uncovered", 400.0, 50.0, "fog/5", 0.41, 16))
+    metrics.observe_shift("m", "window", Verdict("in_distribution", 0.2, float("inf"), "", 0.99, 32))
+    s = scrape(endpoint.port)
+    assert value(s, "carddeck_shift_batches_total", model="m", state="covered", unit="batch") == 1
+    assert value(s, "carddeck_shift_batches_total", model="m", state="uncovered", unit="batch") == 1
+    # Every state exists from a model's first test on, so rate() starts at 0 rather than missing.
+    assert value(s, "carddeck_shift_batches_total", model="m", state="in_distribution", unit="batch") == 0
+    assert value(s, "carddeck_shift_batches_total", model="m", state="in_distribution", unit="window") == 1
+    assert value(s, "carddeck_shift_statistic_sum", model="m", unit="batch") == pytest.approx(403.0)
+    assert value(s, "carddeck_shift_distance_count", model="m", unit="window") == 0  # no known condition: skipped
+    assert value(s, "carddeck_expected_accuracy", model="m") == pytest.approx(0.99)  # the latest test
 
 
 def test_bad_routing_shape_is_rejected():

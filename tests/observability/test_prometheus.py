@@ -1,7 +1,7 @@
 """A real Prometheus scrapes a live server; every dashboard and alert expression must be valid and return series.
 
-Also: promtool accepts the shipped rules and config, and a promtool unit test shows the
-distribution-shift alert fires on sustained out-of-domain traffic and stays quiet otherwise.
+Also: promtool accepts the shipped rules and config, and promtool unit tests show the uncovered-shift
+and expected-accuracy alerts fire on sustained trouble and stay quiet otherwise.
 """
 
 from __future__ import annotations
@@ -36,19 +36,8 @@ def test_promtool_accepts_rules_and_config(prometheus_tools):
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_shift_alert_fires_only_on_sustained_out_of_domain_traffic(prometheus_tools, tmp_path):
-    # 10 decisions a minute on two instances; out of domain 6/min (60%) on "a", 1/min (10%) on "b".
-    (rule,) = alert_rules()
-    annotations = {
-        k: v.replace("{{ $labels.instance }}", "a").replace("{{ $value | humanizePercentage }}", "60%")
-        for k, v in rule["annotations"].items()
-    }
-    series = []
-    for instance, far in (("a", 6), ("b", 1)):
-        labels = f'job="carddeck", instance="{instance}"'
-        series.append({"series": f'carddeck_gate_decisions_total{{{labels}, policy="nearest-domain", mode="batch"}}',
-                       "values": "0+10x40"})  # fmt: skip
-        series.append({"series": f'carddeck_out_of_domain_total{{{labels}, mode="batch"}}', "values": f"0+{far}x40"})
+def promtool_test(promtool: str, tmp_path, series: list[dict], alert: str, exp: list[dict]) -> None:
+    """promtool unit test: ``alert`` fires for exactly ``exp`` at 30 min and for nobody at 8 min (for: 10m)."""
     unit_test = {
         "rule_files": [str(ALERTS_YML)],
         "evaluation_interval": "1m",
@@ -57,25 +46,65 @@ def test_shift_alert_fires_only_on_sustained_out_of_domain_traffic(prometheus_to
                 "interval": "1m",
                 "input_series": series,
                 "alert_rule_test": [
-                    {"eval_time": "10m", "alertname": "CarddeckDistributionShift", "exp_alerts": []},  # not yet 15m
-                    {
-                        "eval_time": "30m",
-                        "alertname": "CarddeckDistributionShift",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "job": "carddeck", "instance": "a"},
-                                "exp_annotations": annotations,
-                            }
-                        ],
-                    },
+                    {"eval_time": "8m", "alertname": alert, "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": alert, "exp_alerts": exp},
                 ],
             }
         ],
     }
-    path = tmp_path / "alerts_test.yml"
+    path = tmp_path / f"{alert}_test.yml"
     path.write_text(yaml.safe_dump(unit_test))
-    result = subprocess.run([prometheus_tools["promtool"], "test", "rules", str(path)], capture_output=True, text=True)
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def fired(alert: str, model: str, value: str) -> list[dict]:
+    """The alert promtool must see firing for ``model`` on instance "i", annotations filled in."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == alert]
+    annotations = {
+        k: v.replace("{{ $labels.instance }}", "i")
+        .replace("{{ $labels.model }}", model)
+        .replace("{{ $value | humanizePercentage }}", value)
+        for k, v in rule["annotations"].items()
+    }
+    labels = {"severity": "warning", "job": "carddeck", "instance": "i", "model": model}
+    return [{"exp_labels": labels, "exp_annotations": annotations}]
+
+
+def test_uncovered_shift_alert_fires_only_on_sustained_uncovered_traffic(prometheus_tools, tmp_path):
+    # 10 tested batches a minute per model. "a": 6/min uncovered (60%); "b": 1/min (10%, under the
+    # 20% line); "c": 6/min covered (a shift the deck handles: no alert).
+    series = []
+    for model, state, n in (("a", "uncovered", 6), ("b", "uncovered", 1), ("c", "covered", 6)):
+        labels = f'job="carddeck", instance="i", model="{model}", unit="batch"'
+        series.append({"series": f'carddeck_shift_batches_total{{{labels}, state="in_distribution"}}',
+                       "values": f"0+{10 - n}x40"})  # fmt: skip
+        series.append({"series": f'carddeck_shift_batches_total{{{labels}, state="{state}"}}', "values": f"0+{n}x40"})
+    promtool_test(
+        prometheus_tools["promtool"],
+        tmp_path,
+        series,
+        "CarddeckUncoveredShift",
+        fired("CarddeckUncoveredShift", "a", "60%"),
+    )
+
+
+def test_expected_accuracy_alert_fires_only_when_the_estimate_stays_low(prometheus_tools, tmp_path):
+    # "a" drops to 0.6 and stays there; "b" stays at 0.98; "c" dips to 0.85 for 3 minutes only
+    # (the 10-minute average, 0.94, stays above the line).
+    labels = 'job="carddeck", instance="i"'
+    series = [
+        {"series": f'carddeck_expected_accuracy{{{labels}, model="a"}}', "values": "0.98 0.6x40"},
+        {"series": f'carddeck_expected_accuracy{{{labels}, model="b"}}', "values": "0.98x40"},
+        {"series": f'carddeck_expected_accuracy{{{labels}, model="c"}}', "values": "0.98x10 0.85x3 0.98x27"},
+    ]
+    promtool_test(
+        prometheus_tools["promtool"],
+        tmp_path,
+        series,
+        "CarddeckExpectedAccuracyLow",
+        fired("CarddeckExpectedAccuracyLow", "a", "60%"),
+    )
 
 
 def test_dashboard_has_the_required_panels():
@@ -83,7 +112,9 @@ def test_dashboard_has_the_required_panels():
     for metric in (
         "carddeck_gate_weight_total",  # routing share per CARD
         "carddeck_domain_distance_bucket",  # distance heatmap
-        "carddeck_out_of_domain_total",
+        "carddeck_shift_batches_total",  # the three states
+        "carddeck_expected_accuracy",
+        "carddeck_shift_statistic_bucket",
         "carddeck_requests_total",
         "carddeck_request_duration_seconds_bucket",
         "carddeck_card_duration_seconds_bucket",
@@ -99,8 +130,7 @@ def test_every_dashboard_and_alert_expression_on_a_live_server(prometheus_tools,
     tiny = start_tiny_server()
     metrics = tiny.metrics
     endpoint = start_metrics_server(metrics, "127.0.0.1", 0)
-    announce_deck(metrics, rig.deck)
-    assert metrics.shift is not None, "the deck holds calibration images: thresholds must be calibrated"
+    shift = announce_deck(metrics, rig.deck)
     channel = grpc.insecure_channel(tiny.target)
     health = health_pb2_grpc.HealthStub(channel)
     stop = threading.Event()
@@ -113,9 +143,9 @@ def test_every_dashboard_and_alert_expression_on_a_live_server(prometheus_tools,
                 channel.unary_unary(f"/{SERVICE}/Abort")(b"")
             # One in-domain batch to three shifted ones, and a per-sample batch now and then.
             start = 16 * (i % 20)
-            serve_batch(metrics, rig.deck, rig.clean[start : start + 16])
+            serve_batch(metrics, rig.deck, rig.clean[start : start + 16], shift=shift)
             for _ in range(3):
-                serve_batch(metrics, rig.deck, rig.shifted[start : start + 16])
+                serve_batch(metrics, rig.deck, rig.shifted[start : start + 16], shift=shift)
             if i % 5 == 0:
                 serve_batch(metrics, rig.deck, rig.clean[:8], per_sample=True)
                 serve_batch(metrics, rig.deck, rig.clean[:8], policy="uniform")  # every card gets a share
@@ -130,13 +160,14 @@ def test_every_dashboard_and_alert_expression_on_a_live_server(prometheus_tools,
             worker.start()
             prom.wait_for('up{job="carddeck"} == 1')
             counts = check_every_expression(prom, timeout=30)
-            # The shift alert is evaluated by Prometheus itself, from the shipped rule file.
-            deadline = time.monotonic() + 20
+            # Both alerts are evaluated by Prometheus itself, from the shipped rule file: 75% of the
+            # batches are far from everything the detector knows, and the tiny cards are random.
+            deadline = time.monotonic() + 30
             while True:
-                alerts = prom.api("alerts")["data"]["alerts"]
-                if any(a["labels"]["alertname"] == "CarddeckDistributionShift" for a in alerts):
+                alerts = {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]}
+                if alerts >= {"CarddeckUncoveredShift", "CarddeckExpectedAccuracyLow"}:
                     break
-                assert time.monotonic() < deadline, f"shift alert never became pending: {alerts}"
+                assert time.monotonic() < deadline, f"alerts never became pending: {alerts}"
                 time.sleep(0.5)
     finally:
         stop.set()

@@ -14,6 +14,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from carddeck.server.metrics import Metrics
+from carddeck.server.shift import Verdict
 from tests.observability.promql import ALERTS_YML, DASHBOARD, PROMETHEUS_YML, ROOT, SERVE, alert_rules, dashboard_exprs
 
 METRIC = re.compile(r"\bcarddeck_[a-z0-9_]+")
@@ -29,7 +30,7 @@ def defined_samples() -> set[str]:
     for counter in (metrics.gate_selections, metrics.gate_images, metrics.gate_weight):
         counter.labels(card="c", domain="d").inc()
     metrics.in_flight_requests.labels(service="s", rpc="r")
-    metrics.out_of_domain_threshold.labels(batch_size="1").set(1)
+    metrics.observe_shift("m", "batch", Verdict("covered", 3.0, 0.5, "fog/1", 0.97, 16))
     return {s.name for family in metrics.registry.collect() for s in family.samples}
 
 

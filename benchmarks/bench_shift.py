@@ -1,0 +1,75 @@
+"""What the shift signal costs next to the Predict it watches, on the default deck.
+
+Measures, in the same run: ``Deck.predict`` on a 64-image request (route + the selected cards +
+combine) and the shift monitor's work on that request (features of 16 evenly spaced images, the
+MMD statistics against every reference condition, the state and the expected accuracy), and a
+window test of 32 single-image requests. Target (issue 17): the detector under 1% of the Predict.
+
+    python benchmarks/bench_shift.py [--deck models] [--batch 64] [--repeats 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from carddeck.data.datasets import load_dataset
+from carddeck.deck import Deck
+from carddeck.server.shift import ShiftLoader, ShiftMonitor
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--deck", default=str(Path(__file__).resolve().parents[1] / "models"))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    deck = Deck.open(args.deck)
+    monitor = ShiftMonitor(window=32, stride=8)  # the server's defaults
+    ShiftLoader(monitor)(deck)
+    if monitor.detector is None:
+        print(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
+        return 1
+    images = load_dataset("digits32", "test").images[: args.batch]
+    x = deck.prepare(images)
+    prediction = deck.predict(images)
+    probs, sigs = prediction.probabilities, prediction.routing.features
+
+    predict = timed(lambda: deck.predict(images), args.repeats)
+    batch = timed(lambda: monitor.observe("m", x, probs, sigs), args.repeats)
+    for i in range(32):  # fill the window
+        monitor.observe("w", x[i : i + 1], probs[i : i + 1], sigs[i : i + 1])
+
+    def eight_singles() -> None:  # features of each; one window test (every 8th request)
+        for i in range(8):
+            monitor.observe("w", x[i : i + 1], probs[i : i + 1], sigs[i : i + 1])
+
+    window = timed(eight_singles, args.repeats) / 8
+    single = timed(lambda: deck.predict(images[:1]), args.repeats)
+    print(f"Predict, {args.batch} images:                 {1e3 * predict:8.3f} ms")
+    print(f"shift monitor on that request (batch):  {1e3 * batch:8.3f} ms  = {100 * batch / predict:.2f}% of it")
+    print(f"Predict, 1 image:                       {1e3 * single:8.3f} ms")
+    print(f"shift monitor per 1-image request:      {1e3 * window:8.3f} ms  = {100 * window / single:.2f}% of it")
+    print("  (its features, and every 8th request a test of the 32-image window: the server's defaults)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""``carddeck shift``: fit the deck's shift detector, and score it offline (table, JSON, plot).
+
+    carddeck shift --deck models --data digits32 --fit                 # calibrate on val, store in the deck
+    carddeck shift --deck models --data digits32 --foreign noise,black --out models/report
+
+Fitting uses the validation split (clean, each card domain's augmentation, every benchmark
+corruption x severity, seed 1), like ``carddeck calibrate``. Scoring uses the test split (seed 0):
+for each condition, the share of random 16-image batches per state, 32-image sliding windows of
+single-image requests for clean and foreign data, and the expected-accuracy error against the true
+accuracy, with each corruption held out of the detector's conditions when its own error is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = ("noise", "black")  # foreign sets made on the spot: uniform random pixels, all-black images
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deck", required=True, help="deck directory")
+    parser.add_argument(
+        "--data", default=None, help="the deck's dataset (val to fit, test to score); default: the one its cards record"
+    )
+    parser.add_argument("--fit", action="store_true", help="calibrate the detector on val data and store it")
+    parser.add_argument("--alpha", type=float, default=None, help="false alarms per clean batch (default 0.005)")
+    parser.add_argument("--corruptions", default=None, help="comma-separated (default: the 15 benchmark ones)")
+    parser.add_argument(
+        "--foreign", default="noise,black", help="foreign sets: dataset specs, or noise / black (default both)"
+    )
+    parser.add_argument("--batch", type=int, default=16, help="images per request when scoring batches")
+    parser.add_argument("--draws", type=int, default=200, help="random batches per condition (clean: 10x)")
+    parser.add_argument("--window", type=int, default=32, help="sliding window of single-image requests")
+    parser.add_argument("--stride", type=int, default=8, help="test the window every this many images")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
+    parser.add_argument("--out", default=None, help="write shift.json, shift.md and shift.png here")
+
+
+def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    h, w = shape
+    if spec == "noise":
+        return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    if spec == "black":
+        return np.zeros((n, h, w, 3), np.uint8)
+    from carddeck.data.datasets import load_dataset
+    from carddeck.errors import InvalidInput
+
+    images = load_dataset(spec, "test").images[:n]
+    if images.shape[1:3] != (h, w):
+        raise InvalidInput(f"foreign set {spec}: images are {images.shape[1:3]}, the deck takes {(h, w)}")
+    return images
+
+
+def run(args: argparse.Namespace) -> int:
+    from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
+    from carddeck.data.datasets import data_for_cards, load_dataset
+    from carddeck.deck import Deck, DeckStore
+    from carddeck.errors import InvalidInput
+    from carddeck.server.shift import ALPHA, ShiftDetector, deck_references, fit_detector
+
+    for name, value, least in (("batch", args.batch, 4), ("window", args.window, 4), ("stride", args.stride, 1),
+                               ("draws", args.draws, 1)):  # fmt: skip
+        if value < least:
+            raise InvalidInput(f"--{name} must be at least {least}, got {value}")
+    deck = Deck.open(args.deck)
+    if not deck.cards:
+        raise InvalidInput(f"deck {args.deck} has no cards")
+    args.data = data_for_cards(args.data, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
+    corruptions = args.corruptions.split(",") if args.corruptions else list(BENCHMARK_CORRUPTIONS)
+    progress = _progress()
+    if args.fit:
+        val = load_dataset(args.data, "val")
+        domains = [d for d in dict.fromkeys(c.domain for c in deck.cards) if d != "clean"]
+        refs = deck_references(
+            deck,
+            val.images[: args.limit],
+            val.labels[: args.limit],
+            [(c, s) for c in corruptions for s in range(1, 6)],
+            domains=domains,
+            seed=1,
+            progress=lambda it: progress(it, "shift (fit, val)"),
+        )
+        detector = fit_detector(refs, alpha=args.alpha or ALPHA, cards=[c.key for c in deck.cards])
+        detector.notes.update({"data": f"{args.data}:val", "seed": 1})
+        DeckStore(args.deck).set_gate(shift=detector)
+        deck = Deck.open(args.deck)
+        print(f"deck {args.deck}: shift detector on {len(refs)} conditions, alpha {detector.alpha:g}")
+    rel = dict(deck.manifest.gate).get("shift")
+    if not rel:
+        raise InvalidInput(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
+    if args.out is None:
+        return 0
+    detector = ShiftDetector.load(Path(deck.root) / rel)
+    result = evaluate(deck, detector, args, corruptions, progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shift.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "shift.md").write_text(markdown(result))
+    plot(result, out / "shift.png")
+    print(markdown(result))
+    print(f"wrote {out / 'shift.json'}, {out / 'shift.md'}, {out / 'shift.png'}")
+    return 0
+
+
+def _progress() -> Any:
+    try:
+        from tqdm import tqdm
+
+        return lambda it, desc: tqdm(list(it), desc=desc, unit="condition")
+    except ImportError:  # tqdm is in the train extra
+        return lambda it, desc: it
+
+
+def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: list[str], progress: Any) -> dict:
+    from carddeck.data.corruptions import corrupt
+    from carddeck.data.datasets import load_dataset
+    from carddeck.server.shift import STATES, deck_features
+
+    test = load_dataset(args.data, "test")
+    images, labels = test.images[: args.limit], test.labels[: args.limit]
+    rng = np.random.default_rng(0)
+    spec = deck.input
+    clean_acc = 1.0  # set from the clean condition, which comes first
+    rows: list[dict[str, Any]] = []
+    names = ["clean", *(f"{c}/{s}" for c in corruptions for s in range(1, 6))]
+    foreign = [f for f in args.foreign.split(",") if f]
+    for name in progress([*names, *(f"foreign:{f}" for f in foreign)], "shift (score, test)"):
+        if name.startswith("foreign:"):
+            x, y = _images(name.split(":", 1)[1], len(images), (spec.height, spec.width), rng), None
+        elif name == "clean":
+            x, y = images, labels
+        else:
+            c, s = name.rsplit("/", 1)
+            x, y = corrupt(images, c, int(s), seed=0), labels
+        features, hits = deck_features(deck, x, batch_size=args.batch, labels=y)
+        draws = args.draws * (10 if name == "clean" else 1)
+        held_out = detector.without(name.rsplit("/", 1)[0]) if "/" in name else detector
+        counts = dict.fromkeys(STATES, 0)
+        r = np.random.default_rng(1)
+        for _ in range(draws):
+            counts[detector.test(features[r.choice(len(features), args.batch, replace=False)]).state] += 1
+        starts = range(0, len(features) - args.batch + 1, args.batch)
+        expected = float(np.mean([held_out.expected_accuracy(features[i : i + args.batch]) for i in starts]))
+        row: dict[str, Any] = {
+            "condition": name,
+            "accuracy": float(hits.mean()) if y is not None else None,
+            "confidence": float(features[:, -2].mean()),
+            "batches": {k: v / draws for k, v in counts.items()},
+            "expected_accuracy": expected,
+            "expected_accuracy_error": expected - float(hits.mean()) if y is not None else None,
+        }
+        if name == "clean" or name.startswith("foreign:"):
+            single, _ = deck_features(deck, x, batch_size=1)
+            row["windows"] = windows(detector, single, args.window, args.stride, np.random.default_rng(2))
+        if name == "clean":
+            clean_acc = float(hits.mean())
+        rows.append(row)
+    for row in rows:
+        acc = row["accuracy"]
+        row["kind"] = (
+            "foreign" if acc is None
+            else "clean" if row["condition"] == "clean"
+            else "harmful" if acc < clean_acc - 0.05
+            else "benign" if acc >= clean_acc - 0.02
+            else "between"
+        )  # fmt: skip
+    return {"deck": str(deck.root), "data": args.data, "detector": detector.notes, "alpha": detector.alpha,
+            "ert_batches": detector.ert, "batch": args.batch, "window": args.window, "stride": args.stride,
+            "conditions": rows, "targets": targets(rows)}  # fmt: skip
+
+
+def windows(detector: Any, features: np.ndarray, window: int, stride: int, rng: np.random.Generator) -> dict:
+    """Share of sliding windows per state over shuffled streams of single-image requests."""
+    from carddeck.server.shift import STATES
+
+    counts = dict.fromkeys(STATES, 0)
+    total = 0
+    for _ in range(10):
+        stream = features[rng.permutation(len(features))]
+        for end in range(window, len(stream) + 1, stride):
+            counts[detector.test(stream[end - window : end]).state] += 1
+            total += 1
+    return {k: v / max(total, 1) for k, v in counts.items()}
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, measured."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_kind.setdefault(row["kind"], []).append(row)
+    clean = by_kind["clean"][0]
+    flagged = [1 - r["batches"]["in_distribution"] for r in by_kind.get("harmful", [])]
+    benign_uncovered = [r["batches"]["uncovered"] for r in by_kind.get("benign", [])]
+    corrupted = [r for r in rows if r["kind"] not in ("clean", "foreign")]
+    out: dict[str, Any] = {
+        "clean_false_alarms_batches": 1 - clean["batches"]["in_distribution"],
+        "clean_false_alarms_windows": 1 - clean["windows"]["in_distribution"],
+        "harmful_min_flagged": min(flagged) if flagged else None,
+        "benign_max_uncovered": max(benign_uncovered) if benign_uncovered else None,
+        "expected_accuracy_mae": (
+            float(np.mean([abs(r["expected_accuracy_error"]) for r in corrupted])) if corrupted else None
+        ),
+    }
+    for r in by_kind.get("foreign", []):
+        out[f"{r['condition']}_uncovered_batches"] = r["batches"]["uncovered"]
+        out[f"{r['condition']}_uncovered_windows"] = r["windows"]["uncovered"]
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    t = result["targets"]
+    lines = [
+        "## Shift signal (test split)",
+        "",
+        f"Detector: MMD on image features, false-alarm rate {result['alpha']:g} per clean batch "
+        f"(ERT {result['ert_batches']:.0f} batches); batches of {result['batch']} images; windows of "
+        f"{result['window']} single-image requests every {result['stride']}.",
+        "",
+        "| target | measured |",
+        "|---|---|",
+        f"| clean false alarms, batches (<= 1%) | {100 * t['clean_false_alarms_batches']:.2f}% |",
+        f"| clean false alarms, windows | {100 * t['clean_false_alarms_windows']:.2f}% |",
+    ]
+    for k, v in t.items():
+        if k.startswith("foreign:"):
+            lines.append(f"| {k.replace('_', ' ')} (>= 95%) | {100 * v:.1f}% |")
+    if t["harmful_min_flagged"] is not None:
+        lines.append(f"| harmful conditions, least flagged (>= 90%) | {100 * t['harmful_min_flagged']:.1f}% |")
+    if t["benign_max_uncovered"] is not None:
+        lines.append(f"| benign conditions, most flagged uncovered (<= 10%) | {100 * t['benign_max_uncovered']:.1f}% |")
+    if t["expected_accuracy_mae"] is not None:
+        lines.append(
+            f"| expected-accuracy MAE, corruptions held out (<= 5 points) | {100 * t['expected_accuracy_mae']:.2f} |"
+        )
+    lines += [
+        "",
+        "| condition | kind | accuracy | expected | in-distribution | covered | uncovered | windows: uncovered |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["conditions"]:
+        b = r["batches"]
+        acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
+        win = f"{100 * r['windows']['uncovered']:.0f}%" if "windows" in r else ""
+        lines.append(
+            f"| {r['condition']} | {r['kind']} | {acc} | {100 * r['expected_accuracy']:.1f} | "
+            f"{100 * b['in_distribution']:.0f}% | {100 * b['covered']:.0f}% | {100 * b['uncovered']:.0f}% | {win} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is in the train extra
+        log.info("matplotlib not installed: no %s", path)
+        return
+    rows = result["conditions"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5), gridspec_kw={"width_ratios": [3, 1]})
+    names = [r["condition"] for r in rows]
+    bottom = np.zeros(len(rows))
+    for state, colour in (("in_distribution", "#4c9f70"), ("covered", "#e0b040"), ("uncovered", "#c8453c")):
+        share = np.array([r["batches"][state] for r in rows])
+        ax1.bar(range(len(rows)), share, bottom=bottom, color=colour, label=state.replace("_", "-"), width=0.9)
+        bottom += share
+    ax1.set_xticks(range(len(rows)), names, rotation=90, fontsize=6)
+    ax1.set_ylabel(f"share of {result['batch']}-image batches")
+    ax1.set_title("shift state per condition (test split)")
+    ax1.legend(loc="lower right", fontsize=8)
+    known = [r for r in rows if r["accuracy"] is not None]
+    true = np.array([r["accuracy"] for r in known]) * 100
+    est = np.array([r["expected_accuracy"] for r in known]) * 100
+    ax2.scatter(true, est, s=12, c=["#c8453c" if r["kind"] == "harmful" else "#4c72b0" for r in known])
+    lo = min(true.min(), est.min()) - 2
+    ax2.plot([lo, 100], [lo, 100], "k--", lw=1)
+    ax2.set_xlabel("true accuracy (%)")
+    ax2.set_ylabel("expected accuracy (%), corruption held out")
+    ax2.set_title("expected vs true accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
