@@ -84,7 +84,6 @@ class RayDeckConfig:
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
-            "metrics_interval_s": 0.5,
             "look_back_period_s": 2.0,
         }
 
@@ -216,7 +215,7 @@ class RayDataplane:
         self.store = DeckStore(config.deck)
         self._snapshot: _Snapshot | None = None
         self._lock = threading.Lock()
-        self._counts = {"card_calls": 0, "retried": 0, "unavailable": 0}
+        self._counts = {"card_calls": 0, "retried": 0, "unavailable": 0, "in_flight": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="carddeck-ray-snapshot", daemon=True)
         self._thread.start()
@@ -310,6 +309,13 @@ class RayDataplane:
 
     def _result(self, snap: _Snapshot, name: str, x: np.ndarray, call: Any) -> np.ndarray:
         self._count("card_calls")
+        self._count("in_flight")
+        try:
+            return self._retried(snap, name, x, call)
+        finally:
+            self._count("in_flight", -1)
+
+    def _retried(self, snap: _Snapshot, name: str, x: np.ndarray, call: Any) -> np.ndarray:
         try:
             return np.asarray(call.result(timeout_s=self.config.request_timeout_s))
         except REPLICA_LOST as exc:
@@ -326,9 +332,9 @@ class RayDataplane:
             self._count("unavailable")
             raise CardUnavailable(f"card {name}: no answer in {self.config.request_timeout_s:g} s; retry it") from None
 
-    def _count(self, what: str) -> None:
+    def _count(self, what: str, n: int = 1) -> None:
         with self._lock:
-            self._counts[what] += 1
+            self._counts[what] += n
 
 
 @serve.deployment
