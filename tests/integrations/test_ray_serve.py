@@ -263,3 +263,18 @@ def test_a_killed_card_replica_fails_no_request_silently_and_is_replaced(ray_dec
     assert ok - ok_at_kill + unavailable >= 4
     out = ray_deck.predict(x, "nearest-domain")  # served again by the new replica
     assert out["labels"].shape == (len(x),)
+
+
+def test_the_serve_config_file_builds_the_application_and_bad_args_are_named() -> None:
+    import yaml
+
+    from carddeck.errors import InvalidInput
+    from carddeck.integrations.ray_serve import app_builder
+
+    (app,) = yaml.safe_load((ROOT / "serve" / "ray" / "carddeck.yaml").read_text())["applications"]
+    assert app["import_path"] == "carddeck.integrations.ray_serve:app_builder"
+    assert app_builder(app["args"]) is not None
+    with pytest.raises(InvalidInput, match="args.deck"):
+        app_builder({})
+    with pytest.raises(InvalidInput, match="unknown replicas; accepted: .*deck"):
+        app_builder({"deck": "models", "replicas": 3})
