@@ -84,6 +84,7 @@ class RayDeckConfig:
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": 0.5,  # deprecated for env vars in 2.60, still read; must stay < look_back
             "look_back_period_s": 2.0,
         }
 
@@ -337,14 +338,86 @@ class RayDataplane:
             self._counts[what] += n
 
 
+class _Aborted(Exception):
+    pass
+
+
+class _GrpcContext:
+    """The ``grpc.ServicerContext`` surface our servicers use, over Ray Serve's gRPC context."""
+
+    def __init__(self, ray_context: Any) -> None:
+        self.ray_context = ray_context
+
+    def time_remaining(self) -> float | None:
+        return None  # Ray's proxy does not pass the client's deadline on
+
+    def is_active(self) -> bool:
+        return True
+
+    def abort(self, code: Any, details: str) -> None:
+        self.ray_context.set_code(code)
+        self.ray_context.set_details(details)
+        raise _Aborted
+
+
+# carddeck.v1 RPCs served through Ray Serve's gRPC proxy: the unary ones (the proxy has no client streaming,
+# so AddCard is not among them), each with the response type an aborted call answers with.
+GRPC_RPCS = ("Predict", "Route", "ListCards", "GetCard", "RemoveCard")
+GRPC_SERVICER = "carddeck.server.proto_gen.carddeck.v1.carddeck_pb2_grpc.add_CardDeckServicer_to_server"
+
+
 @serve.deployment
 @serve.ingress()
 class CardDeckIngress:
-    """HTTP: the OIP REST routes of carddeck.http. Handle methods: ``predict``, ``ready``, ``counts``."""
+    """HTTP: the OIP REST routes of carddeck.http. gRPC (Ray's proxy, ``GRPC_SERVICER``): ``GRPC_RPCS``
+    of carddeck.v1 through the server's own servicer. Handle methods: ``predict``, ``ready``, ``counts``."""
 
     def __init__(self, config: RayDeckConfig, reconciler: DeploymentHandle) -> None:
+        from carddeck.server.carddeck_servicer import CardDeckServicer
+        from carddeck.server.dataplane import Dataplane
+
         self.config = config
         self.plane = RayDataplane(config, reconciler)
+        from carddeck.server.auth import AuthInterceptor
+
+        settings = config.settings()
+        self.servicer = CardDeckServicer(cast(Dataplane, self.plane), settings)
+        self.auth = AuthInterceptor(  # the gRPC server's rule per method (admin RPCs need the admin token)
+            admin_token=settings.resolved_admin_token(),
+            inference_token=settings.resolved_inference_token(),
+            allow_unauthenticated_admin=settings.allow_unauthenticated_admin,
+        )
+
+    async def _grpc(self, rpc: str, request: Any, grpc_context: Any) -> Any:
+        """One carddeck.v1 call through the server's servicer; a refused or failed call answers an empty
+        response with its status code and message set on Ray's context (what the proxy sends back)."""
+        from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+
+        empty = {"Predict": pb.PredictResponse, "Route": pb.RouteResponse, "ListCards": pb.ListCardsResponse,
+                 "GetCard": pb.Card, "RemoveCard": pb.RemoveCardResponse}[rpc]  # fmt: skip
+        context = _GrpcContext(grpc_context)
+        try:
+            refusal = self.auth.check(f"/carddeck.v1.CardDeck/{rpc}", grpc_context.invocation_metadata())
+            if refusal is not None:
+                context.abort(*refusal)
+            return await asyncio.to_thread(getattr(self.servicer, rpc), request, context)
+        except _Aborted:
+            return empty()
+
+    async def Predict(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("Predict", request, grpc_context)
+
+    async def Route(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("Route", request, grpc_context)
+
+    async def ListCards(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ListCards", request, grpc_context)
+
+    async def GetCard(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("GetCard", request, grpc_context)
+
+    async def RemoveCard(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("RemoveCard", request, grpc_context)
 
     def __serve_build_asgi_app__(self) -> Any:
         from carddeck.http.server import build_app
@@ -425,6 +498,8 @@ def undeploy() -> None:
 __all__ = [
     "APP",
     "CARD_APP",
+    "GRPC_RPCS",
+    "GRPC_SERVICER",
     "CardUnavailable",
     "RayDataplane",
     "RayDeckConfig",

@@ -39,10 +39,11 @@ def wait_for(what: str, check: Any, timeout_s: float, every_s: float = 0.25) -> 
 
 
 class RayDeck:
-    def __init__(self, root: Path, handle: Any, http_port: int) -> None:
+    def __init__(self, root: Path, handle: Any, http_port: int, grpc_port: int) -> None:
         self.root = root
         self.handle = handle
         self.url = f"http://127.0.0.1:{http_port}"
+        self.grpc_address = f"127.0.0.1:{grpc_port}"
 
     def predict(self, images: np.ndarray, policy: str | None = None, per_sample: bool = False) -> dict[str, Any]:
         return self.handle.predict.remote(images, policy, per_sample).result(timeout_s=60)
@@ -77,7 +78,7 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDeck]:
     import ray
     from ray import serve
 
-    from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
+    from carddeck.integrations.ray_serve import GRPC_SERVICER, RayDeckConfig, deploy, undeploy
 
     root = make_deck(tmp_path_factory.mktemp("ray") / "deck")
     store = DeckStore(root)
@@ -97,8 +98,11 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDeck]:
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         log_to_driver=False,
     )
-    http_port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
     config = RayDeckConfig(
         deck=str(root),
         poll_interval_s=0.5,
@@ -107,10 +111,9 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDeck]:
         target_ongoing_requests=2,
         upscale_delay_s=1.0,
         downscale_delay_s=4.0,
-        allow_unauthenticated_admin=True,
     )
     try:
-        yield RayDeck(root, deploy(config), http_port)
+        yield RayDeck(root, deploy(config), http_port, grpc_port)
     finally:
         undeploy()
         serve.shutdown()
@@ -143,6 +146,32 @@ def test_predictions_equal_the_in_process_deck_for_every_policy(ray_deck: RayDec
         "/v2/models/carddeck/infer", {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1], "data": [0]}]}
     )
     assert status == 400 and "not an input of this model; send 'images'" in doc["error"]
+
+
+def test_the_carddeck_v1_grpc_service_through_rays_grpc_proxy(ray_deck: RayDeck) -> None:
+    import grpc
+
+    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+
+    x = noisy_images(4, seed=8)
+    ref = Deck.open(ray_deck.root).predict(x, policy="soft")
+    app = (("application", "carddeck"),)  # Ray's proxy picks the application by this metadata
+    with grpc.insecure_channel(ray_deck.grpc_address) as channel:
+        stub = carddeck_pb2_grpc.CardDeckStub(channel)
+        images = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=list(x.shape), data=x.tobytes())
+        reply = stub.Predict(pb.PredictRequest(images=images, policy="soft"), metadata=app, timeout=60)
+        probs = np.frombuffer(reply.probabilities.data, np.float32).reshape(ref.probabilities.shape)
+        np.testing.assert_allclose(probs, ref.probabilities, rtol=1e-6, atol=1e-7)
+        assert list(reply.labels) == ref.labels.tolist() and reply.routing.policy == "soft"
+        assert {c.name for c in stub.ListCards(pb.ListCardsRequest(), metadata=app, timeout=60).cards} == {"g1", "a1"}
+        with pytest.raises(grpc.RpcError) as bad:  # errors keep their status and message
+            stub.Predict(pb.PredictRequest(images=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[1, 2])), metadata=app)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value
+        with pytest.raises(grpc.RpcError) as refused:  # admin RPCs need the admin token, as on carddeck serve
+            stub.RemoveCard(pb.RemoveCardRequest(name="g1"), metadata=app)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
+    assert "g1" in ray_deck.state()["cards"]
 
 
 def test_a_card_added_to_the_store_serves_within_30_s_and_a_removed_one_goes_without_failed_requests(
