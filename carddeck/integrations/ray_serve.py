@@ -133,7 +133,7 @@ class CardReplica:
 
 
 def card_application(config: RayDeckConfig, name: str, key: str) -> Any:
-    return CardReplica.options(
+    return CardReplica.options(  # type: ignore[attr-defined]
         name=f"card-{name}",
         autoscaling_config=config.autoscaling(),
         max_ongoing_requests=config.max_ongoing_requests,
@@ -363,7 +363,7 @@ class _GrpcContext:
 # carddeck.v1 RPCs served through Ray Serve's gRPC proxy: the unary ones (the proxy has no client streaming,
 # so AddCard is not among them), each with the response type an aborted call answers with.
 GRPC_RPCS = ("Predict", "Route", "ListCards", "GetCard", "RemoveCard")
-GRPC_SERVICER = "carddeck.server.proto_gen.carddeck.v1.carddeck_pb2_grpc.add_CardDeckServicer_to_server"
+GRPC_SERVICER = "carddeck.integrations.ray_grpc.add_CardDeckServicer_to_server"
 
 
 @serve.deployment
@@ -373,6 +373,7 @@ class CardDeckIngress:
     of carddeck.v1 through the server's own servicer. Handle methods: ``predict``, ``ready``, ``counts``."""
 
     def __init__(self, config: RayDeckConfig, reconciler: DeploymentHandle) -> None:
+        import carddeck.integrations.ray_grpc  # noqa: F401 (the messages' pickled module name)
         from carddeck.server.carddeck_servicer import CardDeckServicer
         from carddeck.server.dataplane import Dataplane
 
@@ -453,8 +454,8 @@ class CardDeckIngress:
 
 def application(config: RayDeckConfig) -> Any:
     """The ``carddeck`` application: the ingress and the reconciler (the cards are applications of their own)."""
-    reconciler = DeckReconciler.options(name="reconciler").bind(config)
-    return CardDeckIngress.options(
+    reconciler = DeckReconciler.options(name="reconciler").bind(config)  # type: ignore[attr-defined]
+    return CardDeckIngress.options(  # type: ignore[attr-defined]
         name="ingress",
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=max(64, config.max_ongoing_requests),
@@ -464,14 +465,14 @@ def application(config: RayDeckConfig) -> Any:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For Serve config files (``import_path: carddeck.integrations.ray_serve:app_builder``): ``args`` are
-    :class:`RayDeckConfig` fields; ``deck`` is required."""
-    if "deck" not in args:
-        raise InvalidInput("args.deck: the deck store location is required (a directory or s3://bucket/prefix)")
+    :class:`RayDeckConfig` fields; without ``deck``, the packaged default deck (as ``carddeck serve``)."""
+    from carddeck.server.settings import default_deck_path
+
     known = set(RayDeckConfig.__dataclass_fields__)
     unknown = sorted(set(args) - known)
     if unknown:
         raise InvalidInput(f"args: unknown {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
-    return application(RayDeckConfig(**args))
+    return application(RayDeckConfig(**{"deck": str(default_deck_path()), **args}))
 
 
 def deploy(config: RayDeckConfig, *, wait_s: float = 300.0) -> DeploymentHandle:
