@@ -102,6 +102,7 @@ def test_core_kinds_match_the_kubernetes_schemas() -> None:
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
 
 
+@pytest.mark.kserve
 def test_kserve_kinds_load_into_the_sdk_models() -> None:
     models = kserve_models()
     manifests = docs()
