@@ -95,7 +95,7 @@ class Deck:
     @classmethod
     def open(
         cls,
-        root: Path | str,
+        root: Path | str | DeckStore,
         *,
         previous: Deck | None = None,
         providers: Sequence[str] | None = None,
@@ -103,7 +103,7 @@ class Deck:
         run_cards: bool = True,
     ) -> Deck:
         """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere)."""
-        store = DeckStore(root)
+        store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
         metas = tuple(store.read_meta(e) for e in entries)

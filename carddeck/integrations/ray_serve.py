@@ -231,7 +231,7 @@ class RayDataplane:
         running = self.reconciler.running.remote().result(timeout_s=self.config.request_timeout_s)
         if any(running.get(e.name) != e.key for e in manifest.active()):
             return False  # the reconciler is still deploying: keep serving the snapshot we have
-        deck = Deck.open(self.config.deck, run_cards=False)
+        deck = Deck.open(self.store, run_cards=False)
         if any(running.get(m.name) != m.key for m in deck.cards):
             return False  # the store moved on between the two reads
         handles = {m.name: serve.get_app_handle(card_app_name(m.name)) for m in deck.cards}

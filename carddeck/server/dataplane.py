@@ -388,7 +388,7 @@ class Dataplane:
     # -- deck changes -------------------------------------------------------------------------
     def _open(self, previous: Deck | None) -> Deck:
         return Deck.open(
-            self.config.deck_path,
+            self._store(),
             previous=previous,
             providers=self.config.providers,
             intra_op_threads=self.config.intra_op_threads,
