@@ -19,6 +19,7 @@ from carddeck.errors import CarddeckError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("carddeck.server.main", "serve a deck over gRPC (own API + Open Inference Protocol) and HTTP/REST"),
+    "ray-serve": ("carddeck.integrations.ray_cli", "serve a deck on Ray Serve: one autoscaled deployment per card"),
     "predict": ("carddeck.server.client_cli", "classify image files with a running server"),
     "deck": ("carddeck.server.deck_cli", "add, remove or list the cards of a running server"),
     "corrupt": ("carddeck.data.corrupt_cli", "write a CIFAR-10-C-style corrupted copy of a dataset"),

@@ -95,6 +95,7 @@ def test_serving_path_does_not_import_torch():
         "for name in carddeck.__all__:\n"
         "    getattr(carddeck, name)  # the public API resolves\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'ray' not in sys.modules, 'ray was imported (only carddeck.integrations may)'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

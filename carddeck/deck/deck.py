@@ -102,7 +102,9 @@ class Deck:
         previous: Deck | None = None,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        run_cards: bool = True,
     ) -> Deck:
+        """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere)."""
         store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
@@ -111,7 +113,7 @@ class Deck:
         threads = intra_op_threads or threads_per_card(len(entries))
         reuse = {s.digest: s for s in previous._sessions.values()} if previous is not None else {}
         sessions: dict[str, CardSession] = {}
-        for entry in entries:  # one at a time: ORT session creation is not meant to be parallel
+        for entry in entries if run_cards else ():  # one at a time: ORT session creation is not parallel
             digest = entry.sha256.get(MODEL_FILE, "")
             old = reuse.get(digest)
             if old is not None and old.key == entry.key:
@@ -176,11 +178,7 @@ class Deck:
 
         ``on_card(name, seconds)`` is told how long each card took (the server's per-card latency).
         """
-        jobs: list[tuple[int, np.ndarray, CardSession, str]] = []
-        for k, name in enumerate(routing.card_names):
-            rows = np.flatnonzero(routing.weights[:, k] > 0)
-            if len(rows):
-                jobs.append((k, rows, self._sessions[name], name))
+        jobs = [(k, rows, self._sessions[name], name) for k, name, rows in routed_rows(routing)]
 
         def run(job: tuple[int, np.ndarray, CardSession, str]) -> np.ndarray:
             _, rows, session, name = job
@@ -195,17 +193,8 @@ class Deck:
             outputs = list(card_pool().map(run, jobs))
         else:
             outputs = [run(j) for j in jobs]
-        weights = routing.weights
         combine = self.gate.params.combine if self.gate is not None else "mean"
-        if combine != "mean":  # needs every routed card's output on every row first
-            per_card = np.zeros((len(routing.card_names), len(x), len(self.class_names)), np.float32)
-            for (k, rows, _, _), p in zip(jobs, outputs):
-                per_card[k, rows] = p
-            weights = combine_weights(weights, per_card, combine)
-        probs = np.zeros((len(x), len(self.class_names)), np.float32)
-        for (k, rows, _, _), p in zip(jobs, outputs):
-            probs[rows] += weights[rows, k, None] * p
-        return probs
+        return mix(routing, [(k, rows) for k, rows, _, _ in jobs], outputs, len(self.class_names), combine=combine)
 
     def run_card(self, name: str, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, C] from one card, no gate."""
@@ -213,6 +202,38 @@ class Deck:
         if session is None:
             raise CardNotFound(f"no card {shown(name)} in the deck (cards: {', '.join(self.card_names) or 'none'})")
         return softmax(session.logits(self.prepare(images)))
+
+
+def routed_rows(routing: Routing) -> list[tuple[int, str, np.ndarray]]:
+    """(column, card name, rows) of each card the routing gives at least one row: each runs once, on those rows."""
+    out = []
+    for k, name in enumerate(routing.card_names):
+        rows = np.flatnonzero(routing.weights[:, k] > 0)
+        if len(rows):
+            out.append((k, name, rows))
+    return out
+
+
+def mix(
+    routing: Routing,
+    jobs: Sequence[tuple[int, np.ndarray]],
+    probabilities: Sequence[np.ndarray],
+    num_classes: int,
+    *,
+    combine: str = "mean",
+) -> np.ndarray:
+    """Each card's probabilities over its rows ((column, rows) per job), summed with the routing's weights,
+    or with weights from ``combine`` (:func:`carddeck.gating.policies.combine_weights`)."""
+    weights = routing.weights
+    if combine != "mean":  # needs every routed card's output on every row first
+        per_card = np.zeros((len(routing.card_names), len(weights), num_classes), np.float32)
+        for (k, rows), p in zip(jobs, probabilities):
+            per_card[k, rows] = p
+        weights = combine_weights(weights, per_card, combine)
+    probs = np.zeros((len(weights), num_classes), np.float32)
+    for (k, rows), p in zip(jobs, probabilities):
+        probs[rows] += weights[rows, k, None] * p
+    return probs
 
 
 def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str, str]:
@@ -258,4 +279,4 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
     return gate, policy, note
 
 
-__all__ = ["Deck", "Prediction", "prepare_images"]
+__all__ = ["Deck", "Prediction", "mix", "prepare_images", "routed_rows"]

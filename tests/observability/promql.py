@@ -87,13 +87,18 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def running_prometheus(prometheus_bin: str, target: str, workdir: Path) -> Iterator[Prometheus]:
-    """The shipped prometheus.yml and alerts.yml, scraping ``target`` every second, on a free port."""
+def running_prometheus(
+    prometheus_bin: str, target: str, workdir: Path, *, labels: dict[str, str] | None = None
+) -> Iterator[Prometheus]:
+    """The shipped prometheus.yml and alerts.yml, scraping ``target`` every second, on a free port.
+
+    ``labels``: added to every scraped series (as Kubernetes service discovery adds namespace and pod).
+    """
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(ALERTS_YML)]
     (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [target]}]
+    job["static_configs"] = [{"targets": [target], **({"labels": labels} if labels else {})}]
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()

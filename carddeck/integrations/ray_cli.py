@@ -1,0 +1,67 @@
+"""``carddeck ray-serve``: run a deck on Ray Serve (a local Ray cluster, or one given by --address)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from carddeck.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--deck", default="", help="deck store: a directory or s3://BUCKET/PREFIX (default: the packaged deck)"
+    )
+    parser.add_argument("--address", default="", help="Ray cluster address (default: start a local cluster)")
+    parser.add_argument(
+        "--num-cpus", type=float, default=None, help="logical CPUs of the local cluster (default: the cores)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="Serve's HTTP proxy address (0.0.0.0 for every interface)")
+    parser.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port: the OIP REST routes")
+    parser.add_argument("--card-num-cpus", type=float, default=0.1, help="CPUs each card replica asks Ray for")
+    parser.add_argument("--min-replicas", type=int, default=1, help="fewest replicas of a card")
+    parser.add_argument("--max-replicas", type=int, default=2, help="most replicas of a card")
+    parser.add_argument("--target-ongoing-requests", type=float, default=4.0,
+                        help="autoscaling target: ongoing requests per card replica")  # fmt: skip
+    parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often to look for store changes")
+    parser.add_argument("--allow-unauthenticated-admin", action="store_true",
+                        help="serve repository load/unload without a token (local experiments only)")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise InvalidInput("carddeck ray-serve needs Ray Serve: pip install 'carddeck[ray]'") from None
+    from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
+    from carddeck.server.settings import default_deck_path
+
+    config = RayDeckConfig(
+        deck=args.deck or str(default_deck_path()),
+        poll_interval_s=args.poll_interval_s,
+        card_num_cpus=args.card_num_cpus,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        allow_unauthenticated_admin=args.allow_unauthenticated_admin,
+    )
+    ray.init(address=args.address or None, num_cpus=args.num_cpus, include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.http_port})
+        deploy(config)
+        log.info("Ray Serve: deck %s, OIP REST on http://%s:%d/v2", config.deck, args.host, args.http_port)
+        stop.wait()
+    finally:
+        undeploy()
+        if not args.address:  # a cluster we started: take Serve down with it
+            serve.shutdown()
+        ray.shutdown()
+    return 0
