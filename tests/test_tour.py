@@ -87,10 +87,12 @@ def label_of(path: Path) -> str:
 
 def test_predict_the_samples_with_the_decks_gate(server):
     rows = predictions(server)
+    policy = dict(DeckStore(server.deck).manifest().gate)["policy"]
+    assert policy == "guarded"
     for path, predicted, _, line in rows:
         if path.name.startswith(("clean", "gaussian_noise", "shot_noise", "motion_blur")):
             assert predicted == label_of(path), line
-        assert "[calibrated;" in line  # the deck's default policy, set by models/build.py
+        assert f"[{policy};" in line  # the deck's default policy, set by models/build.py
 
 
 def test_nearest_domain_sends_noise_to_the_gaussian_cards(server):
