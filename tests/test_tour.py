@@ -99,7 +99,8 @@ def test_nearest_domain_sends_noise_to_the_gaussian_cards(server):
     domains = {m.name: m.domain for m in DeckStore(server.deck).list_cards()}
     for path, _, cards, line in predictions(server, "--policy", "nearest-domain"):
         noisy = path.name.startswith(("gaussian_noise", "shot_noise"))
-        assert {domains[c] for c in cards} == {"gaussian" if noisy else "augmix"}, line
+        routed = {domains[c] for c in cards}
+        assert routed == {"gaussian"} if noisy else routed and routed <= {"augmix", "lowfreq"}, line
 
 
 def test_add_a_card_to_the_running_deck_and_list_it(server, tmp_path):
