@@ -134,3 +134,14 @@ def test_clean_guard_sends_clean_batches_to_the_clean_set(deck: Deck, test_split
     # and heavy fog is not mistaken for clean data
     fog = corrupt(test_split.images[:64], "fog", 5, seed=3)
     assert not router.near_clean(sample_features(fog).mean(axis=0, keepdims=True)).any()
+
+
+def test_the_default_policy_beats_both_baselines_on_corruptions_it_never_saw(deck: Deck):
+    """With each corruption held out of its calibration, the default gate is at least 1 point above
+    the uniform deck and the best single card, running at most half the cards per image."""
+    methods = json.loads(REPORT.read_text())["methods"]
+    cards = [m for m in methods if m.startswith("card:")]
+    best_card = max(methods[m]["mean_corrupted"] for m in cards)
+    held_out = methods[f"{deck.default_policy}/held-out"]
+    assert held_out["mean_corrupted"] >= max(best_card, methods["uniform"]["mean_corrupted"]) + 0.01
+    assert held_out["cards_per_image"] <= len(cards) / 2
