@@ -37,7 +37,7 @@ def lrr_checkpoint(tmp_path_factory, digits):
                 m.weight.mul_(masks[name])
 
     train(net, digits["train"], 1, after_step=hold_mask, lr=0.02)
-    assert accuracy(net.eval(), digits["val"]) > 0.2  # clearly above export's near-chance limit (15%)
+    assert accuracy(net.eval(), digits["val"]) > 0.25  # above export's near-chance limit (20%)
     meta = tiny_meta("resnet20-lrr", domain="augmix").replace(
         architecture="resnet20",
         input=InputSpec(height=32, width=32, mean=(0.1, 0.1, 0.1), std=(0.3, 0.3, 0.3)),
@@ -81,7 +81,7 @@ def test_export_checks_parity_on_the_cards_own_dataset(lrr_checkpoint, tmp_path,
     assert main(["export", str(lrr_checkpoint), "--out", str(out), "--parity-images", "64", "--json"]) == 0
     captured = capsys.readouterr()
     assert "WARNING" not in captured.err
-    assert json.loads(captured.out)["parity"]["torch_accuracy"] > 0.2
+    assert json.loads(captured.out)["parity"]["torch_accuracy"] > 0.25
 
 
 def test_export_on_other_data_warns_and_refuses_a_near_chance_card(lrr_checkpoint, tmp_path, capsys):
