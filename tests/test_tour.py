@@ -118,8 +118,9 @@ def test_predict_the_samples_with_the_decks_gate(default_server):
     (args,) = [a for a in tour_args("carddeck predict", default_server.address) if "--policy" not in a]
     assert args[-1] == "models/samples/*.png"
     rows = predictions(default_server, *args[3:-1])
+    policy = dict(DeckStore(default_deck_path()).manifest().gate)["policy"]
     for path, predicted, _, line in rows:
-        assert "[calibrated;" in line  # the deck's default policy, set by models/build.py
+        assert f"[{policy};" in line  # the deck's default policy, set by models/build.py
         # the README: the deck gets everything right but fog and contrast at severity 5
         if not path.name.startswith(("fog-s5", "contrast-s5")):
             assert predicted == label_of(path), line
@@ -130,7 +131,8 @@ def test_nearest_domain_sends_noise_to_the_gaussian_cards(default_server):
     domains = {m.name: m.domain for m in DeckStore(default_server.deck).list_cards()}
     for path, _, cards, line in predictions(default_server, *args[3:-1]):
         noisy = path.name.startswith(("gaussian_noise", "shot_noise"))
-        assert {domains[c] for c in cards} == {"gaussian" if noisy else "augmix"}, line
+        routed = {domains[c] for c in cards}
+        assert routed == {"gaussian"} if noisy else routed and routed <= {"augmix", "lowfreq"}, line
 
 
 def test_init_a_deck_add_the_extra_card_and_list_it(tmp_path):

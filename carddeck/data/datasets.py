@@ -2,8 +2,8 @@
 
 Names (the same on the CLI): ``digits32``, ``leaves32`` (procedural natural images);
 ``cifar10:PATH``, ``cifar100:PATH`` (python-pickle layout); ``npz:PATH`` (``images`` uint8
-[N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C
-layout are read by :mod:`carddeck.data.corrupted`. Nothing here downloads anything.
+[N,H,W,3] + ``labels``). Corrupted suites in the CIFAR-10-C layout are read by
+:mod:`carddeck.data.corrupted`. Nothing here downloads anything.
 """
 
 from __future__ import annotations

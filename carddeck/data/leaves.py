@@ -8,11 +8,11 @@ edges. Leaves are filled with patches of the photographs bundled with scikit-lea
 (``load_sample_images``: china, flower), so textures are photographic too.
 
 A class is an (object shape, hue family) pair: 5 shapes (disk, square, triangle, bar, ring) x 2
-hue families (warm, cool). Every image is a clutter of leaves of every shape and every hue;
-the class's leaves are the larger ones, drawn among the clutter, partly occluded, at a random
-share of the leaves, with hues jittered so that the two families meet. Recognising the class
-therefore needs both shape and colour under occlusion, as in photographs, and losing contrast or
-saturation (fog, contrast, brightness) removes the colour half of the cue.
+hue families (warm, cool). Every image is a clutter of leaves of every shape and every hue; 2-3
+class leaves (mid-sized, hue jittered so that the two families come close) are painted among the
+later half of the clutter, and the smaller leaves painted after them occlude them in part.
+Recognising the class therefore needs both shape and colour under occlusion, as in photographs,
+and losing contrast or saturation (fog, contrast, brightness) removes the colour half of the cue.
 
 400 images per class, 32x32 RGB, rendered at 64x64 and box-downsampled (anti-aliased); image i is
 drawn from its own seeded generator, so the set is the same on every machine. Split per class

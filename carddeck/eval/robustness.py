@@ -6,8 +6,8 @@ serving-sized batches (``batch_size``), so adding a policy costs no extra infere
 method sees exactly the same corrupted images. Two oracles bound what a gate could reach, knowing
 the test labels: ``oracle`` takes the best single card per condition, ``set-oracle`` the best set
 of at most half the cards (predictions averaged), the sets the calibrated router chooses among.
-Anything fitted (the calibrated router) uses the validation
-split, corrupted with a different seed; reported numbers come from the test split only.
+Anything fitted (the calibrated router) uses the validation split, corrupted with a different seed;
+reported numbers come from the test split only.
 """
 
 from __future__ import annotations

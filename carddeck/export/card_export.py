@@ -207,7 +207,7 @@ def load_checkpoint(checkpoint: Path) -> tuple[Any, CardMeta]:
     return model.eval(), meta
 
 
-NEAR_CHANCE = 1.5  # refuse below this multiple of chance accuracy (15% for 10 classes)
+NEAR_CHANCE = 2.0  # refuse below this multiple of chance accuracy (20% for 10 classes)
 
 
 def _refuse_near_chance(model: Any, meta: CardMeta, val: Any, data: str) -> None:

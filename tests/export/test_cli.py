@@ -22,9 +22,9 @@ def lrr_checkpoint(tmp_path_factory, digits):
     """A small resnet20 trained on digits32, then 90% of each conv/linear weight set exactly to zero
     and fine-tuned with the mask held, saved as card.pt (its CardMeta records digits32)."""
     torch.manual_seed(0)
-    kwargs = {"width": 0.5, "mean": [0.1, 0.1, 0.1], "std": [0.3, 0.3, 0.3]}
+    kwargs = {"stage_widths": [8, 16, 16], "mean": [0.1, 0.1, 0.1], "std": [0.3, 0.3, 0.3]}  # small: trains in seconds
     net = build_net("resnet20", 10, **kwargs)
-    train(net, digits["train"], 2)
+    train(net, digits["train"], 3)
     masks = {}
     with torch.no_grad():
         for name, m in prunable_modules(net).items():
@@ -38,7 +38,7 @@ def lrr_checkpoint(tmp_path_factory, digits):
                 m.weight.mul_(masks[name])
 
     train(net, digits["train"], 1, after_step=hold_mask, lr=0.02)
-    assert accuracy(net.eval(), digits["val"]) > 0.3  # far above chance (10%)
+    assert accuracy(net.eval(), digits["val"]) > 0.25  # above export's near-chance limit (20%)
     meta = tiny_meta("resnet20-lrr", domain="augmix").replace(
         architecture="resnet20",
         input=InputSpec(height=32, width=32, mean=(0.1, 0.1, 0.1), std=(0.3, 0.3, 0.3)),
@@ -63,7 +63,7 @@ def test_export_command(lrr_checkpoint, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "sparse" and report["parity"]["passed"]
     assert report["parity"]["images"] == 64 and report["parity"]["agreement"] == 1.0
-    assert report["compression_ratio"] >= 4.0
+    assert report["compression_ratio"] >= 2.5  # 90% sparse; small tensors carry relatively more overhead
     meta = read_card_meta(out)
     assert meta.name == "resnet20-lrr" and meta.compression.method == "lrr"
     assert meta.signature is not None and len(meta.signature) > 1  # domain signature filled at export
@@ -88,7 +88,7 @@ def test_export_checks_parity_on_the_cards_own_dataset(lrr_checkpoint, tmp_path,
     assert main(["export", str(lrr_checkpoint), "--out", str(out), "--parity-images", "64", "--json"]) == 0
     captured = capsys.readouterr()
     assert "WARNING" not in captured.err
-    assert json.loads(captured.out)["parity"]["torch_accuracy"] > 0.3
+    assert json.loads(captured.out)["parity"]["torch_accuracy"] > 0.25
 
 
 def test_export_on_other_data_warns_and_refuses_a_near_chance_card(lrr_checkpoint, tmp_path, capsys):
