@@ -146,8 +146,9 @@ def _check(meta: CardMeta) -> None:
         raise bad("compression.method", f"{comp.method!r} is not one of {COMPRESSION_METHODS}")
     if not 0.0 <= comp.sparsity < 1.0:
         raise bad("compression.sparsity", f"must be in [0, 1), got {comp.sparsity}")
-    if comp.layer_sparsity is not None and not all(0.0 <= v < 1.0 for v in comp.layer_sparsity):
-        raise bad("compression.layer_sparsity", "every layer's sparsity must be in [0, 1)")
+    if comp.layer_sparsity is not None and not all(0.0 <= v <= 1.0 for v in comp.layer_sparsity):
+        # 1.0 is possible: a global allocation may empty a layer
+        raise bad("compression.layer_sparsity", "every layer's sparsity must be in [0, 1]")
     if meta.schema_version < 2 and (comp.allocation is not None or comp.layer_sparsity is not None):
         raise bad("compression.allocation", "allocation and layer_sparsity need schema_version 2")
     if comp.weight_bits not in (1, 2, 4, 8, 16, 32):
