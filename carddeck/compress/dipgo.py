@@ -45,6 +45,7 @@ LR = 0.05
 PENALTY = 5.0
 TEMPERATURE = 2.0
 MACS_TOLERANCE = 0.01  # chosen units land in [1 - tol, 1] x the MACs target
+GATE_BATCH = 16  # images per gate step: a few hundred steps cost about one epoch of a small set
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class DiPGO(FilterPruning):
                     device: torch.device, progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
         """The gate logits after ``gate_steps`` steps of distillation + MACs penalty (weights frozen)."""
         rng = np.random.default_rng([self.config.seed, 11])
-        batch = min(64, len(images))
+        batch = min(GATE_BATCH, len(images))
 
         def nchw(idx: np.ndarray) -> torch.Tensor:
             return to_nchw(images[idx].astype(np.float32) / np.float32(255.0), device)

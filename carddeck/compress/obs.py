@@ -111,7 +111,8 @@ def _solve(w0: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> tuple[torch
         r = torch.arange(i, i + len(idx)).unsqueeze(1)
         weights[r, idx] = torch.where(v > 0, w_k, weights[r, idx])
         diags[r, idx] = torch.where(v > 0, inv.diagonal(dim1=1, dim2=2), diags[r, idx])
-    return weights, diags
+    untouched = keep.all(dim=1, keepdim=True)  # exactly as they were, not H^-1 H w0 up to rounding
+    return torch.where(untouched, w0, weights), diags
 
 
 def saliency(w: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def plan(config: CompressConfig) -> Plan:
             f"method {config.method!r} prunes a trained dense card: pass --init DIR/card.pt "
             "(make one with --method dense)"
         )
-    one_shot = [m for m in METHODS.names() if METHODS.get(m).needs_init]
+    one_shot = sorted(m for m in METHODS.names() if METHODS.get(m).needs_init)
     if not method_cls.needs_init and config.calib_images is not None:
         raise InvalidInput(f"--calib-images is for methods {', '.join(one_shot)}; got method {config.method!r}")
     if config.allocation is not None and config.method not in ("lobs", "dsa"):
