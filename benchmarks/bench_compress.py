@@ -213,7 +213,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['card']} | {r['sparsity']:.3f} | {100 * r['clean']:.2f} | {100 * r['corrupted']:.2f} | "
             f"{r['params']:,} | {r['nonzeros']:,} | {r['macs'] / 1e6:.2f}M | {r['macs'] / dense['macs']:.3f} | "
-            f"{r['sparse_macs'] / 1e6:.2f}M | {r['epochs']} | {r['seconds']:.0f} | {r['seconds'] / lrr['seconds']:.3f} |"
+            f"{r['sparse_macs'] / 1e6:.2f}M | {r['epochs']} | {r['seconds']:.0f} | "
+            f"{r['seconds'] / lrr['seconds']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -130,7 +130,9 @@ class Candidate:
         return f"{to_text(self.expr)} @ range {self.spread:g}"
 
 
-def allocate(candidate: Candidate, stats: dict[str, np.ndarray], sizes: dict[str, int], target: float) -> dict[str, int]:
+def allocate(
+    candidate: Candidate, stats: dict[str, np.ndarray], sizes: dict[str, int], target: float
+) -> dict[str, int]:
     """Per-layer counts of a candidate: scaled scores, offset by bisection to the target mean."""
     names = list(sizes)
     score = evaluate(candidate.expr, stats)

@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--sparsity", type=float, default=0.0, help="target: fraction of weights removed (filter: of filters), [0, 1)")
     a("--out", type=Path, required=True, help="output directory (card.pt, card.json, checkpoint.pt)")
     a("--epochs", type=int, default=10,
-      help="epochs per training round (LRR replays them every round; lobs, dsa, dipgo: retraining, 1 advised, 0 allowed)")  # fmt: skip
+      help="epochs per training round (LRR replays them each round; lobs, dsa, dipgo: 0 allowed)")  # fmt: skip
     a("--batch-size", type=int, default=128)
     a("--lr", type=float, default=0.1, help="base learning rate (SGD, momentum 0.9)")
     a("--weight-decay", type=float, default=5e-4)
@@ -63,7 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--init", type=Path, default=None, help="start from this dense card.pt (lrr, filter: skips dense training; "
       "lobs, dsa, dipgo: required)")  # fmt: skip
     a("--calib-images", type=int, default=None,
-      help="lobs, dsa, dipgo: training images for Hessians / search fitness / gates (default: 1024 or all)")  # fmt: skip
+      help="lobs, dsa, dipgo: training images for Hessians, search fitness, gates (default: 1024 or all)")  # fmt: skip
     a("--allocation", default=None, help="lobs: per-layer targets from uniform, global (default) or dsa")
     a("--population", type=int, default=8, help="dsa: allocation functions per generation")
     a("--generations", type=int, default=4, help="dsa: generations of the search")

@@ -188,7 +188,8 @@ class DiPGO(FilterPruning):
     def check(self, arch: str, model: nn.Module) -> None:
         if not 0.0 < self.config.sparsity < 1.0:
             raise InvalidInput(
-                f"method 'dipgo' needs --sparsity in (0, 1) (the fraction of MACs to remove), got {self.config.sparsity}"
+                "method 'dipgo' needs --sparsity in (0, 1) (the fraction of MACs to remove), "
+                f"got {self.config.sparsity}"
             )
         if self.config.regrow:
             raise InvalidInput("method 'dipgo' learns its gates; --regrow is for method 'filter'")
@@ -226,7 +227,9 @@ class DiPGO(FilterPruning):
         for p, _ in frozen:
             p.requires_grad_(False)
         with torch.no_grad():
-            teacher = torch.cat([model(nchw(np.arange(i, min(i + 256, len(images))))) for i in range(0, len(images), 256)])
+            teacher = torch.cat(
+                [model(nchw(np.arange(i, min(i + 256, len(images))))) for i in range(0, len(images), 256)]
+            )
         logits = {g.name: torch.full((g.size,), INIT_LOGIT, device=device, requires_grad=True) for g in self.groups}
         dense = float(macs(terms, {g.name: g.size for g in self.groups}))
         opt = torch.optim.Adam(list(logits.values()), lr=LR)

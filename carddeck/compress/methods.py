@@ -2,10 +2,10 @@
 
 A method is a few hooks around one shared training loop: ``prepare`` (swap layers, set up masks),
 ``calibrate`` (one-shot work on a trained net with a few training images, before any step: L-OBS's
-Hessians, DSA's search, DiP-GO's gates), ``start_round`` (e.g. prune before a retraining round), ``before_step``/``after_step`` (schedules,
-regrowth, mask enforcement), ``refresh`` (before evaluation) and ``finalize`` (a plain
-``build_net`` model holding the effective weights, plus its ``arch_kwargs``). Methods are built from
-the small parts in ``masks``, ``criteria`` and ``schedules``.
+Hessians, DSA's search, DiP-GO's gates), ``start_round`` (e.g. prune before a retraining round),
+``before_step``/``after_step`` (schedules, regrowth, mask enforcement), ``refresh`` (before
+evaluation) and ``finalize`` (a plain ``build_net`` model holding the effective weights, plus its
+``arch_kwargs``). Methods are built from the small parts in ``masks``, ``criteria`` and ``schedules``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class MethodConfig:
     pretrained: bool = False  # weights came from --init: skip the dense training round
     seed: int = 0
     calib_images: int = 1024  # lobs, dsa, dipgo: training images for calibration (Hessians, fitness, gates)
-    allocation: str = "global"  # lobs: per-layer targets from "uniform", "global" (magnitude) or "dsa"
+    allocation: str | None = None  # lobs: "uniform", "global" (magnitude; the default) or "dsa"
     population: int = 8  # dsa: candidate allocation functions per generation
     generations: int = 4  # dsa: generations of the evolutionary search
     gate_steps: int = 200  # dipgo: optimization steps of the gates

@@ -92,7 +92,7 @@ def _solve(w0: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> tuple[torch
     Each row's system is gathered down to its kept entries (padded with the identity to the
     longest row of the chunk), so the cost falls with the cube of the density.
     """
-    rows, d = w0.shape
+    rows, _d = w0.shape
     hw0 = w0 @ h  # (H w0) per row (h is symmetric)
     weights = torch.zeros_like(w0)
     diags = torch.ones_like(w0)

@@ -154,7 +154,8 @@ def plan(config: CompressConfig) -> Plan:
         raise InvalidInput(f"--allocation is for methods lobs, dsa; got method {config.method!r}")
     if config.population < 2 or config.generations < 1:
         raise InvalidInput(
-            f"--population must be at least 2 and --generations at least 1, got {config.population}, {config.generations}"
+            "--population must be at least 2 and --generations at least 1, "
+            f"got {config.population} and {config.generations}"
         )
     if config.batch_size < 2:
         raise InvalidInput(f"--batch-size must be at least 2 (BatchNorm), got {config.batch_size}")
