@@ -166,3 +166,18 @@ def test_dipgo_reaches_its_macs_target_and_the_removed_net_computes_what_the_gat
         torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in original.parameters())
     assert set(prunable_modules(small)) == set(prunable_modules(original))
+
+
+def test_batchnorm_recalibration_measures_the_pruned_net_on_the_images():
+    from carddeck.compress.oneshot import recalibrate_batchnorm
+
+    net = _filter_net().eval()
+    images = load_dataset("digits32", "train").images[:40]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        net.conv1.weight.mul_(0.5)  # as pruning does: the stem's outputs shrink
+        stem = net.conv1(net.normalize(x))
+    weight = net.conv1.weight.clone()
+    recalibrate_batchnorm(net, images, torch.device("cpu"), batch_size=20)  # equal batches: an exact mean
+    assert not net.training and torch.equal(net.conv1.weight, weight)
+    torch.testing.assert_close(net.bn1.running_mean, stem.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
