@@ -11,8 +11,8 @@ dense MACs to remove.
 Gates are hard in the forward pass (on when the logit is positive) with the sigmoid's gradient
 (straight-through), so what is optimized is the pruned network itself. Afterwards the units are
 chosen from the logits to hit the MACs target (within ``MACS_TOLERANCE``), removed physically with
-filter pruning's exact removal (a smaller dense net, exported like a filter card) and the net is
-optionally fine-tuned (``--epochs``, 0 allowed) with the removed channels held at zero.
+filter pruning's exact removal (a smaller dense net, exported like a filter card), the BatchNorm
+statistics are re-estimated on the calibration images, and the net is optionally fine-tuned (``--epochs``, 0 allowed) with the removed channels held at zero.
 
 Departures from the paper: DiP-GO gates the blocks of a diffusion U-Net across denoising steps and
 learns them with a consistency loss between the pruned and dense sampler; here the units are
@@ -34,6 +34,7 @@ from torch import nn
 
 from carddeck.compress.filters import FilterPruning
 from carddeck.compress.methods import METHODS
+from carddeck.compress.oneshot import recalibrate_batchnorm
 from carddeck.compress.train import to_nchw
 from carddeck.errors import InvalidInput
 from carddeck.nets import ChannelGroup, prunable_modules
@@ -210,6 +211,7 @@ class DiPGO(FilterPruning):
         self.keep = {g: k.cpu() for g, k in select_units(logits, terms, target).items()}
         self.macs_ratio = float(macs(terms, {g: int(k.sum()) for g, k in self.keep.items()})) / dense
         self.after_step(model)
+        recalibrate_batchnorm(model, images, device)  # the kept channels' statistics, as lobs and dsa do
         log.info("dipgo: MACs %.4f of dense (target %.4f)", self.macs_ratio, 1.0 - self.config.sparsity)
 
     def learn_gates(self, model: nn.Module, images: np.ndarray, terms: list[MacTerm], target_ratio: float,
