@@ -12,7 +12,8 @@ Gates are hard in the forward pass (on when the logit is positive) with the sigm
 (straight-through), so what is optimized is the pruned network itself. Afterwards the units are
 chosen from the logits to hit the MACs target (within ``MACS_TOLERANCE``), removed physically with
 filter pruning's exact removal (a smaller dense net, exported like a filter card), the BatchNorm
-statistics are re-estimated on the calibration images, and the net is optionally fine-tuned (``--epochs``, 0 allowed) with the removed channels held at zero.
+statistics are re-estimated on the calibration images, and the net is optionally fine-tuned
+(``--epochs``, 0 allowed) with the removed channels held at zero.
 
 Departures from the paper: DiP-GO gates the blocks of a diffusion U-Net across denoising steps and
 learns them with a consistency loss between the pruned and dense sampler; here the units are
