@@ -18,10 +18,13 @@ from typing import Any, TypeVar, Union
 
 from carddeck.errors import InvalidInput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 2 added the optional ``compression.allocation`` and ``compression.layer_sparsity``
+# (lobs, dsa); a schema-1 card lacks them and still reads, with both null.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 METADATA_KEY = "carddeck.card"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-COMPRESSION_METHODS = ("dense", "lrr", "biprop", "filter")
+COMPRESSION_METHODS = ("dense", "lrr", "biprop", "filter", "lobs", "dsa", "dipgo")
 LAYOUTS = ("NCHW",)
 
 
@@ -44,6 +47,12 @@ class Compression:
     sparsity: float = 0.0  # fraction of prunable weights (or filters, when structured) removed
     weight_bits: int = 32
     structured: bool = False
+    # schema 2: how the sparsity was spread over the layers (lobs, dsa), else null.
+    # ``allocation``: "uniform", "global", or DSA's discovered function (an expression over per-layer
+    # statistics); ``layer_sparsity``: the fraction pruned of each conv/linear layer, in
+    # ``named_modules`` order (carddeck.nets.prunable_modules).
+    allocation: str | None = field(default=None, metadata={"omit_null": True})
+    layer_sparsity: tuple[float, ...] | None = field(default=None, metadata={"omit_null": True})
 
 
 @dataclass(frozen=True)
@@ -113,8 +122,8 @@ def _check(meta: CardMeta) -> None:
     def bad(field_name: str, why: str) -> InvalidInput:
         return InvalidInput(f"CardMeta field {field_name!r}: {why}")
 
-    if meta.schema_version != SCHEMA_VERSION:
-        raise bad("schema_version", f"got {meta.schema_version}, this version reads {SCHEMA_VERSION}")
+    if meta.schema_version not in READABLE_SCHEMA_VERSIONS:
+        raise bad("schema_version", f"got {meta.schema_version}, this version reads {READABLE_SCHEMA_VERSIONS}")
     if not NAME_PATTERN.match(meta.name):
         raise bad("name", f"{meta.name!r} must match {NAME_PATTERN.pattern} (lowercase, digits, '-', '_')")
     if meta.version < 1:
@@ -137,6 +146,11 @@ def _check(meta: CardMeta) -> None:
         raise bad("compression.method", f"{comp.method!r} is not one of {COMPRESSION_METHODS}")
     if not 0.0 <= comp.sparsity < 1.0:
         raise bad("compression.sparsity", f"must be in [0, 1), got {comp.sparsity}")
+    if comp.layer_sparsity is not None and not all(0.0 <= v <= 1.0 for v in comp.layer_sparsity):
+        # 1.0 is possible: a global allocation may empty a layer
+        raise bad("compression.layer_sparsity", "every layer's sparsity must be in [0, 1]")
+    if meta.schema_version < 2 and (comp.allocation is not None or comp.layer_sparsity is not None):
+        raise bad("compression.allocation", "allocation and layer_sparsity need schema_version 2")
     if comp.weight_bits not in (1, 2, 4, 8, 16, 32):
         raise bad("compression.weight_bits", f"must be one of 1, 2, 4, 8, 16, 32, got {comp.weight_bits}")
     if not meta.domain:
@@ -155,7 +169,11 @@ _D = TypeVar("_D")
 
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: _to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("omit_null") and getattr(obj, f.name) is None)  # schema-1 JSON stays as it was
+        }
     if isinstance(obj, tuple | list):
         return [_to_plain(v) for v in obj]
     return obj
@@ -227,6 +245,7 @@ __all__ = [
     "COMPRESSION_METHODS",
     "METADATA_KEY",
     "NAME_PATTERN",
+    "READABLE_SCHEMA_VERSIONS",
     "SCHEMA_VERSION",
     "Accuracy",
     "CardMeta",

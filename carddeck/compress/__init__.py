@@ -1,7 +1,9 @@
 """Make CARDs: pruning and binarization methods, importance criteria, schedules, one training loop.
 
 ``compress(CompressConfig(...))`` trains and writes one CARD (``card.pt`` + ``card.json``);
-``load_card`` rebuilds it. Methods are found by name in ``METHODS``: dense, lrr, biprop, filter.
+``load_card`` rebuilds it. Methods are found by name in ``METHODS``: dense, lrr, biprop, filter, and the
+one-shot methods that prune a trained dense card: lobs (layer-wise OBS), dsa (searched per-layer
+allocation), dipgo (learned channel gates under a MACs budget).
 """
 
 from carddeck.compress.checkpoint import CARD_FORMAT, load_card, save_card

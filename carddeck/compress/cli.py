@@ -10,7 +10,7 @@ from typing import Any
 from carddeck.errors import InvalidInput
 
 ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
-METHOD_NAMES = ("dense", "lrr", "biprop", "filter")
+METHOD_NAMES = ("dense", "lrr", "biprop", "filter", "lobs", "dsa", "dipgo")
 DOMAIN_NAMES = ("clean", "gaussian", "augmix", "lowfreq")
 
 
@@ -31,7 +31,9 @@ def _csv(text: str) -> tuple[str, ...]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "methods: dense, lrr (iterative magnitude pruning + LR rewinding), biprop (binary weights + mask), "
-        "filter (structured L1 filter pruning, optional GraNet regrowth). "
+        "filter (structured L1 filter pruning, optional GraNet regrowth), lobs (layer-wise OBS, one shot + "
+        "short retraining), dsa (searched per-layer sparsity allocation), dipgo (learned channel gates under a "
+        "MACs budget); lobs, dsa and dipgo prune an --init dense card. "
         "domains: clean, gaussian, augmix, lowfreq. architectures: resnet20, resnet18, preact-wrn18."
     )
     a = parser.add_argument
@@ -41,7 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--method", default="dense", help=f"compression method: {', '.join(METHOD_NAMES)}")
     a("--sparsity", type=float, default=0.0, help="target: fraction of weights removed (filter: of filters), [0, 1)")
     a("--out", type=Path, required=True, help="output directory (card.pt, card.json, checkpoint.pt)")
-    a("--epochs", type=int, default=10, help="epochs per training round (LRR replays them every round)")
+    a("--epochs", type=int, default=10,
+      help="epochs per training round (LRR replays them each round; lobs, dsa, dipgo: 0 allowed)")  # fmt: skip
     a("--batch-size", type=int, default=128)
     a("--lr", type=float, default=0.1, help="base learning rate (SGD, momentum 0.9)")
     a("--weight-decay", type=float, default=5e-4)
@@ -57,7 +60,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=int, default=None, help="lrr: number of pruning rounds to reach --sparsity")
     a("--regrow", type=float, default=0.0, help="filter: GraNet regeneration fraction (0: one-shot Li et al.)")
     a("--ramp", type=float, default=0.5, help="biprop, filter+regrow: fraction of steps ramping the sparsity")
-    a("--init", type=Path, default=None, help="start from this dense card.pt (lrr, filter: skips dense training)")
+    a("--init", type=Path, default=None, help="start from this dense card.pt (lrr, filter: skips dense training; "
+      "lobs, dsa, dipgo: required)")  # fmt: skip
+    a("--calib-images", type=int, default=None,
+      help="lobs, dsa, dipgo: training images for Hessians, search fitness, gates (default: 1024 or all)")  # fmt: skip
+    a("--allocation", default=None, help="lobs: per-layer targets from uniform, global (default) or dsa")
+    a("--population", type=int, default=8, help="dsa: allocation functions per generation")
+    a("--generations", type=int, default=4, help="dsa: generations of the search")
+    a("--gate-steps", type=int, default=200, help="dipgo: optimization steps of the gates")
     a("--corruptions", type=_csv, default=None, help="comma list for corrupted accuracy, 'none' to skip (default: 15)")
     a("--severities", type=_csv, default=("1", "2", "3", "4", "5"), help="comma list of severities (default 1-5)")
     a("--name", default=None, help="card name (default ARCH-DOMAIN-METHOD)")
@@ -104,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
         regrow=args.regrow,
         ramp=args.ramp,
         init=args.init,
+        calib_images=args.calib_images,
+        allocation=args.allocation,
+        population=args.population,
+        generations=args.generations,
+        gate_steps=args.gate_steps,
         corruptions=corruptions,
         severities=severities,
         name=args.name,

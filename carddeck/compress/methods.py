@@ -1,10 +1,11 @@
 """The compression-method interface the training loop drives, its registry and the dense baseline.
 
 A method is a few hooks around one shared training loop: ``prepare`` (swap layers, set up masks),
-``start_round`` (e.g. prune before a retraining round), ``before_step``/``after_step`` (schedules,
-regrowth, mask enforcement), ``refresh`` (before evaluation) and ``finalize`` (a plain
-``build_net`` model holding the effective weights, plus its ``arch_kwargs``). Methods are built from
-the small parts in ``masks``, ``criteria`` and ``schedules``.
+``calibrate`` (one-shot work on a trained net with a few training images, before any step: L-OBS's
+Hessians, DSA's search, DiP-GO's gates), ``start_round`` (e.g. prune before a retraining round),
+``before_step``/``after_step`` (schedules, regrowth, mask enforcement), ``refresh`` (before
+evaluation) and ``finalize`` (a plain ``build_net`` model holding the effective weights, plus its
+``arch_kwargs``). Methods are built from the small parts in ``masks``, ``criteria`` and ``schedules``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +32,12 @@ class MethodConfig:
     regrow: float = 0.0  # filter: GraNet regeneration fraction (0 = Li et al. one-shot)
     ramp: float = 0.5  # biprop / filter+regrow: fraction of the round's steps spent ramping sparsity
     pretrained: bool = False  # weights came from --init: skip the dense training round
+    seed: int = 0
+    calib_images: int = 1024  # lobs, dsa, dipgo: training images for calibration (Hessians, fitness, gates)
+    allocation: str | None = None  # lobs: "uniform", "global" (magnitude; the default) or "dsa"
+    population: int = 8  # dsa: candidate allocation functions per generation
+    generations: int = 4  # dsa: generations of the evolutionary search
+    gate_steps: int = 200  # dipgo: optimization steps of the gates
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Method:
     weight_bits = 32
     structured = False
     uses_init = True  # whether --init (pretrained dense weights) makes sense
+    needs_init = False  # whether it only prunes a trained dense card (--init required; --epochs 0 allowed)
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -55,6 +64,11 @@ class Method:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
+
+    def calibrate(
+        self, model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, progress: bool = False
+    ) -> None:
+        """One-shot work on the trained ``model`` with uint8 NHWC training ``images``, before training."""
 
     def num_rounds(self) -> int:
         return 1
@@ -85,6 +99,10 @@ class Method:
 
     def finalize(self, model: nn.Module, arch: str, arch_kwargs: dict[str, Any]) -> Finalized:
         return Finalized(model, dict(arch_kwargs), 0.0)
+
+    def compression_fields(self) -> dict[str, Any]:
+        """Extra ``carddeck.card.Compression`` fields this method records (e.g. its allocation)."""
+        return {}
 
     def describe(self) -> str:
         return self.name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from torch import nn
 import carddeck
 from carddeck.card import Accuracy, CardMeta, Compression, InputSpec, Provenance
 from carddeck.compress import biprop as _biprop  # noqa: F401  (registers the method)
+from carddeck.compress import dipgo as _dipgo  # noqa: F401
 from carddeck.compress import filters as _filters  # noqa: F401
 from carddeck.compress import lrr as _lrr  # noqa: F401
+from carddeck.compress import oneshot as _oneshot  # noqa: F401
 from carddeck.compress.checkpoint import load_card, load_training, save_card, save_training
 from carddeck.compress.methods import METHODS, Method, MethodConfig
 from carddeck.compress.schedules import LR_SCHEDULES
@@ -34,6 +37,8 @@ from carddeck.nets import NETS, build_net, count_flops, count_params
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+MIN_CALIB_IMAGES = 32
+DEFAULT_CALIB_IMAGES = 1024  # or the whole training set, when smaller
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,11 @@ class CompressConfig:
     regrow: float = 0.0
     ramp: float = 0.5
     init: Path | None = None
+    calib_images: int | None = None  # lobs, dsa, dipgo (None: 1024 or the training set, when smaller)
+    allocation: str | None = None  # lobs: uniform, global (default), dsa
+    population: int = 8  # dsa
+    generations: int = 4  # dsa
+    gate_steps: int = 200  # dipgo
     corruptions: tuple[str, ...] | None = None  # None: the 15 benchmark corruptions; (): skip
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     name: str | None = None
@@ -83,6 +93,7 @@ class CompressResult:
     flops: int
     sparse_flops: int
     corrupted: dict[str, float]  # "name/severity" -> accuracy
+    seconds: float  # wall time of calibration and training (not of the final evaluation)
 
 
 @dataclass
@@ -94,6 +105,7 @@ class Plan:
     method: Method
     arch_kwargs: dict[str, Any]
     corruptions: tuple[str, ...]
+    calib_images: int
 
 
 def _check_range(name: str, value: float, low: float, high: float | None = None, *, open_high: bool = True) -> None:
@@ -128,8 +140,23 @@ def plan(config: CompressConfig) -> Plan:
     _check_range("sparsity", config.sparsity, 0.0, 1.0)
     if config.schedule not in LR_SCHEDULES:
         raise InvalidInput(f"unknown lr schedule {config.schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}")
-    if config.epochs < 1:
-        raise InvalidInput(f"--epochs must be at least 1, got {config.epochs}")
+    if config.epochs < (0 if method_cls.needs_init else 1):
+        raise InvalidInput(f"--epochs must be at least {0 if method_cls.needs_init else 1}, got {config.epochs}")
+    if method_cls.needs_init and config.init is None:
+        raise InvalidInput(
+            f"method {config.method!r} prunes a trained dense card: pass --init DIR/card.pt "
+            "(make one with --method dense)"
+        )
+    one_shot = sorted(m for m in METHODS.names() if METHODS.get(m).needs_init)
+    if not method_cls.needs_init and config.calib_images is not None:
+        raise InvalidInput(f"--calib-images is for methods {', '.join(one_shot)}; got method {config.method!r}")
+    if config.allocation is not None and config.method not in ("lobs", "dsa"):
+        raise InvalidInput(f"--allocation is for methods lobs, dsa; got method {config.method!r}")
+    if config.population < 2 or config.generations < 1:
+        raise InvalidInput(
+            "--population must be at least 2 and --generations at least 1, "
+            f"got {config.population} and {config.generations}"
+        )
     if config.batch_size < 2:
         raise InvalidInput(f"--batch-size must be at least 2 (BatchNorm), got {config.batch_size}")
     _check_range("--lr", config.lr, 0.0)
@@ -153,6 +180,14 @@ def plan(config: CompressConfig) -> Plan:
     if len(val_set) == 0:
         raise InvalidInput(f"dataset {config.data!r} has no validation images")
 
+    calib = config.calib_images
+    if calib is None:
+        calib = min(DEFAULT_CALIB_IMAGES, len(train_set))
+    if method_cls.needs_init and not MIN_CALIB_IMAGES <= calib <= len(train_set):
+        raise InvalidInput(
+            f"--calib-images must be between {MIN_CALIB_IMAGES} and {len(train_set)} (the training images of "
+            f"{config.data!r}), got {calib}"
+        )
     method = method_cls(
         MethodConfig(
             sparsity=config.sparsity,
@@ -161,6 +196,12 @@ def plan(config: CompressConfig) -> Plan:
             regrow=config.regrow,
             ramp=config.ramp,
             pretrained=config.init is not None,
+            seed=config.seed,
+            calib_images=calib,
+            allocation=config.allocation,
+            population=config.population,
+            generations=config.generations,
+            gate_steps=config.gate_steps,
         )
     )
     arch_kwargs = dict(config.arch_kwargs)
@@ -182,7 +223,7 @@ def plan(config: CompressConfig) -> Plan:
                 f"need {config.arch} for {train_set.num_classes}"
             )
         arch_kwargs = dict(init_card["arch_kwargs"])
-    return Plan(config, device, train_set, val_set, method, arch_kwargs, corruptions)
+    return Plan(config, device, train_set, val_set, method, arch_kwargs, corruptions, calib)
 
 
 def _resolve_corruptions(names: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -289,8 +330,13 @@ def compress(
         if on_epoch_end is not None:
             on_epoch_end(pos, record)
 
+    t0 = time.perf_counter()
+    if resume_state is None:
+        idx = np.sort(np.random.default_rng([config.seed, 5]).choice(len(p.train_set), p.calib_images, replace=False))
+        p.method.calibrate(model, p.train_set.images[idx], p.train_set.labels[idx], p.device, config.progress)
     train(model, p.method, train_cfg, p.train_set, p.val_set, p.device, start=start,
           resume_state=resume_state, on_epoch_end=checkpoint)  # fmt: skip
+    seconds = time.perf_counter() - t0
 
     final = p.method.finalize(model, config.arch, p.arch_kwargs)
     net = final.model.to(p.device).eval()
@@ -311,6 +357,7 @@ def compress(
         flops=count_flops(net, h, w),
         sparse_flops=count_flops(net, h, w, sparse=True),
         corrupted=corrupted,
+        seconds=seconds,
     )
 
 
@@ -331,7 +378,11 @@ def _meta(p: Plan, name: str, sparsity: float, clean: float | None, corrupted: f
         class_names=p.train_set.class_names,
         input=InputSpec(height=int(h), width=int(w), mean=mean, std=std),
         compression=Compression(
-            method=method.name, sparsity=float(sparsity), weight_bits=method.weight_bits, structured=method.structured
+            method=method.name,
+            sparsity=float(sparsity),
+            weight_bits=method.weight_bits,
+            structured=method.structured,
+            **method.compression_fields(),
         ),
         domain=cfg.domain,
         accuracy=Accuracy(clean=clean, corrupted=corrupted, split=split),

@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 FORMATS = ("dense", "sparse", "binary")
 SPARSE_ENCODINGS = ("bitmask", "sparse-initializer")
 # What each compression method (CardMeta.compression.method) is stored as.
-FORMAT_FOR_METHOD = {"dense": "dense", "lrr": "sparse", "biprop": "binary", "filter": "dense"}
+FORMAT_FOR_METHOD = {
+    "dense": "dense",
+    "lrr": "sparse",
+    "biprop": "binary",
+    "filter": "dense",
+    "lobs": "sparse",
+    "dsa": "sparse",
+    "dipgo": "dense",  # physically smaller, like filter
+}
 QUANTIZED_FORMATS = ("binary",)
 
 

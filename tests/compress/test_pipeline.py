@@ -107,7 +107,7 @@ def test_lrr_from_a_dense_card_skips_dense_training(tmp_path, tiny_data):
     "args, message",
     [
         (["--arch", "vgg16"], "valid choices: preact-wrn18, resnet18, resnet20"),
-        (["--method", "prune"], "valid choices: biprop, dense, filter, lrr"),
+        (["--method", "prune"], "valid choices: biprop, dense, dipgo, dsa, filter, lobs, lrr"),
         (["--domain", "fog"], "valid choices: augmix, clean, gaussian"),
         (["--method", "lrr", "--sparsity", "1.0"], r"sparsity must be in \[0.0, 1.0\)"),
         (["--method", "lrr", "--sparsity", "-0.1"], r"sparsity must be in \[0.0, 1.0\)"),
@@ -119,6 +119,25 @@ def test_lrr_from_a_dense_card_skips_dense_training(tmp_path, tiny_data):
         (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
         (["--arch-kw", "depth=56"], "accepted: width"),
         (["--schedule", "linear"], "cosine, step, constant"),
+        (["--method", "lobs", "--sparsity", "0.9"], "prunes a trained dense card: pass --init"),
+        (["--method", "dipgo", "--sparsity", "0.5"], "pass --init"),
+        (
+            ["--method", "dsa", "--sparsity", "0.9", "--init", "d.pt", "--calib-images", "8"],
+            r"--calib-images must be between 32 and 1078",
+        ),
+        (["--method", "lobs", "--sparsity", "0.9", "--init", "d.pt", "--calib-images", "5000"], "between 32 and 1078"),
+        (["--method", "lobs", "--sparsity", "0.0", "--init", "d.pt"], r"needs --sparsity in \(0, 1\)"),
+        (["--method", "dipgo", "--sparsity", "1.5", "--init", "d.pt"], r"sparsity must be in \[0.0, 1.0\)"),
+        (
+            ["--method", "lobs", "--sparsity", "0.9", "--init", "d.pt", "--allocation", "layerwise"],
+            "valid choices: uniform, global, dsa",
+        ),
+        (["--method", "dsa", "--sparsity", "0.9", "--init", "d.pt", "--allocation", "uniform"], "is for lobs"),
+        (["--method", "lrr", "--sparsity", "0.9", "--calib-images", "64"], "is for methods dipgo, dsa, lobs"),
+        (["--method", "dsa", "--sparsity", "0.9", "--init", "d.pt", "--population", "1"], "--population must be"),
+        (["--method", "dipgo", "--sparsity", "0.5", "--init", "d.pt", "--gate-steps", "0"], "--gate-steps must be"),
+        (["--method", "dipgo", "--sparsity", "0.5", "--init", "d.pt", "--regrow", "0.2"], "--regrow is for"),
+        (["--method", "lrr", "--sparsity", "0.9", "--epochs", "0"], "--epochs must be at least 1"),
     ],
 )
 def test_bad_input_fails_before_training_and_names_the_choices(tmp_path, capsys, args, message):
@@ -160,3 +179,19 @@ def test_the_larger_architectures_compress_too(tmp_path, tiny_data, arch, method
         assert card["arch_kwargs"]["affine_bn"] is False  # the binary CARDs' non-affine BatchNorm
     if method == "filter":
         assert result.flops <= 0.5 * count_flops(build_net(arch, 10, width=0.0625))
+
+
+def test_cli_lobs_with_a_searched_allocation_and_no_retraining(tmp_path, tiny_data, capsys):
+    dense = compress(_config(tmp_path / "dense", tiny_data, method="dense", sparsity=0.0, epochs=1))
+    out = tmp_path / "lobs"
+    argv = [*TINY, "--data", tiny_data, "--method", "lobs", "--sparsity", "0.9", "--init", str(dense.card)]
+    argv += ["--allocation", "dsa", "--population", "2", "--generations", "1", "--calib-images", "32"]
+    assert main(["compress", *argv, "--epochs", "0", "--corruptions", "none", "--out", str(out)]) == 0
+    assert "lobs sparsity 0.9" in capsys.readouterr().out
+    _model, meta, _card = load_card(out)
+    assert meta.compression.allocation.endswith(("range 0.1", "range 0.2", "range 0.4", "range 0.8"))
+    assert not (out / "checkpoint.pt").exists()  # no epoch was trained
+    layers = meta.compression.layer_sparsity
+    sizes = [m.weight.numel() for m in prunable_modules(_model).values()]
+    pruned = sum(s * n for s, n in zip(layers, sizes))
+    assert abs(pruned - 0.9 * sum(sizes)) <= 1
