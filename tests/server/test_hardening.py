@@ -282,30 +282,31 @@ def test_crash_debris_is_removed_at_start_and_after_changes(tmp_path):
 
 def test_removing_a_card_that_changes_the_default_policy_says_so(tmp_path):
     deck = copy_default_deck(tmp_path / "deck")
+    policy = DeckStore(deck).manifest().gate["policy"]  # what build.py configured (needs its router)
     server = start_server(deck, tmp_path, "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                           env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN})  # fmt: skip
     try:
         with grpc.insecure_channel(server.address) as channel:
             cd = carddeck_pb2_grpc.CardDeckStub(channel)
             listed = cd.ListCards(pb.ListCardsRequest(), timeout=10)
-            assert listed.default_policy == "calibrated" and listed.default_policy_note == ""
+            assert listed.default_policy == policy and listed.default_policy_note == ""
             s = scrape(metrics_port(server))
-            assert value(s, "carddeck_default_policy_info", policy="calibrated", configured="calibrated") == 1
+            assert value(s, "carddeck_default_policy_info", policy=policy, configured=policy) == 1
             removed = cd.RemoveCard(pb.RemoveCardRequest(name="resnet20-gaussian-lrr"), timeout=60, metadata=ADMIN)
             assert removed.default_policy == "nearest-domain"
-            assert "from 'calibrated' to 'nearest-domain'" in removed.default_policy_note
+            assert f"from '{policy}' to 'nearest-domain'" in removed.default_policy_note
             assert "resnet20-gaussian-lrr/1" in removed.default_policy_note
             listed = cd.ListCards(pb.ListCardsRequest(), timeout=10)
             assert listed.default_policy == "nearest-domain"
             assert "calibrated" in listed.default_policy_note and "carddeck calibrate" in listed.default_policy_note
             s = scrape(metrics_port(server))
-            assert value(s, "carddeck_default_policy_info", policy="nearest-domain", configured="calibrated") == 1
-            assert value(s, "carddeck_default_policy_info", policy="calibrated", configured="calibrated") == 0
+            assert value(s, "carddeck_default_policy_info", policy="nearest-domain", configured=policy) == 1
+            assert value(s, "carddeck_default_policy_info", policy=policy, configured=policy) == 0
             quiet = cd.RemoveCard(pb.RemoveCardRequest(name="resnet20-augmix-lrr"), timeout=60, metadata=ADMIN)
             assert quiet.default_policy == "nearest-domain" and quiet.default_policy_note == ""
     finally:
         server.terminate()
-    assert re.search(r"WARNING .*the default policy changed from 'calibrated' to 'nearest-domain'", server.log())
+    assert re.search(rf"WARNING .*the default policy changed from '{policy}' to 'nearest-domain'", server.log())
 
 
 def test_undecodable_bodies_on_streams_and_health_are_invalid_argument(server):
