@@ -46,6 +46,10 @@ class DeckConflict(CarddeckError):
     """The change conflicts with the deck's state (duplicate card version, incompatible classes)."""
 
 
+class ConcurrentChange(DeckConflict):
+    """Another writer committed between this change's read and its commit; nothing of it stays. Retry it."""
+
+
 class ReadOnlyDeck(DeckConflict):
     """The deck may not be changed (the packaged default deck); the message names the way out."""
 
@@ -67,6 +71,7 @@ __all__ = [
     "CardNotFound",
     "CardRejected",
     "CarddeckError",
+    "ConcurrentChange",
     "DeckConflict",
     "InvalidInput",
     "NotReady",

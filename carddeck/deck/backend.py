@@ -6,7 +6,7 @@ relative to the deck root (``manifest.json``, ``cards/<name>/<version>/model.onn
 
 The store (:class:`carddeck.deck.store.DeckStore`) writes files first and the manifest last, by
 :meth:`Backend.commit`, a write that succeeds only when the manifest is still the one the writer read
-(its change stamp): the loser of a race gets :class:`~carddeck.errors.DeckConflict`.
+(its change stamp): the loser of a race gets :class:`~carddeck.errors.ConcurrentChange`, a DeckConflict.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from carddeck.deck.cardfile import atomic_write
-from carddeck.errors import DeckConflict
+from carddeck.errors import ConcurrentChange
 
 
 class Backend(Protocol):
@@ -51,7 +51,7 @@ class Backend(Protocol):
         ...
 
     def commit(self, key: str, data: bytes, expected: str | None) -> None:
-        """Write only if the file's stamp is still ``expected`` (None: only if absent); else DeckConflict."""
+        """Write only if the file's stamp is still ``expected`` (None: only if absent); else ConcurrentChange."""
         ...
 
     def list(self, prefix: str) -> list[str]:
@@ -99,7 +99,7 @@ class LocalBackend:
     def commit(self, key: str, data: bytes, expected: str | None) -> None:
         current = self.stamp(key)
         if current != expected:
-            raise DeckConflict(f"{self.root / key} changed since it was read (another writer); nothing was written")
+            raise ConcurrentChange(f"{self.root / key} changed since it was read (another writer); nothing was written")
         atomic_write(self.root / key, data)
 
     def list(self, prefix: str) -> list[str]:

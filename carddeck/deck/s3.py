@@ -5,7 +5,8 @@ boto3 is the AWS SDK itself: it reads credentials, region and endpoint the stand
 ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` for MinIO, R2, moto...),
 retries, and speaks S3's conditional writes, the one primitive a shared store needs: the manifest
 is committed with ``If-Match: <ETag read>`` (or ``If-None-Match: *`` when creating), so of two
-writers that read the same manifest exactly one wins; the other gets DeckConflict.
+writers that read the same manifest exactly one wins; the other gets ConcurrentChange (a DeckConflict:
+ABORTED over gRPC, 409 over HTTP).
 
 Objects are immutable once named by a manifest: a writer puts its files under keys of its own
 (:meth:`S3Backend.fresh`), so a losing or killed writer can never overwrite what a winner committed.
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from carddeck.errors import DeckConflict, InvalidInput, NotReady
+from carddeck.errors import ConcurrentChange, InvalidInput, NotReady
 
 CREDENTIALS_HELP = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for a store other than AWS"
@@ -114,13 +115,15 @@ class S3Backend:
                 except ClientError as exc:
                     code = exc.response.get("Error", {}).get("Code", "")
                     if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                        raise DeckConflict(
+                        raise ConcurrentChange(
                             f"{self.root}/{key} changed since it was read: another writer committed first; "
                             "this change was not applied (retry it on the new deck)"
                         ) from None
                     raise
         except FileNotFoundError:  # If-Match on a manifest that was deleted meanwhile
-            raise DeckConflict(f"{self.root}/{key} was deleted since it was read; the change was not applied") from None
+            raise ConcurrentChange(
+                f"{self.root}/{key} was deleted since it was read; the change was not applied"
+            ) from None
 
     def list(self, prefix: str) -> list[str]:
         keys = []

@@ -24,6 +24,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.CardNotFound: grpc.StatusCode.NOT_FOUND,
     errors.CardRejected: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ConcurrentChange: grpc.StatusCode.ABORTED,  # a lost race: retry on the new deck
     errors.DeckConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.NotReady: grpc.StatusCode.UNAVAILABLE,

@@ -6,7 +6,7 @@ import pytest
 
 from carddeck.deck.backend import Backend, LocalBackend, open_backend
 from carddeck.deck.s3 import S3Backend
-from carddeck.errors import DeckConflict
+from carddeck.errors import ConcurrentChange
 from tests.deck.test_s3 import bucket, s3_endpoint, s3_env  # noqa: F401 - fixtures
 
 
@@ -41,14 +41,14 @@ def test_read_write_list_delete(backend):
 def test_conditional_commit_and_change_stamps(backend):
     assert backend.stamp("manifest.json") is None
     backend.commit("manifest.json", b"v0", expected=None)
-    with pytest.raises(DeckConflict):
+    with pytest.raises(ConcurrentChange):
         backend.commit("manifest.json", b"again", expected=None)  # creating twice: the second loses
     data, first = backend.read_stamped("manifest.json")
     assert data == b"v0" and backend.stamp("manifest.json") == first
     backend.commit("manifest.json", b"v1", expected=first)
     second = backend.stamp("manifest.json")
     assert second is not None and second != first
-    with pytest.raises(DeckConflict):
+    with pytest.raises(ConcurrentChange):
         backend.commit("manifest.json", b"stale", expected=first)  # written against an old read
     assert backend.read("manifest.json") == b"v1"
 

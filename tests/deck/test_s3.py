@@ -22,7 +22,7 @@ from moto.server import ThreadedMotoServer
 from carddeck.cli import main
 from carddeck.deck import Deck, DeckStore
 from carddeck.deck.s3 import S3Backend
-from carddeck.errors import CardRejected, DeckConflict, InvalidInput
+from carddeck.errors import CardRejected, ConcurrentChange, DeckConflict, InvalidInput
 from tests.deck.conftest import add_noise, card
 
 pytestmark = pytest.mark.integration
@@ -162,7 +162,7 @@ def test_two_racing_writers_exactly_one_wins(location, bucket):
         t.start()
     for t in threads:
         t.join(60)
-    assert isinstance(outcomes["w1"], DeckConflict) and "another writer committed first" in str(outcomes["w1"])
+    assert isinstance(outcomes["w1"], ConcurrentChange) and "another writer committed first" in str(outcomes["w1"])
     assert not isinstance(outcomes["w0"], Exception)
     m = DeckStore(location).manifest()
     assert m.version == 3 and [c.name for c in m.cards] == ["g1", "a1", "w0"]
