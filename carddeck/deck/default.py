@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from carddeck.deck.cardfile import atomic_write
-from carddeck.deck.store import MANIFEST, DeckStore
+from carddeck.deck.store import GATE_FILES, MANIFEST, DeckStore
 from carddeck.errors import DeckConflict
 
 
@@ -40,7 +40,7 @@ def init_deck(dest: Path | str, *, empty: bool = False, source: Path | str | Non
     src = DeckStore(source if source is not None else default_deck_path())
     manifest = src.manifest()
     dest.mkdir(parents=True, exist_ok=True)
-    extras = (manifest.gate.get("router"), manifest.gate.get("shift"), manifest.calibration)
+    extras = (*(manifest.gate.get(k) for k in GATE_FILES), manifest.calibration)
     referenced = [c.path for c in manifest.cards] + [p for p in extras if p]
     root = Path(src.root)  # the packaged deck (or another local one)
     for rel in referenced:

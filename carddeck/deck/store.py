@@ -70,6 +70,7 @@ META_FILE = "card.json"
 READ_ONLY = "READ-ONLY"  # marker file: the deck is shipped (in the package, in the repository), never changed
 RESERVED_NAMES = frozenset({"carddeck"})  # the deck's own model name in the Open Inference Protocol
 REMOVED_MARK = ".removed"  # in a removed card's directory: kept for the grace period, from the mark's time
+GATE_FILES = ("router", "shift")  # manifest.gate keys that name fitted files under gate/ (set_gate writes them)
 DEBRIS_GRACE_S = 60.0  # replicas poll every few seconds and load a deck in seconds: ample margin
 
 
@@ -344,7 +345,7 @@ class DeckStore:
         if self.backend.remote:
             return []
         root = Path(self.root)
-        named = {c.path for c in manifest.cards} | {str(manifest.gate.get(k)) for k in ("router", "shift")}
+        named = {c.path for c in manifest.cards} | {str(manifest.gate.get(k)) for k in GATE_FILES}
         cutoff = time.time() - self.debris_grace_s
 
         def unnamed(path: Path) -> bool:
@@ -366,9 +367,9 @@ class DeckStore:
 
     def _sweep(self, manifest: Manifest) -> list[str]:
         """Under the lock (no writer is mid-write): remove the debris, then card-name directories left empty."""
-        removed = self._debris(manifest)
-        if self.backend.remote:
+        if self.backend.remote:  # debris is swept on disk only (see the module docstring)
             return []
+        removed = self._debris(manifest)
         root = Path(self.root)
         for path in removed:
             if path.is_dir():
@@ -479,9 +480,10 @@ class DeckStore:
             if not gone:
                 m.find(name, version)  # raises CardNotFound naming what is there
             keep = tuple(c for c in m.cards if c not in gone)
-            for c in gone if not self.backend.remote else ():  # kept for the grace period, counted from now
-                with contextlib.suppress(OSError):
-                    (Path(self.root) / c.path / REMOVED_MARK).touch()
+            if not self.backend.remote:  # on disk: kept for the grace period, counted from now
+                for c in gone:
+                    with contextlib.suppress(OSError):
+                        (Path(self.root) / c.path / REMOVED_MARK).touch()
             self._commit(
                 replace(
                     m,
@@ -558,6 +560,7 @@ def _encode(manifest: Manifest) -> bytes:
 __all__ = [
     "CALIBRATION",
     "DEBRIS_GRACE_S",
+    "GATE_FILES",
     "MANIFEST",
     "READ_ONLY",
     "RESERVED_NAMES",
