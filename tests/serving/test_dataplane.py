@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from carddeck.deck import Deck, DeckStore
 from carddeck.errors import CardRejected, NotReady
-from carddeck.server.dataplane import Dataplane, DataplaneConfig
-from carddeck.server.metrics import Metrics
-from tests.server.conftest import card, noisy_images, smooth_images
+from carddeck.observability.metrics import Metrics
+from carddeck.serving.dataplane import Dataplane, DataplaneConfig
+from tests.servers import card, noisy_images, smooth_images
 
 
 class BatchSizes(Metrics):
