@@ -19,10 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moto.server import ThreadedMotoServer
 
 from carddeck.deck import DeckStore
+from carddeck.server.proto_gen.inference import grpc_service_pb2
+from carddeck.server.proto_gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.deck.test_s3 import bucket, location, s3_endpoint, s3_env  # noqa: F401 - fixtures
 from tests.http.conftest import HttpServer, http_server, request
 from tests.observability.scrape import scrape, value
-from tests.server.conftest import card, noisy_images
+from tests.servers import card, noisy_images
 
 pytestmark = pytest.mark.integration
 
@@ -77,13 +79,17 @@ def infer(server: HttpServer) -> dict:
     return answer.json()
 
 
-def store_health(server: HttpServer) -> int:
-    target = server.process.address
-    with grpc.insecure_channel(target) as channel:
+def store_health(server: HttpServer) -> tuple[int, str]:
+    """grpc.health.v1's status of the "carddeck.store" service, and the store line of OIP ServerReady."""
+    with grpc.insecure_channel(server.process.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         overall = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
         assert overall == health_pb2.HealthCheckResponse.SERVING  # it serves its snapshot all along
-        return stub.Check(health_pb2.HealthCheckRequest(service="carddeck.store"), timeout=10).status
+        status = stub.Check(health_pb2.HealthCheckRequest(service="carddeck.store"), timeout=10).status
+        oip = GRPCInferenceServiceStub(channel)
+        ready, call = oip.ServerReady.with_call(grpc_service_pb2.ServerReadyRequest(), timeout=10)
+        assert ready.ready
+        return status, dict(call.trailing_metadata())["carddeck-store"]
 
 
 def test_a_replica_rides_out_a_store_outage_and_catches_up(location, endpoint, tmp_path):  # noqa: F811 - fixture
@@ -101,7 +107,7 @@ def test_a_replica_rides_out_a_store_outage_and_catches_up(location, endpoint, t
         assert abs(synced - time.time()) < 30
         ready = request(replica, "GET", "/v2/health/ready")
         assert ready.status == 200 and ready.headers["carddeck-store"] == "reachable"
-        assert store_health(replica) == health_pb2.HealthCheckResponse.SERVING
+        assert store_health(replica) == (health_pb2.HealthCheckResponse.SERVING, "reachable")
 
         endpoint.stop()  # the replica's endpoint goes away
         until("the store gauge to go 0", lambda: up() == 0.0)
@@ -109,7 +115,8 @@ def test_a_replica_rides_out_a_store_outage_and_catches_up(location, endpoint, t
         ready = request(replica, "GET", "/v2/health/ready")
         assert ready.status == 200, ready.body  # ready: it serves; the store's state is reported beside it
         assert ready.headers["carddeck-store"].startswith("unreachable")
-        assert store_health(replica) == health_pb2.HealthCheckResponse.NOT_SERVING
+        status, line = store_health(replica)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING and line.startswith("unreachable")
         samples = scrape(metrics_port)
         assert value(samples, "carddeck_store_poll_errors_total") >= 1
         stale = value(samples, "carddeck_store_last_sync_timestamp_seconds")
@@ -125,7 +132,7 @@ def test_a_replica_rides_out_a_store_outage_and_catches_up(location, endpoint, t
         assert infer(replica)["model_version"] == "3"
         assert value(scrape(metrics_port), "carddeck_store_last_sync_timestamp_seconds") > stale
         assert request(replica, "GET", "/v2/health/ready").headers["carddeck-store"] == "reachable"
-        assert store_health(replica) == health_pb2.HealthCheckResponse.SERVING
+        assert store_health(replica) == (health_pb2.HealthCheckResponse.SERVING, "reachable")
         log = replica.process.log()
         assert log.count("cannot reach the deck store") == 1, log[-3000:]
         assert log.count("deck store reachable again") == 1, log[-3000:]
