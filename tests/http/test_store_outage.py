@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,23 +22,18 @@ from carddeck.server.proto_gen.inference import grpc_service_pb2
 from carddeck.server.proto_gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.deck.test_s3 import bucket, location, s3_endpoint, s3_env  # noqa: F401 - fixtures
 from tests.http.conftest import HttpServer, http_server, request
+from tests.observability.promql import free_port
 from tests.observability.scrape import scrape, value
 from tests.servers import card, noisy_images
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Endpoint:
     """The replica's S3 endpoint: a moto server that can be stopped and started again on its port."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.server: ThreadedMotoServer | None = None
         self.start()
 
