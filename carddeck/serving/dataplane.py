@@ -1,7 +1,8 @@
 """The data plane, free of any transport: requests on the live deck snapshot, micro-batching, drain.
 
-A request reads the current snapshot (:class:`~carddeck.serving.snapshot.Snapshots`) once and
-finishes on it, whatever swaps meanwhile.
+A request resolves its model (:meth:`Dataplane.resolve`) on the current snapshot
+(:class:`~carddeck.serving.snapshot.Snapshots`) once and finishes on that snapshot, whatever swaps
+meanwhile.
 
 Routing always runs per request on that request's own images (in the caller's thread). Only the
 card runs are merged: the batcher concatenates the requests' images, runs each card once on the
@@ -35,9 +36,6 @@ from carddeck.serving.snapshot import DeckMetrics, Snapshots
 from carddeck.serving.stats import ModelStats, Statistics
 
 log = logging.getLogger(__name__)
-
-
-OnCard = Callable[[str, float], None]  # (card name, seconds) after each card run
 
 
 class MetricsHook(DeckMetrics, Protocol):
