@@ -359,4 +359,4 @@ class Dataplane:
         return self.statistics.get(model)
 
 
-__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook", "Model"]
+__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from carddeck.card import CardMeta, InputSpec
+from carddeck.card import NAME_PATTERN, CardMeta, InputSpec
 from carddeck.deck import Deck
 from carddeck.errors import CardNotFound, InvalidInput, shown
 
@@ -34,6 +34,13 @@ class Model:
         return self.deck.input
 
 
+def check_card_name(name: str, field: str = "name") -> str:
+    """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
+    if not NAME_PATTERN.match(name):
+        raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
+    return name
+
+
 def model_names(deck: Deck, deck_name: str) -> list[str]:
     return [deck_name, *deck.card_names]
 
@@ -54,4 +61,4 @@ def resolve(deck: Deck, deck_name: str, name: str, version: str = "") -> Model:
     return Model(name, deck, meta)
 
 
-__all__ = ["DECK_MODEL_NAME", "Model", "model_names", "resolve"]
+__all__ = ["DECK_MODEL_NAME", "Model", "check_card_name", "model_names", "resolve"]

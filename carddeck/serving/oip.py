@@ -8,8 +8,9 @@ under its own name (version = card version) with ``probabilities`` and ``labels`
 :class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool).
 
 The gRPC servicer (:mod:`carddeck.server.oip_servicer`) and the HTTP routes (:mod:`carddeck.http`)
-only convert their wire formats to these calls and back, so both transports resolve models,
-decode tensors, validate and answer the same way, with the same messages.
+only convert their wire formats to these calls and back, so both transports resolve models (through
+:mod:`carddeck.serving.models`), decode tensors, validate and answer the same way, with the same
+messages.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import carddeck
-from carddeck.card import NAME_PATTERN, InputSpec
+from carddeck.card import InputSpec
 from carddeck.deck import read_card_meta
 from carddeck.deck.deck import top_labels
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
-from carddeck.serving.models import Model, model_names, resolve
+from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
 if TYPE_CHECKING:
@@ -156,13 +157,6 @@ def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]
             )
         out[name] = available[name]
     return out
-
-
-def check_card_name(name: str, field: str = "name") -> str:
-    """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
-    if not NAME_PATTERN.match(name):
-        raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
-    return name
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -374,7 +368,6 @@ __all__ = [
     "accepted_images",
     "array_from_bytes",
     "array_from_values",
-    "check_card_name",
     "check_shape",
     "datatype_of",
     "images_header",
