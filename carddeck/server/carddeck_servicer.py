@@ -67,7 +67,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     @rpc(ADMIN)
     def AddCard(self, request_iterator: Iterator[pb.AddCardChunk], context: grpc.ServicerContext) -> pb.AddCardResponse:
         with self.dp.request():
-            upload = CardUpload(self.settings.max_card_mb * MiB, field="data")
+            upload = CardUpload(self.settings.max_card_mb * MiB, field="AddCardChunk.data")
             for chunk in request_iterator:
                 upload.add(chunk.data, chunk.sha256)
             meta, new = self.dp.add_card(upload.finish())
