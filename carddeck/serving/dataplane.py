@@ -1,7 +1,8 @@
 """The data plane, free of any transport: requests on the live deck snapshot, micro-batching, drain.
 
-A request reads the current snapshot (:class:`~carddeck.serving.snapshot.Snapshots`) once and
-finishes on it, whatever swaps meanwhile.
+A request resolves its model (:meth:`Dataplane.resolve`) on the current snapshot
+(:class:`~carddeck.serving.snapshot.Snapshots`) once and finishes on that snapshot, whatever swaps
+meanwhile.
 
 Routing always runs per request on that request's own images (in the caller's thread). Only the
 card runs are merged: the batcher concatenates the requests' images, runs each card once on the
@@ -27,16 +28,14 @@ import numpy as np
 from carddeck.card import CardMeta
 from carddeck.deck import Deck, Prediction
 from carddeck.deck.store import DEBRIS_GRACE_S
-from carddeck.errors import Cancelled, NotReady, shown
+from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import Routing
 from carddeck.serving.batching import MicroBatcher
+from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
 from carddeck.serving.stats import ModelStats, Statistics
 
 log = logging.getLogger(__name__)
-
-
-OnCard = Callable[[str, float], None]  # (card name, seconds) after each card run
 
 
 class MetricsHook(DeckMetrics, Protocol):
@@ -59,7 +58,7 @@ class DataplaneConfig:
     providers: Sequence[str] | None = None
     intra_op_threads: int | None = None
     calibration_data: str = ""
-    reserved_names: tuple[str, ...] = ()  # card names taken by the server (its deck model name)
+    deck_model_name: str = DECK_MODEL_NAME  # the gated deck's model name: no card may take it
     debris_grace_s: float = DEBRIS_GRACE_S
 
 
@@ -88,7 +87,7 @@ class Dataplane:
             providers=config.providers,
             intra_op_threads=config.intra_op_threads,
             calibration_data=config.calibration_data,
-            reserved_names=config.reserved_names,
+            reserved_names=(config.deck_model_name,),
             debris_grace_s=config.debris_grace_s,
             metrics=metrics,
         )
@@ -191,29 +190,36 @@ class Dataplane:
         return True
 
     # -- inference ----------------------------------------------------------------------------
+    def resolve(self, name: str | None = None, version: str = "") -> Model:
+        """The model ``name`` (None: the gated deck) on the current snapshot, which the request then keeps."""
+        deck_name = self.config.deck_model_name
+        return resolve(self.deck, deck_name, deck_name if name is None else name, version)
+
     def predict(
         self,
         images: np.ndarray,
         *,
+        model: Model | None = None,
         policy: str | None = None,
         per_sample: bool = False,
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
-        model: str = "",
     ) -> tuple[Prediction, Deck]:
+        """The gated deck's prediction, on ``model``'s snapshot (default: the deck model, resolved now)."""
+        model = model or self.resolve()
         with self._inferring_call():
-            return self._predict(images, policy, per_sample, timeout_s, is_cancelled, model)
+            return self._predict(model, images, policy, per_sample, timeout_s, is_cancelled), model.deck
 
     def _predict(
         self,
+        model: Model,
         images: np.ndarray,
         policy: str | None,
         per_sample: bool,
         timeout_s: float | None,
         is_cancelled: Callable[[], bool] | None,
-        model: str,
-    ) -> tuple[Prediction, Deck]:
-        deck = self.deck  # the snapshot this request finishes on
+    ) -> Prediction:
+        deck = model.deck  # the snapshot this request finishes on
         start = time.monotonic()
         announced = self._announce(len(images))
         try:
@@ -222,48 +228,46 @@ class Dataplane:
         except BaseException:
             if announced:
                 self._batcher.withdraw()  # type: ignore[union-attr]
-            self._record(model, len(images), start, ok=False)
+            self._record(model.name, len(images), start, ok=False)
             raise
         if self.metrics is not None:
             self.metrics.observe_routing(routing)
-        probs = self._combine(deck, x, routing.weights, announced, timeout_s, is_cancelled, model, start)
+        probs = self._combine(deck, x, routing.weights, announced, timeout_s, is_cancelled, model.name, start)
         for listener in self.on_predict:
-            listener(model, x, routing, probs)
-        return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing), deck
-
-    def route(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> tuple[Routing, Deck]:
-        deck = self.deck
-        return deck.route(images, policy=policy, per_sample=per_sample), deck
+            listener(model.name, x, routing, probs)
+        return Prediction(probs, routing)
 
     def run_card(
         self,
-        name: str,
+        model: Model,
         images: np.ndarray,
         *,
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
-    ) -> tuple[np.ndarray, Deck]:
-        """One card's probabilities, no gate (a card served as a model of its own)."""
+    ) -> np.ndarray:
+        """One card's probabilities, no gate (a card served as a model of its own), on ``model``'s snapshot."""
         with self._inferring_call():
-            return self._run_card(name, images, timeout_s, is_cancelled)
+            return self._run_card(model, images, timeout_s, is_cancelled)
 
     def _run_card(
-        self, name: str, images: np.ndarray, timeout_s: float | None, is_cancelled: Callable[[], bool] | None
-    ) -> tuple[np.ndarray, Deck]:
-        deck = self.deck
+        self, model: Model, images: np.ndarray, timeout_s: float | None, is_cancelled: Callable[[], bool] | None
+    ) -> np.ndarray:
+        deck = model.deck
         start = time.monotonic()
         announced = self._announce(len(images))
         try:
-            k = _card_index(deck, name)
+            if model.card is None:
+                raise InvalidInput(f"model {model.name!r} is the gated deck, not a card")
+            k = deck.card_index(model.card.name)
             x = deck.prepare(images)
         except BaseException:
             if announced:
                 self._batcher.withdraw()  # type: ignore[union-attr]
-            self._record(name, len(images), start, ok=False)
+            self._record(model.name, len(images), start, ok=False)
             raise
         weights = np.zeros((len(x), len(deck.cards)), np.float32)
         weights[:, k] = 1.0
-        return self._combine(deck, x, weights, announced, timeout_s, is_cancelled, name, start), deck
+        return self._combine(deck, x, weights, announced, timeout_s, is_cancelled, model.name, start)
 
     def _announce(self, n: int) -> bool:
         """True: this request goes through the batcher (and told it to expect one more)."""
@@ -304,7 +308,7 @@ class Dataplane:
                     raise Cancelled("request cancelled (or its deadline passed) before it ran")
                 self._observe_batch(len(x), [])  # a batch of its own, no queue wait
                 t0 = time.monotonic()
-                probs = _combine(deck, x, weights, self._on_card)
+                probs = deck.combine(x, weights, on_card=self._on_card)
                 done = _Done(probs, t0 - start, time.monotonic() - t0)
             else:
                 assert self._batcher is not None
@@ -336,11 +340,11 @@ class Dataplane:
         for idx in groups.values():
             deck = works[idx[0]].deck
             if len(idx) == 1:
-                out[idx[0]] = _combine(deck, works[idx[0]].x, works[idx[0]].weights, self._on_card)
+                out[idx[0]] = deck.combine(works[idx[0]].x, works[idx[0]].weights, on_card=self._on_card)
                 continue
             x = np.concatenate([works[i].x for i in idx])
             weights = np.concatenate([works[i].weights for i in idx])
-            probs = _combine(deck, x, weights, self._on_card)
+            probs = deck.combine(x, weights, on_card=self._on_card)
             offset = 0
             for i in idx:
                 n = len(works[i].x)
@@ -361,29 +365,6 @@ class Dataplane:
 
     def stats(self, model: str) -> ModelStats:
         return self.statistics.get(model)
-
-
-def _card_index(deck: Deck, name: str) -> int:
-    from carddeck.errors import CardNotFound
-
-    try:
-        return deck.card_names.index(name)
-    except ValueError:
-        raise CardNotFound(
-            f"no card {shown(name)} in the deck (cards: {', '.join(deck.card_names) or 'none'})"
-        ) from None
-
-
-def _combine(deck: Deck, x: np.ndarray, weights: np.ndarray, on_card: OnCard | None = None) -> np.ndarray:
-    routing = Routing(
-        policy="merged",
-        per_sample=True,
-        card_names=deck.card_names,
-        weights=weights,
-        domains=(),
-        distances=np.zeros((len(x), 0), np.float32),
-    )
-    return deck.combine(x, routing, on_card=on_card)
 
 
 __all__ = ["Dataplane", "DataplaneConfig", "MetricsHook"]
