@@ -215,11 +215,13 @@ def test_a_killed_writers_objects_are_swept_once_older_than_the_grace_period(loc
     assert keys(bucket) == sorted([*named, *orphans])
     client = boto3.client("s3")
     client.put_object(Bucket=bucket, Key="decks/one/notes.txt", Body=b"not the deck's")  # not a writer's file
+    for key in ("gate/router-3-0123456789ab.npz", "calibration-0123456789ab.npz"):  # a killed calibrate's
+        client.put_object(Bucket=bucket, Key=f"decks/one/{key}", Body=b"npz")
     time.sleep(grace_s + 1.5)  # past the grace period by the store's clock (whole seconds)
     store.add_card(card("late", "augmix", seed=8))  # a writer still within grace of its own files
     assert store.version == 3
     # the sweep at that commit took the old orphans; every object the manifest names stays
-    assert [k for k in keys(bucket) if "/cards/k1/" in k] == []
+    assert [k for k in keys(bucket) if "/cards/k1/" in k or "0123456789ab" in k] == []
     assert set(named) - {"decks/one/manifest.json"} <= set(keys(bucket))
     assert "decks/one/notes.txt" in keys(bucket)
     deck = Deck.open(location)
