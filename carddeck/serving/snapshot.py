@@ -246,8 +246,9 @@ class Snapshots:
         self._set_store(StoreState(reachable=True, last_sync=time.time()), failed=False)
         if not old.in_sync:
             log.info(
-                "deck store reachable again (%s) after %d failed polls; serving deck version %s",
-                self.location, old.failures, getattr(self.current, "version", "?"),
+                "deck store %s (%s) after %d failed polls; serving deck version %s",
+                "in sync again" if old.reachable else "reachable again", self.location, old.failures,
+                getattr(self.current, "version", "?"),
             )  # fmt: skip
 
     def _failed(self, exc: Exception, *, reachable: bool) -> None:
