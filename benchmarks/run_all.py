@@ -49,6 +49,7 @@ def benches(deck: Path) -> dict[str, tuple[str, list[str]]]:
             ["bench_http.py", "--deck", str(deck)],
         ),
         "corruptions": ("Writing digits32-C (19 corruptions x 5 severities)", ["bench_corruptions.py"]),
+        "replicas": ("Replicas converge: three servers on one store (local, S3)", ["bench_replicas.py"]),
     }
 
 

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +57,10 @@ class Backend(Protocol):
 
     def list(self, prefix: str) -> list[str]:
         """Keys of the files under ``prefix`` (a folder)."""
+        ...
+
+    def ages(self, prefix: str) -> dict[str, float]:
+        """Seconds since each file under ``prefix`` ("" for every file) was last written, by the store's clock."""
         ...
 
     def delete(self, prefix: str) -> None:
@@ -105,6 +110,14 @@ class LocalBackend:
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def ages(self, prefix: str) -> dict[str, float]:
+        now = time.time()
+        ages = {}
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):  # removed since it was listed
+                ages[key] = now - os.stat(self.root / key).st_mtime
+        return ages
 
     def delete(self, prefix: str) -> None:
         path = self.root / prefix

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
+import time
 import uuid
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from carddeck.errors import ConcurrentChange, InvalidInput, NotReady
@@ -125,17 +127,29 @@ class S3Backend:
                 f"{self.root}/{key} was deleted since it was read; the change was not applied"
             ) from None
 
-    def list(self, prefix: str) -> list[str]:
-        keys = []
+    def _objects(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, age in seconds) of each object under the folder ``prefix`` ("" for the whole deck).
+
+        The age is by the store's own clock (the listing's ``Date`` header against ``LastModified``), so a
+        skewed local clock cannot make a writer's fresh objects look old.
+        """
+        folder = prefix.strip("/")
         start = len(self._key(""))
-        with self._errors(f"{self.root}/{prefix}"):
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key(prefix.rstrip("/"))
-            )
+        with self._errors(f"{self.root}/{folder}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(folder))
             for page in pages:
-                keys += [obj["Key"][start:] for obj in page.get("Contents", ())]
-        prefix = prefix.rstrip("/")
-        return sorted(k for k in keys if k == prefix or k.startswith(prefix + "/"))
+                date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+                now = parsedate_to_datetime(date).timestamp() if date else time.time()
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"][start:]
+                    if not folder or key == folder or key.startswith(folder + "/"):
+                        yield key, now - obj["LastModified"].timestamp()
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(key for key, _ in self._objects(prefix))
+
+    def ages(self, prefix: str) -> dict[str, float]:
+        return dict(self._objects(prefix))
 
     def delete(self, prefix: str) -> None:
         keys = self.list(prefix)

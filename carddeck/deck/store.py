@@ -23,7 +23,9 @@ writer is mid-write): temporary files and the card directories of interrupted ad
 manifest) at once; the directories of removed cards (marked ``.removed``) and superseded routers once
 unnamed for ``debris_grace_s`` (60 s by default), since a replica that read the previous manifest may
 still be loading them. On S3 a loser's or failed writer's files are deleted by the writer itself and a
-removed card's objects at once; objects a killed writer left behind are not collected yet.
+removed card's objects at once; objects a killed writer left behind (files under cards/, gate/ or
+a calibration file that no manifest names) go with the sweep at every change and by :meth:`clean` once
+older than ``debris_grace_s`` by the store's clock (younger ones may be a live writer's, not yet committed).
 Adding a card that is already there with the same bytes answers it again (a retried add); other
 bytes under the same name and version are a DeckConflict.
 """
@@ -58,7 +60,7 @@ from carddeck.deck.cardfile import (
     read_card_meta,
     set_card_meta,
 )
-from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
+from carddeck.errors import CarddeckError, CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +325,7 @@ class DeckStore:
         log.info("deck %s: version %d (%d cards)", self.root, manifest.version, len(manifest.cards))
         try:
             self._sweep(manifest)
-        except OSError as exc:  # the change is committed; debris waits for the next sweep
+        except (OSError, CarddeckError) as exc:  # the change is committed; debris waits for the next sweep
             log.warning("deck %s: could not remove debris: %s", self.root, exc)
         return manifest
 
@@ -333,17 +335,21 @@ class DeckStore:
 
         Takes the lock only when there is debris: a clean deck is not written to, a read-only one never.
         """
-        if self.read_only or not self._debris(self.manifest()):
+        if self.read_only:
+            return []
+        if self.backend.remote:  # no lock to take: the sweep itself is all
+            return self._sweep(self.manifest())
+        if not self._debris(self.manifest()):
             return []
         with self._locked() as m:
             return self._sweep(m)
 
     def _debris(self, manifest: Manifest) -> list[Path]:
-        """What :meth:`clean` removes now, given ``manifest`` (see the module docstring)."""
+        """What :meth:`clean` removes now from a deck on disk, given ``manifest`` (see the module docstring)."""
         if self.backend.remote:
             return []
         root = Path(self.root)
-        named = {c.path for c in manifest.cards} | {str(manifest.gate.get(k)) for k in GATE_FILES}
+        named = _named(manifest)
         cutoff = time.time() - self.debris_grace_s
 
         def unnamed(path: Path) -> bool:
@@ -363,10 +369,36 @@ class DeckStore:
         routers = [r for r in root.glob("gate/*-*.npz") if unnamed(r) and expired(r)]  # routers, shift detectors
         return tmp + cards + routers
 
+    def _orphans(self, manifest: Manifest) -> list[str]:
+        """Objects of a remote deck that no manifest names and no live writer can still commit (killed writers').
+
+        No lock spans machines, so age decides: a writer commits within seconds of writing its files
+        (under fresh keys), so unnamed files older than the grace period, by the store's clock, are
+        orphans; younger ones may be a concurrent writer's, not yet committed, and stay.
+        """
+        named = _named(manifest)
+
+        def ours(key: str) -> bool:  # only what a writer puts there: cards, fitted gate files, calibration
+            return key.startswith(("cards/", "gate/")) or (key.startswith("calibration") and "/" not in key)
+
+        def unnamed(key: str) -> bool:
+            parts = key.split("/")
+            return not any("/".join(parts[:i]) in named for i in range(1, len(parts) + 1))
+
+        ages = self.backend.ages("")
+        return sorted(k for k, age in ages.items() if ours(k) and unnamed(k) and age > self.debris_grace_s)
+
     def _sweep(self, manifest: Manifest) -> list[str]:
         """Under the lock (no writer is mid-write): remove the debris, then card-name directories left empty."""
-        if self.backend.remote:  # debris is swept on disk only (see the module docstring)
-            return []
+        if self.backend.remote:
+            orphans = self._orphans(manifest)
+            for key in orphans:
+                self.backend.delete(key)
+            if orphans:
+                log.info(
+                    "deck %s: removed objects no manifest names (killed writers): %s", self.root, ", ".join(orphans)
+                )
+            return orphans
         removed = self._debris(manifest)
         root = Path(self.root)
         for path in removed:
@@ -549,6 +581,12 @@ class DeckStore:
             rel = self.backend.fresh(CALIBRATION)
             self._write(rel, buf.getvalue())
             return self._commit(replace(m, version=m.version + 1, calibration=rel, updated=_now()))
+
+
+def _named(manifest: Manifest) -> set[str]:
+    """The keys and card folders ``manifest`` names (what a sweep never removes)."""
+    gate = {str(manifest.gate[k]) for k in GATE_FILES if manifest.gate.get(k)}
+    return {c.path for c in manifest.cards} | gate | ({manifest.calibration} if manifest.calibration else set())
 
 
 def _encode(manifest: Manifest) -> bytes:

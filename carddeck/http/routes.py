@@ -17,6 +17,7 @@ from carddeck.http import tensors
 from carddeck.serving.access import Access
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels, TensorInfo, server_metadata
+from carddeck.serving.snapshot import STORE_KEY
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
 ADMIN, INFERENCE, OPEN = Access.ADMIN, Access.INFERENCE, Access.OPEN
@@ -81,7 +82,7 @@ class Routes:
             if not deck.cards:
                 raise NotReady(f"not ready: deck version {deck.version} has no cards; add one")
             raise NotReady("not ready: the server is shutting down")
-        return Reply()
+        return Reply(headers={STORE_KEY: self.dp.store_state.describe()})
 
     def server_metadata(self, call: Call) -> Reply:
         return json_reply(server_metadata(EXTENSIONS))

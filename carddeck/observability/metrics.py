@@ -148,6 +148,20 @@ class Metrics:
             "carddeck_card_changes", "Card loads and removals, by operation and outcome.", ["op", "outcome"],
             registry=r,
         )  # fmt: skip
+        self.store_up = Gauge(
+            "carddeck_store_up", "1 when the last poll could read the deck store's manifest, 0 when it could not.",
+            registry=r,
+        )  # fmt: skip
+        self.store_last_sync = Gauge(
+            "carddeck_store_last_sync_timestamp_seconds",
+            "Unix time of the last poll that found this replica serving the store's deck version "
+            "(time() minus it: how stale the served snapshot may be).",
+            registry=r,
+        )  # fmt: skip
+        self.store_poll_errors = Counter(
+            "carddeck_store_poll_errors",
+            "Polls of the deck store that failed (unreachable, or a deck that cannot be loaded).", registry=r,
+        )  # fmt: skip
         self.build = Info("carddeck_build", "Versions this server was built from.", registry=r)
 
         self._lock = threading.Lock()
@@ -286,6 +300,13 @@ class Metrics:
     def card_change(self, op: str, outcome: str) -> None:
         """A card load/removal finished: ``op`` add/remove, ``outcome`` ok/already_present/rejected."""
         self.card_changes.labels(op=op, outcome=outcome).inc()
+
+    def set_store(self, reachable: bool, last_sync: float, failed: bool) -> None:
+        """A poll of the deck store ended (see :class:`carddeck.serving.snapshot.StoreState`)."""
+        self.store_up.set(1 if reachable else 0)
+        self.store_last_sync.set(last_sync)
+        if failed:
+            self.store_poll_errors.inc()
 
     def build_info(self, extra: Mapping[str, str] | None = None) -> None:
         from carddeck import __version__

@@ -15,6 +15,9 @@ from grpc_health.v1 import health, health_pb2
 from carddeck.server.handlers import add_servicer
 
 SERVICES = ("", "carddeck.v1.CardDeck", "inference.GRPCInferenceService")
+# Not in SERVICES: SERVING while the replica is in sync with its deck store, NOT_SERVING while it serves a
+# snapshot it cannot refresh (store unreachable, or its new deck cannot be loaded). The replica stays ready.
+STORE_SERVICE = "carddeck.store"
 
 
 class Health:
@@ -29,6 +32,10 @@ class Health:
         for name in SERVICES:
             self.servicer.set(name, status)
 
+    def set_store(self, in_sync: bool) -> None:
+        ok, stale = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        self.servicer.set(STORE_SERVICE, ok if in_sync else stale)
+
     def enter_shutdown(self) -> None:
         """NOT_SERVING everywhere, permanently: readiness goes false before the drain starts."""
         self.servicer.enter_graceful_shutdown()
@@ -40,4 +47,4 @@ class Health:
         self._pool.shutdown(wait=False)
 
 
-__all__ = ["SERVICES", "Health"]
+__all__ = ["SERVICES", "STORE_SERVICE", "Health"]

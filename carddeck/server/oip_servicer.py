@@ -19,6 +19,7 @@ from carddeck.server.proto_gen.inference import model_config_pb2 as mc
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
 from carddeck.serving.settings import Settings
+from carddeck.serving.snapshot import STORE_KEY
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 Tensor = oip.ModelMetadataResponse.TensorMetadata
@@ -37,6 +38,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc(OPEN)
     def ServerReady(self, request: oip.ServerReadyRequest, context: grpc.ServicerContext) -> oip.ServerReadyResponse:
+        # ready while it serves, even from a stale snapshot; the store's state rides along, as over HTTP
+        context.set_trailing_metadata(((STORE_KEY, self.dp.store_state.describe()),))
         return oip.ServerReadyResponse(ready=self.dp.ready)
 
     @rpc(INFERENCE)

@@ -102,6 +102,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     dataplane.on_predict.append(shift)
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
+    dataplane.on_store.append(lambda state: health.set_store(state.in_sync))
     server = http = None
     drained = True  # an error before the drain leaves nothing running worth waiting for
     try:
@@ -118,6 +119,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             http = start_http_server(settings, dataplane, metrics=metrics)
             log.info("HTTP (Open Inference Protocol, /v2) on %s:%d", settings.host, http.port)
         health.set_serving(dataplane.ready)
+        health.set_store(dataplane.store_state.in_sync)
         log.info(
             "serving deck %s (version %d, %d cards, %s%s) on %s:%d",
             deck.root,

@@ -32,7 +32,7 @@ from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import Routing
 from carddeck.serving.batching import MicroBatcher
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
-from carddeck.serving.snapshot import DeckMetrics, Snapshots
+from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
 from carddeck.serving.stats import ModelStats, Statistics
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class Dataplane:
         self._draining = False
         self._shutting_down = False
         self.on_swap = self.snapshots.listeners  # told each new snapshot, e.g. health status follows the deck
+        self.on_store = self.snapshots.store_listeners  # told when the store is lost or back
         # (model, prepared images, routing, probabilities) after each Predict, e.g. the shift monitor
         self.on_predict: list[Callable[[str, np.ndarray, Routing, np.ndarray], None]] = []
         self._batcher: MicroBatcher[_Work, _Done] | None = None
@@ -132,8 +133,15 @@ class Dataplane:
 
     @property
     def ready(self) -> bool:
+        """Serving a deck with cards. A store that cannot be reached does not change it: the replica still
+        serves its last snapshot (taking every replica out of a load balancer would turn a store outage into
+        a full one); :attr:`store_state` says how fresh that snapshot is."""
         deck = self.snapshots.current
         return deck is not None and bool(deck.cards) and not self._shutting_down
+
+    @property
+    def store_state(self) -> StoreState:
+        return self.snapshots.store_state
 
     def add_card(self, model: bytes | Path) -> tuple[CardMeta, bool]:
         return self.snapshots.add_card(model)

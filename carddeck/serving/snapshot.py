@@ -5,6 +5,11 @@ that snapshot, whatever happens to the reference meanwhile; a change (AddCard, R
 new manifest written by another replica into a shared store) builds the next snapshot beside the
 current one (``Deck.open(previous=...)`` reuses the unchanged cards' sessions) and swaps the
 reference, then tells the listeners. Writers serialize on one lock; readers never take it.
+
+A store that cannot be read (an S3 endpoint down, a directory gone) costs nothing but freshness: the
+replica keeps serving its last snapshot, keeps polling, and catches up when the store answers again.
+:class:`StoreState` says where it stands (reachable, last in sync, failed polls); listeners, metrics and
+health report it, and the log says it once per outage, not once per poll.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +32,8 @@ from carddeck.errors import CarddeckError, CardRejected, NotReady
 
 log = logging.getLogger(__name__)
 
+STORE_KEY = "carddeck-store"  # header / metadata key of ready answers: StoreState.describe()
+
 
 class DeckMetrics(Protocol):
     """What the snapshot holder reports; :class:`carddeck.observability.metrics.Metrics` provides it."""
@@ -32,6 +41,31 @@ class DeckMetrics(Protocol):
     def set_deck(self, version: int, cards: Any) -> None: ...
     def set_default_policy(self, policy: str, configured: str) -> None: ...
     def card_change(self, op: str, outcome: str) -> None: ...
+    def set_store(self, reachable: bool, last_sync: float, failed: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """What this replica knows of its deck store, as of its last poll."""
+
+    reachable: bool = True  # the manifest could be read
+    last_sync: float = 0.0  # wall clock of the last poll that found this replica serving the store's version
+    failures: int = 0  # polls in a row that did not end in sync (0: in sync)
+    error: str = ""  # why the last poll failed
+
+    @property
+    def in_sync(self) -> bool:
+        return self.failures == 0
+
+    def describe(self) -> str:
+        """One ASCII line (an HTTP header, gRPC metadata): ``reachable``, or what is wrong and how stale the
+        served snapshot may be."""
+        if self.in_sync:
+            return "reachable"
+        since = datetime.fromtimestamp(self.last_sync, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        what = "unreachable" if not self.reachable else "reachable, but its deck cannot be loaded"
+        text = f"{what}; serving the snapshot last in sync at {since}, {self.failures} failed polls since: {self.error}"
+        return " ".join(text.split()).encode("ascii", "replace").decode()
 
 
 class Snapshots:
@@ -60,6 +94,8 @@ class Snapshots:
         self.current: Deck | None = None
         self.swaps = 0  # snapshots installed after the first
         self.listeners: list[Callable[[Deck], None]] = []  # told each new snapshot, e.g. health follows the deck
+        self.store_state = StoreState()
+        self.store_listeners: list[Callable[[StoreState], None]] = []  # told when the store is lost or back
         self._store: DeckStore | None = None
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
@@ -73,6 +109,7 @@ class Snapshots:
         deck = self._open(previous=None)
         self._clean()
         self._install(deck)
+        self._synced()
         if self.poll_interval_s > 0:
             self._poller = threading.Thread(target=self._poll, name="carddeck-deck-poll", daemon=True)
             self._poller.start()
@@ -183,16 +220,58 @@ class Snapshots:
         except (OSError, CarddeckError) as exc:  # e.g. a read-only deck: nothing of ours to clean there
             log.warning("deck %s: could not remove debris: %s", self.location, exc)
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
+    def poll(self) -> None:
+        """One look at the store: swap in its new version if any; on any failure keep the snapshot, note it."""
+        try:
+            version = self.store.manifest().version
+        except Exception as exc:  # endpoint down, directory gone or unreadable, a torn manifest
+            self._failed(exc, reachable=False)
+            return
+        if self.current is None or version != self.current.version:
             try:
                 self.reload_if_changed()
-                if time.monotonic() - self._last_clean > self.debris_grace_s:
-                    self._clean()  # debris from a crash, younger than the grace period at start
-            except Exception as exc:  # a half-written store from another replica: keep serving
-                log.warning(
-                    "deck reload failed, still serving version %s: %s", getattr(self.current, "version", "?"), exc
-                )
+            except Exception as exc:  # e.g. a card file another replica named that cannot be read or run
+                self._failed(exc, reachable=True)
+                return
+        self._synced()
+        if time.monotonic() - self._last_clean > self.debris_grace_s:
+            self._clean()  # debris from a crash, younger than the grace period at start
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            self.poll()
+
+    def _synced(self) -> None:
+        old = self.store_state
+        self._set_store(StoreState(reachable=True, last_sync=time.time()), failed=False)
+        if not old.in_sync:
+            log.info(
+                "deck store %s (%s) after %d failed polls; serving deck version %s",
+                "in sync again" if old.reachable else "reachable again", self.location, old.failures,
+                getattr(self.current, "version", "?"),
+            )  # fmt: skip
+
+    def _failed(self, exc: Exception, *, reachable: bool) -> None:
+        old = self.store_state
+        state = replace(old, reachable=reachable, failures=old.failures + 1, error=str(exc))
+        self._set_store(state, failed=True)
+        if old.in_sync or old.reachable != reachable:  # once per outage (and once more if its kind changes)
+            version = getattr(self.current, "version", "?")
+            if reachable:
+                log.warning("deck store %s changed, but the new deck cannot be loaded; still serving version %s "
+                            "and retrying every poll: %s", self.location, version, exc)  # fmt: skip
+            else:
+                log.warning("cannot reach the deck store %s; still serving deck version %s and retrying every poll "
+                            "(logged once per outage): %s", self.location, version, exc)  # fmt: skip
+
+    def _set_store(self, state: StoreState, *, failed: bool) -> None:
+        changed = state.in_sync != self.store_state.in_sync or state.reachable != self.store_state.reachable
+        self.store_state = state
+        if self.metrics is not None:
+            self.metrics.set_store(state.reachable, state.last_sync, failed)
+        if changed:
+            for listener in self.store_listeners:
+                listener(state)
 
     def _calibration_images(self) -> np.ndarray | None:
         if not self.calibration_data:
@@ -208,4 +287,4 @@ class Snapshots:
             self.metrics.card_change(op, outcome)
 
 
-__all__ = ["DeckMetrics", "Snapshots"]
+__all__ = ["STORE_KEY", "DeckMetrics", "Snapshots", "StoreState"]

@@ -38,6 +38,15 @@ def test_read_write_list_delete(backend):
     assert backend.list("cards") == []
 
 
+def test_ages_by_the_stores_clock(backend):
+    assert backend.ages("") == {}
+    backend.write("cards/a/1/model.onnx", b"onnx")
+    backend.write("calibration.npz", b"npz")
+    ages = backend.ages("")
+    assert sorted(ages) == ["calibration.npz", "cards/a/1/model.onnx"] and all(0 <= a < 30 for a in ages.values())
+    assert list(backend.ages("cards")) == ["cards/a/1/model.onnx"] and backend.ages("gate") == {}
+
+
 def test_conditional_commit_and_change_stamps(backend):
     assert backend.stamp("manifest.json") is None
     backend.commit("manifest.json", b"v0", expected=None)

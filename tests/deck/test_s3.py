@@ -181,19 +181,62 @@ store.add_card(open(sys.argv[2], "rb").read())
 """
 
 
+def kill_a_writer(location: str, model: Path) -> None:
+    """A real writer process, killed (SIGKILL) after uploading its card files and before its manifest commit."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = textwrap.dedent(KILLED_WRITER)
+    done = subprocess.run([sys.executable, "-c", script, location, str(model)], env=env, timeout=120)
+    assert done.returncode == -9
+
+
 def test_a_writer_killed_between_card_and_manifest_leaves_the_deck_loadable(location, bucket, tmp_path, images):
     before = Deck.open(location).predict(images).probabilities
     (tmp_path / "k1.onnx").write_bytes(card("k1", "gaussian", seed=7))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    script = textwrap.dedent(KILLED_WRITER)
-    done = subprocess.run([sys.executable, "-c", script, location, str(tmp_path / "k1.onnx")], env=env, timeout=120)
-    assert done.returncode == -9
+    kill_a_writer(location, tmp_path / "k1.onnx")
     assert [k for k in keys(bucket) if "/cards/k1/" in k]  # it died with its card files written
     store = DeckStore(location)
     assert store.version == 2 and "k1" not in [c.name for c in store.manifest().cards]
     np.testing.assert_array_equal(Deck.open(location).predict(images).probabilities, before)
     store.add_card((tmp_path / "k1.onnx").read_bytes())  # the leftovers do not block a retry
     assert Deck.open(location).card_names == ("g1", "a1", "k1")
+
+
+def test_a_killed_writers_objects_are_swept_once_older_than_the_grace_period(location, bucket, tmp_path, images):
+    """moto cannot back-date an object, so the objects really age: a grace of 2 s, and a wait past it."""
+    named = keys(bucket)
+    (tmp_path / "k1.onnx").write_bytes(card("k1", "gaussian", seed=7))
+    kill_a_writer(location, tmp_path / "k1.onnx")
+    orphans = sorted(set(keys(bucket)) - set(named))
+    assert len(orphans) == 2 and all("/cards/k1/1-" in k for k in orphans)  # model.onnx and card.json
+
+    grace_s = 2.0
+    store = DeckStore(location, debris_grace_s=grace_s)
+    assert store.clean() == []  # young: a live writer's files look the same until they are committed
+    assert keys(bucket) == sorted([*named, *orphans])
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key="decks/one/notes.txt", Body=b"not the deck's")  # not a writer's file
+    for key in ("gate/router-3-0123456789ab.npz", "calibration-0123456789ab.npz"):  # a killed calibrate's
+        client.put_object(Bucket=bucket, Key=f"decks/one/{key}", Body=b"npz")
+    time.sleep(grace_s + 1.5)  # past the grace period by the store's clock (whole seconds)
+    store.add_card(card("late", "augmix", seed=8))  # a writer still within grace of its own files
+    assert store.version == 3
+    # the sweep at that commit took the old orphans; every object the manifest names stays
+    assert [k for k in keys(bucket) if "/cards/k1/" in k or "0123456789ab" in k] == []
+    assert set(named) - {"decks/one/manifest.json"} <= set(keys(bucket))
+    assert "decks/one/notes.txt" in keys(bucket)
+    deck = Deck.open(location)
+    assert deck.card_names == ("g1", "a1", "late") and deck.predict(images).labels.shape == (len(images),)
+
+
+def test_clean_sweeps_orphans_at_start_without_a_change(location, bucket, tmp_path):
+    """What `carddeck serve` runs at start (and now and then while polling): the sweep with no writer."""
+    (tmp_path / "k2.onnx").write_bytes(card("k2", "gaussian", seed=9))
+    kill_a_writer(location, tmp_path / "k2.onnx")
+    orphans = [k for k in keys(bucket) if "/cards/k2/" in k]
+    time.sleep(2.5)
+    gone = DeckStore(location, debris_grace_s=1.0).clean()
+    assert ["decks/one/" + k for k in gone] == orphans and not [k for k in keys(bucket) if "/cards/k2/" in k]
+    assert DeckStore(location).version == 2 and Deck.open(location).card_names == ("g1", "a1")
 
 
 def test_clear_errors_at_start(s3_env, bucket, monkeypatch):

@@ -70,6 +70,9 @@ def test_every_metric_is_named_and_labelled_by_convention(live):
         "carddeck_deck_version",
         "carddeck_deck_cards",
         "carddeck_card_changes_total",
+        "carddeck_store_up",
+        "carddeck_store_last_sync_timestamp_seconds",
+        "carddeck_store_poll_errors_total",
         "carddeck_build_info",
     ):
         assert expected in names, expected

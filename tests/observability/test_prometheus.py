@@ -107,6 +107,20 @@ def test_expected_accuracy_alert_fires_only_when_the_estimate_stays_low(promethe
     )
 
 
+def test_store_stale_alert_fires_only_while_polls_keep_failing(prometheus_tools, tmp_path):
+    # "a": last in sync at 0, polls failing ever since; "b": in sync every minute; "c": never polls
+    # (--poll-interval-s 0), so its last sync stays at start without a single failed poll.
+    series = []
+    for instance, synced, errors in (("a", "0x40", "0+12x40"), ("b", "0+60x40", "0x40"), ("c", "0x40", "0x40")):
+        labels = f'job="carddeck", instance="{instance}"'
+        series.append({"series": f"carddeck_store_last_sync_timestamp_seconds{{{labels}}}", "values": synced})
+        series.append({"series": f"carddeck_store_poll_errors_total{{{labels}}}", "values": errors})
+    (rule,) = [r for r in alert_rules() if r["alert"] == "CarddeckStoreStale"]
+    annotations = {k: v.replace("{{ $labels.instance }}", "a") for k, v in rule["annotations"].items()}
+    exp = [{"exp_labels": {"severity": "warning", "job": "carddeck", "instance": "a"}, "exp_annotations": annotations}]
+    promtool_test(prometheus_tools["promtool"], tmp_path, series, "CarddeckStoreStale", exp)
+
+
 def test_dashboard_has_the_required_panels():
     exprs = " ".join(e for _, e in dashboard_exprs())
     for metric in (
@@ -121,6 +135,8 @@ def test_dashboard_has_the_required_panels():
         "carddeck_batch_size_bucket",
         "carddeck_deck_cards",
         "carddeck_card_changes_total",
+        "carddeck_store_last_sync_timestamp_seconds",
+        "carddeck_store_up",
     ):
         assert metric in exprs, metric
 
@@ -150,6 +166,7 @@ def test_every_dashboard_and_alert_expression_on_a_live_server(prometheus_tools,
                 serve_batch(metrics, rig.deck, rig.clean[:8], per_sample=True)
                 serve_batch(metrics, rig.deck, rig.clean[:8], policy="uniform")  # every card gets a share
             metrics.card_change("add", "ok")
+            metrics.set_store(False, time.time() - 600, True)  # a store outage: CarddeckStoreStale's series
             metrics.set_queue_depth(i % 3)
             i += 1
             stop.wait(0.2)
