@@ -58,10 +58,9 @@ def kept_findings(path: Path) -> str:
     at = text.find(FINDINGS)
     if at < 0:
         return ""
-    findings = text[at:].rstrip() + "\n"
-    note = "\n_(written from an earlier run's figures; rewrite them from the tables above)_\n"
-    head, _, body = findings.partition("\n")
-    return head + (note if note.strip() not in body else "") + body
+    head, _, body = (text[at:].rstrip() + "\n").partition("\n")
+    note = "_(written from an earlier run's figures; rewrite them from the tables above)_"
+    return head + "\n" + (body if note in body else note + "\n" + body)
 
 
 def filter_sparsity_for_macs(arch_kwargs: dict[str, Any], keep_ratio: float, num_classes: int = 10) -> float:
