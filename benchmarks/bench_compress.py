@@ -17,7 +17,8 @@ The issue's targets are printed as checks; a missed target is a finding, not a f
 
     nice -n 5 python benchmarks/bench_compress.py [--epochs 6] [--calib-images 256] [--threads 1]
 
-Writes the tables to stdout and to benchmarks/RESULTS-compress.md (with the command and the time).
+Writes the tables to stdout and to benchmarks/RESULTS-compress.md (with the command and the time),
+keeping the file's hand-written findings (from ``FINDINGS`` on) below the new tables.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ RESULTS = Path(__file__).with_name("RESULTS-compress.md")
 BUDGETS = (0.9, 0.95)
 MACS_BUDGET = 0.5  # structured: fraction of the dense MACs kept
 PRE_SEVERITIES = (3,)  # before retraining: one severity (a fifth of the evaluation) on a shared box
+FINDINGS = "## Findings"  # the hand-written part of RESULTS, kept when the tables are rewritten
+
+
+def kept_findings(path: Path) -> str:
+    """The findings section of an earlier RESULTS file ('' when there is none), marked as older than the tables."""
+    text = path.read_text() if path.is_file() else ""
+    at = text.find(FINDINGS)
+    if at < 0:
+        return ""
+    head, _, body = (text[at:].rstrip() + "\n").partition("\n")
+    note = "_(written from an earlier run's figures; rewrite them from the tables above)_"
+    return head + "\n" + (body if note in body else note + "\n" + body)
 
 
 def filter_sparsity_for_macs(arch_kwargs: dict[str, Any], keep_ratio: float, num_classes: int = 10) -> float:
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     if not args.no_write:
-        RESULTS.write_text(text)
+        RESULTS.write_text(text + "\n" + kept_findings(RESULTS))
     return 0
 
 

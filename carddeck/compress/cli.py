@@ -68,6 +68,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--population", type=int, default=8, help="dsa: allocation functions per generation")
     a("--generations", type=int, default=4, help="dsa: generations of the search")
     a("--gate-steps", type=int, default=200, help="dipgo: optimization steps of the gates")
+    a("--finetune-lr", type=float, default=None,
+      help="lobs, dsa, dipgo: peak learning rate of the retraining after pruning (default: --lr / 10)")  # fmt: skip
     a("--corruptions", type=_csv, default=None, help="comma list for corrupted accuracy, 'none' to skip (default: 15)")
     a("--severities", type=_csv, default=("1", "2", "3", "4", "5"), help="comma list of severities (default 1-5)")
     a("--name", default=None, help="card name (default ARCH-DOMAIN-METHOD)")
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         population=args.population,
         generations=args.generations,
         gate_steps=args.gate_steps,
+        finetune_lr=args.finetune_lr,
         corruptions=corruptions,
         severities=severities,
         name=args.name,

@@ -22,3 +22,16 @@ def tiny_data(tmp_path_factory):
         test_labels=d.labels[144:150],
     )
     return f"npz:{path}"
+
+
+@pytest.fixture(scope="session")
+def trained_dense(tmp_path_factory):
+    """A half-width resnet20 trained 6 epochs on all of digits32 (about 95% clean): a card worth pruning.
+
+    About a minute and a half on a loaded 2-core box: for ``slow`` tests only."""
+    from carddeck.compress import CompressConfig, compress
+
+    out = tmp_path_factory.mktemp("trained") / "dense"
+    config = CompressConfig(arch="resnet20", out=out, width=0.5, epochs=6, batch_size=64, corruptions=(),
+                            progress=False)  # fmt: skip
+    return compress(config)

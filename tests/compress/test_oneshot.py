@@ -161,6 +161,8 @@ def test_dipgo_reaches_its_macs_target_and_the_removed_net_computes_what_the_gat
     ratio = count_flops(final.model) / dense_flops
     assert ratio == pytest.approx(0.5, rel=0.02)
     assert method.macs_ratio == pytest.approx(ratio)
+    streams = [g for g in method.groups if g.name.startswith("stage")]
+    assert streams and all(bool(method.keep[g.name].all()) for g in streams)  # only inner channels are gated
     assert 0 < final.sparsity < 1
     x = torch.rand(5, 3, 32, 32)
     hard = {g: (lambda k=k: k.float()) for g, k in method.keep.items()}
