@@ -63,7 +63,7 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from carddeck.server.client import CardDeckClient
+    from carddeck.client.api import CardDeckClient
 
     if CUDA not in ort.get_available_providers() or not torch.cuda.is_available():
         print(f"needs onnxruntime-gpu and torch with CUDA; ORT offers {ort.get_available_providers()}")

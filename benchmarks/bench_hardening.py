@@ -104,7 +104,7 @@ class Server:
 
 
 def tiny_deck(path: Path) -> Path:
-    from tests.server.conftest import make_deck
+    from tests.servers import make_deck
 
     return make_deck(path)
 
@@ -238,7 +238,7 @@ def debris_of(deck: Path, tmpdir: Path) -> dict[str, int]:
 
 def debris(args: argparse.Namespace) -> None:
     from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
-    from tests.server.conftest import card
+    from tests.servers import card
 
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:

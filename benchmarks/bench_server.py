@@ -155,7 +155,7 @@ def measure(call: Callable[[np.ndarray], object], images: np.ndarray, concurrenc
 # -- load from other processes ----------------------------------------------------------------------
 def _client_call(kind: str, address: str, images: np.ndarray) -> Callable[[], object]:
     if kind == "carddeck":
-        from carddeck.server.client import CardDeckClient
+        from carddeck.client.api import CardDeckClient
 
         client = CardDeckClient(address)
         return lambda: client.predict(images)

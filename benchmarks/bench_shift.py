@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck
-from carddeck.server.shift import ShiftLoader, ShiftMonitor
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:

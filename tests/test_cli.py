@@ -14,8 +14,8 @@ import pytest
 
 import carddeck
 from carddeck import cli
-from carddeck.server.settings import Settings
-from tests.server.conftest import make_deck
+from carddeck.serving.settings import Settings
+from tests.servers import make_deck
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {f.name for f in dataclasses.fields(Settings)}

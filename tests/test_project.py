@@ -70,6 +70,8 @@ def test_mypy_is_clean_on_the_serving_path():
             "carddeck/server",
             "carddeck/serving",
             "carddeck/http",
+            "carddeck/observability",
+            "carddeck/client",
         )
         if (ROOT / p).exists()
     ]
@@ -88,7 +90,8 @@ def test_serving_path_does_not_import_torch():
     code = (
         "import sys, carddeck, carddeck.card, carddeck.errors\n"
         "import importlib, pkgutil\n"
-        "for pkg in ('carddeck.gating', 'carddeck.deck', 'carddeck.server', 'carddeck.serving', 'carddeck.http'):\n"
+        "pkgs = ('gating', 'deck', 'server', 'serving', 'http', 'observability', 'client')\n"
+        "for pkg in ['carddeck.' + p for p in pkgs]:\n"
         "    mod = importlib.import_module(pkg)\n"
         "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
         "        importlib.import_module(info.name)\n"

@@ -15,12 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from carddeck.client.api import CardDeckClient
 from carddeck.deck import DeckStore
-from carddeck.server.client import CardDeckClient
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
-from carddeck.server.settings import default_deck_path
-from tests.server.conftest import ServerProcess, start_server
+from carddeck.serving.settings import default_deck_path
+from tests.servers import ServerProcess, start_server
 from tests.tour.run_tour import README, setup_command, tour_commands
 
 ROOT = Path(__file__).resolve().parents[1]

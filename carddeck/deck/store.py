@@ -509,7 +509,7 @@ class DeckStore:
         shift: Any | None = None,
     ) -> Manifest:
         """Change the default gate policy, its parameters, the domain references, the router or the
-        shift detector (``carddeck.server.shift.ShiftDetector``, saved beside the router)."""
+        shift detector (``carddeck.observability.shift.ShiftDetector``, saved beside the router)."""
         from carddeck.gating.policies import POLICIES, GateParams
 
         if policy is not None:

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck, DeckStore
     from carddeck.errors import InvalidInput
-    from carddeck.server.shift import ALPHA, ShiftDetector, deck_references, fit_detector
+    from carddeck.observability.shift import ALPHA, ShiftDetector, deck_references, fit_detector
 
     for name, value, least in (("batch", args.batch, 4), ("window", args.window, 4), ("stride", args.stride, 1),
                                ("draws", args.draws, 1)):  # fmt: skip
@@ -122,7 +122,7 @@ def _progress() -> Any:
 def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: list[str], progress: Any) -> dict:
     from carddeck.data.corruptions import corrupt
     from carddeck.data.datasets import load_dataset
-    from carddeck.server.shift import STATES, deck_features
+    from carddeck.observability.shift import STATES, deck_features
 
     test = load_dataset(args.data, "test")
     images, labels = test.images[: args.limit], test.labels[: args.limit]
@@ -179,7 +179,7 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
 
 def windows(detector: Any, features: np.ndarray, window: int, stride: int, rng: np.random.Generator) -> dict:
     """Share of sliding windows per state over shuffled streams of single-image requests."""
-    from carddeck.server.shift import STATES
+    from carddeck.observability.shift import STATES
 
     counts = dict.fromkeys(STATES, 0)
     total = 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from carddeck.errors import InvalidInput, NotReady
 from carddeck.http import tensors
-from carddeck.server.dataplane import Dataplane
+from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels, TensorInfo, server_metadata
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")

@@ -35,13 +35,12 @@ from starlette.routing import Route
 from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated
 from carddeck.http.errors import status_for
 from carddeck.http.routes import OIP_SERVICE, Call, Reply, Routes
+from carddeck.observability.logs import REQUEST_ID_KEY, request_id_from, request_id_var
+from carddeck.observability.metrics import Metrics
 from carddeck.server.auth import AuthInterceptor
-from carddeck.server.dataplane import Dataplane
-from carddeck.server.interceptors import REQUEST_ID_KEY, request_id_from
-from carddeck.server.logs import request_id_var
-from carddeck.server.metrics import Metrics
-from carddeck.server.settings import Settings
+from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
+from carddeck.serving.settings import Settings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("carddeck.access")

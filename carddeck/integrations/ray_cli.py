@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise InvalidInput("carddeck ray-serve needs Ray Serve: pip install 'carddeck[ray]'") from None
     from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
-    from carddeck.server.settings import default_deck_path
+    from carddeck.serving.settings import default_deck_path
 
     config = RayDeckConfig(
         deck=args.deck or str(default_deck_path()),

@@ -89,7 +89,7 @@ class RayDeckConfig:
         }
 
     def settings(self) -> Any:
-        from carddeck.server.settings import Settings
+        from carddeck.serving.settings import Settings
 
         return Settings(
             deck=self.deck,
@@ -205,7 +205,7 @@ class _Snapshot:
 
 
 class RayDataplane:
-    """The part of :class:`carddeck.server.dataplane.Dataplane` that the OIP routes use, over Ray handles.
+    """The part of :class:`carddeck.serving.dataplane.Dataplane` that the OIP routes use, over Ray handles.
 
     Synchronous, like the routes (which run in a thread pool): card calls wait on ``.result()``.
     """
@@ -376,7 +376,7 @@ class CardDeckIngress:
     def __init__(self, config: RayDeckConfig, reconciler: DeploymentHandle) -> None:
         import carddeck.integrations.ray_grpc  # noqa: F401 (the messages' pickled module name)
         from carddeck.server.carddeck_servicer import CardDeckServicer
-        from carddeck.server.dataplane import Dataplane
+        from carddeck.serving.dataplane import Dataplane
 
         self.config = config
         self.plane = RayDataplane(config, reconciler)
@@ -423,7 +423,7 @@ class CardDeckIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         from carddeck.http.server import build_app
-        from carddeck.server.dataplane import Dataplane
+        from carddeck.serving.dataplane import Dataplane
 
         return build_app(self.config.settings(), cast(Dataplane, self.plane))  # duck-typed: the routes' surface
 
@@ -467,7 +467,7 @@ def application(config: RayDeckConfig) -> Any:
 def app_builder(args: dict[str, Any]) -> Any:
     """For Serve config files (``import_path: carddeck.integrations.ray_serve:app_builder``): ``args`` are
     :class:`RayDeckConfig` fields; without ``deck``, the packaged default deck (as ``carddeck serve``)."""
-    from carddeck.server.settings import default_deck_path
+    from carddeck.serving.settings import default_deck_path
 
     known = set(RayDeckConfig.__dataclass_fields__)
     unknown = sorted(set(args) - known)

@@ -2,7 +2,7 @@
 
 Hook for observability: ``build_server(..., interceptors=[...])`` puts extra interceptors
 (metrics, request ids, logging) *before* authentication, so refused calls are observed too; the
-data plane takes an optional ``metrics`` object (see :class:`~carddeck.server.dataplane.MetricsHook`).
+data plane takes an optional ``metrics`` object (see :class:`~carddeck.serving.dataplane.MetricsHook`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from carddeck.errors import InvalidInput
 from carddeck.server.auth import AuthInterceptor
 from carddeck.server.carddeck_servicer import CardDeckServicer, MiB
-from carddeck.server.dataplane import Dataplane
 from carddeck.server.handlers import add_servicer
 from carddeck.server.health import Health
 from carddeck.server.oip_servicer import OipServicer
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2
 from carddeck.server.proto_gen.inference import grpc_service_pb2, model_config_pb2
-from carddeck.server.settings import Settings
+from carddeck.serving.dataplane import Dataplane
+from carddeck.serving.settings import Settings
 
 log = logging.getLogger(__name__)
 

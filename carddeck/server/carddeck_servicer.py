@@ -11,12 +11,12 @@ import numpy as np
 from carddeck.deck import DeckStore
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge
 from carddeck.server import convert
-from carddeck.server.dataplane import Dataplane
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
-from carddeck.server.settings import Settings
 from carddeck.server.status_codes import rpc_errors
+from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import check_card_name
+from carddeck.serving.settings import Settings
 
 MiB = 1 << 20
 

@@ -7,41 +7,29 @@ iterator ends, fails or is closed; a termination callback catches a stream aband
 Unknown methods pass through uncounted (their names come from clients: unbounded cardinality).
 
 Request ids: an incoming ``x-request-id`` metadata value is kept if it is a short safe string, else
-one is generated; it is set in :data:`carddeck.server.logs.request_id_var` while the handler runs and
+one is generated; it is set in :data:`carddeck.observability.logs.request_id_var` while the handler runs and
 returned to the client as trailing metadata ``x-request-id`` (on errors too).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from carddeck.server.logs import request_id_var
+from carddeck.observability.logs import REQUEST_ID_KEY, request_id_from, request_id_var
 
 if TYPE_CHECKING:  # a type only: auth.py imports this module and must not need prometheus_client
-    from carddeck.server.metrics import Metrics
+    from carddeck.observability.metrics import Metrics
 
-REQUEST_ID_KEY = "x-request-id"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _LOG = logging.getLogger("carddeck.access")
 # Access log levels: successes only at DEBUG (one line per RPC is too much at high rates); a failed
 # call at INFO so a caller's request id can be found in the log; a server-side failure at WARNING.
 _SERVER_SIDE = frozenset({"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNIMPLEMENTED"})
-
-
-def request_id_from(metadata: Sequence[tuple[str, Any]] | None) -> str:
-    """The caller's ``x-request-id`` when it is 1-64 of ``[A-Za-z0-9._:-]``, else a fresh random one."""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _SAFE_ID.match(value):
-            return value
-    return uuid.uuid4().hex
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -204,4 +192,4 @@ def _stream(responses: Iterator[Any], call: _Call, context: grpc.ServicerContext
         raise
 
 
-__all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor", "request_id_from", "split_method"]
+__all__ = ["ObservabilityInterceptor", "split_method"]

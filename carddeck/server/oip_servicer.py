@@ -14,13 +14,13 @@ import carddeck
 from carddeck.card import CardMeta
 from carddeck.deck import Deck
 from carddeck.server import convert
-from carddeck.server.dataplane import Dataplane
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
 from carddeck.server.proto_gen.inference import model_config_pb2 as mc
-from carddeck.server.settings import Settings
 from carddeck.server.status_codes import rpc_errors
+from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
+from carddeck.serving.settings import Settings
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 Tensor = oip.ModelMetadataResponse.TensorMetadata

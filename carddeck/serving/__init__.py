@@ -1,6 +1,10 @@
-"""The serving core, free of any transport: what the gRPC and HTTP bindings both call.
+"""The serving core, free of any transport: what the gRPC (:mod:`carddeck.server`) and HTTP
+(:mod:`carddeck.http`) bindings both call.
 
-For now it holds the Open Inference Protocol's view of a deck (:mod:`carddeck.serving.oip`); the
-data plane, batching and statistics move here from ``carddeck.server`` with the serving-runtime
-redesign.
+- :mod:`~carddeck.serving.snapshot`: the live deck snapshot (one store object, polled, swapped);
+- :mod:`~carddeck.serving.dataplane`: requests on that snapshot, micro-batching
+  (:mod:`~carddeck.serving.batching`), drain;
+- :mod:`~carddeck.serving.stats`: per-model statistics;
+- :mod:`~carddeck.serving.oip`: the Open Inference Protocol's view of a deck;
+- :mod:`~carddeck.serving.settings`: ``carddeck serve``'s settings (both transports read them).
 """

@@ -27,7 +27,7 @@ from carddeck.deck import Deck, read_card_meta
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
 
 if TYPE_CHECKING:
-    from carddeck.server.dataplane import Dataplane
+    from carddeck.serving.dataplane import Dataplane
 
 # OIP datatype names -> numpy (little-endian, as the protocol's raw and binary contents are)
 DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
@@ -177,7 +177,7 @@ def check_card_name(name: str, field: str = "name") -> str:
 
 # -- models ------------------------------------------------------------------------------------
 class OipModels:
-    """The deck and its cards as OIP models, over one :class:`~carddeck.server.dataplane.Dataplane`."""
+    """The deck and its cards as OIP models, over one :class:`~carddeck.serving.dataplane.Dataplane`."""
 
     def __init__(
         self,
@@ -196,7 +196,7 @@ class OipModels:
 
     @classmethod
     def from_settings(cls, dataplane: Dataplane, settings: Any) -> OipModels:
-        """From ``carddeck serve``'s settings (:class:`carddeck.server.settings.Settings`)."""
+        """From ``carddeck serve``'s settings (:class:`carddeck.serving.settings.Settings`)."""
         batching = None
         if settings.batching and settings.max_batch_size > 1:
             batching = {

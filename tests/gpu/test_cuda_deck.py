@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from carddeck.client.api import CardDeckClient
 from carddeck.data import load_dataset
 from carddeck.data.corruptions import corrupt
 from carddeck.deck import Deck
 from carddeck.deck.runtime import CPU, CUDA
-from carddeck.server.client import CardDeckClient
-from carddeck.server.settings import default_deck_path
-from tests.server.conftest import start_server
+from carddeck.serving.settings import default_deck_path
+from tests.servers import start_server
 
 pytestmark = pytest.mark.gpu
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.server.conftest import ADMIN_TOKEN, ServerProcess, make_deck, start_server
+from tests.servers import ADMIN_TOKEN, ServerProcess, make_deck, start_server
 
 
 @dataclass

@@ -18,8 +18,8 @@ import pytest
 from carddeck.deck import Deck, DeckStore
 from tests.http.conftest import HttpServer, http_server, request
 from tests.observability.promql import free_port
-from tests.server.conftest import ADMIN_TOKEN, card, noisy_images, smooth_images, start_server
 from tests.server.test_server import _self_signed
+from tests.servers import ADMIN_TOKEN, card, noisy_images, smooth_images, start_server
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

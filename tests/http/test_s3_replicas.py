@@ -10,7 +10,7 @@ import pytest
 
 from tests.deck.test_s3 import bucket, location, s3_endpoint, s3_env  # noqa: F401 - fixtures
 from tests.http.conftest import http_server, request
-from tests.server.conftest import ADMIN_TOKEN, card, noisy_images, start_server
+from tests.servers import ADMIN_TOKEN, card, noisy_images, start_server
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

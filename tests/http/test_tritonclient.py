@@ -8,7 +8,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from carddeck.deck import Deck
-from tests.server.conftest import noisy_images, smooth_images
+from tests.servers import noisy_images, smooth_images
 
 pytestmark = pytest.mark.integration
 

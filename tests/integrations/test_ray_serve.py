@@ -23,7 +23,7 @@ from carddeck.deck import Deck, DeckStore
 from carddeck.gating import SIGNATURE_DIM, CalibrationPoint, fit_router
 from carddeck.gating.policies import POLICIES
 from tests.observability.promql import free_port
-from tests.server.conftest import ROOT, card, make_deck, noisy_images, smooth_images
+from tests.servers import ROOT, card, make_deck, noisy_images, smooth_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.timeout(900)]
 

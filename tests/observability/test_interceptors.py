@@ -9,8 +9,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from carddeck.server.interceptors import request_id_from, split_method
-from carddeck.server.metrics import start_metrics_server
+from carddeck.observability.logs import request_id_from
+from carddeck.observability.metrics import start_metrics_server
+from carddeck.server.interceptors import split_method
 from tests.observability.scrape import scrape, value
 from tests.observability.tiny_server import SERVICE, start_tiny_server
 

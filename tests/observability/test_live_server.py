@@ -1,7 +1,7 @@
 """The real ``carddeck serve`` process: /metrics after known traffic, request ids, and a real Prometheus on it.
 
 Known traffic, exact values. Where a value depends on wiring between the server and
-:mod:`carddeck.server.metrics`, the assertion message names the call that is missing.
+:mod:`carddeck.observability.metrics`, the assertion message names the call that is missing.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 
-from carddeck.server.client import CardDeckClient
+from carddeck.client.api import CardDeckClient
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from tests.cards import tiny_card_bytes, tiny_meta
 from tests.observability.deck_traffic import build_deck
@@ -110,8 +110,8 @@ def wait_until(check, what: str, timeout: float = 20.0):
 def wait_for_shift_detector(live: Live) -> None:
     wait_until(
         lambda: value(scrape(live.metrics_port), "carddeck_shift_false_alarm_rate") > 0,
-        "carddeck_shift_false_alarm_rate not set after 20 s: carddeck/server/main.py serve() must add "
-        "`dataplane.on_swap.append(ShiftLoader(monitor))` (carddeck.server.shift) before dataplane.start()",
+        "carddeck_shift_false_alarm_rate not set after 20 s: carddeck/server/serve.py serve() must add "
+        "`dataplane.on_swap.append(ShiftLoader(monitor))` (carddeck.observability.shift) before dataplane.start()",
     )
 
 
@@ -155,7 +155,7 @@ def test_metrics_after_known_traffic(live: Live) -> None:
     assert images == pytest.approx((clean_n + shifted_n) * BATCH + 8)
     # Every OK request ran as one deck batch (requests were sequential: batched or run alone, each counts).
     assert value(s, "carddeck_batch_size_count") == clean_n + shifted_n + 1, (
-        "carddeck_batch_size misses deck runs: carddeck/server/dataplane.py Dataplane._combine must call "
+        "carddeck_batch_size misses deck runs: carddeck/serving/dataplane.py Dataplane._combine must call "
         "self._observe_batch(len(x), []) where it runs a request without the micro-batcher"
     )
     assert value(s, "carddeck_batch_size_sum") == (clean_n + shifted_n) * BATCH + 8
@@ -202,8 +202,8 @@ def test_json_logs_carry_the_request_id_the_client_got(tmp_path: Path) -> None:
         except ValueError:
             raise AssertionError(
                 f"not a JSON log line: {line!r}; CARDDECK_LOG_FORMAT=json needs a `log_format` setting "
-                "(carddeck/server/settings.py) and configure_logging(json_logs=...) at the start of serve() "
-                "(carddeck/server/main.py)"
+                "(carddeck/serving/settings.py) and configure_logging(json_logs=...) at the start of serve() "
+                "(carddeck/server/serve.py)"
             ) from None
     added = [r for r in records if r.get("request_id") == "add-json-1"]
     assert any("logged" in r["message"] for r in added), added
@@ -218,7 +218,7 @@ def test_card_latency_is_recorded_per_card(live: Live) -> None:
     counts = {dict(k[1])["card"]: v for k, v in s.items() if k[0] == "carddeck_card_duration_seconds_count"}
     assert counts == dict.fromkeys(result.routing["selected"], 1.0), (
         "carddeck_card_duration_seconds has no observation per card run: Deck.combine (carddeck/deck/deck.py) "
-        "must time each card and carddeck/server/dataplane.py _combine pass metrics.observe_card to it"
+        "must time each card and carddeck/serving/dataplane.py _combine pass metrics.observe_card to it"
     )
 
 
@@ -235,8 +235,8 @@ def test_shift_states_are_counted(live: Live) -> None:
         return value(s, "carddeck_shift_batches_total", model="carddeck", state=state, unit="batch")
 
     assert (batches("in_distribution"), batches("covered"), batches("uncovered")) == (3, 0, 2), (
-        "shift states are not counted: carddeck/server/main.py serve() must add "
-        "`dataplane.on_predict.append(monitor)` (a carddeck.server.shift.ShiftMonitor)"
+        "shift states are not counted: carddeck/server/serve.py serve() must add "
+        "`dataplane.on_predict.append(monitor)` (a carddeck.observability.shift.ShiftMonitor)"
     )
 
 

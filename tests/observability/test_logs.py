@@ -9,7 +9,7 @@ import logging
 import grpc
 import pytest
 
-from carddeck.server.logs import JsonFormatter, RequestIdFilter, configure_logging, request_id_var
+from carddeck.observability.logs import JsonFormatter, RequestIdFilter, configure_logging, request_id_var
 from tests.observability.tiny_server import SERVICE, start_tiny_server
 
 

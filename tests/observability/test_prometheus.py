@@ -15,7 +15,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from carddeck.server.metrics import start_metrics_server
+from carddeck.observability.metrics import start_metrics_server
 from tests.observability.deck_traffic import announce_deck, build_deck, serve_batch
 from tests.observability.promql import (
     ALERTS_YML,

@@ -17,8 +17,8 @@ from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck
 from carddeck.errors import InvalidInput
-from carddeck.server.metrics import Metrics
-from carddeck.server.shift import (
+from carddeck.observability.metrics import Metrics
+from carddeck.observability.shift import (
     FEATURE_NAMES,
     Reference,
     ShiftDetector,
@@ -192,7 +192,7 @@ def test_monitor_never_fails_a_request(shipped, caplog):
     _, detector = shipped
     monitor = ShiftMonitor()
     monitor.set_detector(detector)
-    with caplog.at_level(logging.ERROR, logger="carddeck.server.shift"):
+    with caplog.at_level(logging.ERROR, logger="carddeck.observability.shift"):
         monitor("m", np.zeros((20, 3, 5, 5), np.float32), object(), np.zeros((20, 10), np.float32))
     assert "shift monitor failed" in caplog.text
 
@@ -212,7 +212,7 @@ def test_a_detector_fitted_for_other_cards_is_not_used(tmp_path, caplog):
     loader(rig.deck)
     assert monitor.detector is not None
     rig.store.add_card(tiny_card_bytes(tiny_meta("late", domain="clean"), seed=7))
-    with caplog.at_level(logging.WARNING, logger="carddeck.server.shift"):
+    with caplog.at_level(logging.WARNING, logger="carddeck.observability.shift"):
         loader(Deck.open(rig.deck.root))
     assert monitor.detector is None and "carddeck shift --deck DIR --fit" in caplog.text
 

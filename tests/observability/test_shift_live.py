@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from carddeck.client.api import CardDeckClient
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
-from carddeck.server.client import CardDeckClient
 from tests.observability.promql import alert_rules, running_prometheus
 from tests.observability.scrape import scrape, value
 from tests.observability.test_live_server import Live, launch, stop

@@ -18,9 +18,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from carddeck.observability.logs import current_request_id
+from carddeck.observability.metrics import Metrics
 from carddeck.server.interceptors import ObservabilityInterceptor
-from carddeck.server.logs import current_request_id
-from carddeck.server.metrics import Metrics
 
 SERVICE = "carddeck.test.Probe"
 _LOG = logging.getLogger("carddeck.test.probe")

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.server.conftest import ROOT
+from tests.servers import ROOT
 
 
 def load_generate():

@@ -20,7 +20,7 @@ from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.observability.scrape import scrape, value
-from tests.server.conftest import ADMIN_TOKEN, ROOT, card, make_deck, start_server
+from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, start_server
 
 pytestmark = pytest.mark.integration
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)

@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from carddeck.client.api import CardDeckClient
 from carddeck.deck import Deck
-from carddeck.server.client import CardDeckClient
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.server.conftest import ADMIN_TOKEN, ROOT, card, make_deck, noisy_images, smooth_images, start_server
+from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, noisy_images, smooth_images, start_server
 
 pytestmark = pytest.mark.integration
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)

@@ -1,22 +1,36 @@
 """Logging: plain text or one JSON object per line, each carrying the request id of the RPC it came from.
 
-The request id lives in a contextvar that :mod:`carddeck.server.interceptors` sets around the
-handler, so any log call made while serving an RPC (in the handler's thread) carries it without
-passing it around.
+The request id lives in a contextvar that the transports (the gRPC interceptor, the HTTP middleware)
+set around the handler, so any log call made while serving a request (in the handler's thread)
+carries it without passing it around.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import uuid
+from collections.abc import Sequence
 from contextvars import ContextVar
+from typing import Any
 
 request_id_var: ContextVar[str | None] = ContextVar("carddeck_request_id", default=None)
+REQUEST_ID_KEY = "x-request-id"  # gRPC metadata key and HTTP header
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and goes into the JSON.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+def request_id_from(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The caller's ``x-request-id`` when it is 1-64 of ``[A-Za-z0-9._:-]``, else a fresh random one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _SAFE_ID.match(value):
+            return value
+    return uuid.uuid4().hex
 
 
 def current_request_id() -> str | None:
@@ -65,4 +79,12 @@ def configure_logging(*, json_logs: bool = False, level: int = logging.INFO) -> 
     root.setLevel(level)
 
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "configure_logging", "current_request_id", "request_id_var"]
+__all__ = [
+    "REQUEST_ID_KEY",
+    "JsonFormatter",
+    "RequestIdFilter",
+    "configure_logging",
+    "current_request_id",
+    "request_id_from",
+    "request_id_var",
+]

@@ -1,10 +1,7 @@
-"""The server's data plane, free of gRPC: the live deck snapshot, micro-batching, hot swaps, drain.
+"""The data plane, free of any transport: requests on the live deck snapshot, micro-batching, drain.
 
-The current :class:`~carddeck.deck.Deck` is one reference. A request reads it once and finishes on
-that snapshot, whatever happens to the reference meanwhile; a change (AddCard, RemoveCard, or a
-new manifest written by another replica into a shared store) builds the next snapshot beside the
-current one (``Deck.open(previous=...)`` reuses the unchanged cards' sessions) and swaps the
-reference. Writers serialize on one lock; readers never take it.
+A request reads the current snapshot (:class:`~carddeck.serving.snapshot.Snapshots`) once and
+finishes on it, whatever swaps meanwhile.
 
 The caller's thread validates a request's images; the rest is paid once per micro-batch: the
 batcher concatenates the requests' images, computes their features in one call, routes every
@@ -23,19 +20,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from carddeck.card import CardMeta
-from carddeck.deck import Deck, DeckStore, Prediction
+from carddeck.deck import Deck, Prediction
 from carddeck.deck.store import DEBRIS_GRACE_S
-from carddeck.errors import Cancelled, CarddeckError, CardRejected, NotReady, shown
+from carddeck.errors import Cancelled, NotReady, shown
 from carddeck.gating import POLICIES, Routing
 from carddeck.gating.signature import sample_features
-from carddeck.server.batching import MicroBatcher
+from carddeck.serving.batching import MicroBatcher
+from carddeck.serving.snapshot import DeckMetrics, Snapshots
+from carddeck.serving.stats import ModelStats, Statistics
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +42,12 @@ log = logging.getLogger(__name__)
 OnCard = Callable[[str, float], None]  # (card name, seconds) after each card run
 
 
-class MetricsHook(Protocol):
-    """What the data plane reports; :class:`carddeck.server.metrics.Metrics` provides it."""
+class MetricsHook(DeckMetrics, Protocol):
+    """What the data plane reports; :class:`carddeck.observability.metrics.Metrics` provides it."""
 
     def observe_batch(self, size: int, wait_seconds: Any = ()) -> None: ...
     def track_queue_depth(self, depth: Callable[[], int]) -> None: ...
     def observe_routing(self, routing: Any) -> None: ...
-    def set_deck(self, version: int, cards: Any) -> None: ...
-    def set_default_policy(self, policy: str, configured: str) -> None: ...
-    def card_change(self, op: str, outcome: str) -> None: ...
     def observe_card(self, card: str, seconds: float) -> None: ...
 
 
@@ -68,22 +64,6 @@ class DataplaneConfig:
     calibration_data: str = ""
     reserved_names: tuple[str, ...] = ()  # card names taken by the server (its deck model name)
     debris_grace_s: float = DEBRIS_GRACE_S
-
-
-@dataclass
-class ModelStats:
-    """Counters for the Open Inference Protocol's ModelStatistics (ns, like Triton)."""
-
-    inference_count: int = 0  # images
-    execution_count: int = 0  # model runs (a merged batch counts once per request here)
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_ns: int = 0
-    compute_ns: int = 0
-    last_inference_ms: int = 0
-    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, compute ns]
 
 
 @dataclass(frozen=True)
@@ -108,23 +88,24 @@ class Dataplane:
         self.config = config
         self.metrics = metrics
         self._on_card = metrics.observe_card if metrics is not None else None
-        self._deck: Deck | None = None
-        self._swap_lock = threading.Lock()
-        self._stats: dict[str, ModelStats] = {}
-        self._stats_lock = threading.Lock()
+        self.snapshots = Snapshots(
+            config.deck_path,
+            poll_interval_s=config.poll_interval_s,
+            providers=config.providers,
+            intra_op_threads=config.intra_op_threads,
+            calibration_data=config.calibration_data,
+            reserved_names=config.reserved_names,
+            debris_grace_s=config.debris_grace_s,
+            metrics=metrics,
+        )
+        self.statistics = Statistics()
         self._inflight = 0
         self._inferring = 0  # inference calls inside predict/run_card right now
         self._inferring_lock = threading.Lock()
         self._inflight_cond = threading.Condition()
         self._draining = False
         self._shutting_down = False
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
-        self._last_clean = 0.0
-        self._calibration: np.ndarray | None = None
-        self._deck_store: DeckStore | None = None  # one store object: its manifest cache and connection live on
-        self.swaps = 0  # snapshots installed after the first
-        self.on_swap: list[Callable[[Deck], None]] = []  # e.g. health status follows the deck
+        self.on_swap = self.snapshots.listeners  # told each new snapshot, e.g. health status follows the deck
         # (model, prepared images, routing, probabilities) after each Predict, e.g. the shift monitor
         self.on_predict: list[Callable[[str, np.ndarray, Routing, np.ndarray], None]] = []
         self._batcher: MicroBatcher[_Work, _Done] | None = None
@@ -144,33 +125,28 @@ class Dataplane:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Deck:
         """Open the deck (raises on a missing or broken store) and start watching it for changes."""
-        deck = self._open(previous=None)
-        self._clean()
-        self._install(deck)
-        if self.config.poll_interval_s > 0:
-            self._poller = threading.Thread(target=self._poll, name="carddeck-deck-poll", daemon=True)
-            self._poller.start()
-        return deck
+        return self.snapshots.start()
 
     def close(self, *, wait: bool = True) -> None:
         """Stop the batcher and the poller; ``wait=False`` leaves card runs still going to finish unwatched."""
-        self._stop.set()
+        self.snapshots.close(wait=wait)
         if self._batcher is not None:
             self._batcher.close(wait=wait)
-        if self._poller is not None:
-            self._poller.join(timeout=5 if wait else 0.1)
 
     @property
     def deck(self) -> Deck:
-        deck = self._deck
-        if deck is None:
-            raise NotReady("the deck is not loaded yet")
-        return deck
+        return self.snapshots.deck
 
     @property
     def ready(self) -> bool:
-        deck = self._deck
+        deck = self.snapshots.current
         return deck is not None and bool(deck.cards) and not self._shutting_down
+
+    def add_card(self, model: bytes | Path) -> tuple[CardMeta, bool]:
+        return self.snapshots.add_card(model)
+
+    def remove_card(self, name: str, version: int | None = None) -> tuple[list[str], str]:
+        return self.snapshots.remove_card(name, version)
 
     def begin_shutdown(self) -> None:
         """Readiness goes false; requests are still served until :meth:`drain`."""
@@ -380,148 +356,10 @@ class Dataplane:
     def _record(
         self, model: str, n: int, start: float, *, ok: bool, queued_s: float = 0.0, compute_s: float = 0.0
     ) -> None:
-        elapsed = int((time.monotonic() - start) * 1e9)
-        with self._stats_lock:
-            s = self._stats.setdefault(model, ModelStats())
-            if ok:
-                s.inference_count += n
-                s.execution_count += 1
-                s.success_count += 1
-                s.success_ns += elapsed
-                s.queue_ns += int(queued_s * 1e9)
-                s.compute_ns += int(compute_s * 1e9)
-                s.last_inference_ms = int(time.time() * 1000)
-                entry = s.batch_sizes.setdefault(n, [0, 0])
-                entry[0] += 1
-                entry[1] += int(compute_s * 1e9)
-            else:
-                s.fail_count += 1
-                s.fail_ns += elapsed
+        self.statistics.record(model, n, time.monotonic() - start, ok=ok, queued_s=queued_s, compute_s=compute_s)
 
     def stats(self, model: str) -> ModelStats:
-        with self._stats_lock:
-            s = self._stats.get(model, ModelStats())
-            return ModelStats(**{**s.__dict__, "batch_sizes": {k: list(v) for k, v in s.batch_sizes.items()}})
-
-    # -- deck changes -------------------------------------------------------------------------
-    def _open(self, previous: Deck | None) -> Deck:
-        return Deck.open(
-            self._store(),
-            previous=previous,
-            providers=self.config.providers,
-            intra_op_threads=self.config.intra_op_threads,
-        )
-
-    def _install(self, deck: Deck) -> str:
-        """Swap in ``deck``; returns a note when that changed the default policy ("" otherwise)."""
-        old = self._deck
-        self._deck = deck  # one reference swap: in-flight requests keep the snapshot they read
-        note = ""
-        if old is not None:
-            self.swaps += 1
-            log.info("deck snapshot %d -> %d (%d cards)", old.version, deck.version, len(deck.cards))
-            if old.default_policy != deck.default_policy:
-                note = f"the default policy changed from {old.default_policy!r} to {deck.default_policy!r}"
-                note += f": {deck.policy_note}" if deck.policy_note else ""
-                log.warning("deck %s version %d: %s", deck.root, deck.version, note)
-        if self.metrics is not None:
-            self.metrics.set_deck(deck.version, deck.cards)
-            self.metrics.set_default_policy(deck.default_policy, deck.configured_policy)
-        for listener in self.on_swap:
-            listener(deck)
-        return note
-
-    def _clean(self) -> None:
-        """Sweep the store's debris (at start, then now and then while polling); never fails the server."""
-        self._last_clean = time.monotonic()
-        try:
-            self._store().clean()
-        except (OSError, CarddeckError) as exc:  # e.g. a read-only deck: nothing of ours to clean there
-            log.warning("deck %s: could not remove debris: %s", self.config.deck_path, exc)
-
-    def add_card(self, model: bytes | Path) -> tuple[CardMeta, bool]:
-        """Validate and add a card through the store, then swap in the new snapshot.
-
-        Returns its CardMeta and whether it is new (False: the same bytes were already there, e.g. a
-        retried add whose answer was lost; nothing changes).
-        """
-        with self._swap_lock:
-            store = self._store()
-            try:
-                meta = store.add_card(
-                    model, calibration=self._calibration_images(), reserved=self.config.reserved_names
-                )
-            except Exception:
-                self._card_change("add", "rejected")
-                raise
-            if not store.last_add_was_new:
-                self._card_change("add", "already_present")
-                return meta, False
-            try:
-                self._install(self._open(previous=self._deck))
-            except Exception as exc:  # the store took it but it cannot be served: undo
-                store.remove_card(meta.name, meta.version)
-                self._card_change("add", "rejected")
-                raise CardRejected(f"card {meta.key} was stored but cannot be served ({exc}); removed again") from exc
-            self._card_change("add", "ok")
-            return meta, True
-
-    def remove_card(self, name: str, version: int | None = None) -> tuple[list[str], str]:
-        """Remove a card (one version, or all) and swap in the new snapshot.
-
-        Returns the removed keys and a note when the removal changed the deck's default policy.
-        """
-        with self._swap_lock:
-            try:
-                removed = self._store().remove_card(name, version)
-            except Exception:
-                self._card_change("remove", "rejected")
-                raise
-            note = self._install(self._open(previous=self._deck))
-            self._card_change("remove", "ok")
-            return removed, note
-
-    def reload_if_changed(self) -> bool:
-        """Swap in a new snapshot when the store's manifest version moved (another replica wrote it)."""
-        current = self._deck
-        version = self._store().manifest().version
-        if current is not None and version == current.version:
-            return False
-        with self._swap_lock:
-            current = self._deck
-            if current is not None and self._store().manifest().version == current.version:
-                return False
-            self._install(self._open(previous=current))
-            return True
-
-    def _store(self) -> DeckStore:
-        if self._deck_store is None:
-            self._deck_store = DeckStore(self.config.deck_path, debris_grace_s=self.config.debris_grace_s)
-        return self._deck_store
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.config.poll_interval_s):
-            try:
-                self.reload_if_changed()
-                if time.monotonic() - self._last_clean > self.config.debris_grace_s:
-                    self._clean()  # debris from a crash, younger than the grace period at start
-            except Exception as exc:  # a half-written store from another replica: keep serving
-                log.warning(
-                    "deck reload failed, still serving version %s: %s", getattr(self._deck, "version", "?"), exc
-                )
-
-    def _calibration_images(self) -> np.ndarray | None:
-        if not self.config.calibration_data:
-            return None  # the store falls back to the deck's own calibration.npz
-        if self._calibration is None:
-            from carddeck.data.datasets import load_dataset
-
-            self._calibration = load_dataset(self.config.calibration_data, "train").images
-        return self._calibration
-
-    def _card_change(self, op: str, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.card_change(op, outcome)
+        return self.statistics.get(model)
 
 
 def _card_index(deck: Deck, name: str) -> int:
@@ -575,4 +413,4 @@ def _combine(deck: Deck, x: np.ndarray, weights: np.ndarray, on_card: OnCard | N
     return deck.combine(x, routing, on_card=on_card)
 
 
-__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook", "ModelStats"]
+__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook"]

@@ -19,7 +19,7 @@ from carddeck.deck import DeckStore, default_deck_path
 from carddeck.gating import SIGNATURE_DIM
 from tests.cards import tiny_card_bytes, tiny_meta
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"
 # Synthetic domain references: noisy images lift the high-frequency rings, smooth ones do not.
 NOISE_SIG = tuple(float(v) for v in np.r_[0.3, np.linspace(-2.0, -2.5, SIGNATURE_DIM - 1)])

@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 if TYPE_CHECKING:
-    from carddeck.server.shift import ShiftDetector, Verdict
+    from carddeck.observability.shift import ShiftDetector, Verdict
 
 # Latency: 1-2.5-5 steps from 1 ms to 10 s, so p50/p90/p99 interpolate within a factor of 2.5.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -32,7 +32,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DISTANCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
 # Shift statistics in units of their calibrated threshold: 1 is the line; foreign traffic reaches 100s.
 SHIFT_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0, 1000.0)
-SHIFT_STATES = ("in_distribution", "covered", "uncovered")  # carddeck.server.shift.STATES
+SHIFT_STATES = ("in_distribution", "covered", "uncovered")  # carddeck.observability.shift.STATES
 UNKNOWN_DOMAIN = "unknown"
 
 
@@ -57,7 +57,7 @@ class _CardChildren:
 class Metrics:
     """Every collector of the server, registered in ``registry``.
 
-    Thread-safe (prometheus_client collectors are). The shift signal (:mod:`carddeck.server.shift`)
+    Thread-safe (prometheus_client collectors are). The shift signal (:mod:`carddeck.observability.shift`)
     reports through :meth:`observe_shift` and :meth:`set_shift_detector`.
     """
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from carddeck.errors import InvalidInput
-from carddeck.server.settings import Settings, add_arguments, load_settings
-from tests.server.conftest import ROOT
+from carddeck.serving.settings import Settings, add_arguments, load_settings
+from tests.servers import ROOT
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -23,7 +23,7 @@ def test_defaults_listen_on_loopback_8001():
 
 
 def test_metrics_listen_on_the_grpc_host_unless_told_otherwise():
-    from carddeck.server.main import _observability
+    from carddeck.server.serve import _observability
 
     assert load_settings(parse(), env={}).metrics_address == "127.0.0.1"
     assert load_settings(parse("--host", "::1"), env={}).metrics_address == "::1"

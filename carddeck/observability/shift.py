@@ -54,7 +54,7 @@ from carddeck.gating.signature import FEATURE_DIM, ORIENTATIONS, SIGNATURE_DIM, 
 
 if TYPE_CHECKING:
     from carddeck.deck import Deck
-    from carddeck.server.metrics import Metrics
+    from carddeck.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import grpc
 
 from carddeck.card import CardMeta
-from carddeck.errors import InvalidInput
-from carddeck.server.client import (
+from carddeck.client.api import (
     ADMIN_TOKEN_ENV,
     CardDeckClient,
     add_client_arguments,
@@ -22,6 +21,7 @@ from carddeck.server.client import (
     rpc_error_message,
     to_json,
 )
+from carddeck.errors import InvalidInput
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from carddeck.client.api import CardDeckClient, with_default_port
 from carddeck.deck import DeckStore
 from carddeck.errors import InvalidInput
-from carddeck.server.client import CardDeckClient, with_default_port
-from tests.server.conftest import ADMIN_TOKEN, ROOT, card, make_deck, smooth_images, start_server
+from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, smooth_images, start_server
 
 
 def carddeck(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from carddeck.deck import Deck, DeckStore
 from carddeck.errors import CardRejected, NotReady
-from carddeck.server.dataplane import Dataplane, DataplaneConfig
-from carddeck.server.metrics import Metrics
-from tests.server.conftest import card, noisy_images, smooth_images
+from carddeck.observability.metrics import Metrics
+from carddeck.serving.dataplane import Dataplane, DataplaneConfig
+from tests.servers import card, noisy_images, smooth_images
 
 
 class BatchSizes(Metrics):
@@ -73,7 +73,7 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
     """Per-request work moved to per-batch: one sample_features call per batch (not per request),
     while requests of other policies and per-sample modes in the same batch keep their own routing."""
     import carddeck.gating.policies
-    import carddeck.server.dataplane
+    import carddeck.serving.dataplane
     from carddeck.gating.signature import sample_features
 
     calls = []
@@ -83,7 +83,7 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
         return sample_features(x)
 
     monkeypatch.setattr(carddeck.gating.policies, "sample_features", counted)
-    monkeypatch.setattr(carddeck.server.dataplane, "sample_features", counted, raising=False)
+    monkeypatch.setattr(carddeck.serving.dataplane, "sample_features", counted, raising=False)
     sizes = BatchSizes()
     dp = dataplane(deck_path, sizes, max_batch_size=256, max_wait_s=0.05)
     deck = Deck.open(deck_path)

@@ -24,10 +24,10 @@ from prometheus_client import CollectorRegistry
 
 from carddeck.deck import DeckStore
 from carddeck.errors import InvalidInput
+from carddeck.observability.metrics import Metrics, start_metrics_server
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.server.interceptors import ObservabilityInterceptor
-from carddeck.server.metrics import Metrics, start_metrics_server
-from carddeck.server.settings import Settings, add_arguments, load_settings
-from carddeck.server.shift import ShiftLoader, ShiftMonitor
+from carddeck.serving.settings import Settings, add_arguments, load_settings
 
 log = logging.getLogger("carddeck.server")
 READ_ONLY_NOTE = "read-only: admin calls are refused; `carddeck deck init DIR` makes a copy you can change"
@@ -72,10 +72,10 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
 
 def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     from carddeck.http import start_http_server
+    from carddeck.observability.logs import configure_logging
     from carddeck.server.app import build_server
-    from carddeck.server.dataplane import Dataplane, DataplaneConfig
     from carddeck.server.health import Health
-    from carddeck.server.logs import configure_logging
+    from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 
     configure_logging(json_logs=settings.log_format == "json", level=logging.getLogger().level or logging.INFO)
     stop = stop or threading.Event()

@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 
 from carddeck.card import CardMeta
+from carddeck.client.api import CardDeckClient, add_client_arguments, client_from_args, rpc_error_message, to_json
 from carddeck.errors import InvalidInput
-from carddeck.server.client import CardDeckClient, add_client_arguments, client_from_args, rpc_error_message, to_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

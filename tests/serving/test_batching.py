@@ -4,7 +4,7 @@ import time
 import pytest
 
 from carddeck.errors import Cancelled
-from carddeck.server.batching import MicroBatcher
+from carddeck.serving.batching import MicroBatcher
 
 
 class Recorder:
