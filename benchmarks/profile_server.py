@@ -6,7 +6,9 @@ Starts the server like ``bench_server.py`` does, drives it from client processes
 samples the server with ``py-spy record --gil --format raw`` (the thread holding the GIL: the Python
 work that serializes the server; ONNX Runtime runs with the GIL released and shows only with
 ``--all-threads``, where threads blocked in a wait are counted too), and prints each stage's share of
-the samples, the leaf-most stage on each stack winning. Also prints the server CPU seconds per 1,000 images.
+the samples, the leaf-most stage on each stack winning. Also prints the server CPU seconds per 1,000 images,
+split by thread (from /proc, names from ``py-spy dump``): the card pool (ONNX Runtime, which runs its one
+intra-op thread in the caller), the RPC workers, the batcher, gRPC's poller, and native threads.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,6 +66,25 @@ def summarize(raw: Path) -> list[tuple[str, int]]:
     return counts.most_common()
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` (user + system)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by native id (``py-spy dump``), pool numbers dropped; other threads are native."""
+    text = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True).stdout
+    found = re.findall(r"^Thread (\d+) \(\w+\): \"(.*)\"", text, re.M)
+    return {int(tid): re.sub(r"_\d+$", "", name) for tid, name in found}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deck", type=Path, default=ROOT / "models")
@@ -84,7 +107,10 @@ def main() -> int:
             cmd = ["py-spy", "record", "--pid", str(server.proc.pid), "--format", "raw", "-o", str(raw),
                    "--rate", "200", "--duration", str(int(args.seconds) + 2), "--nonblocking"]  # fmt: skip
             spy = subprocess.Popen([*cmd, *([] if args.all_threads else ["--gil"])], stdout=subprocess.DEVNULL)
+            before = thread_cpu(server.proc.pid)
             r = measure_remote(pool, args.client_procs, args.kind, server, batch, conc, args.seconds)
+            after = thread_cpu(server.proc.pid)
+            names = thread_names(server.proc.pid)
             spy.wait(60)
             rows = summarize(raw)
     finally:
@@ -95,6 +121,14 @@ def main() -> int:
           f"server {r['cpu_s_per_1k']:.2f} CPU s / 1k images; {total} py-spy samples of Python threads")  # fmt: skip
     for stage, n in rows:
         print(f"  {stage:<50} {100 * n / total:5.1f}%")
+    images = r["images_per_s"] * args.seconds
+    by_thread: collections.Counter[str] = collections.Counter()
+    for tid, cpu in after.items():
+        by_thread[names.get(tid, "native (gRPC core, ORT pools)")] += cpu - before.get(tid, 0.0)
+    print("server CPU s / 1k images by thread (py-spy's own sampling included):")
+    for name, cpu in by_thread.most_common():
+        if cpu > 0:
+            print(f"  {name:<50} {1000 * cpu / images:5.2f}")
     return 0
 
 

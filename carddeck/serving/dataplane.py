@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class MetricsHook(DeckMetrics, Protocol):
 
     def observe_batch(self, size: int, wait_seconds: Any = ()) -> None: ...
     def track_queue_depth(self, depth: Callable[[], int]) -> None: ...
-    def observe_routing(self, routing: Any) -> None: ...
+    def observe_routings(self, routings: Any) -> None: ...
     def observe_card(self, card: str, seconds: float) -> None: ...
 
 
@@ -73,6 +73,16 @@ class _Work:
     weights: np.ndarray | None  # [n, K] in deck.card_names order; None: routed with the batch
     policy: str = ""
     per_sample: bool = False
+    model: str = ""  # the model name it was asked under (what on_predict listeners are told)
+
+
+class Predicted(NamedTuple):
+    """One routed request of a micro-batch, as ``on_predict`` listeners see it."""
+
+    model: str
+    x: np.ndarray  # prepared images
+    routing: Routing
+    probabilities: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,8 @@ class Dataplane:
         self._draining = False
         self._shutting_down = False
         self.on_swap = self.snapshots.listeners  # told each new snapshot, e.g. health status follows the deck
-        # (model, prepared images, routing, probabilities) after each Predict, e.g. the shift monitor
-        self.on_predict: list[Callable[[str, np.ndarray, Routing, np.ndarray], None]] = []
+        # every routed request of a micro-batch at once (Predicted), e.g. the shift monitor; must not raise
+        self.on_predict: list[Callable[[Sequence[Predicted]], None]] = []
         self._batcher: MicroBatcher[_Work, _Done] | None = None
         if config.batching and config.max_batch_size > 1:
             self._batcher = MicroBatcher(
@@ -223,13 +233,10 @@ class Dataplane:
                 self._batcher.withdraw()  # type: ignore[union-attr]
             self._record(model, len(images), start, ok=False)
             raise
-        done = self._combine(_Work(deck, x, None, policy, per_sample), announced, timeout_s, is_cancelled, model, start)
+        work = _Work(deck, x, None, policy, per_sample, model)
+        done = self._combine(work, announced, timeout_s, is_cancelled, model, start)
         probs, routing = done.probabilities, done.routing
         assert routing is not None
-        if self.metrics is not None:
-            self.metrics.observe_routing(routing)
-        for listener in self.on_predict:
-            listener(model, x, routing, probs)
         return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing), deck
 
     def route(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> tuple[Routing, Deck]:
@@ -346,7 +353,20 @@ class Dataplane:
                 out[i] = probs[offset : offset + n]
                 offset += n
         compute = time.monotonic() - t0
+        self._observe([Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings])
         return [_Done(out[i], 0.0, compute, routings.get(i)) for i in range(len(works))]
+
+    def _observe(self, predicted: list[Predicted]) -> None:
+        """Routing metrics and on_predict listeners, once per micro-batch; never fails the batch."""
+        if not predicted:
+            return
+        try:
+            if self.metrics is not None:
+                self.metrics.observe_routings([p.routing for p in predicted])
+            for listener in self.on_predict:
+                listener(predicted)
+        except Exception:
+            log.exception("observing a micro-batch of %d requests failed", len(predicted))
 
     def _observe_batch(self, size: int, waits: list[float]) -> None:
         if self.metrics is not None:
@@ -413,4 +433,4 @@ def _combine(deck: Deck, x: np.ndarray, weights: np.ndarray, on_card: OnCard | N
     return deck.combine(x, routing, on_card=on_card)
 
 
-__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook"]
+__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook", "Predicted"]

@@ -70,7 +70,8 @@ def test_merged_requests_keep_their_own_routing(deck_path):
 
 
 def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck_path, monkeypatch):
-    """Per-request work moved to per-batch: one sample_features call per batch (not per request),
+    """Per-request work moved to per-batch: one sample_features call and one on_predict call (routing
+    metrics, shift signal) per batch, not per request,
     while requests of other policies and per-sample modes in the same batch keep their own routing."""
     import carddeck.gating.policies
     import carddeck.serving.dataplane
@@ -86,6 +87,8 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
     monkeypatch.setattr(carddeck.serving.dataplane, "sample_features", counted, raising=False)
     sizes = BatchSizes()
     dp = dataplane(deck_path, sizes, max_batch_size=256, max_wait_s=0.05)
+    observed: list[int] = []  # requests per on_predict call
+    dp.on_predict.append(lambda predicted: observed.append(len(predicted)))
     deck = Deck.open(deck_path)
     modes = [("nearest-domain", False), ("soft", True), ("uniform", False), ("top-k", True)]
     requests = [(smooth_images(1 + i % 3, seed=i) if i % 2 else noisy_images(1 + i % 3, seed=i), modes[i % 4])
@@ -102,6 +105,7 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
             np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
         assert max(sizes.sizes) > 3  # requests were merged
         assert len(served_calls) == len(sizes.sizes) < len(requests)  # one features call per batch run
+        assert len(observed) == len(sizes.sizes) and sum(observed) == len(requests)  # listeners: once per batch
         assert sum(served_calls) == sum(len(images) for images, _ in requests)
     finally:
         dp.close()
