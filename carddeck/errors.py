@@ -1,10 +1,13 @@
 """One error hierarchy for the whole package.
 
-Domain code raises these; only ``carddeck.server`` translates them to gRPC status codes
-(through one table), and the CLI turns them into a one-line message and exit status 2.
+Domain code raises these; only the transports translate them, each through one table
+(:mod:`carddeck.server.status_codes` to gRPC status codes, :mod:`carddeck.http.errors` to HTTP
+statuses), and the CLI turns them into a one-line message and exit status 2.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 ECHO_LIMIT = 80
 
@@ -36,6 +39,11 @@ class CardNotFound(CarddeckError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "card not found"
+
+    @classmethod
+    def among(cls, wanted: str, cards: Iterable[str]) -> CardNotFound:
+        """The one message for a card that is not in a deck: what was asked and what there is."""
+        return cls(f"no card {shown(wanted)} in the deck (cards: {', '.join(cards) or 'none'})")
 
 
 class CardRejected(CarddeckError):

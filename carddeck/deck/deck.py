@@ -23,7 +23,7 @@ import numpy as np
 from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.runtime import CardSession, card_pool, choose_providers, softmax, threads_per_card
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
-from carddeck.errors import CardNotFound, InvalidInput, NotReady, shown
+from carddeck.errors import CardNotFound, InvalidInput, NotReady
 from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing, combine_weights
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,10 @@ class Deck:
         gate: Gate | None,
         default_policy: str,
         policy_note: str = "",
+        store: DeckStore | None = None,
     ) -> None:
         self.root = root
+        self.store = store  # where the snapshot came from: stored versions it does not serve are read there
         self.manifest = manifest
         self.version = manifest.version
         self.cards = cards
@@ -124,7 +126,7 @@ class Deck:
             )
         gate, policy, note = _gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)
-        return cls(store.root, manifest, metas, sessions, gate, policy, note)
+        return cls(store.root, manifest, metas, sessions, gate, policy, note, store)
 
     @property
     def configured_policy(self) -> str:
@@ -145,6 +147,22 @@ class Deck:
     @property
     def card_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.cards)
+
+    def card(self, name: str, version: int | None = None) -> CardMeta:
+        """The served card ``name``, or its stored ``version`` (served or not): the one lookup of a card by
+        name (CardNotFound names the cards there are)."""
+        if version is not None:
+            entry = self.manifest.find(name, version)
+            store = self.store or DeckStore(self.root)
+            return store.read_meta(entry)
+        for meta in self.cards:
+            if meta.name == name:
+                return meta
+        raise CardNotFound.among(name, self.card_names)
+
+    def card_index(self, name: str) -> int:
+        """``name``'s column in routing weights (card order)."""
+        return self.cards.index(self.card(name))
 
     def providers(self) -> dict[str, list[str]]:
         """The execution providers each card's session got."""
@@ -205,10 +223,7 @@ class Deck:
 
     def run_card(self, name: str, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, C] from one card, no gate."""
-        session = self._sessions.get(name)
-        if session is None:
-            raise CardNotFound(f"no card {shown(name)} in the deck (cards: {', '.join(self.card_names) or 'none'})")
-        return softmax(session.logits(self.prepare(images)))
+        return softmax(self._sessions[self.card(name).name].logits(self.prepare(images)))
 
 
 def routed_rows(routing: Routing) -> list[tuple[int, str, np.ndarray]]:

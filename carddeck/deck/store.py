@@ -165,9 +165,7 @@ class Manifest:
         for c in self.active() if version is None else self.cards:
             if c.name == name and (version is None or c.version == version):
                 return c
-        have = ", ".join(c.key for c in self.cards) or "none"
-        want = name if version is None else f"{name}/{version}"
-        raise CardNotFound(f"no card {want!r} in the deck (cards: {have})")
+        raise CardNotFound.among(name if version is None else f"{name}/{version}", (c.key for c in self.cards))
 
 
 def _now() -> str:

@@ -1,8 +1,8 @@
 """The KServe V2 / Triton REST routes: each converts JSON to :mod:`carddeck.serving.oip` calls and back.
 
-Each route names the Open Inference Protocol RPC it mirrors: auth treats it exactly as that gRPC
-method (open, inference token, or admin token). Handlers are synchronous and run in a worker
-thread, like the gRPC servicer's.
+Each route names the Open Inference Protocol RPC it mirrors and declares its access level (open,
+inference token, or admin token), the same as that gRPC method's. Handlers are synchronous and run
+in a worker thread, like the gRPC servicer's.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 
 from carddeck.errors import InvalidInput, NotReady
 from carddeck.http import tensors
+from carddeck.serving.access import Access
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels, TensorInfo, server_metadata
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
-OIP_SERVICE = "/inference.GRPCInferenceService/"
+ADMIN, INFERENCE, OPEN = Access.ADMIN, Access.INFERENCE, Access.OPEN
 
 
 @dataclass(frozen=True)
@@ -49,22 +50,25 @@ class Routes:
         self.dp = dataplane
         self.models = models
 
-    def table(self) -> list[tuple[str, str, str, Callable[[Call], Reply]]]:
-        """(HTTP method, path, mirrored OIP RPC, handler) of every route."""
+    def table(self) -> list[tuple[str, str, str, Access, Callable[[Call], Reply]]]:
+        """(HTTP method, path, mirrored OIP RPC, access, handler) of every route.
+
+        Each route declares its access here, beside its handler; it is the mirrored gRPC RPC's
+        (tests/http/test_routes.py holds the two transports to the same levels)."""
         model, version = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
         return [
-            ("GET", "/v2/health/live", "ServerLive", self.live),
-            ("GET", "/v2/health/ready", "ServerReady", self.ready),
-            ("GET", "/v2", "ServerMetadata", self.server_metadata),
-            ("GET", "/v2/models/stats", "ModelStatistics", self.statistics),  # before /v2/models/{model}
-            *(("GET", path, "ModelMetadata", self.model_metadata) for path in (model, version)),
-            *(("GET", path + "/ready", "ModelReady", self.model_ready) for path in (model, version)),
-            *(("GET", path + "/config", "ModelConfig", self.model_config) for path in (model, version)),
-            *(("GET", path + "/stats", "ModelStatistics", self.statistics) for path in (model, version)),
-            *(("POST", path + "/infer", "ModelInfer", self.infer) for path in (model, version)),
-            ("POST", "/v2/repository/index", "RepositoryIndex", self.repository_index),
-            ("POST", "/v2/repository/models/{model}/load", "RepositoryModelLoad", self.load),
-            ("POST", "/v2/repository/models/{model}/unload", "RepositoryModelUnload", self.unload),
+            ("GET", "/v2/health/live", "ServerLive", OPEN, self.live),
+            ("GET", "/v2/health/ready", "ServerReady", OPEN, self.ready),
+            ("GET", "/v2", "ServerMetadata", INFERENCE, self.server_metadata),
+            ("GET", "/v2/models/stats", "ModelStatistics", INFERENCE, self.statistics),  # before /v2/models/{model}
+            *(("GET", path, "ModelMetadata", INFERENCE, self.model_metadata) for path in (model, version)),
+            *(("GET", path + "/ready", "ModelReady", INFERENCE, self.model_ready) for path in (model, version)),
+            *(("GET", path + "/config", "ModelConfig", INFERENCE, self.model_config) for path in (model, version)),
+            *(("GET", path + "/stats", "ModelStatistics", INFERENCE, self.statistics) for path in (model, version)),
+            *(("POST", path + "/infer", "ModelInfer", INFERENCE, self.infer) for path in (model, version)),
+            ("POST", "/v2/repository/index", "RepositoryIndex", INFERENCE, self.repository_index),
+            ("POST", "/v2/repository/models/{model}/load", "RepositoryModelLoad", ADMIN, self.load),
+            ("POST", "/v2/repository/models/{model}/unload", "RepositoryModelUnload", ADMIN, self.unload),
         ]
 
     # -- health and metadata ------------------------------------------------------------------
@@ -149,4 +153,4 @@ class Routes:
         return Reply()
 
 
-__all__ = ["EXTENSIONS", "OIP_SERVICE", "Call", "Reply", "Routes"]
+__all__ = ["EXTENSIONS", "Call", "Reply", "Routes"]

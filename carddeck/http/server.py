@@ -34,17 +34,17 @@ from starlette.routing import Route
 
 from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated
 from carddeck.http.errors import status_for
-from carddeck.http.routes import OIP_SERVICE, Call, Reply, Routes
+from carddeck.http.routes import Call, Reply, Routes
 from carddeck.observability.logs import REQUEST_ID_KEY, request_id_from, request_id_var
 from carddeck.observability.metrics import Metrics
-from carddeck.server.auth import AuthInterceptor
+from carddeck.serving.access import Access, Tokens, bearer_token
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
 from carddeck.serving.settings import Settings
+from carddeck.serving.uploads import MiB
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("carddeck.access")
-MiB = 1 << 20
 SERVICE = "http"
 
 
@@ -80,10 +80,8 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
 
 
 def _endpoint(
-    handler: Callable[[Call], Reply], rpc: str, route: str, auth: AuthInterceptor, metrics: Metrics | None, limit: int
+    handler: Callable[[Call], Reply], route: str, access: Access, tokens: Tokens, metrics: Metrics | None, limit: int
 ) -> Callable[[Request], Any]:
-    method = OIP_SERVICE + rpc
-
     async def endpoint(request: Request) -> Response:
         start = time.perf_counter()
         rid = request_id_from([(REQUEST_ID_KEY, request.headers.get(REQUEST_ID_KEY, ""))])
@@ -92,10 +90,9 @@ def _endpoint(
             metrics.in_flight_requests.labels(service=SERVICE, rpc=route).inc()
         response: Response
         try:
-            authorization = request.headers.get("authorization")
-            refusal = auth.check(method, [("authorization", authorization)] if authorization is not None else [])
+            refusal = tokens.refusal(access, bearer_token(request.headers.items()))
             if refusal is not None:
-                raise Unauthenticated(refusal[1])
+                raise Unauthenticated(refusal)
             body = await read_body(request, limit) if request.method == "POST" else b""
             reply = await run_in_threadpool(handler, Call(request.path_params, body, request.headers))
             response = Response(reply.body, reply.status, reply.headers, reply.media_type)
@@ -132,17 +129,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def build_app(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> Starlette:
     models = OipModels.from_settings(dataplane, settings)
-    auth = AuthInterceptor(
-        admin_token=settings.resolved_admin_token(),
-        inference_token=settings.resolved_inference_token(),
-        allow_unauthenticated_admin=settings.allow_unauthenticated_admin,
-    )
+    tokens = Tokens.from_settings(settings)
     message_limit = settings.max_message_mb * MiB
     card_limit = settings.max_card_mb * MiB * 4 // 3 + MiB  # a card travels base64-encoded in JSON
     routes = []
-    for method, path, rpc, handler in Routes(dataplane, models).table():
+    for method, path, rpc, access, handler in Routes(dataplane, models).table():
         limit = card_limit if rpc == "RepositoryModelLoad" else message_limit
-        routes.append(Route(path, _endpoint(handler, rpc, path, auth, metrics, limit), methods=[method]))
+        routes.append(Route(path, _endpoint(handler, path, access, tokens, metrics, limit), methods=[method]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -375,20 +375,18 @@ class CardDeckIngress:
 
     def __init__(self, config: RayDeckConfig, reconciler: DeploymentHandle) -> None:
         import carddeck.integrations.ray_grpc  # noqa: F401 (the messages' pickled module name)
+        from carddeck.server.app import CARDDECK_SERVICE
+        from carddeck.server.auth import AuthInterceptor, declared_access
         from carddeck.server.carddeck_servicer import CardDeckServicer
+        from carddeck.serving.access import Tokens
         from carddeck.serving.dataplane import Dataplane
 
         self.config = config
         self.plane = RayDataplane(config, reconciler)
-        from carddeck.server.auth import AuthInterceptor
-
         settings = config.settings()
         self.servicer = CardDeckServicer(cast(Dataplane, self.plane), settings)
-        self.auth = AuthInterceptor(  # the gRPC server's rule per method (admin RPCs need the admin token)
-            admin_token=settings.resolved_admin_token(),
-            inference_token=settings.resolved_inference_token(),
-            allow_unauthenticated_admin=settings.allow_unauthenticated_admin,
-        )
+        # the gRPC server's rule per method, as each handler declares it (admin RPCs need the admin token)
+        self.auth = AuthInterceptor(Tokens.from_settings(settings), declared_access(CardDeckServicer, CARDDECK_SERVICE))
 
     async def _grpc(self, rpc: str, request: Any, grpc_context: Any) -> Any:
         """One carddeck.v1 call through the server's servicer; a refused or failed call answers an empty

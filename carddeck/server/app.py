@@ -21,25 +21,35 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from carddeck.errors import InvalidInput
-from carddeck.server.auth import AuthInterceptor
-from carddeck.server.carddeck_servicer import CardDeckServicer, MiB
+from carddeck.server.auth import AuthInterceptor, declared_access, open_access
+from carddeck.server.carddeck_servicer import CardDeckServicer
 from carddeck.server.handlers import add_servicer
 from carddeck.server.health import Health
 from carddeck.server.oip_servicer import OipServicer
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2
 from carddeck.server.proto_gen.inference import grpc_service_pb2, model_config_pb2
+from carddeck.serving.access import Access, Tokens
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.settings import Settings
+from carddeck.serving.uploads import MiB
 
 log = logging.getLogger(__name__)
 
+CARDDECK_SERVICE = carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"]
 OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-SERVICE_NAMES = (
-    carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"].full_name,
-    OIP_SERVICE.full_name,
-    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection.SERVICE_NAME,
-)
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+SERVICE_NAMES = tuple(s.full_name for s in (CARDDECK_SERVICE, OIP_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE))
+
+
+def access_table() -> dict[str, Access]:
+    """Every served method's access level: ours as each handler declares it, health and reflection open."""
+    return {
+        **declared_access(CardDeckServicer, CARDDECK_SERVICE),
+        **declared_access(OipServicer, OIP_SERVICE),
+        **open_access(HEALTH_SERVICE),
+        **open_access(REFLECTION_SERVICE),
+    }
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -85,11 +95,7 @@ def build_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
     """A server bound to ``settings.address`` (not started) and the port it got."""
-    auth = AuthInterceptor(
-        admin_token=settings.resolved_admin_token(),
-        inference_token=settings.resolved_inference_token(),
-        allow_unauthenticated_admin=settings.allow_unauthenticated_admin,
-    )
+    auth = AuthInterceptor(Tokens.from_settings(settings), access_table())
     limit = settings.max_message_mb * MiB
     server = grpc.server(
         ThreadPoolExecutor(settings.workers, thread_name_prefix="carddeck-rpc"),
@@ -101,11 +107,10 @@ def build_server(
         ],
         maximum_concurrent_rpcs=None,
     )
-    add_servicer(server, CardDeckServicer(dataplane, settings), carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"])
+    add_servicer(server, CardDeckServicer(dataplane, settings), CARDDECK_SERVICE)
     add_servicer(server, OipServicer(dataplane, settings), OIP_SERVICE)
     health.add_to(server)
-    reflector = reflection.ReflectionServicer(SERVICE_NAMES, pool=reflection_pool())
-    add_servicer(server, reflector, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+    add_servicer(server, reflection.ReflectionServicer(SERVICE_NAMES, pool=reflection_pool()), REFLECTION_SERVICE)
     credentials = _credentials(settings)
     if not port_free(settings.host, settings.port):  # say it ourselves: grpc would log an error line of its own
         raise InvalidInput(_port_in_use(settings))
@@ -148,4 +153,4 @@ def _port_in_use(settings: Settings) -> str:
     )
 
 
-__all__ = ["SERVICE_NAMES", "build_server", "reflection_pool"]
+__all__ = ["SERVICE_NAMES", "access_table", "build_server", "reflection_pool"]

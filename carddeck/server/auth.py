@@ -1,46 +1,63 @@
 """Bearer tokens, checked by a server interceptor before any servicer code runs.
 
-Admin RPCs (changing the deck) need the admin token. When none is configured they are refused
-outright, unless the operator opened them on purpose (``--allow-unauthenticated-admin``, which logs
-a warning). Inference RPCs need the inference token when one is configured; the admin token is
-accepted there too. Health checks, reflection and liveness/readiness probes are always open.
+Each RPC declares its access level beside its handler with :func:`rpc` (``@rpc(ADMIN)``); the
+interceptor looks the called method up in the table :func:`declared_access` builds from those
+declarations, and registering a servicer with an undeclared RPC fails (:func:`declared_access`
+raises), so no RPC is served under a guessed level. The levels and the token check are
+:mod:`carddeck.serving.access`'s, shared with the HTTP binding.
 """
 
 from __future__ import annotations
 
-import hmac
-import logging
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
 from carddeck.server.interceptors import HandlerInterceptor, handler_kind
+from carddeck.server.status_codes import rpc_errors
+from carddeck.serving.access import Access, Tokens, bearer_token
 
-log = logging.getLogger(__name__)
-
-ADMIN_METHODS = frozenset(
-    {
-        "/carddeck.v1.CardDeck/AddCard",
-        "/carddeck.v1.CardDeck/RemoveCard",
-        "/inference.GRPCInferenceService/RepositoryModelLoad",
-        "/inference.GRPCInferenceService/RepositoryModelUnload",
-    }
-)
-OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady"})
+ADMIN, INFERENCE, OPEN = Access.ADMIN, Access.INFERENCE, Access.OPEN
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def bearer_token(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
-    return None
+def rpc(access: Access) -> Callable[[F], F]:
+    """Declare a servicer method an RPC of ``access``; its errors end as their status codes (:func:`rpc_errors`)."""
+
+    def declare(method: F) -> F:
+        wrapped = rpc_errors(method)
+        wrapped.access = access  # type: ignore[attr-defined]
+        return wrapped  # type: ignore[return-value]
+
+    return declare
 
 
-def _matches(given: str | None, expected: str) -> bool:
-    return given is not None and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+def method_name(service: ServiceDescriptor, rpc_name: str) -> str:
+    return f"/{service.full_name}/{rpc_name}"
+
+
+def declared_access(servicer: Any, service: ServiceDescriptor) -> dict[str, Access]:
+    """``/package.Service/Method`` -> its declared access, for every RPC of ``service``; TypeError naming
+    the RPCs that declare nothing (an RPC left to the generated base class declares nothing either)."""
+    found: dict[str, Access] = {}
+    for m in service.methods:
+        access = getattr(getattr(servicer, m.name, None), "access", None)
+        if isinstance(access, Access):
+            found[m.name] = access
+    missing = [m.name for m in service.methods if m.name not in found]
+    if missing:
+        raise TypeError(
+            f"{service.full_name}: RPCs {', '.join(missing)} declare no access level; "
+            "decorate each handler with @rpc(ADMIN), @rpc(INFERENCE) or @rpc(OPEN) (carddeck.server.auth)"
+        )
+    return {method_name(service, name): access for name, access in found.items()}
+
+
+def open_access(service: ServiceDescriptor) -> dict[str, Access]:
+    """Every RPC of a service we do not write (health, reflection): open to anyone."""
+    return {method_name(service, m.name): OPEN for m in service.methods}
 
 
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -52,40 +69,15 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
 
 
 class AuthInterceptor(HandlerInterceptor):
-    def __init__(self, *, admin_token: str = "", inference_token: str = "", allow_unauthenticated_admin: bool = False):
-        self.admin_token = admin_token
-        self.inference_token = inference_token
-        self.admin_open = allow_unauthenticated_admin and not admin_token
-        if self.admin_open:
-            log.warning(
-                "admin RPCs (AddCard, RemoveCard, RepositoryModelLoad/Unload) are open to anyone who can reach "
-                "this server: --allow-unauthenticated-admin is set and no admin token is configured"
-            )
-        elif not admin_token:
-            log.info("admin RPCs are disabled: set CARDDECK_ADMIN_TOKEN or --admin-token-file to enable them")
+    def __init__(self, tokens: Tokens, access: Mapping[str, Access]) -> None:
+        self.tokens = tokens
+        self.access = dict(access)
 
     def check(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and message to refuse it with."""
-        if method.startswith(OPEN_PREFIXES) or method in OPEN_METHODS:
-            return None
-        token = bearer_token(metadata)
-        if method in ADMIN_METHODS:
-            if self.admin_open:
-                return None
-            if not self.admin_token:
-                return (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "admin RPCs are disabled on this server: start it with CARDDECK_ADMIN_TOKEN (or --admin-token-file)"
-                    " and send 'authorization: Bearer <token>'",
-                )
-            if not _matches(token, self.admin_token):
-                why = "no bearer token" if token is None else "wrong bearer token"
-                return grpc.StatusCode.UNAUTHENTICATED, f"{why}: this RPC needs 'authorization: Bearer <admin token>'"
-            return None
-        if self.inference_token and not (_matches(token, self.inference_token) or _matches(token, self.admin_token)):
-            why = "no bearer token" if token is None else "wrong bearer token"
-            return grpc.StatusCode.UNAUTHENTICATED, f"{why}: this server needs 'authorization: Bearer <token>'"
-        return None
+        # A method no servicer has: grpc answers UNIMPLEMENTED after this, to callers with an inference token.
+        refusal = self.tokens.refusal(self.access.get(method, INFERENCE), bearer_token(metadata))
+        return None if refusal is None else (grpc.StatusCode.UNAUTHENTICATED, refusal)
 
     def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         refusal = self.check(details.method, details.invocation_metadata)
@@ -94,4 +86,4 @@ class AuthInterceptor(HandlerInterceptor):
         return _deny(handler, *refusal)
 
 
-__all__ = ["ADMIN_METHODS", "AuthInterceptor", "bearer_token"]
+__all__ = ["ADMIN", "INFERENCE", "OPEN", "AuthInterceptor", "declared_access", "open_access", "rpc"]

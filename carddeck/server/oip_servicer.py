@@ -11,13 +11,11 @@ import grpc
 from google.protobuf import json_format
 
 import carddeck
-from carddeck.card import CardMeta
-from carddeck.deck import Deck
 from carddeck.server import convert
+from carddeck.server.auth import ADMIN, INFERENCE, OPEN, rpc
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
 from carddeck.server.proto_gen.inference import model_config_pb2 as mc
-from carddeck.server.status_codes import rpc_errors
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
 from carddeck.serving.settings import Settings
@@ -30,37 +28,28 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: Dataplane, settings: Settings) -> None:
         self.dp = dataplane
         self.settings = settings
-        self.deck_name = settings.deck_model_name
         self.models = OipModels.from_settings(dataplane, settings)
 
-    # -- model lookup -------------------------------------------------------------------------
-    def _model(self, name: str, version: str, deck: Deck) -> CardMeta | None:
-        """None for the deck model, the CardMeta for a card; NOT_FOUND for anything else."""
-        return self.models.resolve(name, version, deck).card
-
-    def _names(self, deck: Deck) -> list[str]:
-        return self.models.names(deck)
-
     # -- health and metadata ------------------------------------------------------------------
-    @rpc_errors
+    @rpc(OPEN)
     def ServerLive(self, request: oip.ServerLiveRequest, context: grpc.ServicerContext) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
 
-    @rpc_errors
+    @rpc(OPEN)
     def ServerReady(self, request: oip.ServerReadyRequest, context: grpc.ServicerContext) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self.dp.ready)
 
-    @rpc_errors
+    @rpc(INFERENCE)
     def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.ServicerContext) -> oip.ModelReadyResponse:
         return oip.ModelReadyResponse(ready=self.models.is_ready(request.name, request.version))
 
-    @rpc_errors
+    @rpc(INFERENCE)
     def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name="carddeck", version=carddeck.__version__, extensions=EXTENSIONS)
 
-    @rpc_errors
+    @rpc(INFERENCE)
     def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> oip.ModelMetadataResponse:
@@ -73,13 +62,13 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[Tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in info.outputs],
         )
 
-    @rpc_errors
+    @rpc(INFERENCE)
     def ModelConfig(self, request: oip.ModelConfigRequest, context: grpc.ServicerContext) -> oip.ModelConfigResponse:
         config = self.models.config(self.models.resolve(request.name, request.version))
         return oip.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
 
     # -- inference ----------------------------------------------------------------------------
-    @rpc_errors
+    @rpc(INFERENCE)
     def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> oip.ModelInferResponse:
         with self.dp.request():
             model = self.models.resolve(request.model_name, request.model_version)
@@ -102,7 +91,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return response
 
     # -- statistics ---------------------------------------------------------------------------
-    @rpc_errors
+    @rpc(INFERENCE)
     def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: grpc.ServicerContext
     ) -> oip.ModelStatisticsResponse:
@@ -110,7 +99,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
     # -- repository ---------------------------------------------------------------------------
-    @rpc_errors
+    @rpc(INFERENCE)
     def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: grpc.ServicerContext
     ) -> oip.RepositoryIndexResponse:
@@ -119,7 +108,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             models=[index(name=name, version=version, state=state) for name, version, state in self.models.index()]
         )
 
-    @rpc_errors
+    @rpc(ADMIN)
     def RepositoryModelLoad(
         self, request: oip.RepositoryModelLoadRequest, context: grpc.ServicerContext
     ) -> oip.RepositoryModelLoadResponse:
@@ -129,7 +118,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             self.models.load(request.model_name, files)
             return oip.RepositoryModelLoadResponse()
 
-    @rpc_errors
+    @rpc(ADMIN)
     def RepositoryModelUnload(
         self, request: oip.RepositoryModelUnloadRequest, context: grpc.ServicerContext
     ) -> oip.RepositoryModelUnloadResponse:

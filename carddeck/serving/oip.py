@@ -25,6 +25,7 @@ import carddeck
 from carddeck.card import NAME_PATTERN, CardMeta, InputSpec
 from carddeck.deck import Deck, read_card_meta
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+from carddeck.serving.uploads import CardUpload
 
 if TYPE_CHECKING:
     from carddeck.serving.dataplane import Dataplane
@@ -369,9 +370,9 @@ class OipModels:
             )
         if len(files) != 1 or CARD_FILE not in files:
             raise InvalidInput(f"parameters: send exactly one file, {CARD_FILE!r}; got {shown(sorted(files))}")
-        data = files[CARD_FILE]
-        if len(data) > self.max_card_bytes:
-            raise TooLarge(f"card exceeds the server's limit of {self.max_card_bytes >> 20} MiB (max_card_mb)")
+        upload = CardUpload(self.max_card_bytes, field=f"parameters[{CARD_FILE!r}]")
+        upload.add(files[CARD_FILE])
+        data = upload.finish()
         meta = read_card_meta(data)
         if meta.name != name:
             raise InvalidInput(f"model_name: {shown(name)} does not match the card's own name {meta.name!r}")

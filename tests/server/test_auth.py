@@ -1,6 +1,14 @@
-import grpc
+"""Auth: each RPC declares its access level beside its handler; the interceptor enforces the declarations."""
 
-from carddeck.server.auth import AuthInterceptor, bearer_token
+import grpc
+import pytest
+
+from carddeck.http.routes import Routes
+from carddeck.server.app import CARDDECK_SERVICE, OIP_SERVICE, access_table
+from carddeck.server.auth import ADMIN, INFERENCE, OPEN, AuthInterceptor, declared_access, rpc
+from carddeck.server.carddeck_servicer import CardDeckServicer
+from carddeck.server.oip_servicer import OipServicer
+from carddeck.serving.access import Tokens, bearer_token
 
 ADD = "/carddeck.v1.CardDeck/AddCard"
 PREDICT = "/carddeck.v1.CardDeck/Predict"
@@ -12,6 +20,48 @@ def md(token: str | None):
     return () if token is None else (("authorization", f"Bearer {token}"),)
 
 
+def auth(**tokens) -> AuthInterceptor:
+    return AuthInterceptor(Tokens(**tokens), access_table())
+
+
+@pytest.mark.parametrize(("servicer", "service"), [(CardDeckServicer, CARDDECK_SERVICE), (OipServicer, OIP_SERVICE)])
+def test_every_rpc_of_both_services_declares_its_access(servicer, service):
+    table = declared_access(servicer, service)  # raises TypeError naming any RPC that declares nothing
+    assert sorted(table) == sorted(f"/{service.full_name}/{m.name}" for m in service.methods)
+
+
+def test_an_rpc_without_a_declaration_is_refused_at_registration():
+    class Forgetful(CardDeckServicer):
+        def Predict(self, request, context):  # overrides the declared handler, declares nothing
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match=r"RPCs Predict declare no access level"):
+        declared_access(Forgetful, CARDDECK_SERVICE)
+
+    class Partial(Forgetful):
+        Predict = rpc(INFERENCE)(Forgetful.Predict)
+
+    assert declared_access(Partial, CARDDECK_SERVICE)[PREDICT] is INFERENCE
+
+
+def test_admin_is_declared_exactly_on_the_rpcs_that_change_the_deck():
+    admins = {method for method, access in access_table().items() if access is ADMIN}
+    assert admins == {
+        ADD,
+        "/carddeck.v1.CardDeck/RemoveCard",
+        LOAD,
+        "/inference.GRPCInferenceService/RepositoryModelUnload",
+    }
+
+
+def test_http_routes_declare_the_access_of_the_grpc_rpc_they_mirror():
+    grpc_access = declared_access(OipServicer, OIP_SERVICE)
+    table = Routes(None, None).table()  # type: ignore[arg-type]  (only the table, no call)
+    assert {rpc_name for _, _, rpc_name, _, _ in table} <= {m.name for m in OIP_SERVICE.methods}
+    for method, path, rpc_name, access, _ in table:
+        assert access is grpc_access[f"/inference.GRPCInferenceService/{rpc_name}"], (method, path)
+
+
 def test_bearer_token_parsing():
     assert bearer_token(md("abc")) == "abc"
     assert bearer_token((("authorization", "Basic abc"),)) is None
@@ -19,25 +69,26 @@ def test_bearer_token_parsing():
 
 
 def test_admin_rpcs_need_the_admin_token():
-    auth = AuthInterceptor(admin_token="adm")
+    a = auth(admin_token="adm")
     for method in (ADD, LOAD):
-        assert auth.check(method, md(None))[0] == grpc.StatusCode.UNAUTHENTICATED
-        assert auth.check(method, md("nope"))[0] == grpc.StatusCode.UNAUTHENTICATED
-        assert auth.check(method, md("adm")) is None
-    assert auth.check(PREDICT, md(None)) is None  # inference open without an inference token
+        assert a.check(method, md(None))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert a.check(method, md("nope"))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert a.check(method, md("adm")) is None
+    assert a.check(PREDICT, md(None)) is None  # inference open without an inference token
 
 
 def test_admin_rpcs_are_disabled_without_a_token_unless_opened():
-    closed = AuthInterceptor()
-    code, message = closed.check(ADD, md("anything"))
+    code, message = auth().check(ADD, md("anything"))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "CARDDECK_ADMIN_TOKEN" in message
-    assert AuthInterceptor(allow_unauthenticated_admin=True).check(ADD, md(None)) is None
+    assert auth(allow_unauthenticated_admin=True).check(ADD, md(None)) is None
 
 
 def test_inference_token_when_configured_and_probes_stay_open():
-    auth = AuthInterceptor(admin_token="adm", inference_token="inf")
-    assert auth.check(PREDICT, md(None))[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert auth.check(PREDICT, md("inf")) is None
-    assert auth.check(PREDICT, md("adm")) is None
-    assert auth.check(HEALTH, md(None)) is None
-    assert auth.check("/inference.GRPCInferenceService/ServerReady", md(None)) is None
+    a = auth(admin_token="adm", inference_token="inf")
+    assert a.check(PREDICT, md(None))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert a.check(PREDICT, md("inf")) is None
+    assert a.check(PREDICT, md("adm")) is None
+    assert a.check(HEALTH, md(None)) is None
+    assert a.check("/inference.GRPCInferenceService/ServerReady", md(None)) is None
+    assert access_table()["/inference.GRPCInferenceService/ServerLive"] is OPEN
+    assert a.check("/carddeck.v1.CardDeck/NoSuchRpc", md(None))[0] == grpc.StatusCode.UNAUTHENTICATED
