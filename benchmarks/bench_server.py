@@ -230,13 +230,14 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
 
 
 class Server:
-    def __init__(self, deck: Path, *args: str) -> None:
+    def __init__(self, deck: Path, *args: str, root: Path = ROOT) -> None:
+        """``carddeck serve`` of the source tree ``root`` (another checkout: its before figures, same run)."""
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)  # noqa: SIM115 - lives with the server
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
         cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0"]
         self.proc = subprocess.Popen(
             [*cmd, "--metrics-port", "-1", "--http-port", "0", "--poll-interval-s", "0", *args],
-            cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=root, env={**env, "PYTHONPATH": str(root)}, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -271,6 +272,9 @@ def main() -> int:
     parser.add_argument("--rows", default="", help="comma-separated substrings of the row labels to run (default all)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--client-procs", type=int, default=4, help="client processes generating the load")
+    parser.add_argument(
+        "--before-tree", type=Path, help="also serve from this source tree (e.g. `git archive` of an older commit)"
+    )
     args = parser.parse_args()
 
     import grpc  # noqa: F401  (fail early without the serving deps)
@@ -311,6 +315,12 @@ def main() -> int:
             "server OIP (tritonclient)": ("oip", servers["server, micro-batching"]),
             "server OIP HTTP (binary)": ("http", servers["server, micro-batching"]),
         }
+        if args.before_tree:  # the same deck served by the older code, measured in the same run
+            before = servers["server before, micro-batching"] = Server(
+                deck_path, "--max-wait-ms", str(args.max_wait_ms), root=args.before_tree.resolve()
+            )
+            remote["server before, micro-batching"] = ("carddeck", before)
+            remote["server before, OIP HTTP (binary)"] = ("http", before)
         labels = [*local, *remote]
         if args.rows:
             wanted = args.rows.split(",")
@@ -342,7 +352,7 @@ def main() -> int:
                     r = rows[f"{label}|b{batch}|c{conc}"]
                     who = "server" if label in remote else "this process"
                     print(
-                        f"  {label:<26} {r['images_per_s']:9.1f} img/s  p50 {r['p50_ms']:8.2f} ms  "
+                        f"  {label:<33} {r['images_per_s']:9.1f} img/s  p50 {r['p50_ms']:8.2f} ms  "
                         f"p99 {r['p99_ms']:8.2f} ms  {r['cpu_s_per_1k']:6.2f} CPU s / 1k images ({who})",
                         flush=True,
                     )
