@@ -5,9 +5,10 @@
 A do-nothing handler that takes the request's bytes and answers 10 floats, served (a) by grpcio's
 threaded server (a thread pool, what ``carddeck serve`` runs) and (b) by ``grpc.aio`` (one event
 loop), each in its own process on a loopback port, loaded by client processes sending one 32x32x3
-image per call (the batch-1 Predict's size). Prints calls/s and the server process's CPU
-microseconds per call (from /proc), which is what an image pays before any decoding, gating or
-inference: compare with in-process ONNX Runtime's CPU per image at batch 64 (bench_server.py).
+image per call (the batch-1 Predict's size). Prints calls/s, the mean latency (at concurrency 1: the
+round trip a batch-1 request pays before any work) and the server process's CPU microseconds per
+call (from /proc), which is what an image pays before any decoding, gating or inference: compare
+with in-process ONNX Runtime's CPU per image at batch 64 (bench_server.py).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def main() -> int:
     for name, rows in results.items():
         rate = statistics.median(r for r, _ in rows)
         cpu = statistics.median(c for _, c in rows)
-        print(f"  {name:<24} {rate:8.0f} calls/s   server {cpu:6.0f} CPU us per call")
+        latency = 1e3 * args.concurrency / rate  # each client thread waits for its call
+        print(f"  {name:<24} {rate:8.0f} calls/s   mean latency {latency:6.2f} ms   server {cpu:6.0f} CPU us per call")
     return 0
 
 
