@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from carddeck.serving.settings import default_deck_path  # noqa: E402
+from carddeck.deck import default_deck_path  # noqa: E402
 
 
 def start(deck: Path, log: Path) -> tuple[subprocess.Popen, int, int]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_http import caller, measure, start  # noqa: E402
 
-from carddeck.serving.settings import default_deck_path  # noqa: E402
+from carddeck.deck import default_deck_path  # noqa: E402
 
 ROWS = ((1, 32), (64, 4))  # (batch, concurrency)
 

@@ -86,19 +86,29 @@ def test_cli_help_lists_every_command():
         assert name in result.stdout
 
 
-def test_serving_path_does_not_import_torch():
+def imports_only(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Import every module of ``packages`` (and resolve the public API) in a fresh interpreter; fails when
+    one of the ``forbidden`` top-level modules got loaded."""
     code = (
-        "import sys, carddeck, carddeck.card, carddeck.errors\n"
-        "import importlib, pkgutil\n"
-        "pkgs = ('gating', 'deck', 'server', 'serving', 'http', 'observability', 'client')\n"
-        "for pkg in ['carddeck.' + p for p in pkgs]:\n"
+        "import sys, importlib, pkgutil, carddeck\n"
+        f"for pkg in {packages!r}:\n"
         "    mod = importlib.import_module(pkg)\n"
         "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
         "        importlib.import_module(info.name)\n"
         "for name in carddeck.__all__:\n"
         "    getattr(carddeck, name)  # the public API resolves\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "assert 'ray' not in sys.modules, 'ray was imported (only carddeck.integrations may)'\n"
+        f"loaded = [m for m in {forbidden!r} if m in sys.modules]\n"
+        "assert not loaded, f'{loaded} imported'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_serving_path_does_not_import_torch():
+    pkgs = ("gating", "deck", "server", "serving", "http", "observability", "client")
+    result = imports_only(tuple(f"carddeck.{p}" for p in pkgs), ("torch", "ray"))  # ray: only integrations may
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_serving_core_imports_no_transport():
+    result = imports_only(("carddeck.serving",), ("grpc", "starlette", "uvicorn", "torch"))
     assert result.returncode == 0, result.stderr

@@ -16,10 +16,9 @@ import grpc
 import pytest
 
 from carddeck.client.api import CardDeckClient
-from carddeck.deck import DeckStore
+from carddeck.deck import DeckStore, default_deck_path
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
-from carddeck.serving.settings import default_deck_path
 from tests.servers import ServerProcess, start_server
 from tests.tour.run_tour import README, setup_command, tour_commands
 

@@ -15,7 +15,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +29,19 @@ from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams,
 log = logging.getLogger(__name__)
 
 
+def top_labels(probabilities: np.ndarray) -> np.ndarray:
+    """The predicted class of each row: int64 [N]."""
+    return probabilities.argmax(axis=1).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Prediction:
     probabilities: np.ndarray  # [N, C] float32
-    labels: np.ndarray  # [N] int64
     routing: Routing
+    labels: np.ndarray = field(init=False)  # [N] int64, from the probabilities
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", top_labels(self.probabilities))
 
 
 def prepare_images(images: object, spec: InputSpec) -> np.ndarray:
@@ -153,8 +161,7 @@ class Deck:
         name (CardNotFound names the cards there are)."""
         if version is not None:
             entry = self.manifest.find(name, version)
-            store = self.store or DeckStore(self.root)
-            return store.read_meta(entry)
+            return (self.store or DeckStore(self.root)).read_meta(entry)
         for meta in self.cards:
             if meta.name == name:
                 return meta
@@ -193,17 +200,17 @@ class Deck:
     def predict(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Prediction:
         x = self.prepare(images)
         routing = self.route_prepared(x, policy=policy, per_sample=per_sample)
-        probs = self.combine(x, routing)
-        return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing)
+        return Prediction(self.combine(x, routing.weights), routing)
 
     def combine(
-        self, x: np.ndarray, routing: Routing, *, on_card: Callable[[str, float], None] | None = None
+        self, x: np.ndarray, weights: np.ndarray, *, on_card: Callable[[str, float], None] | None = None
     ) -> np.ndarray:
-        """Run each selected card once on the rows routed to it; weighted mean of the probabilities.
+        """Run each card once on the rows ``weights`` [N, K] (columns in card order) give it; weighted mean
+        of the probabilities.
 
         ``on_card(name, seconds)`` is told how long each card took (the server's per-card latency).
         """
-        jobs = [(k, rows, self._sessions[name], name) for k, name, rows in routed_rows(routing)]
+        jobs = [(k, rows, self._sessions[name], name) for k, name, rows in routed_rows(weights, self.card_names)]
 
         def run(job: tuple[int, np.ndarray, CardSession, str]) -> np.ndarray:
             _, rows, session, name = job
@@ -219,36 +226,35 @@ class Deck:
         else:
             outputs = [run(j) for j in jobs]
         combine = self.gate.params.combine if self.gate is not None else "mean"
-        return mix(routing, [(k, rows) for k, rows, _, _ in jobs], outputs, len(self.class_names), combine=combine)
+        return mix(weights, [(k, rows) for k, rows, _, _ in jobs], outputs, len(self.class_names), combine=combine)
 
     def run_card(self, name: str, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, C] from one card, no gate."""
         return softmax(self._sessions[self.card(name).name].logits(self.prepare(images)))
 
 
-def routed_rows(routing: Routing) -> list[tuple[int, str, np.ndarray]]:
-    """(column, card name, rows) of each card the routing gives at least one row: each runs once, on those rows."""
+def routed_rows(weights: np.ndarray, card_names: Sequence[str]) -> list[tuple[int, str, np.ndarray]]:
+    """(column, card name, rows) of each card ``weights`` [N, K] give at least one row: each runs once, on those."""
     out = []
-    for k, name in enumerate(routing.card_names):
-        rows = np.flatnonzero(routing.weights[:, k] > 0)
+    for k, name in enumerate(card_names):
+        rows = np.flatnonzero(weights[:, k] > 0)
         if len(rows):
             out.append((k, name, rows))
     return out
 
 
 def mix(
-    routing: Routing,
+    weights: np.ndarray,
     jobs: Sequence[tuple[int, np.ndarray]],
     probabilities: Sequence[np.ndarray],
     num_classes: int,
     *,
     combine: str = "mean",
 ) -> np.ndarray:
-    """Each card's probabilities over its rows ((column, rows) per job), summed with the routing's weights,
-    or with weights from ``combine`` (:func:`carddeck.gating.policies.combine_weights`)."""
-    weights = routing.weights
+    """Each card's probabilities over its rows ((column, rows) per job), summed with the routing ``weights``
+    [N, K], or with weights from ``combine`` (:func:`carddeck.gating.policies.combine_weights`)."""
     if combine != "mean":  # needs every routed card's output on every row first
-        per_card = np.zeros((len(routing.card_names), len(weights), num_classes), np.float32)
+        per_card = np.zeros((weights.shape[1], len(weights), num_classes), np.float32)
         for (k, rows), p in zip(jobs, probabilities):
             per_card[k, rows] = p
         weights = combine_weights(weights, per_card, combine)
@@ -301,4 +307,4 @@ def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> 
     return gate, policy, note
 
 
-__all__ = ["Deck", "Prediction", "mix", "prepare_images", "routed_rows"]
+__all__ = ["Deck", "Prediction", "mix", "prepare_images", "routed_rows", "top_labels"]

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from carddeck.errors import InvalidInput
+from carddeck.serving.models import Model
 from carddeck.serving.oip import (
     DTYPES,
     InferResult,
-    Model,
     OipModels,
     array_from_bytes,
     array_from_values,

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
         from ray import serve
     except ImportError:
         raise InvalidInput("carddeck ray-serve needs Ray Serve: pip install 'carddeck[ray]'") from None
+    from carddeck.deck import default_deck_path
     from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
-    from carddeck.serving.settings import default_deck_path
 
     config = RayDeckConfig(
         deck=args.deck or str(default_deck_path()),

@@ -39,7 +39,7 @@ from carddeck.deck import Deck, DeckStore, Prediction
 from carddeck.deck.deck import mix, routed_rows
 from carddeck.deck.runtime import CardSession, choose_providers, softmax
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
-from carddeck.gating import Routing
+from carddeck.serving.models import Model, resolve
 
 log = logging.getLogger(__name__)
 
@@ -270,21 +270,37 @@ class RayDataplane:
     def request(self) -> Iterator[None]:
         yield  # Ray Serve drains a replica's in-flight requests itself (graceful_shutdown_timeout_s)
 
+    def resolve(self, name: str | None = None, version: str = "") -> Model:
+        """As :meth:`carddeck.serving.dataplane.Dataplane.resolve`: the model on the snapshot the request keeps."""
+        deck_name = self.config.deck_model_name
+        return resolve(self.deck, deck_name, deck_name if name is None else name, version)
+
+    def _snapshot_of(self, model: Model) -> _Snapshot:
+        snap = self._current()
+        if snap.deck is model.deck:
+            return snap
+        # swapped since the model was resolved: the same cards' applications, by name, serve the request
+        return _Snapshot(model.deck, {m.name: serve.get_app_handle(card_app_name(m.name)) for m in model.deck.cards})
+
     def predict(
-        self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False, **_: Any
+        self,
+        images: np.ndarray,
+        *,
+        model: Model | None = None,
+        policy: str | None = None,
+        per_sample: bool = False,
+        **_: Any,
     ) -> tuple[Prediction, Deck]:
-        snap = self._current()  # the snapshot this request finishes on
+        snap = self._snapshot_of(model or self.resolve())  # the snapshot this request finishes on
         deck = snap.deck
         x = deck.prepare(images)
         routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
-        probs = self._combine(snap, x, routing)
-        return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing), deck
+        return Prediction(self._combine(snap, x, routing.weights), routing), deck
 
-    def run_card(self, name: str, images: np.ndarray, **_: Any) -> tuple[np.ndarray, Deck]:
-        snap = self._current()
-        if name not in snap.handles:
-            raise CardNotFound(f"no card {name!r} in the deck (cards: {', '.join(snap.deck.card_names)})")
-        return self._call(snap, name, snap.deck.prepare(images)), snap.deck
+    def run_card(self, model: Model, images: np.ndarray, **_: Any) -> np.ndarray:
+        snap = self._snapshot_of(model)
+        name = snap.deck.card(model.name).name  # CardNotFound names the cards there are
+        return self._call(snap, name, snap.deck.prepare(images))
 
     def add_card(self, model: bytes | Path) -> tuple[Any, bool]:
         """Into the store; the reconciler deploys it and the ingress serves it once it runs."""
@@ -298,13 +314,13 @@ class RayDataplane:
             return dict(self._counts)
 
     # -- fan-out ------------------------------------------------------------------------------
-    def _combine(self, snap: _Snapshot, x: np.ndarray, routing: Routing) -> np.ndarray:
-        jobs = routed_rows(routing)
+    def _combine(self, snap: _Snapshot, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        jobs = routed_rows(weights, snap.deck.card_names)
         subs = [x if len(rows) == len(x) else np.ascontiguousarray(x[rows]) for _, _, rows in jobs]
         calls = [snap.handles[name].remote(sub) for (_, name, _), sub in zip(jobs, subs)]  # all at once
         outputs = [self._result(snap, name, sub, call) for (_, name, _), sub, call in zip(jobs, subs, calls)]
         combine = snap.deck.gate.params.combine if snap.deck.gate is not None else "mean"
-        return mix(routing, [(k, rows) for k, _, rows in jobs], outputs, len(snap.deck.class_names), combine=combine)
+        return mix(weights, [(k, rows) for k, _, rows in jobs], outputs, len(snap.deck.class_names), combine=combine)
 
     def _call(self, snap: _Snapshot, name: str, x: np.ndarray) -> np.ndarray:
         return self._result(snap, name, x, snap.handles[name].remote(x))
@@ -465,7 +481,7 @@ def application(config: RayDeckConfig) -> Any:
 def app_builder(args: dict[str, Any]) -> Any:
     """For Serve config files (``import_path: carddeck.integrations.ray_serve:app_builder``): ``args`` are
     :class:`RayDeckConfig` fields; without ``deck``, the packaged default deck (as ``carddeck serve``)."""
-    from carddeck.serving.settings import default_deck_path
+    from carddeck.deck import default_deck_path
 
     known = set(RayDeckConfig.__dataclass_fields__)
     unknown = sorted(set(args) - known)

@@ -39,6 +39,7 @@ CARDDECK_SERVICE = carddeck_pb2.DESCRIPTOR.services_by_name["CardDeck"]
 OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+REFLECTION_V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 SERVICE_NAMES = tuple(s.full_name for s in (CARDDECK_SERVICE, OIP_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE))
 
 
@@ -49,6 +50,8 @@ def access_table() -> dict[str, Access]:
         **declared_access(OipServicer, OIP_SERVICE),
         **open_access(HEALTH_SERVICE),
         **open_access(REFLECTION_SERVICE),
+        # not served, but clients (grpcurl) probe reflection v1 first and fall back to v1alpha on UNIMPLEMENTED
+        REFLECTION_V1: Access.OPEN,
     }
 
 

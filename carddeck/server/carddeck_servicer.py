@@ -12,7 +12,7 @@ from carddeck.server.auth import ADMIN, INFERENCE, rpc
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.serving.dataplane import Dataplane
-from carddeck.serving.oip import check_card_name
+from carddeck.serving.models import Model, check_card_name
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import CardUpload, MiB
 
@@ -22,37 +22,30 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
         self.dp = dataplane
         self.settings = settings
 
-    def _images(self, tensor: pb.Tensor) -> np.ndarray:
-        return convert.images_from_tensor(tensor, max_images=self.settings.max_request_images)
+    def _images(self, tensor: pb.Tensor, model: Model) -> np.ndarray:
+        return convert.images_from_tensor(tensor, spec=model.input, max_images=self.settings.max_request_images)
 
     @rpc(INFERENCE)
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         with self.dp.request():
-            images = self._images(request.images)
+            model = self.dp.resolve()  # the gated deck on the snapshot this request keeps
             prediction, deck = self.dp.predict(
-                images,
+                self._images(request.images, model),
+                model=model,
                 policy=request.policy or None,
                 per_sample=request.per_sample,
                 timeout_s=context.time_remaining(),
                 is_cancelled=lambda: not context.is_active(),
-                model=self.settings.deck_model_name,
             )
-            names = deck.class_names
-            return pb.PredictResponse(
-                probabilities=convert.matrix(prediction.probabilities),
-                labels=prediction.labels.tolist(),
-                label_names=[names[i] for i in prediction.labels],
-                routing=convert.routing_to_proto(prediction.routing),
-                deck_version=deck.version,
-                class_names=names,
-            )
+            return convert.predict_response(prediction, deck)
 
     @rpc(INFERENCE)
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:
         with self.dp.request():
-            images = self._images(request.images)
-            routing, deck = self.dp.route(images, policy=request.policy or None, per_sample=request.per_sample)
-            return pb.RouteResponse(routing=convert.routing_to_proto(routing), deck_version=deck.version)
+            model = self.dp.resolve()
+            images = self._images(request.images, model)
+            routing = model.deck.route(images, policy=request.policy or None, per_sample=request.per_sample)
+            return pb.RouteResponse(routing=convert.routing_to_proto(routing), deck_version=model.deck.version)
 
     @rpc(INFERENCE)
     def ListCards(self, request: pb.ListCardsRequest, context: grpc.ServicerContext) -> pb.ListCardsResponse:
@@ -74,7 +67,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     @rpc(ADMIN)
     def AddCard(self, request_iterator: Iterator[pb.AddCardChunk], context: grpc.ServicerContext) -> pb.AddCardResponse:
         with self.dp.request():
-            upload = CardUpload(self.settings.max_card_mb * MiB, field="data")
+            upload = CardUpload(self.settings.max_card_mb * MiB, field="AddCardChunk.data")
             for chunk in request_iterator:
                 upload.add(chunk.data, chunk.sha256)
             meta, new = self.dp.add_card(upload.finish())

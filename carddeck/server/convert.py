@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from carddeck.card import CardMeta, InputSpec
+from carddeck.deck import Deck, Prediction
 from carddeck.errors import InvalidInput
 from carddeck.gating import Routing
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -15,17 +16,24 @@ from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.serving import oip as oip_core
 
 _DTYPES: dict[int, np.dtype[Any]] = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
-_ACCEPTED = "DTYPE_UINT8 with shape [N, H, W, 3] or DTYPE_FLOAT32 with shape [N, 3, H, W] in [0, 1]"
 OIP_DTYPES = oip_core.DTYPES
 
 
-def images_from_tensor(tensor: pb.Tensor, *, max_images: int, field: str = "images") -> np.ndarray:
-    """A carddeck.v1 Tensor as uint8 NHWC or float32 NCHW (read-only view of the message's bytes)."""
+def accepted_tensor(spec: InputSpec) -> str:
+    """What a carddeck.v1 images Tensor may be, from the deck's input contract."""
+    (lo, hi), c, h, w = spec.value_range, spec.channels, spec.height, spec.width
+    uint8, float32 = f"[N, {h}, {w}, {c}]", f"[N, {c}, {h}, {w}] in [{lo:g}, {hi:g}]"
+    return f"DTYPE_UINT8 with shape {uint8} or DTYPE_FLOAT32 with shape {float32}"
+
+
+def images_from_tensor(tensor: pb.Tensor, *, spec: InputSpec, max_images: int, field: str = "images") -> np.ndarray:
+    """A carddeck.v1 Tensor as uint8 NHWC or float32 NCHW (read-only view of the message's bytes); the deck
+    (:meth:`carddeck.deck.Deck.prepare`) checks it against ``spec``, which the messages here name."""
     if tensor.dtype not in _DTYPES:
         name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else str(tensor.dtype)
-        raise InvalidInput(f"{field}.dtype: {name} is not accepted; send {_ACCEPTED}")
+        raise InvalidInput(f"{field}.dtype: {name} is not accepted; send {accepted_tensor(spec)}")
     shape = list(tensor.shape)
-    oip_core.check_shape(shape, f"{field}.shape", max_images, _ACCEPTED)
+    oip_core.check_shape(shape, f"{field}.shape", max_images, accepted_tensor(spec))
     return oip_core.array_from_bytes(tensor.data, _DTYPES[tensor.dtype], shape, f"{field}.data")
 
 
@@ -117,6 +125,29 @@ def oip_outputs(
     return tensors, raw
 
 
+def oip_infer_response(request: oip.ModelInferRequest, result: oip_core.InferResult) -> oip.ModelInferResponse:
+    """The answer to ``request``: its outputs only in raw_output_contents (what tritonclient reads)."""
+    response = oip.ModelInferResponse(model_name=request.model_name, model_version=result.model_version, id=request.id)
+    for key, value in result.parameters.items():
+        response.parameters[key].string_param = value
+    tensors, raw = oip_outputs(request, result.outputs)
+    response.outputs.extend(tensors)
+    response.raw_output_contents.extend(raw)
+    return response
+
+
+def predict_response(prediction: Prediction, deck: Deck) -> pb.PredictResponse:
+    names = deck.class_names
+    return pb.PredictResponse(
+        probabilities=matrix(prediction.probabilities),
+        labels=prediction.labels.tolist(),
+        label_names=[names[i] for i in prediction.labels],
+        routing=routing_to_proto(prediction.routing),
+        deck_version=deck.version,
+        class_names=names,
+    )
+
+
 __all__ = [
     "OIP_DTYPES",
     "card_to_proto",
@@ -124,10 +155,12 @@ __all__ = [
     "images_from_tensor",
     "matrix",
     "oip_images",
+    "oip_infer_response",
     "oip_options",
     "oip_outputs",
     "oip_parameter",
     "oip_plain_parameters",
+    "predict_response",
     "routing_to_proto",
     "tensor_from_images",
 ]

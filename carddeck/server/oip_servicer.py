@@ -72,7 +72,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> oip.ModelInferResponse:
         with self.dp.request():
             model = self.models.resolve(request.model_name, request.model_version)
-            images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.deck.input)
+            images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.input)
             result = self.models.infer(
                 model,
                 images,
@@ -80,15 +80,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 timeout_s=context.time_remaining(),
                 is_cancelled=lambda: not context.is_active(),
             )
-            response = oip.ModelInferResponse(
-                model_name=request.model_name, model_version=result.model_version, id=request.id
-            )
-            for key, value in result.parameters.items():
-                response.parameters[key].string_param = value
-            tensors, raw = convert.oip_outputs(request, result.outputs)
-            response.outputs.extend(tensors)
-            response.raw_output_contents.extend(raw)
-            return response
+            return convert.oip_infer_response(request, result)
 
     # -- statistics ---------------------------------------------------------------------------
     @rpc(INFERENCE)

@@ -92,7 +92,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             providers=settings.provider_list(),
             intra_op_threads=settings.intra_op_threads or None,
             calibration_data=settings.calibration_data,
-            reserved_names=(settings.deck_model_name,),
+            deck_model_name=settings.deck_model_name,
             debris_grace_s=settings.debris_grace_s,
         ),
         metrics=metrics,

@@ -1,15 +1,17 @@
 """The data plane, free of any transport: requests on the live deck snapshot, micro-batching, drain.
 
-A request reads the current snapshot (:class:`~carddeck.serving.snapshot.Snapshots`) once and
-finishes on it, whatever swaps meanwhile.
+A request resolves its model (:meth:`Dataplane.resolve`) on the current snapshot
+(:class:`~carddeck.serving.snapshot.Snapshots`) once and finishes on that snapshot, whatever swaps
+meanwhile.
 
 The caller's thread validates a request's images; the rest is paid once per micro-batch: the
 batcher concatenates the requests' images, computes their features in one call, routes every
 request on its own rows (one policy call per policy in the batch: policies decide row by row, so
 one client's images never change another's routing), runs each card once on the rows routed to it,
-and gives each request back its own rows and routing. A request that is alone in the server
-(nobody to merge with) skips the batcher and runs the same steps in its own thread: no hand-off
-cost at low load.
+gives each request back its own rows and routing, and tells the routing metrics and the
+``on_predict`` listeners (the shift signal) about all of them at once. A request that is alone in
+the server (nobody to merge with) skips the batcher and runs the same steps in its own thread: no
+hand-off cost at low load.
 """
 
 from __future__ import annotations
@@ -29,17 +31,15 @@ import numpy as np
 from carddeck.card import CardMeta
 from carddeck.deck import Deck, Prediction
 from carddeck.deck.store import DEBRIS_GRACE_S
-from carddeck.errors import Cancelled, NotReady, shown
+from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import POLICIES, Routing
 from carddeck.gating.signature import sample_features
 from carddeck.serving.batching import MicroBatcher
+from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots
 from carddeck.serving.stats import ModelStats, Statistics
 
 log = logging.getLogger(__name__)
-
-
-OnCard = Callable[[str, float], None]  # (card name, seconds) after each card run
 
 
 class MetricsHook(DeckMetrics, Protocol):
@@ -62,7 +62,7 @@ class DataplaneConfig:
     providers: Sequence[str] | None = None
     intra_op_threads: int | None = None
     calibration_data: str = ""
-    reserved_names: tuple[str, ...] = ()  # card names taken by the server (its deck model name)
+    deck_model_name: str = DECK_MODEL_NAME  # the gated deck's model name: no card may take it
     debris_grace_s: float = DEBRIS_GRACE_S
 
 
@@ -76,6 +76,14 @@ class _Work:
     model: str = ""  # the model name it was asked under (what on_predict listeners are told)
 
 
+@dataclass(frozen=True)
+class _Done:
+    probabilities: np.ndarray
+    queued_s: float
+    compute_s: float
+    routing: Routing | None = None
+
+
 class Predicted(NamedTuple):
     """One routed request of a micro-batch, as ``on_predict`` listeners see it."""
 
@@ -83,14 +91,6 @@ class Predicted(NamedTuple):
     x: np.ndarray  # prepared images
     routing: Routing
     probabilities: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Done:
-    probabilities: np.ndarray
-    queued_s: float
-    compute_s: float
-    routing: Routing | None = None
 
 
 class Dataplane:
@@ -104,7 +104,7 @@ class Dataplane:
             providers=config.providers,
             intra_op_threads=config.intra_op_threads,
             calibration_data=config.calibration_data,
-            reserved_names=config.reserved_names,
+            reserved_names=(config.deck_model_name,),
             debris_grace_s=config.debris_grace_s,
             metrics=metrics,
         )
@@ -199,29 +199,36 @@ class Dataplane:
         return True
 
     # -- inference ----------------------------------------------------------------------------
+    def resolve(self, name: str | None = None, version: str = "") -> Model:
+        """The model ``name`` (None: the gated deck) on the current snapshot, which the request then keeps."""
+        deck_name = self.config.deck_model_name
+        return resolve(self.deck, deck_name, deck_name if name is None else name, version)
+
     def predict(
         self,
         images: np.ndarray,
         *,
+        model: Model | None = None,
         policy: str | None = None,
         per_sample: bool = False,
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
-        model: str = "",
     ) -> tuple[Prediction, Deck]:
+        """The gated deck's prediction, on ``model``'s snapshot (default: the deck model, resolved now)."""
+        model = model or self.resolve()
         with self._inferring_call():
-            return self._predict(images, policy, per_sample, timeout_s, is_cancelled, model)
+            return self._predict(model, images, policy, per_sample, timeout_s, is_cancelled), model.deck
 
     def _predict(
         self,
+        model: Model,
         images: np.ndarray,
         policy: str | None,
         per_sample: bool,
         timeout_s: float | None,
         is_cancelled: Callable[[], bool] | None,
-        model: str,
-    ) -> tuple[Prediction, Deck]:
-        deck = self.deck  # the snapshot this request finishes on
+    ) -> Prediction:
+        deck = model.deck  # the snapshot this request finishes on
         start = time.monotonic()
         announced = self._announce(len(images))
         try:
@@ -231,48 +238,46 @@ class Dataplane:
         except BaseException:
             if announced:
                 self._batcher.withdraw()  # type: ignore[union-attr]
-            self._record(model, len(images), start, ok=False)
+            self._record(model.name, len(images), start, ok=False)
             raise
-        work = _Work(deck, x, None, policy, per_sample, model)
-        done = self._combine(work, announced, timeout_s, is_cancelled, model, start)
-        probs, routing = done.probabilities, done.routing
-        assert routing is not None
-        return Prediction(probs, probs.argmax(axis=1).astype(np.int64), routing), deck
-
-    def route(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> tuple[Routing, Deck]:
-        deck = self.deck
-        return deck.route(images, policy=policy, per_sample=per_sample), deck
+        work = _Work(deck, x, None, policy, per_sample, model.name)
+        done = self._combine(work, announced, timeout_s, is_cancelled, model.name, start)
+        assert done.routing is not None
+        return Prediction(done.probabilities, done.routing)
 
     def run_card(
         self,
-        name: str,
+        model: Model,
         images: np.ndarray,
         *,
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
-    ) -> tuple[np.ndarray, Deck]:
-        """One card's probabilities, no gate (a card served as a model of its own)."""
+    ) -> np.ndarray:
+        """One card's probabilities, no gate (a card served as a model of its own), on ``model``'s snapshot."""
         with self._inferring_call():
-            return self._run_card(name, images, timeout_s, is_cancelled)
+            return self._run_card(model, images, timeout_s, is_cancelled)
 
     def _run_card(
-        self, name: str, images: np.ndarray, timeout_s: float | None, is_cancelled: Callable[[], bool] | None
-    ) -> tuple[np.ndarray, Deck]:
-        deck = self.deck
+        self, model: Model, images: np.ndarray, timeout_s: float | None, is_cancelled: Callable[[], bool] | None
+    ) -> np.ndarray:
+        deck = model.deck
         start = time.monotonic()
         announced = self._announce(len(images))
         try:
-            k = _card_index(deck, name)
+            if model.card is None:
+                raise InvalidInput(f"model {model.name!r} is the gated deck, not a card")
+            k = deck.card_index(model.card.name)
             x = deck.prepare(images)
         except BaseException:
             if announced:
                 self._batcher.withdraw()  # type: ignore[union-attr]
-            self._record(name, len(images), start, ok=False)
+            self._record(model.name, len(images), start, ok=False)
             raise
         weights = np.zeros((len(x), len(deck.cards)), np.float32)
         weights[:, k] = 1.0
-        done = self._combine(_Work(deck, x, weights), announced, timeout_s, is_cancelled, name, start)
-        return done.probabilities, deck
+        return self._combine(
+            _Work(deck, x, weights), announced, timeout_s, is_cancelled, model.name, start
+        ).probabilities
 
     def _announce(self, n: int) -> bool:
         """True: this request goes through the batcher (and told it to expect one more)."""
@@ -346,7 +351,7 @@ class Dataplane:
             x = works[idx[0]].x if len(idx) == 1 else np.concatenate([works[i].x for i in idx])
             routings.update(_route(deck, {i: works[i] for i in idx if works[i].weights is None}))
             weights = [_weights_of(works[i], routings.get(i)) for i in idx]
-            probs = _combine(deck, x, weights[0] if len(idx) == 1 else np.concatenate(weights), self._on_card)
+            probs = deck.combine(x, weights[0] if len(idx) == 1 else np.concatenate(weights), on_card=self._on_card)
             offset = 0
             for i in idx:
                 n = len(works[i].x)
@@ -382,17 +387,6 @@ class Dataplane:
         return self.statistics.get(model)
 
 
-def _card_index(deck: Deck, name: str) -> int:
-    from carddeck.errors import CardNotFound
-
-    try:
-        return deck.card_names.index(name)
-    except ValueError:
-        raise CardNotFound(
-            f"no card {shown(name)} in the deck (cards: {', '.join(deck.card_names) or 'none'})"
-        ) from None
-
-
 def _weights_of(work: _Work, routing: Routing | None) -> np.ndarray:
     if work.weights is not None:
         return work.weights
@@ -419,18 +413,6 @@ def _route(deck: Deck, works: dict[int, _Work]) -> dict[int, Routing]:
         for j, routing in zip(js, deck.route_features(rows, sizes, policy=policy, per_sample=per_sample)):
             out[items[j][0]] = routing
     return out
-
-
-def _combine(deck: Deck, x: np.ndarray, weights: np.ndarray, on_card: OnCard | None = None) -> np.ndarray:
-    routing = Routing(
-        policy="merged",
-        per_sample=True,
-        card_names=deck.card_names,
-        weights=weights,
-        domains=(),
-        distances=np.zeros((len(x), 0), np.float32),
-    )
-    return deck.combine(x, routing, on_card=on_card)
 
 
 __all__ = ["Dataplane", "DataplaneConfig", "MetricsHook", "Predicted"]

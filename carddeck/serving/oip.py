@@ -8,8 +8,9 @@ under its own name (version = card version) with ``probabilities`` and ``labels`
 :class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool).
 
 The gRPC servicer (:mod:`carddeck.server.oip_servicer`) and the HTTP routes (:mod:`carddeck.http`)
-only convert their wire formats to these calls and back, so both transports resolve models,
-decode tensors, validate and answer the same way, with the same messages.
+only convert their wire formats to these calls and back, so both transports resolve models (through
+:mod:`carddeck.serving.models`), decode tensors, validate and answer the same way, with the same
+messages.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import carddeck
-from carddeck.card import NAME_PATTERN, CardMeta, InputSpec
-from carddeck.deck import Deck, read_card_meta
+from carddeck.card import InputSpec
+from carddeck.deck import read_card_meta
+from carddeck.deck.deck import top_labels
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
 if TYPE_CHECKING:
@@ -54,19 +57,6 @@ class ModelInfo:
     platform: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
-
-
-@dataclass(frozen=True)
-class Model:
-    """A model resolved on one deck snapshot: the gated deck (``card`` None) or one card."""
-
-    name: str
-    deck: Deck
-    card: CardMeta | None
-
-    @property
-    def version(self) -> str:
-        return str(self.deck.version if self.card is None else self.card.version)
 
 
 @dataclass(frozen=True)
@@ -169,13 +159,6 @@ def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]
     return out
 
 
-def check_card_name(name: str, field: str = "name") -> str:
-    """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
-    if not NAME_PATTERN.match(name):
-        raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
-    return name
-
-
 # -- models ------------------------------------------------------------------------------------
 class OipModels:
     """The deck and its cards as OIP models, over one :class:`~carddeck.serving.dataplane.Dataplane`."""
@@ -212,24 +195,9 @@ class OipModels:
             dynamic_batching=batching,
         )
 
-    def names(self, deck: Deck) -> list[str]:
-        return [self.deck_name, *deck.card_names]
-
-    def resolve(self, name: str, version: str = "", deck: Deck | None = None) -> Model:
-        """The model ``name`` (at ``version``, when given) on ``deck`` (default: the current snapshot)."""
-        deck = deck or self.dp.deck
-        if not name:
-            raise InvalidInput(f"name: empty; models: {', '.join(self.names(deck))}")
-        if name == self.deck_name:
-            if version and version != str(deck.version):
-                raise CardNotFound(f"model {shown(name)} has version {deck.version}, not {shown(version)}")
-            return Model(name, deck, None)
-        for meta in deck.cards:
-            if meta.name == name:
-                if version and version != str(meta.version):
-                    raise CardNotFound(f"model {shown(name)} is served at version {meta.version}, not {shown(version)}")
-                return Model(name, deck, meta)
-        raise CardNotFound(f"no model {shown(name)}; models: {', '.join(self.names(deck))}")
+    def resolve(self, name: str, version: str = "") -> Model:
+        """The model ``name`` (at ``version``, when given) on the current snapshot."""
+        return self.dp.resolve(name, version)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -285,7 +253,8 @@ class OipModels:
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
         """Triton's per-model statistics (ns) of one model, or of every model when ``name`` is empty."""
         deck = self.dp.deck
-        models = [self.resolve(name, version, deck)] if name else [self.resolve(n, "", deck) for n in self.names(deck)]
+        names = [name] if name else model_names(deck, self.deck_name)
+        models = [resolve(deck, self.deck_name, n, version) for n in names]
         out = []
         for model in models:
             s = self.dp.stats(model.name)
@@ -322,16 +291,16 @@ class OipModels:
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> InferResult:
-        """Run the model; callers wrap this in ``dataplane.request()`` (drain accounting)."""
+        """Run the model on its snapshot; callers wrap this in ``dataplane.request()`` (drain accounting)."""
         policy, per_sample = infer_options(parameters)
         if model.card is None:
             prediction, deck = self.dp.predict(
                 images,
+                model=model,
                 policy=policy,
                 per_sample=per_sample,
                 timeout_s=timeout_s,
                 is_cancelled=is_cancelled,
-                model=self.deck_name,
             )
             routing = prediction.routing
             return InferResult(
@@ -346,8 +315,8 @@ class OipModels:
             raise InvalidInput(
                 f"parameters: 'policy' and 'per_sample' apply to the deck model {self.deck_name!r}, not a card"
             )
-        probs, _ = self.dp.run_card(model.card.name, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
-        outputs = {"probabilities": probs, "labels": probs.argmax(axis=1).astype(np.int64)}
+        probs = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
+        outputs = {"probabilities": probs, "labels": top_labels(probs)}
         return InferResult(model.name, str(model.card.version), outputs, {})
 
     # -- repository extension ---------------------------------------------------------------------
@@ -393,14 +362,12 @@ __all__ = [
     "CARD_FILE",
     "DTYPES",
     "InferResult",
-    "Model",
     "ModelInfo",
     "OipModels",
     "TensorInfo",
     "accepted_images",
     "array_from_bytes",
     "array_from_values",
-    "check_card_name",
     "check_shape",
     "datatype_of",
     "images_header",

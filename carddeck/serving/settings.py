@@ -277,7 +277,6 @@ __all__ = [
     "ENV_PREFIX",
     "Settings",
     "add_arguments",
-    "default_deck_path",
     "load_settings",
     "read_config_file",
 ]

@@ -13,9 +13,8 @@ import pytest
 from carddeck.client.api import CardDeckClient
 from carddeck.data import load_dataset
 from carddeck.data.corruptions import corrupt
-from carddeck.deck import Deck
+from carddeck.deck import Deck, default_deck_path
 from carddeck.deck.runtime import CPU, CUDA
-from carddeck.serving.settings import default_deck_path
 from tests.servers import start_server
 
 pytestmark = pytest.mark.gpu

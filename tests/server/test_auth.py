@@ -92,3 +92,5 @@ def test_inference_token_when_configured_and_probes_stay_open():
     assert a.check("/inference.GRPCInferenceService/ServerReady", md(None)) is None
     assert access_table()["/inference.GRPCInferenceService/ServerLive"] is OPEN
     assert a.check("/carddeck.v1.CardDeck/NoSuchRpc", md(None))[0] == grpc.StatusCode.UNAUTHENTICATED
+    # reflection v1 is not served: the probe must reach grpc's UNIMPLEMENTED so that clients fall back to v1alpha
+    assert a.check("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", md(None)) is None

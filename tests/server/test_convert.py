@@ -7,12 +7,14 @@ from carddeck.server import convert
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 
+SPEC4 = InputSpec(height=4, width=4)
+
 
 def test_tensor_round_trip_both_layouts():
     u8 = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
     f32 = np.random.default_rng(0).random((2, 3, 4, 4), dtype=np.float32)
     for arr in (u8, f32):
-        back = convert.images_from_tensor(convert.tensor_from_images(arr), max_images=8)
+        back = convert.images_from_tensor(convert.tensor_from_images(arr), spec=SPEC4, max_images=8)
         assert back.dtype == arr.dtype and np.array_equal(back, arr)
 
 
@@ -28,14 +30,22 @@ def test_tensor_round_trip_both_layouts():
 )
 def test_malformed_tensors_name_the_field(tensor, needle):
     with pytest.raises(InvalidInput, match=needle) as info:
-        convert.images_from_tensor(tensor, max_images=8)
+        convert.images_from_tensor(tensor, spec=SPEC4, max_images=8)
     assert not isinstance(info.value, TooLarge)
+
+
+def test_rejections_name_the_decks_own_input_contract():
+    gray = InputSpec(height=28, width=28, channels=1, value_range=(-1.0, 1.0), mean=(0.0,), std=(1.0,))
+    bad = pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1, 28, 28, 1], data=b"\0" * 784)
+    with pytest.raises(InvalidInput) as info:
+        convert.images_from_tensor(bad, spec=gray, max_images=8)
+    assert "[N, 28, 28, 1]" in str(info.value) and "[N, 1, 28, 28] in [-1, 1]" in str(info.value)
 
 
 def test_too_many_images_is_too_large():
     t = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[9, 1, 1, 3], data=b"\0" * 27)
     with pytest.raises(TooLarge, match="at most 8"):
-        convert.images_from_tensor(t, max_images=8)
+        convert.images_from_tensor(t, spec=SPEC4, max_images=8)
 
 
 SPEC = InputSpec(height=2, width=2)
