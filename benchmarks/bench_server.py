@@ -5,7 +5,8 @@
 Measures (images/s, p50/p99 latency per request) at batch 64 / concurrency 1 and batch 1 / concurrency
 1, 8 and 32:
   * the gRPC server (``carddeck serve`` subprocess, loopback), our API with micro-batching on and off,
-    and the Open Inference Protocol's ModelInfer through ``tritonclient.grpc`` (micro-batching on).
+    the Open Inference Protocol's ModelInfer through ``tritonclient.grpc`` (micro-batching on), and
+    the same protocol over HTTP/REST through ``tritonclient.http`` with binary tensors (same server).
     The load comes from separate client processes (up to --client-procs, threads inside each), so
     the clients' GIL is not the server's; they still share the machine's cores, so the run also
     reports the **server process's CPU seconds per 1,000 images** (from /proc), which does not
@@ -16,7 +17,9 @@ Measures (images/s, p50/p99 latency per request) at batch 64 / concurrency 1 and
     (how RobustBench serves the CARD-Deck).
 Ratios printed at the end, with the small-requests targets in brackets: batch 1 / concurrency 32
 server throughput over in-process batch 64; server CPU per image over in-process batch-64 CPU per
-image; batch-1 latency overhead; batch 64 server over in-process.
+image; batch-1 latency overhead; batch 64 server over in-process. Each configuration is measured
+--repeats times, interleaved with the others (the machine may be shared); the median is reported.
+--loads and --rows pick a subset (e.g. ``--loads 1x32 --rows micro-batching,http`` while profiling).
 
 Without ``--deck`` it builds a temporary deck of ResNet-20 CARDs (``--kind linear``: linear cards,
 where per-call overhead dominates) (``carddeck.nets``, exported with
@@ -49,6 +52,7 @@ from carddeck.card import Provenance  # noqa: E402
 from carddeck.deck import Deck, DeckStore  # noqa: E402
 
 DOMAINS = ("clean", "gaussian", "augmix")
+FLOOR = "(a) in-process ORT"
 
 
 def build_linear_deck(root: Path, n_cards: int) -> tuple[Path, list]:
@@ -155,6 +159,14 @@ def _client_call(kind: str, address: str, images: np.ndarray) -> Callable[[], ob
 
         client = CardDeckClient(address)
         return lambda: client.predict(images)
+    if kind == "http":  # binary tensor data both ways, as tritonclient.http sends by default
+        import tritonclient.http as th
+
+        http = th.InferenceServerClient(address)
+        tensor = th.InferInput("images", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        outputs = [th.InferRequestedOutput(n, binary_data=True) for n in ("probabilities", "labels")]
+        return lambda: http.infer("carddeck", [tensor], outputs=outputs)
     import tritonclient.grpc as tc
 
     oip = tc.InferenceServerClient(address)
@@ -166,12 +178,11 @@ def _client_call(kind: str, address: str, images: np.ndarray) -> Callable[[], ob
 def client_load(kind: str, address: str, batch: int, threads: int, start_at: float, stop_at: float) -> list[float]:
     """In a client process: ``threads`` clients, each calling from ``start_at`` to ``stop_at``; latencies (s)."""
     images = (np.random.default_rng(0).random((batch, 32, 32, 3)) * 255).astype(np.uint8)
-    calls = [_client_call(kind, address, images) for _ in range(threads)]
-    for call in calls:
-        call()  # connect and warm up before the window opens
     latencies: list[float] = []
 
-    def worker(call: Callable[[], object]) -> None:
+    def worker() -> None:
+        call = _client_call(kind, address, images)  # in its thread: tritonclient.http's gevent pool is per thread
+        call()  # connect and warm up before the window opens
         time.sleep(max(0.0, start_at - time.time()))
         local = []
         while time.time() < stop_at:
@@ -180,7 +191,7 @@ def client_load(kind: str, address: str, batch: int, threads: int, start_at: flo
             local.append(time.perf_counter() - t0)
         latencies.extend(local)
 
-    pool = [threading.Thread(target=worker, args=(c,)) for c in calls]
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
@@ -200,9 +211,9 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
     n = min(conc, procs)
     start_at = time.time() + 1.5  # every client connected and warmed up first
     stop_at = start_at + seconds
+    address = server.http_address if kind == "http" else server.address
     futures = [
-        pool.submit(client_load, kind, server.address, batch, conc // n + (i < conc % n), start_at, stop_at)
-        for i in range(n)
+        pool.submit(client_load, kind, address, batch, conc // n + (i < conc % n), start_at, stop_at) for i in range(n)
     ]
     time.sleep(max(0.0, start_at - time.time()))
     cpu0 = process_cpu_seconds(server.proc.pid)
@@ -219,19 +230,23 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
 
 
 class Server:
-    def __init__(self, deck: Path, *args: str) -> None:
+    def __init__(self, deck: Path, *args: str, root: Path = ROOT) -> None:
+        """``carddeck serve`` of the source tree ``root`` (another checkout: its before figures, same run)."""
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)  # noqa: SIM115 - lives with the server
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
         cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0"]
         self.proc = subprocess.Popen(
-            [*cmd, "--metrics-port", "-1", "--http-port", "-1", "--poll-interval-s", "0", *args],
-            cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
+            [*cmd, "--metrics-port", "-1", "--http-port", "0", "--poll-interval-s", "0", *args],
+            cwd=root, env={**env, "PYTHONPATH": str(root)}, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            match = re.search(r"serving deck .* on \S+:(\d+)", Path(self.log.name).read_text(errors="replace"))
-            if match:
+            text = Path(self.log.name).read_text(errors="replace")
+            match = re.search(r"serving deck .* on \S+:(\d+)", text)
+            http = re.search(r"HTTP \(Open Inference Protocol, /v2\) on \S+:(\d+)", text)
+            if match and http:
                 self.address = f"127.0.0.1:{match.group(1)}"
+                self.http_address = f"127.0.0.1:{http.group(1)}"
                 return
             if self.proc.poll() is not None:
                 break
@@ -252,9 +267,14 @@ def main() -> int:
         "--kind", choices=("resnet20", "linear"), default="resnet20", help="cards of the temporary deck"
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="measurements per configuration (best kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per configuration (median kept)")
+    parser.add_argument("--loads", default="64x1,1x1,1x8,1x32", help="BATCHxCONCURRENCY, comma-separated")
+    parser.add_argument("--rows", default="", help="comma-separated substrings of the row labels to run (default all)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--client-procs", type=int, default=4, help="client processes generating the load")
+    parser.add_argument(
+        "--before-tree", type=Path, help="also serve from this source tree (e.g. `git archive` of an older commit)"
+    )
     args = parser.parse_args()
 
     import grpc  # noqa: F401  (fail early without the serving deps)
@@ -282,7 +302,7 @@ def main() -> int:
                 return torch.stack([m(t).softmax(1) for m in modules]).mean(0).numpy()
 
         local: dict[str, Callable[[np.ndarray], object]] = {
-            "(a) in-process ORT": lambda x: deck.predict(x),
+            FLOOR: lambda x: deck.predict(x),
             "(b) torch eager uniform": torch_uniform,
         }
         servers = {
@@ -293,15 +313,29 @@ def main() -> int:
             "server, micro-batching": ("carddeck", servers["server, micro-batching"]),
             "server, batching off": ("carddeck", servers["server, batching off"]),
             "server OIP (tritonclient)": ("oip", servers["server, micro-batching"]),
+            "server OIP HTTP (binary)": ("http", servers["server, micro-batching"]),
         }
+        if args.before_tree:  # the same deck served by the older code, measured in the same run
+            before = servers["server before, micro-batching"] = Server(
+                deck_path, "--max-wait-ms", str(args.max_wait_ms), root=args.before_tree.resolve()
+            )
+            remote["server before, micro-batching"] = ("carddeck", before)
+            remote["server before, OIP HTTP (binary)"] = ("http", before)
         labels = [*local, *remote]
+        if args.rows:
+            wanted = args.rows.split(",")
+            labels = [label for label in labels if label == FLOOR or any(w in label for w in wanted)]
         rows: dict[str, dict] = {}
         pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
         list(pool.map(time.sleep, [0.1] * args.client_procs))  # start the client processes now
         # The machine is shared: configurations alternate, each measured --repeats times, best kept.
+        loads = [tuple(int(v) for v in load.split("x")) for load in args.loads.split(",")]
+        if (64, 1) not in loads:
+            loads.insert(0, (64, 1))  # the floor every ratio is taken against
         try:
-            for batch, conc in ((64, 1), (1, 1), (1, 8), (1, 32)):
+            for batch, conc in loads:
                 print(f"\nbatch {batch}, concurrency {conc}:", flush=True)
+                runs: dict[str, list[dict]] = {}
                 for _ in range(args.repeats):
                     for label in labels:
                         if label in local:
@@ -309,14 +343,16 @@ def main() -> int:
                         else:
                             kind, server = remote[label]
                             r = measure_remote(pool, args.client_procs, kind, server, batch, conc, args.seconds)
-                        key = f"{label}|b{batch}|c{conc}"
-                        if key not in rows or r["images_per_s"] > rows[key]["images_per_s"]:
-                            rows[key] = r
+                        runs.setdefault(label, []).append(r)
+                for label, results in runs.items():  # the median run by throughput, with its own latencies
+                    rows[f"{label}|b{batch}|c{conc}"] = sorted(results, key=lambda r: r["images_per_s"])[
+                        len(results) // 2
+                    ]
                 for label in labels:
                     r = rows[f"{label}|b{batch}|c{conc}"]
                     who = "server" if label in remote else "this process"
                     print(
-                        f"  {label:<26} {r['images_per_s']:9.1f} img/s  p50 {r['p50_ms']:8.2f} ms  "
+                        f"  {label:<33} {r['images_per_s']:9.1f} img/s  p50 {r['p50_ms']:8.2f} ms  "
                         f"p99 {r['p99_ms']:8.2f} ms  {r['cpu_s_per_1k']:6.2f} CPU s / 1k images ({who})",
                         flush=True,
                     )
@@ -328,25 +364,36 @@ def main() -> int:
     def row(label: str, batch: int, conc: int) -> dict:
         return rows[f"{label}|b{batch}|c{conc}"]
 
-    floor = row("(a) in-process ORT", 64, 1)
+    def have(*keys: tuple[str, int, int]) -> bool:
+        return all(f"{label}|b{batch}|c{conc}" in rows for label, batch, conc in keys)
+
+    floor = row(FLOOR, 64, 1)
     print("\nratios (targets in brackets):")
     for label in remote:
-        r64 = row(label, 64, 1)["images_per_s"] / floor["images_per_s"]
-        r32 = row(label, 1, 32)["images_per_s"] / floor["images_per_s"]
-        cpu = row(label, 1, 32)["cpu_s_per_1k"] / floor["cpu_s_per_1k"]
-        overhead = row(label, 1, 1)["p50_ms"] - row("(a) in-process ORT", 1, 1)["p50_ms"]
+        if label not in labels:
+            continue
         print(f"  {label}:")
-        print(f"    batch 64 throughput / in-process batch 64:                  {r64:6.2f}  [>= 0.98]")
-        print(f"    batch 1, conc 32 throughput / in-process batch 64:          {r32:6.2f}  [>= 0.75]")
-        print(f"    batch 1, conc 32 server CPU per image / in-process batch 64: {cpu:6.2f}  [<= 1.50]")
-        print(f"    batch 1, conc 1 p50 overhead over in-process:            {overhead:6.2f} ms [<= 0.40]")
+        if have((label, 64, 1)):
+            r64 = row(label, 64, 1)["images_per_s"] / floor["images_per_s"]
+            print(f"    batch 64 throughput / in-process batch 64:                  {r64:6.2f}  [>= 0.98]")
+        if have((label, 1, 32)):
+            r32 = row(label, 1, 32)["images_per_s"] / floor["images_per_s"]
+            cpu = row(label, 1, 32)["cpu_s_per_1k"] / floor["cpu_s_per_1k"]
+            print(f"    batch 1, conc 32 throughput / in-process batch 64:          {r32:6.2f}  [>= 0.75]")
+            print(f"    batch 1, conc 32 server CPU per image / in-process batch 64: {cpu:6.2f}  [<= 1.50]")
+        if have((label, 1, 1), (FLOOR, 1, 1)):
+            overhead = row(label, 1, 1)["p50_ms"] - row(FLOOR, 1, 1)["p50_ms"]
+            print(f"    batch 1, conc 1 p50 overhead over in-process:            {overhead:6.2f} ms [<= 0.40]")
+    if not have(("server, micro-batching", 64, 1), ("server, micro-batching", 1, 32), ("server, batching off", 1, 32),
+                ("(b) torch eager uniform", 1, 32), (FLOOR, 1, 1)):  # fmt: skip
+        return 0
     r32 = row("server, micro-batching", 1, 32)["images_per_s"] / row("server, batching off", 1, 32)["images_per_s"]
     print(f"  micro-batching / batching off, batch 1, conc 32:             {r32:6.2f}")
     rt = row("server, micro-batching", 64, 1)["images_per_s"] / row("(b) torch eager uniform", 64, 1)["images_per_s"]
     print(f"  server / torch eager uniform deck, batch 64:                 {rt:6.2f}")
     rt1 = row("server, micro-batching", 1, 32)["images_per_s"] / row("(b) torch eager uniform", 1, 32)["images_per_s"]
     print(f"  server / torch eager uniform deck, batch 1 conc 32:          {rt1:6.2f}")
-    eff = floor["images_per_s"] / row("(a) in-process ORT", 1, 1)["images_per_s"]
+    eff = floor["images_per_s"] / row(FLOOR, 1, 1)["images_per_s"]
     print(f"  for reference: in-process ORT images/s at batch 64 / at batch 1: {eff:5.2f}")
     return 0
 

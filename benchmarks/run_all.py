@@ -48,6 +48,11 @@ def benches(deck: Path) -> dict[str, tuple[str, list[str]]]:
             "The Open Inference Protocol over HTTP against gRPC (Triton's clients, one server)",
             ["bench_http.py", "--deck", str(deck)],
         ),
+        "grpc-floor": ("What one unary gRPC call costs the server: threaded vs grpc.aio", ["bench_grpc_floor.py"]),
+        "ort-threads": (
+            "ONNX Runtime threads and IOBinding for merged batches",
+            ["bench_ort_threads.py", "--deck", str(deck)],
+        ),
         "corruptions": ("Writing digits32-C (19 corruptions x 5 severities)", ["bench_corruptions.py"]),
         "replicas": ("Replicas converge: three servers on one store (local, S3)", ["bench_replicas.py"]),
     }

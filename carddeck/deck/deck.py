@@ -190,6 +190,13 @@ class Deck:
         """:meth:`route` for images already checked by :meth:`prepare` (validation is a pass over the data)."""
         return self._gate().route(x, policy=policy or self.default_policy, per_sample=per_sample)
 
+    def route_features(
+        self, features: np.ndarray, sizes: Sequence[int], *, policy: str | None = None, per_sample: bool = False
+    ) -> list[Routing]:
+        """Several requests routed at once from the ``sample_features`` of their images, request after
+        request, each on its own rows (:meth:`~carddeck.gating.Gate.route_many`)."""
+        return self._gate().route_many(features, sizes, policy=policy or self.default_policy, per_sample=per_sample)
+
     def predict(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Prediction:
         x = self.prepare(images)
         routing = self.route_prepared(x, policy=policy, per_sample=per_sample)

@@ -8,8 +8,8 @@ signatures, parameters, an optional calibrated router) and builds the ``Routing`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -187,31 +187,49 @@ class Gate:
 
     def route(self, images: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool = False) -> Routing:
         """Signatures of ``images`` (per batch or per sample), then ``policy``."""
-        features = sample_features(images)
-        sigs = features if per_sample else features.mean(axis=0, keepdims=True)
-        routing = self.route_signatures(sigs, policy=policy, per_sample=per_sample, batch_size=len(images))
-        return replace(routing, features=features)  # per image, for the shift signal
+        return self.route_many(sample_features(images), [len(images)], policy=policy, per_sample=per_sample)[0]
+
+    def route_many(
+        self, features: np.ndarray, sizes: Sequence[int], *, policy: str = DEFAULT_POLICY, per_sample: bool = False
+    ) -> list[Routing]:
+        """Route several requests with one policy call: ``features`` [sum(sizes), FEATURE_DIM] are the
+        ``sample_features`` of their images, request after request (one ``sample_features`` call over
+        a merged batch). Each request is routed on its own rows only, exactly as :meth:`route` routes
+        it alone (policies are row-wise), so merging never changes a request's routing."""
+        features = np.asarray(features, np.float32)
+        bounds = np.cumsum([0, *sizes])
+        spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        sigs = features if per_sample else np.stack([features[a:b].mean(axis=0) for a, b in spans])
+        weights, dist = self._weights(sigs, policy)
+        out = []
+        for i, (a, b) in enumerate(spans):
+            w, d = (weights[a:b], dist[a:b]) if per_sample else (weights[[i] * (b - a)], dist[[i] * (b - a)])
+            out.append(Routing(policy, per_sample, self.card_names, w, self.domains, d, features[a:b]))
+        return out
 
     def route_signatures(
         self, signatures: np.ndarray, *, policy: str = DEFAULT_POLICY, per_sample: bool, batch_size: int
     ) -> Routing:
         """Route from signatures [N, D]: ``sample_features`` rows (or their batch mean), or plain
         ``sample_signatures`` rows for decks and routers that know only those."""
+        weights, dist = self._weights(np.asarray(signatures, np.float32), policy)
+        if not per_sample:
+            weights = np.repeat(weights, batch_size, axis=0)
+            dist = np.repeat(dist, batch_size, axis=0)
+        return Routing(policy, per_sample, self.card_names, weights, self.domains, dist)
+
+    def _weights(self, sigs: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
+        """``policy``'s weights [N, K] (rows sum to 1) and the distances [N, M] to the domains, row by row."""
         fn = POLICIES.get(policy)
         if not self.card_names:
             raise InvalidInput("the deck has no cards to route to")
-        sigs = np.asarray(signatures, np.float32)
         d = self.references.shape[1]
         # Features start with the signature the references are made of (sample_features).
         if sigs.shape[1] != d and not (d == SIGNATURE_DIM and sigs.shape[1] > d):
             raise InvalidInput(f"signature length {sigs.shape[1]} does not match the deck's references ({d})")
         dist = pairwise_distances(sigs[:, :d], self.references, self.params.metric)
         weights = np.asarray(fn(self, sigs, dist), np.float32)
-        weights = weights / weights.sum(axis=1, keepdims=True)
-        if not per_sample:
-            weights = np.repeat(weights, batch_size, axis=0)
-            dist = np.repeat(dist, batch_size, axis=0)
-        return Routing(policy, per_sample, self.card_names, weights, self.domains, dist)
+        return weights / weights.sum(axis=1, keepdims=True), dist
 
 
 def combine_weights(weights: np.ndarray, probabilities: np.ndarray, combine: str = "mean") -> np.ndarray:

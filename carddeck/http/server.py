@@ -87,7 +87,7 @@ def _endpoint(
         rid = request_id_from([(REQUEST_ID_KEY, request.headers.get(REQUEST_ID_KEY, ""))])
         token = request_id_var.set(rid)  # run_in_threadpool copies the context: the handler logs it too
         if metrics is not None:
-            metrics.in_flight_requests.labels(service=SERVICE, rpc=route).inc()
+            metrics.rpc_started(SERVICE, route)
         response: Response
         try:
             refusal = tokens.refusal(access, bearer_token(request.headers.items()))
@@ -107,8 +107,7 @@ def _endpoint(
         seconds = time.perf_counter() - start
         code = str(response.status_code)
         if metrics is not None:
-            metrics.in_flight_requests.labels(service=SERVICE, rpc=route).dec()
-            metrics.observe_rpc(SERVICE, route, code, seconds)
+            metrics.rpc_finished(SERVICE, route, code, seconds)
         status = response.status_code
         level = logging.DEBUG if status < 400 else logging.WARNING if status >= 500 else logging.INFO
         access_log.log(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -168,17 +168,34 @@ class Metrics:
         self._card_domains: dict[str, str] = {}
         self._card_children: dict[tuple[str, str], _CardChildren] = {}
         self._shift_children: set[tuple[str, str]] = set()
+        self._children_of: dict[tuple[Any, ...], Any] = {}  # label values -> child, see _child
         self.set_shift_detector(None)
         self.build_info()
 
     # -- requests (called by the interceptor) ---------------------------------------------------
     def observe_rpc(self, service: str, rpc: str, code: str, seconds: float) -> None:
-        self.requests.labels(service=service, rpc=rpc, code=code).inc()
-        self.request_duration.labels(service=service, rpc=rpc).observe(seconds)
+        self._child(self.requests, service, rpc, code).inc()
+        self._child(self.request_duration, service, rpc).observe(seconds)
+
+    def rpc_started(self, service: str, rpc: str) -> None:
+        self._child(self.in_flight_requests, service, rpc).inc()
+
+    def rpc_finished(self, service: str, rpc: str, code: str, seconds: float) -> None:
+        self._child(self.in_flight_requests, service, rpc).dec()
+        self.observe_rpc(service, rpc, code, seconds)
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: ``labels`` takes the metric's lock on every call, and
+        at batch 1 / concurrency 32 the request threads queued on it (20% of their time, py-spy)."""
+        key = (id(metric), *values)
+        child = self._children_of.get(key)
+        if child is None:
+            child = self._children_of[key] = metric.labels(*values)
+        return child
 
     @contextmanager
     def in_flight(self, service: str, rpc: str) -> Iterator[None]:
-        gauge = self.in_flight_requests.labels(service=service, rpc=rpc)
+        gauge = self._child(self.in_flight_requests, service, rpc)
         gauge.inc()
         try:
             yield
@@ -209,37 +226,57 @@ class Metrics:
         Per-batch routing is one decision (distance rows are all equal, one is observed); per-sample
         routing is one decision per image.
         """
-        weights = np.asarray(routing.weights, dtype=np.float64)
-        if weights.ndim != 2 or weights.shape[1] != len(routing.card_names):
-            raise ValueError(f"routing.weights must be [N, {len(routing.card_names)}], got {list(weights.shape)}")
-        n = weights.shape[0]
-        mode = "sample" if routing.per_sample else "batch"
-        decisions = n if routing.per_sample else 1
-        self.gate_decisions.labels(policy=routing.policy, mode=mode).inc(decisions)
+        self.observe_routings([routing])
 
+    def observe_routings(self, routings: Sequence[RoutingLike]) -> None:
+        """:meth:`observe_routing` for several requests (a micro-batch): the same counts, with one
+        counter update per card for all of them instead of one per request (a per-request update was
+        ~0.1 ms of lock and label lookups, as much as routing the image)."""
+        groups: dict[tuple[str, bool, tuple[str, ...], tuple[str, ...]], list[RoutingLike]] = {}
+        for routing in routings:
+            shape = np.shape(routing.weights)
+            if len(shape) != 2 or shape[1] != len(routing.card_names):
+                raise ValueError(f"routing.weights must be [N, {len(routing.card_names)}], got {list(shape)}")
+            key = (routing.policy, routing.per_sample, tuple(routing.card_names), tuple(routing.domains))
+            groups.setdefault(key, []).append(routing)
+        for (policy, per_sample, cards, domains), group in groups.items():
+            self._observe_group(policy, per_sample, cards, domains, group)
+
+    def _observe_group(
+        self, policy: str, per_sample: bool, cards: tuple[str, ...], domains: tuple[str, ...], group: list[RoutingLike]
+    ) -> None:
+        # The decisions: every image routed per sample; the first row of each request routed per batch
+        # (its rows are all equal), which stands for len(request) images.
+        if per_sample:
+            weights = np.concatenate([np.asarray(r.weights, np.float64) for r in group])
+            images_per_row = np.ones(len(weights))
+            rows = [np.asarray(r.distances, np.float64) for r in group]
+        else:
+            weights = np.stack([np.asarray(r.weights[0], np.float64) for r in group])
+            images_per_row = np.array([len(r.weights) for r in group], np.float64)
+            rows = [np.asarray(r.distances[:1], np.float64) for r in group]
+        mode = "sample" if per_sample else "batch"
+        self.gate_decisions.labels(policy=policy, mode=mode).inc(len(weights))
         ran = weights > 0
-        images = ran.sum(axis=0)
-        decided = images if routing.per_sample else (images > 0).astype(np.int64)
-        share = weights.sum(axis=0)
-        for k, card in enumerate(routing.card_names):
-            if images[k] == 0:
+        decided = ran.sum(axis=0)
+        images = (ran * images_per_row[:, None]).sum(axis=0)
+        share = (weights * images_per_row[:, None]).sum(axis=0)
+        for k, card in enumerate(cards):
+            if decided[k] == 0:
                 continue
             children = self._children(card)
             children.selections.inc(int(decided[k]))
             children.images.inc(int(images[k]))
             children.weight.inc(float(share[k]))
-
-        distances = np.asarray(routing.distances, dtype=np.float64)
-        if distances.size == 0 or len(routing.domains) == 0:
+        distances = np.concatenate(rows) if rows else np.zeros((0, 0))
+        if distances.size == 0 or len(domains) == 0:
             return
-        rows = distances if routing.per_sample else distances[:1]
-        for d, domain in enumerate(routing.domains):
+        for d, domain in enumerate(domains):
             hist = self.domain_distance.labels(domain=domain)
-            for value in rows[:, d]:
-                hist.observe(float(value))
-        nearest = rows.min(axis=1)
-        for value in nearest:
-            self.nearest_distance.observe(float(value))
+            for value in distances[:, d].tolist():
+                hist.observe(value)
+        for value in distances.min(axis=1).tolist():
+            self.nearest_distance.observe(value)
 
     # -- shift signal -------------------------------------------------------------------------------
     def observe_shift(self, model: str, unit: str, verdict: Verdict) -> None:

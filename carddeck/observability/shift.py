@@ -463,38 +463,61 @@ class ShiftMonitor:
         if self.metrics is not None:
             self.metrics.set_shift_detector(detector)
 
-    def __call__(self, model: str, x: np.ndarray, routing: Any, probabilities: np.ndarray) -> None:
-        """``Dataplane.on_predict`` listener."""
-        try:
-            self.observe(model, x, probabilities, getattr(routing, "features", None))
-        except Exception:  # the shift signal must never fail a prediction
-            log.exception("shift monitor failed on a %d-image request", len(x))
+    def __call__(self, predicted: Sequence[tuple[str, np.ndarray, Any, np.ndarray]]) -> None:
+        """``Dataplane.on_predict`` listener: the (model, prepared images, routing, probabilities) of
+        each request of one micro-batch."""
+        by_model: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
+        for model, x, routing, probabilities in predicted:
+            by_model.setdefault(model, []).append((x, probabilities, getattr(routing, "features", None)))
+        for model, requests in by_model.items():
+            try:
+                self.observe_many(model, requests)
+            except Exception:  # the shift signal must never fail a prediction
+                log.exception("shift monitor failed on %d requests of %s", len(requests), model)
 
     def observe(
         self, model: str, x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None = None
     ) -> list[Verdict]:
         """One request's prepared images and combined probabilities; returns the verdicts it caused."""
+        return self.observe_many(model, [(x, probabilities, gate_features)])
+
+    def observe_many(
+        self, model: str, requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    ) -> list[Verdict]:
+        """:meth:`observe` for several requests of ``model`` in order (a micro-batch): the same tests, with
+        the small requests' features computed in one call and the window updated under one lock."""
         detector = self.detector
         if detector is None:
             return []
-        n = len(x)
         verdicts: list[tuple[str, Verdict]] = []
-        if n >= self.min_batch:
+        small = []
+        for x, probabilities, gate_features in requests:
+            n = len(x)
+            if n < self.min_batch:
+                small.append((x, probabilities, gate_features))
+                continue
             rows = np.linspace(0, n - 1, self.min_batch).round().astype(np.int64) if n > self.min_batch else slice(None)
             sigs = None if gate_features is None else gate_features[rows]
             verdicts.append(("batch", detector.test(image_features(x[rows], probabilities[rows], sigs))))
-        else:
-            features = image_features(x, probabilities, gate_features)
+        if small:
+            gates = [g for _, _, g in small]
+            features = image_features(
+                np.concatenate([x for x, _, _ in small]),
+                np.concatenate([p for _, p, _ in small]),
+                None if any(g is None for g in gates) else np.concatenate(gates),  # type: ignore[arg-type]
+            )
+            due: list[np.ndarray] = []
             with self._lock:
                 window = self._windows.setdefault(model, deque(maxlen=self.window))
-                window.extend(features)
-                self._pending[model] = self._pending.get(model, 0) + n
-                due = len(window) == self.window and self._pending[model] >= self.stride
-                if due:
-                    self._pending[model] = 0
-                    rows_now = np.stack(window)
-            if due:
-                verdicts.append(("window", detector.test(rows_now)))
+                offset = 0
+                for x, _, _ in small:
+                    window.extend(features[offset : offset + len(x)])
+                    offset += len(x)
+                    self._pending[model] = self._pending.get(model, 0) + len(x)
+                    if len(window) == self.window and self._pending[model] >= self.stride:
+                        self._pending[model] = 0
+                        due.append(np.stack(window))
+            verdicts.extend(("window", detector.test(rows_now)) for rows_now in due)
         if self.metrics is not None:
             for unit, v in verdicts:
                 self.metrics.observe_shift(model, unit, v)

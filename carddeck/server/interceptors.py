@@ -82,7 +82,7 @@ class _Call:
         self._done = False
         self._lock = threading.Lock()
         if metrics is not None:
-            metrics.in_flight_requests.labels(service=service, rpc=rpc).inc()
+            metrics.rpc_started(service, rpc)
 
     def finish(self, code: str) -> None:
         with self._lock:
@@ -91,8 +91,7 @@ class _Call:
             self._done = True
         seconds = time.perf_counter() - self.start
         if self.metrics is not None:
-            self.metrics.in_flight_requests.labels(service=self.service, rpc=self.rpc).dec()
-            self.metrics.observe_rpc(self.service, self.rpc, code, seconds)
+            self.metrics.rpc_finished(self.service, self.rpc, code, seconds)
         level = logging.DEBUG if code == "OK" else logging.WARNING if code in _SERVER_SIDE else logging.INFO
         _LOG.log(
             level, "rpc %s/%s %s in %.1f ms", self.service, self.rpc, code, seconds * 1e3,

@@ -4,11 +4,14 @@ A request resolves its model (:meth:`Dataplane.resolve`) on the current snapshot
 (:class:`~carddeck.serving.snapshot.Snapshots`) once and finishes on that snapshot, whatever swaps
 meanwhile.
 
-Routing always runs per request on that request's own images (in the caller's thread). Only the
-card runs are merged: the batcher concatenates the requests' images, runs each card once on the
-rows routed to it, and gives each request back its own rows. One client's images therefore never
-change another's routing. A request that is alone in the server (nobody to merge with) skips the
-batcher and runs in its own thread: no hand-off cost at low load.
+The caller's thread validates a request's images; the rest is paid once per micro-batch: the
+batcher concatenates the requests' images, computes their features in one call, routes every
+request on its own rows (one policy call per policy in the batch: policies decide row by row, so
+one client's images never change another's routing), runs each card once on the rows routed to it,
+gives each request back its own rows and routing, and tells the routing metrics and the
+``on_predict`` listeners (the shift signal) about all of them at once. A request that is alone in
+the server (nobody to merge with) skips the batcher and runs the same steps in its own thread: no
+hand-off cost at low load.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -29,7 +32,8 @@ from carddeck.card import CardMeta
 from carddeck.deck import Deck, Prediction
 from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import Cancelled, InvalidInput, NotReady
-from carddeck.gating import Routing
+from carddeck.gating import POLICIES, Routing
+from carddeck.gating.signature import sample_features
 from carddeck.serving.batching import MicroBatcher
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
@@ -43,7 +47,7 @@ class MetricsHook(DeckMetrics, Protocol):
 
     def observe_batch(self, size: int, wait_seconds: Any = ()) -> None: ...
     def track_queue_depth(self, depth: Callable[[], int]) -> None: ...
-    def observe_routing(self, routing: Any) -> None: ...
+    def observe_routings(self, routings: Any) -> None: ...
     def observe_card(self, card: str, seconds: float) -> None: ...
 
 
@@ -66,7 +70,10 @@ class DataplaneConfig:
 class _Work:
     deck: Deck
     x: np.ndarray  # prepared float32 [n, C, H, W]
-    weights: np.ndarray  # [n, K] in deck.card_names order
+    weights: np.ndarray | None  # [n, K] in deck.card_names order; None: routed with the batch
+    policy: str = ""
+    per_sample: bool = False
+    model: str = ""  # the model name it was asked under (what on_predict listeners are told)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,16 @@ class _Done:
     probabilities: np.ndarray
     queued_s: float
     compute_s: float
+    routing: Routing | None = None
+
+
+class Predicted(NamedTuple):
+    """One routed request of a micro-batch, as ``on_predict`` listeners see it."""
+
+    model: str
+    x: np.ndarray  # prepared images
+    routing: Routing
+    probabilities: np.ndarray
 
 
 class Dataplane:
@@ -100,8 +117,8 @@ class Dataplane:
         self._shutting_down = False
         self.on_swap = self.snapshots.listeners  # told each new snapshot, e.g. health status follows the deck
         self.on_store = self.snapshots.store_listeners  # told when the store is lost or back
-        # (model, prepared images, routing, probabilities) after each Predict, e.g. the shift monitor
-        self.on_predict: list[Callable[[str, np.ndarray, Routing, np.ndarray], None]] = []
+        # every routed request of a micro-batch at once (Predicted), e.g. the shift monitor; must not raise
+        self.on_predict: list[Callable[[Sequence[Predicted]], None]] = []
         self._batcher: MicroBatcher[_Work, _Done] | None = None
         if config.batching and config.max_batch_size > 1:
             self._batcher = MicroBatcher(
@@ -224,18 +241,17 @@ class Dataplane:
         announced = self._announce(len(images))
         try:
             x = deck.prepare(images)
-            routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
+            policy = policy or deck.default_policy
+            POLICIES.get(policy)  # a bad name fails its own request here, not a merged batch
         except BaseException:
             if announced:
                 self._batcher.withdraw()  # type: ignore[union-attr]
             self._record(model.name, len(images), start, ok=False)
             raise
-        if self.metrics is not None:
-            self.metrics.observe_routing(routing)
-        probs = self._combine(deck, x, routing.weights, announced, timeout_s, is_cancelled, model.name, start)
-        for listener in self.on_predict:
-            listener(model.name, x, routing, probs)
-        return Prediction(probs, routing)
+        work = _Work(deck, x, None, policy, per_sample, model.name)
+        done = self._combine(work, announced, timeout_s, is_cancelled, model.name, start)
+        assert done.routing is not None
+        return Prediction(done.probabilities, done.routing)
 
     def run_card(
         self,
@@ -267,7 +283,9 @@ class Dataplane:
             raise
         weights = np.zeros((len(x), len(deck.cards)), np.float32)
         weights[:, k] = 1.0
-        return self._combine(deck, x, weights, announced, timeout_s, is_cancelled, model.name, start)
+        return self._combine(
+            _Work(deck, x, weights), announced, timeout_s, is_cancelled, model.name, start
+        ).probabilities
 
     def _announce(self, n: int) -> bool:
         """True: this request goes through the batcher (and told it to expect one more)."""
@@ -292,29 +310,26 @@ class Dataplane:
 
     def _combine(
         self,
-        deck: Deck,
-        x: np.ndarray,
-        weights: np.ndarray,
+        work: _Work,
         batched: bool,
         timeout_s: float | None,
         is_cancelled: Callable[[], bool] | None,
         model: str,
         start: float,
-    ) -> np.ndarray:
+    ) -> _Done:
         ok = False
+        x = work.x
         try:
             if not batched:  # large request, alone, or batching off: run in this thread
                 if is_cancelled is not None and is_cancelled():
                     raise Cancelled("request cancelled (or its deadline passed) before it ran")
                 self._observe_batch(len(x), [])  # a batch of its own, no queue wait
                 t0 = time.monotonic()
-                probs = deck.combine(x, weights, on_card=self._on_card)
-                done = _Done(probs, t0 - start, time.monotonic() - t0)
+                (done,) = self._run_merged([work])
+                done = _Done(done.probabilities, t0 - start, time.monotonic() - t0, done.routing)
             else:
                 assert self._batcher is not None
-                future = self._batcher.submit(
-                    _Work(deck, x, weights), len(x), announced=True, is_cancelled=is_cancelled
-                )
+                future = self._batcher.submit(work, len(x), announced=True, is_cancelled=is_cancelled)
                 if timeout_s is not None and timeout_s > 86400:
                     timeout_s = None  # "no deadline" arrives as a huge one from some clients
                 try:
@@ -325,33 +340,46 @@ class Dataplane:
             ok = True
             queued = done.queued_s if not batched else max(0.0, time.monotonic() - start - done.compute_s)
             self._record(model, len(x), start, ok=True, queued_s=queued, compute_s=done.compute_s)
-            return done.probabilities
+            return done
         finally:
             if not ok:
                 self._record(model, len(x), start, ok=False)
 
     def _run_merged(self, works: list[_Work]) -> list[_Done]:
-        """Run a micro-batch: group by snapshot, run each card once over the merged rows, split back."""
+        """Run a micro-batch: group by snapshot, route every request on its own rows (one features
+        call, one policy call per policy), run each card once over the merged rows, split back."""
         t0 = time.monotonic()
         out: dict[int, np.ndarray] = {}
+        routings: dict[int, Routing] = {}
         groups: dict[int, list[int]] = {}
         for i, w in enumerate(works):
             groups.setdefault(id(w.deck), []).append(i)
         for idx in groups.values():
             deck = works[idx[0]].deck
-            if len(idx) == 1:
-                out[idx[0]] = deck.combine(works[idx[0]].x, works[idx[0]].weights, on_card=self._on_card)
-                continue
-            x = np.concatenate([works[i].x for i in idx])
-            weights = np.concatenate([works[i].weights for i in idx])
-            probs = deck.combine(x, weights, on_card=self._on_card)
+            x = works[idx[0]].x if len(idx) == 1 else np.concatenate([works[i].x for i in idx])
+            routings.update(_route(deck, {i: works[i] for i in idx if works[i].weights is None}))
+            weights = [_weights_of(works[i], routings.get(i)) for i in idx]
+            probs = deck.combine(x, weights[0] if len(idx) == 1 else np.concatenate(weights), on_card=self._on_card)
             offset = 0
             for i in idx:
                 n = len(works[i].x)
                 out[i] = probs[offset : offset + n]
                 offset += n
         compute = time.monotonic() - t0
-        return [_Done(out[i], 0.0, compute) for i in range(len(works))]
+        self._observe([Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings])
+        return [_Done(out[i], 0.0, compute, routings.get(i)) for i in range(len(works))]
+
+    def _observe(self, predicted: list[Predicted]) -> None:
+        """Routing metrics and on_predict listeners, once per micro-batch; never fails the batch."""
+        if not predicted:
+            return
+        try:
+            if self.metrics is not None:
+                self.metrics.observe_routings([p.routing for p in predicted])
+            for listener in self.on_predict:
+                listener(predicted)
+        except Exception:
+            log.exception("observing a micro-batch of %d requests failed", len(predicted))
 
     def _observe_batch(self, size: int, waits: list[float]) -> None:
         if self.metrics is not None:
@@ -367,4 +395,32 @@ class Dataplane:
         return self.statistics.get(model)
 
 
-__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook"]
+def _weights_of(work: _Work, routing: Routing | None) -> np.ndarray:
+    if work.weights is not None:
+        return work.weights
+    assert routing is not None
+    return routing.weights
+
+
+def _route(deck: Deck, works: dict[int, _Work]) -> dict[int, Routing]:
+    """Each request's routing on its own rows: one ``sample_features`` call over all of them, one
+    policy call per (policy, per-sample) pair (:meth:`~carddeck.gating.Gate.route_many`)."""
+    if not works:
+        return {}
+    items = list(works.items())
+    xs = [w.x for _, w in items]
+    features = sample_features(xs[0] if len(xs) == 1 else np.concatenate(xs))
+    bounds = np.cumsum([0, *(len(x) for x in xs)]).tolist()
+    by_policy: dict[tuple[str, bool], list[int]] = {}
+    for j, (_, w) in enumerate(items):
+        by_policy.setdefault((w.policy, w.per_sample), []).append(j)
+    out: dict[int, Routing] = {}
+    for (policy, per_sample), js in by_policy.items():
+        rows = features if len(js) == len(items) else np.concatenate([features[bounds[j] : bounds[j + 1]] for j in js])
+        sizes = [bounds[j + 1] - bounds[j] for j in js]
+        for j, routing in zip(js, deck.route_features(rows, sizes, policy=policy, per_sample=per_sample)):
+            out[items[j][0]] = routing
+    return out
+
+
+__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook", "Predicted"]

@@ -109,3 +109,40 @@ def test_confidence_combine_lets_a_sure_card_outvote_a_guessing_one():
     assert combine_weights(routed, probs, "mean") is routed
     with pytest.raises(InvalidInput, match="combine 'vote' is not one of mean, confidence"):
         GateParams(combine="vote")
+
+
+def test_route_many_routes_each_request_as_if_alone():
+    """One features call over merged requests of mixed sizes and kinds (the default deck's calibrated
+    router, clean and corrupted digits), one policy call: every request gets exactly its solo routing."""
+    from carddeck.data import load_dataset
+    from carddeck.data.corruptions import corrupt
+    from carddeck.deck import Deck, default_deck_path
+    from carddeck.gating.signature import sample_features
+
+    deck = Deck.open(default_deck_path(), run_cards=False)
+    clean = load_dataset("digits32", "test").images[:24]
+    requests = [
+        clean[:1],
+        corrupt(clean[1:4], "gaussian_noise", 5, seed=0),
+        clean[4:6],
+        corrupt(clean[6:11], "fog", 5, seed=0),
+        corrupt(clean[11:12], "contrast", 5, seed=0),
+        clean[12:24],
+    ]
+    xs = [deck.prepare(r) for r in requests]
+    merged = sample_features(np.concatenate(xs))
+    for policy in (deck.default_policy, "nearest-domain", "soft", "top-k", "uniform"):
+        for per_sample in (False, True):
+            many = deck.gate.route_many(merged, [len(x) for x in xs], policy=policy, per_sample=per_sample)
+            selections = set()
+            for x, got in zip(xs, many):
+                alone = deck.gate.route(x, policy=policy, per_sample=per_sample)
+                # BLAS may sum a row in another order in a taller matrix (never with other rows' values): a
+                # few ulps in the features; the decision (which cards run) is exactly the same
+                np.testing.assert_allclose(got.weights, alone.weights, rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(got.distances, alone.distances, rtol=1e-6)
+                np.testing.assert_allclose(got.features, alone.features, rtol=1e-5, atol=1e-6)
+                assert (got.policy, got.per_sample, got.selected) == (policy, per_sample, alone.selected)
+                selections.add(got.selected)
+            if policy == deck.default_policy and not per_sample:
+                assert len(selections) > 1  # the requests really route differently: the check has teeth

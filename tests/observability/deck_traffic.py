@@ -61,7 +61,7 @@ def serve_batch(
     metrics.observe_routing(routing)
     probabilities = deck.combine(x, routing.weights, on_card=metrics.observe_card)
     if shift is not None:
-        shift("carddeck", x, routing, probabilities)
+        shift([("carddeck", x, routing, probabilities)])
 
 
 def announce_deck(metrics: Metrics, deck: Deck) -> ShiftMonitor:

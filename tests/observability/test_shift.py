@@ -193,8 +193,28 @@ def test_monitor_never_fails_a_request(shipped, caplog):
     monitor = ShiftMonitor()
     monitor.set_detector(detector)
     with caplog.at_level(logging.ERROR, logger="carddeck.observability.shift"):
-        monitor("m", np.zeros((20, 3, 5, 5), np.float32), object(), np.zeros((20, 10), np.float32))
+        monitor([("m", np.zeros((20, 3, 5, 5), np.float32), object(), np.zeros((20, 10), np.float32))])
     assert "shift monitor failed" in caplog.text
+
+
+def test_a_micro_batch_of_requests_gives_the_verdicts_of_its_requests_one_by_one(shipped):
+    """observe_many (one features call, one lock per micro-batch) tests exactly what observe did per request."""
+    deck, detector = shipped
+    images = (np.random.default_rng(3).random((110, 32, 32, 3)) * 255).astype(np.uint8)
+    # small requests feed the window, those of 16 or more are tested as batches
+    sizes = [1, 3, 2, 1, 20, 4, 1, 1, 5, 2, 16, 1, 3, 2, 1, 7, 6, 5, 4, 8, 2, 9]
+    requests = []
+    for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes)):
+        p = deck.predict(images[a:b])
+        requests.append((deck.prepare(images[a:b]), p.probabilities, p.routing.features))
+    one, many = ShiftMonitor(), ShiftMonitor()
+    one.set_detector(detector)
+    many.set_detector(detector)
+    alone = [v for x, p, g in requests for v in one.observe("m", x, p, g)]
+    merged = many.observe_many("m", requests[:9]) + many.observe_many("m", requests[9:])
+    assert len(alone) >= 6  # windows (several per call) and batches were tested
+    key = lambda v: (v.size, v.state, round(v.statistic, 4), round(v.expected_accuracy, 4))  # noqa: E731
+    assert sorted(map(key, merged)) == sorted(map(key, alone))
 
 
 def test_monitor_settings_are_checked():

@@ -69,6 +69,48 @@ def test_merged_requests_keep_their_own_routing(deck_path):
         dp.close()
 
 
+def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck_path, monkeypatch):
+    """Per-request work moved to per-batch: one sample_features call and one on_predict call (routing
+    metrics, shift signal) per batch, not per request,
+    while requests of other policies and per-sample modes in the same batch keep their own routing."""
+    import carddeck.gating.policies
+    import carddeck.serving.dataplane
+    from carddeck.gating.signature import sample_features
+
+    calls = []
+
+    def counted(x):
+        calls.append(len(x))
+        return sample_features(x)
+
+    monkeypatch.setattr(carddeck.gating.policies, "sample_features", counted)
+    monkeypatch.setattr(carddeck.serving.dataplane, "sample_features", counted, raising=False)
+    sizes = BatchSizes()
+    dp = dataplane(deck_path, sizes, max_batch_size=256, max_wait_s=0.05)
+    observed: list[int] = []  # requests per on_predict call
+    dp.on_predict.append(lambda predicted: observed.append(len(predicted)))
+    deck = Deck.open(deck_path)
+    modes = [("nearest-domain", False), ("soft", True), ("uniform", False), ("top-k", True)]
+    requests = [(smooth_images(1 + i % 3, seed=i) if i % 2 else noisy_images(1 + i % 3, seed=i), modes[i % 4])
+                for i in range(24)]  # fmt: skip
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda r: dp.predict(r[0], policy=r[1][0], per_sample=r[1][1])[0], requests))
+        served_calls = list(calls)
+        for (images, (policy, per_sample)), got in zip(requests, results):
+            want = deck.predict(images, policy=policy, per_sample=per_sample)
+            assert (got.routing.policy, got.routing.per_sample) == (policy, per_sample)
+            assert got.routing.selected == want.routing.selected
+            np.testing.assert_allclose(got.routing.weights, want.routing.weights, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+        assert max(sizes.sizes) > 3  # requests were merged
+        assert len(served_calls) == len(sizes.sizes) < len(requests)  # one features call per batch run
+        assert len(observed) == len(sizes.sizes) and sum(observed) == len(requests)  # listeners: once per batch
+        assert sum(served_calls) == sum(len(images) for images, _ in requests)
+    finally:
+        dp.close()
+
+
 def test_hot_add_under_load_fails_no_request(deck_path):
     dp = dataplane(deck_path, max_batch_size=64)
     stop = threading.Event()
