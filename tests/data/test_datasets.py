@@ -32,7 +32,7 @@ def test_leaves32_split_is_fixed_disjoint_and_named():
     for d in parts.values():
         assert d.images.shape[1:] == (32, 32, 3) and d.images.dtype == np.uint8
         assert list(np.bincount(d.labels)) == [len(d) // 10] * 10
-        assert d.class_names[0] == "warm-disk" and len(set(d.class_names)) == 10
+        assert d.class_names[:2] == ("red-disk", "red-bar") and len(set(d.class_names)) == 10
     flat = {s: {img.tobytes() for img in parts[s].images} for s in parts}
     assert not flat["train"] & flat["test"] and not flat["val"] & flat["test"]
     with pytest.raises(InvalidInput, match="takes no path"):
