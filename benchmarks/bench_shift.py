@@ -1,4 +1,5 @@
-"""What the shift signal costs next to the Predict it watches, on the default deck.
+"""What the shift signal costs next to the Predict it watches, on a deck (default: the default deck),
+fed test images of the dataset its cards were trained on.
 
 Measures, in the same run: ``Deck.predict`` on a 64-image request (route + the selected cards +
 combine) and the shift monitor's work on that request (features of 16 evenly spaced images, the
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carddeck.data.datasets import load_dataset
+from carddeck.data.datasets import data_for_cards, load_dataset
 from carddeck.deck import Deck
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 
@@ -47,7 +48,8 @@ def main() -> int:
     if monitor.detector is None:
         print(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
         return 1
-    images = load_dataset("digits32", "test").images[: args.batch]
+    data = data_for_cards(None, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
+    images = load_dataset(data, "test").images[: args.batch]  # the deck's own kind of traffic
     x = deck.prepare(images)
     prediction = deck.predict(images)
     probs, sigs = prediction.probabilities, prediction.routing.features

@@ -5,8 +5,8 @@ in models/ (digits32); ``--data`` builds one on any dataset the CLI knows.
     python models/build.py --report-only   # re-run the evaluation and REPORT.md (~3 min)
     python models/build.py --epochs 3 --out /tmp/deck   # a quick, weaker deck elsewhere
     python models/build.py --extra         # only the tour's extra card, models/extra/ (~5 min; 21 on a busy box)
-    python models/build.py --data leaves32 --out build/leaves32-deck --jobs 8 \
-        --report models/REPORT-leaves32.md   # the natural-image development deck
+    python models/build.py --data leaves32 --out build/leaves32-deck --epochs 6 --width 0.5 --jobs 3 \
+        --report models/REPORT-leaves32.md   # the natural-image development deck (~1 h on a busy 2-core box)
     python models/build.py --domains lowfreq --add   # train one domain, add its cards to models/
 
 Checkpoints are kept under --work (build/deck-work/, or build/deck-work-<data> for other data),

@@ -32,7 +32,7 @@ def test_leaves32_split_is_fixed_disjoint_and_named():
     for d in parts.values():
         assert d.images.shape[1:] == (32, 32, 3) and d.images.dtype == np.uint8
         assert list(np.bincount(d.labels)) == [len(d) // 10] * 10
-        assert d.class_names[0] == "warm-disk" and len(set(d.class_names)) == 10
+        assert d.class_names[:2] == ("red-disk", "red-bar") and len(set(d.class_names)) == 10
     flat = {s: {img.tobytes() for img in parts[s].images} for s in parts}
     assert not flat["train"] & flat["test"] and not flat["val"] & flat["test"]
     with pytest.raises(InvalidInput, match="takes no path"):
@@ -62,3 +62,23 @@ def test_leaves32_has_a_natural_spectrum_and_the_cache_is_exact(tmp_path, monkey
     for c in range(10):
         np.testing.assert_array_equal(fresh[3 * c : 3 * c + 3], cached[per * c : per * c + 3])
     assert list(labels) == [c for c in range(10) for _ in range(3)]
+
+
+def test_leaves32_objects_carry_their_class_hue_and_clutter_is_muted():
+    """The class objects are the only saturated leaves, in their class's hue family: the saturated
+    pixels of an image name its hue family (the first version's clutter of every hue did not)."""
+    from matplotlib.colors import rgb_to_hsv
+
+    from carddeck.data import leaves
+
+    test = load_dataset("leaves32", "test")
+    hsv = rgb_to_hsv(test.images.astype(np.float32) / 255.0)
+    centres = np.array(list(leaves.HUES.values()))
+    right = []
+    for image, label in zip(hsv, test.labels, strict=True):
+        vivid = image[(image[..., 1] > 0.5) & (image[..., 2] > 0.3)]
+        assert len(vivid) > 10  # every image shows its objects
+        angle = np.angle(np.exp(2j * np.pi * vivid[:, 0]).mean()) / (2 * np.pi) % 1.0
+        family = np.argmin(np.abs((angle - centres + 0.5) % 1.0 - 0.5))
+        right.append(family == label // len(leaves.OBJECT_SHAPES))
+    assert np.mean(right) > 0.95
