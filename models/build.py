@@ -82,6 +82,9 @@ def write_report(out: Path, data: str, report_path: Path) -> None:
     carddeck("shift", "--deck", deck, "--data", data, "--foreign", f"{foreign},noise,black",
              "--out", os.path.join(deck, "report"))  # fmt: skip
     report = (out / "report" / "eval.md").read_text()
+    notes = out / "report" / "build-notes.md"
+    if notes.exists():
+        report = "## Export fallbacks during the build\n\n" + notes.read_text() + "\n" + report
     shift = (out / "report" / "shift.md").read_text()
     title = "The default deck" if data == "digits32" else f"The {data} deck"
     plot_file, shift_file = out / "report" / "eval.png", out / "report" / "shift.png"
@@ -133,11 +136,48 @@ def train_cards(
         for method in methods:
             onnx = onnx_dir / f"{domain}-{method}" / "model.onnx"  # card.json goes beside it
             if not onnx.exists():
-                exports.append(("export", work / f"{domain}-{method}" / "card.pt", "--out", onnx))
+                exports.append((work / f"{domain}-{method}" / "card.pt", onnx, method))
             cards.append(onnx)
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(pool.map(lambda cmd: carddeck(*cmd), exports))
+        list(pool.map(lambda job: export(*job), exports))
     return cards
+
+
+# When export refuses an int8 (biprop) card for losing more than --max-accuracy-drop on val, the recipe
+# retries with the other activation calibrations, then keeps the card in float (lossless, 4x the bytes),
+# instead of stopping the build or loosening the limit. Each fallback is noted next to the card and in the report.
+QUANTIZED_FALLBACKS = (
+    ("--calibration-method", "percentile"),
+    ("--calibration-method", "entropy"),
+    ("--format", "dense"),
+)
+
+
+def export(checkpoint: Path, onnx: Path, method: str) -> None:
+    note = onnx.parent / "export-note.txt"
+    attempts = [()] + (list(QUANTIZED_FALLBACKS) if method == "biprop" else [])
+    for i, flags in enumerate(attempts):
+        try:
+            carddeck("export", checkpoint, "--out", onnx, *flags)
+        except subprocess.CalledProcessError:
+            if i + 1 == len(attempts):
+                raise
+            print(
+                f"!! export of {checkpoint.parent.name} refused; retrying with {' '.join(attempts[i + 1])}", flush=True
+            )
+            continue
+        note.unlink(missing_ok=True)
+        if flags:
+            note.write_text(
+                f"{checkpoint.parent.name}: the default int8 export lost more than the accuracy limit on val; "
+                f"exported with `{' '.join(flags)}`\n"
+            )
+        return
+
+
+def build_notes(cards: list[Path]) -> str:
+    notes = [n.read_text().strip() for onnx in cards if (n := onnx.parent / "export-note.txt").exists()]
+    return "".join(f"- {n}\n" for n in notes)
 
 
 def main() -> int:
@@ -200,6 +240,10 @@ def main() -> int:
     for onnx in cards:
         meta = store.add_card(onnx)
         print(f"added {meta.key} ({meta.domain}, {meta.compression.method})", flush=True)
+    notes = build_notes(cards)
+    if notes:  # kept beside the eval so that --report-only keeps saying it
+        (out / "report").mkdir(exist_ok=True)
+        (out / "report" / "build-notes.md").write_text(notes)
     calibrate = ("calibrate", "--deck", out, "--data", args.data, "--policy", args.policy, "--seed", 1)
     carddeck(*calibrate, "--store-calibration", 256)
     carddeck("shift", "--deck", out, "--data", args.data, "--fit")  # the shift detector, on val
