@@ -23,12 +23,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("carddeck.client.predict", "classify image files with a running server"),
     "deck": ("carddeck.client.deck", "add, remove or list the cards of a running server"),
     "corrupt": ("carddeck.data.corrupt_cli", "write a CIFAR-10-C-style corrupted copy of a dataset"),
-    "compress": ("carddeck.compress.cli", "train and compress a CARD (lrr, biprop, filter)"),
+    "compress": ("carddeck.compress.cli", "train and compress a CARD (lrr, biprop, filter, lobs, dsa, dipgo)"),
     "export": ("carddeck.export.cli", "export a CARD checkpoint to compact ONNX with parity checks"),
     "calibrate": ("carddeck.gating.calibrate", "compute domain signatures and fit the calibrated router"),
     "eval": ("carddeck.eval.cli", "robustness evaluation of a deck: tables, JSON and plots"),
     "shift": ("carddeck.eval.shift_cli", "fit the deck's shift detector and score it offline: table and plot"),
 }
+
+
+# shared by the commands that take a deck location (help text) or a comma-separated list of ints
+DECK_LOCATION_HELP = "deck: a directory (manifest.json + cards/), file://DIR or s3://BUCKET/PREFIX"
+
+
+def comma_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
 # the optional modules a command may import -> the extra that installs them

@@ -13,17 +13,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from carddeck.cli import DECK_LOCATION_HELP, comma_ints
+
 log = logging.getLogger(__name__)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--deck", required=True, help="deck: a directory (manifest.json + cards/), file://DIR or s3://BUCKET/PREFIX"
-    )
+    parser.add_argument("--deck", required=True, help=DECK_LOCATION_HELP)
     parser.add_argument(
         "--data",
         default=None,
@@ -37,7 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--corruptions", default=None, help="comma-separated subset (default: the 15 benchmark ones)")
     parser.add_argument(
-        "--severities", type=_ints, default=None, help="comma-separated (default: 1,2,3,4,5, or those the suite holds)"
+        "--severities",
+        type=comma_ints,
+        default=None,
+        help="comma-separated (default: 1,2,3,4,5, or those the suite holds)",
     )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images per condition")
     parser.add_argument("--batch-size", type=int, default=64, help="serving batch size the gate routes (default 64)")

@@ -11,17 +11,13 @@ import logging
 
 import numpy as np
 
+from carddeck.cli import DECK_LOCATION_HELP, comma_ints
+
 log = logging.getLogger(__name__)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--deck", required=True, help="deck: a directory (manifest.json + cards/), file://DIR or s3://BUCKET/PREFIX"
-    )
+    parser.add_argument("--deck", required=True, help=DECK_LOCATION_HELP)
     parser.add_argument(
         "--data",
         default=None,
@@ -41,7 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="fit the calibrated router on corrupted validation images (default: on)",
     )
     parser.add_argument("--corruptions", default=None, help="comma-separated (default: the 15 benchmark corruptions)")
-    parser.add_argument("--severities", type=_ints, default=[1, 2, 3, 4, 5], help="comma-separated, default 1,2,3,4,5")
+    parser.add_argument(
+        "--severities", type=comma_ints, default=[1, 2, 3, 4, 5], help="comma-separated, default 1,2,3,4,5"
+    )
     parser.add_argument("--val-images", type=int, default=None, help="limit validation images (default: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="calibration batch = serving batch size")
     parser.add_argument(
