@@ -56,9 +56,10 @@ def main() -> int:
     pools = {"card pool": ThreadPoolExecutor(cpu_cores()), "sequential": _Sequential()}
     default = Deck.open(args.deck)._sessions[decks[1].card_names[0]].intra_op_threads
     print(f"deck {args.deck}: {len(decks[1].cards)} cards, {cpu_cores()} cores, default intra-op threads {default}")
+    spec, classes = decks[1].input, len(decks[1].class_names)  # the deck's own contract
     print("(1) Deck.combine on a merged batch, ms per image (wall / CPU):")
     for n in (8, 32, 64):
-        x = decks[1].prepare((rng.random((n, 32, 32, 3)) * 255).astype(np.uint8))
+        x = decks[1].prepare((rng.random((n, spec.height, spec.width, spec.channels)) * 255).astype(np.uint8))
         weights = decks[1].route_prepared(x).weights
         runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
         for _ in range(args.rounds):
@@ -77,16 +78,16 @@ def main() -> int:
     session = decks[1]._sessions[decks[1].card_names[0]].session
     print(f"(2) one card ({decks[1].card_names[0]}), ms per call (CPU):")
     for n in (1, 8, 64):
-        x = np.ascontiguousarray(rng.random((n, 3, 32, 32), dtype=np.float32))
-        out = np.empty((n, 10), np.float32)
+        x = np.ascontiguousarray(rng.random((n, spec.channels, spec.height, spec.width), dtype=np.float32))
+        out = np.empty((n, classes), np.float32)
         bound = session.io_binding()
         bound.bind_cpu_input("images", x)
-        bound.bind_output("logits", "cpu", 0, np.float32, [n, 10], out.ctypes.data)
+        bound.bind_output("logits", "cpu", 0, np.float32, [n, classes], out.ctypes.data)
 
         def per_call() -> None:
             b = session.io_binding()
             b.bind_cpu_input("images", x)  # noqa: B023
-            b.bind_output("logits", "cpu", 0, np.float32, [n, 10], out.ctypes.data)  # noqa: B023
+            b.bind_output("logits", "cpu", 0, np.float32, [n, classes], out.ctypes.data)  # noqa: B023
             session.run_with_iobinding(b)
 
         variants: dict[str, Callable[[], object]] = {

@@ -175,9 +175,12 @@ def _client_call(kind: str, address: str, images: np.ndarray) -> Callable[[], ob
     return lambda: oip.infer("carddeck", [inp])
 
 
-def client_load(kind: str, address: str, batch: int, threads: int, start_at: float, stop_at: float) -> list[float]:
-    """In a client process: ``threads`` clients, each calling from ``start_at`` to ``stop_at``; latencies (s)."""
-    images = (np.random.default_rng(0).random((batch, 32, 32, 3)) * 255).astype(np.uint8)
+def client_load(
+    kind: str, address: str, shape: tuple[int, ...], threads: int, start_at: float, stop_at: float
+) -> list[float]:
+    """In a client process: ``threads`` clients sending uint8 images of ``shape`` (N, H, W, C), each calling
+    from ``start_at`` to ``stop_at``; latencies (s)."""
+    images = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
     latencies: list[float] = []
 
     def worker() -> None:
@@ -205,15 +208,17 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Server, batch: int, conc: int,
+def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Server, images: np.ndarray, conc: int,
                    seconds: float) -> dict:  # fmt: skip
     """Load from ``min(conc, procs)`` client processes; throughput, latency and server CPU per 1,000 images."""
     n = min(conc, procs)
     start_at = time.time() + 1.5  # every client connected and warmed up first
     stop_at = start_at + seconds
     address = server.http_address if kind == "http" else server.address
+    batch = len(images)
     futures = [
-        pool.submit(client_load, kind, address, batch, conc // n + (i < conc % n), start_at, stop_at) for i in range(n)
+        pool.submit(client_load, kind, address, images.shape, conc // n + (i < conc % n), start_at, stop_at)
+        for i in range(n)
     ]
     time.sleep(max(0.0, start_at - time.time()))
     cpu0 = process_cpu_seconds(server.proc.pid)
@@ -291,7 +296,8 @@ def main() -> int:
             deck_path, modules = build(Path(tmp) / "deck", args.cards)
             deck = Deck.open(deck_path)
         rng = np.random.default_rng(0)
-        images = {n: (rng.random((n, 32, 32, 3)) * 255).astype(np.uint8) for n in (1, 64)}
+        spec = deck.input  # the deck's input contract, not a constant: any deck can be benchmarked
+        images = {n: (rng.random((n, spec.height, spec.width, spec.channels)) * 255).astype(np.uint8) for n in (1, 64)}
         print(f"deck: {len(deck.cards)} cards ({', '.join(deck.card_names)}), policy {deck.default_policy}")
         print(f"cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
               f"client processes: {args.client_procs}", flush=True)  # fmt: skip
@@ -342,7 +348,7 @@ def main() -> int:
                             r = measure(local[label], images[batch], conc, args.seconds)
                         else:
                             kind, server = remote[label]
-                            r = measure_remote(pool, args.client_procs, kind, server, batch, conc, args.seconds)
+                            r = measure_remote(pool, args.client_procs, kind, server, images[batch], conc, args.seconds)
                         runs.setdefault(label, []).append(r)
                 for label, results in runs.items():  # the median run by throughput, with its own latencies
                     rows[f"{label}|b{batch}|c{conc}"] = sorted(results, key=lambda r: r["images_per_s"])[

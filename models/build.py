@@ -154,8 +154,10 @@ QUANTIZED_FALLBACKS = (
 
 
 def export(checkpoint: Path, onnx: Path, method: str) -> None:
+    from carddeck.export.formats import QUANTIZED_FORMATS, format_for
+
     note = onnx.parent / "export-note.txt"
-    attempts = [()] + (list(QUANTIZED_FALLBACKS) if method == "biprop" else [])
+    attempts = [()] + (list(QUANTIZED_FALLBACKS) if format_for(method) in QUANTIZED_FORMATS else [])
     for i, flags in enumerate(attempts):
         try:
             carddeck("export", checkpoint, "--out", onnx, *flags)

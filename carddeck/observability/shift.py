@@ -204,10 +204,6 @@ class ShiftDetector:
             raise InvalidInput(f"shift detector: alpha must be in (0, 1), got {self.alpha}")
 
     @property
-    def min_size(self) -> int:
-        return int(self.sizes[0])
-
-    @property
     def ert(self) -> float:
         """Expected run time between false alarms on in-distribution traffic, in batches (or windows)."""
         return 1.0 / self.alpha
