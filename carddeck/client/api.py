@@ -45,6 +45,7 @@ class Result:
     label_names: list[str]
     routing: dict[str, Any]
     deck_version: int
+    adapted: bool = False  # the deck's adaptive cards answered (the request was shifted)
 
 
 def routing_dict(r: pb.Routing) -> dict[str, Any]:
@@ -110,6 +111,7 @@ class CardDeckClient:
             list(r.label_names),
             routing_dict(r.routing),
             r.deck_version,
+            r.adapted,
         )
 
     def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:

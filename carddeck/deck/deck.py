@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ def top_labels(probabilities: np.ndarray) -> np.ndarray:
 class Prediction:
     probabilities: np.ndarray  # [N, C] float32
     routing: Routing
+    adapted: bool = False  # answered by the cards' adaptive variants (carddeck.deck.adapt), on these images alone
     labels: np.ndarray = field(init=False)  # [N] int64, from the probabilities
 
     def __post_init__(self) -> None:
@@ -102,6 +104,9 @@ class Deck:
         self.gate = gate
         self.default_policy = default_policy
         self.policy_note = policy_note  # why default_policy is not the configured one ("" when it is)
+        # adaptive variants (carddeck.deck.adapt), built on first use: by card name, None = not adaptable
+        self._adaptive: dict[str, CardSession | None] = {}
+        self._adaptive_lock = threading.Lock()
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -134,7 +139,12 @@ class Deck:
             )
         gate, policy, note = _gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)
-        return cls(store.root, manifest, metas, sessions, gate, policy, note, store)
+        deck = cls(store.root, manifest, metas, sessions, gate, policy, note, store)
+        if previous is not None and previous.manifest.calibration == manifest.calibration:
+            for name, session in sessions.items():  # an unchanged card keeps its adaptive variant too
+                if previous._sessions.get(name) is session and name in previous._adaptive:
+                    deck._adaptive[name] = previous._adaptive[name]
+        return deck
 
     @property
     def configured_policy(self) -> str:
@@ -202,15 +212,68 @@ class Deck:
         routing = self.route_prepared(x, policy=policy, per_sample=per_sample)
         return Prediction(self.combine(x, routing.weights), routing)
 
+    def adaptive_session(self, name: str) -> CardSession | None:
+        """Card ``name``'s adaptive variant (:mod:`carddeck.deck.adapt`: normalisation re-estimated on the
+        batch it runs on), built on first use from the card's file and the deck's calibration images;
+        None when the card has nothing to adapt or the deck stores no calibration images."""
+        with self._adaptive_lock:
+            if name not in self._adaptive:
+                self._adaptive[name] = self._build_adaptive(name)
+            return self._adaptive[name]
+
+    def warm_adaptive(self) -> None:
+        """Build every card's adaptive variant now (seconds per card), so the first shifted request need not."""
+        for name in self.card_names:
+            self.adaptive_session(name)
+
+    @property
+    def adaptive_ready(self) -> bool:
+        """Every card's adaptive variant is built, and at least one card has one."""
+        with self._adaptive_lock:
+            built = [self._adaptive[n] for n in self.card_names if n in self._adaptive]
+        return len(built) == len(self.card_names) and any(s is not None for s in built)
+
+    def _build_adaptive(self, name: str) -> CardSession | None:
+        from carddeck.deck.adapt import build_adaptive
+
+        store = self.store or DeckStore(self.root)
+        images = store.calibration_images()
+        if images is None:
+            log.warning("deck %s stores no calibration images: card %s is served unadapted", self.root, name)
+            return None
+        session = self._sessions[name]
+        entry = self.manifest.find(name)
+        model = build_adaptive(store.read_model(entry), self.prepare(images))
+        if model is None:
+            log.info("card %s has no normalised convolution to adapt", name)
+            return None
+        return CardSession(
+            model,
+            key=session.key,
+            digest=session.digest,
+            providers=session.providers,
+            intra_op_threads=session.intra_op_threads,
+        )
+
     def combine(
-        self, x: np.ndarray, weights: np.ndarray, *, on_card: Callable[[str, float], None] | None = None
+        self,
+        x: np.ndarray,
+        weights: np.ndarray,
+        *,
+        on_card: Callable[[str, float], None] | None = None,
+        adapt: bool = False,
     ) -> np.ndarray:
         """Run each card once on the rows ``weights`` [N, K] (columns in card order) give it; weighted mean
         of the probabilities.
 
         ``on_card(name, seconds)`` is told how long each card took (the server's per-card latency).
+        ``adapt``: run the cards' adaptive variants (those that have one), whose normalisation statistics
+        come from the rows they run on: pass one request's images only.
         """
-        jobs = [(k, rows, self._sessions[name], name) for k, name, rows in routed_rows(weights, self.card_names)]
+        jobs = [
+            (k, rows, (self.adaptive_session(name) if adapt else None) or self._sessions[name], name)
+            for k, name, rows in routed_rows(weights, self.card_names)
+        ]
 
         def run(job: tuple[int, np.ndarray, CardSession, str]) -> np.ndarray:
             _, rows, session, name = job

@@ -145,6 +145,7 @@ def predict_response(prediction: Prediction, deck: Deck) -> pb.PredictResponse:
         routing=routing_to_proto(prediction.routing),
         deck_version=deck.version,
         class_names=names,
+        adapted=prediction.adapted,
     )
 
 

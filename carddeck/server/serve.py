@@ -27,6 +27,7 @@ from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.server.interceptors import ObservabilityInterceptor
+from carddeck.serving.adaptation import Adaptation, Trigger
 from carddeck.serving.settings import Settings, add_arguments, load_settings
 
 log = logging.getLogger("carddeck.server")
@@ -100,6 +101,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
     dataplane.on_swap.append(ShiftLoader(shift))
     dataplane.on_predict.append(shift)
+    if settings.adapt_min_batch:
+        dataplane.adaptation = Adaptation(Trigger(min_batch=settings.adapt_min_batch), lambda: shift.detector)
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
     dataplane.on_store.append(lambda state: health.set_store(state.in_sync))

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -34,6 +34,7 @@ from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import POLICIES, Routing
 from carddeck.gating.signature import sample_features
+from carddeck.serving.adaptation import Adaptation
 from carddeck.serving.batching import MicroBatcher
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
@@ -82,6 +83,7 @@ class _Done:
     queued_s: float
     compute_s: float
     routing: Routing | None = None
+    adapted: bool = False
 
 
 class Predicted(NamedTuple):
@@ -119,6 +121,9 @@ class Dataplane:
         self.on_store = self.snapshots.store_listeners  # told when the store is lost or back
         # every routed request of a micro-batch at once (Predicted), e.g. the shift monitor; must not raise
         self.on_predict: list[Callable[[Sequence[Predicted]], None]] = []
+        # test-time adaptation of shifted requests (set by the process assembly); None: never
+        self.adaptation: Adaptation | None = None
+        self._warming: set[int] = set()  # decks whose adaptive variants are being built
         self._batcher: MicroBatcher[_Work, _Done] | None = None
         if config.batching and config.max_batch_size > 1:
             self._batcher = MicroBatcher(
@@ -251,7 +256,7 @@ class Dataplane:
         work = _Work(deck, x, None, policy, per_sample, model.name)
         done = self._combine(work, announced, timeout_s, is_cancelled, model.name, start)
         assert done.routing is not None
-        return Prediction(done.probabilities, done.routing)
+        return Prediction(done.probabilities, done.routing, done.adapted)
 
     def run_card(
         self,
@@ -326,7 +331,7 @@ class Dataplane:
                 self._observe_batch(len(x), [])  # a batch of its own, no queue wait
                 t0 = time.monotonic()
                 (done,) = self._run_merged([work])
-                done = _Done(done.probabilities, t0 - start, time.monotonic() - t0, done.routing)
+                done = replace(done, queued_s=t0 - start, compute_s=time.monotonic() - t0)
             else:
                 assert self._batcher is not None
                 future = self._batcher.submit(work, len(x), announced=True, is_cancelled=is_cancelled)
@@ -354,6 +359,7 @@ class Dataplane:
         groups: dict[int, list[int]] = {}
         for i, w in enumerate(works):
             groups.setdefault(id(w.deck), []).append(i)
+        adapted: dict[int, np.ndarray] = {}
         for idx in groups.values():
             deck = works[idx[0]].deck
             x = works[idx[0]].x if len(idx) == 1 else np.concatenate([works[i].x for i in idx])
@@ -365,9 +371,46 @@ class Dataplane:
                 n = len(works[i].x)
                 out[i] = probs[offset : offset + n]
                 offset += n
+                if i in routings:
+                    answer = self._adapted(deck, works[i], routings[i], out[i])
+                    if answer is not None:
+                        adapted[i] = answer
         compute = time.monotonic() - t0
+        # listeners (the shift signal) see the unadapted answer: the one its reference conditions were measured on
         self._observe([Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings])
-        return [_Done(out[i], 0.0, compute, routings.get(i)) for i in range(len(works))]
+        return [_Done(adapted.get(i, out[i]), 0.0, compute, routings.get(i), i in adapted) for i in range(len(works))]
+
+    def _adapted(self, deck: Deck, work: _Work, routing: Routing, probabilities: np.ndarray) -> np.ndarray | None:
+        """The request's answer from the routed cards' adaptive variants, run on its own images only,
+        when the trigger fires (:mod:`carddeck.serving.adaptation`); None: serve the unadapted answer.
+        Never fails the request: adaptation is an improvement, not a dependency."""
+        adaptation = self.adaptation
+        if adaptation is None or len(work.x) < adaptation.trigger.min_batch:
+            return None
+        try:
+            if not deck.adaptive_ready:
+                self._warm(deck)  # served unadapted until the variants are built, off the request path
+                return None
+            if not adaptation.trigger.fires(adaptation.detector(), work.x, probabilities, routing.features):
+                return None
+            return deck.combine(work.x, routing.weights, on_card=self._on_card, adapt=True)
+        except Exception:
+            log.exception("adapting a request of %d images failed; serving it unadapted", len(work.x))
+            return None
+
+    def _warm(self, deck: Deck) -> None:
+        with self._inferring_lock:
+            if id(deck) in self._warming:
+                return
+            self._warming.add(id(deck))
+
+        def build() -> None:
+            try:
+                deck.warm_adaptive()
+            except Exception:
+                log.exception("building the adaptive card variants of deck version %d failed", deck.version)
+
+        threading.Thread(target=build, name="carddeck-adapt-build", daemon=True).start()
 
     def _observe(self, predicted: list[Predicted]) -> None:
         """Routing metrics and on_predict listeners, once per micro-batch; never fails the batch."""

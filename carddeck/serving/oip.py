@@ -309,7 +309,8 @@ class OipModels:
                 {"probabilities": prediction.probabilities, "labels": prediction.labels,
                  "routing_weights": routing.weights},
                 {"policy": routing.policy, "card_names": ",".join(routing.card_names),
-                 "selected_cards": ",".join(routing.selected)},
+                 "selected_cards": ",".join(routing.selected),
+                 "adapted": "true" if prediction.adapted else "false"},
             )  # fmt: skip
         if policy is not None or per_sample:
             raise InvalidInput(

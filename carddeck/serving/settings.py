@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carddeck.deck.adapt import MIN_BATCH
 from carddeck.deck.default import default_deck_path
 from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import InvalidInput
@@ -80,6 +81,11 @@ class Settings:
     metrics_port: int = _opt(8002, "Prometheus /metrics port (-1: no metrics endpoint)")
     shift_window: int = _opt(32, "shift signal: requests under 16 images are tested over a window of this many")
     shift_stride: int = _opt(8, "shift signal: test the window every this many new images")
+    adapt_min_batch: int = _opt(
+        MIN_BATCH,
+        "test-time adaptation: requests of at least this many images that the shift signal calls shifted are "
+        "answered by the cards' adaptive variants, on their own images (0: never adapt)",
+    )
     log_format: str = _opt("text", "log format: text, or json (one JSON object per line with request_id)")
 
     def __post_init__(self) -> None:
@@ -101,6 +107,7 @@ class Settings:
             ("metrics_port", -1 <= self.metrics_port <= 65535, "must be in -1..65535"),
             ("shift_window", self.shift_window >= 4, "must be at least 4"),
             ("shift_stride", self.shift_stride >= 1, "must be at least 1"),
+            ("adapt_min_batch", self.adapt_min_batch >= 0, "must be >= 0"),
             ("log_format", self.log_format in ("text", "json"), "must be text or json"),
             ("tls_key", bool(self.tls_cert) == bool(self.tls_key), "TLS needs both tls_cert and tls_key"),
             ("tls_client_ca", not self.tls_client_ca or bool(self.tls_cert), "mutual TLS needs tls_cert and tls_key"),

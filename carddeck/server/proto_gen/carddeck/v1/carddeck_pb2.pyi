@@ -67,20 +67,22 @@ class Routing(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., per_sample: bool = ..., card_names: _Optional[_Iterable[str]] = ..., weights: _Optional[_Union[Matrix, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., distances: _Optional[_Union[Matrix, _Mapping]] = ..., selected: _Optional[_Iterable[str]] = ..., cards_per_image: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("probabilities", "labels", "label_names", "routing", "deck_version", "class_names")
+    __slots__ = ("probabilities", "labels", "label_names", "routing", "deck_version", "class_names", "adapted")
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_FIELD_NUMBER: _ClassVar[int]
     probabilities: Matrix
     labels: _containers.RepeatedScalarFieldContainer[int]
     label_names: _containers.RepeatedScalarFieldContainer[str]
     routing: Routing
     deck_version: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., label_names: _Optional[_Iterable[str]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., deck_version: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    adapted: bool
+    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., label_names: _Optional[_Iterable[str]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., deck_version: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., adapted: bool = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("images", "policy", "per_sample")

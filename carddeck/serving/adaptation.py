@@ -1,0 +1,65 @@
+"""When a request is served by the cards' adaptive variants (test-time adaptation, :mod:`carddeck.deck.adapt`).
+
+Adaptation pays on large enough batches under shifts the cards were not trained for, and costs a
+little on clean data (Schneider et al. 2020; models/REPORT.md), so it runs only when the shift
+signal calls the request's own images shifted and the request holds at least ``min_batch`` of them.
+The statistics then come from that request's images alone: nothing is carried from one request to
+the next, and requests that share a micro-batch never share statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from carddeck.deck.adapt import MIN_BATCH
+
+if TYPE_CHECKING:
+    from carddeck.observability.shift import ShiftDetector
+
+SHIFTED_STATES = ("covered", "uncovered")  # anything but in-distribution
+
+
+def shift_state(
+    detector: ShiftDetector, x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None
+) -> str:
+    """The shift signal's state for one request's own images: the one place the trigger reads it
+    (to be pointed at the per-request verdict once every answer carries one, #21)."""
+    from carddeck.observability.shift import image_features
+
+    return detector.test(image_features(x, probabilities, gate_features)).state
+
+
+@dataclass(frozen=True)
+class Trigger:
+    min_batch: int = MIN_BATCH
+    states: tuple[str, ...] | None = SHIFTED_STATES  # None: every request of min_batch images (evaluation only)
+
+    def fires(
+        self,
+        detector: ShiftDetector | None,
+        x: np.ndarray,
+        probabilities: np.ndarray,
+        gate_features: np.ndarray | None = None,
+    ) -> bool:
+        if self.min_batch <= 0 or len(x) < self.min_batch:
+            return False
+        if self.states is None:
+            return True
+        if detector is None:
+            return False
+        return shift_state(detector, x, probabilities, gate_features) in self.states
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What the data plane needs: the trigger and where the current shift detector is."""
+
+    trigger: Trigger
+    detector: Callable[[], ShiftDetector | None]
+
+
+__all__ = ["SHIFTED_STATES", "Adaptation", "Trigger", "shift_state"]

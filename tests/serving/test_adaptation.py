@@ -1,0 +1,107 @@
+"""Test-time adaptation in the data plane: only on the request's own images, never across requests.
+
+Real cards (two of the default deck's ResNet-20s, one of them int8), real ONNX Runtime sessions, the
+real micro-batcher; the shift detector is the default deck's.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carddeck.data.corruptions import corrupt
+from carddeck.data.datasets import load_dataset
+from carddeck.deck import Deck, DeckStore
+from carddeck.deck.default import default_deck_path
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+from carddeck.serving.adaptation import Adaptation, Trigger
+from carddeck.serving.dataplane import Dataplane, DataplaneConfig
+from tests.serving.test_dataplane import BatchSizes
+
+CARDS = ("resnet20-augmix-filter", "resnet20-gaussian-biprop")
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return load_dataset("digits32", "test").images
+
+
+@pytest.fixture(scope="module")
+def conv_deck(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two convolutional cards of the default deck and its calibration images, in a deck of their own."""
+    source = DeckStore(default_deck_path())
+    root = tmp_path_factory.mktemp("adapt") / "deck"
+    store = DeckStore.create(root)
+    for name in CARDS:
+        store.add_card(source.read_model(source.manifest().find(name)))
+    calibration = source.calibration_images()
+    assert calibration is not None
+    store.set_calibration(calibration)
+    return root
+
+
+def _dataplane(root: Path, sizes: BatchSizes | None = None, min_batch: int = 16) -> Dataplane:
+    config = DataplaneConfig(deck_path=root, poll_interval_s=0, max_batch_size=256, max_wait_s=0.05)
+    dp = Dataplane(config, metrics=sizes)
+    dp.start()
+    dp.deck.warm_adaptive()
+    # every large enough request adapts: this module tests where the statistics come from, not the trigger
+    dp.adaptation = Adaptation(Trigger(min_batch=min_batch, states=None), lambda: None)
+    return dp
+
+
+def test_a_request_is_adapted_on_its_own_images_whatever_shares_its_micro_batch(conv_deck, images):
+    fogged = corrupt(images[:16], "fog", 5, seed=0)
+    others = [corrupt(images[16 * i : 16 * (i + 1)], c, 5, seed=i) for i, c in enumerate(("snow", "contrast"), 2)]
+    sizes = BatchSizes()
+    dp = _dataplane(conv_deck, sizes)
+    try:
+        alone, _ = dp.predict(fogged)
+        plain = Deck.open(conv_deck).predict(fogged)
+        assert alone.adapted
+        assert np.abs(alone.probabilities - plain.probabilities).max() > 0.05  # adaptation changed the answer
+        requests = [fogged if i % 3 == 0 else others[i % 2] for i in range(24)]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda x: dp.predict(x)[0], requests))
+        assert max(sizes.sizes) > 16  # some requests did share a micro-batch
+        for x, got in zip(requests, answers):
+            assert got.adapted
+            if x is fogged:
+                np.testing.assert_allclose(got.probabilities, alone.probabilities, atol=1e-5)
+    finally:
+        dp.close()
+
+
+def test_small_requests_and_single_cards_are_served_unadapted(conv_deck, images):
+    dp = _dataplane(conv_deck, min_batch=16)
+    deck = Deck.open(conv_deck)
+    try:
+        small = corrupt(images[:15], "fog", 5, seed=0)
+        got, _ = dp.predict(small)
+        assert not got.adapted
+        np.testing.assert_allclose(got.probabilities, deck.predict(small).probabilities, atol=1e-6)
+        model = dp.resolve(CARDS[0])
+        probs = dp.run_card(model, corrupt(images[:32], "fog", 5, seed=0))
+        np.testing.assert_allclose(probs, deck.run_card(CARDS[0], corrupt(images[:32], "fog", 5, seed=0)), atol=1e-6)
+    finally:
+        dp.close()
+
+
+def test_the_trigger_follows_the_shift_signal_on_the_default_deck(images):
+    """Clean test batches stay unadapted; fogged ones are called shifted and adapted."""
+    deck = Deck.open(default_deck_path())
+    monitor = ShiftMonitor()
+    ShiftLoader(monitor)(deck)
+    assert monitor.detector is not None
+    trigger = Trigger()
+
+    def fires(batch: np.ndarray) -> bool:
+        prediction = deck.predict(batch)
+        return trigger.fires(monitor.detector, deck.prepare(batch), prediction.probabilities, prediction.routing.features)
+
+    assert not fires(images[:64]) and not fires(images[64:128])
+    assert fires(corrupt(images[:64], "fog", 5, seed=0))
+    assert not fires(corrupt(images[: trigger.min_batch - 1], "fog", 5, seed=0))  # too few images to adapt on
