@@ -79,13 +79,13 @@ class ServerProcess:
 
 
 def start_server(deck: Path | None, tmp: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """``python -m carddeck.cli serve`` on a free port (port 0: the server picks and logs it).
+    """``python -m carddeck.commands.cli serve`` on a free port (port 0: the server picks and logs it).
 
     ``deck=None``: no ``--deck``, the server serves the packaged default deck."""
     log_path = tmp / f"server-{time.monotonic_ns()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--port", "0", "--metrics-port", "-1",
+    cmd = [sys.executable, "-m", "carddeck", "serve", "--port", "0", "--metrics-port", "-1",
            "--http-port", "0"]  # fmt: skip
     cmd += ["--deck", str(deck)] if deck is not None else []
     with open(log_path, "wb") as log_file:
