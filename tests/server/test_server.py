@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -212,22 +211,27 @@ def test_add_card_under_concurrent_predict_load_loses_no_request(server):
     threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
+    def serves(more: int) -> None:  # wait until ``more`` further requests were answered (or one failed)
+        target = served[0] + more
+        wait_for(lambda: served[0] >= target or failures, f"{more} more requests served")
+
     try:
         with CardDeckClient(server.address, token=ADMIN_TOKEN) as admin:
-            time.sleep(0.3)
+            serves(6)
             version = admin.list_cards().deck_version
             added = admin.add_card(card("g2", "gaussian", seed=5, signature=None))  # signed from calibration.npz
-            assert added.card.name == "g2" and len(added.card.signature) > 0
-            assert added.deck_version == version + 1
-            time.sleep(0.3)
-            assert admin.remove_card("g2").deck_version == version + 2
-            time.sleep(0.3)
+            try:
+                assert added.card.name == "g2" and len(added.card.signature) > 0
+                assert added.deck_version == version + 1
+                serves(6)
+            finally:
+                assert admin.remove_card("g2").deck_version == version + 2
+            serves(6)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert not failures, failures[:3]
-    assert served[0] > 5
 
 
 def test_oip_repository_load_and_unload_change_the_deck(server):
@@ -249,11 +253,10 @@ def test_a_manifest_from_another_replica_is_served(server):
 
     with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
         DeckStore(server.deck).add_card(card("g6", "gaussian", seed=6))  # another replica wrote it
-        deadline = time.monotonic() + 10
-        while "g6" not in [c.name for c in client.list_cards().cards] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "g6" in [c.name for c in client.list_cards().cards]
-        client.remove_card("g6")
+        try:
+            wait_for(lambda: "g6" in [c.name for c in client.list_cards().cards], "g6 to be served", timeout=30)
+        finally:
+            client.remove_card("g6")  # the module's server is shared
 
 
 def test_health_and_reflection(server):
