@@ -8,6 +8,7 @@ in models/ (digits32); ``--data`` builds one on any dataset the CLI knows.
     python models/build.py --data leaves32 --out build/leaves32-deck --epochs 6 --width 0.5 --jobs 3 \
         --report models/REPORT-leaves32.md   # the natural-image development deck (~1 h on a busy 2-core box)
     python models/build.py --domains lowfreq --add   # train one domain, add its cards to models/
+    python models/build.py --domains photometric --methods filter --add   # the photometric domain, one card
 
 Checkpoints are kept under --work (build/deck-work/, or build/deck-work-<data> for other data),
 so an interrupted build picks up where it stopped. ``--jobs N`` runs independent training steps
@@ -31,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DOMAINS = ("augmix", "gaussian", "lowfreq")
+DOMAINS = ("augmix", "gaussian", "lowfreq")  # the default deck's; any registered domain trains (e.g. photometric)
 # method -> (sparsity, starts from the domain's dense card, epochs as a multiple of --epochs, extra flags).
 # LRR reaches 90% in 3 rounds (54% per round), each replaying the short schedule from the dense card.
 METHODS = {

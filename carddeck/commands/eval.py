@@ -54,6 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also score 'calibrated/held-out' and 'guarded/held-out': each corruption routed by a router fitted "
         "without it (default: on)",
     )
+    parser.add_argument(
+        "--adapt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score the served path with test-time adaptation ('adaptive', 'adaptive/held-out', "
+        "'adaptive/held-out-family'; needs the deck's shift detector and calibration images; default: on)",
+    )
     parser.add_argument("--val-images", type=int, default=None, help="limit validation images when fitting")
     parser.add_argument("--max-cards", type=int, default=None, help="router: largest card set (default K/2)")
     parser.add_argument("--cost", type=float, default=0.0, help="router: accuracy given up per extra card")
@@ -64,6 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from carddeck.data.corruptions import FAMILIES
     from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck
     from carddeck.errors import InvalidInput
@@ -137,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         "cost": args.cost,
         "metric": args.metric,
     }
-    held_out = None
+    held_out = family = None
     if mode == "fit" or (mode == "deck" and args.held_out):
         val = load_dataset(args.data, "val")
         vi, vl = val.images[: args.val_images], val.labels[: args.val_images]
@@ -153,6 +161,12 @@ def run(args: argparse.Namespace) -> int:
         if args.held_out:
             held_out = held_out_routers(deck, val_runs, **fit)
             notes["held-out"] = "*/held-out: per corruption, a router fitted on val data without that corruption"
+            family = held_out_routers(deck, val_runs, FAMILIES, **fit)
+            notes["held-out-family"] = (
+                "*/held-out-family: a router fitted without the corruption's whole family ("
+                + "; ".join(f"{f}: {', '.join(m)}" for f, m in FAMILIES.items())
+                + ")"
+            )
     if mode == "none":
         router = None
     elif mode == "deck":
@@ -165,7 +179,14 @@ def run(args: argparse.Namespace) -> int:
         per_sample=not args.no_per_sample,
         metric=args.metric,
         held_out_routers=held_out,
+        family_routers=family,
     )
+    if args.adapt:
+        from carddeck.eval.adaptation import add_adaptive_rows
+
+        add_adaptive_rows(
+            result, deck, runs, source, router=router, held_out=held_out, family=family, families=FAMILIES
+        )
     result.notes.update(notes)
     result.notes["verdict"] = verdict(result)
     paths = write_report(result, Path(args.out))

@@ -19,6 +19,12 @@ signature, so both see exactly the same distribution.
   (beta in [1.5, 3]: smooth, cloud-like), drawn by spectral synthesis, so nothing is downloaded and
   the fields are not the diamond-square plasma of the fog corruption the cards are tested on.
   ``LOWFREQ_P`` = 0.8 of the images are mixed; the rest stay clean, as in the gaussian domain.
+* ``photometric``: colour jitter of the whole image, as cameras and lighting vary it (torchvision's
+  ColorJitter plus gamma and a colour cast): ``PHOTOMETRIC_P`` = 0.8 of the images get each of
+  brightness (an additive shift), contrast (a scale around the image mean), gamma, saturation (a
+  blend towards grey) and a colour cast (a gain per channel) with probability 0.5, in random order.
+  None of these calls the benchmark corruptions, whose brightness works in HSV and whose contrast
+  and fog are what the router is tested on.
 """
 
 from __future__ import annotations
@@ -122,6 +128,44 @@ def lowfreq(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x
 
 
+PHOTOMETRIC_P = 0.8
+PHOTOMETRIC_OP_P = 0.5
+PHOTOMETRIC_RANGES = {  # per-image parameter ranges
+    "brightness": (-0.35, 0.35),  # added
+    "contrast": (0.3, 1.6),  # scale around the image mean
+    "gamma": (0.5, 2.0),  # x ** gamma
+    "saturation": (0.0, 1.6),  # 0: grey, 1: unchanged
+    "cast": (0.7, 1.3),  # gain per channel
+}
+
+
+def _jitter(name: str, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    lo, hi = PHOTOMETRIC_RANGES[name]
+    v = rng.uniform(lo, hi, size=(len(x), 1, 1, 3 if name == "cast" else 1)).astype(np.float32)
+    if name == "brightness":
+        return x + v
+    if name == "contrast":
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        return mean + v * (x - mean)
+    if name == "gamma":
+        return np.power(np.clip(x, 0.0, 1.0), v)
+    if name == "saturation":
+        grey = x.mean(axis=3, keepdims=True)
+        return grey + v * (x - grey)
+    return x * v  # cast
+
+
+@DOMAINS.register("photometric")
+def photometric(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = images.astype(np.float32) / np.float32(255.0)
+    chosen = rng.uniform(size=len(x)) < PHOTOMETRIC_P
+    for name in rng.permutation(list(PHOTOMETRIC_RANGES)):  # one random order per batch
+        pick = np.flatnonzero(chosen & (rng.uniform(size=len(x)) < PHOTOMETRIC_OP_P))
+        if len(pick):
+            x[pick] = np.clip(_jitter(str(name), x[pick], rng), 0.0, 1.0)
+    return x
+
+
 def augment(images: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
     """Augment uint8 [N, H, W, 3] images under ``domain``; float32 [N, H, W, 3] in [0, 1]."""
     fn = DOMAINS.get(domain)
@@ -131,4 +175,13 @@ def augment(images: np.ndarray, domain: str, rng: np.random.Generator) -> np.nda
     return fn(images, rng)
 
 
-__all__ = ["DOMAINS", "GAUSSIAN_MAX_SIGMA", "GAUSSIAN_P", "LOWFREQ_P", "augment", "spectral_fields"]
+__all__ = [
+    "DOMAINS",
+    "GAUSSIAN_MAX_SIGMA",
+    "GAUSSIAN_P",
+    "LOWFREQ_P",
+    "PHOTOMETRIC_P",
+    "PHOTOMETRIC_RANGES",
+    "augment",
+    "spectral_fields",
+]

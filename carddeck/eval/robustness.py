@@ -132,10 +132,19 @@ def calibration_points(runs: Sequence[ConditionRun], batch_size: int) -> list[Ca
     return points
 
 
-def held_out_routers(deck: Deck, runs: Sequence[ConditionRun], **fit: Any) -> dict[str, CalibratedRouter]:
-    """For each corruption in ``runs``, a router fitted on the other conditions only."""
+def held_out_routers(
+    deck: Deck, runs: Sequence[ConditionRun], groups: dict[str, Sequence[str]] | None = None, **fit: Any
+) -> dict[str, CalibratedRouter]:
+    """For each corruption in ``runs``, a router fitted on the other conditions only; with ``groups``
+    (e.g. the corruption families), on the conditions outside the corruption's whole group."""
     names = dict.fromkeys(r.condition[0] for r in runs if r.condition != CLEAN)
-    return {n: fit_router_on(deck, [r for r in runs if r.condition[0] != n], **fit) for n in names}
+    out: dict[str, CalibratedRouter] = {}
+    for members in groups.values() if groups else ([n] for n in names):
+        held = [n for n in members if n in names]
+        if held:
+            router = fit_router_on(deck, [r for r in runs if r.condition[0] not in held], **fit)
+            out.update(dict.fromkeys(held, router))
+    return out
 
 
 def fit_router_on(
@@ -170,12 +179,14 @@ def evaluate(
     per_sample: bool = True,
     metric: str | None = None,
     held_out_routers: dict[str, CalibratedRouter] | None = None,
+    family_routers: dict[str, CalibratedRouter] | None = None,
 ) -> EvalResult:
     """Score every card, the uniform deck, each policy (per batch, and per sample if asked) and the oracle.
 
     ``held_out_routers`` (corruption -> a router fitted without that corruption) adds the row
     ``calibrated/held-out``: each corruption routed by a router that never saw it (a harder test of
-    the calibrated gate than the same corruptions on other images).
+    the calibrated gate than the same corruptions on other images); ``family_routers`` (corruption ->
+    a router fitted without its whole family) adds ``*/held-out-family``.
     """
     from dataclasses import replace
 
@@ -221,15 +232,18 @@ def evaluate(
     score("uniform/confidence", uniform, "confidence")
     for policy in (p for p in policies if p in ROUTER_POLICIES and gate.router is not None):
         score(f"{policy}/confidence", routed(policy, False), "confidence")
-    if held_out_routers and gate.router is not None:
-        full = gate.router
+    for suffix, routers in (("held-out", held_out_routers), ("held-out-family", family_routers)):
+        if not routers or gate.router is None:
+            continue
         for policy in (p for p in policies if p in ROUTER_POLICIES):
 
-            def held_out(run: ConditionRun, policy: str = policy) -> np.ndarray:
-                r = held_out_routers.get(run.condition[0], full)  # clean: the full router
+            def held_out(
+                run: ConditionRun, policy: str = policy, routers: dict[str, CalibratedRouter] = routers
+            ) -> np.ndarray:
+                r = routers.get(run.condition[0], gate.router)  # clean: the full router
                 return route_run(replace(gate, router=r), run, policy, False, batch_size)
 
-            score(f"{policy}/held-out", held_out)
+            score(f"{policy}/{suffix}", held_out)
     acc["oracle"] = {c: max(acc[f"card:{n}"][c] for n in names) for c in conditions}
     per_image["oracle"] = 1.0
     acc["set-oracle"], per_image["set-oracle"] = set_oracle(runs, max(1, len(names) // 2))

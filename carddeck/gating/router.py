@@ -142,6 +142,23 @@ class CalibratedRouter:
         loo = np.array([pairwise_distances(points[i : i + 1], others[i : i + 1], self.metric)[0, 0] for i in range(n)])
         return CLEAN_MARGIN * float(loo.max())
 
+    def novelty(self, signatures: np.ndarray) -> np.ndarray:
+        """Distance of each row to the nearest calibration batch, in kernel bandwidths -> float [N]: far
+        past a few bandwidths no calibration batch votes, and the router only extrapolates."""
+        dist = pairwise_distances(self._scaled(signatures), self._points, self.metric)
+        return dist.min(axis=1) / self.bandwidth
+
+    def clean_cards(self, tolerance: float = CLEAN_TOLERANCE) -> np.ndarray:
+        """bool [K_router]: the cards that are good on clean data alone (clean calibration accuracy within
+        ``tolerance`` of the best single card's)."""
+        if not self.has_guard:
+            return np.ones(len(self.card_keys), bool)
+        single = np.flatnonzero(self.subsets.sum(axis=1) == 1)
+        clean = self.scores[self.clean][:, single].mean(axis=0)
+        keep = np.zeros(len(self.card_keys), bool)
+        keep[self.subsets[single[clean >= clean.max() - tolerance]].any(axis=0)] = True
+        return keep
+
     def choose_guarded(self, signatures: np.ndarray) -> np.ndarray:
         """:meth:`choose`, except that batches near clean data run the clean set."""
         chosen = self.choose(signatures)

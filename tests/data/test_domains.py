@@ -15,6 +15,7 @@ from carddeck.errors import InvalidInput
 DOC_GAUSSIAN_P = 0.5  # "with probability 0.5 per image"
 DOC_GAUSSIAN_MAX_SIGMA = 0.15  # "sigma ~ U(0, 0.15)"
 DOC_LOWFREQ_P = 0.8  # "80% of the images go through 1-3 rounds"
+DOC_PHOTOMETRIC_P = 0.8  # "0.8 of the images get each of five jitters with probability 0.5"
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,10 @@ def images():
 
 
 def test_domains_registry():
-    assert set(DOMAINS.names()) == {"clean", "gaussian", "augmix", "lowfreq"}
+    assert set(DOMAINS.names()) == {"clean", "gaussian", "augmix", "lowfreq", "photometric"}
 
 
-@pytest.mark.parametrize("domain", ["clean", "gaussian", "augmix", "lowfreq"])
+@pytest.mark.parametrize("domain", ["clean", "gaussian", "augmix", "lowfreq", "photometric"])
 def test_augment_returns_unit_float_images_and_is_seeded(images, domain):
     out = augment(images, domain, np.random.default_rng(1))
     assert out.dtype == np.float32 and out.shape == images.shape
@@ -148,3 +149,30 @@ def test_lowfreq_leaves_a_fifth_clean_and_fields_are_smooth(images):
     assert fields.min() == 0.0 and fields.max() == pytest.approx(1.0)
     # smooth: neighbouring pixels differ far less than the field's range
     assert np.abs(np.diff(fields, axis=2)).mean() < 0.05
+
+
+def test_photometric_jitters_colour_per_pixel_and_never_moves_structure(images):
+    """Each output pixel is a function of that pixel and its image's statistics only: shuffling the
+    pixels before or after the jitter gives the same images (no blur, noise or warp, so none of the
+    benchmark's noise, blur or geometric corruptions)."""
+    batch = np.repeat(images, 8, axis=0)
+    perm = np.random.default_rng(5).permutation(32 * 32)
+    shuffled = batch.reshape(len(batch), -1, 3)[:, perm].reshape(batch.shape)
+    out = augment(batch, "photometric", np.random.default_rng(2))
+    out_shuffled = augment(shuffled, "photometric", np.random.default_rng(2))
+    np.testing.assert_allclose(out.reshape(len(out), -1, 3)[:, perm].reshape(out.shape), out_shuffled, atol=1e-6)
+    unchanged = (out == batch / np.float32(255)).all(axis=(1, 2, 3))
+    assert unchanged.mean() == pytest.approx(1 - DOC_PHOTOMETRIC_P * (1 - 0.5**5), abs=0.07)
+
+
+def test_photometric_shifts_brightness_both_ways_and_casts_colour():
+    grey = np.full((400, 8, 8, 3), 128, dtype=np.uint8)
+    out = augment(grey, "photometric", np.random.default_rng(0))
+    level = out.mean(axis=(1, 2, 3)) - 128 / 255
+    assert level.min() < -0.2 and level.max() > 0.2  # darker and brighter images
+    channels = out.mean(axis=(1, 2))  # [N, 3]
+    assert (channels.max(axis=1) - channels.min(axis=1) > 0.1).mean() > 0.1  # a colour cast on grey input
+    colour = np.zeros((400, 8, 8, 3), dtype=np.uint8)
+    colour[..., 0] = 200  # saturated red
+    spread = augment(colour, "photometric", np.random.default_rng(0)).std(axis=3).mean(axis=(1, 2))
+    assert (spread < 0.5 * colour[0, 0].std() / 255).any()  # desaturated towards grey

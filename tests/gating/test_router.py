@@ -119,3 +119,33 @@ def test_router_scales_features_so_no_unit_dominates():
     query[:, 0] = [800.0, -800.0]
     w = router.weights(query, ["c0/1", "c1/1", "c2/1", "c3/1"])
     assert w[0, 0] == 1 and w[1, 1] == 1
+
+
+def test_novelty_is_the_distance_to_the_nearest_calibration_batch_in_bandwidths(router):
+    near, far = router.novelty(np.stack([np.zeros(D), np.full(D, 40.0)]))
+    assert near < 1.0 < 10.0 < far
+
+
+def test_guarded_falls_back_where_the_router_is_unsure():
+    """Far from every calibration batch the router only extrapolates (its prior vote): the guarded
+    policy runs its fallback instead (the uniform deck; or the cards good on clean data); near a
+    calibration batch it follows the router."""
+    from carddeck.gating.policies import FALLBACK, UNSURE_AT, fallback
+
+    rng = np.random.default_rng(0)
+    r = guard_router(rng)
+    assert r.clean_cards().tolist() == [True, False, False, False]
+    cards = [(f"c{i}", "d", tuple(np.zeros(D))) for i in range(4)]
+    gate = Gate.from_cards(cards, router=r, card_keys=tuple(f"c{i}/1" for i in range(4)))
+    unseen = np.full((1, D), -30.0, np.float32)
+    assert r.novelty(unseen)[0] > UNSURE_AT and not r.near_clean(unseen)[0]
+    assert r.weights(unseen, gate.keys, guard=True)[0, 0] == 0  # the router alone would not run card 0
+    routed = gate.route_signatures(unseen, policy="guarded", per_sample=False, batch_size=2)
+    assert routed.selected == (("c0",) if FALLBACK == "clean-cards" else ("c0", "c1", "c2", "c3"))
+    assert (fallback(gate, unseen, np.zeros((1, 1)), "clean-cards") == [1, 0, 0, 0]).all()
+    familiar = np.ones((1, D), np.float32)  # a corrupted calibration condition: the router's own choice
+    assert r.novelty(familiar)[0] < UNSURE_AT
+    np.testing.assert_array_equal(
+        gate.route_signatures(familiar, policy="guarded", per_sample=False, batch_size=1).weights,
+        r.weights(familiar, gate.keys, guard=True),
+    )

@@ -99,8 +99,8 @@ def test_the_trigger_follows_the_shift_signal_on_the_default_deck(images):
     trigger = Trigger()
 
     def fires(batch: np.ndarray) -> bool:
-        prediction = deck.predict(batch)
-        return trigger.fires(monitor.detector, deck.prepare(batch), prediction.probabilities, prediction.routing.features)
+        p = deck.predict(batch)
+        return trigger.fires(monitor.detector, deck.prepare(batch), p.probabilities, p.routing.features)
 
     assert not fires(images[:64]) and not fires(images[64:128])
     assert fires(corrupt(images[:64], "fog", 5, seed=0))

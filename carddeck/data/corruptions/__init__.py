@@ -40,6 +40,14 @@ BENCHMARK_CORRUPTIONS: tuple[str, ...] = (
     "pixelate",
     "jpeg_compression",
 )
+# The benchmark's four families (Hendrycks & Dietterich 2019, who count brightness as weather):
+# hold a whole family out when fitting, to see how a gate meets a kind of shift it never saw.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "noise": BENCHMARK_CORRUPTIONS[0:3],
+    "blur": BENCHMARK_CORRUPTIONS[3:7],
+    "weather": BENCHMARK_CORRUPTIONS[7:11],
+    "digital": BENCHMARK_CORRUPTIONS[11:15],
+}
 EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 8  # the glass swaps and fractal maps need a few pixels of room
@@ -81,6 +89,7 @@ __all__ = [
     "BENCHMARK_CORRUPTIONS",
     "CORRUPTIONS",
     "EXTRA_CORRUPTIONS",
+    "FAMILIES",
     "SEVERITIES",
     "corrupt",
 ]

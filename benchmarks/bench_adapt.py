@@ -1,0 +1,203 @@
+"""Test-time adaptation (carddeck.deck.adapt): its cost per shifted Predict, how often it runs on
+clean traffic, and (``--choose``) the prior N and minimum batch size, measured on the validation split.
+
+Cost (default mode), same run, same deck: a 64-image request of fogged test images (the shift
+signal calls it shifted) through ``Dataplane.predict`` with adaptation on, against the same request
+with adaptation off; the ratio of medians is the figure. Clean false alarms: the share of clean
+64-image test batches (resampled) the trigger adapts, against the detector's stated false-alarm rate.
+
+``--choose``: the default policy (guarded gate) on corrupted validation batches of each size,
+every large enough batch adapted, for each prior N: mean change against the unadapted path on
+clean and corrupted batches, and the corruptions that lose.
+
+    python benchmarks/bench_adapt.py [--deck models] [--repeats 20]
+    python benchmarks/bench_adapt.py --choose [--grid 16:64,0:64] [--severities 1,3,5] [--cache runs.pkl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from carddeck.commands.cli import comma_ints
+from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, corrupt
+from carddeck.data.datasets import data_for_cards, load_dataset
+from carddeck.deck import Deck
+from carddeck.eval.adaptation import AdaptiveCards, score_adaptive
+from carddeck.eval.robustness import CLEAN, collect_runs, conditions_for, generated_source
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+from carddeck.serving.adaptation import Trigger
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def detector_of(deck: Deck):  # type: ignore[no-untyped-def]
+    monitor = ShiftMonitor()
+    ShiftLoader(monitor)(deck)
+    return monitor.detector
+
+
+def val_runs(args: argparse.Namespace, deck: Deck, data: str) -> tuple[list, Callable]:  # type: ignore[type-arg]
+    """Every card on corrupted validation images (cached in ``--cache``: the sweeps reuse them)."""
+    val = load_dataset(data, "val")
+    source = generated_source(val.images, val.labels, seed=1)  # the seed carddeck eval fits on
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.exists():
+        with open(cache, "rb") as f:
+            return pickle.load(f), source
+    runs = collect_runs(deck, conditions_for(BENCHMARK_CORRUPTIONS, args.severities), source, desc="val")
+    if cache is not None:
+        with open(cache, "wb") as f:
+            pickle.dump(runs, f)
+    return runs, source
+
+
+def choose(args: argparse.Namespace, deck: Deck, data: str) -> int:
+    runs, source = val_runs(args, deck, data)
+    val = load_dataset(data, "val")
+    detector = detector_of(deck)
+    assert deck.gate is not None
+    policy = deck.default_policy
+    print(f"deck {deck.root}, {len(val.images)} val images, policy {policy}, severities {args.severities}")
+    print("| N | batch | clean change | corrupted change | corrupted (unadapted) | losing > 0.5 |")
+    print("|---|---|---|---|---|---|")
+    for prior, size in args.grid:
+        cards = AdaptiveCards(deck, float(prior))
+        if True:
+            kw = {"gate_for": lambda c: deck.gate, "detector_for": lambda c: detector, "policy": policy}
+            base = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(min_batch=0))
+            ada = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(size, None))
+            cor = [c for c in base.accuracy if c != CLEAN]
+            per = {
+                n: np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor if c[0] == n])
+                for n in dict.fromkeys(c[0] for c in cor)
+            }
+            losing = ", ".join(f"{n} {100 * d:+.1f}" for n, d in per.items() if d < -0.005) or "none"
+            print(
+                f"| {prior} | {size} | {100 * (ada.accuracy[CLEAN] - base.accuracy[CLEAN]):+.2f} "
+                f"| {100 * np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor]):+.2f} "
+                f"| {100 * np.mean([base.accuracy[c] for c in cor]):.2f} | {losing} |",
+                flush=True,
+            )
+        cards.cache.clear()
+    return 0
+
+
+def triggers(args: argparse.Namespace, deck: Deck, data: str) -> int:
+    """Which shift states should trigger adaptation: each corruption held out of the detector (it
+    never saw it), the default policy with the deck's router, adaptation at the first --grid pair."""
+    from carddeck.eval.adaptation import held_out_detector
+
+    runs, source = val_runs(args, deck, data)
+    detector = detector_of(deck)
+    prior, size = args.grid[0]
+    cards = AdaptiveCards(deck, float(prior))
+    kw = {"gate_for": lambda c: deck.gate, "policy": deck.default_policy, "batch_size": 64}
+    kw["detector_for"] = lambda c: held_out_detector(detector, (c[0],))
+    base = score_adaptive(deck, runs, source, cards, **kw, trigger=Trigger(min_batch=0))
+    print(f"N={prior}, min batch {size}, detector without the condition's corruption; points against unadapted")
+    print("| trigger states | clean | mean corrupted | adapted (clean / corrupted batches) | per corruption |")
+    print("|---|---|---|---|---|")
+    for states in (("covered", "uncovered"), ("uncovered",), None):
+        ada = score_adaptive(deck, runs, source, cards, **kw, trigger=Trigger(size, states))
+        cor = [c for c in base.accuracy if c != CLEAN]
+        per = {
+            n: 100 * np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor if c[0] == n])
+            for n in dict.fromkeys(c[0] for c in cor)
+        }
+        name = " or ".join(states) if states else "always"
+        print(
+            f"| {name} | {100 * (ada.accuracy[CLEAN] - base.accuracy[CLEAN]):+.2f} "
+            f"| {np.mean(list(per.values())):+.2f} | {100 * ada.adapted[CLEAN]:.0f}% / "
+            f"{100 * np.mean([ada.adapted[c] for c in cor]):.0f}% | "
+            + ", ".join(f"{n} {d:+.1f}" for n, d in per.items() if abs(d) >= 0.05)
+            + " |",
+            flush=True,
+        )
+    return 0
+
+
+def cost(args: argparse.Namespace, deck: Deck, data: str) -> int:
+    from carddeck.serving.adaptation import Adaptation
+    from carddeck.serving.dataplane import Dataplane, DataplaneConfig
+
+    detector = detector_of(deck)
+    if detector is None:
+        print(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
+        return 1
+    test = load_dataset(data, "test")
+    rng = np.random.default_rng(0)
+    plane = Dataplane(DataplaneConfig(args.deck, batching=False, poll_interval_s=3600))
+    plane.start()
+    try:
+        plane.deck.warm_adaptive()
+        shifted = corrupt(test.images[: args.batch], "fog", 5, seed=0)
+        on = Adaptation(Trigger(), lambda: detector)
+        plane.adaptation = on
+        prediction, _ = plane.predict(shifted)
+        if not prediction.adapted:
+            print("the fogged request was not adapted: nothing to measure")
+            return 1
+        adapted = timed(lambda: plane.predict(shifted), args.repeats)
+        plane.adaptation = None
+        plain = timed(lambda: plane.predict(shifted), args.repeats)
+        print(f"{args.batch}-image fog/5 Predict: adapted {1e3 * adapted:.1f} ms, unadapted {1e3 * plain:.1f} ms "
+              f"(medians of {args.repeats}); ratio {adapted / plain:.2f}x")  # fmt: skip
+        plane.adaptation = on
+        fired = 0
+        for _ in range(args.clean_batches):
+            rows = rng.choice(len(test.images), args.batch, replace=False)
+            fired += plane.predict(test.images[rows])[0].adapted
+        print(
+            f"clean {args.batch}-image test batches adapted: {fired}/{args.clean_batches} "
+            f"({100 * fired / args.clean_batches:.2f}%); "
+            f"the detector's stated false-alarm rate {100 * detector.alpha:.2f}%"
+        )
+    finally:
+        plane.close()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--deck", default=str(Path(__file__).resolve().parents[1] / "models"))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--clean-batches", type=int, default=400)
+    parser.add_argument("--choose", action="store_true", help="measure N and the minimum batch on val")
+    parser.add_argument("--triggers", action="store_true", help="measure which shift states should adapt, on val")
+    parser.add_argument(
+        "--grid",
+        type=lambda v: [tuple(int(x) for x in p.split(":")) for p in v.split(",")],
+        default=[(16, 64), (0, 64), (64, 64), (16, 32), (16, 16)],
+        help="N:batch pairs to measure (default 16:64,0:64,64:64,16:32,16:16)",
+    )
+    parser.add_argument("--cache", default="", help="pickle of the validation runs, reused when it exists")
+    parser.add_argument("--severities", type=comma_ints, default=[1, 3, 5])
+    args = parser.parse_args()
+    deck = Deck.open(args.deck)
+    data = data_for_cards(None, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
+    if args.triggers:
+        return triggers(args, deck, data)
+    return choose(args, deck, data) if args.choose else cost(args, deck, data)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

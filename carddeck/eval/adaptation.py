@@ -1,0 +1,197 @@
+"""The served path with test-time adaptation, scored like the gate rows of ``carddeck eval``.
+
+Per serving-sized batch of a condition: the gate routes it (a router fitted without the condition's
+corruption, or its whole family, for the held-out rows); the shift signal tests it on what the
+unadapted deck said (a detector without the held-out corruptions); when it calls the batch shifted
+and the batch holds at least ``min_batch`` images, the routed cards' adaptive variants
+(:mod:`carddeck.deck.adapt`) answer instead, each on that batch alone, as the server runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from carddeck.deck.adapt import DEFAULT_PRIOR, build_adaptive
+from carddeck.deck.deck import Deck
+from carddeck.deck.runtime import CardSession, softmax
+from carddeck.deck.store import DeckStore
+from carddeck.eval.robustness import CLEAN, Condition, ConditionRun, EvalResult, Source, batches, route_run
+from carddeck.gating.policies import Gate
+from carddeck.gating.router import CalibratedRouter
+
+# The detector lives in observability until #21 moves it into gating.
+from carddeck.observability.shift import ShiftDetector
+from carddeck.serving.adaptation import SHIFTED_STATES, Trigger
+
+
+@dataclass
+class AdaptiveCards:
+    """The deck's cards' adaptive variants at one prior, with their outputs cached per batch (the
+    same batch routed by several gates runs once)."""
+
+    deck: Deck
+    prior: float = DEFAULT_PRIOR
+    sessions: dict[str, CardSession | None] = field(default_factory=dict)
+    cache: dict[tuple[Condition, int, int, int], np.ndarray | None] = field(default_factory=dict)
+
+    def session(self, name: str) -> CardSession | None:
+        if self.prior == DEFAULT_PRIOR:
+            return self.deck.adaptive_session(name)
+        if name not in self.sessions:
+            store = self.deck.store or DeckStore(self.deck.root)
+            images = store.calibration_images()
+            model = (
+                None
+                if images is None
+                else build_adaptive(
+                    store.read_model(store.manifest().find(name)), self.deck.prepare(images), self.prior
+                )
+            )
+            plain = self.deck.adaptive_session(name)  # for its provider and thread settings
+            self.sessions[name] = None if model is None or plain is None else CardSession(
+                model, key=plain.key, digest=plain.digest, providers=plain.providers,
+                intra_op_threads=plain.intra_op_threads,
+            )  # fmt: skip
+        return self.sessions[name]
+
+    def probabilities(self, condition: Condition, rows: slice, k: int, x: np.ndarray) -> np.ndarray | None:
+        """Card ``k``'s adaptive probabilities on the batch ``x`` (``rows`` of the condition's images)."""
+        key = (condition, rows.start, rows.stop, k)
+        if key not in self.cache:
+            session = self.session(self.deck.card_names[k])
+            self.cache[key] = softmax(session.logits(x)) if session is not None else None
+        return self.cache[key]
+
+
+@dataclass
+class AdaptiveScore:
+    accuracy: dict[Condition, float]
+    adapted: dict[Condition, float]  # share of batches that were adapted
+    cards_per_image: float
+
+
+def score_adaptive(
+    deck: Deck,
+    runs: Sequence[ConditionRun],
+    source: Source,
+    cards: AdaptiveCards,
+    *,
+    gate_for: Callable[[Condition], Gate],
+    detector_for: Callable[[Condition], ShiftDetector | None],
+    policy: str,
+    batch_size: int,
+    trigger: Trigger,
+) -> AdaptiveScore:
+    acc: dict[Condition, float] = {}
+    adapted: dict[Condition, float] = {}
+    counts = []
+    for run in runs:
+        x = deck.prepare(source(run.condition)[0])
+        weights = route_run(gate_for(run.condition), run, policy, False, batch_size)
+        mixed = np.einsum("nk,knc->nc", weights, run.probabilities)
+        detector = detector_for(run.condition)
+        fired = []
+        for sl in batches(len(run.labels), batch_size):
+            xb = x[sl]
+            go = trigger.fires(detector, xb, mixed[sl], run.signatures[sl])
+            fired.append(go)
+            if not go:
+                continue
+            out = np.zeros_like(mixed[sl])
+            for k in np.flatnonzero(weights[sl].max(axis=0) > 0):
+                p = cards.probabilities(run.condition, sl, int(k), xb)
+                out += weights[sl, k, None] * (p if p is not None else run.probabilities[k, sl])
+            mixed[sl] = out
+        acc[run.condition] = float((mixed.argmax(axis=1) == run.labels).mean())
+        adapted[run.condition] = float(np.mean(fired))
+        counts.append((weights > 0).sum(axis=1))
+    return AdaptiveScore(acc, adapted, float(np.concatenate(counts).mean()))
+
+
+def held_out_detector(detector: ShiftDetector | None, corruptions: Sequence[str]) -> ShiftDetector | None:
+    """The detector without the reference conditions of ``corruptions`` (it never saw them)."""
+    for name in corruptions:
+        detector = detector.without(name) if detector is not None else None
+    return detector
+
+
+def held_out_gate(gate: Gate, routers: dict[str, CalibratedRouter], key: str) -> Gate:
+    return replace(gate, router=routers.get(key, gate.router))
+
+
+def deck_detector(deck: Deck) -> ShiftDetector | None:
+    """The deck's shift detector, as the server loads it (None: the deck has none for its cards)."""
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+
+    monitor = ShiftMonitor()
+    ShiftLoader(monitor)(deck)
+    return monitor.detector
+
+
+def add_adaptive_rows(
+    result: EvalResult,
+    deck: Deck,
+    runs: Sequence[ConditionRun],
+    source: Source,
+    *,
+    router: CalibratedRouter | None,
+    held_out: dict[str, CalibratedRouter] | None,
+    family: dict[str, CalibratedRouter] | None,
+    families: dict[str, Sequence[str]],
+    trigger: Trigger | None = None,
+    prior: float = DEFAULT_PRIOR,
+) -> None:
+    """``adaptive`` (the default policy with the deck's router, then adaptation where it triggers), and
+    the same with each corruption, or its whole family, held out of the router and the detector."""
+    if deck.gate is None:
+        return
+    trigger = trigger or Trigger()
+    detector = deck_detector(deck)
+    gate = replace(deck.gate, router=router) if router is not None else deck.gate
+    cards = AdaptiveCards(deck, prior)
+    family_of = {c: tuple(members) for members in families.values() for c in members}
+    rows = {"adaptive": ({}, lambda name: ())}
+    if held_out:
+        rows["adaptive/held-out"] = (held_out, lambda name: (name,))
+    if family:
+        rows["adaptive/held-out-family"] = (family, lambda name: family_of.get(name, (name,)))
+    fired = {}
+    for method, (routers, unseen) in rows.items():
+        score = score_adaptive(
+            deck,
+            runs,
+            source,
+            cards,
+            gate_for=lambda c, routers=routers: held_out_gate(gate, routers, c[0]),
+            detector_for=lambda c, unseen=unseen: held_out_detector(detector, unseen(c[0])),
+            policy=deck.default_policy,
+            batch_size=result.batch_size,
+            trigger=trigger,
+        )
+        result.accuracy[method] = score.accuracy
+        result.cards_per_image[method] = score.cards_per_image
+        fired[method] = score.adapted
+    shifted = [c for c in result.corrupted]
+    adapted = fired.get("adaptive/held-out", fired["adaptive"])
+    result.notes["adaptation"] = (
+        f"adaptive*: the default policy ({deck.default_policy}), then the routed cards' adaptive variants "
+        f"(prior N={prior:g}) on batches of at least {trigger.min_batch} that the shift signal calls "
+        f"{' or '.join(trigger.states or ('anything',))}; adapted {100 * adapted.get(CLEAN, 0.0):.1f}% of clean "
+        f"and {100 * np.mean([adapted[c] for c in shifted]):.1f}% of corrupted test batches"
+        + ("" if detector is not None else " (the deck has no shift detector: nothing was adapted)")
+    )
+
+
+__all__ = [
+    "SHIFTED_STATES",
+    "AdaptiveCards",
+    "AdaptiveScore",
+    "add_adaptive_rows",
+    "deck_detector",
+    "held_out_detector",
+    "held_out_gate",
+    "score_adaptive",
+]
