@@ -32,9 +32,8 @@ from carddeck.commands.cli import comma_ints
 from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, corrupt
 from carddeck.data.datasets import data_for_cards, load_dataset
 from carddeck.deck import Deck
-from carddeck.eval.adaptation import AdaptiveCards, score_adaptive
+from carddeck.eval.adaptation import AdaptiveCards, deck_detector, score_adaptive
 from carddeck.eval.robustness import CLEAN, collect_runs, conditions_for, generated_source
-from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.serving.adaptation import Trigger
 
 
@@ -46,12 +45,6 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
-
-
-def detector_of(deck: Deck):  # type: ignore[no-untyped-def]
-    monitor = ShiftMonitor()
-    ShiftLoader(monitor)(deck)
-    return monitor.detector
 
 
 def val_runs(args: argparse.Namespace, deck: Deck, data: str) -> tuple[list, Callable]:  # type: ignore[type-arg]
@@ -72,7 +65,7 @@ def val_runs(args: argparse.Namespace, deck: Deck, data: str) -> tuple[list, Cal
 def choose(args: argparse.Namespace, deck: Deck, data: str) -> int:
     runs, source = val_runs(args, deck, data)
     val = load_dataset(data, "val")
-    detector = detector_of(deck)
+    detector = deck_detector(deck)
     assert deck.gate is not None
     policy = deck.default_policy
     print(f"deck {deck.root}, {len(val.images)} val images, policy {policy}, severities {args.severities}")
@@ -80,23 +73,21 @@ def choose(args: argparse.Namespace, deck: Deck, data: str) -> int:
     print("|---|---|---|---|---|---|")
     for prior, size in args.grid:
         cards = AdaptiveCards(deck, float(prior))
-        if True:
-            kw = {"gate_for": lambda c: deck.gate, "detector_for": lambda c: detector, "policy": policy}
-            base = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(min_batch=0))
-            ada = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(size, None))
-            cor = [c for c in base.accuracy if c != CLEAN]
-            per = {
-                n: np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor if c[0] == n])
-                for n in dict.fromkeys(c[0] for c in cor)
-            }
-            losing = ", ".join(f"{n} {100 * d:+.1f}" for n, d in per.items() if d < -0.005) or "none"
-            print(
-                f"| {prior} | {size} | {100 * (ada.accuracy[CLEAN] - base.accuracy[CLEAN]):+.2f} "
-                f"| {100 * np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor]):+.2f} "
-                f"| {100 * np.mean([base.accuracy[c] for c in cor]):.2f} | {losing} |",
-                flush=True,
-            )
-        cards.cache.clear()
+        kw = {"gate_for": lambda c: deck.gate, "detector_for": lambda c: detector, "policy": policy}
+        base = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(min_batch=0))
+        ada = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(size, None))
+        cor = [c for c in base.accuracy if c != CLEAN]
+        per = {
+            n: np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor if c[0] == n])
+            for n in dict.fromkeys(c[0] for c in cor)
+        }
+        losing = ", ".join(f"{n} {100 * d:+.1f}" for n, d in per.items() if d < -0.005) or "none"
+        print(
+            f"| {prior} | {size} | {100 * (ada.accuracy[CLEAN] - base.accuracy[CLEAN]):+.2f} "
+            f"| {100 * np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor]):+.2f} "
+            f"| {100 * np.mean([base.accuracy[c] for c in cor]):.2f} | {losing} |",
+            flush=True,
+        )
     return 0
 
 
@@ -106,7 +97,7 @@ def triggers(args: argparse.Namespace, deck: Deck, data: str) -> int:
     from carddeck.eval.adaptation import held_out_detector
 
     runs, source = val_runs(args, deck, data)
-    detector = detector_of(deck)
+    detector = deck_detector(deck)
     prior, size = args.grid[0]
     cards = AdaptiveCards(deck, float(prior))
     kw = {"gate_for": lambda c: deck.gate, "policy": deck.default_policy, "batch_size": 64}
@@ -138,7 +129,7 @@ def cost(args: argparse.Namespace, deck: Deck, data: str) -> int:
     from carddeck.serving.adaptation import Adaptation
     from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 
-    detector = detector_of(deck)
+    detector = deck_detector(deck)
     if detector is None:
         print(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
         return 1

@@ -40,6 +40,10 @@ def benches(deck: Path) -> dict[str, tuple[str, list[str]]]:
         ),
         "gate": ("Gate overhead on the default deck (64-image batch)", ["bench_gate.py", "--deck", str(deck)]),
         "shift": ("Shift signal overhead on the default deck", ["bench_shift.py", "--deck", str(deck)]),
+        "adapt": (
+            "Test-time adaptation: a 64-image shifted Predict, and clean false alarms",
+            ["bench_adapt.py", "--deck", str(deck)],
+        ),
         "server": (
             "Server throughput and latency against in-process ONNX Runtime and a PyTorch uniform deck",
             ["bench_server.py", "--deck", str(deck)],

@@ -24,7 +24,7 @@ from carddeck.gating.router import CalibratedRouter
 
 # The detector lives in observability until #21 moves it into gating.
 from carddeck.observability.shift import ShiftDetector
-from carddeck.serving.adaptation import SHIFTED_STATES, Trigger
+from carddeck.serving.adaptation import Trigger
 
 
 @dataclass
@@ -186,7 +186,6 @@ def add_adaptive_rows(
 
 
 __all__ = [
-    "SHIFTED_STATES",
     "AdaptiveCards",
     "AdaptiveScore",
     "add_adaptive_rows",

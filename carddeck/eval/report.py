@@ -45,6 +45,7 @@ def markdown(result: EvalResult) -> str:
         out.append("")
     if result.corrupted:
         out += wins_and_losses(result)
+        out += held_out_against_uniform(result)
     if result.notes:
         out += ["## Notes", "", *(f"- {k}: {v}" for k, v in result.notes.items()), ""]
     return "\n".join(out)
@@ -81,6 +82,29 @@ def wins_and_losses(result: EvalResult) -> list[str]:
     return [*lines, ""]
 
 
+def held_out_against_uniform(result: EvalResult, margin: float = 0.005) -> list[str]:
+    """Each held-out row (routed, or adapted, by what never saw the corruption or its family) against
+    the uniform deck, per corruption: the goal is never more than ``margin`` below it."""
+    rows = [m for m in result.methods if "held-out" in m]
+    if not rows:
+        return []
+    uniform = result.per_corruption("uniform")
+    head = ["method", "corrupted - uniform", "worst corruption", f"more than {100 * margin:g} below uniform"]
+    lines = [
+        "## Held out of calibration, against the uniform deck (points, per corruption)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for m in rows:
+        delta = {c: v - uniform[c] for c, v in result.per_corruption(m).items()}
+        worst = min(delta, key=delta.__getitem__)
+        below = [f"{c} {100 * d:+.1f}" for c, d in delta.items() if d < -margin]
+        mean = result.mean_corrupted(m) - result.mean_corrupted("uniform")
+        lines.append(f"| {m} | {100 * mean:+.1f} | {worst} {100 * delta[worst]:+.1f} | {', '.join(below) or 'none'} |")
+    return [*lines, ""]
+
+
 def plot(result: EvalResult, path: Path, methods: list[str] | None = None) -> None:
     """Grouped bars: accuracy per corruption (mean over severities), methods side by side."""
     import matplotlib
@@ -89,7 +113,9 @@ def plot(result: EvalResult, path: Path, methods: list[str] | None = None) -> No
     import matplotlib.pyplot as plt
 
     methods = methods or [
-        m for m in result.methods if not m.endswith(("/per-sample", "/confidence")) and m != "calibrated/held-out"
+        m
+        for m in result.methods
+        if not m.endswith(("/per-sample", "/confidence")) and not m.startswith("calibrated/held-out")
     ]
     corruptions = ["clean", *dict.fromkeys(c for c, _ in result.corrupted)]
     values = np.array(
@@ -131,4 +157,4 @@ def write_report(result: EvalResult, out: Path, *, png: bool = True) -> dict[str
     return paths
 
 
-__all__ = ["markdown", "plot", "write_report"]
+__all__ = ["held_out_against_uniform", "markdown", "plot", "write_report"]

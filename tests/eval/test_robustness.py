@@ -113,3 +113,39 @@ def test_set_oracle_is_at_least_the_single_card_oracle_on_every_condition(tmp_pa
         assert result.accuracy["oracle"][condition] == 0.5
         assert result.accuracy["set-oracle"][condition] == 1.0
     assert result.cards_per_image["set-oracle"] == 2.0
+
+
+def test_held_out_rows_are_compared_with_the_uniform_deck_per_corruption():
+    from carddeck.eval.report import held_out_against_uniform
+    from carddeck.eval.robustness import EvalResult
+
+    conditions = (CLEAN, ("fog", 1), ("fog", 2), ("snow", 1))
+    accuracy = {
+        "uniform": dict(zip(conditions, (0.99, 0.80, 0.70, 0.90))),
+        "guarded/held-out": dict(zip(conditions, (0.99, 0.90, 0.80, 0.893))),  # snow: 0.7 below
+        "adaptive/held-out": dict(zip(conditions, (0.99, 0.90, 0.80, 0.897))),  # snow: 0.3 below
+        "guarded": dict(zip(conditions, (0.99, 0.50, 0.50, 0.50))),  # not held out: not listed
+    }
+    result = EvalResult(("a",), conditions, accuracy, dict.fromkeys(accuracy, 1.0), 64)
+    table = "\n".join(held_out_against_uniform(result))
+    assert "| guarded/held-out | +6.4 | snow -0.7 | snow -0.7 |" in table
+    assert "| adaptive/held-out | +6.6 | snow -0.3 | none |" in table
+    assert "| guarded |" not in table
+    assert held_out_against_uniform(EvalResult(("a",), conditions, {"uniform": accuracy["uniform"]}, {}, 64)) == []
+
+
+def test_family_held_out_routers_never_saw_any_corruption_of_the_family(deck):
+    from carddeck.eval.robustness import held_out_routers
+
+    val = [planted_run(("noise", 1), add_noise(smooth_images(32, 2), 5), 0)]
+    val.append(planted_run(("speckle", 1), add_noise(smooth_images(32, 6), 7), 0))
+    val.append(planted_run(("blur", 1), smooth_images(32, 3), 1))
+    single = held_out_routers(deck, val, batch_size=16, max_cards=1)
+    family = held_out_routers(
+        deck, val, {"noises": ("noise", "speckle"), "blurs": ("blur",)}, batch_size=16, max_cards=1
+    )
+    assert set(single) == set(family) == {"noise", "speckle", "blur"}
+    assert family["noise"] is family["speckle"] and single["noise"] is not single["speckle"]
+    # fitted on the blur batches alone: card 1 everywhere, where the single hold-out still saw speckle
+    assert family["noise"].subsets[family["noise"].choose(np.zeros((1, family["noise"].signatures.shape[1])))][0, 1]
+    assert len(family["noise"].signatures) == 2 and len(single["noise"].signatures) == 4
