@@ -126,12 +126,15 @@ def test_novelty_is_the_distance_to_the_nearest_calibration_batch_in_bandwidths(
     assert near < 1.0 < 10.0 < far
 
 
-def test_guarded_falls_back_where_the_router_is_unsure():
+def test_guarded_falls_back_where_the_router_is_unsure(monkeypatch):
     """Far from every calibration batch the router only extrapolates (its prior vote): the guarded
     policy runs its fallback instead (the uniform deck; or the cards good on clean data); near a
     calibration batch it follows the router."""
-    from carddeck.gating.policies import FALLBACK, UNSURE_AT, fallback
+    from carddeck.gating import policies
+    from carddeck.gating.policies import FALLBACK, fallback
 
+    monkeypatch.setattr(policies, "UNSURE_AT", 6.0)  # off by default (see policies.UNSURE_AT)
+    UNSURE_AT = policies.UNSURE_AT
     rng = np.random.default_rng(0)
     r = guard_router(rng)
     assert r.clean_cards().tolist() == [True, False, False, False]
