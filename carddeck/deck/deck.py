@@ -113,8 +113,10 @@ class Deck:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         run_cards: bool = True,
+        spin: bool = False,
     ) -> Deck:
-        """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere)."""
+        """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere).
+        ``spin``: let ONNX Runtime's threads spin between runs (:class:`~carddeck.deck.runtime.CardSession`)."""
         store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
@@ -130,7 +132,12 @@ class Deck:
                 sessions[entry.name] = old
                 continue
             sessions[entry.name] = CardSession(
-                store.read_model(entry), key=entry.key, digest=digest, providers=chosen, intra_op_threads=threads
+                store.read_model(entry),
+                key=entry.key,
+                digest=digest,
+                providers=chosen,
+                intra_op_threads=threads,
+                spin=spin,
             )
         gate, policy, note = _gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)

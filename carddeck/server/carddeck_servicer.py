@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
 
 import grpc
 import numpy as np
@@ -11,6 +13,7 @@ from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+from carddeck.server.streams import answer_in_order, error_of
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.models import Model, check_card_name
 from carddeck.serving.settings import Settings
@@ -38,6 +41,35 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
                 is_cancelled=lambda: not context.is_active(),
             )
             return convert.predict_response(prediction, deck)
+
+    @rpc(INFERENCE)
+    def PredictStream(
+        self, request_iterator: Iterator[pb.PredictStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PredictStreamResponse]:
+        """Predict for each request of the stream, answered in request order with its id; a failed
+        request gets its error (the status a unary Predict would end with) and the stream goes on."""
+
+        def start(item: pb.PredictStreamRequest) -> Future[Any]:
+            request = item.request
+            model = self.dp.resolve()
+            images = self._images(request.images, model)
+            return self.dp.submit(
+                model,
+                images,
+                policy=request.policy or None,
+                per_sample=request.per_sample,
+                is_cancelled=lambda: not context.is_active(),
+            )
+
+        def respond(item: pb.PredictStreamRequest, future: Future[Any]) -> pb.PredictStreamResponse:
+            error = error_of(future)
+            if error is not None:
+                return pb.PredictStreamResponse(id=item.id, error=pb.StreamError(code=error[0], message=error[1]))
+            prediction, deck = future.result()
+            return pb.PredictStreamResponse(id=item.id, response=convert.predict_response(prediction, deck))
+
+        with self.dp.request():
+            yield from answer_in_order(request_iterator, context, start, respond, name="predict-stream")
 
     @rpc(INFERENCE)
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:

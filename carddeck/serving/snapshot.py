@@ -78,6 +78,7 @@ class Snapshots:
         poll_interval_s: float = 2.0,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        spin: bool = False,
         calibration_data: str = "",
         reserved_names: tuple[str, ...] = (),
         debris_grace_s: float = DEBRIS_GRACE_S,
@@ -87,6 +88,7 @@ class Snapshots:
         self.poll_interval_s = poll_interval_s
         self.providers = providers
         self.intra_op_threads = intra_op_threads
+        self.spin = spin
         self.calibration_data = calibration_data
         self.reserved_names = reserved_names
         self.debris_grace_s = debris_grace_s
@@ -190,7 +192,11 @@ class Snapshots:
     # -- inside -------------------------------------------------------------------------------
     def _open(self, previous: Deck | None) -> Deck:
         return Deck.open(
-            self.store, previous=previous, providers=self.providers, intra_op_threads=self.intra_op_threads
+            self.store,
+            previous=previous,
+            providers=self.providers,
+            intra_op_threads=self.intra_op_threads,
+            spin=self.spin,
         )
 
     def _install(self, deck: Deck) -> str:
