@@ -237,13 +237,18 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
     }
 
 
+def cli_module(root: Path) -> str:
+    """The ``python -m`` name of the ``carddeck`` command in the tree ``root`` (older trees: carddeck.cli)."""
+    return "carddeck" if (root / "carddeck" / "__main__.py").exists() else "carddeck.cli"
+
+
 class Server:
     def __init__(self, deck: Path, *args: str, root: Path = ROOT) -> None:
         """``carddeck serve`` of the source tree ``root`` (another checkout: its before figures, same run)."""
         self.counts_batches = root == ROOT  # before #23, ModelStatistics counted one execution per request
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)  # noqa: SIM115 - lives with the server
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
-        cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0"]
+        cmd = [sys.executable, "-m", cli_module(root), "serve", "--deck", str(deck), "--port", "0"]
         self.proc = subprocess.Popen(
             [*cmd, "--metrics-port", "-1", "--http-port", "0", "--poll-interval-s", "0", *args],
             cwd=root, env={**env, "PYTHONPATH": str(root)}, stdout=self.log, stderr=subprocess.STDOUT,
@@ -266,8 +271,8 @@ class Server:
         """(inferences, executions) of every model so far, from the OIP's ModelStatistics."""
         import grpc
 
-        from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
-        from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
+        from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
+        from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc
 
         with grpc.insecure_channel(self.address) as channel:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
