@@ -51,14 +51,19 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
 
         def start(item: pb.PredictStreamRequest) -> Future[Any]:
             request = item.request
-            model = self.dp.resolve()
-            images = self._images(request.images, model)
+            try:
+                model = self.dp.resolve()
+                images = self._images(request.images, model)
+            except BaseException:
+                self.dp.withdraw()  # announced by the stream's reader, and it will not come
+                raise
             return self.dp.submit(
                 model,
                 images,
                 policy=request.policy or None,
                 per_sample=request.per_sample,
                 is_cancelled=lambda: not context.is_active(),
+                announced=True,
             )
 
         def respond(item: pb.PredictStreamRequest, future: Future[Any]) -> pb.PredictStreamResponse:
@@ -69,7 +74,8 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             return pb.PredictStreamResponse(id=item.id, response=convert.predict_response(prediction, deck))
 
         with self.dp.request():
-            yield from answer_in_order(request_iterator, context, start, respond, name="predict-stream")
+            coming = (self.dp.announce, self.dp.withdraw)
+            yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="predict-stream")
 
     @rpc(INFERENCE)
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:

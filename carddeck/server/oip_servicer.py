@@ -99,10 +99,15 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         answered with its ``error_message`` and the stream goes on (:mod:`carddeck.server.streams`)."""
 
         def start(request: oip.ModelInferRequest) -> Future[oip_core.InferResult]:
-            model = self.models.resolve(request.model_name, request.model_version)
-            images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.input)
-            parameters = convert.oip_plain_parameters(request.parameters)
-            return self.models.submit(model, images, parameters, is_cancelled=lambda: not context.is_active())
+            try:
+                model = self.models.resolve(request.model_name, request.model_version)
+                images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.input)
+                parameters = convert.oip_plain_parameters(request.parameters)
+            except BaseException:
+                self.dp.withdraw()  # announced by the stream's reader, and it will not come
+                raise
+            cancelled = lambda: not context.is_active()  # noqa: E731
+            return self.models.submit(model, images, parameters, is_cancelled=cancelled, announced=True)
 
         def respond(request: oip.ModelInferRequest, future: Future[oip_core.InferResult]) -> StreamAnswer:
             error = error_of(future)
@@ -111,7 +116,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return StreamAnswer(infer_response=convert.oip_infer_response(request, future.result()))
 
         with self.dp.request():
-            yield from answer_in_order(request_iterator, context, start, respond, name="stream-infer")
+            coming = (self.dp.announce, self.dp.withdraw)
+            yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="stream-infer")
 
     # -- statistics ---------------------------------------------------------------------------
     @rpc(INFERENCE)

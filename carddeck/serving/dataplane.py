@@ -316,12 +316,14 @@ class Dataplane:
         policy: str | None = None,
         per_sample: bool = False,
         is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
     ) -> Future[Any]:
         """Start a request and return at once (the streaming RPCs): a future of ``(Prediction, Deck)`` for
         the gated deck, of the probabilities for a card. Invalid input raises here, before anything is queued.
 
-        Requests go to the batcher without announcing themselves (the stream's next request is already
-        being read); one too large for a batch, or any when batching is off, runs in this thread."""
+        Requests go to the batcher; one too large for a batch, or any when batching is off, runs in this
+        thread. ``announced``: the caller told :meth:`announce` this request was coming (a stream reading
+        its next request); it counts as arrived whichever way it goes."""
         start = time.monotonic()
         try:
             if model.card is None:
@@ -331,6 +333,8 @@ class Dataplane:
                     raise InvalidInput("'policy' and 'per_sample' apply to the gated deck, not to a card")
                 work = self._card_work(model, images)
         except BaseException:
+            if announced:
+                self.withdraw()
             self._record(model.name, len(images), start, ok=False)
             raise
         deck = model.deck
@@ -344,6 +348,8 @@ class Dataplane:
         out: Future[Any] = Future()
         batch_policy = self.batch_policy(model)
         if self._batcher is None or len(work.x) >= batch_policy.max_batch_size:
+            if announced:
+                self.withdraw()
             try:
                 with self._inferring_call():
                     out.set_result(answer(self._combine(work, False, None, is_cancelled, model.name, start)))
@@ -366,10 +372,22 @@ class Dataplane:
             self._record(model.name, len(work.x), start, ok=True, queued_s=queued, compute_s=done.compute_s)
             out.set_result(answer(done))
 
-        self._batcher.submit(work, len(work.x), is_cancelled=is_cancelled, policy=batch_policy).add_done_callback(
-            finish
+        queued = self._batcher.submit(
+            work, len(work.x), announced=announced, is_cancelled=is_cancelled, policy=batch_policy
         )
+        queued.add_done_callback(finish)
         return out
+
+    def announce(self) -> None:
+        """A request is on its way (a stream is reading its next one): batches may wait for it, up to
+        their queue delay; :meth:`submit` with ``announced=True`` or :meth:`withdraw` settles it."""
+        if self._batcher is not None:
+            self._batcher.announce()
+
+    def withdraw(self) -> None:
+        """An announced request will not come (the stream ended, or the request failed before submit)."""
+        if self._batcher is not None:
+            self._batcher.withdraw()
 
     def batch_policy(self, model: Model) -> BatchPolicy:
         """``model``'s batching on its snapshot: the manifest's settings for it (the deck model at the top

@@ -320,10 +320,19 @@ class OipModels:
         parameters: Mapping[str, Any],
         *,
         is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
     ) -> Future[InferResult]:
-        """:meth:`infer` without waiting (the streaming RPC): bad input raises here, the rest comes in the future."""
-        policy, per_sample = self._options(model, parameters)
-        started = self.dp.submit(model, images, policy=policy, per_sample=per_sample, is_cancelled=is_cancelled)
+        """:meth:`infer` without waiting (the streaming RPC): bad input raises here, the rest comes in the future.
+        ``announced``: as :meth:`~carddeck.serving.dataplane.Dataplane.submit`'s."""
+        try:
+            policy, per_sample = self._options(model, parameters)
+        except BaseException:
+            if announced:
+                self.dp.withdraw()
+            raise
+        started = self.dp.submit(
+            model, images, policy=policy, per_sample=per_sample, is_cancelled=is_cancelled, announced=announced
+        )
         return then(started, lambda value: self._result(model, value))
 
     def _options(self, model: Model, parameters: Mapping[str, Any]) -> tuple[str | None, bool]:

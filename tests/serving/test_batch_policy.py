@@ -188,3 +188,38 @@ def test_manifest_batching_settings_apply_per_model(deck_path):
                        ({"cards": {"a1": {"max_batch_size": 0}}}, "a1")):  # fmt: skip
         with pytest.raises(InvalidInput, match=named):
             store.set_batching(bad)
+
+
+def test_a_stream_announces_each_next_request_and_settles_every_announcement(deck_path):
+    """The stream's reader announces its next request before reading it (so batches wait for it), and
+    every announcement is settled: by the request's submit, by its failure, or by the stream's end."""
+    from carddeck.server.streams import answer_in_order
+
+    class Live:
+        def is_active(self) -> bool:
+            return True
+
+    dp, _ = _dataplane(deck_path, max_batch_size=64, max_wait_s=5.0, batch_workers=1)
+    model = dp.resolve()
+    seen: list[int] = []  # expected arrivals when each request is started
+
+    def start(item):
+        seen.append(dp._batcher._expected)  # type: ignore[union-attr]
+        if item == "bad":
+            dp.withdraw()  # what the servicers do when decoding fails before submit
+            raise InvalidInput("bad request")
+        return dp.submit(model, smooth_images(1, seed=item), policy=None if item != 3 else "nope", announced=True)
+
+    def respond(item, future):
+        return item, future.exception(30)
+
+    try:
+        items = [0, 1, "bad", 3, 4]
+        answers = list(answer_in_order(iter(items), Live(), start, respond, coming=(dp.announce, dp.withdraw)))
+        assert [a[0] for a in answers] == items
+        assert [type(a[1]).__name__ for a in answers] == ["NoneType", "NoneType", "InvalidInput", "InvalidInput",
+                                                          "NoneType"]  # fmt: skip
+        assert seen == [1] * len(items)  # announced before each read
+        assert dp._batcher._expected == 0  # type: ignore[union-attr]  # all settled, the end's included
+    finally:
+        dp.close()
