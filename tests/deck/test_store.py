@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-import carddeck.deck.backend as backend_mod
+import carddeck.deck.backends.file as backend_mod
 from carddeck.card import METADATA_KEY
 from carddeck.deck import Deck, DeckStore, default_deck_path, init_deck, read_card_meta
 from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
