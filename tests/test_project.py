@@ -59,7 +59,7 @@ def test_constraints_pin_cpu_torch():
 
 
 def test_ruff_is_clean():
-    result = subprocess.run(["ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
