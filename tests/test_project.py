@@ -1,6 +1,7 @@
 """The project's own wiring: README commands, CI script, lint and types."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -355,3 +356,59 @@ def test_a_store_backend_is_one_module(tmp_path, monkeypatch):
     store.remove_card("g1")
     assert not [k for k in files if k.startswith(gone)]  # the backend's debris rule deleted its files
     assert DeckStore("mem://deck").list_cards()[0].name == "a1"
+
+
+# -- one file is enough: a throw-away compression method from a temporary module
+ZAP_METHOD = '''
+"""A throw-away compression method: the whole of it, in this one file."""
+from carddeck.catalog import MethodSpec, Option
+from carddeck.compress.methods import METHODS, Method
+
+SPEC = MethodSpec(
+    name="zap",
+    summary="a throw-away method",
+    export_format="sparse",
+    options=(Option("zap_level", "int", 3, "how hard to zap"),),
+)
+
+
+@METHODS.register("zap")
+class Zap(Method):
+    name = "zap"
+'''
+
+
+def test_a_compression_method_is_one_module(tmp_path):
+    """A method module in a ``carddeck/compress`` folder on the path shows in ``carddeck compress --help`` with
+    its option, validates as CardMeta's compression method, has its export format, and trains with its
+    option through the registry, with no other file touched."""
+    folder = tmp_path / "carddeck" / "compress"
+    folder.mkdir(parents=True)
+    (folder / "zap.py").write_text(ZAP_METHOD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    script = """if True:
+        import sys
+        from carddeck.card import Compression
+        from carddeck.compress import METHODS, CompressConfig, plan
+        from carddeck.export.formats import format_for
+        from tests.cards import tiny_meta
+
+        meta = tiny_meta().replace(compression=Compression(method="zap", sparsity=0.5))
+        assert meta.compression.method == "zap" and format_for("zap") == "sparse"
+        p = plan(CompressConfig(arch="resnet20", out=sys.argv[1], method="zap", options={"zap_level": 5},
+                                width=0.0625, epochs=1, corruptions=()))
+        assert type(p.method) is METHODS.get("zap") and p.method.config.options == {"zap_level": 5}
+        print("ok")
+    """
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    helps = subprocess.run([sys.executable, "-m", "carddeck", "compress", "--help"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    text = " ".join(helps.stdout.split())
+    assert "--zap-level ZAP_LEVEL zap: how hard to zap (default: 3)" in text and "zap (a throw-away method)" in text
+    # and without the module: unknown everywhere
+    env["PYTHONPATH"] = str(ROOT)
+    gone = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert gone.returncode != 0 and "'zap' is not one of ('biprop', 'dense'" in gone.stderr

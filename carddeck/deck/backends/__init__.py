@@ -1,8 +1,8 @@
 """Deck store backends, one module per URL scheme (``file``, ``s3``): each defines ``BACKEND``, a class with
 ``from_location(location)`` that implements :class:`carddeck.deck.backend.Backend`. Modules are found by
 name when a location first names their scheme; ``carddeck/deck/backends/`` folders elsewhere on
-``sys.path`` add theirs (a namespace-style ``__path__``)."""
+``sys.path`` add theirs (:func:`carddeck.registry.plugin_path`)."""
 
-from pkgutil import extend_path
+from carddeck.registry import plugin_path
 
-__path__ = extend_path(__path__, __name__)
+__path__ = plugin_path(__path__, __name__)
