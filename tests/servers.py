@@ -19,8 +19,8 @@ import pytest
 
 from carddeck.deck import DeckStore, default_deck_path
 from carddeck.gating import SIGNATURE_DIM
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from tests.cards import tiny_card_bytes, tiny_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,13 +83,13 @@ class ServerProcess:
 
 
 def start_server(deck: Path | None, tmp: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """``python -m carddeck.cli serve`` on a free port (port 0: the server picks and logs it).
+    """``python -m carddeck.commands.cli serve`` on a free port (port 0: the server picks and logs it).
 
     ``deck=None``: no ``--deck``, the server serves the packaged default deck."""
     log_path = tmp / f"server-{time.monotonic_ns()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--port", "0", "--metrics-port", "-1",
+    cmd = [sys.executable, "-m", "carddeck", "serve", "--port", "0", "--metrics-port", "-1",
            "--http-port", "0"]  # fmt: skip
     cmd += ["--deck", str(deck)] if deck is not None else []
     with open(log_path, "wb") as log_file:

@@ -24,7 +24,7 @@ from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, smooth_images, sta
 def carddeck(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    cmd = [sys.executable, "-m", "carddeck.cli", *args]
+    cmd = [sys.executable, "-m", "carddeck", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env=full)
 
 

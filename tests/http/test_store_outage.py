@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moto.server import ThreadedMotoServer
 
 from carddeck.deck import DeckStore
-from carddeck.server.proto_gen.inference import grpc_service_pb2
-from carddeck.server.proto_gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from carddeck.wire.proto_gen.inference import grpc_service_pb2
+from carddeck.wire.proto_gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.deck.test_s3 import bucket, location, s3_endpoint, s3_env  # noqa: F401 - fixtures
 from tests.http.conftest import HttpServer, http_server, request
 from tests.observability.promql import free_port

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from carddeck.deck import DeckStore, init_deck
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
-from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
-from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
+from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.observability.scrape import scrape, value
 from tests.servers import ADMIN_TOKEN, ROOT, HeldUpload, card, make_deck, start_server, wait_for
 

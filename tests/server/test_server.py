@@ -16,10 +16,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from carddeck.client.api import CardDeckClient
 from carddeck.deck import Deck
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
-from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
-from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
+from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.observability.scrape import scrape, value
 from tests.servers import (
     ADMIN_TOKEN,
@@ -282,7 +282,7 @@ def test_cli_predict_and_deck_list(server, tmp_path):
     import PIL.Image as pil
 
     pil.fromarray(smooth_images(1)[0]).resize((64, 64)).save(tmp_path / "blob.png")
-    cmd = [sys.executable, "-m", "carddeck.cli"]
+    cmd = [sys.executable, "-m", "carddeck"]
     files = [str(tmp_path / "batch.npy"), str(tmp_path / "blob.png")]
     out = subprocess.run(
         [*cmd, "predict", "--server", server.address, "--json", *files],
