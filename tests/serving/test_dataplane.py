@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from carddeck.deck import Deck, DeckStore
-from carddeck.errors import CardRejected, NotReady
+from carddeck.errors import CardRejected, InvalidInput, NotReady
 from carddeck.observability.metrics import Metrics
 from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 from tests.servers import card, noisy_images, smooth_images, wait_for
@@ -108,6 +108,21 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
         assert len(served_calls) == len(sizes.sizes) < len(requests)  # one features call per batch run
         assert len(observed) == len(sizes.sizes) and sum(observed) == len(requests)  # listeners: once per batch
         assert sum(served_calls) == sum(len(images) for images, _ in requests)
+    finally:
+        dp.close()
+
+
+def test_a_bad_policy_name_fails_its_own_request_before_any_batch(deck_path):
+    """Checked in the caller's thread: InvalidInput naming the choices, and no batch is run or counted
+    for it (a merged batch would fail for everyone in it and be rerun one by one)."""
+    sizes = BatchSizes()
+    dp = dataplane(deck_path, sizes, max_batch_size=256)
+    try:
+        with pytest.raises(InvalidInput, match="unknown gate policy 'nearest-domian'; valid choices: .*nearest-domain"):
+            dp.predict(smooth_images(2), policy="nearest-domian")
+        assert sizes.sizes == []
+        dp.predict(smooth_images(2), policy="nearest-domain")
+        assert sizes.sizes == [2]
     finally:
         dp.close()
 
