@@ -76,7 +76,7 @@ def answer_in_order(
             while True:
                 announce()
                 pending = True
-                request = next(requests, _END)
+                request: Any = next(requests, _END)
                 if request is _END:
                     break
                 pending = False  # start settles it, whichever way it goes
