@@ -20,6 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from carddeck.deck import DeckStore
+from carddeck.deck.runtime import cpu_cores
 from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
@@ -65,7 +66,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0,
             preferred_batch_sizes=settings.preferred_batch_size_list(),
-            batch_workers=settings.batch_workers,
+            batch_workers=settings.batch_workers or cpu_cores(),
             poll_interval_s=settings.poll_interval_s,
             providers=settings.provider_list(),
             intra_op_threads=settings.intra_op_threads or None,

@@ -50,7 +50,9 @@ class Settings:
         "sets them per model (batching.preferred_batch_size)",
     )
     batch_workers: int = _opt(
-        1, "micro-batches in flight at once (while one runs, the next fills; more split the queue into smaller ones)"
+        1,
+        "micro-batches in flight at once (while one runs, the next fills; more split the queue into smaller "
+        "ones; 0: one per CPU core)",
     )
     max_request_images: int = _opt(4096, "most images in one request (more: RESOURCE_EXHAUSTED)")
     max_message_mb: int = _opt(64, "largest gRPC message received (MiB)")
@@ -99,7 +101,7 @@ class Settings:
             ("workers", self.workers >= 1, "must be at least 1"),
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_wait_ms", self.max_wait_ms >= 0, "must be >= 0"),
-            ("batch_workers", self.batch_workers >= 1, "must be at least 1"),
+            ("batch_workers", self.batch_workers >= 0, "must be >= 0"),
             ("preferred_batch_sizes", self._preferred_ok(), "must be comma-separated integers in 1..max_batch_size"),
             ("max_request_images", self.max_request_images >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),

@@ -223,3 +223,13 @@ def test_a_stream_announces_each_next_request_and_settles_every_announcement(dec
         assert dp._batcher._expected == 0  # type: ignore[union-attr]  # all settled, the end's included
     finally:
         dp.close()
+
+
+def test_server_settings_for_batching_are_checked():
+    from carddeck.serving.settings import Settings
+
+    assert Settings(preferred_batch_sizes="16, 32").preferred_batch_size_list() == (16, 32)
+    assert Settings().batch_workers == 1  # one batch in flight unless asked
+    for bad in ("8,x", "128", "0"):  # not integers, above max_batch_size (64), below 1
+        with pytest.raises(InvalidInput, match="preferred_batch_sizes"):
+            Settings(preferred_batch_sizes=bad)
