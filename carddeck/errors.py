@@ -62,6 +62,10 @@ class ReadOnlyDeck(DeckConflict):
     """The deck may not be changed (the packaged default deck); the message names the way out."""
 
 
+class Overloaded(CarddeckError):
+    """The server is at capacity (images in flight); retry later or on another replica."""
+
+
 class Unauthenticated(CarddeckError):
     """Missing or wrong credentials for an RPC that requires them."""
 
@@ -83,6 +87,7 @@ __all__ = [
     "DeckConflict",
     "InvalidInput",
     "NotReady",
+    "Overloaded",
     "ReadOnlyDeck",
     "TooLarge",
     "Unauthenticated",

@@ -94,6 +94,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             calibration_data=settings.calibration_data,
             deck_model_name=settings.deck_model_name,
             debris_grace_s=settings.debris_grace_s,
+            max_inflight_images=settings.max_inflight_images,
+            store_timeout_s=settings.store_timeout_s,
         ),
         metrics=metrics,
     )

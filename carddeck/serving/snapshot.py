@@ -82,6 +82,8 @@ class Snapshots:
         reserved_names: tuple[str, ...] = (),
         debris_grace_s: float = DEBRIS_GRACE_S,
         metrics: DeckMetrics | None = None,
+        max_run_rows: int | None = None,
+        poll_timeout_s: float = 10.0,
     ) -> None:
         self.location = location
         self.poll_interval_s = poll_interval_s
@@ -91,6 +93,8 @@ class Snapshots:
         self.reserved_names = reserved_names
         self.debris_grace_s = debris_grace_s
         self.metrics = metrics
+        self.max_run_rows = max_run_rows
+        self.poll_timeout_s = poll_timeout_s
         self.current: Deck | None = None
         self.swaps = 0  # snapshots installed after the first
         self.listeners: list[Callable[[Deck], None]] = []  # told each new snapshot, e.g. health follows the deck
@@ -190,8 +194,9 @@ class Snapshots:
     # -- inside -------------------------------------------------------------------------------
     def _open(self, previous: Deck | None) -> Deck:
         return Deck.open(
-            self.store, previous=previous, providers=self.providers, intra_op_threads=self.intra_op_threads
-        )
+            self.store, previous=previous, providers=self.providers, intra_op_threads=self.intra_op_threads,
+            max_run_rows=self.max_run_rows,
+        )  # fmt: skip
 
     def _install(self, deck: Deck) -> str:
         """Swap in ``deck``; returns a note when that changed the default policy ("" otherwise)."""
@@ -239,7 +244,20 @@ class Snapshots:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
+            done = threading.Event()
+            threading.Thread(target=self._poll_once, args=(done,), name="carddeck-deck-poll-call", daemon=True).start()
+            # a store that accepts connections but never answers (a hung endpoint) must not look healthy:
+            # a poll not back in time counts as a failed one, again for every timeout it stays out
+            while not done.wait(self.poll_timeout_s):
+                if self._stop.is_set():
+                    return
+                self._failed(TimeoutError(f"no answer from the store in {self.poll_timeout_s:g} s"), reachable=False)
+
+    def _poll_once(self, done: threading.Event) -> None:
+        try:
             self.poll()
+        finally:
+            done.set()
 
     def _synced(self) -> None:
         old = self.store_state
