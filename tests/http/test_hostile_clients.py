@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from carddeck.server.proto_gen.inference import grpc_service_pb2
-from carddeck.server.proto_gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from carddeck.wire.proto_gen.inference import grpc_service_pb2
+from carddeck.wire.proto_gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.http.conftest import HttpServer, http_server, request
 from tests.observability.scrape import scrape, value
 from tests.servers import ADMIN_TOKEN, card, make_deck, noisy_images
