@@ -62,6 +62,10 @@ class ReadOnlyDeck(DeckConflict):
     """The deck may not be changed (the packaged default deck); the message names the way out."""
 
 
+class ServerError(CarddeckError):
+    """A remote call failed in a way no other class names (an internal error, an unknown status)."""
+
+
 class Overloaded(CarddeckError):
     """The server is at capacity (images in flight); retry later or on another replica."""
 
@@ -89,6 +93,7 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "ReadOnlyDeck",
+    "ServerError",
     "TooLarge",
     "Unauthenticated",
     "shown",
