@@ -7,7 +7,10 @@ compiled dependencies; the asyncio loop only reads bodies and writes replies, wh
 Every route goes through :func:`_endpoint`: bearer-token auth (the same rule as the gRPC method it
 mirrors), the request-size limit (413 before reading more than the limit), the request id, the
 metrics (``service="http"``, the route template in ``rpc``, the HTTP status in ``code``) and the
-one error table of :mod:`carddeck.http.errors`, answered as ``{"error": ...}``.
+one error table of :mod:`carddeck.http.errors`, answered as ``{"error": ...}``. An all-JSON body has a
+tighter limit of its own (``--max-json-mb``): parsing JSON holds the GIL, and costs many times its size.
+Connections are guarded below the application (:mod:`carddeck.http.connections`): a deadline for each
+whole request, a cap on open connections, and an answer for requests cut short by either or by SIGTERM.
 """
 
 from __future__ import annotations
