@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
+from carddeck.catalog import method_names
 from carddeck.errors import InvalidInput
 
 SCHEMA_VERSION = 2
@@ -24,7 +25,6 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 METADATA_KEY = "carddeck.card"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always fullmatch: "$" also matches before a final "\n"
-COMPRESSION_METHODS = ("dense", "lrr", "biprop", "filter", "lobs", "dsa", "dipgo")
 LAYOUTS = ("NCHW",)
 
 
@@ -43,7 +43,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Compression:
-    method: str = "dense"  # one of COMPRESSION_METHODS
+    method: str = "dense"  # a declared compression method (carddeck.catalog)
     sparsity: float = 0.0  # fraction of prunable weights (or filters, when structured) removed
     weight_bits: int = 32
     structured: bool = False
@@ -142,8 +142,8 @@ def _check(meta: CardMeta) -> None:
     if spec.layout not in LAYOUTS:
         raise bad("input.layout", f"{spec.layout!r} is not one of {LAYOUTS}")
     comp = meta.compression
-    if comp.method not in COMPRESSION_METHODS:
-        raise bad("compression.method", f"{comp.method!r} is not one of {COMPRESSION_METHODS}")
+    if comp.method not in method_names():
+        raise bad("compression.method", f"{comp.method!r} is not one of {method_names()}")
     if not 0.0 <= comp.sparsity < 1.0:
         raise bad("compression.sparsity", f"must be in [0, 1), got {comp.sparsity}")
     if comp.layer_sparsity is not None and not all(0.0 <= v <= 1.0 for v in comp.layer_sparsity):
@@ -242,7 +242,6 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
 
 
 __all__ = [
-    "COMPRESSION_METHODS",
     "METADATA_KEY",
     "NAME_PATTERN",
     "READABLE_SCHEMA_VERSIONS",

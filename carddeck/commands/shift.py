@@ -22,8 +22,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC = ("noise", "black")  # foreign sets made on the spot: uniform random pixels, all-black images
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deck", required=True, help="deck directory")

@@ -135,7 +135,7 @@ class Deck:
                 store.read_model(entry), key=entry.key, digest=digest, providers=chosen, intra_op_threads=threads,
                 max_rows=max_run_rows,
             )  # fmt: skip
-        gate, policy, note = _gate(store, manifest, metas)
+        gate, policy, note = _load_gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)
         return cls(store.root, manifest, metas, sessions, gate, policy, note, store)
 
@@ -267,7 +267,7 @@ def mix(
     return probs
 
 
-def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str, str]:
+def _load_gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str, str]:
     """The gate, the default policy it serves, and why that is not the configured one ("" when it is)."""
     config = dict(manifest.gate)
     policy = str(config.get("policy", DEFAULT_POLICY))

@@ -1,8 +1,9 @@
 """The one table from carddeck.errors to gRPC status codes.
 
-Domain code raises :mod:`carddeck.errors`; servicers call :func:`status_for` and abort with the
-code and the exception's message. The most specific class wins (``TooLarge`` is an
-``InvalidInput`` but maps to RESOURCE_EXHAUSTED), so the table is looked up along the MRO.
+Domain code raises :mod:`carddeck.errors`; servicers never abort themselves: :func:`rpc_errors`, around
+every handler, aborts with :func:`status_for`'s code and the exception's message (:func:`abort_with`).
+The most specific class wins (``TooLarge`` is an ``InvalidInput`` but maps to RESOURCE_EXHAUSTED), so
+the table is looked up along the MRO.
 """
 
 from __future__ import annotations
