@@ -213,3 +213,14 @@ def test_the_readme_names_the_default_decks_real_default_policy():
     text = " ".join(README.read_text().split())
     assert f"The default deck's default is `{policy}`" in text  # the gate-policy table's preamble
     assert f"(default: the deck's, `{policy}` for the default deck)" in text  # the serving section
+
+
+def test_the_readmes_config_file_block_is_valid_settings(tmp_path):
+    """The README's ```toml block is a config file `carddeck serve --config` accepts, as written."""
+    from carddeck.serving.settings import load_settings
+
+    (block,) = re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S)
+    path = tmp_path / "carddeck.toml"
+    path.write_text(block)
+    settings = load_settings({"config": str(path)}, env={})
+    assert settings.max_batch_size == 128 and settings.host == "0.0.0.0" and settings.deck == "/srv/decks/cifar10"

@@ -99,6 +99,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
         ),
         metrics=metrics,
     )
+    metrics.track_images_in_flight(lambda: dataplane.budget.used)
     shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
     dataplane.on_swap.append(ShiftLoader(shift))
     dataplane.on_predict.append(shift)

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from carddeck.deck import default_deck_path
 from carddeck.wire.proto_gen.inference import grpc_service_pb2
 from carddeck.wire.proto_gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.http.conftest import HttpServer, http_server, request
@@ -205,4 +206,39 @@ def test_a_connection_flood_at_a_1024_file_limit_leaves_every_port_answering(tmp
     finally:
         for sock in flood:
             sock.close()
+        srv.process.terminate()
+
+
+def test_images_past_the_in_flight_budget_are_answered_429(tmp_path):
+    """A request that would take the server past --max-inflight-images is refused at once, not allocated,
+    and the budget comes back when the request holding it ends."""
+    srv = http_server(default_deck_path(), tmp_path, "--max-inflight-images", "4096", "--metrics-port", "0",
+                      "--no-batching")  # fmt: skip
+    x = noisy_images(4096)
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    big: list[int] = []
+
+    def send_big() -> None:
+        big.append(request(srv, "POST", INFER, header + x.tobytes(),
+                           {"Inference-Header-Content-Length": str(len(header))}).status)  # fmt: skip
+
+    def in_flight() -> float:
+        return value(scrape(metrics_port(srv)), "carddeck_images_in_flight")
+
+    small = noisy_images(1)
+    body = {
+        "inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": small.ravel().tolist()}]
+    }
+    try:
+        thread = threading.Thread(target=send_big)
+        thread.start()
+        until("the 4,096 images in flight", lambda: in_flight() == 4096, timeout=120)
+        refused = request(srv, "POST", INFER, body)
+        assert refused.status == 429, refused.body
+        assert "--max-inflight-images" in refused.error and "retry" in refused.error
+        thread.join(600)
+        assert big == [200] and in_flight() == 0
+        assert request(srv, "POST", INFER, body).status == 200  # the budget came back
+    finally:
         srv.process.terminate()
