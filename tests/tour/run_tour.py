@@ -289,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         address = f"127.0.0.1:{tour.ports.get(8001, 8001)}"
         first_minutes(tour, address)
         print("== the README's Python clients, against it", flush=True)
-        for code in serving_python_blocks(text):  # with the dev interpreter: tritonclient is a dev dependency
-            result = tour.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(tour.localize(code))}")
+        for code in serving_python_blocks(text):  # this checkout's code with the dev interpreter (tritonclient)
+            python = f"PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(sys.executable)}"
+            result = tour.run(f"{python} -c {shlex.quote(tour.localize(code))}")
             tour.check(result.returncode == 0, f"the README block `{code.splitlines()[0]} ...` runs")
             mismatch = printed_mismatch(code, result.stdout)
             tour.check(not mismatch, mismatch or "it prints what the README says")
