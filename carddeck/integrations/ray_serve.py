@@ -36,7 +36,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from carddeck.card import CardMeta
-from carddeck.deck import Deck, DeckStore, Prediction
+from carddeck.deck import Deck, DeckStore, Manifest, Prediction
 from carddeck.deck.deck import mix, routed_rows
 from carddeck.deck.runtime import CardSession, choose_providers, softmax
 from carddeck.errors import Cancelled, CardNotFound, InvalidInput, NotReady
@@ -248,7 +248,7 @@ class RayDataplane:
         if snap is not None and snap.deck.version == manifest.version:
             self.store_watch.synced(manifest.version)
 
-    def refresh(self, manifest: Any) -> bool:
+    def refresh(self, manifest: Manifest) -> bool:
         """Swap in the deck of ``manifest`` (the store's) once every card of it runs; True when it swapped."""
         current = self._snapshot
         if current is not None and manifest.version == current.deck.version:
