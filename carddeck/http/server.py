@@ -44,8 +44,8 @@ from carddeck.http.routes import Call, Reply, Routes
 from carddeck.observability.logs import REQUEST_ID_KEY, request_id_from, request_id_var
 from carddeck.observability.metrics import Metrics
 from carddeck.serving.access import Access, Tokens, bearer_token
-from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import MiB
 
@@ -163,7 +163,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _json_error(status, f"{request.method} {request.url.path}: {detail}")
 
 
-def build_app(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> Starlette:
+def build_app(settings: Settings, dataplane: Plane, *, metrics: Metrics | None = None) -> Starlette:
     models = OipModels.from_settings(dataplane, settings)
     tokens = Tokens.from_settings(settings)
     message_limit = settings.max_message_mb * MiB
@@ -215,7 +215,7 @@ class HttpServer:
         self.thread.join(timeout=timeout)
 
 
-def start_http_server(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> HttpServer:
+def start_http_server(settings: Settings, dataplane: Plane, *, metrics: Metrics | None = None) -> HttpServer:
     """Serve the Open Inference Protocol over HTTP on ``settings.host:settings.http_port`` from a thread."""
     sock = _listen(settings.host, settings.http_port)
     tls: dict[str, Any] = {}
