@@ -18,8 +18,8 @@ from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, OPEN, rpc
 from carddeck.server.streams import answer_in_order, error_of
 from carddeck.serving import oip as oip_core
-from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.snapshot import STORE_KEY
 from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
@@ -32,7 +32,7 @@ Tensor = oip.ModelMetadataResponse.TensorMetadata
 
 
 class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: Dataplane, settings: Settings) -> None:
+    def __init__(self, dataplane: Plane, settings: Settings) -> None:
         self.dp = dataplane
         self.settings = settings
         self.models = OipModels.from_settings(dataplane, settings)

@@ -41,6 +41,7 @@ from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import POLICIES, Routing
 from carddeck.gating.signature import sample_features
 from carddeck.serving.batching import BatchPolicy, MicroBatcher
+from carddeck.serving.budget import ImageBudget
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
 from carddeck.serving.stats import ModelStats, Statistics
@@ -73,6 +74,8 @@ class DataplaneConfig:
     calibration_data: str = ""
     deck_model_name: str = DECK_MODEL_NAME  # the gated deck's model name: no card may take it
     debris_grace_s: float = DEBRIS_GRACE_S
+    max_inflight_images: int = 16384  # more images being served at once: Overloaded (RESOURCE_EXHAUSTED / 429)
+    store_timeout_s: float = 10.0  # a store poll not answered in this time counts as the store down
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,10 @@ class Dataplane:
             reserved_names=(config.deck_model_name,),
             debris_grace_s=config.debris_grace_s,
             metrics=metrics,
+            max_run_rows=config.max_batch_size,  # large requests run through the cards in micro-batch slices
+            poll_timeout_s=config.store_timeout_s,
         )
+        self.budget = ImageBudget(config.max_inflight_images)
         self.statistics = Statistics()
         self._inflight = 0
         self._inferring = 0  # inference calls inside predict/run_card right now
@@ -236,7 +242,7 @@ class Dataplane:
     ) -> tuple[Prediction, Deck]:
         """The gated deck's prediction, on ``model``'s snapshot (default: the deck model, resolved now)."""
         model = model or self.resolve()
-        with self._inferring_call():
+        with self.budget.hold(len(images)), self._inferring_call():
             return self._predict(model, images, policy, per_sample, timeout_s, is_cancelled), model.deck
 
     def _predict(
@@ -290,7 +296,7 @@ class Dataplane:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> np.ndarray:
         """One card's probabilities, no gate (a card served as a model of its own), on ``model``'s snapshot."""
-        with self._inferring_call():
+        with self.budget.hold(len(images)), self._inferring_call():
             return self._run_card(model, images, timeout_s, is_cancelled)
 
     def _run_card(
@@ -325,7 +331,9 @@ class Dataplane:
         thread. ``announced``: the caller told :meth:`announce` this request was coming (a stream reading
         its next request); it counts as arrived whichever way it goes."""
         start = time.monotonic()
+        held = contextlib.ExitStack()  # the in-flight image budget, given back when the request is answered
         try:
+            held.enter_context(self.budget.hold(len(images)))
             if model.card is None:
                 work = self._deck_work(model, images, policy, per_sample)
             else:
@@ -333,6 +341,7 @@ class Dataplane:
                     raise InvalidInput("'policy' and 'per_sample' apply to the gated deck, not to a card")
                 work = self._card_work(model, images)
         except BaseException:
+            held.close()
             if announced:
                 self.withdraw()
             self._record(model.name, len(images), start, ok=False)
@@ -351,7 +360,7 @@ class Dataplane:
             if announced:
                 self.withdraw()
             try:
-                with self._inferring_call():
+                with held, self._inferring_call():
                     out.set_result(answer(self._combine(work, False, None, is_cancelled, model.name, start)))
             except BaseException as exc:
                 out.set_exception(exc)
@@ -360,6 +369,7 @@ class Dataplane:
             self._inferring += 1  # a unary request meanwhile is not alone: it joins the batch
 
         def finish(inner: Future[_Done]) -> None:
+            held.close()
             with self._inferring_lock:
                 self._inferring -= 1
             try:

@@ -233,3 +233,24 @@ def test_server_settings_for_batching_are_checked():
     for bad in ("8,x", "128", "0"):  # not integers, above max_batch_size (64), below 1
         with pytest.raises(InvalidInput, match="preferred_batch_sizes"):
             Settings(preferred_batch_sizes=bad)
+
+
+def test_streamed_requests_hold_the_image_budget_until_answered(deck_path):
+    from carddeck.errors import Overloaded
+
+    dp, _ = _dataplane(deck_path, max_batch_size=64, max_wait_s=5.0, batch_workers=1, max_inflight_images=4)
+    gated = _gate(dp)
+    model = dp.resolve()
+    try:
+        first = dp.submit(model, smooth_images(3))
+        assert gated.entered.wait(30)
+        assert dp.budget.used == 3  # held while the request is queued and running
+        with pytest.raises(Overloaded, match="max-inflight-images"):
+            dp.submit(model, smooth_images(2))
+        gated.release.set()
+        first.result(30)
+        assert dp.budget.used == 0  # given back with the answer
+        assert dp.submit(model, smooth_images(2)).result(30)[0].probabilities.shape == (2, 10)
+    finally:
+        gated.release.set()
+        dp.close()
