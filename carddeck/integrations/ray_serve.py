@@ -479,6 +479,10 @@ class _GrpcContext:
     def is_active(self) -> bool:
         return True
 
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        # the error's class name rides here, so the Python client raises the same typed error through Ray
+        self.ray_context.set_trailing_metadata(list(metadata))
+
     def abort(self, code: Any, details: str) -> None:
         self.ray_context.set_code(code)
         self.ray_context.set_details(details)
