@@ -13,6 +13,7 @@ from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.models import Model, check_card_name
+from carddeck.serving.oip import risk_bound
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import CardUpload, MiB
 
@@ -28,6 +29,8 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     @rpc(INFERENCE)
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         with self.dp.request():
+            bound = request.abstain_above_risk if request.HasField("abstain_above_risk") else None
+            bound = risk_bound(bound, "abstain_above_risk")
             model = self.dp.resolve()  # the gated deck on the snapshot this request keeps
             prediction, deck = self.dp.predict(
                 self._images(request.images, model),
@@ -37,7 +40,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
                 timeout_s=context.time_remaining(),
                 is_cancelled=lambda: not context.is_active(),
             )
-            return convert.predict_response(prediction, deck)
+            return convert.predict_response(prediction, deck, bound)
 
     @rpc(INFERENCE)
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:

@@ -98,8 +98,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
         metrics=metrics,
     )
     shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
-    dataplane.on_swap.append(ShiftLoader(shift))
-    dataplane.on_predict.append(shift)
+    dataplane.on_swap.append(ShiftLoader(shift, on_refit=metrics.observe_refit))
+    dataplane.judge = shift.judge  # every answer carries its verdict (and the metrics count it)
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
     dataplane.on_store.append(lambda state: health.set_store(state.in_sync))

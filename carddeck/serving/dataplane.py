@@ -33,6 +33,7 @@ from carddeck.deck import Deck, Prediction
 from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import POLICIES, Routing
+from carddeck.gating.shift import Trust
 from carddeck.gating.signature import sample_features
 from carddeck.serving.batching import MicroBatcher
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
@@ -82,6 +83,7 @@ class _Done:
     queued_s: float
     compute_s: float
     routing: Routing | None = None
+    verdict: Trust | None = None
 
 
 class Predicted(NamedTuple):
@@ -119,6 +121,8 @@ class Dataplane:
         self.on_store = self.snapshots.store_listeners  # told when the store is lost or back
         # every routed request of a micro-batch at once (Predicted), e.g. the shift monitor; must not raise
         self.on_predict: list[Callable[[Sequence[Predicted]], None]] = []
+        # the verdict of every routed request of a micro-batch (ShiftMonitor.judge); None: unknown to all
+        self.judge: Callable[[Sequence[Predicted]], Sequence[Trust]] | None = None
         self._batcher: MicroBatcher[_Work, _Done] | None = None
         if config.batching and config.max_batch_size > 1:
             self._batcher = MicroBatcher(
@@ -251,7 +255,7 @@ class Dataplane:
         work = _Work(deck, x, None, policy, per_sample, model.name)
         done = self._combine(work, announced, timeout_s, is_cancelled, model.name, start)
         assert done.routing is not None
-        return Prediction(done.probabilities, done.routing)
+        return Prediction(done.probabilities, done.routing, done.verdict)
 
     def run_card(
         self,
@@ -326,7 +330,7 @@ class Dataplane:
                 self._observe_batch(len(x), [])  # a batch of its own, no queue wait
                 t0 = time.monotonic()
                 (done,) = self._run_merged([work])
-                done = _Done(done.probabilities, t0 - start, time.monotonic() - t0, done.routing)
+                done = _Done(done.probabilities, t0 - start, time.monotonic() - t0, done.routing, done.verdict)
             else:
                 assert self._batcher is not None
                 future = self._batcher.submit(work, len(x), announced=True, is_cancelled=is_cancelled)
@@ -365,9 +369,22 @@ class Dataplane:
                 n = len(works[i].x)
                 out[i] = probs[offset : offset + n]
                 offset += n
+        predicted = {i: Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings}
+        verdicts = dict(zip(predicted, self._judge(list(predicted.values()))))
         compute = time.monotonic() - t0
-        self._observe([Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings])
-        return [_Done(out[i], 0.0, compute, routings.get(i)) for i in range(len(works))]
+        self._observe(list(predicted.values()))
+        return [_Done(out[i], 0.0, compute, routings.get(i), verdicts.get(i)) for i in range(len(works))]
+
+    def _judge(self, predicted: list[Predicted]) -> Sequence[Trust]:
+        """Each routed request's verdict, once per micro-batch; unknown (never an error) when it cannot be had."""
+        if not predicted:
+            return []
+        if self.judge is not None:
+            try:
+                return self.judge(predicted)
+            except Exception:
+                log.exception("judging a micro-batch of %d requests failed", len(predicted))
+        return [Trust.unknown(len(p.x), p.probabilities) for p in predicted]
 
     def _observe(self, predicted: list[Predicted]) -> None:
         """Routing metrics and on_predict listeners, once per micro-batch; never fails the batch."""

@@ -27,6 +27,7 @@ from carddeck.card import InputSpec
 from carddeck.deck import read_card_meta
 from carddeck.deck.deck import top_labels
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+from carddeck.gating.shift import Trust
 from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
 DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 DATATYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 DATATYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-INFER_PARAMETERS = ("policy", "per_sample")
+INFER_PARAMETERS = ("policy", "per_sample", "abstain_above_risk")
+# Outputs of the deck model sent only when asked for by name (the default answer stays as it was).
+OPTIONAL_OUTPUTS = ("out_of_scope",)
 # Parameters clients send for the server's own use (Triton's and the binary extension's): accepted, not read.
 PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data")
 CARD_FILE = "file:model.onnx"
@@ -131,8 +134,34 @@ def datatype_of(arr: np.ndarray) -> str:
     return DATATYPES[arr.dtype]
 
 
+def risk_bound(value: Any, field: str) -> float | None:
+    """A caller's abstention bound: None (no abstention) or a number in [0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise InvalidInput(f"{field}: must be a number in [0, 1] (an error probability), got {shown(value)}")
+    return float(value)
+
+
+def verdict_parameters(trust: Trust | None, n: int, abstain_above_risk: float | None) -> dict[str, str]:
+    """The verdict as OIP response parameters (strings; numbers as text, ``unknown`` where there is none)."""
+    trust = trust or Trust.unknown(n)
+    acc = trust.expected_accuracy
+    out = {
+        "shift_state": trust.state,
+        "shift_scope": trust.scope,
+        "expected_accuracy": "unknown" if math.isnan(acc) else f"{acc:.4f}",
+        "expected_accuracy_kind": trust.expected_kind,
+        "out_of_scope_images": ",".join(str(i) for i in np.flatnonzero(~trust.in_scope)),
+    }
+    if abstain_above_risk is not None:
+        out["abstained_images"] = ",".join(str(i) for i in np.flatnonzero(trust.abstained(abstain_above_risk)))
+    return out
+
+
 def infer_options(parameters: Mapping[str, Any]) -> tuple[str | None, bool]:
-    """The request parameters CARD-Deck reads (plain values): ``policy`` (string), ``per_sample`` (bool)."""
+    """The request parameters CARD-Deck reads (plain values): ``policy`` (string), ``per_sample`` (bool);
+    ``abstain_above_risk`` (number in [0, 1]) is read by :meth:`OipModels.infer`."""
     for key in parameters:
         if key not in INFER_PARAMETERS and not key.startswith(PASSED_PARAMETERS):
             raise InvalidInput(
@@ -150,7 +179,7 @@ def infer_options(parameters: Mapping[str, Any]) -> tuple[str | None, bool]:
 def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The requested outputs (all when none are named), in the order asked."""
     out = {}
-    for i, name in enumerate(requested or list(available)):
+    for i, name in enumerate(requested or [k for k in available if k not in OPTIONAL_OUTPUTS]):
         if name not in available:
             raise InvalidInput(
                 f"outputs[{i}].name: {shown(name)} is not an output of this model; outputs: {', '.join(available)}"
@@ -214,6 +243,7 @@ class OipModels:
         ]
         if model.card is None:
             outputs.append(TensorInfo("routing_weights", "FP32", (-1, len(deck.cards))))
+            outputs.append(TensorInfo("out_of_scope", "FP32", (-1,)))  # only when requested by name
         return ModelInfo(
             name=model.name,
             version=model.version,
@@ -232,6 +262,7 @@ class OipModels:
         parameters = {"accepts_uint8_nhwc": {"string_value": "true"}}
         if model.card is None:
             outputs.append({"name": "routing_weights", "data_type": "TYPE_FP32", "dims": [len(deck.cards)]})
+            outputs.append({"name": "out_of_scope", "data_type": "TYPE_FP32", "dims": [1]})
             parameters["default_policy"] = {"string_value": deck.default_policy}
             parameters["card_names"] = {"string_value": ",".join(deck.card_names)}
         config: dict[str, Any] = {
@@ -293,6 +324,7 @@ class OipModels:
     ) -> InferResult:
         """Run the model on its snapshot; callers wrap this in ``dataplane.request()`` (drain accounting)."""
         policy, per_sample = infer_options(parameters)
+        bound = risk_bound(parameters.get("abstain_above_risk"), "parameters['abstain_above_risk']")
         if model.card is None:
             prediction, deck = self.dp.predict(
                 images,
@@ -302,18 +334,20 @@ class OipModels:
                 timeout_s=timeout_s,
                 is_cancelled=is_cancelled,
             )
-            routing = prediction.routing
+            routing, n = prediction.routing, len(prediction.labels)
+            scores = (prediction.verdict or Trust.unknown(n)).out_of_scope
             return InferResult(
                 model.name,
                 str(deck.version),
                 {"probabilities": prediction.probabilities, "labels": prediction.labels,
-                 "routing_weights": routing.weights},
+                 "routing_weights": routing.weights, "out_of_scope": scores},
                 {"policy": routing.policy, "card_names": ",".join(routing.card_names),
-                 "selected_cards": ",".join(routing.selected)},
+                 "selected_cards": ",".join(routing.selected), **verdict_parameters(prediction.verdict, n, bound)},
             )  # fmt: skip
-        if policy is not None or per_sample:
+        if policy is not None or per_sample or bound is not None:
             raise InvalidInput(
-                f"parameters: 'policy' and 'per_sample' apply to the deck model {self.deck_name!r}, not a card"
+                f"parameters: 'policy', 'per_sample' and 'abstain_above_risk' apply to the deck model "
+                f"{self.deck_name!r}, not a card"
             )
         probs = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
         outputs = {"probabilities": probs, "labels": top_labels(probs)}
