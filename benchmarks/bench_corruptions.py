@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from carddeck.commands.corrupt import write_suite
 from carddeck.data import load_dataset
-from carddeck.data.corrupt_cli import write_suite
 from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
 from carddeck.data.corruptions._common import gaussian
 from carddeck.data.corruptions.blur import GLASS, glass_swap_codes, glass_swap_index

@@ -39,8 +39,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE))
 
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2  # noqa: E402
-from carddeck.server.proto_gen.inference import grpc_service_pb2  # noqa: E402
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2  # noqa: E402
+from carddeck.wire.proto_gen.inference import grpc_service_pb2  # noqa: E402
 
 ADMIN = "bench-admin-token"
 
@@ -67,6 +67,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def cli_module(root: Path) -> str:
+    """The ``python -m`` name of the ``carddeck`` command in the tree ``root`` (older trees: carddeck.cli)."""
+    return "carddeck" if (root / "carddeck" / "__main__.py").exists() else "carddeck.cli"
+
+
 class Server:
     def __init__(self, root: Path, deck: Path, *args: str, tmpdir: Path | None = None) -> None:
         self.log_path = Path(tempfile.mkstemp(prefix="bench-hardening-", suffix=".log")[1])
@@ -74,7 +79,7 @@ class Server:
         env.update({"PYTHONPATH": str(root), "CARDDECK_ADMIN_TOKEN": ADMIN})
         if tmpdir is not None:
             env["TMPDIR"] = str(tmpdir)
-        cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", *args]
+        cmd = [sys.executable, "-m", cli_module(root), "serve", "--deck", str(deck), "--port", "0", *args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -143,8 +148,8 @@ def fuzz(args: argparse.Namespace) -> None:
 
 
 def corrupt(args: argparse.Namespace) -> None:
-    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
-    from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
+    from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+    from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc
 
     card_path = HERE / "models" / "cards" / "resnet20-augmix-lrr" / "1" / "model.onnx"
     data = card_path.read_bytes()
@@ -186,7 +191,7 @@ def corrupt(args: argparse.Namespace) -> None:
 
 
 def shutdown(args: argparse.Namespace) -> None:
-    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+    from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 
     deck = args.root / "models"
     server = Server(args.root, deck, "--metrics-port", "-1", "--drain-timeout-s", str(args.drain))
@@ -237,7 +242,7 @@ def debris_of(deck: Path, tmpdir: Path) -> dict[str, int]:
 
 
 def debris(args: argparse.Namespace) -> None:
-    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+    from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
     from tests.servers import card
 
     rng = random.Random(0)

@@ -34,7 +34,7 @@ from carddeck.deck import default_deck_path  # noqa: E402
 
 def start(deck: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", "--http-port", "0"]
+    cmd = [sys.executable, "-m", "carddeck", "serve", "--deck", str(deck), "--port", "0", "--http-port", "0"]
     with open(log, "wb") as out:
         proc = subprocess.Popen([*cmd, "--metrics-port", "-1", "--poll-interval-s", "0"], cwd=ROOT,
                                 env={**env, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip

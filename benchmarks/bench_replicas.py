@@ -96,7 +96,7 @@ def start_replicas(location: str, n: int, poll: float, env: dict[str, str], work
     replicas = []
     for i in range(n):
         log = work / f"replica-{i}.log"
-        cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", location, "--port", "0", "--http-port", "-1",
+        cmd = [sys.executable, "-m", "carddeck", "serve", "--deck", location, "--port", "0", "--http-port", "-1",
                "--metrics-port", "-1", "--poll-interval-s", str(poll)]  # fmt: skip
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -234,12 +234,17 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
     }
 
 
+def cli_module(root: Path) -> str:
+    """The ``python -m`` name of the ``carddeck`` command in the tree ``root`` (older trees: carddeck.cli)."""
+    return "carddeck" if (root / "carddeck" / "__main__.py").exists() else "carddeck.cli"
+
+
 class Server:
     def __init__(self, deck: Path, *args: str, root: Path = ROOT) -> None:
         """``carddeck serve`` of the source tree ``root`` (another checkout: its before figures, same run)."""
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)  # noqa: SIM115 - lives with the server
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
-        cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0"]
+        cmd = [sys.executable, "-m", cli_module(root), "serve", "--deck", str(deck), "--port", "0"]
         self.proc = subprocess.Popen(
             [*cmd, "--metrics-port", "-1", "--http-port", "0", "--poll-interval-s", "0", *args],
             cwd=root, env={**env, "PYTHONPATH": str(root)}, stdout=self.log, stderr=subprocess.STDOUT,

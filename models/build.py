@@ -51,7 +51,7 @@ SAMPLES = (("clean", 0), ("gaussian_noise", 5), ("shot_noise", 5), ("fog", 5), (
 
 
 def carddeck(*args: object) -> None:
-    cmd = [sys.executable, "-m", "carddeck.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "carddeck", *map(str, args)]
     print("$ carddeck", *map(str, args), flush=True)
     subprocess.run(cmd, check=True)
 

@@ -1,4 +1,4 @@
-"""Generate carddeck/server/proto_gen from the .proto files in this folder.
+"""Generate carddeck/wire/proto_gen from the .proto files in this folder.
 
     python proto/generate.py            # write the generated code
     python proto/generate.py --check    # exit 1 if the checked-in code is stale
@@ -26,8 +26,8 @@ from google.protobuf.message import Message
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "proto"
-OUT_DIR = ROOT / "carddeck" / "server" / "proto_gen"
-PACKAGE = "carddeck.server.proto_gen"
+OUT_DIR = ROOT / "carddeck" / "wire" / "proto_gen"
+PACKAGE = "carddeck.wire.proto_gen"
 PROTOS = ("carddeck/v1/carddeck.proto", "inference/model_config.proto", "inference/grpc_service.proto")
 GENCODE_FLOOR = (6, 30, 0)  # what tritonclient[grpc] 2.73 accepts: protobuf>=6.30.0,<7
 
@@ -133,7 +133,7 @@ def check(python: str = sys.executable) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail if carddeck/server/proto_gen is stale")
+    parser.add_argument("--check", action="store_true", help="fail if carddeck/wire/proto_gen is stale")
     parser.add_argument("--python", default=sys.executable, help="interpreter whose grpc_tools runs protoc")
     args = parser.parse_args()
     if args.check:

@@ -7,16 +7,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from carddeck.deck import DeckStore, default_deck_path
 from carddeck.gating import SIGNATURE_DIM
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from tests.cards import tiny_card_bytes, tiny_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +83,13 @@ class ServerProcess:
 
 
 def start_server(deck: Path | None, tmp: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """``python -m carddeck.cli serve`` on a free port (port 0: the server picks and logs it).
+    """``python -m carddeck.commands.cli serve`` on a free port (port 0: the server picks and logs it).
 
     ``deck=None``: no ``--deck``, the server serves the packaged default deck."""
     log_path = tmp / f"server-{time.monotonic_ns()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--port", "0", "--metrics-port", "-1",
+    cmd = [sys.executable, "-m", "carddeck", "serve", "--port", "0", "--metrics-port", "-1",
            "--http-port", "0"]  # fmt: skip
     cmd += ["--deck", str(deck)] if deck is not None else []
     with open(log_path, "wb") as log_file:
@@ -119,3 +123,55 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     )  # fmt: skip
     yield srv
     srv.terminate()
+
+
+class HeldUpload:
+    """An AddCard stream that the server counts in flight until :meth:`release` (its last chunk is held back).
+
+    A request that cannot finish before the test says so: drain tests need one in flight at a known
+    moment, whatever the machine's speed. ``outcome`` is "OK" or the gRPC status name once it ended."""
+
+    def __init__(self, address: str, data: bytes, token: str = ADMIN_TOKEN) -> None:
+        self.outcome: str | None = None
+        self._release = threading.Event()
+        self._done = threading.Event()
+        half = len(data) // 2
+
+        def chunks() -> Iterator[pb.AddCardChunk]:
+            yield pb.AddCardChunk(data=data[:half])
+            self._release.wait(120)
+            yield pb.AddCardChunk(data=data[half:])
+
+        def call() -> None:
+            with grpc.insecure_channel(address) as channel:
+                try:
+                    stub = carddeck_pb2_grpc.CardDeckStub(channel)
+                    stub.AddCard(chunks(), timeout=180, metadata=(("authorization", f"Bearer {token}"),))
+                    self.outcome = "OK"
+                except grpc.RpcError as exc:
+                    self.outcome = exc.code().name
+                finally:
+                    self._done.set()
+
+        self._thread = threading.Thread(target=call, daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def wait(self, timeout: float = 60.0) -> str | None:
+        self._done.wait(timeout)
+        return self.outcome
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0, every: float = 0.05) -> object:
+    """Poll ``condition()`` until it returns something truthy (returned); AssertionError naming ``what`` after
+    ``timeout`` seconds. Tests wait for events, never for a guessed duration."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

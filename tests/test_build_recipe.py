@@ -9,10 +9,14 @@ carries the note this test checks for).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from carddeck.export.card_export import export_card
+from carddeck.export.formats import CALIBRATION_METHODS
 
 BUILD = Path(__file__).resolve().parents[1] / "models" / "build.py"
 
@@ -45,8 +49,10 @@ def test_a_refused_int8_card_tries_the_other_calibrations_then_stays_in_float(tm
     attempts = _runner(monkeypatch, build, refuse=3)
     onnx = tmp_path / "onnx" / "lowfreq-biprop" / "model.onnx"
     build.export(tmp_path / "lowfreq-biprop" / "card.pt", onnx, "biprop")
-    assert attempts == [(), *build.QUANTIZED_FALLBACKS]
-    assert attempts[-1] == ("--format", "dense")
+    # export's default first, then each other calibration export offers, then float: from export's own tables
+    default = inspect.signature(export_card).parameters["calibration_method"].default
+    others = [("--calibration-method", m) for m in CALIBRATION_METHODS if m != default]
+    assert others and attempts == [(), *others, ("--format", "dense")]
     notes = build.build_notes([onnx])
     assert "lowfreq-biprop" in notes and "`--format dense`" in notes
 
@@ -73,4 +79,4 @@ def test_when_every_fallback_is_refused_the_build_stops(tmp_path, monkeypatch, b
     attempts = _runner(monkeypatch, build, refuse=99)
     with pytest.raises(subprocess.CalledProcessError):
         build.export(tmp_path / "x" / "card.pt", tmp_path / "onnx" / "x" / "model.onnx", "biprop")
-    assert len(attempts) == 1 + len(build.QUANTIZED_FALLBACKS)
+    assert attempts[-1] == ("--format", "dense") and len(attempts) == len(set(attempts)) > 2

@@ -1,5 +1,6 @@
 """The project's own wiring: README commands, CI script, lint and types."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_constraints_pin_cpu_torch():
 
 
 def test_ruff_is_clean():
-    result = subprocess.run(["ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -72,6 +73,9 @@ def test_mypy_is_clean_on_the_serving_path():
             "carddeck/http",
             "carddeck/observability",
             "carddeck/client",
+            "carddeck/wire",
+            "carddeck/app",
+            "carddeck/commands/serve.py",
         )
         if (ROOT / p).exists()
     ]
@@ -80,7 +84,7 @@ def test_mypy_is_clean_on_the_serving_path():
 
 
 def test_cli_help_lists_every_command():
-    result = subprocess.run([sys.executable, "-m", "carddeck.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "carddeck", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for name in ("serve", "corrupt", "compress", "export", "eval"):
         assert name in result.stdout
@@ -104,7 +108,7 @@ def imports_only(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> subpr
 
 
 def test_serving_path_does_not_import_torch():
-    pkgs = ("gating", "deck", "server", "serving", "http", "observability", "client")
+    pkgs = ("gating", "deck", "server", "serving", "http", "observability", "client", "wire", "app")
     result = imports_only(tuple(f"carddeck.{p}" for p in pkgs), ("torch", "ray"))  # ray: only integrations may
     assert result.returncode == 0, result.stderr
 
@@ -112,3 +116,131 @@ def test_serving_path_does_not_import_torch():
 def test_the_serving_core_imports_no_transport():
     result = imports_only(("carddeck.serving",), ("grpc", "starlette", "uvicorn", "torch"))
     assert result.returncode == 0, result.stderr
+
+
+# -- boundaries between packages (DESIGN.md): read from the source with ast, function-local imports included
+COMMAND_LAYER = ("commands", "__main__")  # every `carddeck` subcommand and `python -m carddeck`
+TRANSPORTS = ("server", "http")
+TRANSPORT_MODULES = ("grpc", "grpc_health", "grpc_reflection", "starlette", "uvicorn", "prometheus_client")
+# where each package may not reach: (importer, imported prefixes, why)
+FORBIDDEN = (
+    ("serving", ("carddeck.server", "carddeck.http", "carddeck.app", *TRANSPORT_MODULES), "serving is transport-free"),
+    ("client", ("carddeck.server", "carddeck.http", "carddeck.serving", "carddeck.app"), "client: over the stubs"),
+    ("server", ("carddeck.http",), "transports do not import each other"),
+    ("http", ("carddeck.server", "carddeck.wire"), "transports do not import each other"),
+)
+
+
+def module_imports(root: Path, package: str = "carddeck") -> dict[str, set[str]]:
+    """Each module of ``package`` under ``root`` -> the absolute module names it imports (anywhere in it)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((root / package).rglob("*.py")):
+        rel = path.relative_to(root).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        name = ".".join(parts)
+        here = parts if rel.name == "__init__" else parts[:-1]  # the package relative imports start from
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1]) if node.level else ""
+                module = ".".join(p for p in (base, node.module or "") if p)
+                found.add(module)
+                # `from carddeck import cli` imports the module carddeck.cli
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+        graph[name] = found
+    return graph
+
+
+def subpackage(module: str) -> str | None:
+    """carddeck.deck.store -> deck; carddeck.card -> card; the package itself and other modules -> None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "carddeck" and len(parts) > 1 else None
+
+
+def package_graph(root: Path) -> dict[str, set[str]]:
+    """Subpackage (or top-level module) of carddeck -> those it imports, for the names that exist."""
+    graph = module_imports(root)
+    top = {subpackage(m) for m in graph} - {None}
+    edges: dict[str, set[str]] = {}
+    for module, imported in graph.items():
+        src = subpackage(module)
+        if src is None:
+            continue
+        dst = {subpackage(m) for m in imported} & top
+        edges.setdefault(src, set()).update(d for d in dst if d and d != src)
+    return edges
+
+
+def package_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one package (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def boundary_violations(root: Path) -> list[str]:
+    found = []
+    for module, imported in sorted(module_imports(root).items()):
+        src = subpackage(module)
+        for name in sorted(imported):
+            dst = subpackage(name)
+            if src not in COMMAND_LAYER and dst in COMMAND_LAYER:
+                found.append(f"{module} imports {name}: library packages import no command")
+            for importer, prefixes, why in FORBIDDEN:
+                if src == importer and any(name == p or name.startswith(p + ".") for p in prefixes):
+                    found.append(f"{module} imports {name}: {why}")
+    found += [f"package cycle: {' <-> '.join(c)}" for c in package_cycles(package_graph(root))]
+    return found
+
+
+def test_no_import_crosses_a_boundary():
+    assert boundary_violations(ROOT) == []
+
+
+def test_the_boundary_check_sees_a_bad_import(tmp_path):
+    """A copy of the package with one bad import of each kind, function-local ones included: each is named."""
+    import shutil
+
+    shutil.copytree(ROOT / "carddeck", tmp_path / "carddeck", ignore=shutil.ignore_patterns("__pycache__", "proto_gen"))
+    bad = {
+        "deck/zz_bad.py": "def f():\n    from carddeck.commands import cli\n",
+        "serving/zz_bad.py": "import grpc\n",
+        "client/zz_bad.py": "from carddeck.server import convert\n",
+        "http/zz_bad.py": "from ..server import status_codes\n",
+        "card.py": (ROOT / "carddeck/card.py").read_text() + "\n\ndef _f():\n    import carddeck.eval.report\n",
+    }
+    for rel, text in bad.items():
+        (tmp_path / "carddeck" / rel).write_text(text)
+    found = "\n".join(boundary_violations(tmp_path))
+    assert "carddeck.deck.zz_bad imports carddeck.commands.cli: library packages import no command" in found
+    assert "carddeck.serving.zz_bad imports grpc: serving is transport-free" in found
+    assert "carddeck.client.zz_bad imports carddeck.server.convert: client: over the stubs" in found
+    assert "carddeck.http.zz_bad imports carddeck.server.status_codes: transports do not" in found
+    assert "package cycle: " in found and "card" in found.split("package cycle: ")[1]

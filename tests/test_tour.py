@@ -17,8 +17,8 @@ import pytest
 
 from carddeck.client.api import CardDeckClient
 from carddeck.deck import DeckStore, default_deck_path
-from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
-from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
+from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
+from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.servers import ServerProcess, start_server
 from tests.tour.run_tour import README, setup_command, tour_commands
 
@@ -33,7 +33,7 @@ def carddeck(*args: str, token: str | None = None, cwd: Path = ROOT) -> subproce
     env["PYTHONPATH"] = str(ROOT)
     if token:
         env["CARDDECK_ADMIN_TOKEN"] = token
-    cmd = [sys.executable, "-m", "carddeck.cli", *args]
+    cmd = [sys.executable, "-m", "carddeck", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
 
 

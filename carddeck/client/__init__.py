@@ -1,5 +1,5 @@
-"""The Python client of the carddeck.v1 API (:mod:`~carddeck.client.api`) and the commands built on it:
-``carddeck predict`` (:mod:`~carddeck.client.predict`) and ``carddeck deck`` (:mod:`~carddeck.client.deck`)."""
+"""The Python client of the carddeck.v1 API (:mod:`~carddeck.client.api`); the commands built on it are
+``carddeck predict`` (:mod:`~carddeck.commands.predict`) and ``carddeck deck`` (:mod:`~carddeck.commands.deck`)."""
 
 from carddeck.client.api import CardDeckClient
 

@@ -16,9 +16,9 @@ import numpy as np
 
 from carddeck.card import CardMeta
 from carddeck.errors import InvalidInput
-from carddeck.server import convert
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+from carddeck.wire import arrays
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 
 CHUNK = 1 << 20  # AddCard chunk size: far below any message limit
 DEFAULT_PORT = 8001  # the server's default gRPC port (Triton's convention)
@@ -77,9 +77,9 @@ def routing_dict(r: pb.Routing) -> dict[str, Any]:
         "card_names": list(r.card_names),
         "selected": list(r.selected),
         "cards_per_image": r.cards_per_image,
-        "weights": convert.from_matrix(r.weights),
+        "weights": arrays.from_matrix(r.weights),
         "domains": list(r.domains),
-        "distances": convert.from_matrix(r.distances),
+        "distances": arrays.from_matrix(r.distances),
     }
 
 
@@ -135,14 +135,14 @@ class CardDeckClient:
         """``abstain_above_risk``: images whose estimated error probability exceeds it come back marked
         abstained in ``Result.verdict`` (labels still given)."""
         request = pb.PredictRequest(
-            images=convert.tensor_from_images(images),
+            images=arrays.tensor_from_images(images),
             policy=policy,
             per_sample=per_sample,
             abstain_above_risk=abstain_above_risk,
         )
         r = self._call(self.stub.Predict, request)
         return Result(
-            convert.from_matrix(r.probabilities),
+            arrays.from_matrix(r.probabilities),
             np.asarray(r.labels, np.int64),
             list(r.label_names),
             routing_dict(r.routing),
@@ -151,7 +151,7 @@ class CardDeckClient:
         )
 
     def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:
-        request = pb.RouteRequest(images=convert.tensor_from_images(images), policy=policy, per_sample=per_sample)
+        request = pb.RouteRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
         return routing_dict(self._call(self.stub.Route, request).routing)
 
     def list_cards(self) -> pb.ListCardsResponse:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,10 +40,21 @@ from carddeck.gating.shift import (
     mean_embedding,
 )
 
-if TYPE_CHECKING:
-    from carddeck.deck import Deck
-
 REFIT_SEVERITIES = (2, 4)
+
+
+class Deck(Protocol):
+    """What fitting reads from a deck (:class:`carddeck.deck.Deck`; gating does not import the deck)."""
+
+    @property
+    def root(self) -> Any: ...
+    @property
+    def store(self) -> Any: ...
+    @property
+    def cards(self) -> Sequence[Any]: ...
+
+    def predict(self, images: np.ndarray) -> Any: ...
+    def prepare(self, images: object) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

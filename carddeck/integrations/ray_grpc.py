@@ -8,8 +8,8 @@ by each).
 
 import sys
 
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2
-from carddeck.server.proto_gen.carddeck.v1.carddeck_pb2_grpc import add_CardDeckServicer_to_server
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2
+from carddeck.wire.proto_gen.carddeck.v1.carddeck_pb2_grpc import add_CardDeckServicer_to_server
 
 sys.modules.setdefault(carddeck_pb2.PredictRequest.__module__, carddeck_pb2)
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import ray
@@ -391,23 +391,17 @@ class CardDeckIngress:
 
     def __init__(self, config: RayDeckConfig, reconciler: DeploymentHandle) -> None:
         import carddeck.integrations.ray_grpc  # noqa: F401 (the messages' pickled module name)
-        from carddeck.server.app import CARDDECK_SERVICE
-        from carddeck.server.auth import AuthInterceptor, declared_access
-        from carddeck.server.carddeck_servicer import CardDeckServicer
-        from carddeck.serving.access import Tokens
-        from carddeck.serving.dataplane import Dataplane
+        from carddeck.app.transports import carddeck_servicer
 
         self.config = config
         self.plane = RayDataplane(config, reconciler)
-        settings = config.settings()
-        self.servicer = CardDeckServicer(cast(Dataplane, self.plane), settings)
-        # the gRPC server's rule per method, as each handler declares it (admin RPCs need the admin token)
-        self.auth = AuthInterceptor(Tokens.from_settings(settings), declared_access(CardDeckServicer, CARDDECK_SERVICE))
+        # the gRPC server's servicer and its rule per method (admin RPCs need the admin token)
+        self.servicer, self.auth = carddeck_servicer(self.plane, config.settings())
 
     async def _grpc(self, rpc: str, request: Any, grpc_context: Any) -> Any:
         """One carddeck.v1 call through the server's servicer; a refused or failed call answers an empty
         response with its status code and message set on Ray's context (what the proxy sends back)."""
-        from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+        from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 
         empty = {"Predict": pb.PredictResponse, "Route": pb.RouteResponse, "ListCards": pb.ListCardsResponse,
                  "GetCard": pb.Card, "RemoveCard": pb.RemoveCardResponse}[rpc]  # fmt: skip
@@ -436,10 +430,9 @@ class CardDeckIngress:
         return await self._grpc("RemoveCard", request, grpc_context)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from carddeck.http.server import build_app
-        from carddeck.serving.dataplane import Dataplane
+        from carddeck.app.transports import http_app
 
-        return build_app(self.config.settings(), cast(Dataplane, self.plane))  # duck-typed: the routes' surface
+        return http_app(self.plane, self.config.settings())
 
     async def predict(self, images: np.ndarray, policy: str | None = None, per_sample: bool = False) -> dict[str, Any]:
         """The gated deck's answer (probabilities, labels, routing weights and card names, deck version)."""

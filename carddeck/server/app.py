@@ -26,12 +26,12 @@ from carddeck.server.carddeck_servicer import CardDeckServicer
 from carddeck.server.handlers import add_servicer
 from carddeck.server.health import Health
 from carddeck.server.oip_servicer import OipServicer
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2
-from carddeck.server.proto_gen.inference import grpc_service_pb2, model_config_pb2
 from carddeck.serving.access import Access, Tokens
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import MiB
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2
+from carddeck.wire.proto_gen.inference import grpc_service_pb2, model_config_pb2
 
 log = logging.getLogger(__name__)
 

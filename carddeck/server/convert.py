@@ -12,9 +12,10 @@ from carddeck.deck import Deck, Prediction
 from carddeck.errors import InvalidInput
 from carddeck.gating import Routing
 from carddeck.gating.shift import Trust
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.serving import oip as oip_core
+from carddeck.wire.arrays import from_matrix, matrix, tensor_from_images
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
 
 _DTYPES: dict[int, np.dtype[Any]] = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
 OIP_DTYPES = oip_core.DTYPES
@@ -36,24 +37,6 @@ def images_from_tensor(tensor: pb.Tensor, *, spec: InputSpec, max_images: int, f
     shape = list(tensor.shape)
     oip_core.check_shape(shape, f"{field}.shape", max_images, accepted_tensor(spec))
     return oip_core.array_from_bytes(tensor.data, _DTYPES[tensor.dtype], shape, f"{field}.data")
-
-
-def tensor_from_images(images: np.ndarray) -> pb.Tensor:
-    if images.dtype == np.uint8:
-        return pb.Tensor(dtype=pb.DTYPE_UINT8, shape=images.shape, data=np.ascontiguousarray(images).tobytes())
-    arr = np.ascontiguousarray(images, dtype="<f4")
-    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=arr.shape, data=arr.tobytes())
-
-
-def matrix(values: np.ndarray) -> pb.Matrix:
-    arr = np.ascontiguousarray(values, dtype="<f4")
-    if arr.ndim != 2:
-        arr = arr.reshape(len(arr), -1)
-    return pb.Matrix(rows=arr.shape[0], cols=arr.shape[1], data=arr.tobytes())
-
-
-def from_matrix(m: pb.Matrix) -> np.ndarray:
-    return np.frombuffer(m.data, dtype="<f4").reshape(m.rows, m.cols).astype(np.float32)
 
 
 def routing_to_proto(routing: Routing) -> pb.Routing:

@@ -13,13 +13,13 @@ from google.protobuf import json_format
 import carddeck
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, OPEN, rpc
-from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
-from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc
-from carddeck.server.proto_gen.inference import model_config_pb2 as mc
 from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
 from carddeck.serving.settings import Settings
 from carddeck.serving.snapshot import STORE_KEY
+from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
+from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc
+from carddeck.wire.proto_gen.inference import model_config_pb2 as mc
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 Tensor = oip.ModelMetadataResponse.TensorMetadata

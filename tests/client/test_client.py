@@ -24,7 +24,7 @@ from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, smooth_images, sta
 def carddeck(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full.update({"PYTHONPATH": str(ROOT), **(env or {})})
-    cmd = [sys.executable, "-m", "carddeck.cli", *args]
+    cmd = [sys.executable, "-m", "carddeck", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env=full)
 
 
@@ -213,22 +213,28 @@ def test_predict_json_has_numbers_not_strings(server, tmp_path):
 
 # -- deck add --version --------------------------------------------------------------------------------
 def test_deck_add_with_a_version(server, tmp_path):
-    path = tmp_path / "v.onnx"
-    path.write_bytes(card("vcard", "augmix", seed=7))
-    admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
-    first = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
-    assert first.returncode == 0 and "added vcard/1" in first.stdout, first.stderr
-    again = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
-    assert again.returncode == 0 and "already present (same bytes) vcard/1" in again.stdout, again.stderr
-    other = tmp_path / "other.onnx"
-    other.write_bytes(card("vcard", "augmix", seed=8))
-    clash = carddeck("deck", "add", "--server", server.address, str(other), env=admin)
-    assert clash.returncode == 1 and "FAILED_PRECONDITION" in clash.stderr  # same version, other bytes: refused
-    bumped = carddeck("deck", "add", "--server", server.address, "--version", "next", str(other), env=admin)
-    assert bumped.returncode == 0 and "added vcard/2" in bumped.stdout, bumped.stderr
-    chosen = carddeck("deck", "add", "--server", server.address, "--version", "7", str(path), env=admin)
-    assert chosen.returncode == 0 and "added vcard/7" in chosen.stdout, chosen.stderr
-    versions = sorted(m.version for m in DeckStore(server.deck).list_cards(all_versions=True) if m.name == "vcard")
-    assert versions == [1, 2, 7]
-    bad = carddeck("deck", "add", "--server", server.address, "--version", "latest", str(path), env=admin)
-    assert bad.returncode == 2 and "expected a card version" in bad.stderr
+    """The module's server is shared: the card this test adds is removed again, whatever the outcome."""
+    try:
+        path = tmp_path / "v.onnx"
+        path.write_bytes(card("vcard", "augmix", seed=7))
+        admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+        first = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
+        assert first.returncode == 0 and "added vcard/1" in first.stdout, first.stderr
+        again = carddeck("deck", "add", "--server", server.address, str(path), env=admin)
+        assert again.returncode == 0 and "already present (same bytes) vcard/1" in again.stdout, again.stderr
+        other = tmp_path / "other.onnx"
+        other.write_bytes(card("vcard", "augmix", seed=8))
+        clash = carddeck("deck", "add", "--server", server.address, str(other), env=admin)
+        assert clash.returncode == 1 and "FAILED_PRECONDITION" in clash.stderr  # same version, other bytes: refused
+        bumped = carddeck("deck", "add", "--server", server.address, "--version", "next", str(other), env=admin)
+        assert bumped.returncode == 0 and "added vcard/2" in bumped.stdout, bumped.stderr
+        chosen = carddeck("deck", "add", "--server", server.address, "--version", "7", str(path), env=admin)
+        assert chosen.returncode == 0 and "added vcard/7" in chosen.stdout, chosen.stderr
+        versions = sorted(m.version for m in DeckStore(server.deck).list_cards(all_versions=True) if m.name == "vcard")
+        assert versions == [1, 2, 7]
+        bad = carddeck("deck", "add", "--server", server.address, "--version", "latest", str(path), env=admin)
+        assert bad.returncode == 2 and "expected a card version" in bad.stderr
+    finally:
+        with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
+            if "vcard" in [c.name for c in client.list_cards().cards]:
+                client.remove_card("vcard")  # every version

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from carddeck.card import CardMeta
-from carddeck.cli import main
+from carddeck.commands.cli import main
 from carddeck.compress import CARD_FORMAT, CompressConfig, compress, load_card
 from carddeck.data.datasets import load_dataset
 from carddeck.errors import InvalidInput
@@ -158,8 +158,8 @@ def test_card_json_is_the_card_meta(tmp_path, tiny_data):
 
 
 def test_cli_help_names_match_the_registries():
+    from carddeck.commands.compress import ARCHS, DOMAIN_NAMES, METHOD_NAMES
     from carddeck.compress import METHODS
-    from carddeck.compress.cli import ARCHS, DOMAIN_NAMES, METHOD_NAMES
     from carddeck.data.domains import DOMAINS
     from carddeck.nets import NETS
 

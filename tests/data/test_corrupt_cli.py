@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from carddeck.cli import main
+from carddeck.commands.cli import main
+from carddeck.commands.corrupt import chunk_seed
 from carddeck.data import load_dataset
-from carddeck.data.corrupt_cli import chunk_seed
 from carddeck.data.corrupted import load_corrupted
 from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt
 

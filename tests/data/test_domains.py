@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from carddeck.data import augmix_ops as ops
-from carddeck.data.domains import DOMAINS, GAUSSIAN_MAX_SIGMA, augment
+from carddeck.data.domains import DOMAINS, augment
 from carddeck.errors import InvalidInput
+
+# The documented values (README, domains table), not the module's constants: a changed constant must
+# fail here until the documentation changes with it.
+DOC_GAUSSIAN_P = 0.5  # "with probability 0.5 per image"
+DOC_GAUSSIAN_MAX_SIGMA = 0.15  # "sigma ~ U(0, 0.15)"
+DOC_LOWFREQ_P = 0.8  # "80% of the images go through 1-3 rounds"
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +45,9 @@ def test_gaussian_noises_about_half_the_images_within_the_documented_sigma():
     out = augment(flat, "gaussian", np.random.default_rng(0))
     std = (out - 128 / 255).reshape(len(out), -1).std(axis=1)
     noisy = std > 1e-6
-    assert 0.4 < noisy.mean() < 0.6
-    assert std.max() < GAUSSIAN_MAX_SIGMA * 1.1
-    assert std[noisy].mean() == pytest.approx(GAUSSIAN_MAX_SIGMA / 2, rel=0.15)
+    assert noisy.mean() == pytest.approx(DOC_GAUSSIAN_P, abs=0.1)
+    assert DOC_GAUSSIAN_MAX_SIGMA * 0.9 < std.max() < DOC_GAUSSIAN_MAX_SIGMA * 1.1  # sigma reaches the bound
+    assert std[noisy].mean() == pytest.approx(DOC_GAUSSIAN_MAX_SIGMA / 2, rel=0.15)
 
 
 def test_augmix_changes_images_but_keeps_them_close(images):
@@ -133,11 +139,11 @@ def test_lowfreq_lowers_the_low_frequency_rings_of_the_signature():
 
 
 def test_lowfreq_leaves_a_fifth_clean_and_fields_are_smooth(images):
-    from carddeck.data.domains import LOWFREQ_P, spectral_fields
+    from carddeck.data.domains import spectral_fields
 
     out = augment(np.repeat(images, 25, axis=0), "lowfreq", np.random.default_rng(0))
     unchanged = (out == np.repeat(images, 25, axis=0) / np.float32(255)).all(axis=(1, 2, 3))
-    assert unchanged.mean() == pytest.approx(1 - LOWFREQ_P, abs=0.06)
+    assert unchanged.mean() == pytest.approx(1 - DOC_LOWFREQ_P, abs=0.06)
     fields = spectral_fields(64, 32, 32, np.random.default_rng(0))
     assert fields.min() == 0.0 and fields.max() == pytest.approx(1.0)
     # smooth: neighbouring pixels differ far less than the field's range

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from moto.server import ThreadedMotoServer
 
-from carddeck.cli import main
+from carddeck.commands.cli import main
 from carddeck.deck import Deck, DeckStore
 from carddeck.deck.s3 import S3Backend
 from carddeck.errors import CardRejected, ConcurrentChange, DeckConflict, InvalidInput

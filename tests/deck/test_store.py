@@ -147,7 +147,6 @@ def test_manifest_polling_is_cached_and_sees_changes(store):
 
 
 def test_calibration_images_sign_cards_without_a_signature(store):
-    pytest.importorskip("carddeck.data.domains")
     rng = np.random.default_rng(0)
     calib = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     meta = store.add_card(card("clean1", "clean", signature=(0.0,) * 17), calibration=None)

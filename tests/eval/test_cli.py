@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from carddeck.cli import main
+from carddeck.commands.cli import main
 from carddeck.deck import Deck, DeckStore
 from carddeck.gating import CalibratedRouter
 from tests.deck.conftest import card

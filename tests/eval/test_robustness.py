@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
+from carddeck.commands.eval import verdict
 from carddeck.deck import Deck, DeckStore
-from carddeck.eval.cli import verdict
 from carddeck.eval.report import markdown, write_report
 from carddeck.eval.robustness import CLEAN, ConditionRun, evaluate, fit_router_on, run_condition
 from carddeck.gating import sample_signatures

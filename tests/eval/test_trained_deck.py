@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carddeck.cli import main
+from carddeck.commands.cli import main
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from carddeck.card import CardMeta, Compression, InputSpec, Provenance
-from carddeck.cli import main
+from carddeck.commands.cli import main
 from carddeck.compress.checkpoint import save_card
 from carddeck.deck import read_card_meta
 from carddeck.nets import build_net, prunable_modules

@@ -8,7 +8,6 @@ import http.client
 import json
 import re
 import ssl
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import pytest
 from carddeck.deck import Deck, DeckStore
 from tests.http.conftest import HttpServer, http_server, request
 from tests.observability.promql import free_port
+from tests.observability.scrape import scrape, value
 from tests.server.test_server import _self_signed
-from tests.servers import ADMIN_TOKEN, card, noisy_images, smooth_images, start_server
+from tests.servers import ADMIN_TOKEN, HeldUpload, card, make_deck, noisy_images, smooth_images, start_server, wait_for
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -342,16 +342,31 @@ def test_http_port_flag(tmp_path, server):
         start_server(deck, tmp_path, "--http-port", str(server.port))
 
 
-def test_drain_refuses_new_http_work(tmp_path, server):
-    srv = http_server(server.process.deck, tmp_path, "--shutdown-delay-s", "1.5")
+def test_drain_refuses_new_http_work(tmp_path):
+    """SIGTERM: readiness is 503 at once, work is still served during the shutdown delay, and once the
+    drain begins (an AddCard held open keeps it waiting) new HTTP work is refused with 503."""
+    srv = http_server(make_deck(tmp_path / "deck"), tmp_path, "--shutdown-delay-s", "3", "--drain-timeout-s", "120",
+                      "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+                      env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN})  # fmt: skip
+    held = HeldUpload(srv.process.address, card("held", "gaussian", seed=11))
     try:
+        port = int(re.search(r"metrics on http://\S+:(\d+)/metrics", srv.process.log()).group(1))
+        wait_for(lambda: value(scrape(port), "carddeck_requests_in_flight", service="carddeck.v1.CardDeck",
+                               rpc="AddCard"), "the held AddCard to be in flight")  # fmt: skip
         srv.process.proc.send_signal(15)
-        time.sleep(0.5)  # readiness is false at once; work is still served during the delay
-        ready = request(srv, "GET", "/v2/health/ready")
-        assert ready.status == 503 and "shutting down" in ready.error
-        assert request(srv, "POST", "/v2/models/carddeck/infer", GOOD).status == 200
-        assert srv.process.proc.wait(20) == 0
+        ready = wait_for(lambda: (r := request(srv, "GET", "/v2/health/ready")).status == 503 and r, "readiness 503")
+        assert "shutting down" in ready.error
+        assert request(srv, "POST", "/v2/models/carddeck/infer", GOOD).status == 200  # within the 3 s delay
+        refused = wait_for(lambda: (r := request(srv, "POST", "/v2/models/carddeck/infer", GOOD)).status != 200 and r,
+                           "HTTP infer to be refused once the drain began", timeout=30)  # fmt: skip
+        assert refused.status == 503 and "shutting down" in refused.error, (refused.status, refused.body)
+        assert srv.process.proc.poll() is None  # still draining: the held upload is in flight
+        held.release()
+        assert held.wait() == "OK"  # work in flight when the drain began finishes
+        assert srv.process.proc.wait(60) == 0
+        assert "drained" in srv.process.log()
     finally:
+        held.release()
         srv.process.terminate()
 
 

@@ -45,7 +45,7 @@ def test_config_and_statistics_equal_the_grpc_answers(client, server):
     import tritonclient.grpc as tg
     from google.protobuf import json_format
 
-    from carddeck.server.proto_gen.inference import model_config_pb2 as mc
+    from carddeck.wire.proto_gen.inference import model_config_pb2 as mc
 
     x = images("UINT8", 2)
     tensor = triton.InferInput("images", list(x.shape), "UINT8")

@@ -151,8 +151,8 @@ def test_predictions_equal_the_in_process_deck_for_every_policy(ray_deck: RayDec
 def test_the_carddeck_v1_grpc_service_through_rays_grpc_proxy(ray_deck: RayDeck) -> None:
     import grpc
 
-    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-    from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+    from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+    from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 
     x = noisy_images(4, seed=8)
     ref = Deck.open(ray_deck.root).predict(x, policy="soft")

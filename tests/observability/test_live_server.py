@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from carddeck.client.api import CardDeckClient
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from tests.cards import tiny_card_bytes, tiny_meta
 from tests.observability.deck_traffic import build_deck
 from tests.observability.promql import check_every_expression, free_port, running_prometheus
@@ -60,7 +60,7 @@ def launch(deck: Path, tmp: Path, **env_extra: str) -> tuple[subprocess.Popen, P
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     env.update(PYTHONPATH=str(ROOT), CARDDECK_ADMIN_TOKEN=TOKEN, **env_extra)
-    cmd = [sys.executable, "-m", "carddeck.cli", "serve", "--deck", str(deck), "--port", "0", "--http-port", "-1",
+    cmd = [sys.executable, "-m", "carddeck", "serve", "--deck", str(deck), "--port", "0", "--http-port", "-1",
            "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--poll-interval-s", "0"]  # fmt: skip
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -110,7 +110,7 @@ def wait_until(check, what: str, timeout: float = 20.0):
 def wait_for_shift_detector(live: Live) -> None:
     wait_until(
         lambda: value(scrape(live.metrics_port), "carddeck_shift_false_alarm_rate") > 0,
-        "carddeck_shift_false_alarm_rate not set after 20 s: carddeck/server/serve.py serve() must add "
+        "carddeck_shift_false_alarm_rate not set after 20 s: carddeck/app/process.py serve() must add "
         "`dataplane.on_swap.append(ShiftLoader(monitor))` (carddeck.observability.shift) before dataplane.start()",
     )
 
@@ -203,7 +203,7 @@ def test_json_logs_carry_the_request_id_the_client_got(tmp_path: Path) -> None:
             raise AssertionError(
                 f"not a JSON log line: {line!r}; CARDDECK_LOG_FORMAT=json needs a `log_format` setting "
                 "(carddeck/serving/settings.py) and configure_logging(json_logs=...) at the start of serve() "
-                "(carddeck/server/serve.py)"
+                "(carddeck/app/process.py)"
             ) from None
     added = [r for r in records if r.get("request_id") == "add-json-1"]
     assert any("logged" in r["message"] for r in added), added
@@ -235,7 +235,7 @@ def test_shift_states_are_counted(live: Live) -> None:
         return value(s, "carddeck_shift_batches_total", model="carddeck", state=state, unit="batch")
 
     assert (batches("in_distribution"), batches("covered"), batches("uncovered")) == (3, 0, 2), (
-        "shift states are not counted: carddeck/server/serve.py serve() must add "
+        "shift states are not counted: carddeck/app/process.py serve() must add "
         "`dataplane.on_predict.append(monitor)` (a carddeck.observability.shift.ShiftMonitor)"
     )
 

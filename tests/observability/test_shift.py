@@ -238,7 +238,7 @@ def test_shift_command_fits_scores_and_reports(tmp_path):
     deck = tmp_path / "deck"
     init_deck(deck)  # a writable copy of the packaged (read-only) default deck
     out = tmp_path / "report"
-    cmd = [sys.executable, "-m", "carddeck.cli", "shift", "--deck", str(deck)]
+    cmd = [sys.executable, "-m", "carddeck", "shift", "--deck", str(deck)]
     fit = [*cmd, "--fit", "--corruptions", "fog,gaussian_noise", "--limit", "96", "--draws", "10"]
     result = subprocess.run(
         [*fit, "--foreign", "black", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600
@@ -257,7 +257,7 @@ def test_shift_command_without_a_detector_says_how_to_fit(tmp_path):
     store = DeckStore.create(tmp_path / "deck")
     store.add_card(tiny_card_bytes(tiny_meta("a", domain="clean", signature=(0.0,) * 17), seed=0))
     result = subprocess.run(
-        [sys.executable, "-m", "carddeck.cli", "shift", "--deck", str(store.root), "--out", str(tmp_path / "r")],
+        [sys.executable, "-m", "carddeck", "shift", "--deck", str(store.root), "--out", str(tmp_path / "r")],
         capture_output=True,
         text=True,
     )
@@ -267,7 +267,7 @@ def test_shift_command_without_a_detector_says_how_to_fit(tmp_path):
 
 def test_shift_command_refuses_bad_sizes():
     result = subprocess.run(
-        [sys.executable, "-m", "carddeck.cli", "shift", "--deck", str(ROOT / "models"), "--draws", "0"],
+        [sys.executable, "-m", "carddeck", "shift", "--deck", str(ROOT / "models"), "--draws", "0"],
         capture_output=True,
         text=True,
     )

@@ -53,8 +53,8 @@ def test_oip_messages_match_tritons_wire_format():
     from tritonclient.grpc import model_config_pb2 as triton_mc
     from tritonclient.grpc import service_pb2 as triton
 
-    from carddeck.server.proto_gen.inference import grpc_service_pb2 as ours
-    from carddeck.server.proto_gen.inference import model_config_pb2 as ours_mc
+    from carddeck.wire.proto_gen.inference import grpc_service_pb2 as ours
+    from carddeck.wire.proto_gen.inference import model_config_pb2 as ours_mc
 
     for mine, theirs in ((ours, triton), (ours_mc, triton_mc)):
         a, b = _fields(mine.DESCRIPTOR), _fields(theirs.DESCRIPTOR)

@@ -4,8 +4,8 @@ import pytest
 from carddeck.card import InputSpec
 from carddeck.errors import InvalidInput, TooLarge
 from carddeck.server import convert
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
 
 SPEC4 = InputSpec(height=4, width=4)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -15,11 +16,22 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from carddeck.client.api import CardDeckClient
 from carddeck.deck import Deck
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as pb
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2_grpc
-from carddeck.server.proto_gen.inference import grpc_service_pb2 as oip
-from carddeck.server.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, noisy_images, smooth_images, start_server
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
+from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
+from tests.observability.scrape import scrape, value
+from tests.servers import (
+    ADMIN_TOKEN,
+    ROOT,
+    HeldUpload,
+    card,
+    make_deck,
+    noisy_images,
+    smooth_images,
+    start_server,
+    wait_for,
+)  # fmt: skip
 
 pytestmark = pytest.mark.integration
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -170,10 +182,12 @@ def test_admin_rpcs_without_the_token_are_unauthenticated(server):
 def test_a_rejected_upload_leaves_the_deck_untouched(server):
     with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
         before = client.list_cards()
-        for bad in (b"garbage", card("g1", "gaussian")):  # unreadable; duplicate name/version
+        # unreadable: INVALID_ARGUMENT; g1/1 again with other bytes: FAILED_PRECONDITION (the README's contract)
+        for bad, code in ((b"garbage", grpc.StatusCode.INVALID_ARGUMENT),
+                          (card("g1", "gaussian"), grpc.StatusCode.FAILED_PRECONDITION)):  # fmt: skip
             with pytest.raises(grpc.RpcError) as info:
                 client.add_card(bad)
-            assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+            assert info.value.code() == code, info.value.details()
         after = client.list_cards()
         assert after.deck_version == before.deck_version
         assert [c.name for c in after.cards] == [c.name for c in before.cards]
@@ -197,22 +211,27 @@ def test_add_card_under_concurrent_predict_load_loses_no_request(server):
     threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
+    def serves(more: int) -> None:  # wait until ``more`` further requests were answered (or one failed)
+        target = served[0] + more
+        wait_for(lambda: served[0] >= target or failures, f"{more} more requests served")
+
     try:
         with CardDeckClient(server.address, token=ADMIN_TOKEN) as admin:
-            time.sleep(0.3)
+            serves(6)
             version = admin.list_cards().deck_version
             added = admin.add_card(card("g2", "gaussian", seed=5, signature=None))  # signed from calibration.npz
-            assert added.card.name == "g2" and len(added.card.signature) > 0
-            assert added.deck_version == version + 1
-            time.sleep(0.3)
-            assert admin.remove_card("g2").deck_version == version + 2
-            time.sleep(0.3)
+            try:
+                assert added.card.name == "g2" and len(added.card.signature) > 0
+                assert added.deck_version == version + 1
+                serves(6)
+            finally:
+                assert admin.remove_card("g2").deck_version == version + 2
+            serves(6)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert not failures, failures[:3]
-    assert served[0] > 5
 
 
 def test_oip_repository_load_and_unload_change_the_deck(server):
@@ -234,11 +253,10 @@ def test_a_manifest_from_another_replica_is_served(server):
 
     with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
         DeckStore(server.deck).add_card(card("g6", "gaussian", seed=6))  # another replica wrote it
-        deadline = time.monotonic() + 10
-        while "g6" not in [c.name for c in client.list_cards().cards] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "g6" in [c.name for c in client.list_cards().cards]
-        client.remove_card("g6")
+        try:
+            wait_for(lambda: "g6" in [c.name for c in client.list_cards().cards], "g6 to be served", timeout=30)
+        finally:
+            client.remove_card("g6")  # the module's server is shared
 
 
 def test_health_and_reflection(server):
@@ -264,7 +282,7 @@ def test_cli_predict_and_deck_list(server, tmp_path):
     import PIL.Image as pil
 
     pil.fromarray(smooth_images(1)[0]).resize((64, 64)).save(tmp_path / "blob.png")
-    cmd = [sys.executable, "-m", "carddeck.cli"]
+    cmd = [sys.executable, "-m", "carddeck"]
     files = [str(tmp_path / "batch.npy"), str(tmp_path / "blob.png")]
     out = subprocess.run(
         [*cmd, "predict", "--server", server.address, "--json", *files],
@@ -318,6 +336,45 @@ def test_sigterm_drains_with_health_not_serving(tmp_path):
         assert srv.proc.wait(20) == 0
         assert "drained" in srv.log()
     finally:
+        srv.terminate()
+
+
+def test_grpc_work_is_refused_once_the_drain_began(tmp_path):
+    """An AddCard held open keeps the drain waiting; meanwhile Predict, Route and ModelInfer are UNAVAILABLE
+    (retry on another replica), health already NOT_SERVING, and the held upload still finishes."""
+    srv = start_server(make_deck(tmp_path / "deck"), tmp_path, "--drain-timeout-s", "120", "--metrics-host",
+                       "127.0.0.1", "--metrics-port", "0", env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN})  # fmt: skip
+    held = HeldUpload(srv.address, card("held", "gaussian", seed=11))
+    images = smooth_images(2)
+    tensor = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=images.shape, data=images.tobytes())
+    try:
+        port = int(re.search(r"metrics on http://\S+:(\d+)/metrics", srv.log()).group(1))
+        wait_for(lambda: value(scrape(port), "carddeck_requests_in_flight", service="carddeck.v1.CardDeck",
+                               rpc="AddCard"), "the held AddCard to be in flight")  # fmt: skip
+        channel, cd, stub = stubs(srv.address)
+        with channel:
+            assert len(cd.Predict(pb.PredictRequest(images=tensor), timeout=30).labels) == 2
+            srv.proc.send_signal(signal.SIGTERM)
+
+            def refused() -> bool:
+                try:
+                    cd.Predict(pb.PredictRequest(images=tensor), timeout=30)
+                    return False
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in exc.details(), exc
+                    return True
+
+            wait_for(refused, "Predict to be refused once the drain began", timeout=30)
+            assert code_of(cd.Route, pb.RouteRequest(images=tensor)) == grpc.StatusCode.UNAVAILABLE
+            assert code_of(stub.ModelInfer, _oip_request("carddeck", images)) == grpc.StatusCode.UNAVAILABLE
+            assert code_of(stub.ModelInfer, _oip_request("g1", images)) == grpc.StatusCode.UNAVAILABLE
+            assert not stub.ServerReady(oip.ServerReadyRequest(), timeout=10).ready
+        assert srv.proc.poll() is None  # still draining: the held upload is in flight
+        held.release()
+        assert held.wait() == "OK" and srv.proc.wait(60) == 0
+        assert "drained" in srv.log()
+    finally:
+        held.release()
         srv.terminate()
 
 

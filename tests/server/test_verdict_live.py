@@ -48,7 +48,7 @@ def test_a_foreign_photo_through_carddeck_predict_prints_the_warning(default_ser
     digit = tmp_path / "digit.npy"
     np.save(digit, load_dataset("digits32", "test").images[:1])
     out = subprocess.run(
-        [sys.executable, "-m", "carddeck.cli", "predict", "--server", default_server.process.address, str(path),
+        [sys.executable, "-m", "carddeck", "predict", "--server", default_server.process.address, str(path),
          str(digit)],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip

@@ -23,7 +23,7 @@ def test_defaults_listen_on_loopback_8001():
 
 
 def test_metrics_listen_on_the_grpc_host_unless_told_otherwise():
-    from carddeck.server.serve import _observability
+    from carddeck.app.process import _observability
 
     assert load_settings(parse(), env={}).metrics_address == "127.0.0.1"
     assert load_settings(parse("--host", "::1"), env={}).metrics_address == "::1"
@@ -89,7 +89,7 @@ def test_tokens_come_from_env_or_file_never_flags(tmp_path):
 
 def test_serve_help_documents_every_option():
     out = subprocess.run(
-        [sys.executable, "-m", "carddeck.cli", "serve", "--help"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "carddeck", "serve", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())

@@ -197,7 +197,9 @@ def first_minutes(tour: Tour, address: str) -> None:
     """What a new user meets next to the tour: one-line messages, never a traceback."""
     version = tour.run("carddeck --version")
     tour.check(version.returncode == 0 and version.stdout.startswith("carddeck "), "`carddeck --version`")
-    extra = tour.run("carddeck compress --help")
+    helps = tour.run("carddeck compress --help")
+    tour.check(helps.returncode == 0 and "--method" in helps.stdout, "`compress --help` reads without torch")
+    extra = tour.run("carddeck compress --arch resnet20 --out card")
     tour.check(extra.returncode == 2 and "carddeck[train]" in extra.stderr, "`compress` without torch names [train]")
     deck_add = tour.run(
         f"CARDDECK_ADMIN_TOKEN={TOKEN} carddeck deck add --server {address} models/extra/resnet20-clean-lrr.onnx"

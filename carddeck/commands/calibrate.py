@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from carddeck.cli import DECK_LOCATION_HELP, comma_ints
+from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from carddeck.server.proto_gen.carddeck.v1 import carddeck_pb2 as carddeck_dot_v1_dot_carddeck__pb2
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as carddeck_dot_v1_dot_carddeck__pb2
 
 GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__

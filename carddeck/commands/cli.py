@@ -18,16 +18,16 @@ from carddeck.errors import CarddeckError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("carddeck.server.serve", "serve a deck over gRPC (own API + Open Inference Protocol) and HTTP/REST"),
-    "ray-serve": ("carddeck.integrations.ray_cli", "serve a deck on Ray Serve: one autoscaled deployment per card"),
-    "predict": ("carddeck.client.predict", "classify image files with a running server"),
-    "deck": ("carddeck.client.deck", "add, remove or list the cards of a running server"),
-    "corrupt": ("carddeck.data.corrupt_cli", "write a CIFAR-10-C-style corrupted copy of a dataset"),
-    "compress": ("carddeck.compress.cli", "train and compress a CARD (lrr, biprop, filter, lobs, dsa, dipgo)"),
-    "export": ("carddeck.export.cli", "export a CARD checkpoint to compact ONNX with parity checks"),
-    "calibrate": ("carddeck.gating.calibrate", "compute domain signatures and fit the calibrated router"),
-    "eval": ("carddeck.eval.cli", "robustness evaluation of a deck: tables, JSON and plots"),
-    "shift": ("carddeck.eval.shift_cli", "fit the deck's shift detector and score it offline: table and plot"),
+    "serve": ("carddeck.commands.serve", "serve a deck over gRPC (own API + Open Inference Protocol) and HTTP/REST"),
+    "ray-serve": ("carddeck.commands.ray_serve", "serve a deck on Ray Serve: one autoscaled deployment per card"),
+    "predict": ("carddeck.commands.predict", "classify image files with a running server"),
+    "deck": ("carddeck.commands.deck", "add, remove or list the cards of a running server"),
+    "corrupt": ("carddeck.commands.corrupt", "write a CIFAR-10-C-style corrupted copy of a dataset"),
+    "compress": ("carddeck.commands.compress", "train and compress a CARD (lrr, biprop, filter, lobs, dsa, dipgo)"),
+    "export": ("carddeck.commands.export", "export a CARD checkpoint to compact ONNX with parity checks"),
+    "calibrate": ("carddeck.commands.calibrate", "compute domain signatures and fit the calibrated router"),
+    "eval": ("carddeck.commands.eval", "robustness evaluation of a deck: tables, JSON and plots"),
+    "shift": ("carddeck.commands.shift", "fit the deck's shift detector and score it offline: table and plot"),
 }
 
 

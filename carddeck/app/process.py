@@ -1,4 +1,4 @@
-"""``carddeck serve``: load the deck, serve gRPC and HTTP, and drain gracefully on SIGTERM.
+"""One serving process: load the deck, serve gRPC and HTTP, and drain gracefully on SIGTERM.
 
 Shutdown order (SIGTERM or Ctrl-C): health goes NOT_SERVING (Watch streams see it at once), the
 server keeps serving for ``shutdown_delay_s`` (so load balancers stop sending), then refuses new
@@ -9,11 +9,9 @@ ONNX Runtime cannot interrupt a card run, so nothing waits for one.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -27,30 +25,10 @@ from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.server.interceptors import ObservabilityInterceptor
-from carddeck.serving.settings import Settings, add_arguments, load_settings
+from carddeck.serving.settings import Settings
 
 log = logging.getLogger("carddeck.server")
 READ_ONLY_NOTE = "read-only: admin calls are refused; `carddeck deck init DIR` makes a copy you can change"
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.description = (
-        "Serve a deck over gRPC: carddeck.v1.CardDeck, the Open Inference Protocol "
-        "(inference.GRPCInferenceService, for Triton/KServe clients), grpc.health.v1 and server reflection; "
-        "and the Open Inference Protocol over HTTP/REST (KServe V2 / Triton routes under /v2)."
-    )
-    add_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    code = serve(load_settings(args))
-    # The process ends here, now: a normal exit joins every worker thread, and after a drain timeout
-    # some may still be inside an ONNX Runtime run that nothing can interrupt (seconds to minutes).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInterceptor], Any]:
@@ -157,4 +135,4 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             endpoint.stop()
 
 
-__all__ = ["configure", "run", "serve"]
+__all__ = ["READ_ONLY_NOTE", "serve"]

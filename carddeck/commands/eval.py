@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from carddeck.cli import DECK_LOCATION_HELP, comma_ints
+from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints
 
 log = logging.getLogger(__name__)
 

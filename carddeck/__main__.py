@@ -1,0 +1,7 @@
+"""``python -m carddeck``: the ``carddeck`` command (:mod:`carddeck.commands.cli`)."""
+
+import sys
+
+from carddeck.commands.cli import main
+
+sys.exit(main())
