@@ -334,12 +334,13 @@ class ShiftDetector:
             return atc
         return 0.5 * float(votes @ self.accuracy / votes.sum()) + 0.5 * atc
 
-    def without(self, corruptions: str | tuple[str, ...]) -> ShiftDetector:
-        """The detector without these corruptions' conditions (to score on corruptions it has not seen)."""
+    def without(self, corruptions: str | tuple[str, ...], *, scope: bool = True) -> ShiftDetector:
+        """The detector without these corruptions' conditions (to score on corruptions it has not seen);
+        ``scope=False`` keeps them in the per-image scope."""
         drop = {corruptions} if isinstance(corruptions, str) else set(corruptions)
         keep = [i for i, c in enumerate(self.conditions) if c.rsplit("/", 1)[0] not in drop or i == 0]
         sc = self.scope
-        inside = [i for i, c in enumerate(sc.names) if c.rsplit("/", 1)[0] not in drop or i == 0]
+        inside = [i for i, c in enumerate(sc.names) if not scope or c.rsplit("/", 1)[0] not in drop or i == 0]
         return replace(
             self,
             scope=replace(
