@@ -277,6 +277,7 @@ def family_targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "benign_max_uncovered": max((r["batches"]["uncovered"] for r in benign), default=None),
             "expected_accuracy_mae": float(np.mean(errors)) if errors else None,
             "harmful_max_error": max(harm_err, default=None),
+            "estimated": f"{len(errors)}/{len(sel)}",  # conditions with an estimate (the rest: unknown)
         }
     return families
 
@@ -322,6 +323,7 @@ def markdown(result: dict[str, Any]) -> str:
         for fam, f in t[regime].items():
             mae = "n/a" if f["expected_accuracy_mae"] is None else f"{100 * f['expected_accuracy_mae']:.2f}"
             worst = "n/a" if f["harmful_max_error"] is None else f"{100 * f['harmful_max_error']:.1f}"
+            mae += f" ({f['estimated']} estimated)"
             lines.append(f"| {fam} ({label}) | {f['harmful']} | {_pct(f['harmful_min_flagged'])} | "
                          f"{_pct(f['benign_max_uncovered'])} | {mae} | {worst} |")  # fmt: skip
     lines += [
