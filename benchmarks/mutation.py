@@ -136,7 +136,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/serving/test_uploads.py",), "", "an upload whose sha256 does not match is stored"),
     # -- the store: commit and admission --------------------------------------------------------
     Mutant("commit-ignores-stamp", "        if current != expected:\n            raise ConcurrentChange",
-           "        if False:\n            raise ConcurrentChange", STORE, "deck/",
+           "        if False:\n            raise ConcurrentChange", ("tests/deck/test_backends.py", *STORE), "deck/",
            "a writer that lost the race overwrites the other's manifest"),
     Mutant("duplicate-other-bytes-accepted", "if same.sha256.get(MODEL_FILE) == sha256(data):", "if True:", STORE, "",
            "the same name/version with other bytes is a no-op, not DeckConflict"),
@@ -165,6 +165,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("failed-change-leaves-files", "                    for key in change.written:",
            "                    for key in ():", ("tests/deck/test_s3.py",), "",
            "an S3 change that does not commit leaves its objects behind"),
+    Mutant("failed-poll-counts-as-sync", "failures=old.failures + 1, error=str(exc))",
+           "failures=old.failures + 1, error=str(exc), last_sync=time.time())",
+           ("tests/http/test_store_outage.py",), "", "a poll that failed is reported as the last sync"),
 )
 # fmt: on
 
