@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,3 +152,12 @@ def test_image_features_columns_match_the_names(tiny_deck, digits):
     deck = Deck.open(tiny_deck)
     p = deck.predict(digits[1].images[:4])
     assert image_features(deck.prepare(digits[1].images[:4]), p.probabilities).shape == (4, len(FEATURE_NAMES))
+
+
+def test_an_uncovered_batch_never_claims_more_than_clean(detector, deck, digits):
+    """Fog/4 digits (mostly out of scope, near the fitted fog/4): with clean at 50% and every shifted condition
+    at 40%, the confident predictions would put the estimate above clean; it is capped at the clean 50%."""
+    fog, _ = deck_features(deck, corrupt(digits[1].images[:16], "fog", 4, seed=0))
+    rigged = replace(detector, accuracy=np.r_[0.5, np.full(len(detector.accuracy) - 1, 0.4)].astype(np.float32))
+    v = rigged.test(fog)
+    assert v.state == "uncovered" and v.expected_kind == "upper_bound" and v.expected_accuracy <= 0.5
