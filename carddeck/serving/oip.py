@@ -5,7 +5,11 @@ with outputs ``probabilities`` FP32 [N, C], ``labels`` INT64 [N] and ``routing_w
 [N, K] (columns in card order, named in the result parameter ``card_names``). Each card answers
 under its own name (version = card version) with ``probabilities`` and ``labels``. Input:
 ``images``, FP32 [N, C, H, W] in the deck's value range or UINT8 [N, H, W, C] (the deck's
-:class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool).
+:class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool),
+``abstain_above_risk`` (number in [0, 1]). The deck model's answer carries its verdict as parameters
+(``shift_state``, ``shift_scope``, ``expected_accuracy``, ``expected_accuracy_kind``, ``out_of_scope_images``,
+``abstained_images``) and, when requested by name, the output ``out_of_scope`` FP32 [N] (per-image scores,
+> 1: out of scope).
 
 The gRPC servicer (:mod:`carddeck.server.oip_servicer`) and the HTTP routes (:mod:`carddeck.http`)
 only convert their wire formats to these calls and back, so both transports resolve models (through
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +33,7 @@ from carddeck.deck import read_card_meta
 from carddeck.deck.deck import top_labels
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
 from carddeck.gating.shift import Trust
+from carddeck.serving.batching import then
 from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
@@ -277,8 +283,13 @@ class OipModels:
             "output": outputs,
             "parameters": parameters,
         }  # fmt: skip
-        if self.dynamic_batching is not None:
-            config["dynamic_batching"] = dict(self.dynamic_batching)
+        if self.dynamic_batching is not None:  # this model's own batching on its snapshot
+            policy = self.dp.batch_policy(model)
+            config["dynamic_batching"] = {
+                **self.dynamic_batching,
+                "preferred_batch_size": list(policy.preferred_batch_sizes or (policy.max_batch_size,)),
+                "max_queue_delay_microseconds": round(policy.max_queue_delay_s * 1e6),
+            }
         return config
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
@@ -323,10 +334,9 @@ class OipModels:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> InferResult:
         """Run the model on its snapshot; callers wrap this in ``dataplane.request()`` (drain accounting)."""
-        policy, per_sample = infer_options(parameters)
-        bound = risk_bound(parameters.get("abstain_above_risk"), "parameters['abstain_above_risk']")
+        policy, per_sample, bound = self._options(model, parameters)
         if model.card is None:
-            prediction, deck = self.dp.predict(
+            value: Any = self.dp.predict(
                 images,
                 model=model,
                 policy=policy,
@@ -334,6 +344,47 @@ class OipModels:
                 timeout_s=timeout_s,
                 is_cancelled=is_cancelled,
             )
+        else:
+            value = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
+        return self._result(model, value, bound)
+
+    def submit(
+        self,
+        model: Model,
+        images: np.ndarray,
+        parameters: Mapping[str, Any],
+        *,
+        is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
+    ) -> Future[InferResult]:
+        """:meth:`infer` without waiting (the streaming RPC): bad input raises here, the rest comes in the future.
+        ``announced``: as :meth:`~carddeck.serving.dataplane.Dataplane.submit`'s."""
+        try:
+            policy, per_sample, bound = self._options(model, parameters)
+        except BaseException:
+            if announced:
+                self.dp.withdraw()
+            raise
+        started = self.dp.submit(
+            model, images, policy=policy, per_sample=per_sample, is_cancelled=is_cancelled, announced=announced
+        )
+        return then(started, lambda value: self._result(model, value, bound))
+
+    def _options(self, model: Model, parameters: Mapping[str, Any]) -> tuple[str | None, bool, float | None]:
+        policy, per_sample = infer_options(parameters)
+        bound = risk_bound(parameters.get("abstain_above_risk"), "parameters['abstain_above_risk']")
+        if model.card is not None and (policy is not None or per_sample or bound is not None):
+            raise InvalidInput(
+                f"parameters: 'policy', 'per_sample' and 'abstain_above_risk' apply to the deck model "
+                f"{self.deck_name!r}, not a card"
+            )
+        return policy, per_sample, bound
+
+    @staticmethod
+    def _result(model: Model, value: Any, bound: float | None = None) -> InferResult:
+        """The answer from the data plane's: (Prediction, Deck) for the gated deck, probabilities for a card."""
+        if model.card is None:
+            prediction, deck = value
             routing, n = prediction.routing, len(prediction.labels)
             scores = (prediction.verdict or Trust.unknown(n)).out_of_scope
             return InferResult(
@@ -344,13 +395,7 @@ class OipModels:
                 {"policy": routing.policy, "card_names": ",".join(routing.card_names),
                  "selected_cards": ",".join(routing.selected), **verdict_parameters(prediction.verdict, n, bound)},
             )  # fmt: skip
-        if policy is not None or per_sample or bound is not None:
-            raise InvalidInput(
-                f"parameters: 'policy', 'per_sample' and 'abstain_above_risk' apply to the deck model "
-                f"{self.deck_name!r}, not a card"
-            )
-        probs = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
-        outputs = {"probabilities": probs, "labels": top_labels(probs)}
+        outputs = {"probabilities": value, "labels": top_labels(value)}
         return InferResult(model.name, str(model.card.version), outputs, {})
 
     # -- repository extension ---------------------------------------------------------------------
