@@ -46,6 +46,29 @@ class Result:
     label_names: list[str]
     routing: dict[str, Any]
     deck_version: int
+    verdict: Verdict | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the deck can be believed on an answer (see the Verdict message in carddeck.proto)."""
+
+    shift_state: str  # in_distribution | covered | uncovered | unknown
+    scope: str  # batch | window | none
+    expected_accuracy: float | None  # None: unknown
+    expected_accuracy_kind: str  # estimate | upper_bound | unknown
+    out_of_scope: np.ndarray  # [N] float32, > 1: out of scope (NaN: unknown)
+    in_scope: np.ndarray  # [N] bool
+    risk: np.ndarray  # [N] float32 estimated error probability
+    abstained: np.ndarray  # [N] bool
+
+    @classmethod
+    def from_proto(cls, v: pb.Verdict) -> Verdict:
+        acc = v.expected_accuracy
+        return cls(v.shift_state or "unknown", v.scope, None if np.isnan(acc) or v.expected_accuracy_kind == "unknown"
+                   else acc, v.expected_accuracy_kind, np.asarray(v.out_of_scope, np.float32),
+                   np.asarray(v.in_scope, bool), np.asarray(v.risk, np.float32),
+                   np.asarray(v.abstained, bool))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,7 @@ def _result(r: pb.PredictResponse) -> Result:
         list(r.label_names),
         routing_dict(r.routing),
         r.deck_version,
+        Verdict.from_proto(r.verdict) if r.HasField("verdict") else None,
     )
 
 
@@ -130,8 +154,22 @@ class CardDeckClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    def predict(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> Result:
-        request = pb.PredictRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
+    def predict(
+        self,
+        images: np.ndarray,
+        *,
+        policy: str = "",
+        per_sample: bool = False,
+        abstain_above_risk: float | None = None,
+    ) -> Result:
+        """``abstain_above_risk``: images whose estimated error probability exceeds it come back marked
+        abstained in ``Result.verdict`` (labels still given)."""
+        request = pb.PredictRequest(
+            images=arrays.tensor_from_images(images),
+            policy=policy,
+            per_sample=per_sample,
+            abstain_above_risk=abstain_above_risk,
+        )
         return _result(self._call(self.stub.Predict, request))
 
     def predict_stream(

@@ -25,6 +25,7 @@ from carddeck.deck.runtime import CardSession, card_pool, choose_providers, soft
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
 from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing, combine_weights
+from carddeck.gating.shift import Trust
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def top_labels(probabilities: np.ndarray) -> np.ndarray:
 class Prediction:
     probabilities: np.ndarray  # [N, C] float32
     routing: Routing
+    verdict: Trust | None = None  # the server's verdict on it (carddeck.gating.shift.Trust); None offline
     labels: np.ndarray = field(init=False)  # [N] int64, from the probabilities
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
 from carddeck.server.streams import answer_in_order, error_of
 from carddeck.serving.models import Model, check_card_name
+from carddeck.serving.oip import risk_bound
 from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import CardUpload, MiB
@@ -31,6 +32,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     @rpc(INFERENCE)
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         with self.dp.request():
+            bound = risk_bound(_bound_of(request), "abstain_above_risk")
             model = self.dp.resolve()  # the gated deck on the snapshot this request keeps
             prediction, deck = self.dp.predict(
                 self._images(request.images, model),
@@ -40,7 +42,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
                 timeout_s=context.time_remaining(),
                 is_cancelled=lambda: not context.is_active(),
             )
-            return convert.predict_response(prediction, deck)
+            return convert.predict_response(prediction, deck, bound)
 
     @rpc(INFERENCE)
     def PredictStream(
@@ -54,6 +56,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             try:
                 model = self.dp.resolve()
                 images = self._images(request.images, model)
+                risk_bound(_bound_of(request), "abstain_above_risk")
             except BaseException:
                 self.dp.withdraw()  # announced by the stream's reader, and it will not come
                 raise
@@ -71,7 +74,8 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             if error is not None:
                 return pb.PredictStreamResponse(id=item.id, error=pb.StreamError(code=error[0], message=error[1]))
             prediction, deck = future.result()
-            return pb.PredictStreamResponse(id=item.id, response=convert.predict_response(prediction, deck))
+            response = convert.predict_response(prediction, deck, _bound_of(item.request))
+            return pb.PredictStreamResponse(id=item.id, response=response)
 
         with self.dp.request():
             coming = (self.dp.announce, self.dp.withdraw)
@@ -122,3 +126,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             return pb.RemoveCardResponse(
                 deck_version=deck.version, default_policy=deck.default_policy, default_policy_note=note
             )
+
+
+def _bound_of(request: pb.PredictRequest) -> float | None:
+    return request.abstain_above_risk if request.HasField("abstain_above_risk") else None

@@ -39,6 +39,7 @@ from carddeck.deck import Deck, Prediction
 from carddeck.deck.store import DEBRIS_GRACE_S
 from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import POLICIES, Routing
+from carddeck.gating.shift import Trust
 from carddeck.gating.signature import sample_features
 from carddeck.serving.batching import BatchPolicy, MicroBatcher
 from carddeck.serving.budget import ImageBudget
@@ -94,6 +95,7 @@ class _Done:
     queued_s: float
     compute_s: float
     routing: Routing | None = None
+    verdict: Trust | None = None
 
 
 class Predicted(NamedTuple):
@@ -135,6 +137,8 @@ class Dataplane:
         self.on_store = self.snapshots.store_listeners  # told when the store is lost or back
         # every routed request of a micro-batch at once (Predicted), e.g. the shift monitor; must not raise
         self.on_predict: list[Callable[[Sequence[Predicted]], None]] = []
+        # the verdict of every routed request of a micro-batch (ShiftMonitor.judge); None: unknown to all
+        self.judge: Callable[[Sequence[Predicted]], Sequence[Trust]] | None = None
         self._policies: dict[tuple[int, str], BatchPolicy] = {}  # (deck version, model) -> its policy
         self._batcher: MicroBatcher[_Work, _Done] | None = None
         if config.batching and config.max_batch_size > 1:
@@ -266,7 +270,7 @@ class Dataplane:
             raise
         done = self._combine(work, announced, timeout_s, is_cancelled, model.name, start, batch_policy)
         assert done.routing is not None
-        return Prediction(done.probabilities, done.routing)
+        return Prediction(done.probabilities, done.routing, done.verdict)
 
     @staticmethod
     def _deck_work(model: Model, images: np.ndarray, policy: str | None, per_sample: bool) -> _Work:
@@ -352,7 +356,7 @@ class Dataplane:
             if model.card is not None:
                 return done.probabilities
             assert done.routing is not None
-            return Prediction(done.probabilities, done.routing), deck
+            return Prediction(done.probabilities, done.routing, done.verdict), deck
 
         out: Future[Any] = Future()
         batch_policy = self.batch_policy(model)
@@ -466,7 +470,7 @@ class Dataplane:
                 self._observe_batch(len(x), [])  # a batch of its own, no queue wait
                 t0 = time.monotonic()
                 (done,) = self._run_merged([work])
-                done = _Done(done.probabilities, t0 - start, time.monotonic() - t0, done.routing)
+                done = _Done(done.probabilities, t0 - start, time.monotonic() - t0, done.routing, done.verdict)
             else:
                 assert self._batcher is not None
                 future = self._batcher.submit(work, len(x), announced=True, is_cancelled=is_cancelled, policy=policy)
@@ -505,10 +509,23 @@ class Dataplane:
                 n = len(works[i].x)
                 out[i] = probs[offset : offset + n]
                 offset += n
+        predicted = {i: Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings}
+        verdicts = dict(zip(predicted, self._judge(list(predicted.values()))))
         compute = time.monotonic() - t0
         self._count_execution(works, compute)
-        self._observe([Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings])
-        return [_Done(out[i], 0.0, compute, routings.get(i)) for i in range(len(works))]
+        self._observe(list(predicted.values()))
+        return [_Done(out[i], 0.0, compute, routings.get(i), verdicts.get(i)) for i in range(len(works))]
+
+    def _judge(self, predicted: list[Predicted]) -> Sequence[Trust]:
+        """Each routed request's verdict, once per micro-batch; unknown (never an error) when it cannot be had."""
+        if not predicted:
+            return []
+        if self.judge is not None:
+            try:
+                return self.judge(predicted)
+            except Exception:
+                log.exception("judging a micro-batch of %d requests failed", len(predicted))
+        return [Trust.unknown(len(p.x), p.probabilities) for p in predicted]
 
     def _observe(self, predicted: list[Predicted]) -> None:
         """Routing metrics and on_predict listeners, once per micro-batch; never fails the batch."""

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from carddeck.gating import Gate, batch_signature, sample_signatures
+from carddeck.gating.shift import Verdict
 from carddeck.observability.metrics import Metrics, start_metrics_server
-from carddeck.observability.shift import Verdict
 from tests.cards import tiny_meta
 from tests.observability.scrape import scrape, scrape_text, value
 
