@@ -24,7 +24,7 @@ SCHEMA_VERSION = 2
 # (lobs, dsa); a schema-1 card lacks them and still reads, with both null.
 READABLE_SCHEMA_VERSIONS = (1, 2)
 METADATA_KEY = "carddeck.card"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always fullmatch: "$" also matches before a final "\n"
 LAYOUTS = ("NCHW",)
 
 
@@ -124,7 +124,7 @@ def _check(meta: CardMeta) -> None:
 
     if meta.schema_version not in READABLE_SCHEMA_VERSIONS:
         raise bad("schema_version", f"got {meta.schema_version}, this version reads {READABLE_SCHEMA_VERSIONS}")
-    if not NAME_PATTERN.match(meta.name):
+    if not NAME_PATTERN.fullmatch(meta.name):
         raise bad("name", f"{meta.name!r} must match {NAME_PATTERN.pattern} (lowercase, digits, '-', '_')")
     if meta.version < 1:
         raise bad("version", f"must be a positive integer, got {meta.version}")

@@ -25,6 +25,7 @@ from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.server.interceptors import ObservabilityInterceptor
+from carddeck.serving.access import Tokens
 from carddeck.serving.settings import Settings
 
 log = logging.getLogger("carddeck.server")
@@ -48,6 +49,20 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
     return metrics, (ObservabilityInterceptor(metrics),), endpoint
 
 
+def taken_ports(settings: Settings) -> list[str]:
+    """Every configured port another process holds, with its flag: all at once, not one per attempt."""
+    from carddeck.server.app import port_free
+
+    ports = [
+        ("gRPC", settings.host, settings.port, "--port"),
+        ("HTTP", settings.host, settings.http_port, "--http-port"),
+        ("metrics", settings.metrics_address, settings.metrics_port, "--metrics-port"),
+    ]
+    return [
+        f"port {port} ({what}, {flag})" for what, host, port, flag in ports if port > 0 and not port_free(host, port)
+    ]
+
+
 def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     from carddeck.http import start_http_server
     from carddeck.observability.logs import configure_logging
@@ -58,6 +73,13 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     configure_logging(json_logs=settings.log_format == "json", level=logging.getLogger().level or logging.INFO)
     stop = stop or threading.Event()
     log.info("settings: %s", settings.public_dict())
+    taken = taken_ports(settings)
+    if taken:
+        raise InvalidInput(
+            f"cannot listen on {settings.host}: {'; '.join(taken)} in use; stop the other server or choose other "
+            "ports (0: any free port)"
+        )
+    Tokens.from_settings(settings).announce()
     metrics, interceptors, endpoint = _observability(settings)
     dataplane = Dataplane(
         DataplaneConfig(
@@ -72,9 +94,12 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             calibration_data=settings.calibration_data,
             deck_model_name=settings.deck_model_name,
             debris_grace_s=settings.debris_grace_s,
+            max_inflight_images=settings.max_inflight_images,
+            store_timeout_s=settings.store_timeout_s,
         ),
         metrics=metrics,
     )
+    metrics.track_images_in_flight(lambda: dataplane.budget.used)
     shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
     dataplane.on_swap.append(ShiftLoader(shift))
     dataplane.on_predict.append(shift)

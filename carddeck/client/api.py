@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from carddeck.card import CardMeta
+from carddeck.client.results import Added, Card, CardListing, Removed, error_from_rpc, listing
 from carddeck.errors import InvalidInput
 from carddeck.wire import arrays
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -99,7 +100,10 @@ class CardDeckClient:
         self.close()
 
     def _call(self, method: Any, request: Any) -> Any:
-        return method(request, timeout=self.timeout, metadata=self.metadata)
+        try:
+            return method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
 
     def predict(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> Result:
         request = pb.PredictRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
@@ -116,14 +120,14 @@ class CardDeckClient:
         request = pb.RouteRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
         return routing_dict(self._call(self.stub.Route, request).routing)
 
-    def list_cards(self) -> pb.ListCardsResponse:
-        return self._call(self.stub.ListCards, pb.ListCardsRequest())
+    def list_cards(self) -> CardListing:
+        return listing(self._call(self.stub.ListCards, pb.ListCardsRequest()))
 
     def get_card(self, name: str, version: int = 0) -> CardMeta:
         card = self._call(self.stub.GetCard, pb.GetCardRequest(name=name, version=version))
         return CardMeta.from_json(card.meta_json)
 
-    def add_card(self, model: bytes | str | Path) -> pb.AddCardResponse:
+    def add_card(self, model: bytes | str | Path) -> Added:
         data = model if isinstance(model, bytes) else Path(model).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
 
@@ -131,10 +135,12 @@ class CardDeckClient:
             for i in range(0, len(data), CHUNK):
                 yield pb.AddCardChunk(data=data[i : i + CHUNK], sha256=digest if i == 0 else "")
 
-        return self.stub.AddCard(chunks(), timeout=self.timeout, metadata=self.metadata)
+        r = self._call(self.stub.AddCard, chunks())
+        return Added(Card.from_pb(r.card), r.deck_version, r.already_present)
 
-    def remove_card(self, name: str, version: int = 0) -> pb.RemoveCardResponse:
-        return self._call(self.stub.RemoveCard, pb.RemoveCardRequest(name=name, version=version))
+    def remove_card(self, name: str, version: int = 0) -> Removed:
+        r = self._call(self.stub.RemoveCard, pb.RemoveCardRequest(name=name, version=version))
+        return Removed(r.deck_version, r.default_policy, r.default_policy_note)
 
 
 def _read_pem(path: str | Path | None, name: str) -> bytes | None:

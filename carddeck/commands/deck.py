@@ -91,12 +91,16 @@ def run(args: argparse.Namespace) -> int:
             elif args.deck_command == "remove":
                 removed = client.remove_card(args.name, args.version)
                 print(f"removed {args.name}; deck version {removed.deck_version}")
+                if removed.default_policy_note:  # the removal changed the default policy: say so, and why
+                    print(f"note: {removed.default_policy_note}")
             else:
                 listing = client.list_cards()
                 if args.json:
                     print(to_json([CardMeta.from_json(c.meta_json).to_dict() for c in listing.cards]))
                 else:
                     print(f"deck version {listing.deck_version}, default policy {listing.default_policy}")
+                    if listing.default_policy_note:
+                        print(f"note: {listing.default_policy_note}")
                     for c in listing.cards:
                         print(
                             f"  {c.name}/{c.version}  domain={c.domain}  arch={c.architecture}  "

@@ -113,8 +113,10 @@ class Deck:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         run_cards: bool = True,
+        max_run_rows: int | None = None,
     ) -> Deck:
-        """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere)."""
+        """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere).
+        ``max_run_rows``: the most images a card runs at once (larger batches go in slices; None: any)."""
         store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
@@ -126,12 +128,13 @@ class Deck:
         for entry in entries if run_cards else ():  # one at a time: ORT session creation is not parallel
             digest = entry.sha256.get(MODEL_FILE, "")
             old = reuse.get(digest)
-            if old is not None and old.key == entry.key:
+            if old is not None and old.key == entry.key and old.max_rows == max_run_rows:
                 sessions[entry.name] = old
                 continue
             sessions[entry.name] = CardSession(
-                store.read_model(entry), key=entry.key, digest=digest, providers=chosen, intra_op_threads=threads
-            )
+                store.read_model(entry), key=entry.key, digest=digest, providers=chosen, intra_op_threads=threads,
+                max_rows=max_run_rows,
+            )  # fmt: skip
         gate, policy, note = _load_gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)
         return cls(store.root, manifest, metas, sessions, gate, policy, note, store)

@@ -61,9 +61,22 @@ def threads_per_card(num_cards: int, cores: int | None = None) -> int:
 
 
 class CardSession:
-    """One card's ORT session. ``run`` is thread-safe (ORT releases the GIL)."""
+    """One card's ORT session. ``run`` is thread-safe (ORT releases the GIL).
 
-    def __init__(self, model: bytes, *, key: str, digest: str, providers: Sequence[str], intra_op_threads: int) -> None:
+    ``max_rows``: images per ORT run; a larger batch runs in slices of it. ORT's memory arena grows to the
+    largest run it has seen and keeps that memory, so one 4,096-image request would pin gigabytes for good.
+    """
+
+    def __init__(
+        self,
+        model: bytes,
+        *,
+        key: str,
+        digest: str,
+        providers: Sequence[str],
+        intra_op_threads: int,
+        max_rows: int | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -74,13 +87,15 @@ class CardSession:
         self.key = key
         self.digest = digest
         self.intra_op_threads = intra_op_threads
+        self.max_rows = max_rows
         self.session = ort.InferenceSession(model, opts, providers=[_with_options(p) for p in providers])
         self.providers: list[str] = list(self.session.get_providers())
         log.info("card %s: ONNX Runtime providers %s, %d intra-op threads", key, self.providers, intra_op_threads)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run(["logits"], {"images": images})
-        return np.asarray(out, np.float32)
+        step = self.max_rows or max(1, len(images))
+        outs = [self.session.run(["logits"], {"images": images[i : i + step]})[0] for i in range(0, len(images), step)]
+        return np.asarray(outs[0] if len(outs) == 1 else np.concatenate(outs), np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

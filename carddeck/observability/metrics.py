@@ -84,6 +84,9 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("carddeck_queue_depth", "Requests waiting in the micro-batching queue.", registry=r)
+        self.images_in_flight = Gauge(
+            "carddeck_images_in_flight", "Images being served now (against --max-inflight-images).", registry=r
+        )
         self.queue_wait = Histogram(
             "carddeck_queue_wait_seconds", "Time a request waited in the micro-batching queue.",
             buckets=WAIT_BUCKETS, registry=r,
@@ -215,6 +218,10 @@ class Metrics:
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)
+
+    def track_images_in_flight(self, images: Callable[[], int]) -> None:
+        """Read the images in flight at scrape time (``lambda: dataplane.budget.used``)."""
+        self.images_in_flight.set_function(images)
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         """Read the queue depth at scrape time (e.g. ``lambda: batcher.queue_depth``) instead of setting it."""

@@ -9,8 +9,8 @@ import numpy as np
 
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
-from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.models import Model, check_card_name
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import CardUpload, MiB
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -18,7 +18,7 @@ from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 
 
 class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
-    def __init__(self, dataplane: Dataplane, settings: Settings) -> None:
+    def __init__(self, dataplane: Plane, settings: Settings) -> None:
         self.dp = dataplane
         self.settings = settings
 

@@ -13,8 +13,8 @@ from google.protobuf import json_format
 import carddeck
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, OPEN, rpc
-from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.snapshot import STORE_KEY
 from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
@@ -26,7 +26,7 @@ Tensor = oip.ModelMetadataResponse.TensorMetadata
 
 
 class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: Dataplane, settings: Settings) -> None:
+    def __init__(self, dataplane: Plane, settings: Settings) -> None:
         self.dp = dataplane
         self.settings = settings
         self.models = OipModels.from_settings(dataplane, settings)

@@ -35,6 +35,7 @@ from carddeck.errors import Cancelled, InvalidInput, NotReady
 from carddeck.gating import POLICIES, Routing
 from carddeck.gating.signature import sample_features
 from carddeck.serving.batching import MicroBatcher
+from carddeck.serving.budget import ImageBudget
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
 from carddeck.serving.stats import ModelStats, Statistics
@@ -64,6 +65,8 @@ class DataplaneConfig:
     calibration_data: str = ""
     deck_model_name: str = DECK_MODEL_NAME  # the gated deck's model name: no card may take it
     debris_grace_s: float = DEBRIS_GRACE_S
+    max_inflight_images: int = 16384  # more images being served at once: Overloaded (RESOURCE_EXHAUSTED / 429)
+    store_timeout_s: float = 10.0  # a store poll not answered in this time counts as the store down
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,10 @@ class Dataplane:
             reserved_names=(config.deck_model_name,),
             debris_grace_s=config.debris_grace_s,
             metrics=metrics,
+            max_run_rows=config.max_batch_size,  # large requests run through the cards in micro-batch slices
+            poll_timeout_s=config.store_timeout_s,
         )
+        self.budget = ImageBudget(config.max_inflight_images)
         self.statistics = Statistics()
         self._inflight = 0
         self._inferring = 0  # inference calls inside predict/run_card right now
@@ -224,7 +230,7 @@ class Dataplane:
     ) -> tuple[Prediction, Deck]:
         """The gated deck's prediction, on ``model``'s snapshot (default: the deck model, resolved now)."""
         model = model or self.resolve()
-        with self._inferring_call():
+        with self.budget.hold(len(images)), self._inferring_call():
             return self._predict(model, images, policy, per_sample, timeout_s, is_cancelled), model.deck
 
     def _predict(
@@ -262,7 +268,7 @@ class Dataplane:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> np.ndarray:
         """One card's probabilities, no gate (a card served as a model of its own), on ``model``'s snapshot."""
-        with self._inferring_call():
+        with self.budget.hold(len(images)), self._inferring_call():
             return self._run_card(model, images, timeout_s, is_cancelled)
 
     def _run_card(

@@ -31,7 +31,7 @@ from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
 if TYPE_CHECKING:
-    from carddeck.serving.dataplane import Dataplane
+    from carddeck.serving.plane import Plane
 
 # OIP datatype names -> numpy (little-endian, as the protocol's raw and binary contents are)
 DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
@@ -161,11 +161,11 @@ def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]
 
 # -- models ------------------------------------------------------------------------------------
 class OipModels:
-    """The deck and its cards as OIP models, over one :class:`~carddeck.serving.dataplane.Dataplane`."""
+    """The deck and its cards as OIP models, over one data plane (:class:`~carddeck.serving.plane.Plane`)."""
 
     def __init__(
         self,
-        dataplane: Dataplane,
+        dataplane: Plane,
         *,
         deck_name: str,
         max_request_images: int,
@@ -179,7 +179,7 @@ class OipModels:
         self.dynamic_batching = dynamic_batching  # for the model configuration: micro-batching, when on
 
     @classmethod
-    def from_settings(cls, dataplane: Dataplane, settings: Any) -> OipModels:
+    def from_settings(cls, dataplane: Plane, settings: Any) -> OipModels:
         """From ``carddeck serve``'s settings (:class:`carddeck.serving.settings.Settings`)."""
         batching = None
         if settings.batching and settings.max_batch_size > 1:

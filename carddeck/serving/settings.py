@@ -47,6 +47,10 @@ class Settings:
     batch_workers: int = _opt(0, "micro-batches run at once (0: one per CPU core)")
     max_request_images: int = _opt(4096, "most images in one request (more: RESOURCE_EXHAUSTED)")
     max_message_mb: int = _opt(64, "largest gRPC message received (MiB)")
+    max_json_mb: int = _opt(4, "largest all-JSON HTTP body (MiB): larger tensors go binary (binary_tensor_data)")
+    max_inflight_images: int = _opt(16384, "most images being served at once (more: RESOURCE_EXHAUSTED / 429)")
+    http_request_timeout_s: float = _opt(30.0, "longest an HTTP client may take to send a request, headers and body")
+    http_max_connections: int = _opt(1000, "most open HTTP connections (kept below half the open-file limit)")
     max_card_mb: int = _opt(1024, "largest card accepted by AddCard / RepositoryModelLoad (MiB)")
     admin_token: str = _opt(
         "", "bearer token for AddCard/RemoveCard/RepositoryModelLoad/Unload", flag=False, secret=True
@@ -65,6 +69,7 @@ class Settings:
     poll_interval_s: float = _opt(
         2.0, "how often to check the store for a manifest written by another replica (0: never)"
     )
+    store_timeout_s: float = _opt(10.0, "a store call or poll not answered in this time counts as the store down")
     debris_grace_s: float = _opt(
         DEBRIS_GRACE_S,
         "keep the files of removed cards and superseded routers this long for replicas still loading an older "
@@ -92,6 +97,15 @@ class Settings:
             ("batch_workers", self.batch_workers >= 0, "must be >= 0"),
             ("max_request_images", self.max_request_images >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
+            ("max_json_mb", self.max_json_mb >= 1, "must be at least 1"),
+            (
+                "max_inflight_images",
+                self.max_inflight_images >= self.max_request_images,
+                f"must be at least max_request_images ({self.max_request_images})",
+            ),
+            ("http_request_timeout_s", self.http_request_timeout_s > 0, "must be > 0"),
+            ("http_max_connections", self.http_max_connections >= 1, "must be at least 1"),
+            ("store_timeout_s", self.store_timeout_s > 0, "must be > 0"),
             ("max_card_mb", self.max_card_mb >= 1, "must be at least 1"),
             ("drain_timeout_s", self.drain_timeout_s >= 0, "must be >= 0"),
             ("shutdown_delay_s", self.shutdown_delay_s >= 0, "must be >= 0"),

@@ -59,6 +59,7 @@ def test_every_metric_is_named_and_labelled_by_convention(live):
         "carddeck_card_duration_seconds",
         "carddeck_batch_size",
         "carddeck_queue_depth",
+        "carddeck_images_in_flight",
         "carddeck_queue_wait_seconds",
         "carddeck_gate_decisions_total",
         "carddeck_gate_selections_total",
