@@ -10,7 +10,6 @@ ONNX Runtime cannot interrupt a card run, so nothing waits for one.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,6 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from carddeck.deck import DeckStore
+from carddeck.deck.runtime import cpu_cores
 from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
@@ -87,10 +87,12 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             batching=settings.batching,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0,
-            batch_workers=settings.batch_workers or (os.cpu_count() or 1),
+            preferred_batch_sizes=settings.preferred_batch_size_list(),
+            batch_workers=settings.batch_workers or cpu_cores(),
             poll_interval_s=settings.poll_interval_s,
             providers=settings.provider_list(),
             intra_op_threads=settings.intra_op_threads or None,
+            ort_spinning=settings.ort_spinning,
             calibration_data=settings.calibration_data,
             deck_model_name=settings.deck_model_name,
             debris_grace_s=settings.debris_grace_s,

@@ -6,7 +6,7 @@ import argparse
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,31 @@ class Result:
     label_names: list[str]
     routing: dict[str, Any]
     deck_version: int
+
+
+@dataclass(frozen=True)
+class StreamAnswer:
+    """One answer of :meth:`CardDeckClient.predict_stream`: the request's ``id`` and its ``result``, or
+    the ``error`` a unary Predict would have raised (``code``: the gRPC status name, e.g. INVALID_ARGUMENT)."""
+
+    id: str
+    result: Result | None = None
+    code: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+def _result(r: pb.PredictResponse) -> Result:
+    return Result(
+        arrays.from_matrix(r.probabilities),
+        np.asarray(r.labels, np.int64),
+        list(r.label_names),
+        routing_dict(r.routing),
+        r.deck_version,
+    )
 
 
 def routing_dict(r: pb.Routing) -> dict[str, Any]:
@@ -107,14 +132,33 @@ class CardDeckClient:
 
     def predict(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> Result:
         request = pb.PredictRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
-        r = self._call(self.stub.Predict, request)
-        return Result(
-            arrays.from_matrix(r.probabilities),
-            np.asarray(r.labels, np.int64),
-            list(r.label_names),
-            routing_dict(r.routing),
-            r.deck_version,
-        )
+        return _result(self._call(self.stub.Predict, request))
+
+    def predict_stream(
+        self,
+        requests: Iterable[np.ndarray | tuple[str, np.ndarray]],
+        *,
+        policy: str = "",
+        per_sample: bool = False,
+    ) -> Iterator[StreamAnswer]:
+        """Predict for each batch of images over one streaming call (one call's overhead for all of them):
+        answers in request order, each with its request's id (given as ``(id, images)``, else its index).
+        A failed request is answered with its error and the stream goes on; only the stream itself
+        failing raises (grpc.RpcError). Requests are sent as the server takes them, while answers arrive."""
+
+        def messages() -> Iterator[pb.PredictStreamRequest]:
+            for i, item in enumerate(requests):
+                rid, images = item if isinstance(item, tuple) else (str(i), item)
+                request = pb.PredictRequest(
+                    images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample
+                )
+                yield pb.PredictStreamRequest(id=rid, request=request)
+
+        for answer in self.stub.PredictStream(messages(), metadata=self.metadata):  # no deadline: streams last
+            if answer.HasField("error"):
+                yield StreamAnswer(answer.id, code=answer.error.code, error=answer.error.message)
+            else:
+                yield StreamAnswer(answer.id, _result(answer.response))
 
     def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:
         request = pb.RouteRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)

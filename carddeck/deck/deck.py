@@ -114,9 +114,11 @@ class Deck:
         intra_op_threads: int | None = None,
         run_cards: bool = True,
         max_run_rows: int | None = None,
+        spin: bool = False,
     ) -> Deck:
         """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere).
-        ``max_run_rows``: the most images a card runs at once (larger batches go in slices; None: any)."""
+        ``max_run_rows``: the most images a card runs at once (larger batches go in slices; None: any).
+        ``spin``: let ONNX Runtime's threads spin between runs (:class:`~carddeck.deck.runtime.CardSession`)."""
         store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
@@ -132,9 +134,14 @@ class Deck:
                 sessions[entry.name] = old
                 continue
             sessions[entry.name] = CardSession(
-                store.read_model(entry), key=entry.key, digest=digest, providers=chosen, intra_op_threads=threads,
+                store.read_model(entry),
+                key=entry.key,
+                digest=digest,
+                providers=chosen,
+                intra_op_threads=threads,
                 max_rows=max_run_rows,
-            )  # fmt: skip
+                spin=spin,
+            )
         gate, policy, note = _load_gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)
         return cls(store.root, manifest, metas, sessions, gate, policy, note, store)

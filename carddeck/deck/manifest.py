@@ -60,9 +60,10 @@ class Manifest:
     class_names: tuple[str, ...] = ()
     input: Mapping[str, Any] | None = None
     updated: str = ""
+    batching: Mapping[str, Any] = field(default_factory=dict)  # checked by batching_config
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": MANIFEST_FORMAT,
             "version": self.version,
             "updated": self.updated,
@@ -72,6 +73,9 @@ class Manifest:
             "calibration": self.calibration,
             "cards": [c.to_dict() for c in self.cards],
         }
+        if self.batching:  # absent unless set: older readers see the manifest they know
+            out["batching"] = dict(self.batching)
+        return out
 
     def __getitem__(self, key: str) -> Any:  # manifest()["version"] works as well as .version
         return self.to_dict()[key]
@@ -93,6 +97,7 @@ class Manifest:
                 class_names=tuple(data.get("class_names") or ()),
                 input=data.get("input"),
                 updated=data.get("updated", ""),
+                batching=batching_config(data.get("batching") or {}, f"{source}: batching"),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"{source}: malformed deck manifest ({type(exc).__name__}: {exc})") from None
@@ -111,6 +116,44 @@ class Manifest:
             if c.name == name and (version is None or c.version == version):
                 return c
         raise CardNotFound.among(name if version is None else f"{name}/{version}", (c.key for c in self.cards))
+
+
+BATCHING_KEYS = ("max_batch_size", "max_queue_delay_microseconds", "preferred_batch_size")
+
+
+def batching_config(config: Any, field: str = "batching") -> dict[str, Any]:
+    """A deck's batching settings, checked: Triton's names (``max_batch_size``,
+    ``max_queue_delay_microseconds``, ``preferred_batch_size``) for the deck model, and the same under
+    ``cards: {name: {...}}`` for a card served as a model of its own. Unset keys take the server's flags."""
+
+    def check(values: Any, where: str) -> dict[str, Any]:
+        if not isinstance(values, Mapping):
+            raise InvalidInput(f"{where}: must be an object, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(BATCHING_KEYS))
+        if unknown:
+            raise InvalidInput(f"{where}: unknown key(s) {unknown}; accepted: {', '.join(BATCHING_KEYS)}")
+        most = values.get("max_batch_size", 1)
+        if "max_batch_size" in values and not (isinstance(most, int) and most >= 1):
+            raise InvalidInput(f"{where}.max_batch_size: must be an integer >= 1, got {most!r}")
+        delay = values.get("max_queue_delay_microseconds", 0)
+        if not isinstance(delay, int) or delay < 0:
+            raise InvalidInput(f"{where}.max_queue_delay_microseconds: must be an integer >= 0, got {delay!r}")
+        preferred = values.get("preferred_batch_size", [])
+        if not isinstance(preferred, list) or not all(isinstance(v, int) and v >= 1 for v in preferred):
+            raise InvalidInput(f"{where}.preferred_batch_size: must be a list of integers >= 1, got {preferred!r}")
+        if "max_batch_size" in values and any(v > most for v in preferred):
+            raise InvalidInput(f"{where}.preferred_batch_size: {preferred} exceeds max_batch_size {most}")
+        return dict(values)
+
+    if not isinstance(config, Mapping):
+        raise InvalidInput(f"{field}: must be an object, got {type(config).__name__}")
+    cards = config.get("cards", {})
+    if not isinstance(cards, Mapping):
+        raise InvalidInput(f"{field}.cards: must be an object of card name -> settings")
+    out = check({k: v for k, v in config.items() if k != "cards"}, field)
+    if cards:
+        out["cards"] = {str(name): check(v, f"{field}.cards[{name!r}]") for name, v in cards.items()}
+    return out
 
 
 def now() -> str:
@@ -146,6 +189,7 @@ __all__ = [
     "MODEL_FILE",
     "CardEntry",
     "Manifest",
+    "batching_config",
     "encode",
     "input_to_dict",
     "named",

@@ -4,7 +4,10 @@ One session per card. Providers: CUDA then CPU when onnxruntime-gpu sees a GPU, 
 session logs the providers it actually got (ORT falls back to CPU silently apart from a log line).
 Threads: cards selected for a batch run concurrently, so each session gets
 ``cores // min(cards, cores)`` intra-op threads and the pool runs at most ``cores`` cards at once;
-together they never ask for more threads than there are cores.
+together they never ask for more threads than there are cores. Intra-op threads do not spin while
+waiting for work (ORT's default is to spin): between the small batches a server runs, spinning burnt
+1.5-2x the CPU per image with 2 threads per card and slowed the other threads sharing the cores
+(benchmarks/bench_ort_threads.py, section 3); ``spin=True`` restores it for a dedicated, idle machine.
 """
 
 from __future__ import annotations
@@ -76,12 +79,15 @@ class CardSession:
         providers: Sequence[str],
         intra_op_threads: int,
         max_rows: int | None = None,
+        spin: bool = False,
     ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        for pool in ("intra_op", "inter_op"):
+            opts.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         self.key = key

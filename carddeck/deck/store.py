@@ -49,6 +49,7 @@ from carddeck.deck.manifest import (
     MODEL_FILE,
     CardEntry,
     Manifest,
+    batching_config,
     encode,
     input_to_dict,
     now,
@@ -273,6 +274,12 @@ class DeckStore(Transactions):
                 gate[key] = rel
             return self._commit(replace(m, version=m.version + 1, gate=gate, updated=now()))
 
+    def set_batching(self, config: Mapping[str, Any]) -> Manifest:
+        """Replace the deck's batching settings (:func:`batching_config`); replicas take them with the next snapshot."""
+        checked = batching_config(config)
+        with self._locked() as m:
+            return self._commit(replace(m, version=m.version + 1, batching=checked, updated=now()))
+
     def set_calibration(self, images: np.ndarray) -> Manifest:
         """Store clean uint8 [N,H,W,3] images used to sign cards that arrive without a signature."""
         images = np.asarray(images)
@@ -299,6 +306,7 @@ __all__ = [
     "DeckStore",
     "Manifest",
     "atomic_write",
+    "batching_config",
     "check_contract",
     "check_runs",
     "read_card_meta",

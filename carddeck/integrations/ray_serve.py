@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from carddeck.deck import Deck, DeckStore, Manifest, Prediction
 from carddeck.deck.deck import mix, routed_rows
 from carddeck.deck.runtime import CardSession, choose_providers, softmax
 from carddeck.errors import Cancelled, CardNotFound, InvalidInput, NotReady
+from carddeck.serving.batching import BatchPolicy
 from carddeck.serving.models import Model, resolve
 from carddeck.serving.snapshot import StoreState, StoreWatch
 from carddeck.serving.stats import ModelStats, Statistics
@@ -360,8 +362,44 @@ class RayDataplane:
 
     def _record(self, model: Model, n: int, start: float, *, ok: bool, compute_s: float = 0.0) -> None:
         """Statistics as the local data plane keeps them; the ingress queues nothing itself, so the wait for the
-        card replicas (Ray's queues and @serve.batch included) counts as compute."""
+        card replicas (Ray's queues and @serve.batch included) counts as compute. Each request is one
+        execution here: the cards' @serve.batch merges them behind the ingress, out of its sight."""
         self.statistics.record(model.name, n, time.monotonic() - start, ok=ok, compute_s=compute_s)
+        if ok:
+            self.statistics.record_execution(model.name, n, compute_s)
+
+    # -- streams: synchronous like the rest of this plane; each streamed request runs as it is started
+    def submit(
+        self,
+        model: Model,
+        images: np.ndarray,
+        *,
+        policy: str | None = None,
+        per_sample: bool = False,
+        is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
+    ) -> Future[Any]:
+        out: Future[Any] = Future()
+        try:
+            if model.card is None:
+                out.set_result(
+                    self.predict(images, model=model, policy=policy, per_sample=per_sample, is_cancelled=is_cancelled)
+                )
+            else:
+                out.set_result(self.run_card(model, images, is_cancelled=is_cancelled))
+        except BaseException as exc:
+            out.set_exception(exc)
+        return out
+
+    def announce(self) -> None:
+        """Nothing to wait for: the ingress does not batch (the card deployments' @serve.batch does)."""
+
+    def withdraw(self) -> None:
+        """As :meth:`announce`."""
+
+    def batch_policy(self, model: Model) -> BatchPolicy:
+        """The card deployments' @serve.batch settings (the ingress itself merges nothing)."""
+        return BatchPolicy(MAX_BATCH_SIZE, BATCH_WAIT_S)
 
     def stats(self, model: str) -> ModelStats:
         return self.statistics.get(model)

@@ -83,6 +83,15 @@ class Metrics:
             "carddeck_batch_size", "Images per batch run through the deck (after micro-batching).",
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.model_inferences = Counter(
+            "carddeck_model_inferences", "Images run, by model (Triton's nv_inference_count).", ["model"], registry=r
+        )
+        self.model_executions = Counter(
+            "carddeck_model_executions",
+            "Batches run, by model: requests merged into one batch count once (Triton's nv_inference_exec_count; "
+            "inferences / executions = mean executed batch).",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.queue_depth = Gauge("carddeck_queue_depth", "Requests waiting in the micro-batching queue.", registry=r)
         self.images_in_flight = Gauge(
             "carddeck_images_in_flight", "Images being served now (against --max-inflight-images).", registry=r
@@ -215,6 +224,11 @@ class Metrics:
         waits = [wait_seconds] if isinstance(wait_seconds, int | float) else wait_seconds
         for wait in waits:
             self.queue_wait.observe(wait)
+
+    def observe_execution(self, model: str, images: int) -> None:
+        """One batch run of ``model`` holding ``images`` of its images."""
+        self._child(self.model_inferences, model).inc(images)
+        self._child(self.model_executions, model).inc()
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
 
 import grpc
 import numpy as np
 
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
+from carddeck.server.streams import answer_in_order, error_of
 from carddeck.serving.models import Model, check_card_name
 from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
@@ -38,6 +41,41 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
                 is_cancelled=lambda: not context.is_active(),
             )
             return convert.predict_response(prediction, deck)
+
+    @rpc(INFERENCE)
+    def PredictStream(
+        self, request_iterator: Iterator[pb.PredictStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PredictStreamResponse]:
+        """Predict for each request of the stream, answered in request order with its id; a failed
+        request gets its error (the status a unary Predict would end with) and the stream goes on."""
+
+        def start(item: pb.PredictStreamRequest) -> Future[Any]:
+            request = item.request
+            try:
+                model = self.dp.resolve()
+                images = self._images(request.images, model)
+            except BaseException:
+                self.dp.withdraw()  # announced by the stream's reader, and it will not come
+                raise
+            return self.dp.submit(
+                model,
+                images,
+                policy=request.policy or None,
+                per_sample=request.per_sample,
+                is_cancelled=lambda: not context.is_active(),
+                announced=True,
+            )
+
+        def respond(item: pb.PredictStreamRequest, future: Future[Any]) -> pb.PredictStreamResponse:
+            error = error_of(future)
+            if error is not None:
+                return pb.PredictStreamResponse(id=item.id, error=pb.StreamError(code=error[0], message=error[1]))
+            prediction, deck = future.result()
+            return pb.PredictStreamResponse(id=item.id, response=convert.predict_response(prediction, deck))
+
+        with self.dp.request():
+            coming = (self.dp.announce, self.dp.withdraw)
+            yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="predict-stream")
 
     @rpc(INFERENCE)
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:

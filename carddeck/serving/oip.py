@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from carddeck.card import InputSpec
 from carddeck.deck import read_card_meta
 from carddeck.deck.deck import top_labels
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+from carddeck.serving.batching import then
 from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
@@ -246,8 +248,13 @@ class OipModels:
             "output": outputs,
             "parameters": parameters,
         }  # fmt: skip
-        if self.dynamic_batching is not None:
-            config["dynamic_batching"] = dict(self.dynamic_batching)
+        if self.dynamic_batching is not None:  # this model's own batching on its snapshot
+            policy = self.dp.batch_policy(model)
+            config["dynamic_batching"] = {
+                **self.dynamic_batching,
+                "preferred_batch_size": list(policy.preferred_batch_sizes or (policy.max_batch_size,)),
+                "max_queue_delay_microseconds": round(policy.max_queue_delay_s * 1e6),
+            }
         return config
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
@@ -292,9 +299,9 @@ class OipModels:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> InferResult:
         """Run the model on its snapshot; callers wrap this in ``dataplane.request()`` (drain accounting)."""
-        policy, per_sample = infer_options(parameters)
+        policy, per_sample = self._options(model, parameters)
         if model.card is None:
-            prediction, deck = self.dp.predict(
+            value: Any = self.dp.predict(
                 images,
                 model=model,
                 policy=policy,
@@ -302,6 +309,45 @@ class OipModels:
                 timeout_s=timeout_s,
                 is_cancelled=is_cancelled,
             )
+        else:
+            value = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
+        return self._result(model, value)
+
+    def submit(
+        self,
+        model: Model,
+        images: np.ndarray,
+        parameters: Mapping[str, Any],
+        *,
+        is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
+    ) -> Future[InferResult]:
+        """:meth:`infer` without waiting (the streaming RPC): bad input raises here, the rest comes in the future.
+        ``announced``: as :meth:`~carddeck.serving.dataplane.Dataplane.submit`'s."""
+        try:
+            policy, per_sample = self._options(model, parameters)
+        except BaseException:
+            if announced:
+                self.dp.withdraw()
+            raise
+        started = self.dp.submit(
+            model, images, policy=policy, per_sample=per_sample, is_cancelled=is_cancelled, announced=announced
+        )
+        return then(started, lambda value: self._result(model, value))
+
+    def _options(self, model: Model, parameters: Mapping[str, Any]) -> tuple[str | None, bool]:
+        policy, per_sample = infer_options(parameters)
+        if model.card is not None and (policy is not None or per_sample):
+            raise InvalidInput(
+                f"parameters: 'policy' and 'per_sample' apply to the deck model {self.deck_name!r}, not a card"
+            )
+        return policy, per_sample
+
+    @staticmethod
+    def _result(model: Model, value: Any) -> InferResult:
+        """The answer from the data plane's: (Prediction, Deck) for the gated deck, probabilities for a card."""
+        if model.card is None:
+            prediction, deck = value
             routing = prediction.routing
             return InferResult(
                 model.name,
@@ -311,12 +357,7 @@ class OipModels:
                 {"policy": routing.policy, "card_names": ",".join(routing.card_names),
                  "selected_cards": ",".join(routing.selected)},
             )  # fmt: skip
-        if policy is not None or per_sample:
-            raise InvalidInput(
-                f"parameters: 'policy' and 'per_sample' apply to the deck model {self.deck_name!r}, not a card"
-            )
-        probs = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
-        outputs = {"probabilities": probs, "labels": top_labels(probs)}
+        outputs = {"probabilities": value, "labels": top_labels(value)}
         return InferResult(model.name, str(model.card.version), outputs, {})
 
     # -- repository extension ---------------------------------------------------------------------

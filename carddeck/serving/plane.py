@@ -9,14 +9,16 @@ calling must be implemented by both before either type-checks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from carddeck.card import CardMeta
 from carddeck.deck import Deck, Prediction
+from carddeck.serving.batching import BatchPolicy
 from carddeck.serving.models import Model
 from carddeck.serving.snapshot import StoreState
 from carddeck.serving.stats import ModelStats
@@ -70,6 +72,32 @@ class Plane(Protocol):
         is_cancelled: Callable[[], bool] | None = None,
     ) -> np.ndarray:
         """One card's probabilities, no gate (a card served as a model of its own)."""
+        ...
+
+    def submit(
+        self,
+        model: Model,
+        images: np.ndarray,
+        *,
+        policy: str | None = None,
+        per_sample: bool = False,
+        is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
+    ) -> Future[Any]:
+        """Start a request without waiting (the streaming RPCs): a future of what ``predict`` (the gated
+        deck) or ``run_card`` (a card) return; invalid input may raise here or come in the future."""
+        ...
+
+    def announce(self) -> None:
+        """A stream's next request is on its way: batches may wait for it (up to their queue delay)."""
+        ...
+
+    def withdraw(self) -> None:
+        """An announced request will not come."""
+        ...
+
+    def batch_policy(self, model: Model) -> BatchPolicy:
+        """How ``model``'s requests form batches (its OIP model configuration's dynamic_batching)."""
         ...
 
     def add_card(self, model: bytes | Path) -> tuple[CardMeta, bool]:

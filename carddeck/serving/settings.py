@@ -43,8 +43,17 @@ class Settings:
     workers: int = _opt(32, "gRPC worker threads (concurrent RPCs)")
     batching: bool = _opt(True, "merge concurrent small requests into micro-batches")
     max_batch_size: int = _opt(64, "most images in one micro-batch; larger requests run on their own")
-    max_wait_ms: float = _opt(2.0, "longest a request waits for others to join its micro-batch")
-    batch_workers: int = _opt(0, "micro-batches run at once (0: one per CPU core)")
+    max_wait_ms: float = _opt(2.0, "longest a request waits for others to join its micro-batch while more are arriving")
+    preferred_batch_sizes: str = _opt(
+        "",
+        "comma-separated micro-batch sizes that run at once without waiting (e.g. 16,32); a deck's manifest "
+        "sets them per model (batching.preferred_batch_size)",
+    )
+    batch_workers: int = _opt(
+        1,
+        "micro-batches in flight at once (while one runs, the next fills; more split the queue into smaller "
+        "ones; 0: one per CPU core)",
+    )
     max_request_images: int = _opt(4096, "most images in one request (more: RESOURCE_EXHAUSTED)")
     max_message_mb: int = _opt(64, "largest gRPC message received (MiB)")
     max_json_mb: int = _opt(4, "largest all-JSON HTTP body (MiB): larger tensors go binary (binary_tensor_data)")
@@ -80,6 +89,9 @@ class Settings:
     )
     providers: str = _opt("", "comma-separated ONNX Runtime execution providers (default: best available)")
     intra_op_threads: int = _opt(0, "ONNX Runtime threads per card (0: share the cores among the cards)")
+    ort_spinning: bool = _opt(
+        False, "let ONNX Runtime's threads spin between runs (less latency on a dedicated idle machine, more CPU)"
+    )
     deck_model_name: str = _opt("carddeck", "the gated deck's model name in the Open Inference Protocol")
     metrics_host: str = _opt("", "address of the Prometheus /metrics endpoint (empty: the gRPC --host)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (-1: no metrics endpoint)")
@@ -95,6 +107,7 @@ class Settings:
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_wait_ms", self.max_wait_ms >= 0, "must be >= 0"),
             ("batch_workers", self.batch_workers >= 0, "must be >= 0"),
+            ("preferred_batch_sizes", self._preferred_ok(), "must be comma-separated integers in 1..max_batch_size"),
             ("max_request_images", self.max_request_images >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
             ("max_json_mb", self.max_json_mb >= 1, "must be at least 1"),
@@ -123,7 +136,16 @@ class Settings:
             if not ok:
                 raise InvalidInput(f"setting {name!r}: {why}, got {getattr(self, name)!r}")
 
+    def _preferred_ok(self) -> bool:
+        try:
+            return all(1 <= n <= self.max_batch_size for n in self.preferred_batch_size_list())
+        except ValueError:
+            return False
+
     # -- derived ------------------------------------------------------------------------------
+    def preferred_batch_size_list(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.preferred_batch_sizes.split(",") if v.strip())
+
     @property
     def deck_path(self) -> Path | str:
         """The deck's location: a directory, or a URL (``s3://``, ``file://``) kept as given."""

@@ -120,6 +120,7 @@ class Snapshots:
         poll_interval_s: float = 2.0,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        spin: bool = False,
         calibration_data: str = "",
         reserved_names: tuple[str, ...] = (),
         debris_grace_s: float = DEBRIS_GRACE_S,
@@ -131,6 +132,7 @@ class Snapshots:
         self.poll_interval_s = poll_interval_s
         self.providers = providers
         self.intra_op_threads = intra_op_threads
+        self.spin = spin
         self.calibration_data = calibration_data
         self.reserved_names = reserved_names
         self.debris_grace_s = debris_grace_s
@@ -240,9 +242,13 @@ class Snapshots:
     # -- inside -------------------------------------------------------------------------------
     def _open(self, previous: Deck | None) -> Deck:
         return Deck.open(
-            self.store, previous=previous, providers=self.providers, intra_op_threads=self.intra_op_threads,
+            self.store,
+            previous=previous,
+            providers=self.providers,
+            intra_op_threads=self.intra_op_threads,
+            spin=self.spin,
             max_run_rows=self.max_run_rows,
-        )  # fmt: skip
+        )
 
     def _install(self, deck: Deck) -> str:
         """Swap in ``deck``; returns a note when that changed the default policy ("" otherwise)."""

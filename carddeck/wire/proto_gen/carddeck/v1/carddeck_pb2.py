@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rddeck/v1/carddeck.proto\x12\x0b\x63\x61rddeck.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.carddeck.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"Y\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\"\xcb\x01\n\x07Routing\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\nper_sample\x18\x02 \x01(\x08\x12\x12\n\ncard_names\x18\x03 \x03(\t\x12$\n\x07weights\x18\x04 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0f\n\x07\x64omains\x18\x05 \x03(\t\x12&\n\tdistances\x18\x06 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x10\n\x08selected\x18\x07 \x03(\t\x12\x17\n\x0f\x63\x61rds_per_image\x18\x08 \x01(\x01\"\xb4\x01\n\x0fPredictResponse\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0e\n\x06labels\x18\x02 \x03(\x03\x12\x13\n\x0blabel_names\x18\x03 \x03(\t\x12%\n\x07routing\x18\x04 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x05 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\"W\n\x0cRouteRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\"L\n\rRouteResponse\x12%\n\x07routing\x18\x01 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\"\xb4\x01\n\x04\x43\x61rd\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x1a\n\x12\x63ompression_method\x18\x05 \x01(\t\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x13\n\x0bweight_bits\x18\x07 \x01(\x05\x12\x11\n\tsignature\x18\x08 \x03(\x01\x12\x11\n\tmeta_json\x18\t \x01(\t\"\x12\n\x10ListCardsRequest\"\x95\x01\n\x11ListCardsResponse\x12 \n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x05 \x01(\t\"/\n\x0eGetCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\",\n\x0c\x41\x64\x64\x43\x61rdChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"a\n\x0f\x41\x64\x64\x43\x61rdResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"2\n\x11RemoveCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"_\n\x12RemoveCardResponse\x12\x14\n\x0c\x64\x65\x63k_version\x18\x01 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x03 \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x32\xac\x03\n\x08\x43\x61rdDeck\x12\x44\n\x07Predict\x12\x1b.carddeck.v1.PredictRequest\x1a\x1c.carddeck.v1.PredictResponse\x12>\n\x05Route\x12\x19.carddeck.v1.RouteRequest\x1a\x1a.carddeck.v1.RouteResponse\x12J\n\tListCards\x12\x1d.carddeck.v1.ListCardsRequest\x1a\x1e.carddeck.v1.ListCardsResponse\x12\x39\n\x07GetCard\x12\x1b.carddeck.v1.GetCardRequest\x1a\x11.carddeck.v1.Card\x12\x44\n\x07\x41\x64\x64\x43\x61rd\x12\x19.carddeck.v1.AddCardChunk\x1a\x1c.carddeck.v1.AddCardResponse(\x01\x12M\n\nRemoveCard\x12\x1e.carddeck.v1.RemoveCardRequest\x1a\x1f.carddeck.v1.RemoveCardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rddeck/v1/carddeck.proto\x12\x0b\x63\x61rddeck.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.carddeck.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"Y\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\"\xcb\x01\n\x07Routing\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\nper_sample\x18\x02 \x01(\x08\x12\x12\n\ncard_names\x18\x03 \x03(\t\x12$\n\x07weights\x18\x04 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0f\n\x07\x64omains\x18\x05 \x03(\t\x12&\n\tdistances\x18\x06 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x10\n\x08selected\x18\x07 \x03(\t\x12\x17\n\x0f\x63\x61rds_per_image\x18\x08 \x01(\x01\"\xb4\x01\n\x0fPredictResponse\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0e\n\x06labels\x18\x02 \x03(\x03\x12\x13\n\x0blabel_names\x18\x03 \x03(\t\x12%\n\x07routing\x18\x04 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x05 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\"P\n\x14PredictStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.carddeck.v1.PredictRequest\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"|\n\x15PredictStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.carddeck.v1.PredictResponse\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.carddeck.v1.StreamError\"W\n\x0cRouteRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\"L\n\rRouteResponse\x12%\n\x07routing\x18\x01 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\"\xb4\x01\n\x04\x43\x61rd\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x1a\n\x12\x63ompression_method\x18\x05 \x01(\t\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x13\n\x0bweight_bits\x18\x07 \x01(\x05\x12\x11\n\tsignature\x18\x08 \x03(\x01\x12\x11\n\tmeta_json\x18\t \x01(\t\"\x12\n\x10ListCardsRequest\"\x95\x01\n\x11ListCardsResponse\x12 \n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x05 \x01(\t\"/\n\x0eGetCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\",\n\x0c\x41\x64\x64\x43\x61rdChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"a\n\x0f\x41\x64\x64\x43\x61rdResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"2\n\x11RemoveCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"_\n\x12RemoveCardResponse\x12\x14\n\x0c\x64\x65\x63k_version\x18\x01 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x03 \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x32\x88\x04\n\x08\x43\x61rdDeck\x12\x44\n\x07Predict\x12\x1b.carddeck.v1.PredictRequest\x1a\x1c.carddeck.v1.PredictResponse\x12Z\n\rPredictStream\x12!.carddeck.v1.PredictStreamRequest\x1a\".carddeck.v1.PredictStreamResponse(\x01\x30\x01\x12>\n\x05Route\x12\x19.carddeck.v1.RouteRequest\x1a\x1a.carddeck.v1.RouteResponse\x12J\n\tListCards\x12\x1d.carddeck.v1.ListCardsRequest\x1a\x1e.carddeck.v1.ListCardsResponse\x12\x39\n\x07GetCard\x12\x1b.carddeck.v1.GetCardRequest\x1a\x11.carddeck.v1.Card\x12\x44\n\x07\x41\x64\x64\x43\x61rd\x12\x19.carddeck.v1.AddCardChunk\x1a\x1c.carddeck.v1.AddCardResponse(\x01\x12M\n\nRemoveCard\x12\x1e.carddeck.v1.RemoveCardRequest\x1a\x1f.carddeck.v1.RemoveCardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carddeck.v1.carddeck_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1514
-  _globals['_DTYPE']._serialized_end=1580
+  _globals['_DTYPE']._serialized_start=1768
+  _globals['_DTYPE']._serialized_end=1834
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=115
   _globals['_MATRIX']._serialized_start=117
@@ -43,26 +43,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTING']._serialized_end=464
   _globals['_PREDICTRESPONSE']._serialized_start=467
   _globals['_PREDICTRESPONSE']._serialized_end=647
-  _globals['_ROUTEREQUEST']._serialized_start=649
-  _globals['_ROUTEREQUEST']._serialized_end=736
-  _globals['_ROUTERESPONSE']._serialized_start=738
-  _globals['_ROUTERESPONSE']._serialized_end=814
-  _globals['_CARD']._serialized_start=817
-  _globals['_CARD']._serialized_end=997
-  _globals['_LISTCARDSREQUEST']._serialized_start=999
-  _globals['_LISTCARDSREQUEST']._serialized_end=1017
-  _globals['_LISTCARDSRESPONSE']._serialized_start=1020
-  _globals['_LISTCARDSRESPONSE']._serialized_end=1169
-  _globals['_GETCARDREQUEST']._serialized_start=1171
-  _globals['_GETCARDREQUEST']._serialized_end=1218
-  _globals['_ADDCARDCHUNK']._serialized_start=1220
-  _globals['_ADDCARDCHUNK']._serialized_end=1264
-  _globals['_ADDCARDRESPONSE']._serialized_start=1266
-  _globals['_ADDCARDRESPONSE']._serialized_end=1363
-  _globals['_REMOVECARDREQUEST']._serialized_start=1365
-  _globals['_REMOVECARDREQUEST']._serialized_end=1415
-  _globals['_REMOVECARDRESPONSE']._serialized_start=1417
-  _globals['_REMOVECARDRESPONSE']._serialized_end=1512
-  _globals['_CARDDECK']._serialized_start=1583
-  _globals['_CARDDECK']._serialized_end=2011
+  _globals['_PREDICTSTREAMREQUEST']._serialized_start=649
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=729
+  _globals['_STREAMERROR']._serialized_start=731
+  _globals['_STREAMERROR']._serialized_end=775
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=777
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=901
+  _globals['_ROUTEREQUEST']._serialized_start=903
+  _globals['_ROUTEREQUEST']._serialized_end=990
+  _globals['_ROUTERESPONSE']._serialized_start=992
+  _globals['_ROUTERESPONSE']._serialized_end=1068
+  _globals['_CARD']._serialized_start=1071
+  _globals['_CARD']._serialized_end=1251
+  _globals['_LISTCARDSREQUEST']._serialized_start=1253
+  _globals['_LISTCARDSREQUEST']._serialized_end=1271
+  _globals['_LISTCARDSRESPONSE']._serialized_start=1274
+  _globals['_LISTCARDSRESPONSE']._serialized_end=1423
+  _globals['_GETCARDREQUEST']._serialized_start=1425
+  _globals['_GETCARDREQUEST']._serialized_end=1472
+  _globals['_ADDCARDCHUNK']._serialized_start=1474
+  _globals['_ADDCARDCHUNK']._serialized_end=1518
+  _globals['_ADDCARDRESPONSE']._serialized_start=1520
+  _globals['_ADDCARDRESPONSE']._serialized_end=1617
+  _globals['_REMOVECARDREQUEST']._serialized_start=1619
+  _globals['_REMOVECARDREQUEST']._serialized_end=1669
+  _globals['_REMOVECARDRESPONSE']._serialized_start=1671
+  _globals['_REMOVECARDRESPONSE']._serialized_end=1766
+  _globals['_CARDDECK']._serialized_start=1837
+  _globals['_CARDDECK']._serialized_end=2357
 # @@protoc_insertion_point(module_scope)
