@@ -81,8 +81,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "merged requests are routed on the whole batch's mean"),
     Mutant("split-rows-shifted", "                offset += n\n", "                offset += n - (n > 1)\n", DRAIN, "",
            "a merged request gets another request's rows back"),
-    Mutant("bad-policy-checked-in-batch", "            POLICIES.get(policy)  # a bad name fails its own",
-           "            pass  # a bad name fails its own", DRAIN, "",
+    Mutant("bad-policy-checked-in-batch", "POLICIES.get(policy)  # a bad name fails its own",
+           "None  # a bad name fails its own", DRAIN, "",
            "a bad policy name fails the merged batch, not its own request"),
     # -- auth -----------------------------------------------------------------------------------
     Mutant("admin-open-without-flag", "self.admin_open = allow_unauthenticated_admin and not admin_token",
