@@ -126,7 +126,7 @@ def triggers(args: argparse.Namespace, deck: Deck, data: str) -> int:
 
 
 def cost(args: argparse.Namespace, deck: Deck, data: str) -> int:
-    from carddeck.serving.adaptation import Adaptation
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
     from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 
     detector = deck_detector(deck)
@@ -140,7 +140,11 @@ def cost(args: argparse.Namespace, deck: Deck, data: str) -> int:
     try:
         plane.deck.warm_adaptive()
         shifted = corrupt(test.images[: args.batch], "fog", 5, seed=0)
-        on = Adaptation(Trigger(), lambda: detector)
+        monitor = ShiftMonitor()  # the server's: every answer gets its verdict, adaptation reads it
+        plane.on_swap.append(ShiftLoader(monitor))
+        ShiftLoader(monitor)(plane.deck)
+        plane.judge = monitor.judge
+        on = Trigger()
         plane.adaptation = on
         prediction, _ = plane.predict(shifted)
         if not prediction.adapted:

@@ -7,6 +7,9 @@ batch of random images to), batch 8 / 32 / 64: intra-op threads per card session
 deck's default is ``cores // min(cards, cores)``), cards run concurrently on the card pool or one
 after another. (2) ``session.run`` against ``run_with_iobinding`` with a pre-allocated output, bound
 once (only possible for a fixed batch size) or per call (what varying micro-batches need).
+(3) One card's session with 1 or 2 intra-op threads, spinning (ORT's default) or not
+(``session.intra_op.allow_spinning``), calls back to back or with a 1 ms gap (a server between
+batches), batch 1 / 8 / 32 / 64.
 Wall and process-CPU milliseconds per image, median of interleaved rounds.
 """
 
@@ -27,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import carddeck.deck.deck as deck_module  # noqa: E402
 from carddeck.deck import Deck  # noqa: E402
-from carddeck.deck.runtime import cpu_cores  # noqa: E402
+from carddeck.deck.runtime import CardSession, choose_providers, cpu_cores  # noqa: E402
 
 
 class _Sequential:
@@ -100,7 +103,44 @@ def main() -> int:
             for name, fn in variants.items():
                 results.setdefault(name, []).append(timed(fn, 1, max(3, 200 // n))[1])
         print(f"  batch {n}: " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in results.items()))
+    spinning(args.deck, args.rounds, rng)
     return 0
+
+
+def spinning(deck_path: Path, rounds: int, rng: np.random.Generator) -> None:
+    deck = Deck.open(deck_path, run_cards=False)
+    entry = deck.manifest.active()[0]
+    model = deck.store.read_model(entry)  # type: ignore[union-attr]
+    sessions = {
+        (intra, spin): CardSession(
+            model, key=entry.key, digest="", providers=choose_providers(), intra_op_threads=intra, spin=spin
+        )
+        for intra in (1, 2)
+        for spin in (True, False)
+    }
+    spec = deck.input
+    print(f"(3) {entry.name}: intra-op threads and spinning, ms per image (wall / CPU)")
+    for n in (1, 8, 32, 64):
+        x = np.ascontiguousarray(rng.random((n, spec.channels, spec.height, spec.width), dtype=np.float32))
+        runs: dict[tuple[int, bool, float], list[tuple[float, float]]] = {}
+        for _ in range(rounds):
+            for (intra, spin), session in sessions.items():
+                for gap in (0.0, 0.001):
+
+                    def call(session: CardSession = session, gap: float = gap) -> None:
+                        session.logits(x)  # noqa: B023
+                        if gap:
+                            time.sleep(gap)
+
+                    calls = max(4, 256 // n)
+                    wall, cpu = timed(call, n, calls)
+                    runs.setdefault((intra, spin, gap), []).append((wall - 1e3 * gap / n, cpu))
+        print(f"  batch {n}:")
+        for (intra, spin, gap), rows in runs.items():
+            wall = statistics.median(w for w, _ in rows)
+            cpu = statistics.median(c for _, c in rows)
+            print(f"    intra-op {intra}, spinning {'on ' if spin else 'off'}, gap {gap * 1e3:.0f} ms  "
+                  f"wall {wall:6.3f}  CPU {cpu:6.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

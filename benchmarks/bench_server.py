@@ -221,16 +221,19 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
         for i in range(n)
     ]
     time.sleep(max(0.0, start_at - time.time()))
-    cpu0 = process_cpu_seconds(server.proc.pid)
+    cpu0, counts0 = process_cpu_seconds(server.proc.pid), server.counts()
     lat = np.concatenate([np.asarray(f.result()) for f in futures]) * 1000
-    cpu = process_cpu_seconds(server.proc.pid) - cpu0
+    cpu, counts = process_cpu_seconds(server.proc.pid) - cpu0, server.counts()
     images = len(lat) * batch
+    executions = counts[1] - counts0[1]
     return {
         "images_per_s": images / seconds,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "requests": len(lat),
         "cpu_s_per_1k": 1000 * cpu / images,
+        # mean executed batch (ModelStatistics: inferences / executions), warm-up calls included
+        "mean_batch": (counts[0] - counts0[0]) / executions if executions and server.counts_batches else None,
     }
 
 
@@ -242,6 +245,7 @@ def cli_module(root: Path) -> str:
 class Server:
     def __init__(self, deck: Path, *args: str, root: Path = ROOT) -> None:
         """``carddeck serve`` of the source tree ``root`` (another checkout: its before figures, same run)."""
+        self.counts_batches = root == ROOT  # before #23, ModelStatistics counted one execution per request
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)  # noqa: SIM115 - lives with the server
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
         cmd = [sys.executable, "-m", cli_module(root), "serve", "--deck", str(deck), "--port", "0"]
@@ -263,6 +267,18 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError("server did not start:\n" + Path(self.log.name).read_text(errors="replace")[-2000:])
 
+    def counts(self) -> tuple[int, int]:
+        """(inferences, executions) of every model so far, from the OIP's ModelStatistics."""
+        import grpc
+
+        from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
+        from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stats = stub.ModelStatistics(oip.ModelStatisticsRequest(), timeout=10).model_stats
+        return sum(m.inference_count for m in stats), sum(m.execution_count for m in stats)
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
@@ -282,6 +298,7 @@ def main() -> int:
     parser.add_argument("--rows", default="", help="comma-separated substrings of the row labels to run (default all)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--client-procs", type=int, default=4, help="client processes generating the load")
+    parser.add_argument("--serve-args", default="", help="extra `carddeck serve` flags of the micro-batching server")
     parser.add_argument(
         "--before-tree", type=Path, help="also serve from this source tree (e.g. `git archive` of an older commit)"
     )
@@ -316,8 +333,9 @@ def main() -> int:
             FLOOR: lambda x: deck.predict(x),
             "(b) torch eager uniform": torch_uniform,
         }
+        extra = args.serve_args.split()
         servers = {
-            "server, micro-batching": Server(deck_path, "--max-wait-ms", str(args.max_wait_ms)),
+            "server, micro-batching": Server(deck_path, "--max-wait-ms", str(args.max_wait_ms), *extra),
             "server, batching off": Server(deck_path, "--no-batching"),
         }
         remote = {  # label -> (client kind, server)
@@ -362,9 +380,10 @@ def main() -> int:
                 for label in labels:
                     r = rows[f"{label}|b{batch}|c{conc}"]
                     who = "server" if label in remote else "this process"
+                    mean = f"  mean batch {r['mean_batch']:5.1f}" if r.get("mean_batch") else ""
                     print(
                         f"  {label:<33} {r['images_per_s']:9.1f} img/s  p50 {r['p50_ms']:8.2f} ms  "
-                        f"p99 {r['p99_ms']:8.2f} ms  {r['cpu_s_per_1k']:6.2f} CPU s / 1k images ({who})",
+                        f"p99 {r['p99_ms']:8.2f} ms  {r['cpu_s_per_1k']:6.2f} CPU s / 1k images ({who}){mean}",
                         flush=True,
                     )
         finally:

@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     deck = Deck.open(args.deck)
     monitor = ShiftMonitor(window=32, stride=8)  # the server's defaults
-    ShiftLoader(monitor)(deck)
+    ShiftLoader(monitor, refit=False)(deck)  # the stored detector only
     if monitor.detector is None:
         print(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
         return 1

@@ -81,8 +81,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "merged requests are routed on the whole batch's mean"),
     Mutant("split-rows-shifted", "                offset += n\n", "                offset += n - (n > 1)\n", DRAIN, "",
            "a merged request gets another request's rows back"),
-    Mutant("bad-policy-checked-in-batch", "            POLICIES.get(policy)  # a bad name fails its own",
-           "            pass  # a bad name fails its own", DRAIN, "",
+    Mutant("bad-policy-checked-in-batch", "POLICIES.get(policy)  # a bad name fails its own",
+           "None  # a bad name fails its own", DRAIN, "",
            "a bad policy name fails the merged batch, not its own request"),
     # -- auth -----------------------------------------------------------------------------------
     Mutant("admin-open-without-flag", "self.admin_open = allow_unauthenticated_admin and not admin_token",
@@ -136,7 +136,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/serving/test_uploads.py",), "", "an upload whose sha256 does not match is stored"),
     # -- the store: commit and admission --------------------------------------------------------
     Mutant("commit-ignores-stamp", "        if current != expected:\n            raise ConcurrentChange",
-           "        if False:\n            raise ConcurrentChange", STORE, "deck/",
+           "        if False:\n            raise ConcurrentChange", ("tests/deck/test_backends.py", *STORE), "deck/",
            "a writer that lost the race overwrites the other's manifest"),
     Mutant("duplicate-other-bytes-accepted", "if same.sha256.get(MODEL_FILE) == sha256(data):", "if True:", STORE, "",
            "the same name/version with other bytes is a no-op, not DeckConflict"),
@@ -162,9 +162,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("older-version-active", "if c.name not in best or c.version > best[c.name].version:",
            "if c.name not in best or c.version < best[c.name].version:", STORE, "",
            "the oldest version of a card is the active one"),
-    Mutant("failed-change-leaves-files", "                    for key in change.written:",
-           "                    for key in ():", ("tests/deck/test_s3.py",), "",
+    Mutant("failed-change-leaves-files", "        for key in keys:  # fresh keys: nobody else's files",
+           "        for key in ():  # fresh keys: nobody else's files", ("tests/deck/test_s3.py",), "",
            "an S3 change that does not commit leaves its objects behind"),
+    Mutant("failed-poll-counts-as-sync", "failures=old.failures + 1, error=str(exc))",
+           "failures=old.failures + 1, error=str(exc), last_sync=time.time())",
+           ("tests/http/test_store_outage.py",), "", "a poll that failed is reported as the last sync"),
 )
 # fmt: on
 

@@ -57,6 +57,10 @@ def benches(deck: Path) -> dict[str, tuple[str, list[str]]]:
             "ONNX Runtime threads and IOBinding for merged batches",
             ["bench_ort_threads.py", "--deck", str(deck)],
         ),
+        "peers": (
+            "CARD-Deck against Triton (pytriton) and MLServer on one card (peers from their own virtualenv)",
+            ["bench_peers.py", "--deck", str(deck)],
+        ),
         "corruptions": ("Writing digits32-C (19 corruptions x 5 severities)", ["bench_corruptions.py"]),
         "replicas": ("Replicas converge: three servers on one store (local, S3)", ["bench_replicas.py"]),
     }

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
+from carddeck.catalog import method_names
 from carddeck.errors import InvalidInput
 
 SCHEMA_VERSION = 2
@@ -23,8 +24,7 @@ SCHEMA_VERSION = 2
 # (lobs, dsa); a schema-1 card lacks them and still reads, with both null.
 READABLE_SCHEMA_VERSIONS = (1, 2)
 METADATA_KEY = "carddeck.card"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-COMPRESSION_METHODS = ("dense", "lrr", "biprop", "filter", "lobs", "dsa", "dipgo")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always fullmatch: "$" also matches before a final "\n"
 LAYOUTS = ("NCHW",)
 
 
@@ -43,7 +43,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Compression:
-    method: str = "dense"  # one of COMPRESSION_METHODS
+    method: str = "dense"  # a declared compression method (carddeck.catalog)
     sparsity: float = 0.0  # fraction of prunable weights (or filters, when structured) removed
     weight_bits: int = 32
     structured: bool = False
@@ -124,7 +124,7 @@ def _check(meta: CardMeta) -> None:
 
     if meta.schema_version not in READABLE_SCHEMA_VERSIONS:
         raise bad("schema_version", f"got {meta.schema_version}, this version reads {READABLE_SCHEMA_VERSIONS}")
-    if not NAME_PATTERN.match(meta.name):
+    if not NAME_PATTERN.fullmatch(meta.name):
         raise bad("name", f"{meta.name!r} must match {NAME_PATTERN.pattern} (lowercase, digits, '-', '_')")
     if meta.version < 1:
         raise bad("version", f"must be a positive integer, got {meta.version}")
@@ -142,8 +142,8 @@ def _check(meta: CardMeta) -> None:
     if spec.layout not in LAYOUTS:
         raise bad("input.layout", f"{spec.layout!r} is not one of {LAYOUTS}")
     comp = meta.compression
-    if comp.method not in COMPRESSION_METHODS:
-        raise bad("compression.method", f"{comp.method!r} is not one of {COMPRESSION_METHODS}")
+    if comp.method not in method_names():
+        raise bad("compression.method", f"{comp.method!r} is not one of {method_names()}")
     if not 0.0 <= comp.sparsity < 1.0:
         raise bad("compression.sparsity", f"must be in [0, 1), got {comp.sparsity}")
     if comp.layer_sparsity is not None and not all(0.0 <= v <= 1.0 for v in comp.layer_sparsity):
@@ -242,7 +242,6 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
 
 
 __all__ = [
-    "COMPRESSION_METHODS",
     "METADATA_KEY",
     "NAME_PATTERN",
     "READABLE_SCHEMA_VERSIONS",

@@ -62,6 +62,14 @@ class ReadOnlyDeck(DeckConflict):
     """The deck may not be changed (the packaged default deck); the message names the way out."""
 
 
+class ServerError(CarddeckError):
+    """A remote call failed in a way no other class names (an internal error, an unknown status)."""
+
+
+class Overloaded(CarddeckError):
+    """The server is at capacity (images in flight); retry later or on another replica."""
+
+
 class Unauthenticated(CarddeckError):
     """Missing or wrong credentials for an RPC that requires them."""
 
@@ -83,7 +91,9 @@ __all__ = [
     "DeckConflict",
     "InvalidInput",
     "NotReady",
+    "Overloaded",
     "ReadOnlyDeck",
+    "ServerError",
     "TooLarge",
     "Unauthenticated",
     "shown",

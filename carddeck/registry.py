@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from carddeck.errors import InvalidInput, shown
@@ -42,3 +44,14 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
+
+
+def plugin_path(path: Iterable[str], package: str) -> list[str]:
+    """A package's folders, then its namesakes elsewhere on ``sys.path``: where a one-module method or
+    backend (``carddeck/compress/NAME.py``, ``carddeck/deck/backends/NAME.py``) may also live."""
+    sub = Path(*package.split("."))
+    folders: dict[Path, str] = {}
+    for folder in [*path, *(str(Path(p) / sub) for p in sys.path if p)]:
+        if Path(folder).is_dir():
+            folders.setdefault(Path(folder).resolve(), folder)
+    return list(folders.values())

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -82,10 +83,13 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(deck: Path | None, tmp: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(
+    deck: Path | None, tmp: Path, *args: str, env: dict[str, str] | None = None, preexec_fn: Any = None
+) -> ServerProcess:
     """``python -m carddeck.commands.cli serve`` on a free port (port 0: the server picks and logs it).
 
-    ``deck=None``: no ``--deck``, the server serves the packaged default deck."""
+    ``deck=None``: no ``--deck``, the server serves the packaged default deck. ``preexec_fn``: run in the
+    child before it starts (e.g. a lower file limit)."""
     log_path = tmp / f"server-{time.monotonic_ns()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
@@ -93,7 +97,9 @@ def start_server(deck: Path | None, tmp: Path, *args: str, env: dict[str, str] |
            "--http-port", "0"]  # fmt: skip
     cmd += ["--deck", str(deck)] if deck is not None else []
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*cmd, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+        )
     server = ServerProcess(proc, log_path, deck=deck if deck is not None else default_deck_path())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -82,3 +82,19 @@ def test_not_json_and_not_an_object():
         CardMeta.from_json("{", source="card.json")
     with pytest.raises(InvalidInput, match="expected a JSON object"):
         CardMeta.from_json(json.dumps([1, 2]))
+
+
+CONTROL = [chr(c) for c in (*range(0x20), 0x7F)]
+
+
+@pytest.mark.parametrize("char", CONTROL, ids=[f"0x{ord(c):02x}" for c in CONTROL])
+def test_card_names_with_any_control_character_are_refused(char):
+    """A full match: ``$`` also matches before a final newline, so "name\\n" passed a ``^...$`` pattern."""
+    from carddeck.serving.models import check_card_name
+
+    for name in (f"relcard-119{char}", f"{char}relcard", f"rel{char}card"):
+        with pytest.raises(InvalidInput, match="name"):
+            make_meta(name=name)
+        with pytest.raises(InvalidInput, match="is not a card name"):
+            check_card_name(name)
+    assert check_card_name("relcard-119") == "relcard-119"

@@ -1,10 +1,13 @@
 """The project's own wiring: README commands, CI script, lint and types."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +78,7 @@ def test_mypy_is_clean_on_the_serving_path():
             "carddeck/client",
             "carddeck/wire",
             "carddeck/app",
+            "carddeck/integrations",  # Ray's data plane against the transports' Protocol, Ray installed or not
             "carddeck/commands/serve.py",
         )
         if (ROOT / p).exists()
@@ -244,3 +248,168 @@ def test_the_boundary_check_sees_a_bad_import(tmp_path):
     assert "carddeck.client.zz_bad imports carddeck.server.convert: client: over the stubs" in found
     assert "carddeck.http.zz_bad imports carddeck.server.status_codes: transports do not" in found
     assert "package cycle: " in found and "card" in found.split("package cycle: ")[1]
+
+
+# -- one file is enough: a throw-away store backend from a temporary module
+MEMORY_BACKEND = '''
+"""A deck in this process's memory (mem://NAME): the whole backend, in this one file."""
+import contextlib
+import itertools
+import time
+
+from carddeck.deck.debris import AgedDebris
+from carddeck.errors import ConcurrentChange
+
+STORES = {}  # name -> {key: (bytes, stamp, written at)}
+_stamps = itertools.count(1)
+
+
+class MemoryBackend:
+    remote = True  # card files are "downloaded": the store caches them by sha256
+
+    def __init__(self, name):
+        self.root = f"mem://{name}"
+        self.files = STORES.setdefault(name, {})
+
+    @classmethod
+    def from_location(cls, location):
+        return cls(location[len("mem://"):])
+
+    def read(self, key):
+        if key not in self.files:
+            raise FileNotFoundError(key)
+        return self.files[key][0]
+
+    def read_stamped(self, key):
+        return self.read(key), self.files[key][1]
+
+    def write(self, key, data):
+        self.files[key] = (bytes(data), str(next(_stamps)), time.time())
+
+    def stamp(self, key):
+        return self.files[key][1] if key in self.files else None
+
+    def commit(self, key, data, expected):
+        if self.stamp(key) != expected:
+            raise ConcurrentChange(f"{self.root}/{key} changed since it was read")
+        self.write(key, data)
+
+    def list(self, prefix):
+        return sorted(k for k in self.files if k.startswith(prefix))
+
+    def ages(self, prefix):
+        return {k: time.time() - self.files[k][2] for k in self.list(prefix)}
+
+    def delete(self, prefix):
+        for key in [k for k in self.files if k == prefix or k.startswith(prefix.rstrip("/") + "/")]:
+            del self.files[key]
+
+    def fresh(self, key):
+        return f"{key}-{next(_stamps)}"
+
+    def lock(self):
+        return contextlib.nullcontext()
+
+    def debris(self, grace_s):
+        return AgedDebris(self, grace_s)
+
+
+BACKEND = MemoryBackend
+'''
+
+
+def test_a_store_backend_is_one_module(tmp_path, monkeypatch):
+    """A backend module dropped into a ``carddeck/deck/backends`` folder on the path serves a deck by its
+    scheme, with no other file touched: a deck is created, changed, served and swept through it."""
+    import numpy as np
+
+    from carddeck.deck import Deck, DeckStore, backends
+    from carddeck.deck.backend import schemes
+    from carddeck.errors import InvalidInput
+    from carddeck.serving.dataplane import Dataplane, DataplaneConfig
+    from tests.deck.conftest import card
+
+    with pytest.raises(InvalidInput, match=r"no backend for mem://; known: file://, s3://"):
+        DeckStore("mem://deck")
+    (tmp_path / "mem.py").write_text(MEMORY_BACKEND)
+    monkeypatch.setattr(backends, "__path__", [*backends.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "carddeck.deck.backends.mem", raising=False)
+    assert "mem" in schemes()
+
+    store = DeckStore.create("mem://deck")
+    store.add_card(card("g1", "gaussian", seed=1))
+    store.add_card(card("a1", "augmix", seed=2))
+    local = DeckStore.create(tmp_path / "local")
+    local.add_card(card("g1", "gaussian", seed=1))
+    local.add_card(card("a1", "augmix", seed=2))
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+
+    plane = Dataplane(DataplaneConfig(deck_path="mem://deck", batching=False, poll_interval_s=0))
+    try:
+        assert plane.start().card_names == ("g1", "a1")
+        prediction, _ = plane.predict(images)
+        np.testing.assert_array_equal(prediction.probabilities, Deck.open(local.root).predict(images).probabilities)
+    finally:
+        plane.close()
+
+    files = sys.modules["carddeck.deck.backends.mem"].STORES["deck"]
+    gone = store.manifest().find("g1").path
+    store.remove_card("g1")
+    assert not [k for k in files if k.startswith(gone)]  # the backend's debris rule deleted its files
+    assert DeckStore("mem://deck").list_cards()[0].name == "a1"
+
+
+# -- one file is enough: a throw-away compression method from a temporary module
+ZAP_METHOD = '''
+"""A throw-away compression method: the whole of it, in this one file."""
+from carddeck.catalog import MethodSpec, Option
+from carddeck.compress.methods import METHODS, Method
+
+SPEC = MethodSpec(
+    name="zap",
+    summary="a throw-away method",
+    export_format="sparse",
+    options=(Option("zap_level", "int", 3, "how hard to zap"),),
+)
+
+
+@METHODS.register("zap")
+class Zap(Method):
+    name = "zap"
+'''
+
+
+def test_a_compression_method_is_one_module(tmp_path):
+    """A method module in a ``carddeck/compress`` folder on the path shows in ``carddeck compress --help`` with
+    its option, validates as CardMeta's compression method, has its export format, and trains with its
+    option through the registry, with no other file touched."""
+    folder = tmp_path / "carddeck" / "compress"
+    folder.mkdir(parents=True)
+    (folder / "zap.py").write_text(ZAP_METHOD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    script = """if True:
+        import sys
+        from carddeck.card import Compression
+        from carddeck.compress import METHODS, CompressConfig, plan
+        from carddeck.export.formats import format_for
+        from tests.cards import tiny_meta
+
+        meta = tiny_meta().replace(compression=Compression(method="zap", sparsity=0.5))
+        assert meta.compression.method == "zap" and format_for("zap") == "sparse"
+        p = plan(CompressConfig(arch="resnet20", out=sys.argv[1], method="zap", options={"zap_level": 5},
+                                width=0.0625, epochs=1, corruptions=()))
+        assert type(p.method) is METHODS.get("zap") and p.method.config.options == {"zap_level": 5}
+        print("ok")
+    """
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    helps = subprocess.run([sys.executable, "-m", "carddeck", "compress", "--help"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    text = " ".join(helps.stdout.split())
+    assert "--zap-level ZAP_LEVEL zap: how hard to zap (default: 3)" in text and "zap (a throw-away method)" in text
+    # and without the module: unknown everywhere
+    env["PYTHONPATH"] = str(ROOT)
+    gone = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert gone.returncode != 0 and "'zap' is not one of ('biprop', 'dense'" in gone.stderr

@@ -10,7 +10,6 @@ ONNX Runtime cannot interrupt a card run, so nothing waits for one.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,11 +20,13 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from carddeck.deck import DeckStore
+from carddeck.deck.runtime import cpu_cores
 from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.server.interceptors import ObservabilityInterceptor
-from carddeck.serving.adaptation import Adaptation, Trigger
+from carddeck.serving.access import Tokens
+from carddeck.serving.adaptation import Trigger
 from carddeck.serving.settings import Settings
 
 log = logging.getLogger("carddeck.server")
@@ -49,6 +50,20 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
     return metrics, (ObservabilityInterceptor(metrics),), endpoint
 
 
+def taken_ports(settings: Settings) -> list[str]:
+    """Every configured port another process holds, with its flag: all at once, not one per attempt."""
+    from carddeck.server.app import port_free
+
+    ports = [
+        ("gRPC", settings.host, settings.port, "--port"),
+        ("HTTP", settings.host, settings.http_port, "--http-port"),
+        ("metrics", settings.metrics_address, settings.metrics_port, "--metrics-port"),
+    ]
+    return [
+        f"port {port} ({what}, {flag})" for what, host, port, flag in ports if port > 0 and not port_free(host, port)
+    ]
+
+
 def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     from carddeck.http import start_http_server
     from carddeck.observability.logs import configure_logging
@@ -59,6 +74,13 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     configure_logging(json_logs=settings.log_format == "json", level=logging.getLogger().level or logging.INFO)
     stop = stop or threading.Event()
     log.info("settings: %s", settings.public_dict())
+    taken = taken_ports(settings)
+    if taken:
+        raise InvalidInput(
+            f"cannot listen on {settings.host}: {'; '.join(taken)} in use; stop the other server or choose other "
+            "ports (0: any free port)"
+        )
+    Tokens.from_settings(settings).announce()
     metrics, interceptors, endpoint = _observability(settings)
     dataplane = Dataplane(
         DataplaneConfig(
@@ -66,21 +88,26 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
             batching=settings.batching,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0,
-            batch_workers=settings.batch_workers or (os.cpu_count() or 1),
+            preferred_batch_sizes=settings.preferred_batch_size_list(),
+            batch_workers=settings.batch_workers or cpu_cores(),
             poll_interval_s=settings.poll_interval_s,
             providers=settings.provider_list(),
             intra_op_threads=settings.intra_op_threads or None,
+            ort_spinning=settings.ort_spinning,
             calibration_data=settings.calibration_data,
             deck_model_name=settings.deck_model_name,
             debris_grace_s=settings.debris_grace_s,
+            max_inflight_images=settings.max_inflight_images,
+            store_timeout_s=settings.store_timeout_s,
         ),
         metrics=metrics,
     )
+    metrics.track_images_in_flight(lambda: dataplane.budget.used)
     shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
-    dataplane.on_swap.append(ShiftLoader(shift))
-    dataplane.on_predict.append(shift)
+    dataplane.on_swap.append(ShiftLoader(shift, on_refit=metrics.observe_refit))
+    dataplane.judge = shift.judge  # every answer carries its verdict (and the metrics count it)
     if settings.adapt_min_batch:
-        dataplane.adaptation = Adaptation(Trigger(min_batch=settings.adapt_min_batch), lambda: shift.detector)
+        dataplane.adaptation = Trigger(min_batch=settings.adapt_min_batch)
     health = Health()
     dataplane.on_swap.append(lambda deck: health.set_serving(dataplane.ready))
     dataplane.on_store.append(lambda state: health.set_store(state.in_sync))

@@ -6,7 +6,7 @@ import argparse
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from carddeck.card import CardMeta
+from carddeck.client.results import Added, Card, CardListing, Removed, error_from_rpc, listing
 from carddeck.errors import InvalidInput
 from carddeck.wire import arrays
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -45,7 +46,57 @@ class Result:
     label_names: list[str]
     routing: dict[str, Any]
     deck_version: int
+    verdict: Verdict | None = None
     adapted: bool = False  # the deck's adaptive cards answered (the request was shifted)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the deck can be believed on an answer (see the Verdict message in carddeck.proto)."""
+
+    shift_state: str  # in_distribution | covered | uncovered | unknown
+    scope: str  # batch | window | none
+    expected_accuracy: float | None  # None: unknown
+    expected_accuracy_kind: str  # estimate | upper_bound | unknown
+    out_of_scope: np.ndarray  # [N] float32, > 1: out of scope (NaN: unknown)
+    in_scope: np.ndarray  # [N] bool
+    risk: np.ndarray  # [N] float32 estimated error probability
+    abstained: np.ndarray  # [N] bool
+
+    @classmethod
+    def from_proto(cls, v: pb.Verdict) -> Verdict:
+        acc = v.expected_accuracy
+        return cls(v.shift_state or "unknown", v.scope, None if np.isnan(acc) or v.expected_accuracy_kind == "unknown"
+                   else acc, v.expected_accuracy_kind, np.asarray(v.out_of_scope, np.float32),
+                   np.asarray(v.in_scope, bool), np.asarray(v.risk, np.float32),
+                   np.asarray(v.abstained, bool))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StreamAnswer:
+    """One answer of :meth:`CardDeckClient.predict_stream`: the request's ``id`` and its ``result``, or
+    the ``error`` a unary Predict would have raised (``code``: the gRPC status name, e.g. INVALID_ARGUMENT)."""
+
+    id: str
+    result: Result | None = None
+    code: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+def _result(r: pb.PredictResponse) -> Result:
+    return Result(
+        arrays.from_matrix(r.probabilities),
+        np.asarray(r.labels, np.int64),
+        list(r.label_names),
+        routing_dict(r.routing),
+        r.deck_version,
+        Verdict.from_proto(r.verdict) if r.HasField("verdict") else None,
+        r.adapted,
+    )
 
 
 def routing_dict(r: pb.Routing) -> dict[str, Any]:
@@ -100,32 +151,67 @@ class CardDeckClient:
         self.close()
 
     def _call(self, method: Any, request: Any) -> Any:
-        return method(request, timeout=self.timeout, metadata=self.metadata)
+        try:
+            return method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
 
-    def predict(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> Result:
-        request = pb.PredictRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
-        r = self._call(self.stub.Predict, request)
-        return Result(
-            arrays.from_matrix(r.probabilities),
-            np.asarray(r.labels, np.int64),
-            list(r.label_names),
-            routing_dict(r.routing),
-            r.deck_version,
-            r.adapted,
+    def predict(
+        self,
+        images: np.ndarray,
+        *,
+        policy: str = "",
+        per_sample: bool = False,
+        abstain_above_risk: float | None = None,
+    ) -> Result:
+        """``abstain_above_risk``: images whose estimated error probability exceeds it come back marked
+        abstained in ``Result.verdict`` (labels still given)."""
+        request = pb.PredictRequest(
+            images=arrays.tensor_from_images(images),
+            policy=policy,
+            per_sample=per_sample,
+            abstain_above_risk=abstain_above_risk,
         )
+        return _result(self._call(self.stub.Predict, request))
+
+    def predict_stream(
+        self,
+        requests: Iterable[np.ndarray | tuple[str, np.ndarray]],
+        *,
+        policy: str = "",
+        per_sample: bool = False,
+    ) -> Iterator[StreamAnswer]:
+        """Predict for each batch of images over one streaming call (one call's overhead for all of them):
+        answers in request order, each with its request's id (given as ``(id, images)``, else its index).
+        A failed request is answered with its error and the stream goes on; only the stream itself
+        failing raises (grpc.RpcError). Requests are sent as the server takes them, while answers arrive."""
+
+        def messages() -> Iterator[pb.PredictStreamRequest]:
+            for i, item in enumerate(requests):
+                rid, images = item if isinstance(item, tuple) else (str(i), item)
+                request = pb.PredictRequest(
+                    images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample
+                )
+                yield pb.PredictStreamRequest(id=rid, request=request)
+
+        for answer in self.stub.PredictStream(messages(), metadata=self.metadata):  # no deadline: streams last
+            if answer.HasField("error"):
+                yield StreamAnswer(answer.id, code=answer.error.code, error=answer.error.message)
+            else:
+                yield StreamAnswer(answer.id, _result(answer.response))
 
     def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:
         request = pb.RouteRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
         return routing_dict(self._call(self.stub.Route, request).routing)
 
-    def list_cards(self) -> pb.ListCardsResponse:
-        return self._call(self.stub.ListCards, pb.ListCardsRequest())
+    def list_cards(self) -> CardListing:
+        return listing(self._call(self.stub.ListCards, pb.ListCardsRequest()))
 
     def get_card(self, name: str, version: int = 0) -> CardMeta:
         card = self._call(self.stub.GetCard, pb.GetCardRequest(name=name, version=version))
         return CardMeta.from_json(card.meta_json)
 
-    def add_card(self, model: bytes | str | Path) -> pb.AddCardResponse:
+    def add_card(self, model: bytes | str | Path) -> Added:
         data = model if isinstance(model, bytes) else Path(model).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
 
@@ -133,10 +219,12 @@ class CardDeckClient:
             for i in range(0, len(data), CHUNK):
                 yield pb.AddCardChunk(data=data[i : i + CHUNK], sha256=digest if i == 0 else "")
 
-        return self.stub.AddCard(chunks(), timeout=self.timeout, metadata=self.metadata)
+        r = self._call(self.stub.AddCard, chunks())
+        return Added(Card.from_pb(r.card), r.deck_version, r.already_present)
 
-    def remove_card(self, name: str, version: int = 0) -> pb.RemoveCardResponse:
-        return self._call(self.stub.RemoveCard, pb.RemoveCardRequest(name=name, version=version))
+    def remove_card(self, name: str, version: int = 0) -> Removed:
+        r = self._call(self.stub.RemoveCard, pb.RemoveCardRequest(name=name, version=version))
+        return Removed(r.deck_version, r.default_policy, r.default_policy_note)
 
 
 def _read_pem(path: str | Path | None, name: str) -> bytes | None:

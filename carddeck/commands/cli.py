@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -105,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(advice, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `carddeck predict ... | head`: the reader has all it wanted; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 0
     except OSError as exc:  # a file that cannot be read or written: say which, without a traceback
         print(f"carddeck: error: {exc}", file=sys.stderr)
         return 2

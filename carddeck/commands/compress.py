@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from carddeck.catalog import OPTION_TYPES, method_options, method_specs
 from carddeck.errors import InvalidInput
 
 ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
-METHOD_NAMES = ("dense", "lrr", "biprop", "filter", "lobs", "dsa", "dipgo")
+METHOD_NAMES = tuple(method_specs())  # each method module declares itself (carddeck.catalog)
 DOMAIN_NAMES = ("clean", "gaussian", "augmix", "lowfreq")
 
 
@@ -29,12 +30,10 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    methods = ", ".join(f"{s.name} ({s.summary})" for s in method_specs().values())
     parser.epilog = (
-        "methods: dense, lrr (iterative magnitude pruning + LR rewinding), biprop (binary weights + mask), "
-        "filter (structured L1 filter pruning, optional GraNet regrowth), lobs (layer-wise OBS, one shot + "
-        "short retraining), dsa (searched per-layer sparsity allocation), dipgo (learned channel gates under a "
-        "MACs budget); lobs, dsa and dipgo prune an --init dense card. "
-        "domains: clean, gaussian, augmix, lowfreq. architectures: resnet20, resnet18, preact-wrn18."
+        f"methods: {methods}; lobs, dsa and dipgo prune an --init dense card. "
+        f"domains: {', '.join(DOMAIN_NAMES)}. architectures: {', '.join(ARCHS)}."
     )
     a = parser.add_argument
     a("--arch", required=True, help=f"architecture: {', '.join(ARCHS)}")
@@ -55,19 +54,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a("--width", type=float, default=None, help="width multiplier of the architecture")
     a("--arch-kw", type=_arch_kw, action="append", default=[], metavar="KEY=JSON", help="extra architecture option")
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--prune-fraction", type=float, default=0.2, help="lrr: fraction of remaining weights per round")
-    g.add_argument("--rounds", type=int, default=None, help="lrr: number of pruning rounds to reach --sparsity")
-    a("--regrow", type=float, default=0.0, help="filter: GraNet regeneration fraction (0: one-shot Li et al.)")
-    a("--ramp", type=float, default=0.5, help="biprop, filter+regrow: fraction of steps ramping the sparsity")
+    groups: dict[str, Any] = {}
+    for option, users in method_options().values():  # each method's own options, as it declares them
+        add = a
+        if option.exclusive:
+            if option.exclusive not in groups:
+                groups[option.exclusive] = parser.add_mutually_exclusive_group()
+            add = groups[option.exclusive].add_argument
+        add(
+            option.flag,
+            type=OPTION_TYPES[option.type],
+            default=option.default,
+            help=f"{', '.join(users)}: {option.help}",
+        )
     a("--init", type=Path, default=None, help="start from this dense card.pt (lrr, filter: skips dense training; "
       "lobs, dsa, dipgo: required)")  # fmt: skip
     a("--calib-images", type=int, default=None,
       help="lobs, dsa, dipgo: training images for Hessians, search fitness, gates (default: 1024 or all)")  # fmt: skip
-    a("--allocation", default=None, help="lobs: per-layer targets from uniform, global (default) or dsa")
-    a("--population", type=int, default=8, help="dsa: allocation functions per generation")
-    a("--generations", type=int, default=4, help="dsa: generations of the search")
-    a("--gate-steps", type=int, default=200, help="dipgo: optimization steps of the gates")
     a("--finetune-lr", type=float, default=None,
       help="lobs, dsa, dipgo: peak learning rate of the retraining after pruning (default: --lr / 10)")  # fmt: skip
     a("--corruptions", type=_csv, default=None, help="comma list for corrupted accuracy, 'none' to skip (default: 15)")
@@ -79,6 +82,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     import torch
 
     from carddeck.compress.pipeline import CompressConfig, compress
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         severities = tuple(int(s) for s in args.severities)
     except ValueError:
         raise InvalidInput(f"--severities must be integers in 1..5, got {','.join(args.severities)}") from None
+    declared = {name: getattr(args, name) for name in method_options()}
+    own = {f.name for f in fields(CompressConfig)}  # options with a field of their own; others go in options
     config = CompressConfig(
         arch=args.arch,
         out=args.out,
@@ -111,16 +118,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         width=args.width,
         arch_kwargs=dict(args.arch_kw),
-        prune_fraction=args.prune_fraction,
-        rounds=args.rounds,
-        regrow=args.regrow,
-        ramp=args.ramp,
         init=args.init,
         calib_images=args.calib_images,
-        allocation=args.allocation,
-        population=args.population,
-        generations=args.generations,
-        gate_steps=args.gate_steps,
         finetune_lr=args.finetune_lr,
         corruptions=corruptions,
         severities=severities,
@@ -128,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         version=args.version,
         progress=not args.no_progress,
         resume=args.resume,
+        **{k: v for k, v in declared.items() if k in own},
+        options={k: v for k, v in declared.items() if k not in own},
     )
     result = compress(config)
     acc = result.meta.accuracy

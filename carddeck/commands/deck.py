@@ -1,5 +1,6 @@
-"""``carddeck deck init DIR`` makes a deck of your own; ``carddeck deck add|remove|list --server ADDR``
-change or inspect a running server's deck.
+"""``carddeck deck init DIR`` makes a deck of your own; ``carddeck deck batching DIR`` sets its batching per
+model (servers sharing the store take it with the next snapshot); ``carddeck deck add|remove|list
+--server ADDR`` change or inspect a running server's deck.
 
 add/remove need the admin token: ``--token-file`` or env CARDDECK_ADMIN_TOKEN.
 """
@@ -31,6 +32,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     init.add_argument("dir", type=Path, help="new deck directory (serve it with `carddeck serve --deck DIR`)")
     init.add_argument("--empty", action="store_true", help="an empty deck instead of a copy of the default deck")
+    batching = sub.add_parser(
+        "batching",
+        help="show or set a deck's batching, like Triton's per-model dynamic_batching (unset: the server's flags)",
+    )
+    batching.add_argument("dir", help="deck store: a directory or a store URL")
+    batching.add_argument("--card", default="", help="set the batching of this card as a model of its own")
+    batching.add_argument("--max-batch-size", type=int, help="most images in one batch")
+    batching.add_argument("--max-queue-delay-us", type=int, help="longest wait for more requests (microseconds)")
+    batching.add_argument("--preferred-batch-sizes", help="comma-separated sizes that run at once (empty: none)")
+    batching.add_argument("--clear", action="store_true", help="drop the deck's (or --card's) settings first")
     add = sub.add_parser("add", help="upload ONNX cards (streamed in chunks)")
     add.add_argument("cards", nargs="+", type=Path, help="ONNX card files")
     add.add_argument(
@@ -71,7 +82,46 @@ def card_bytes(path: Path, version: str, client: CardDeckClient) -> bytes:
     return model.SerializeToString()
 
 
+def set_batching(args: argparse.Namespace) -> dict:
+    """The deck's batching after applying the flags (none given: unchanged)."""
+    from carddeck.deck import DeckStore
+
+    store = DeckStore(args.dir)
+    config = dict(store.manifest().batching)
+    cards = dict(config.pop("cards", {}))
+    target = dict(cards.get(args.card, {})) if args.card else config
+    if args.card:
+        store.manifest().find(args.card)  # CardNotFound names the deck's cards
+    changes = {
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_microseconds": args.max_queue_delay_us,
+        "preferred_batch_size": _sizes(args.preferred_batch_sizes),
+    }
+    if not args.clear and all(v is None for v in changes.values()):
+        return store.manifest().to_dict().get("batching", {})
+    if args.clear:
+        target = {}
+    target.update({k: v for k, v in changes.items() if v is not None})
+    if args.card:
+        cards[args.card] = target
+    else:
+        config = target
+    new = {**config, **({"cards": {k: v for k, v in cards.items() if v}} if any(cards.values()) else {})}
+    return dict(store.set_batching(new).batching)
+
+
+def _sizes(text: str | None) -> object:
+    """``16,32`` -> [16, 32]; anything else is passed on for batching_config to name what is accepted."""
+    if text is None:
+        return None
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    return [int(v) for v in parts] if all(v.isdigit() for v in parts) else text
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.deck_command == "batching":
+        print(to_json(set_batching(args)))
+        return 0
     if args.deck_command == "init":
         from carddeck.deck import default_deck_path, init_deck
 
@@ -91,12 +141,16 @@ def run(args: argparse.Namespace) -> int:
             elif args.deck_command == "remove":
                 removed = client.remove_card(args.name, args.version)
                 print(f"removed {args.name}; deck version {removed.deck_version}")
+                if removed.default_policy_note:  # the removal changed the default policy: say so, and why
+                    print(f"note: {removed.default_policy_note}")
             else:
                 listing = client.list_cards()
                 if args.json:
                     print(to_json([CardMeta.from_json(c.meta_json).to_dict() for c in listing.cards]))
                 else:
                     print(f"deck version {listing.deck_version}, default policy {listing.default_policy}")
+                    if listing.default_policy_note:
+                        print(f"note: {listing.default_policy_note}")
                     for c in listing.cards:
                         print(
                             f"  {c.name}/{c.version}  domain={c.domain}  arch={c.architecture}  "

@@ -15,7 +15,14 @@ import grpc
 import numpy as np
 
 from carddeck.card import CardMeta
-from carddeck.client.api import CardDeckClient, add_client_arguments, client_from_args, rpc_error_message, to_json
+from carddeck.client.api import (
+    CardDeckClient,
+    Verdict,
+    add_client_arguments,
+    client_from_args,
+    rpc_error_message,
+    to_json,
+)
 from carddeck.errors import InvalidInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -27,6 +34,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-sample", action="store_true", help="route each image on its own")
     parser.add_argument("--batch-size", type=int, default=64, help="images per request")
     parser.add_argument("--json", action="store_true", help="print JSON (probabilities and routing) instead of lines")
+    parser.add_argument(
+        "--abstain-above-risk", type=float, default=None, metavar="P",
+        help="mark images whose estimated error probability exceeds P (0-1) as abstained",
+    )  # fmt: skip
     add_client_arguments(parser)
 
 
@@ -77,7 +88,10 @@ def _predict_file(client: CardDeckClient, args: argparse.Namespace, names: list[
     results = []
     for start in range(0, len(arr), max(1, args.batch_size)):
         part = arr[start : start + args.batch_size]
-        r = client.predict(part, policy=args.policy, per_sample=args.per_sample)
+        r = client.predict(
+            part, policy=args.policy, per_sample=args.per_sample, abstain_above_risk=args.abstain_above_risk
+        )
+        v = r.verdict
         for j in range(len(part)):
             row = j if args.per_sample else 0
             selected = [c for c, w in zip(r.routing["card_names"], r.routing["weights"][row]) if w > 0]
@@ -93,9 +107,39 @@ def _predict_file(client: CardDeckClient, args: argparse.Namespace, names: list[
                     "domain_distances": distances,
                     "probabilities": r.probabilities[j],
                     "deck_version": r.deck_version,
+                    "first_of_request": j == 0,
+                    **(_verdict_of(v, j) if v is not None else {}),
                 }
             )
     return results
+
+
+def _verdict_of(v: Verdict, j: int) -> dict:
+    return {
+        "shift_state": v.shift_state,
+        "shift_scope": v.scope,
+        "expected_accuracy": v.expected_accuracy,
+        "expected_accuracy_kind": v.expected_accuracy_kind,
+        "out_of_scope": float(v.out_of_scope[j]),
+        "in_scope": bool(v.in_scope[j]),
+        "risk": float(v.risk[j]),
+        "abstained": bool(v.abstained[j]),
+    }
+
+
+def warnings_of(line: dict, *, first_of_request: bool = True) -> list[str]:
+    """The warning lines ``carddeck predict`` prints for one image (none when the deck can be believed);
+    the request's shift warning only with its first image."""
+    out = []
+    if line.get("in_scope") is False:
+        out.append(f"out of scope (score {line['out_of_scope']:.1f} > 1): unlike anything the deck was made for")
+    if first_of_request and line.get("shift_state") == "uncovered":
+        acc = line["expected_accuracy"]
+        bound = "unknown" if acc is None else f"at most {100 * acc:.0f}%"
+        out.append(f"its {line['shift_scope']} is under a shift the deck does not cover (expected accuracy {bound})")
+    if line.get("abstained"):
+        out.append(f"abstained: estimated risk {line['risk']:.2f} above the bound")
+    return out
 
 
 def _print_lines(results: list[dict]) -> None:
@@ -107,6 +151,8 @@ def _print_lines(results: list[dict]) -> None:
             f"[{line['policy']}; distance to {why}]",
             flush=True,
         )
+        for warning in warnings_of(line, first_of_request=line.get("first_of_request", True)):
+            print(f"  warning: {line['image']}: {warning}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

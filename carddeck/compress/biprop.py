@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carddeck.catalog import MethodSpec, Option
 from carddeck.compress.criteria import global_topk
 from carddeck.compress.methods import METHODS, Finalized, GradFn, Method
 from carddeck.compress.schedules import cubic_sparsity
@@ -156,4 +157,10 @@ class Biprop(Method):
         return Finalized(plain, dict(arch_kwargs), 1.0 - kept / total)
 
 
+SPEC = MethodSpec(
+    name="biprop",
+    summary="binary weights + mask",
+    export_format="binary",
+    options=(Option("ramp", "float", 0.5, "fraction of steps ramping the sparsity"),),
+)
 METHODS.register("biprop")(Biprop)

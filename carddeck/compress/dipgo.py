@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carddeck.catalog import MethodSpec, Option
 from carddeck.compress.filters import FilterPruning
 from carddeck.compress.methods import METHODS
 from carddeck.compress.oneshot import recalibrate_batchnorm
@@ -307,4 +308,10 @@ class DiPGO(FilterPruning):
         return f"dipgo: {self.config.gate_steps} gate steps to {1 - self.config.sparsity:.3f} of dense MACs"
 
 
+SPEC = MethodSpec(
+    name="dipgo",
+    summary="learned channel gates under a MACs budget",
+    export_format="dense",  # physically smaller, like filter
+    options=(Option("gate_steps", "int", 200, "optimization steps of the gates"),),
+)
 METHODS.register("dipgo")(DiPGO)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carddeck.catalog import MethodSpec, Option
 from carddeck.compress.criteria import filter_grad, filter_l1
 from carddeck.compress.masks import Masks, apply_masks
 from carddeck.compress.methods import METHODS, Finalized, GradFn, Method
@@ -232,4 +233,13 @@ class FilterPruning(Method):
         return Finalized(small, new_kwargs, 1.0 - kept / total)
 
 
+SPEC = MethodSpec(
+    name="filter",
+    summary="structured L1 filter pruning, optional GraNet regrowth",
+    export_format="dense",  # physically smaller
+    options=(
+        Option("regrow", "float", 0.0, "GraNet regeneration fraction (0: one-shot Li et al.)"),
+        Option("ramp", "float", 0.5, "fraction of steps ramping the sparsity"),
+    ),
+)
 METHODS.register("filter")(FilterPruning)

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from carddeck.catalog import MethodSpec, Option
 from carddeck.compress.criteria import global_topk, magnitude
 from carddeck.compress.masks import Masks, apply_masks, masks_to, weight_sparsity
 from carddeck.compress.methods import METHODS, Finalized, Method, to_cpu
@@ -78,4 +79,13 @@ class MagnitudePruning(Method):
         return f"lrr: {len(self.sparsities)} pruning rounds to sparsities [{steps}]"
 
 
+SPEC = MethodSpec(
+    name="lrr",
+    summary="iterative magnitude pruning + LR rewinding",
+    export_format="sparse",
+    options=(
+        Option("prune_fraction", "float", 0.2, "fraction of remaining weights per round", exclusive="rounds"),
+        Option("rounds", "int", None, "number of pruning rounds to reach --sparsity", exclusive="rounds"),
+    ),
+)
 METHODS.register("lrr")(MagnitudePruning)

@@ -29,13 +29,6 @@ def masks_to(masks: Masks, device: torch.device | str) -> Masks:
     return {k: v.to(device) for k, v in masks.items()}
 
 
-def mask_sparsity(masks: Masks) -> float:
-    """Fraction of masked-out entries (masks at full shape)."""
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
-    return 1.0 - kept / total if total else 0.0
-
-
 def weight_sparsity(model: nn.Module, names: list[str]) -> float:
     """Fraction of exactly-zero entries over the named parameters."""
     tensors = named_tensors(model)

@@ -11,13 +11,14 @@ evaluation) and ``finalize`` (a plain ``build_net`` model holding the effective 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from carddeck.catalog import MethodSpec
 from carddeck.errors import InvalidInput
 from carddeck.registry import Registry
 
@@ -38,6 +39,7 @@ class MethodConfig:
     population: int = 8  # dsa: candidate allocation functions per generation
     generations: int = 4  # dsa: generations of the evolutionary search
     gate_steps: int = 200  # dipgo: optimization steps of the gates
+    options: dict[str, Any] = field(default_factory=dict)  # declared options of methods without a field above
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class Method:
         return self.name
 
 
+SPEC = MethodSpec(
+    name="dense",
+    summary="no compression, the baseline",
+    export_format="dense",
+)
 METHODS: Registry[type[Method]] = Registry("compression method")
 METHODS.register("dense")(Method)
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from carddeck.catalog import MethodSpec, Option
 from carddeck.compress.allocation import (
     global_magnitude,
     layer_sizes,
@@ -212,5 +213,21 @@ class DSA(OneShotPruning):
         super().__init__(config)
 
 
+LOBS_SPEC = MethodSpec(
+    name="lobs",
+    summary="layer-wise OBS, one shot + short retraining",
+    export_format="sparse",
+    options=(Option("allocation", "str", None, "per-layer targets from uniform, global (default) or dsa"),),
+)
+DSA_SPEC = MethodSpec(
+    name="dsa",
+    summary="searched per-layer sparsity allocation",
+    export_format="sparse",
+    options=(
+        Option("allocation", "str", None, "per-layer targets from uniform, global (default) or dsa"),
+        Option("population", "int", 8, "allocation functions per generation"),
+        Option("generations", "int", 4, "generations of the search"),
+    ),
+)
 METHODS.register("lobs")(LOBS)
 METHODS.register("dsa")(DSA)

@@ -7,6 +7,7 @@ names the valid choices.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import logging
 import re
 import time
@@ -20,11 +21,7 @@ from torch import nn
 
 import carddeck
 from carddeck.card import Accuracy, CardMeta, Compression, InputSpec, Provenance
-from carddeck.compress import biprop as _biprop  # noqa: F401  (registers the method)
-from carddeck.compress import dipgo as _dipgo  # noqa: F401
-from carddeck.compress import filters as _filters  # noqa: F401
-from carddeck.compress import lrr as _lrr  # noqa: F401
-from carddeck.compress import oneshot as _oneshot  # noqa: F401
+from carddeck.catalog import method_options, method_specs
 from carddeck.compress.checkpoint import load_card, load_training, save_card, save_training
 from carddeck.compress.methods import METHODS, Method, MethodConfig
 from carddeck.compress.schedules import LR_SCHEDULES
@@ -35,6 +32,9 @@ from carddeck.errors import InvalidInput
 from carddeck.nets import NETS, build_net, count_flops, count_params
 
 log = logging.getLogger(__name__)
+
+for _module in sorted({s.module for s in method_specs().values()}):  # each module declaring a method registers it
+    importlib.import_module(f"carddeck.compress.{_module}")
 
 DEVICES = ("auto", "cpu", "cuda")
 MIN_CALIB_IMAGES = 32
@@ -82,6 +82,7 @@ class CompressConfig:
     version: int = 1
     progress: bool = True
     resume: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # declared method options without a field above
 
     def training_key(self) -> dict[str, Any]:
         """What must match for --resume to continue a run (not where or how it runs)."""
@@ -157,8 +158,12 @@ def plan(config: CompressConfig) -> Plan:
     one_shot = sorted(m for m in METHODS.names() if METHODS.get(m).needs_init)
     if not method_cls.needs_init and config.calib_images is not None:
         raise InvalidInput(f"--calib-images is for methods {', '.join(one_shot)}; got method {config.method!r}")
-    if config.allocation is not None and config.method not in ("lobs", "dsa"):
-        raise InvalidInput(f"--allocation is for methods lobs, dsa; got method {config.method!r}")
+    allocating = method_options()["allocation"][1]  # the methods that declare --allocation
+    if config.allocation is not None and config.method not in allocating:
+        raise InvalidInput(f"--allocation is for methods {', '.join(allocating)}; got method {config.method!r}")
+    unknown = sorted(set(config.options) - set(method_options()))
+    if unknown:
+        raise InvalidInput(f"unknown method options {', '.join(unknown)}; declared: {', '.join(method_options())}")
     if config.population < 2 or config.generations < 1:
         raise InvalidInput(
             "--population must be at least 2 and --generations at least 1, "
@@ -219,6 +224,7 @@ def plan(config: CompressConfig) -> Plan:
             population=config.population,
             generations=config.generations,
             gate_steps=config.gate_steps,
+            options=dict(config.options),
         )
     )
     arch_kwargs = dict(config.arch_kwargs)

@@ -1,7 +1,9 @@
 """Where a deck store's files live, behind one small interface; the backend is chosen by the location.
 
-``DIR`` or ``file://DIR`` is a local directory (:class:`LocalBackend`); ``s3://bucket/prefix`` is an
-S3-compatible object store (:class:`carddeck.deck.s3.S3Backend`). Keys are ``/``-separated paths
+A location ``SCHEME://...`` is opened by the module :mod:`carddeck.deck.backends`.SCHEME (its ``BACKEND``
+class's ``from_location``), found when first named: a new backend is one module there and nothing
+else. A plain ``DIR`` is ``file://DIR`` (:mod:`carddeck.deck.backends.file`); ``s3://bucket/prefix`` is an
+S3-compatible object store (:mod:`carddeck.deck.backends.s3`). Keys are ``/``-separated paths
 relative to the deck root (``manifest.json``, ``cards/<name>/<version>/model.onnx``).
 
 The store (:class:`carddeck.deck.store.DeckStore`) writes files first and the manifest last, by
@@ -12,16 +14,15 @@ The store (:class:`carddeck.deck.store.DeckStore`) writes files first and the ma
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import shutil
-import time
-from collections.abc import Iterator
+import importlib
+import pkgutil
+import re
 from pathlib import Path
 from typing import Protocol
 
-from carddeck.deck.cardfile import atomic_write
-from carddeck.errors import ConcurrentChange
+from carddeck.deck import backends
+from carddeck.deck.debris import Debris
+from carddeck.errors import InvalidInput
 
 
 class Backend(Protocol):
@@ -75,85 +76,36 @@ class Backend(Protocol):
         """Serialize writers where the backend can (a local lock file); elsewhere the commit decides."""
         ...
 
-
-class LocalBackend:
-    """A deck directory: atomic renames, and an exclusive ``flock`` on ``ROOT/.lock`` for writers."""
-
-    remote = False
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
-
-    def read_stamped(self, key: str) -> tuple[bytes, str]:
-        path = self.root / key
-        with open(path, "rb") as f:
-            return f.read(), _stamp(os.fstat(f.fileno()))
-
-    def write(self, key: str, data: bytes) -> None:
-        atomic_write(self.root / key, data)
-
-    def stamp(self, key: str) -> str | None:
-        try:
-            return _stamp(os.stat(self.root / key))
-        except FileNotFoundError:
-            return None
-
-    def commit(self, key: str, data: bytes, expected: str | None) -> None:
-        current = self.stamp(key)
-        if current != expected:
-            raise ConcurrentChange(f"{self.root / key} changed since it was read (another writer); nothing was written")
-        atomic_write(self.root / key, data)
-
-    def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
-
-    def ages(self, prefix: str) -> dict[str, float]:
-        now = time.time()
-        ages = {}
-        for key in self.list(prefix):
-            with contextlib.suppress(FileNotFoundError):  # removed since it was listed
-                ages[key] = now - os.stat(self.root / key).st_mtime
-        return ages
-
-    def delete(self, prefix: str) -> None:
-        path = self.root / prefix
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-    def fresh(self, key: str) -> str:
-        return key  # writers hold the lock: the plain key is theirs alone
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def debris(self, grace_s: float) -> Debris:
+        """How files that no manifest names are found and removed here (:mod:`carddeck.deck.debris`)."""
+        ...
 
 
-def _stamp(st: os.stat_result) -> str:
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+SCHEME = re.compile(r"([a-z][a-z0-9+.-]*)://")
+
+
+def schemes() -> list[str]:
+    """The schemes of the backend modules there are (each module is named for its scheme)."""
+    return sorted(m.name for m in pkgutil.iter_modules(backends.__path__) if not m.name.startswith("_"))
 
 
 def open_backend(location: Path | str) -> Backend:
-    """The backend for ``location``: ``s3://bucket/prefix``, ``file://DIR`` or a plain directory."""
+    """The backend for ``location``: ``SCHEME://...`` by the module of that name, a plain path as ``file://``."""
     text = str(location)
-    if text.startswith("s3://"):
-        from carddeck.deck.s3 import S3Backend
+    match = SCHEME.match(text)
+    scheme = match.group(1) if match else "file"
+    try:
+        module = importlib.import_module(f"{backends.__name__}.{scheme}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{backends.__name__}.{scheme}":
+            raise  # the backend's own dependency is missing: say that, not "unknown scheme"
+        raise InvalidInput(
+            f"deck location {text!r}: no backend for {scheme}://; known: "
+            + ", ".join(f"{s}://" for s in schemes())
+            + " (or a directory)"
+        ) from None
+    backend: Backend = module.BACKEND.from_location(text if match else f"file://{text}")
+    return backend
 
-        return S3Backend.from_location(text)
-    if text.startswith("file://"):
-        return LocalBackend(Path(text[len("file://") :]).expanduser())
-    return LocalBackend(Path(location).expanduser())
 
-
-__all__ = ["Backend", "LocalBackend", "open_backend"]
+__all__ = ["Backend", "open_backend", "schemes"]

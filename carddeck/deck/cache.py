@@ -15,7 +15,7 @@ from pathlib import Path
 
 from carddeck.deck.cardfile import atomic_write
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def default_cache_dir() -> Path:
@@ -30,7 +30,7 @@ class FileCache:
         self.folder = folder or default_cache_dir()
 
     def _path(self, digest: str) -> Path | None:
-        return self.folder / digest[:2] / digest if _DIGEST.match(digest) else None
+        return self.folder / digest[:2] / digest if _DIGEST.fullmatch(digest) else None
 
     def get(self, digest: str) -> bytes | None:
         path = self._path(digest)

@@ -26,6 +26,7 @@ from carddeck.deck.runtime import CardSession, card_pool, choose_providers, soft
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
 from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing, combine_weights
+from carddeck.gating.shift import Trust
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def top_labels(probabilities: np.ndarray) -> np.ndarray:
 class Prediction:
     probabilities: np.ndarray  # [N, C] float32
     routing: Routing
+    verdict: Trust | None = None  # the server's verdict on it (carddeck.gating.shift.Trust); None offline
     adapted: bool = False  # answered by the cards' adaptive variants (carddeck.deck.adapt), on these images alone
     labels: np.ndarray = field(init=False)  # [N] int64, from the probabilities
 
@@ -118,8 +120,12 @@ class Deck:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         run_cards: bool = True,
+        max_run_rows: int | None = None,
+        spin: bool = False,
     ) -> Deck:
-        """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere)."""
+        """``run_cards=False``: no ORT session, only the gate and contract (for a front whose cards run elsewhere).
+        ``max_run_rows``: the most images a card runs at once (larger batches go in slices; None: any).
+        ``spin``: let ONNX Runtime's threads spin between runs (:class:`~carddeck.deck.runtime.CardSession`)."""
         store = root if isinstance(root, DeckStore) else DeckStore(root)  # a store object keeps its connection
         manifest = store.manifest()
         entries = manifest.active()
@@ -131,13 +137,19 @@ class Deck:
         for entry in entries if run_cards else ():  # one at a time: ORT session creation is not parallel
             digest = entry.sha256.get(MODEL_FILE, "")
             old = reuse.get(digest)
-            if old is not None and old.key == entry.key:
+            if old is not None and old.key == entry.key and old.max_rows == max_run_rows:
                 sessions[entry.name] = old
                 continue
             sessions[entry.name] = CardSession(
-                store.read_model(entry), key=entry.key, digest=digest, providers=chosen, intra_op_threads=threads
+                store.read_model(entry),
+                key=entry.key,
+                digest=digest,
+                providers=chosen,
+                intra_op_threads=threads,
+                max_rows=max_run_rows,
+                spin=spin,
             )
-        gate, policy, note = _gate(store, manifest, metas)
+        gate, policy, note = _load_gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)
         deck = cls(store.root, manifest, metas, sessions, gate, policy, note, store)
         if previous is not None and previous.manifest.calibration == manifest.calibration:
@@ -327,7 +339,7 @@ def mix(
     return probs
 
 
-def _gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str, str]:
+def _load_gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str, str]:
     """The gate, the default policy it serves, and why that is not the configured one ("" when it is)."""
     config = dict(manifest.gate)
     policy = str(config.get("policy", DEFAULT_POLICY))

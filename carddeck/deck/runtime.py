@@ -4,7 +4,10 @@ One session per card. Providers: CUDA then CPU when onnxruntime-gpu sees a GPU, 
 session logs the providers it actually got (ORT falls back to CPU silently apart from a log line).
 Threads: cards selected for a batch run concurrently, so each session gets
 ``cores // min(cards, cores)`` intra-op threads and the pool runs at most ``cores`` cards at once;
-together they never ask for more threads than there are cores.
+together they never ask for more threads than there are cores. Intra-op threads do not spin while
+waiting for work (ORT's default is to spin): between the small batches a server runs, spinning burnt
+1.5-2x the CPU per image with 2 threads per card and slowed the other threads sharing the cores
+(benchmarks/bench_ort_threads.py, section 3); ``spin=True`` restores it for a dedicated, idle machine.
 """
 
 from __future__ import annotations
@@ -61,26 +64,44 @@ def threads_per_card(num_cards: int, cores: int | None = None) -> int:
 
 
 class CardSession:
-    """One card's ORT session. ``run`` is thread-safe (ORT releases the GIL)."""
+    """One card's ORT session. ``run`` is thread-safe (ORT releases the GIL).
 
-    def __init__(self, model: bytes, *, key: str, digest: str, providers: Sequence[str], intra_op_threads: int) -> None:
+    ``max_rows``: images per ORT run; a larger batch runs in slices of it. ORT's memory arena grows to the
+    largest run it has seen and keeps that memory, so one 4,096-image request would pin gigabytes for good.
+    """
+
+    def __init__(
+        self,
+        model: bytes,
+        *,
+        key: str,
+        digest: str,
+        providers: Sequence[str],
+        intra_op_threads: int,
+        max_rows: int | None = None,
+        spin: bool = False,
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        for pool in ("intra_op", "inter_op"):
+            opts.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         self.key = key
         self.digest = digest
         self.intra_op_threads = intra_op_threads
+        self.max_rows = max_rows
         self.session = ort.InferenceSession(model, opts, providers=[_with_options(p) for p in providers])
         self.providers: list[str] = list(self.session.get_providers())
         log.info("card %s: ONNX Runtime providers %s, %d intra-op threads", key, self.providers, intra_op_threads)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run(["logits"], {"images": images})
-        return np.asarray(out, np.float32)
+        step = self.max_rows or max(1, len(images))
+        outs = [self.session.run(["logits"], {"images": images[i : i + step]})[0] for i in range(0, len(images), step)]
+        return np.asarray(outs[0] if len(outs) == 1 else np.concatenate(outs), np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

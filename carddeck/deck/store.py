@@ -10,46 +10,27 @@ Layout::
     ROOT/READ-ONLY                          present in the packaged default deck: every change is refused
 
 The files live in a backend chosen by the location (:mod:`carddeck.deck.backend`: a directory, or
-``s3://bucket/prefix``). Every file is written whole (on disk: a temporary name, fsynced, renamed
-into place); the manifest is written last, by a conditional commit that fails with DeckConflict if
-another writer committed since this one read it, so a crash or a lost race at any point leaves the
-previous manifest, which names only complete files. On disk, writers take an exclusive ``flock`` on
-``ROOT/.lock``; readers never lock. ``manifest()`` re-reads the manifest only when its change stamp
-(inode/size/mtime, ETag) moved, so replicas can poll the version cheaply. Remote card files are
-cached locally by sha256 (:mod:`carddeck.deck.cache`). A deck serves the highest version of each card
-name; older versions stay until removed.
-Debris (on disk) is swept at every change and by :meth:`DeckStore.clean`, under the lock (so no
-writer is mid-write): temporary files and the card directories of interrupted adds (never named by a
-manifest) at once; the directories of removed cards (marked ``.removed``) and superseded routers once
-unnamed for ``debris_grace_s`` (60 s by default), since a replica that read the previous manifest may
-still be loading them. On S3 a loser's or failed writer's files are deleted by the writer itself and a
-removed card's objects at once; objects a killed writer left behind (files under cards/, gate/ or
-a calibration file that no manifest names) go with the sweep at every change and by :meth:`clean` once
-older than ``debris_grace_s`` by the store's clock (younger ones may be a live writer's, not yet committed).
+``s3://bucket/prefix``, one module per scheme). The manifest is :mod:`carddeck.deck.manifest`; every
+change is a transaction that commits it last (:mod:`carddeck.deck.transactions`); what changes leave
+behind is swept at every change and by :meth:`DeckStore.clean`, by the backend's rule
+(:mod:`carddeck.deck.debris`). Remote card files are cached locally by sha256 (:mod:`carddeck.deck.cache`).
+A deck serves the highest version of each card name; older versions stay until removed.
 Adding a card that is already there with the same bytes answers it again (a retried add); other
 bytes under the same name and version are a DeckConflict.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
-import json
 import logging
-import os
-import shutil
-import threading
-import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from carddeck.card import CardMeta, InputSpec
+from carddeck.card import CardMeta
 from carddeck.deck.backend import open_backend
 from carddeck.deck.cache import FileCache
 from carddeck.deck.cardfile import (
@@ -60,145 +41,34 @@ from carddeck.deck.cardfile import (
     read_card_meta,
     set_card_meta,
 )
-from carddeck.errors import CarddeckError, CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
+from carddeck.deck.manifest import (
+    CALIBRATION,
+    GATE_FILES,
+    MANIFEST,
+    META_FILE,
+    MODEL_FILE,
+    CardEntry,
+    Manifest,
+    batching_config,
+    encode,
+    input_to_dict,
+    now,
+    sha256,
+)
+from carddeck.deck.transactions import DEBRIS_GRACE_S, READ_ONLY, Transactions
+from carddeck.errors import CardRejected, DeckConflict, InvalidInput
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "carddeck-deck/1"
-CALIBRATION = "calibration.npz"
-MODEL_FILE = "model.onnx"
-META_FILE = "card.json"
-READ_ONLY = "READ-ONLY"  # marker file: the deck is shipped (in the package, in the repository), never changed
 RESERVED_NAMES = frozenset({"carddeck"})  # the deck's own model name in the Open Inference Protocol
-REMOVED_MARK = ".removed"  # in a removed card's directory: kept for the grace period, from the mark's time
-GATE_FILES = ("router", "shift")  # manifest.gate keys that name fitted files under gate/ (set_gate writes them)
-DEBRIS_GRACE_S = 60.0  # replicas poll every few seconds and load a deck in seconds: ample margin
 
 
-# card files: reading, checking and atomic writes live in carddeck.deck.cardfile (shared with export)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# -- the manifest ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CardEntry:
-    name: str
-    version: int
-    domain: str
-    path: str  # relative to the deck root: cards/<name>/<version>
-    sha256: Mapping[str, str]  # file name -> hex digest
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}/{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "domain": self.domain,
-            "path": self.path,
-            "sha256": dict(self.sha256),
-        }
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The deck's table of contents. ``version`` increments on every change."""
-
-    version: int
-    cards: tuple[CardEntry, ...] = ()
-    gate: Mapping[str, Any] = field(default_factory=dict)  # policy, params, references, router
-    calibration: str | None = None
-    class_names: tuple[str, ...] = ()
-    input: Mapping[str, Any] | None = None
-    updated: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": MANIFEST_FORMAT,
-            "version": self.version,
-            "updated": self.updated,
-            "class_names": list(self.class_names),
-            "input": dict(self.input) if self.input is not None else None,
-            "gate": dict(self.gate),
-            "calibration": self.calibration,
-            "cards": [c.to_dict() for c in self.cards],
-        }
-
-    def __getitem__(self, key: str) -> Any:  # manifest()["version"] works as well as .version
-        return self.to_dict()[key]
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str) -> Manifest:
-        try:
-            if data.get("format") != MANIFEST_FORMAT:
-                raise InvalidInput(f"{source}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-            cards = tuple(
-                CardEntry(c["name"], int(c["version"]), c["domain"], c["path"], dict(c["sha256"]))
-                for c in data["cards"]
-            )
-            return cls(
-                version=int(data["version"]),
-                cards=cards,
-                gate=dict(data.get("gate") or {}),
-                calibration=data.get("calibration"),
-                class_names=tuple(data.get("class_names") or ()),
-                input=data.get("input"),
-                updated=data.get("updated", ""),
-            )
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise InvalidInput(f"{source}: malformed deck manifest ({type(exc).__name__}: {exc})") from None
-
-    def active(self) -> tuple[CardEntry, ...]:
-        """The highest version of each card name, in the order names first joined the deck."""
-        best: dict[str, CardEntry] = {}
-        for c in self.cards:
-            if c.name not in best or c.version > best[c.name].version:
-                best[c.name] = c
-        order = list(dict.fromkeys(c.name for c in self.cards))
-        return tuple(best[n] for n in order)
-
-    def find(self, name: str, version: int | None = None) -> CardEntry:
-        for c in self.active() if version is None else self.cards:
-            if c.name == name and (version is None or c.version == version):
-                return c
-        raise CardNotFound.among(name if version is None else f"{name}/{version}", (c.key for c in self.cards))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def input_to_dict(spec: InputSpec) -> dict[str, Any]:
-    return {
-        "height": spec.height,
-        "width": spec.width,
-        "channels": spec.channels,
-        "value_range": list(spec.value_range),
-        "layout": spec.layout,
-    }
-
-
-class DeckStore:
+class DeckStore(Transactions):
     """Read and change a deck (a directory or ``s3://bucket/prefix``). Changes commit the manifest last."""
 
     def __init__(self, root: Path | str, *, debris_grace_s: float = DEBRIS_GRACE_S) -> None:
-        self.backend = open_backend(root)
-        self.root = self.backend.root
-        self.debris_grace_s = debris_grace_s
-        if self.backend.stamp(MANIFEST) is None:
-            raise InvalidInput(
-                f"{self.root} is not a deck: no {MANIFEST} (make one with `carddeck deck init DIR`, "
-                "or `DeckStore.create(root)` in Python)"
-            )
-        self._cache: tuple[str, Manifest] | None = None
-        self._files = FileCache() if self.backend.remote else None
-        self._change = threading.local()  # the change in progress in this thread: its base stamp, its files
+        super().__init__(root, debris_grace_s=debris_grace_s)
+        self._files = FileCache() if self.backend.remote else None  # remote card files cost a download
         self.last_add_was_new = True  # False when the last add_card found the same card already there
 
     @classmethod
@@ -209,34 +79,10 @@ class DeckStore:
             if exist_ok:
                 return cls(root)
             raise DeckConflict(f"{backend.root} already holds a deck")
-        backend.commit(MANIFEST, _encode(Manifest(version=0, updated=_now())), expected=None)
+        backend.commit(MANIFEST, encode(Manifest(version=0, updated=now())), expected=None)
         return cls(root)
 
     # -- reading ------------------------------------------------------------------------------
-    def manifest(self) -> Manifest:
-        return self._stamped_manifest()[1]
-
-    def _stamped_manifest(self) -> tuple[str, Manifest]:
-        stamp = self.backend.stamp(MANIFEST)
-        if stamp is None:
-            raise InvalidInput(f"{self.root} is not a deck: no {MANIFEST}")
-        cached = self._cache
-        if cached is not None and cached[0] == stamp:
-            return cached
-        source = f"{self.root}/{MANIFEST}"
-        try:
-            raw, stamp = self.backend.read_stamped(MANIFEST)
-            data = json.loads(raw)
-        except (OSError, ValueError) as exc:
-            raise InvalidInput(f"{source}: unreadable manifest ({exc})") from None
-        manifest = Manifest.from_dict(data, source)
-        self._cache = (stamp, manifest)
-        return stamp, manifest
-
-    @property
-    def version(self) -> int:
-        return self.manifest().version
-
     def read_file(self, key: str) -> bytes:
         """A file of the deck by its key (``calibration.npz``, ``gate/router-3.npz``)."""
         try:
@@ -280,140 +126,6 @@ class DeckStore:
             return np.asarray(z["images"])
 
     # -- changing -----------------------------------------------------------------------------
-    @property
-    def read_only(self) -> bool:
-        return self.backend.stamp(READ_ONLY) is not None
-
-    def check_writable(self) -> None:
-        """ReadOnlyDeck (naming the way out) when the deck may not be changed."""
-        if self.read_only:
-            raise ReadOnlyDeck(
-                f"the deck {self.root} is read-only (the packaged default deck): make a copy you can change with "
-                "`carddeck deck init DIR` and serve that with `carddeck serve --deck DIR`"
-            )
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[Manifest]:
-        """One change: the manifest it starts from; files it writes are deleted again if it does not commit."""
-        self.check_writable()
-        change = self._change
-        with self.backend.lock():
-            self._cache = None
-            change.base, manifest = self._stamped_manifest()
-            change.written = []
-            try:
-                yield manifest
-            except BaseException:
-                if self.backend.remote:  # fresh keys: nobody else's files (on disk the lock kept others out)
-                    for key in change.written:
-                        with contextlib.suppress(Exception):
-                            self.backend.delete(key)
-                raise
-            finally:
-                change.base, change.written = None, []
-
-    def _write(self, key: str, data: bytes) -> None:
-        self._change.written.append(key)
-        self.backend.write(key, data)
-
-    def _commit(self, manifest: Manifest) -> Manifest:
-        """Write the manifest, if it is still the one :meth:`_locked` read (else DeckConflict)."""
-        base = getattr(self._change, "base", None)
-        assert base is not None, "commit outside _locked"
-        self.backend.commit(MANIFEST, _encode(manifest), expected=base)
-        self._cache = None
-        log.info("deck %s: version %d (%d cards)", self.root, manifest.version, len(manifest.cards))
-        try:
-            self._sweep(manifest)
-        except (OSError, CarddeckError) as exc:  # the change is committed; debris waits for the next sweep
-            log.warning("deck %s: could not remove debris: %s", self.root, exc)
-        return manifest
-
-    # -- debris -------------------------------------------------------------------------------
-    def clean(self) -> list[str]:
-        """Remove debris (see the module docstring); returns what was removed, relative to the root.
-
-        Takes the lock only when there is debris: a clean deck is not written to, a read-only one never.
-        """
-        if self.read_only:
-            return []
-        if self.backend.remote:  # no lock to take: the sweep itself is all
-            return self._sweep(self.manifest())
-        if not self._debris(self.manifest()):
-            return []
-        with self._locked() as m:
-            return self._sweep(m)
-
-    def _debris(self, manifest: Manifest) -> list[Path]:
-        """What :meth:`clean` removes now from a deck on disk, given ``manifest`` (see the module docstring)."""
-        if self.backend.remote:
-            return []
-        root = Path(self.root)
-        named = _named(manifest)
-        cutoff = time.time() - self.debris_grace_s
-
-        def unnamed(path: Path) -> bool:
-            return path.relative_to(root).as_posix() not in named
-
-        def expired(path: Path) -> bool:
-            with contextlib.suppress(FileNotFoundError):
-                return path.stat().st_mtime < cutoff
-            return True
-
-        tmp = [*root.glob(".*.tmp"), *root.glob("cards/*/*/.*.tmp"), *root.glob("gate/.*.tmp")]
-        cards = [
-            d
-            for d in root.glob("cards/*/*")
-            if d.is_dir() and unnamed(d) and (not (d / REMOVED_MARK).exists() or expired(d / REMOVED_MARK))
-        ]
-        routers = [r for r in root.glob("gate/*-*.npz") if unnamed(r) and expired(r)]  # routers, shift detectors
-        return tmp + cards + routers
-
-    def _orphans(self, manifest: Manifest) -> list[str]:
-        """Objects of a remote deck that no manifest names and no live writer can still commit (killed writers').
-
-        No lock spans machines, so age decides: a writer commits within seconds of writing its files
-        (under fresh keys), so unnamed files older than the grace period, by the store's clock, are
-        orphans; younger ones may be a concurrent writer's, not yet committed, and stay.
-        """
-        named = _named(manifest)
-
-        def ours(key: str) -> bool:  # only what a writer puts there: cards, fitted gate files, calibration
-            return key.startswith(("cards/", "gate/")) or (key.startswith("calibration") and "/" not in key)
-
-        def unnamed(key: str) -> bool:
-            parts = key.split("/")
-            return not any("/".join(parts[:i]) in named for i in range(1, len(parts) + 1))
-
-        ages = self.backend.ages("")
-        return sorted(k for k, age in ages.items() if ours(k) and unnamed(k) and age > self.debris_grace_s)
-
-    def _sweep(self, manifest: Manifest) -> list[str]:
-        """Under the lock (no writer is mid-write): remove the debris, then card-name directories left empty."""
-        if self.backend.remote:
-            orphans = self._orphans(manifest)
-            for key in orphans:
-                self.backend.delete(key)
-            if orphans:
-                log.info(
-                    "deck %s: removed objects no manifest names (killed writers): %s", self.root, ", ".join(orphans)
-                )
-            return orphans
-        removed = self._debris(manifest)
-        root = Path(self.root)
-        for path in removed:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        for name_dir in root.glob("cards/*"):
-            if name_dir.is_dir() and not any(name_dir.iterdir()):
-                name_dir.rmdir()
-        names = sorted(p.relative_to(root).as_posix() for p in removed)
-        if names:
-            log.info("deck %s: removed debris %s", self.root, ", ".join(names))
-        return names
-
     def add_card(
         self,
         model: bytes | Path | str,
@@ -478,8 +190,7 @@ class DeckStore:
                 )
             rel = self.backend.fresh(f"cards/{meta.name}/{meta.version}")
             meta_bytes = meta.to_json().encode()
-            if not self.backend.remote:  # the key comes back within the grace period: no longer removed
-                (Path(self.root) / rel / REMOVED_MARK).unlink(missing_ok=True)
+            self.debris.revive(rel)
             self._write(f"{rel}/{MODEL_FILE}", data)
             self._write(f"{rel}/{META_FILE}", meta_bytes)
             entry_ = CardEntry(
@@ -492,7 +203,7 @@ class DeckStore:
                     cards=(*m.cards, entry_),
                     class_names=tuple(meta.class_names),
                     input=input_to_dict(meta.input),
-                    updated=_now(),
+                    updated=now(),
                 )
             )
         self.last_add_was_new = True
@@ -510,10 +221,8 @@ class DeckStore:
             if not gone:
                 m.find(name, version)  # raises CardNotFound naming what is there
             keep = tuple(c for c in m.cards if c not in gone)
-            if not self.backend.remote:  # on disk: kept for the grace period, counted from now
-                for c in gone:
-                    with contextlib.suppress(OSError):
-                        (Path(self.root) / c.path / REMOVED_MARK).touch()
+            for c in gone:
+                self.debris.retire(c.path)
             self._commit(
                 replace(
                     m,
@@ -521,12 +230,10 @@ class DeckStore:
                     cards=keep,
                     class_names=m.class_names if keep else (),
                     input=m.input if keep else None,
-                    updated=_now(),
+                    updated=now(),
                 )
             )
-        if self.backend.remote:  # on disk they are marked and swept after the grace period
-            for c in gone:
-                self.backend.delete(c.path)
+        self.debris.retired(c.path for c in gone)
         return [c.key for c in gone]
 
     def set_gate(
@@ -558,15 +265,20 @@ class DeckStore:
                 if fitted is None:
                     continue
                 old = m.gate.get(key)
-                if old and not self.backend.remote:  # superseded: kept for the grace period, counted from now
-                    with contextlib.suppress(OSError):
-                        os.utime(Path(self.root) / old)
+                if old:
+                    self.debris.supersede(old)
                 rel = self.backend.fresh(f"gate/{key}-{m.version + 1}.npz")
                 buf = io.BytesIO()
                 fitted.save(buf)
                 self._write(rel, buf.getvalue())
                 gate[key] = rel
-            return self._commit(replace(m, version=m.version + 1, gate=gate, updated=_now()))
+            return self._commit(replace(m, version=m.version + 1, gate=gate, updated=now()))
+
+    def set_batching(self, config: Mapping[str, Any]) -> Manifest:
+        """Replace the deck's batching settings (:func:`batching_config`); replicas take them with the next snapshot."""
+        checked = batching_config(config)
+        with self._locked() as m:
+            return self._commit(replace(m, version=m.version + 1, batching=checked, updated=now()))
 
     def set_calibration(self, images: np.ndarray) -> Manifest:
         """Store clean uint8 [N,H,W,3] images used to sign cards that arrive without a signature."""
@@ -580,17 +292,7 @@ class DeckStore:
         with self._locked() as m:
             rel = self.backend.fresh(CALIBRATION)
             self._write(rel, buf.getvalue())
-            return self._commit(replace(m, version=m.version + 1, calibration=rel, updated=_now()))
-
-
-def _named(manifest: Manifest) -> set[str]:
-    """The keys and card folders ``manifest`` names (what a sweep never removes)."""
-    gate = {str(manifest.gate[k]) for k in GATE_FILES if manifest.gate.get(k)}
-    return {c.path for c in manifest.cards} | gate | ({manifest.calibration} if manifest.calibration else set())
-
-
-def _encode(manifest: Manifest) -> bytes:
-    return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+            return self._commit(replace(m, version=m.version + 1, calibration=rel, updated=now()))
 
 
 __all__ = [
@@ -604,6 +306,7 @@ __all__ = [
     "DeckStore",
     "Manifest",
     "atomic_write",
+    "batching_config",
     "check_contract",
     "check_runs",
     "read_card_meta",

@@ -21,9 +21,7 @@ from carddeck.deck.store import DeckStore
 from carddeck.eval.robustness import CLEAN, Condition, ConditionRun, EvalResult, Source, batches, route_run
 from carddeck.gating.policies import Gate
 from carddeck.gating.router import CalibratedRouter
-
-# The detector lives in observability until #21 moves it into gating.
-from carddeck.observability.shift import ShiftDetector
+from carddeck.gating.shift import ShiftDetector
 from carddeck.serving.adaptation import Trigger
 
 

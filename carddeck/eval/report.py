@@ -46,9 +46,29 @@ def markdown(result: EvalResult) -> str:
     if result.corrupted:
         out += wins_and_losses(result)
         out += held_out_against_uniform(result)
+    if result.selective:
+        out += selective_table(result)
     if result.notes:
         out += ["## Notes", "", *(f"- {k}: {v}" for k, v in result.notes.items()), ""]
     return "\n".join(out)
+
+
+def selective_table(result: EvalResult) -> list[str]:
+    """Selective prediction on the corrupted test set: AURC per method, against the uniform deck's
+    maximum-softmax baseline (the target: at least 20% below it), and the error at a few coverages."""
+    base = result.selective.get("uniform", {}).get("aurc")
+    lines = [
+        "## Selective prediction (corrupted test set, risk = 1 - max softmax)",
+        "",
+        "| method | AURC (%) | vs uniform MSP | error at 50% coverage | at 80% | at 100% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, sel in sorted(result.selective.items(), key=lambda kv: kv[1]["aurc"]):
+        cov, risk = np.asarray(sel["coverage"]), np.asarray(sel["risk"])
+        at = [_pct(float(np.interp(c, cov, risk))) for c in (0.5, 0.8, 1.0)]
+        rel = "-" if not base else f"{100 * (sel['aurc'] / base - 1):+.0f}%"
+        lines.append(f"| {m} | {100 * sel['aurc']:.2f} | {rel} | {' | '.join(at)} |")
+    return [*lines, ""]
 
 
 def wins_and_losses(result: EvalResult) -> list[str]:
@@ -143,6 +163,25 @@ def plot(result: EvalResult, path: Path, methods: list[str] | None = None) -> No
     plt.close(fig)
 
 
+def plot_risk_coverage(result: EvalResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m, sel in sorted(result.selective.items(), key=lambda kv: kv[1]["aurc"]):
+        style = {"lw": 2.5, "color": "k"} if m == "uniform" else {"lw": 1.2}
+        ax.plot(sel["coverage"], 100 * np.asarray(sel["risk"]), label=f"{m} (AURC {100 * sel['aurc']:.2f})", **style)
+    ax.set_xlabel("coverage (share of images answered, least risky first)")
+    ax.set_ylabel("error among answered images (%)")
+    ax.set_title("Risk-coverage on the corrupted test set")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(result: EvalResult, out: Path, *, png: bool = True) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
@@ -152,6 +191,9 @@ def write_report(result: EvalResult, out: Path, *, png: bool = True) -> dict[str
         try:
             plot(result, out / "eval.png")
             paths["png"] = out / "eval.png"
+            if result.selective:
+                plot_risk_coverage(result, out / "risk_coverage.png")
+                paths["risk_coverage"] = out / "risk_coverage.png"
         except ImportError:  # matplotlib is in the train extra
             pass
     return paths

@@ -54,6 +54,8 @@ class EvalResult:
     cards_per_image: dict[str, float]  # method -> mean number of cards run per image (all conditions)
     batch_size: int
     notes: dict[str, Any] = field(default_factory=dict)
+    # method -> {"aurc", "coverage" [...], "risk" [...]}: selective prediction on the corrupted conditions
+    selective: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def corrupted(self) -> tuple[Condition, ...]:
@@ -89,7 +91,17 @@ class EvalResult:
                 }
                 for m in self.methods
             },
+            "selective": self.selective,
         }
+
+
+def risk_coverage(risk: np.ndarray, wrong: np.ndarray, points: int = 21) -> dict[str, Any]:
+    """Selective prediction (Geifman & El-Yaniv): answer the images of lowest estimated risk first; the
+    error among the answered images at each coverage, and its area (AURC, the mean over all coverages)."""
+    order = np.argsort(risk, kind="stable")
+    errors = np.cumsum(wrong[order]) / np.arange(1, len(order) + 1)
+    at = np.linspace(0, len(order) - 1, points).round().astype(int)
+    return {"aurc": float(errors.mean()), "coverage": ((at + 1) / len(order)).tolist(), "risk": errors[at].tolist()}
 
 
 def run_condition(deck: Deck, condition: Condition, images: np.ndarray, labels: np.ndarray) -> ConditionRun:
@@ -200,14 +212,21 @@ def evaluate(
     per_image: dict[str, float] = {}
     conditions = tuple(r.condition for r in runs)
 
+    selective: dict[str, dict[str, Any]] = {}
+
     def score(method: str, weights_of: Callable[[ConditionRun], np.ndarray], combine: str = "mean") -> None:
-        acc[method], counts = {}, []
+        acc[method], counts, msp, wrong = {}, [], [], []
         for run in runs:
             w = weights_of(run)  # [n, K]
             mixed = np.einsum("nk,knc->nc", combine_weights(w, run.probabilities, combine), run.probabilities)
             acc[method][run.condition] = float((mixed.argmax(axis=1) == run.labels).mean())
             counts.append((w > 0).sum(axis=1))
+            if run.condition != CLEAN:
+                msp.append(mixed.max(axis=1))
+                wrong.append(mixed.argmax(axis=1) != run.labels)
         per_image[method] = float(np.concatenate(counts).mean())
+        if msp and not method.startswith("card:"):  # risk = 1 - max softmax, the served risk estimate
+            selective[method] = risk_coverage(1 - np.concatenate(msp), np.concatenate(wrong))
 
     def single(k: int) -> Callable[[ConditionRun], np.ndarray]:
         return lambda run: np.eye(len(names), dtype=np.float32)[np.full(len(run.labels), k)]
@@ -247,7 +266,7 @@ def evaluate(
     acc["oracle"] = {c: max(acc[f"card:{n}"][c] for n in names) for c in conditions}
     per_image["oracle"] = 1.0
     acc["set-oracle"], per_image["set-oracle"] = set_oracle(runs, max(1, len(names) // 2))
-    return EvalResult(names, conditions, acc, per_image, batch_size)
+    return EvalResult(names, conditions, acc, per_image, batch_size, selective=selective)
 
 
 def set_oracle(runs: Sequence[ConditionRun], max_cards: int) -> tuple[dict[Condition, float], float]:
@@ -325,6 +344,7 @@ __all__ = [
     "fit_router_on",
     "generated_source",
     "held_out_routers",
+    "risk_coverage",
     "route_run",
     "run_condition",
     "set_oracle",

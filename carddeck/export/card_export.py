@@ -81,11 +81,8 @@ def _with_signature(meta: CardMeta, images: np.ndarray | None) -> tuple[CardMeta
         return meta, "kept from the checkpoint"
     if images is None:
         return meta, "none (no uint8 training images given)"
-    try:
-        from carddeck.gating import domain_signature
-    except ImportError:
-        log.info("carddeck.gating.domain_signature not available: card exported without a signature")
-        return meta, "none (carddeck.gating.domain_signature not available)"
+    from carddeck.gating import domain_signature
+
     signature = domain_signature(meta.domain, images, seed=0)
     note = f"domain {meta.domain!r} on {len(images)} training images"
     return meta.replace(signature=tuple(float(v) for v in signature)), note

@@ -28,22 +28,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from carddeck.catalog import method_specs
 from carddeck.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("dense", "sparse", "binary")
 SPARSE_ENCODINGS = ("bitmask", "sparse-initializer")
-# What each compression method (CardMeta.compression.method) is stored as.
-FORMAT_FOR_METHOD = {
-    "dense": "dense",
-    "lrr": "sparse",
-    "biprop": "binary",
-    "filter": "dense",
-    "lobs": "sparse",
-    "dsa": "sparse",
-    "dipgo": "dense",  # physically smaller, like filter
-}
 QUANTIZED_FORMATS = ("binary",)
 
 
@@ -53,12 +44,10 @@ def format_for(method: str, requested: str | None = None) -> str:
         if requested not in FORMATS:
             raise InvalidInput(f"unknown export format {requested!r}; valid formats: auto, {', '.join(FORMATS)}")
         return requested
-    try:
-        return FORMAT_FOR_METHOD[method]
-    except KeyError:
-        raise InvalidInput(
-            f"no export format for compression method {method!r}; known: {', '.join(FORMAT_FOR_METHOD)}"
-        ) from None
+    specs = method_specs()  # each method declares how its cards are stored
+    if method not in specs:
+        raise InvalidInput(f"no export format for compression method {method!r}; known: {', '.join(specs)}")
+    return specs[method].export_format
 
 
 # -- sparse ------------------------------------------------------------------------------------------
@@ -384,7 +373,6 @@ def int8_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 __all__ = [
     "CALIBRATION_METHODS",
     "FORMATS",
-    "FORMAT_FOR_METHOD",
     "QUANTIZED_FORMATS",
     "SPARSE_ENCODINGS",
     "BinaryStats",

@@ -16,6 +16,7 @@ HTTP_STATUS: dict[type[BaseException], int] = {
     errors.CardNotFound: 404,
     errors.DeckConflict: 409,
     errors.NotReady: 503,
+    errors.Overloaded: 429,
     errors.Cancelled: 503,  # HTTP has no deadline to miss; only a drain cancels, and a retry elsewhere helps
 }
 

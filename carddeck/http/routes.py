@@ -15,8 +15,8 @@ from typing import Any
 from carddeck.errors import InvalidInput, NotReady
 from carddeck.http import tensors
 from carddeck.serving.access import Access
-from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels, TensorInfo, server_metadata
+from carddeck.serving.plane import Plane
 from carddeck.serving.snapshot import STORE_KEY
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
@@ -47,7 +47,7 @@ def _tensor(t: TensorInfo) -> dict[str, Any]:
 
 
 class Routes:
-    def __init__(self, dataplane: Dataplane, models: OipModels) -> None:
+    def __init__(self, dataplane: Plane, models: OipModels) -> None:
         self.dp = dataplane
         self.models = models
 

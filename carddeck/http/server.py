@@ -7,13 +7,18 @@ compiled dependencies; the asyncio loop only reads bodies and writes replies, wh
 Every route goes through :func:`_endpoint`: bearer-token auth (the same rule as the gRPC method it
 mirrors), the request-size limit (413 before reading more than the limit), the request id, the
 metrics (``service="http"``, the route template in ``rpc``, the HTTP status in ``code``) and the
-one error table of :mod:`carddeck.http.errors`, answered as ``{"error": ...}``.
+one error table of :mod:`carddeck.http.errors`, answered as ``{"error": ...}``. An all-JSON body has a
+tighter limit of its own (``--max-json-mb``): parsing JSON holds the GIL, and costs many times its size.
+Connections are guarded below the application (:mod:`carddeck.http.connections`): a deadline for each
+whole request, a cap on open connections, and an answer for requests cut short by either or by SIGTERM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import resource
 import socket
 import ssl
 import threading
@@ -28,40 +33,60 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated
+from carddeck.http.connections import CUT_KEY, Limits, connection_cap, guarded_protocol
 from carddeck.http.errors import status_for
 from carddeck.http.routes import Call, Reply, Routes
 from carddeck.observability.logs import REQUEST_ID_KEY, request_id_from, request_id_var
 from carddeck.observability.metrics import Metrics
 from carddeck.serving.access import Access, Tokens, bearer_token
-from carddeck.serving.dataplane import Dataplane
 from carddeck.serving.oip import OipModels
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import MiB
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("carddeck.access")
 SERVICE = "http"
+# asyncio accepts up to `backlog` connections in one go before any of them is seen (and the cap applied):
+# a small burst keeps a flood of connects from taking the descriptors the cap leaves to gRPC and /metrics
+ACCEPT_BURST = 128
 
 
 def _json_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def read_body(request: Request, limit: int) -> bytes | bytearray:
-    """The body, refused (413) as soon as it passes ``limit`` bytes, inflated when gzip/deflate-encoded."""
+def _too_large(problem: str, limit: int, json_only: bool) -> TooLarge:
+    if json_only:  # parsing JSON costs the whole process time and many times its size in memory
+        return TooLarge(
+            f"JSON request body {problem} the server's limit of {limit} bytes for JSON (--max-json-mb); send "
+            "large tensors with the binary tensor data extension (header Inference-Header-Content-Length, "
+            "inputs[i].parameters.binary_data_size; tritonclient.http does so by default)"
+        )
+    return TooLarge(f"request body {problem} the server's limit of {limit} bytes")
+
+
+async def read_body(request: Request, limit: int, json_limit: int | None = None) -> bytes | bytearray:
+    """The body, refused (413) as soon as it passes ``limit`` bytes, inflated when gzip/deflate-encoded.
+
+    ``json_limit``: the tighter limit of a body that is all JSON (no binary tensor part after a JSON header)."""
+    if json_limit is not None and request.headers.get("inference-header-content-length") is None:
+        limit, json_only = min(limit, json_limit), True
+    else:
+        json_only = False
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"request body of {int(declared)} bytes exceeds the server's limit of {limit} bytes")
+        raise _too_large(f"of {int(declared)} bytes exceeds", limit, json_only)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise TooLarge(f"request body exceeds the server's limit of {limit} bytes")
+            raise _too_large("exceeds", limit, json_only)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -73,14 +98,20 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
     except zlib.error as exc:
         raise InvalidInput(f"request body: not valid {encoding} data ({exc})") from None
     if len(out) > limit:
-        raise TooLarge(f"request body inflates past the server's limit of {limit} bytes")
+        raise _too_large("inflates past", limit, json_only)
     if not inflater.eof:
         raise InvalidInput(f"request body: truncated {encoding} data")
     return out
 
 
 def _endpoint(
-    handler: Callable[[Call], Reply], route: str, access: Access, tokens: Tokens, metrics: Metrics | None, limit: int
+    handler: Callable[[Call], Reply],
+    route: str,
+    access: Access,
+    tokens: Tokens,
+    metrics: Metrics | None,
+    limit: int,
+    json_limit: int | None,
 ) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         start = time.perf_counter()
@@ -93,9 +124,15 @@ def _endpoint(
             refusal = tokens.refusal(access, bearer_token(request.headers.items()))
             if refusal is not None:
                 raise Unauthenticated(refusal)
-            body = await read_body(request, limit) if request.method == "POST" else b""
+            body = await read_body(request, limit, json_limit) if request.method == "POST" else b""
             reply = await run_in_threadpool(handler, Call(request.path_params, body, request.headers))
             response = Response(reply.body, reply.status, reply.headers, reply.media_type)
+        except ClientDisconnect:  # the client went away mid-body: nginx's 499, not a server error
+            response = Response(status_code=499)
+        except asyncio.CancelledError:
+            if CUT_KEY not in request.scope:  # cut short at shutdown, already answered 503: nothing to raise
+                raise
+            response = Response(status_code=503)
         except CarddeckError as exc:
             response = _json_error(status_for(exc), str(exc))
         except Exception as exc:  # routes raise carddeck errors only, so this is a bug: no traceback to the client
@@ -105,10 +142,10 @@ def _endpoint(
             request_id_var.reset(token)
         response.headers[REQUEST_ID_KEY] = rid
         seconds = time.perf_counter() - start
-        code = str(response.status_code)
+        status = request.scope.get(CUT_KEY, response.status_code)  # what the client actually got
+        code = str(status)
         if metrics is not None:
             metrics.rpc_finished(SERVICE, route, code, seconds)
-        status = response.status_code
         level = logging.DEBUG if status < 400 else logging.WARNING if status >= 500 else logging.INFO
         access_log.log(
             level, "http %s %s %s in %.1f ms", request.method, route, code, seconds * 1e3,
@@ -126,15 +163,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _json_error(status, f"{request.method} {request.url.path}: {detail}")
 
 
-def build_app(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> Starlette:
+def build_app(settings: Settings, dataplane: Plane, *, metrics: Metrics | None = None) -> Starlette:
     models = OipModels.from_settings(dataplane, settings)
     tokens = Tokens.from_settings(settings)
     message_limit = settings.max_message_mb * MiB
-    card_limit = settings.max_card_mb * MiB * 4 // 3 + MiB  # a card travels base64-encoded in JSON
+    json_limit = settings.max_json_mb * MiB
+    card_limit = settings.max_card_mb * MiB * 4 // 3 + MiB  # a card travels base64-encoded in JSON: one string
     routes = []
     for method, path, rpc, access, handler in Routes(dataplane, models).table():
-        limit = card_limit if rpc == "RepositoryModelLoad" else message_limit
-        routes.append(Route(path, _endpoint(handler, path, access, tokens, metrics, limit), methods=[method]))
+        limit, json_only = (card_limit, None) if rpc == "RepositoryModelLoad" else (message_limit, json_limit)
+        endpoint = _endpoint(handler, path, access, tokens, metrics, limit, json_only)
+        routes.append(Route(path, endpoint, methods=[method]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -176,7 +215,7 @@ class HttpServer:
         self.thread.join(timeout=timeout)
 
 
-def start_http_server(settings: Settings, dataplane: Dataplane, *, metrics: Metrics | None = None) -> HttpServer:
+def start_http_server(settings: Settings, dataplane: Plane, *, metrics: Metrics | None = None) -> HttpServer:
     """Serve the Open Inference Protocol over HTTP on ``settings.host:settings.http_port`` from a thread."""
     sock = _listen(settings.host, settings.http_port)
     tls: dict[str, Any] = {}
@@ -184,8 +223,14 @@ def start_http_server(settings: Settings, dataplane: Dataplane, *, metrics: Metr
         tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
         if settings.tls_client_ca:
             tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    cap = connection_cap(settings.http_max_connections)
+    if cap < settings.http_max_connections:
+        log.warning("HTTP connections capped at %d (not --http-max-connections %d): the open-file limit is %d",
+                    cap, settings.http_max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
     config = uvicorn.Config(
         build_app(settings, dataplane, metrics=metrics),
+        http=guarded_protocol(Limits(settings.http_request_timeout_s, cap)),
+        backlog=ACCEPT_BURST,
         log_config=None,
         access_log=False,  # carddeck.access logs every request with its id
         lifespan="on",

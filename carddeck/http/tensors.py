@@ -49,6 +49,8 @@ def json_object(body: bytes | bytearray, what: str) -> dict[str, Any]:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise InvalidInput(f"{what}: JSON nested too deeply (an infer body needs 6 levels)") from None
     if not isinstance(value, dict):
         raise InvalidInput(f"{what}: expected a JSON object, got {type(value).__name__}")
     return value

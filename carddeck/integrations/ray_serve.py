@@ -25,7 +25,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,15 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from carddeck.deck import Deck, DeckStore, Prediction
+from carddeck.card import CardMeta
+from carddeck.deck import Deck, DeckStore, Manifest, Prediction
 from carddeck.deck.deck import mix, routed_rows
 from carddeck.deck.runtime import CardSession, choose_providers, softmax
-from carddeck.errors import CardNotFound, InvalidInput, NotReady
+from carddeck.errors import Cancelled, CardNotFound, InvalidInput, NotReady
+from carddeck.serving.batching import BatchPolicy
 from carddeck.serving.models import Model, resolve
+from carddeck.serving.snapshot import StoreState, StoreWatch
+from carddeck.serving.stats import ModelStats, Statistics
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +210,10 @@ class _Snapshot:
 
 
 class RayDataplane:
-    """The part of :class:`carddeck.serving.dataplane.Dataplane` that the OIP routes use, over Ray handles.
+    """The transports' data plane (:class:`carddeck.serving.plane.Plane`) over Ray handles.
 
-    Synchronous, like the routes (which run in a thread pool): card calls wait on ``.result()``.
+    Synchronous, like the routes (which run in a thread pool): card calls wait on ``.result()``. Its store
+    state and statistics are this ingress replica's own, as each ``carddeck serve`` replica reports its own.
     """
 
     def __init__(self, config: RayDeckConfig, reconciler: DeploymentHandle) -> None:
@@ -215,6 +221,8 @@ class RayDataplane:
         self.reconciler = reconciler
         self.store = DeckStore(config.deck)
         self._snapshot: _Snapshot | None = None
+        self.store_watch = StoreWatch(config.deck)
+        self.statistics = Statistics()
         self._lock = threading.Lock()
         self._counts = {"card_calls": 0, "retried": 0, "unavailable": 0, "in_flight": 0}
         self._stop = threading.Event()
@@ -222,10 +230,29 @@ class RayDataplane:
         self._thread.start()
 
     # -- the snapshot -------------------------------------------------------------------------
-    def refresh(self) -> bool:
-        """Swap in the store's deck once every card of it runs; True when it swapped."""
+    def poll(self) -> None:
+        """One look at the store, as ``carddeck serve``'s poll: swap in its deck once it is deployed; on any
+        failure keep the snapshot and note it in :attr:`store_state`. While the reconciler deploys a new
+        version, the store is neither in sync nor failing: the state stays as it was."""
+        snap = self._snapshot
+        serving = snap.deck.version if snap is not None else "none"
+        try:
+            manifest = self.store.manifest()
+        except Exception as exc:  # endpoint down, directory gone or unreadable, a torn manifest
+            self.store_watch.failed(exc, reachable=False, version=serving)
+            return
+        try:
+            self.refresh(manifest)
+        except Exception as exc:  # a card that cannot be read, the reconciler out of reach
+            self.store_watch.failed(exc, reachable=True, version=serving)
+            return
+        snap = self._snapshot
+        if snap is not None and snap.deck.version == manifest.version:
+            self.store_watch.synced(manifest.version)
+
+    def refresh(self, manifest: Manifest) -> bool:
+        """Swap in the deck of ``manifest`` (the store's) once every card of it runs; True when it swapped."""
         current = self._snapshot
-        manifest = self.store.manifest()
         if current is not None and manifest.version == current.deck.version:
             return False
         running = self.reconciler.running.remote().result(timeout_s=self.config.request_timeout_s)
@@ -241,10 +268,7 @@ class RayDataplane:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.refresh()
-            except Exception as exc:
-                log.warning("deck %s: snapshot refresh failed: %s", self.config.deck, exc)
+            self.poll()
             self._stop.wait(self.config.poll_interval_s)
 
     def close(self) -> None:
@@ -266,6 +290,10 @@ class RayDataplane:
         snap = self._snapshot
         return snap is not None and bool(snap.deck.cards)
 
+    @property
+    def store_state(self) -> StoreState:
+        return self.store_watch.state
+
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
         yield  # Ray Serve drains a replica's in-flight requests itself (graceful_shutdown_timeout_s)
@@ -282,6 +310,8 @@ class RayDataplane:
         # swapped since the model was resolved: the same cards' applications, by name, serve the request
         return _Snapshot(model.deck, {m.name: serve.get_app_handle(card_app_name(m.name)) for m in model.deck.cards})
 
+    # Ray's proxies pass no client deadline on (timeout_s is None from both): each card call waits at most
+    # request_timeout_s. A cancelled request is dropped before its card calls go out.
     def predict(
         self,
         images: np.ndarray,
@@ -289,22 +319,95 @@ class RayDataplane:
         model: Model | None = None,
         policy: str | None = None,
         per_sample: bool = False,
-        **_: Any,
+        timeout_s: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> tuple[Prediction, Deck]:
-        snap = self._snapshot_of(model or self.resolve())  # the snapshot this request finishes on
+        model = model or self.resolve()
+        snap = self._snapshot_of(model)  # the snapshot this request finishes on
         deck = snap.deck
-        x = deck.prepare(images)
-        routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
-        return Prediction(self._combine(snap, x, routing.weights), routing), deck
+        start = time.monotonic()
+        try:
+            x = deck.prepare(images)
+            routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
+            _check_cancelled(is_cancelled)
+            t0 = time.monotonic()
+            probabilities = self._combine(snap, x, routing.weights)
+        except BaseException:
+            self._record(model, len(images), start, ok=False)
+            raise
+        self._record(model, len(x), start, ok=True, compute_s=time.monotonic() - t0)
+        return Prediction(probabilities, routing), deck
 
-    def run_card(self, model: Model, images: np.ndarray, **_: Any) -> np.ndarray:
+    def run_card(
+        self,
+        model: Model,
+        images: np.ndarray,
+        *,
+        timeout_s: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> np.ndarray:
         snap = self._snapshot_of(model)
-        name = snap.deck.card(model.name).name  # CardNotFound names the cards there are
-        return self._call(snap, name, snap.deck.prepare(images))
+        start = time.monotonic()
+        try:
+            name = snap.deck.card(model.name).name  # CardNotFound names the cards there are
+            x = snap.deck.prepare(images)
+            _check_cancelled(is_cancelled)
+            t0 = time.monotonic()
+            probabilities = self._call(snap, name, x)
+        except BaseException:
+            self._record(model, len(images), start, ok=False)
+            raise
+        self._record(model, len(x), start, ok=True, compute_s=time.monotonic() - t0)
+        return probabilities
 
-    def add_card(self, model: bytes | Path) -> tuple[Any, bool]:
+    def _record(self, model: Model, n: int, start: float, *, ok: bool, compute_s: float = 0.0) -> None:
+        """Statistics as the local data plane keeps them; the ingress queues nothing itself, so the wait for the
+        card replicas (Ray's queues and @serve.batch included) counts as compute. Each request is one
+        execution here: the cards' @serve.batch merges them behind the ingress, out of its sight."""
+        self.statistics.record(model.name, n, time.monotonic() - start, ok=ok, compute_s=compute_s)
+        if ok:
+            self.statistics.record_execution(model.name, n, compute_s)
+
+    # -- streams: synchronous like the rest of this plane; each streamed request runs as it is started
+    def submit(
+        self,
+        model: Model,
+        images: np.ndarray,
+        *,
+        policy: str | None = None,
+        per_sample: bool = False,
+        is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
+    ) -> Future[Any]:
+        out: Future[Any] = Future()
+        try:
+            if model.card is None:
+                out.set_result(
+                    self.predict(images, model=model, policy=policy, per_sample=per_sample, is_cancelled=is_cancelled)
+                )
+            else:
+                out.set_result(self.run_card(model, images, is_cancelled=is_cancelled))
+        except BaseException as exc:
+            out.set_exception(exc)
+        return out
+
+    def announce(self) -> None:
+        """Nothing to wait for: the ingress does not batch (the card deployments' @serve.batch does)."""
+
+    def withdraw(self) -> None:
+        """As :meth:`announce`."""
+
+    def batch_policy(self, model: Model) -> BatchPolicy:
+        """The card deployments' @serve.batch settings (the ingress itself merges nothing)."""
+        return BatchPolicy(MAX_BATCH_SIZE, BATCH_WAIT_S)
+
+    def stats(self, model: str) -> ModelStats:
+        return self.statistics.get(model)
+
+    def add_card(self, model: bytes | Path) -> tuple[CardMeta, bool]:
         """Into the store; the reconciler deploys it and the ingress serves it once it runs."""
-        return self.store.add_card(model), True
+        meta = self.store.add_card(model, reserved=(self.config.deck_model_name,))
+        return meta, self.store.last_add_was_new
 
     def remove_card(self, name: str, version: int | None = None) -> tuple[list[str], str]:
         return self.store.remove_card(name, version), ""
@@ -355,6 +458,11 @@ class RayDataplane:
             self._counts[what] += n
 
 
+def _check_cancelled(is_cancelled: Callable[[], bool] | None) -> None:
+    if is_cancelled is not None and is_cancelled():
+        raise Cancelled("request cancelled (or its deadline passed) before it ran")
+
+
 class _Aborted(Exception):
     pass
 
@@ -370,6 +478,10 @@ class _GrpcContext:
 
     def is_active(self) -> bool:
         return True
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        # the error's class name rides here, so the Python client raises the same typed error through Ray
+        self.ray_context.set_trailing_metadata(list(metadata))
 
     def abort(self, code: Any, details: str) -> None:
         self.ray_context.set_code(code)

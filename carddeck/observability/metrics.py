@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 if TYPE_CHECKING:
-    from carddeck.observability.shift import ShiftDetector, Verdict
+    from carddeck.gating.shift import ShiftDetector, Verdict
 
 # Latency: 1-2.5-5 steps from 1 ms to 10 s, so p50/p90/p99 interpolate within a factor of 2.5.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -32,7 +32,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DISTANCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
 # Shift statistics in units of their calibrated threshold: 1 is the line; foreign traffic reaches 100s.
 SHIFT_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0, 1000.0)
-SHIFT_STATES = ("in_distribution", "covered", "uncovered")  # carddeck.observability.shift.STATES
+SHIFT_STATES = ("in_distribution", "covered", "uncovered")  # carddeck.gating.shift.STATES
 UNKNOWN_DOMAIN = "unknown"
 
 
@@ -83,7 +83,19 @@ class Metrics:
             "carddeck_batch_size", "Images per batch run through the deck (after micro-batching).",
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.model_inferences = Counter(
+            "carddeck_model_inferences", "Images run, by model (Triton's nv_inference_count).", ["model"], registry=r
+        )
+        self.model_executions = Counter(
+            "carddeck_model_executions",
+            "Batches run, by model: requests merged into one batch count once (Triton's nv_inference_exec_count; "
+            "inferences / executions = mean executed batch).",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.queue_depth = Gauge("carddeck_queue_depth", "Requests waiting in the micro-batching queue.", registry=r)
+        self.images_in_flight = Gauge(
+            "carddeck_images_in_flight", "Images being served now (against --max-inflight-images).", registry=r
+        )
         self.queue_wait = Histogram(
             "carddeck_queue_wait_seconds", "Time a request waited in the micro-batching queue.",
             buckets=WAIT_BUCKETS, registry=r,
@@ -135,6 +147,18 @@ class Metrics:
             "Calibrated false-alarm rate of the shift detector per in-distribution batch or window "
             "(expected run time between false alarms: its inverse).",
             registry=r,
+        )  # fmt: skip
+        self.shift_detector_fitted = Gauge(
+            "carddeck_shift_detector_fitted",
+            "1 while a shift detector fitted to the deck's cards judges traffic; 0 while the state is unknown "
+            "(none stored for these cards, a refit running).", registry=r,
+        )  # fmt: skip
+        self.shift_refits = Counter(
+            "carddeck_shift_refits", "Background refits of the shift detector after a deck change, by outcome.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.shift_refit_seconds = Gauge(
+            "carddeck_shift_refit_duration_seconds", "Duration of the latest shift detector refit.", registry=r
         )  # fmt: skip
         self.deck_version = Gauge("carddeck_deck_version", "Version of the deck snapshot being served.", registry=r)
         self.deck_cards = Gauge("carddeck_deck_cards", "Number of CARDs in the deck being served.", registry=r)
@@ -213,8 +237,17 @@ class Metrics:
         for wait in waits:
             self.queue_wait.observe(wait)
 
+    def observe_execution(self, model: str, images: int) -> None:
+        """One batch run of ``model`` holding ``images`` of its images."""
+        self._child(self.model_inferences, model).inc(images)
+        self._child(self.model_executions, model).inc()
+
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)
+
+    def track_images_in_flight(self, images: Callable[[], int]) -> None:
+        """Read the images in flight at scrape time (``lambda: dataplane.budget.used``)."""
+        self.images_in_flight.set_function(images)
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         """Read the queue depth at scrape time (e.g. ``lambda: batcher.queue_depth``) instead of setting it."""
@@ -294,10 +327,16 @@ class Metrics:
     def set_shift_detector(self, detector: ShiftDetector | None) -> None:
         """A new detector (or none): its false-alarm rate, and the gauge of the old one is stale."""
         self.expected_accuracy.clear()
+        self.shift_detector_fitted.set(0 if detector is None else 1)
         if detector is None:
             self.shift_false_alarm_rate.set(float("nan"))
         else:
             self.shift_false_alarm_rate.set(detector.alpha)
+
+    def observe_refit(self, outcome: str, seconds: float) -> None:
+        """A background refit of the shift detector ended (``ok``, ``failed`` or ``stale``)."""
+        self.shift_refits.labels(outcome=outcome).inc()
+        self.shift_refit_seconds.set(seconds)
 
     def _children(self, card: str) -> _CardChildren:
         domain = self._card_domains.get(card, UNKNOWN_DOMAIN)

@@ -27,7 +27,7 @@ from carddeck.server.handlers import add_servicer
 from carddeck.server.health import Health
 from carddeck.server.oip_servicer import OipServicer
 from carddeck.serving.access import Access, Tokens
-from carddeck.serving.dataplane import Dataplane
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import MiB
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2
@@ -92,7 +92,7 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 def build_server(
     settings: Settings,
-    dataplane: Dataplane,
+    dataplane: Plane,
     health: Health,
     *,
     interceptors: Sequence[grpc.ServerInterceptor] = (),

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
 
 import grpc
 import numpy as np
 
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
-from carddeck.serving.dataplane import Dataplane
+from carddeck.server.streams import answer_in_order, error_of
 from carddeck.serving.models import Model, check_card_name
+from carddeck.serving.oip import risk_bound
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import CardUpload, MiB
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -18,7 +22,7 @@ from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 
 
 class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
-    def __init__(self, dataplane: Dataplane, settings: Settings) -> None:
+    def __init__(self, dataplane: Plane, settings: Settings) -> None:
         self.dp = dataplane
         self.settings = settings
 
@@ -28,6 +32,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     @rpc(INFERENCE)
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         with self.dp.request():
+            bound = risk_bound(_bound_of(request), "abstain_above_risk")
             model = self.dp.resolve()  # the gated deck on the snapshot this request keeps
             prediction, deck = self.dp.predict(
                 self._images(request.images, model),
@@ -37,7 +42,44 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
                 timeout_s=context.time_remaining(),
                 is_cancelled=lambda: not context.is_active(),
             )
-            return convert.predict_response(prediction, deck)
+            return convert.predict_response(prediction, deck, bound)
+
+    @rpc(INFERENCE)
+    def PredictStream(
+        self, request_iterator: Iterator[pb.PredictStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PredictStreamResponse]:
+        """Predict for each request of the stream, answered in request order with its id; a failed
+        request gets its error (the status a unary Predict would end with) and the stream goes on."""
+
+        def start(item: pb.PredictStreamRequest) -> Future[Any]:
+            request = item.request
+            try:
+                model = self.dp.resolve()
+                images = self._images(request.images, model)
+                risk_bound(_bound_of(request), "abstain_above_risk")
+            except BaseException:
+                self.dp.withdraw()  # announced by the stream's reader, and it will not come
+                raise
+            return self.dp.submit(
+                model,
+                images,
+                policy=request.policy or None,
+                per_sample=request.per_sample,
+                is_cancelled=lambda: not context.is_active(),
+                announced=True,
+            )
+
+        def respond(item: pb.PredictStreamRequest, future: Future[Any]) -> pb.PredictStreamResponse:
+            error = error_of(future)
+            if error is not None:
+                return pb.PredictStreamResponse(id=item.id, error=pb.StreamError(code=error[0], message=error[1]))
+            prediction, deck = future.result()
+            response = convert.predict_response(prediction, deck, _bound_of(item.request))
+            return pb.PredictStreamResponse(id=item.id, response=response)
+
+        with self.dp.request():
+            coming = (self.dp.announce, self.dp.withdraw)
+            yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="predict-stream")
 
     @rpc(INFERENCE)
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:
@@ -84,3 +126,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             return pb.RemoveCardResponse(
                 deck_version=deck.version, default_policy=deck.default_policy, default_policy_note=note
             )
+
+
+def _bound_of(request: pb.PredictRequest) -> float | None:
+    return request.abstain_above_risk if request.HasField("abstain_above_risk") else None

@@ -11,6 +11,7 @@ from carddeck.card import CardMeta, InputSpec
 from carddeck.deck import Deck, Prediction
 from carddeck.errors import InvalidInput
 from carddeck.gating import Routing
+from carddeck.gating.shift import Trust
 from carddeck.serving import oip as oip_core
 from carddeck.wire.arrays import from_matrix, matrix, tensor_from_images
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -119,7 +120,21 @@ def oip_infer_response(request: oip.ModelInferRequest, result: oip_core.InferRes
     return response
 
 
-def predict_response(prediction: Prediction, deck: Deck) -> pb.PredictResponse:
+def verdict_to_proto(trust: Trust | None, n: int, abstain_above_risk: float | None = None) -> pb.Verdict:
+    trust = trust or Trust.unknown(n)
+    return pb.Verdict(
+        shift_state=trust.state,
+        scope=trust.scope,
+        expected_accuracy=trust.expected_accuracy,
+        expected_accuracy_kind=trust.expected_kind,
+        out_of_scope=trust.out_of_scope.tolist(),
+        in_scope=trust.in_scope.tolist(),
+        risk=trust.risk.tolist(),
+        abstained=trust.abstained(abstain_above_risk).tolist(),
+    )
+
+
+def predict_response(prediction: Prediction, deck: Deck, abstain_above_risk: float | None = None) -> pb.PredictResponse:
     names = deck.class_names
     return pb.PredictResponse(
         probabilities=matrix(prediction.probabilities),
@@ -128,6 +143,7 @@ def predict_response(prediction: Prediction, deck: Deck) -> pb.PredictResponse:
         routing=routing_to_proto(prediction.routing),
         deck_version=deck.version,
         class_names=names,
+        verdict=verdict_to_proto(prediction.verdict, len(prediction.labels), abstain_above_risk),
         adapted=prediction.adapted,
     )
 
@@ -147,4 +163,5 @@ __all__ = [
     "predict_response",
     "routing_to_proto",
     "tensor_from_images",
+    "verdict_to_proto",
 ]

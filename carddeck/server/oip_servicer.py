@@ -7,14 +7,19 @@ raw_output_contents.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import Future
+
 import grpc
 from google.protobuf import json_format
 
 import carddeck
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, OPEN, rpc
-from carddeck.serving.dataplane import Dataplane
+from carddeck.server.streams import answer_in_order, error_of
+from carddeck.serving import oip as oip_core
 from carddeck.serving.oip import OipModels
+from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.snapshot import STORE_KEY
 from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
@@ -22,11 +27,12 @@ from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc
 from carddeck.wire.proto_gen.inference import model_config_pb2 as mc
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
+StreamAnswer = oip.ModelStreamInferResponse
 Tensor = oip.ModelMetadataResponse.TensorMetadata
 
 
 class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: Dataplane, settings: Settings) -> None:
+    def __init__(self, dataplane: Plane, settings: Settings) -> None:
         self.dp = dataplane
         self.settings = settings
         self.models = OipModels.from_settings(dataplane, settings)
@@ -84,6 +90,34 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 is_cancelled=lambda: not context.is_active(),
             )
             return convert.oip_infer_response(request, result)
+
+    @rpc(INFERENCE)
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[oip.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[oip.ModelStreamInferResponse]:
+        """Triton's stream: one answer per request, in request order, with its id; a failed request is
+        answered with its ``error_message`` and the stream goes on (:mod:`carddeck.server.streams`)."""
+
+        def start(request: oip.ModelInferRequest) -> Future[oip_core.InferResult]:
+            try:
+                model = self.models.resolve(request.model_name, request.model_version)
+                images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.input)
+                parameters = convert.oip_plain_parameters(request.parameters)
+            except BaseException:
+                self.dp.withdraw()  # announced by the stream's reader, and it will not come
+                raise
+            cancelled = lambda: not context.is_active()  # noqa: E731
+            return self.models.submit(model, images, parameters, is_cancelled=cancelled, announced=True)
+
+        def respond(request: oip.ModelInferRequest, future: Future[oip_core.InferResult]) -> StreamAnswer:
+            error = error_of(future)
+            if error is not None:  # Triton's stream carries the message only
+                return StreamAnswer(error_message=error[1], infer_response=oip.ModelInferResponse(id=request.id))
+            return StreamAnswer(infer_response=convert.oip_infer_response(request, future.result()))
+
+        with self.dp.request():
+            coming = (self.dp.announce, self.dp.withdraw)
+            yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="stream-infer")
 
     # -- statistics ---------------------------------------------------------------------------
     @rpc(INFERENCE)

@@ -1,8 +1,9 @@
 """The one table from carddeck.errors to gRPC status codes.
 
-Domain code raises :mod:`carddeck.errors`; servicers call :func:`status_for` and abort with the
-code and the exception's message. The most specific class wins (``TooLarge`` is an
-``InvalidInput`` but maps to RESOURCE_EXHAUSTED), so the table is looked up along the MRO.
+Domain code raises :mod:`carddeck.errors`; servicers never abort themselves: :func:`rpc_errors`, around
+every handler, aborts with :func:`status_for`'s code and the exception's message (:func:`abort_with`).
+The most specific class wins (``TooLarge`` is an ``InvalidInput`` but maps to RESOURCE_EXHAUSTED), so
+the table is looked up along the MRO.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from carddeck import errors
 log = logging.getLogger(__name__)
 
 MAX_DETAILS_BYTES = 2000
+ERROR_KEY = "carddeck-error"  # trailing metadata: the carddeck.errors class (carddeck.client.results reads it)
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -28,6 +30,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.DeckConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
 }
 
@@ -56,6 +59,7 @@ def abort_with(context: grpc.ServicerContext, exc: errors.CarddeckError) -> NoRe
     remaining = context.time_remaining()
     if isinstance(exc, errors.Cancelled) and remaining is not None and remaining <= 0:
         code = grpc.StatusCode.DEADLINE_EXCEEDED
+    context.set_trailing_metadata(((ERROR_KEY, type(exc).__name__),))  # the client raises the same class
     context.abort(code, details(exc))
     raise AssertionError("context.abort returned")  # it raises; this tells type checkers so
 

@@ -3,6 +3,8 @@
 
 - :mod:`~carddeck.serving.snapshot`: the live deck snapshot (one store object, polled, swapped);
 - :mod:`~carddeck.serving.models`: the models a deck serves, resolved by name in one place;
+- :mod:`~carddeck.serving.plane`: what the transports call on a data plane (a Protocol: the local one below
+  and Ray Serve's ingress both provide it);
 - :mod:`~carddeck.serving.dataplane`: requests on a resolved model's snapshot, micro-batching
   (:mod:`~carddeck.serving.batching`), drain;
 - :mod:`~carddeck.serving.stats`: per-model statistics;

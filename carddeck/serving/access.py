@@ -47,12 +47,15 @@ class Tokens:
         self.admin_token = admin_token
         self.inference_token = inference_token
         self.admin_open = allow_unauthenticated_admin and not admin_token
+
+    def announce(self) -> None:
+        """Log, once per process (both transports build their own Tokens), how admin RPCs are guarded."""
         if self.admin_open:
             log.warning(
                 "admin RPCs (AddCard, RemoveCard, RepositoryModelLoad/Unload) are open to anyone who can reach "
                 "this server: --allow-unauthenticated-admin is set and no admin token is configured"
             )
-        elif not admin_token:
+        elif not self.admin_token:
             log.info("admin RPCs are disabled: set CARDDECK_ADMIN_TOKEN or --admin-token-file to enable them")
 
     @classmethod

@@ -10,7 +10,6 @@ the next, and requests that share a micro-batch never share statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ import numpy as np
 from carddeck.deck.adapt import MIN_BATCH
 
 if TYPE_CHECKING:
-    from carddeck.observability.shift import ShiftDetector
+    from carddeck.gating.shift import ShiftDetector, Trust
 
 SHIFTED_STATES = ("covered", "uncovered")  # anything but in-distribution
 # Adapt only shifts the deck does not cover. Measured on digits32 val (benchmarks/bench_adapt.py
@@ -32,9 +31,9 @@ TRIGGER_STATES = ("uncovered",)
 def shift_state(
     detector: ShiftDetector, x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None
 ) -> str:
-    """The shift signal's state for one request's own images: the one place the trigger reads it
-    (to be pointed at the per-request verdict once every answer carries one, #21)."""
-    from carddeck.observability.shift import image_features
+    """The shift signal's state for one request's own images, from the detector (offline evaluation;
+    the server reads the state from the verdict every answer carries, :meth:`Trigger.fires_on`)."""
+    from carddeck.gating.shift import image_features
 
     return detector.test(image_features(x, probabilities, gate_features)).state
 
@@ -59,13 +58,14 @@ class Trigger:
             return False
         return shift_state(detector, x, probabilities, gate_features) in self.states
 
+    def fires_on(self, verdict: Trust, n: int) -> bool:
+        """On a request of ``n`` images and its verdict: only a verdict on the request's own batch counts
+        (a window of other requests' images says nothing about this one's statistics)."""
+        if self.min_batch <= 0 or n < self.min_batch:
+            return False
+        if self.states is None:
+            return True
+        return verdict.scope == "batch" and verdict.state in self.states
 
-@dataclass(frozen=True)
-class Adaptation:
-    """What the data plane needs: the trigger and where the current shift detector is."""
 
-    trigger: Trigger
-    detector: Callable[[], ShiftDetector | None]
-
-
-__all__ = ["SHIFTED_STATES", "TRIGGER_STATES", "Adaptation", "Trigger", "shift_state"]
+__all__ = ["SHIFTED_STATES", "TRIGGER_STATES", "Trigger", "shift_state"]

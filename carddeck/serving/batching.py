@@ -1,11 +1,17 @@
-"""Adaptive micro-batching: concurrent small requests merge into one batch per model run.
+"""Dynamic batching: concurrent small requests merge into one batch per model run.
 
-A collector thread waits for a free worker, then takes the oldest queued request and adds more
-until the batch holds ``max_batch_size`` images or ``max_wait`` has passed since the oldest
-arrived. The wait adapts to load: it only waits while other requests have *announced* themselves
-(entered the server and are still being decoded or routed); with nobody else coming it runs at
-once, so a lone client pays no batching delay. While all workers are busy requests pile up and
-form the next batch by themselves.
+Like Triton's dynamic batcher, a batch is formed only when a worker (a "batch in flight") is free,
+from the queue in arrival order. Each request carries the :class:`BatchPolicy` of its model (per
+deck and per card, like Triton's per-model ``dynamic_batching``); the oldest request's policy
+decides: take queued requests up to its ``max_batch_size``; run at once when the batch is full, or
+(cut there) when the queue reaches one of its ``preferred_batch_sizes``; otherwise wait for more,
+up to ``max_queue_delay`` after the oldest arrived. The wait adapts to load: it only waits while
+other requests have *announced* themselves (entered the server and are still being decoded or
+routed); with nobody else coming it runs what it has, so a lone client pays no batching delay.
+
+With one batch in flight (the default; bench_server measured more of them splitting the same
+queue into smaller batches on 2 cores) requests pile up while a batch runs and form the next one
+by themselves: under closed-loop load the batch grows with the number of clients.
 
 Requests are never split: a batch's requests all finish together. A failing merged batch is
 retried one request at a time, so one poisoned request cannot fail the others.
@@ -30,11 +36,41 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model's requests form batches (Triton's ``max_batch_size`` and ``dynamic_batching``)."""
+
+    max_batch_size: int = 64
+    max_queue_delay_s: float = 0.002
+    preferred_batch_sizes: tuple[int, ...] = ()  # a queue holding exactly one of these runs at once
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_delay_s < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue_delay_s >= 0")
+        if any(not 1 <= p <= self.max_batch_size for p in self.preferred_batch_sizes):
+            raise ValueError(f"preferred batch sizes must lie in 1..max_batch_size ({self.max_batch_size})")
+
+    def plan(self, sizes: Sequence[int]) -> tuple[int, bool]:
+        """Of queued request ``sizes`` (arrival order): how many to take, and whether to run them now."""
+        total, count, cut = 0, 0, 0
+        for size in sizes:
+            if count and total + size > self.max_batch_size:
+                return count, True  # full (the next one does not fit): a full batch is always worth running
+            total += size
+            count += 1
+            if total in self.preferred_batch_sizes:
+                cut = count
+        if total >= self.max_batch_size:
+            return count, True
+        return (cut, True) if cut else (count, False)
+
+
 @dataclass
 class _Entry(Generic[T, R]):
     item: T
     size: int
     future: Future[R]
+    policy: BatchPolicy
     enqueued: float = field(default_factory=time.monotonic)
     is_cancelled: Callable[[], bool] | None = None
 
@@ -48,15 +84,17 @@ class MicroBatcher(Generic[T, R]):
         *,
         max_batch_size: int,
         max_wait_s: float,
+        preferred_batch_sizes: Sequence[int] = (),
         workers: int = 1,
         on_batch: Callable[[int, list[float]], None] | None = None,
         name: str = "batcher",
     ) -> None:
-        if max_batch_size < 1 or workers < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and workers must be >= 1, max_wait_s >= 0")
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
         self._run = run
+        # the policy of requests submitted without one of their own
+        self.policy = BatchPolicy(max_batch_size, max_wait_s, tuple(preferred_batch_sizes))
         self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
         self._on_batch = on_batch
         self._queue: deque[_Entry[T, R]] = deque()
         self._cond = threading.Condition()
@@ -80,15 +118,22 @@ class MicroBatcher(Generic[T, R]):
             self._cond.notify_all()
 
     def submit(
-        self, item: T, size: int, *, announced: bool = False, is_cancelled: Callable[[], bool] | None = None
+        self,
+        item: T,
+        size: int,
+        *,
+        announced: bool = False,
+        is_cancelled: Callable[[], bool] | None = None,
+        policy: BatchPolicy | None = None,
     ) -> Future[R]:
         future: Future[R] = Future()
+        entry = _Entry(item, size, future, policy or self.policy, is_cancelled=is_cancelled)
         with self._cond:
             if announced:
                 self._expected = max(0, self._expected - 1)
             if self._closed:
                 raise RuntimeError("batcher is closed")
-            self._queue.append(_Entry(item, size, future, is_cancelled=is_cancelled))
+            self._queue.append(entry)
             self._cond.notify_all()
         return future
 
@@ -111,22 +156,16 @@ class MicroBatcher(Generic[T, R]):
                 self._cond.wait()
             if not self._queue:
                 return None
-            first = self._queue.popleft()
-            batch, total = [first], first.size
-            deadline = first.enqueued + self.max_wait_s
-            while total < self.max_batch_size:
-                if self._queue:
-                    if total + self._queue[0].size > self.max_batch_size:
-                        break
-                    entry = self._queue.popleft()
-                    batch.append(entry)
-                    total += entry.size
-                    continue
-                remaining = deadline - time.monotonic()
-                if self._expected <= 0 or remaining <= 0 or self._closed:
+            while True:
+                head = self._queue[0]  # the oldest request's model decides (Triton: per model)
+                count, ready = head.policy.plan([e.size for e in self._queue])
+                if ready or self._closed or self._expected <= 0:
+                    break
+                remaining = head.enqueued + head.policy.max_queue_delay_s - time.monotonic()
+                if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            return batch
+            return [self._queue.popleft() for _ in range(count)]
 
     def _collect(self) -> None:
         while True:
@@ -178,4 +217,18 @@ class MicroBatcher(Generic[T, R]):
             entry.future.set_result(result)
 
 
-__all__ = ["MicroBatcher"]
+def then(future: Future[T], fn: Callable[[T], R]) -> Future[R]:
+    """A future of ``fn(future's result)``, computed where ``future`` completes; its error passes through."""
+    out: Future[R] = Future()
+
+    def done(f: Future[T]) -> None:
+        try:
+            out.set_result(fn(f.result()))
+        except BaseException as exc:
+            out.set_exception(exc)
+
+    future.add_done_callback(done)
+    return out
+
+
+__all__ = ["BatchPolicy", "MicroBatcher", "then"]

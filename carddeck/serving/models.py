@@ -36,7 +36,7 @@ class Model:
 
 def check_card_name(name: str, field: str = "name") -> str:
     """Card names reach file paths in the store: only the CardMeta name pattern, never '..' or '/'."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidInput(f"{field}: {shown(name)} is not a card name; names match {NAME_PATTERN.pattern}")
     return name
 

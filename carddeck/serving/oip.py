@@ -5,7 +5,11 @@ with outputs ``probabilities`` FP32 [N, C], ``labels`` INT64 [N] and ``routing_w
 [N, K] (columns in card order, named in the result parameter ``card_names``). Each card answers
 under its own name (version = card version) with ``probabilities`` and ``labels``. Input:
 ``images``, FP32 [N, C, H, W] in the deck's value range or UINT8 [N, H, W, C] (the deck's
-:class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool).
+:class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool),
+``abstain_above_risk`` (number in [0, 1]). The deck model's answer carries its verdict as parameters
+(``shift_state``, ``shift_scope``, ``expected_accuracy``, ``expected_accuracy_kind``, ``out_of_scope_images``,
+``abstained_images``) and, when requested by name, the output ``out_of_scope`` FP32 [N] (per-image scores,
+> 1: out of scope).
 
 The gRPC servicer (:mod:`carddeck.server.oip_servicer`) and the HTTP routes (:mod:`carddeck.http`)
 only convert their wire formats to these calls and back, so both transports resolve models (through
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,17 +32,21 @@ from carddeck.card import InputSpec
 from carddeck.deck import read_card_meta
 from carddeck.deck.deck import top_labels
 from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+from carddeck.gating.shift import Trust
+from carddeck.serving.batching import then
 from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
 if TYPE_CHECKING:
-    from carddeck.serving.dataplane import Dataplane
+    from carddeck.serving.plane import Plane
 
 # OIP datatype names -> numpy (little-endian, as the protocol's raw and binary contents are)
 DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 DATATYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 DATATYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-INFER_PARAMETERS = ("policy", "per_sample")
+INFER_PARAMETERS = ("policy", "per_sample", "abstain_above_risk")
+# Outputs of the deck model sent only when asked for by name (the default answer stays as it was).
+OPTIONAL_OUTPUTS = ("out_of_scope",)
 # Parameters clients send for the server's own use (Triton's and the binary extension's): accepted, not read.
 PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data")
 CARD_FILE = "file:model.onnx"
@@ -131,8 +140,34 @@ def datatype_of(arr: np.ndarray) -> str:
     return DATATYPES[arr.dtype]
 
 
+def risk_bound(value: Any, field: str) -> float | None:
+    """A caller's abstention bound: None (no abstention) or a number in [0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise InvalidInput(f"{field}: must be a number in [0, 1] (an error probability), got {shown(value)}")
+    return float(value)
+
+
+def verdict_parameters(trust: Trust | None, n: int, abstain_above_risk: float | None) -> dict[str, str]:
+    """The verdict as OIP response parameters (strings; numbers as text, ``unknown`` where there is none)."""
+    trust = trust or Trust.unknown(n)
+    acc = trust.expected_accuracy
+    out = {
+        "shift_state": trust.state,
+        "shift_scope": trust.scope,
+        "expected_accuracy": "unknown" if math.isnan(acc) else f"{acc:.4f}",
+        "expected_accuracy_kind": trust.expected_kind,
+        "out_of_scope_images": ",".join(str(i) for i in np.flatnonzero(~trust.in_scope)),
+    }
+    if abstain_above_risk is not None:
+        out["abstained_images"] = ",".join(str(i) for i in np.flatnonzero(trust.abstained(abstain_above_risk)))
+    return out
+
+
 def infer_options(parameters: Mapping[str, Any]) -> tuple[str | None, bool]:
-    """The request parameters CARD-Deck reads (plain values): ``policy`` (string), ``per_sample`` (bool)."""
+    """The request parameters CARD-Deck reads (plain values): ``policy`` (string), ``per_sample`` (bool);
+    ``abstain_above_risk`` (number in [0, 1]) is read by :meth:`OipModels.infer`."""
     for key in parameters:
         if key not in INFER_PARAMETERS and not key.startswith(PASSED_PARAMETERS):
             raise InvalidInput(
@@ -150,7 +185,7 @@ def infer_options(parameters: Mapping[str, Any]) -> tuple[str | None, bool]:
 def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The requested outputs (all when none are named), in the order asked."""
     out = {}
-    for i, name in enumerate(requested or list(available)):
+    for i, name in enumerate(requested or [k for k in available if k not in OPTIONAL_OUTPUTS]):
         if name not in available:
             raise InvalidInput(
                 f"outputs[{i}].name: {shown(name)} is not an output of this model; outputs: {', '.join(available)}"
@@ -161,11 +196,11 @@ def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]
 
 # -- models ------------------------------------------------------------------------------------
 class OipModels:
-    """The deck and its cards as OIP models, over one :class:`~carddeck.serving.dataplane.Dataplane`."""
+    """The deck and its cards as OIP models, over one data plane (:class:`~carddeck.serving.plane.Plane`)."""
 
     def __init__(
         self,
-        dataplane: Dataplane,
+        dataplane: Plane,
         *,
         deck_name: str,
         max_request_images: int,
@@ -179,7 +214,7 @@ class OipModels:
         self.dynamic_batching = dynamic_batching  # for the model configuration: micro-batching, when on
 
     @classmethod
-    def from_settings(cls, dataplane: Dataplane, settings: Any) -> OipModels:
+    def from_settings(cls, dataplane: Plane, settings: Any) -> OipModels:
         """From ``carddeck serve``'s settings (:class:`carddeck.serving.settings.Settings`)."""
         batching = None
         if settings.batching and settings.max_batch_size > 1:
@@ -214,6 +249,7 @@ class OipModels:
         ]
         if model.card is None:
             outputs.append(TensorInfo("routing_weights", "FP32", (-1, len(deck.cards))))
+            outputs.append(TensorInfo("out_of_scope", "FP32", (-1,)))  # only when requested by name
         return ModelInfo(
             name=model.name,
             version=model.version,
@@ -232,6 +268,7 @@ class OipModels:
         parameters = {"accepts_uint8_nhwc": {"string_value": "true"}}
         if model.card is None:
             outputs.append({"name": "routing_weights", "data_type": "TYPE_FP32", "dims": [len(deck.cards)]})
+            outputs.append({"name": "out_of_scope", "data_type": "TYPE_FP32", "dims": [1]})
             parameters["default_policy"] = {"string_value": deck.default_policy}
             parameters["card_names"] = {"string_value": ",".join(deck.card_names)}
         config: dict[str, Any] = {
@@ -246,8 +283,13 @@ class OipModels:
             "output": outputs,
             "parameters": parameters,
         }  # fmt: skip
-        if self.dynamic_batching is not None:
-            config["dynamic_batching"] = dict(self.dynamic_batching)
+        if self.dynamic_batching is not None:  # this model's own batching on its snapshot
+            policy = self.dp.batch_policy(model)
+            config["dynamic_batching"] = {
+                **self.dynamic_batching,
+                "preferred_batch_size": list(policy.preferred_batch_sizes or (policy.max_batch_size,)),
+                "max_queue_delay_microseconds": round(policy.max_queue_delay_s * 1e6),
+            }
         return config
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
@@ -292,9 +334,9 @@ class OipModels:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> InferResult:
         """Run the model on its snapshot; callers wrap this in ``dataplane.request()`` (drain accounting)."""
-        policy, per_sample = infer_options(parameters)
+        policy, per_sample, bound = self._options(model, parameters)
         if model.card is None:
-            prediction, deck = self.dp.predict(
+            value: Any = self.dp.predict(
                 images,
                 model=model,
                 policy=policy,
@@ -302,22 +344,59 @@ class OipModels:
                 timeout_s=timeout_s,
                 is_cancelled=is_cancelled,
             )
-            routing = prediction.routing
+        else:
+            value = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
+        return self._result(model, value, bound)
+
+    def submit(
+        self,
+        model: Model,
+        images: np.ndarray,
+        parameters: Mapping[str, Any],
+        *,
+        is_cancelled: Callable[[], bool] | None = None,
+        announced: bool = False,
+    ) -> Future[InferResult]:
+        """:meth:`infer` without waiting (the streaming RPC): bad input raises here, the rest comes in the future.
+        ``announced``: as :meth:`~carddeck.serving.dataplane.Dataplane.submit`'s."""
+        try:
+            policy, per_sample, bound = self._options(model, parameters)
+        except BaseException:
+            if announced:
+                self.dp.withdraw()
+            raise
+        started = self.dp.submit(
+            model, images, policy=policy, per_sample=per_sample, is_cancelled=is_cancelled, announced=announced
+        )
+        return then(started, lambda value: self._result(model, value, bound))
+
+    def _options(self, model: Model, parameters: Mapping[str, Any]) -> tuple[str | None, bool, float | None]:
+        policy, per_sample = infer_options(parameters)
+        bound = risk_bound(parameters.get("abstain_above_risk"), "parameters['abstain_above_risk']")
+        if model.card is not None and (policy is not None or per_sample or bound is not None):
+            raise InvalidInput(
+                f"parameters: 'policy', 'per_sample' and 'abstain_above_risk' apply to the deck model "
+                f"{self.deck_name!r}, not a card"
+            )
+        return policy, per_sample, bound
+
+    @staticmethod
+    def _result(model: Model, value: Any, bound: float | None = None) -> InferResult:
+        """The answer from the data plane's: (Prediction, Deck) for the gated deck, probabilities for a card."""
+        if model.card is None:
+            prediction, deck = value
+            routing, n = prediction.routing, len(prediction.labels)
+            scores = (prediction.verdict or Trust.unknown(n)).out_of_scope
             return InferResult(
                 model.name,
                 str(deck.version),
                 {"probabilities": prediction.probabilities, "labels": prediction.labels,
-                 "routing_weights": routing.weights},
+                 "routing_weights": routing.weights, "out_of_scope": scores},
                 {"policy": routing.policy, "card_names": ",".join(routing.card_names),
-                 "selected_cards": ",".join(routing.selected),
+                 "selected_cards": ",".join(routing.selected), **verdict_parameters(prediction.verdict, n, bound),
                  "adapted": "true" if prediction.adapted else "false"},
             )  # fmt: skip
-        if policy is not None or per_sample:
-            raise InvalidInput(
-                f"parameters: 'policy' and 'per_sample' apply to the deck model {self.deck_name!r}, not a card"
-            )
-        probs = self.dp.run_card(model, images, timeout_s=timeout_s, is_cancelled=is_cancelled)
-        outputs = {"probabilities": probs, "labels": top_labels(probs)}
+        outputs = {"probabilities": value, "labels": top_labels(value)}
         return InferResult(model.name, str(model.card.version), outputs, {})
 
     # -- repository extension ---------------------------------------------------------------------

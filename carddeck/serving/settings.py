@@ -44,10 +44,23 @@ class Settings:
     workers: int = _opt(32, "gRPC worker threads (concurrent RPCs)")
     batching: bool = _opt(True, "merge concurrent small requests into micro-batches")
     max_batch_size: int = _opt(64, "most images in one micro-batch; larger requests run on their own")
-    max_wait_ms: float = _opt(2.0, "longest a request waits for others to join its micro-batch")
-    batch_workers: int = _opt(0, "micro-batches run at once (0: one per CPU core)")
+    max_wait_ms: float = _opt(2.0, "longest a request waits for others to join its micro-batch while more are arriving")
+    preferred_batch_sizes: str = _opt(
+        "",
+        "comma-separated micro-batch sizes that run at once without waiting (e.g. 16,32); a deck's manifest "
+        "sets them per model (batching.preferred_batch_size)",
+    )
+    batch_workers: int = _opt(
+        1,
+        "micro-batches in flight at once (while one runs, the next fills; more split the queue into smaller "
+        "ones; 0: one per CPU core)",
+    )
     max_request_images: int = _opt(4096, "most images in one request (more: RESOURCE_EXHAUSTED)")
     max_message_mb: int = _opt(64, "largest gRPC message received (MiB)")
+    max_json_mb: int = _opt(4, "largest all-JSON HTTP body (MiB): larger tensors go binary (binary_tensor_data)")
+    max_inflight_images: int = _opt(16384, "most images being served at once (more: RESOURCE_EXHAUSTED / 429)")
+    http_request_timeout_s: float = _opt(30.0, "longest an HTTP client may take to send a request, headers and body")
+    http_max_connections: int = _opt(1000, "most open HTTP connections (kept below half the open-file limit)")
     max_card_mb: int = _opt(1024, "largest card accepted by AddCard / RepositoryModelLoad (MiB)")
     admin_token: str = _opt(
         "", "bearer token for AddCard/RemoveCard/RepositoryModelLoad/Unload", flag=False, secret=True
@@ -66,6 +79,7 @@ class Settings:
     poll_interval_s: float = _opt(
         2.0, "how often to check the store for a manifest written by another replica (0: never)"
     )
+    store_timeout_s: float = _opt(10.0, "a store call or poll not answered in this time counts as the store down")
     debris_grace_s: float = _opt(
         DEBRIS_GRACE_S,
         "keep the files of removed cards and superseded routers this long for replicas still loading an older "
@@ -76,6 +90,9 @@ class Settings:
     )
     providers: str = _opt("", "comma-separated ONNX Runtime execution providers (default: best available)")
     intra_op_threads: int = _opt(0, "ONNX Runtime threads per card (0: share the cores among the cards)")
+    ort_spinning: bool = _opt(
+        False, "let ONNX Runtime's threads spin between runs (less latency on a dedicated idle machine, more CPU)"
+    )
     deck_model_name: str = _opt("carddeck", "the gated deck's model name in the Open Inference Protocol")
     metrics_host: str = _opt("", "address of the Prometheus /metrics endpoint (empty: the gRPC --host)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (-1: no metrics endpoint)")
@@ -96,8 +113,18 @@ class Settings:
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_wait_ms", self.max_wait_ms >= 0, "must be >= 0"),
             ("batch_workers", self.batch_workers >= 0, "must be >= 0"),
+            ("preferred_batch_sizes", self._preferred_ok(), "must be comma-separated integers in 1..max_batch_size"),
             ("max_request_images", self.max_request_images >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
+            ("max_json_mb", self.max_json_mb >= 1, "must be at least 1"),
+            (
+                "max_inflight_images",
+                self.max_inflight_images >= self.max_request_images,
+                f"must be at least max_request_images ({self.max_request_images})",
+            ),
+            ("http_request_timeout_s", self.http_request_timeout_s > 0, "must be > 0"),
+            ("http_max_connections", self.http_max_connections >= 1, "must be at least 1"),
+            ("store_timeout_s", self.store_timeout_s > 0, "must be > 0"),
             ("max_card_mb", self.max_card_mb >= 1, "must be at least 1"),
             ("drain_timeout_s", self.drain_timeout_s >= 0, "must be >= 0"),
             ("shutdown_delay_s", self.shutdown_delay_s >= 0, "must be >= 0"),
@@ -116,7 +143,16 @@ class Settings:
             if not ok:
                 raise InvalidInput(f"setting {name!r}: {why}, got {getattr(self, name)!r}")
 
+    def _preferred_ok(self) -> bool:
+        try:
+            return all(1 <= n <= self.max_batch_size for n in self.preferred_batch_size_list())
+        except ValueError:
+            return False
+
     # -- derived ------------------------------------------------------------------------------
+    def preferred_batch_size_list(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.preferred_batch_sizes.split(",") if v.strip())
+
     @property
     def deck_path(self) -> Path | str:
         """The deck's location: a directory, or a URL (``s3://``, ``file://``) kept as given."""

@@ -68,6 +68,48 @@ class StoreState:
         return " ".join(text.split()).encode("ascii", "replace").decode()
 
 
+class StoreWatch:
+    """Where a replica stands with its store, poll after poll: the :class:`StoreState`, said in the log once per
+    outage (not once per poll), told to the metrics and, when it changes, to the listeners."""
+
+    def __init__(self, location: Path | str, metrics: DeckMetrics | None = None) -> None:
+        self.location = location
+        self.metrics = metrics
+        self.state = StoreState()
+        self.listeners: list[Callable[[StoreState], None]] = []  # told when the store is lost or back
+
+    def synced(self, version: object) -> None:
+        """A poll found this replica serving the store's version (``version``)."""
+        old = self.state
+        self._set(StoreState(reachable=True, last_sync=time.time()), failed=False)
+        if not old.in_sync:
+            log.info(
+                "deck store %s (%s) after %d failed polls; serving deck version %s",
+                "in sync again" if old.reachable else "reachable again", self.location, old.failures, version,
+            )  # fmt: skip
+
+    def failed(self, exc: Exception, *, reachable: bool, version: object) -> None:
+        """A poll could not read the store (``reachable`` False) or could not load its deck; ``version`` is served."""
+        old = self.state
+        self._set(replace(old, reachable=reachable, failures=old.failures + 1, error=str(exc)), failed=True)
+        if old.in_sync or old.reachable != reachable:  # once per outage (and once more if its kind changes)
+            if reachable:
+                log.warning("deck store %s changed, but the new deck cannot be loaded; still serving version %s "
+                            "and retrying every poll: %s", self.location, version, exc)  # fmt: skip
+            else:
+                log.warning("cannot reach the deck store %s; still serving deck version %s and retrying every poll "
+                            "(logged once per outage): %s", self.location, version, exc)  # fmt: skip
+
+    def _set(self, state: StoreState, *, failed: bool) -> None:
+        changed = state.in_sync != self.state.in_sync or state.reachable != self.state.reachable
+        self.state = state
+        if self.metrics is not None:
+            self.metrics.set_store(state.reachable, state.last_sync, failed)
+        if changed:
+            for listener in self.listeners:
+                listener(state)
+
+
 class Snapshots:
     """Owns one :class:`DeckStore` (its manifest cache and connection live on) and the current snapshot."""
 
@@ -78,24 +120,30 @@ class Snapshots:
         poll_interval_s: float = 2.0,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        spin: bool = False,
         calibration_data: str = "",
         reserved_names: tuple[str, ...] = (),
         debris_grace_s: float = DEBRIS_GRACE_S,
         metrics: DeckMetrics | None = None,
+        max_run_rows: int | None = None,
+        poll_timeout_s: float = 10.0,
     ) -> None:
         self.location = location
         self.poll_interval_s = poll_interval_s
         self.providers = providers
         self.intra_op_threads = intra_op_threads
+        self.spin = spin
         self.calibration_data = calibration_data
         self.reserved_names = reserved_names
         self.debris_grace_s = debris_grace_s
         self.metrics = metrics
+        self.max_run_rows = max_run_rows
+        self.poll_timeout_s = poll_timeout_s
         self.current: Deck | None = None
         self.swaps = 0  # snapshots installed after the first
         self.listeners: list[Callable[[Deck], None]] = []  # told each new snapshot, e.g. health follows the deck
-        self.store_state = StoreState()
-        self.store_listeners: list[Callable[[StoreState], None]] = []  # told when the store is lost or back
+        self.store_watch = StoreWatch(location, metrics)
+        self.store_listeners = self.store_watch.listeners  # told when the store is lost or back
         self._store: DeckStore | None = None
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
@@ -126,6 +174,10 @@ class Snapshots:
         if deck is None:
             raise NotReady("the deck is not loaded yet")
         return deck
+
+    @property
+    def store_state(self) -> StoreState:
+        return self.store_watch.state
 
     @property
     def store(self) -> DeckStore:
@@ -190,7 +242,12 @@ class Snapshots:
     # -- inside -------------------------------------------------------------------------------
     def _open(self, previous: Deck | None) -> Deck:
         return Deck.open(
-            self.store, previous=previous, providers=self.providers, intra_op_threads=self.intra_op_threads
+            self.store,
+            previous=previous,
+            providers=self.providers,
+            intra_op_threads=self.intra_op_threads,
+            spin=self.spin,
+            max_run_rows=self.max_run_rows,
         )
 
     def _install(self, deck: Deck) -> str:
@@ -239,39 +296,26 @@ class Snapshots:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
+            done = threading.Event()
+            threading.Thread(target=self._poll_once, args=(done,), name="carddeck-deck-poll-call", daemon=True).start()
+            # a store that accepts connections but never answers (a hung endpoint) must not look healthy:
+            # a poll not back in time counts as a failed one, again for every timeout it stays out
+            while not done.wait(self.poll_timeout_s):
+                if self._stop.is_set():
+                    return
+                self._failed(TimeoutError(f"no answer from the store in {self.poll_timeout_s:g} s"), reachable=False)
+
+    def _poll_once(self, done: threading.Event) -> None:
+        try:
             self.poll()
+        finally:
+            done.set()
 
     def _synced(self) -> None:
-        old = self.store_state
-        self._set_store(StoreState(reachable=True, last_sync=time.time()), failed=False)
-        if not old.in_sync:
-            log.info(
-                "deck store %s (%s) after %d failed polls; serving deck version %s",
-                "in sync again" if old.reachable else "reachable again", self.location, old.failures,
-                getattr(self.current, "version", "?"),
-            )  # fmt: skip
+        self.store_watch.synced(getattr(self.current, "version", "?"))
 
     def _failed(self, exc: Exception, *, reachable: bool) -> None:
-        old = self.store_state
-        state = replace(old, reachable=reachable, failures=old.failures + 1, error=str(exc))
-        self._set_store(state, failed=True)
-        if old.in_sync or old.reachable != reachable:  # once per outage (and once more if its kind changes)
-            version = getattr(self.current, "version", "?")
-            if reachable:
-                log.warning("deck store %s changed, but the new deck cannot be loaded; still serving version %s "
-                            "and retrying every poll: %s", self.location, version, exc)  # fmt: skip
-            else:
-                log.warning("cannot reach the deck store %s; still serving deck version %s and retrying every poll "
-                            "(logged once per outage): %s", self.location, version, exc)  # fmt: skip
-
-    def _set_store(self, state: StoreState, *, failed: bool) -> None:
-        changed = state.in_sync != self.store_state.in_sync or state.reachable != self.store_state.reachable
-        self.store_state = state
-        if self.metrics is not None:
-            self.metrics.set_store(state.reachable, state.last_sync, failed)
-        if changed:
-            for listener in self.store_listeners:
-                listener(state)
+        self.store_watch.failed(exc, reachable=reachable, version=getattr(self.current, "version", "?"))
 
     def _calibration_images(self) -> np.ndarray | None:
         if not self.calibration_data:
@@ -287,4 +331,4 @@ class Snapshots:
             self.metrics.card_change(op, outcome)
 
 
-__all__ = ["STORE_KEY", "DeckMetrics", "Snapshots", "StoreState"]
+__all__ = ["STORE_KEY", "DeckMetrics", "Snapshots", "StoreState", "StoreWatch"]

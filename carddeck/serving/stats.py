@@ -12,7 +12,7 @@ class ModelStats:
     """Counters for one model (ns, like Triton)."""
 
     inference_count: int = 0  # images
-    execution_count: int = 0  # model runs (a merged batch counts once per request here)
+    execution_count: int = 0  # batch runs (merged requests count once): inferences / executions = mean batch
     success_count: int = 0
     success_ns: int = 0
     fail_count: int = 0
@@ -20,7 +20,7 @@ class ModelStats:
     queue_ns: int = 0
     compute_ns: int = 0
     last_inference_ms: int = 0
-    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, compute ns]
+    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # executed size -> [count, compute ns]
 
 
 class Statistics:
@@ -39,18 +39,23 @@ class Statistics:
             s = self._stats.setdefault(model, ModelStats())
             if ok:
                 s.inference_count += n
-                s.execution_count += 1
                 s.success_count += 1
                 s.success_ns += elapsed
                 s.queue_ns += int(queued_s * 1e9)
                 s.compute_ns += int(compute_s * 1e9)
                 s.last_inference_ms = int(time.time() * 1000)
-                entry = s.batch_sizes.setdefault(n, [0, 0])
-                entry[0] += 1
-                entry[1] += int(compute_s * 1e9)
             else:
                 s.fail_count += 1
                 s.fail_ns += elapsed
+
+    def record_execution(self, model: str, n: int, compute_s: float) -> None:
+        """One run of ``model`` on a batch holding ``n`` of its images (its requests, merged)."""
+        with self._lock:
+            s = self._stats.setdefault(model, ModelStats())
+            s.execution_count += 1
+            entry = s.batch_sizes.setdefault(n, [0, 0])
+            entry[0] += 1
+            entry[1] += int(compute_s * 1e9)
 
     def get(self, model: str) -> ModelStats:
         with self._lock:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from carddeck.deck.backend import Backend, LocalBackend, open_backend
-from carddeck.deck.s3 import S3Backend
+from carddeck.deck.backend import Backend, open_backend
+from carddeck.deck.backends.file import LocalBackend
+from carddeck.deck.backends.s3 import S3Backend
 from carddeck.errors import ConcurrentChange
 from tests.deck.test_s3 import bucket, s3_endpoint, s3_env  # noqa: F401 - fixtures
 

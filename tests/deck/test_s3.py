@@ -21,7 +21,7 @@ from moto.server import ThreadedMotoServer
 
 from carddeck.commands.cli import main
 from carddeck.deck import Deck, DeckStore
-from carddeck.deck.s3 import S3Backend
+from carddeck.deck.backends.s3 import S3Backend
 from carddeck.errors import CardRejected, ConcurrentChange, DeckConflict, InvalidInput
 from tests.deck.conftest import add_noise, card
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-import carddeck.deck.backend as backend_mod
+import carddeck.deck.backends.file as backend_mod
 from carddeck.card import METADATA_KEY
 from carddeck.deck import Deck, DeckStore, default_deck_path, init_deck, read_card_meta
 from carddeck.errors import CardNotFound, CardRejected, DeckConflict, InvalidInput, ReadOnlyDeck
@@ -280,3 +280,17 @@ def test_a_read_only_deck_is_never_swept(store):
     debris.write_bytes(b"half a manifest")
     assert store.clean() == []  # not ReadOnlyDeck: a server on the shipped deck must still start
     assert debris.exists()
+
+
+def test_a_card_file_changed_behind_the_manifest_is_refused(store):
+    """The manifest's sha256 is checked on every read: a card file edited (or half-copied) after its
+    commit is refused, naming the file, and never served."""
+    entry = store.manifest().find("g1")
+    path = store.root / entry.path / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CardRejected, match="g1/1.*does not match the manifest sha256"):
+        store.read_model(entry)
+    with pytest.raises(CardRejected, match="does not match the manifest sha256"):
+        Deck.open(store.root)

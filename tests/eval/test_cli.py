@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from carddeck.commands.cli import main
 from carddeck.deck import Deck, DeckStore
@@ -54,6 +55,14 @@ def test_eval_fits_a_router_when_the_deck_has_none(tmp_path):
     assert data["notes"]["router"].startswith("fitted on 32 val images")
     assert "calibrated" in data["methods"] and "calibrated/per-sample" not in data["methods"]
     assert "calibrated/held-out" in data["methods"]
+    # selective prediction: a risk-coverage curve per combined method, the uniform deck's MSP the baseline
+    sel = data["selective"]
+    assert "uniform" in sel and "calibrated" in sel and not any(m.startswith("card:") for m in sel)
+    assert sel["uniform"]["coverage"][-1] == 1.0 and 0 <= sel["uniform"]["aurc"] <= 1
+    # at full coverage the error is the method's corrupted error (equal-sized conditions)
+    assert sel["uniform"]["risk"][-1] == pytest.approx(1 - data["methods"]["uniform"]["mean_corrupted"])
+    md = (out / "eval.md").read_text()
+    assert "## Selective prediction" in md and "| uniform |" in md.split("## Selective prediction")[1]
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

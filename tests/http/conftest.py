@@ -41,8 +41,10 @@ class Answer:
         return str(doc["error"])
 
 
-def http_server(deck: Path, tmp: Path, *args: str, env: dict[str, str] | None = None) -> HttpServer:
-    process = start_server(deck, tmp, *args, env=env)
+def http_server(
+    deck: Path, tmp: Path, *args: str, env: dict[str, str] | None = None, preexec_fn: Any = None
+) -> HttpServer:
+    process = start_server(deck, tmp, *args, env=env, preexec_fn=preexec_fn)
     match = re.search(r"HTTP \(Open Inference Protocol, /v2\) on \S+:(\d+)", process.log())
     assert match, process.log()[-2000:]
     return HttpServer(process, int(match.group(1)))

@@ -338,7 +338,7 @@ def test_http_port_flag(tmp_path, server):
         assert "HTTP (Open Inference Protocol" not in off.log()
     finally:
         off.terminate()
-    with pytest.raises(AssertionError, match=f"cannot listen for HTTP on 127.0.0.1:{server.port}: Address already"):
+    with pytest.raises(AssertionError, match=rf"cannot listen on 127.0.0.1: port {server.port} \(HTTP, --http-port\)"):
         start_server(deck, tmp_path, "--http-port", str(server.port))
 
 

@@ -35,7 +35,7 @@ def test_health_and_metadata(client, server):
     model = client.get_model_metadata("carddeck")
     assert model["versions"] == [str(deck.version)]
     assert model["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
-    assert [o["name"] for o in model["outputs"]] == ["probabilities", "labels", "routing_weights"]
+    assert [o["name"] for o in model["outputs"]] == ["probabilities", "labels", "routing_weights", "out_of_scope"]
     card = client.get_model_metadata("a1", "1")
     assert card["platform"] == "onnxruntime_onnx"
     assert [o["name"] for o in card["outputs"]] == ["probabilities", "labels"]

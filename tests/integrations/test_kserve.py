@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -141,13 +140,11 @@ def test_every_hpa_metric_has_an_adapter_rule() -> None:
 
 
 @pytest.mark.integration
-def test_every_autoscaling_promql_answers_on_a_real_prometheus(tmp_path: Path) -> None:
+def test_every_autoscaling_promql_answers_on_a_real_prometheus(tmp_path: Path, prometheus_tools) -> None:
     from tests.observability.promql import running_prometheus
     from tests.observability.test_live_server import start, stop
 
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.fail("prometheus is not installed (apt-get install prometheus)")
+    prometheus = prometheus_tools["prometheus"]
     server = start(tmp_path)
     try:
         with server.client() as client:

@@ -55,12 +55,18 @@ class RayDeck:
         return self.handle.counts.remote().result(timeout_s=60)
 
     def post(self, path: str, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(self.url + path, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+        status, _, answer = self.http(path, doc)
+        return status, answer
+
+    def http(self, path: str, doc: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:
+        """Status, headers and JSON body of a GET (``doc`` None) or a POST of ``doc``."""
+        data = None if doc is None else json.dumps(doc).encode()
+        req = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read() or b"{}")
+                return resp.status, dict(resp.headers), json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+            return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
 
 
 def replicas(deployment: str, app: str) -> int:
@@ -172,6 +178,62 @@ def test_the_carddeck_v1_grpc_service_through_rays_grpc_proxy(ray_deck: RayDeck)
             stub.RemoveCard(pb.RemoveCardRequest(name="g1"), metadata=app)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
     assert "g1" in ray_deck.state()["cards"]
+
+
+def test_ready_reports_the_store_and_statistics_count_what_the_ingress_served(ray_deck: RayDeck) -> None:
+    """The OIP health and statistics routes work on Ray as on ``carddeck serve`` (the transports' data plane
+    Protocol): ready carries the store's state, through an outage and back; each model's statistics count the
+    requests this ingress answered and failed."""
+
+    def stats(model: str) -> dict[str, Any]:
+        status, _, doc = ray_deck.http(f"/v2/models/{model}/stats")
+        assert status == 200, doc
+        (entry,) = doc["model_stats"]
+        assert entry["name"] == model
+        return entry
+
+    def infer(model: str, x: np.ndarray, **parameters: Any) -> int:
+        inputs = [{"name": "images", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]
+        return ray_deck.post(f"/v2/models/{model}/infer", {"inputs": inputs, "parameters": parameters})[0]
+
+    def batches(entry: dict[str, Any], size: int) -> int:
+        return sum(b["compute_infer"]["count"] for b in entry["batch_stats"] if b["batch_size"] == size)
+
+    def store_line() -> str:
+        status, headers, doc = ray_deck.http("/v2/health/ready")
+        assert status == 200, doc  # ready while it serves, even from a stale snapshot
+        return headers["carddeck-store"]
+
+    status, _, doc = ray_deck.http("/v2/models/stats")
+    assert status == 200, doc
+    assert {s["name"] for s in doc["model_stats"]} == {"carddeck", "g1", "a1"}
+    deck0, card0 = stats("carddeck"), stats("g1")
+    x = noisy_images(3, seed=9)
+    ray_deck.predict(x, "soft")  # through the handle
+    assert infer("carddeck", x) == 200  # through HTTP
+    assert infer("carddeck", x, policy="no-such-policy") == 400  # refused by the data plane: a failed request
+    assert infer("g1", x[:2]) == 200  # a card as a model of its own
+    deck1, card1 = stats("carddeck"), stats("g1")
+    assert deck1["inference_count"] - deck0["inference_count"] == 6
+    assert deck1["execution_count"] - deck0["execution_count"] == 2
+    assert deck1["inference_stats"]["success"]["count"] - deck0["inference_stats"]["success"]["count"] == 2
+    assert deck1["inference_stats"]["fail"]["count"] - deck0["inference_stats"]["fail"]["count"] == 1
+    assert deck1["inference_stats"]["success"]["ns"] > deck0["inference_stats"]["success"]["ns"]
+    assert deck1["last_inference"] >= time.time() * 1000 - 120_000
+    assert batches(deck1, 3) - batches(deck0, 3) == 2
+    assert card1["inference_count"] - card0["inference_count"] == 2  # run_card's, not the deck's card calls
+    assert card1["inference_stats"]["success"]["count"] - card0["inference_stats"]["success"]["count"] == 1
+
+    assert store_line() == "reachable"
+    away = ray_deck.root.with_name(ray_deck.root.name + "-away")
+    ray_deck.root.rename(away)  # the store is gone
+    try:
+        wait_for("ready to report the store unreachable", lambda: store_line().startswith("unreachable"), 60)
+        assert "serving the snapshot last in sync at" in store_line()
+        assert ray_deck.predict(x, "soft")["labels"].shape == (3,)  # still serving its last snapshot
+    finally:
+        away.rename(ray_deck.root)
+    wait_for("ready to report the store reachable again", lambda: store_line() == "reachable", 60)
 
 
 def test_a_card_added_to_the_store_serves_within_30_s_and_a_removed_one_goes_without_failed_requests(

@@ -13,8 +13,9 @@ import numpy as np
 
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore
+from carddeck.gating.shift_fit import deck_references, fit_detector
 from carddeck.observability.metrics import Metrics
-from carddeck.observability.shift import ShiftLoader, ShiftMonitor, deck_references, fit_detector
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from tests.cards import tiny_card_bytes, tiny_meta
 
 DOMAINS = ("clean", "gaussian", "augmix")

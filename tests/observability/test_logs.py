@@ -9,7 +9,7 @@ import logging
 import grpc
 import pytest
 
-from carddeck.observability.logs import JsonFormatter, RequestIdFilter, configure_logging, request_id_var
+from carddeck.observability.logs import JsonFormatter, RepeatFilter, RequestIdFilter, configure_logging, request_id_var
 from tests.observability.tiny_server import SERVICE, start_tiny_server
 
 
@@ -90,3 +90,24 @@ def test_configure_logging_switches_the_root_handlers():
     first, second = stream.getvalue().splitlines()
     assert json.loads(first)["message"] == "as json"
     assert second.endswith("carddeck.test [-]: as text")
+
+
+def test_repeated_lines_are_rate_limited_and_the_count_left_out_is_said(captured):
+    (handler,) = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is captured]
+    repeat = RepeatFilter(burst=3, window_s=0.2)
+    handler.addFilter(repeat)
+    log = logging.getLogger("carddeck.flood")
+    for i in range(1000):
+        log.warning("accept failed on connection %d: Too many open files", i)
+    log.warning("another message")  # a different template has its own budget
+    first = [line["message"] for line in lines(captured)]
+    assert len(first) == 4 and first[-1] == "another message", first
+    repeat.window_s = 0.0  # the window is over: the next line of the template says what was left out
+    log.warning("accept failed on connection %d: Too many open files", 1000)
+    assert lines(captured)[-1]["message"].endswith("[997 more lines like this left out in 0 s]")
+
+
+def test_json_lines_leave_out_uvicorns_colour_copy_of_the_message(captured):
+    logging.getLogger("uvicorn.error").info("Started %s", "server", extra={"color_message": "\x1b[1mStarted\x1b[0m"})
+    (entry,) = lines(captured)
+    assert entry["message"] == "Started server" and "color_message" not in entry

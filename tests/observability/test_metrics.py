@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from carddeck.gating import Gate, batch_signature, sample_signatures
+from carddeck.gating.shift import Verdict
 from carddeck.observability.metrics import Metrics, start_metrics_server
-from carddeck.observability.shift import Verdict
 from tests.cards import tiny_meta
 from tests.observability.scrape import scrape, scrape_text, value
 
@@ -59,6 +59,7 @@ def test_every_metric_is_named_and_labelled_by_convention(live):
         "carddeck_card_duration_seconds",
         "carddeck_batch_size",
         "carddeck_queue_depth",
+        "carddeck_images_in_flight",
         "carddeck_queue_wait_seconds",
         "carddeck_gate_decisions_total",
         "carddeck_gate_selections_total",

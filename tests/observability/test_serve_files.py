@@ -13,8 +13,8 @@ import re
 import yaml
 from prometheus_client import CollectorRegistry
 
+from carddeck.gating.shift import Verdict
 from carddeck.observability.metrics import Metrics
-from carddeck.observability.shift import Verdict
 from tests.observability.promql import ALERTS_YML, DASHBOARD, PROMETHEUS_YML, ROOT, SERVE, alert_rules, dashboard_exprs
 
 METRIC = re.compile(r"\bcarddeck_[a-z0-9_]+")

@@ -24,7 +24,7 @@ def test_check_fails_when_a_proto_changes(tmp_path, monkeypatch):
     gen = load_generate()
     shutil.copytree(ROOT / "proto", tmp_path / "proto")
     proto = tmp_path / "proto" / "carddeck" / "v1" / "carddeck.proto"
-    proto.write_text(proto.read_text().replace("bool per_sample = 3;", "bool per_sample = 4;", 1))
+    proto.write_text(proto.read_text().replace("bool per_sample = 3;", "bool per_sample = 9;", 1))
     monkeypatch.setattr(gen, "PROTO_DIR", tmp_path / "proto")
     problems = gen.check()
     assert any("carddeck_pb2.py is stale" in p for p in problems), problems

@@ -96,7 +96,8 @@ def test_undecodable_bodies_are_invalid_argument_counted_and_free(tmp_path):
         assert value(samples, "carddeck_request_duration_seconds_count", service=service, rpc=rpc) == n
     log = server.log()
     assert "Traceback" not in log and "ERROR" not in log
-    assert len(re.findall(r"WARNING .*request body \(\d+ bytes\) is not a valid", log)) == 22000
+    warned = len(re.findall(r"WARNING .*request body \(\d+ bytes\) is not a valid", log))
+    assert 0 < warned < 500, warned  # said, but rate-limited: a client in a loop must not flood the log (#22)
 
 
 def test_corrupted_card_uploads_are_rejected_never_internal(tmp_path):

@@ -211,6 +211,7 @@ def test_add_card_under_concurrent_predict_load_loses_no_request(server):
     threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
+
     def serves(more: int) -> None:  # wait until ``more`` further requests were answered (or one failed)
         target = served[0] + more
         wait_for(lambda: served[0] >= target or failures, f"{more} more requests served")

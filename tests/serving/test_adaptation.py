@@ -17,7 +17,7 @@ from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore
 from carddeck.deck.default import default_deck_path
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
-from carddeck.serving.adaptation import Adaptation, Trigger
+from carddeck.serving.adaptation import Trigger
 from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 from tests.serving.test_dataplane import BatchSizes
 
@@ -49,7 +49,7 @@ def _dataplane(root: Path, sizes: BatchSizes | None = None, min_batch: int = 16)
     dp.start()
     dp.deck.warm_adaptive()
     # every large enough request adapts: this module tests where the statistics come from, not the trigger
-    dp.adaptation = Adaptation(Trigger(min_batch=min_batch, states=None), lambda: None)
+    dp.adaptation = Trigger(min_batch=min_batch, states=None)
     return dp
 
 
@@ -105,3 +105,25 @@ def test_the_trigger_follows_the_shift_signal_on_the_default_deck(images):
     assert not fires(images[:64]) and not fires(images[64:128])
     assert fires(corrupt(images[:64], "fog", 5, seed=0))
     assert not fires(corrupt(images[: trigger.min_batch - 1], "fog", 5, seed=0))  # too few images to adapt on
+
+
+def test_the_server_adapts_on_the_verdict_every_answer_carries(images):
+    """The serving path reads the per-request verdict: a fogged 64-image request (uncovered) comes back
+    adapted with its verdict; clean requests and small fogged ones do not."""
+    config = DataplaneConfig(deck_path=default_deck_path(), poll_interval_s=0, batching=False)
+    dp = Dataplane(config)
+    dp.start()
+    monitor = ShiftMonitor()
+    ShiftLoader(monitor)(dp.deck)
+    dp.judge = monitor.judge
+    dp.adaptation = Trigger()
+    try:
+        dp.deck.warm_adaptive()
+        fogged, _ = dp.predict(corrupt(images[:64], "fog", 5, seed=0))
+        assert fogged.adapted and fogged.verdict is not None and fogged.verdict.state == "uncovered"
+        clean, _ = dp.predict(images[:64])
+        assert not clean.adapted and clean.verdict is not None and clean.verdict.state == "in_distribution"
+        small, _ = dp.predict(corrupt(images[: Trigger().min_batch - 1], "fog", 5, seed=0))
+        assert not small.adapted
+    finally:
+        dp.close()

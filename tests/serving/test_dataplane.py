@@ -1,7 +1,6 @@
 """The data plane against real decks (ONNX Runtime sessions), no gRPC."""
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from carddeck.deck import Deck, DeckStore
-from carddeck.errors import CardRejected, NotReady
+from carddeck.errors import CardRejected, InvalidInput, NotReady
 from carddeck.observability.metrics import Metrics
 from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 from tests.servers import card, noisy_images, smooth_images, wait_for
@@ -113,6 +112,21 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
         dp.close()
 
 
+def test_a_bad_policy_name_fails_its_own_request_before_any_batch(deck_path):
+    """Checked in the caller's thread: InvalidInput naming the choices, and no batch is run or counted
+    for it (a merged batch would fail for everyone in it and be rerun one by one)."""
+    sizes = BatchSizes()
+    dp = dataplane(deck_path, sizes, max_batch_size=256)
+    try:
+        with pytest.raises(InvalidInput, match="unknown gate policy 'nearest-domian'; valid choices: .*nearest-domain"):
+            dp.predict(smooth_images(2), policy="nearest-domian")
+        assert sizes.sizes == []
+        dp.predict(smooth_images(2), policy="nearest-domain")
+        assert sizes.sizes == [2]
+    finally:
+        dp.close()
+
+
 def test_hot_add_under_load_fails_no_request(deck_path):
     dp = dataplane(deck_path, max_batch_size=64)
     stop = threading.Event()
@@ -165,9 +179,7 @@ def test_a_manifest_written_by_another_replica_is_picked_up(deck_path):
     try:
         old = dp.deck
         DeckStore(deck_path).add_card(card("g3", "gaussian", seed=3))  # "another replica"
-        deadline = time.monotonic() + 10
-        while dp.deck is old and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: dp.deck is not old, "the new manifest to be picked up", timeout=30)
         assert "g3" in dp.deck.card_names
         assert old.card_names == ("g1", "a1")  # the old snapshot is untouched
         assert old.predict(noisy_images(1)).probabilities.shape == (1, 10)

@@ -58,11 +58,12 @@ def test_statistics_count_per_model_and_hand_out_copies():
     stats.record("m", 4, 0.002, ok=True, queued_s=0.001, compute_s=0.001)
     stats.record("m", 4, 0.003, ok=True, compute_s=0.002)
     stats.record("m", 1, 0.001, ok=False)
+    stats.record_execution("m", 8, 0.003)  # both requests ran as one batch: one execution of 8
     got = stats.get("m")
-    assert (got.inference_count, got.execution_count, got.success_count, got.fail_count) == (8, 2, 2, 1)
-    assert got.batch_sizes == {4: [2, 3_000_000]} and got.queue_ns == 1_000_000
-    got.batch_sizes[4][0] = 99  # a copy: the counters stay
-    assert stats.get("m").batch_sizes[4][0] == 2 and stats.get("other").inference_count == 0
+    assert (got.inference_count, got.execution_count, got.success_count, got.fail_count) == (8, 1, 2, 1)
+    assert got.batch_sizes == {8: [1, 3_000_000]} and got.queue_ns == 1_000_000
+    got.batch_sizes[8][0] = 99  # a copy: the counters stay
+    assert stats.get("m").batch_sizes[8][0] == 1 and stats.get("other").inference_count == 0
 
 
 def samples(metrics: Metrics) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-DEFAULT_PORTS = (8001, 8002)
+DEFAULT_PORTS = (8000, 8001, 8002)
 START_TIMEOUT_S = 120.0
 TOKEN = "secret"  # the tour's admin token; the first server gets it in its environment for the read-only check
 
@@ -65,6 +65,51 @@ def tour_commands(text: str) -> list[str]:
             if line and not line.startswith("#"):
                 commands.append(line)
     return commands
+
+
+def prose_after(text: str, command: str) -> str:
+    """The README's prose right after the bash block holding ``command`` (up to the next code block): what it
+    says that command shows."""
+    blocks = list(re.finditer(r"```(\w*)\n(.*?)```", text, flags=re.S))
+    for block, following in zip(blocks, [*blocks[1:], None]):
+        if block.group(1) == "bash" and command in block.group(2):
+            return text[block.end() : following.start() if following else len(text)]
+    raise SystemExit(f"no bash block in the README holds {command!r}")
+
+
+def serving_python_blocks(text: str) -> list[str]:
+    """The Python blocks of the README's Serving section: clients of a live server (gRPC, HTTP, Triton's)."""
+    section = text.split("### Serving", 1)[1].split("\n### ", 1)[0]
+    return [b.strip() for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)]
+
+
+def wrong_samples(stdout: str) -> set[str]:
+    """The samples (file names up to ``-label``) that `carddeck predict` got wrong."""
+    wrong = set()
+    for path, predicted in re.findall(r"^(\S+\.png): (\S+) \(", stdout, flags=re.M):
+        stem, label = re.fullmatch(r"(.+)-label(\d+)", Path(path).stem).groups()
+        if predicted != label:
+            wrong.add(stem)
+    return wrong
+
+
+def prose_mismatch(prose: str, stdout: str, samples: list[Path]) -> str:
+    """ "" when the samples the prose names (in backticks) are exactly those the output got wrong."""
+    stems = {re.sub(r"-label\d+$", "", p.stem) for p in samples}
+    named = {t for t in re.findall(r"`([^`\s]+)`", prose) if t in stems}
+    wrong = wrong_samples(stdout)
+    return "" if named == wrong else f"the README names {sorted(named)} wrong; the output got {sorted(wrong)} wrong"
+
+
+def printed_mismatch(code: str, stdout: str) -> str:
+    """ "" when each ``print(...)  # expected`` line of a README block printed what its comment says ("..."
+    stands for anything), in order."""
+    lines = stdout.splitlines()
+    for expected in re.findall(r"^\s*print\(.*\)\s+#\s*(.+)$", code, flags=re.M):
+        pattern = ".*".join(re.escape(part.strip()) for part in expected.split("..."))
+        if not any(re.fullmatch(pattern, line.strip()) for line in lines):
+            return f"nothing printed matches the README's comment {expected!r}; it printed: {stdout[-500:]!r}"
+    return ""
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -108,7 +153,7 @@ class Tour:
         for tour_port, port in self.ports.items():
             command = re.sub(rf"(?<=[:\s]){tour_port}\b", str(port), command)
         if re.search(r"\bcarddeck serve\b", command) and "--port" not in command:  # it would take 8001, 8002
-            flags = f" --port {self.ports[8001]} --metrics-port {self.ports[8002]}"
+            flags = f" --port {self.ports[8001]} --http-port {self.ports[8000]} --metrics-port {self.ports[8002]}"
             background = command.endswith("&")
             command = command.rstrip("&").rstrip() + flags + (" &" if background else "")
         return command
@@ -175,13 +220,15 @@ class Tour:
         self.check(code == 0 and "Traceback" not in log, f"the server stops cleanly on Ctrl-C (exit {code})")
 
 
-def expect_tour_output(tour: Tour, command: str, result: subprocess.CompletedProcess) -> None:
-    """What each kind of tour command must show, beyond exit status 0."""
+def expect_tour_output(tour: Tour, command: str, result: subprocess.CompletedProcess, readme_command: str) -> None:
+    """What each kind of tour command must show, beyond exit status 0 (``readme_command``: as the README has it)."""
     tour.check(result.returncode == 0, f"exit status 0 (got {result.returncode})")
     if " predict " in f" {command} ":
         samples = sorted((tour.work / "models" / "samples").glob("*.png"))
         lines = [line for line in result.stdout.splitlines() if "distance to" in line]
         tour.check(len(lines) == len(samples) > 0, f"one prediction line per sample ({len(lines)}/{len(samples)})")
+        mismatch = prose_mismatch(prose_after(README.read_text(), readme_command), result.stdout, samples)
+        tour.check(not mismatch, mismatch or "the text after the command names the samples it gets wrong")
     if " deck init " in f" {command} ":
         tour.check("created" in result.stdout, "`deck init` says what it created")
     if " deck add " in f" {command} ":
@@ -225,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     tour = Tour(venv=(args.venv or scratch / "venv").resolve(), work=work)
     busy = [p for p in DEFAULT_PORTS if not port_free(p)]
     if busy:
-        tour.ports = {p: free_port() for p in (8001, 8002, 8011, 8012)}
+        tour.ports = {p: free_port() for p in (8000, 8001, 8002, 8010, 8011, 8012)}
         print(f"ports {busy} are in use here: the tour runs on {tour.ports}", flush=True)
     total = time.perf_counter()
     try:
@@ -241,13 +288,20 @@ def main(argv: list[str] | None = None) -> int:
         tour.start_server(tour.localize(serve), env={"CARDDECK_ADMIN_TOKEN": TOKEN})
         address = f"127.0.0.1:{tour.ports.get(8001, 8001)}"
         first_minutes(tour, address)
+        print("== the README's Python clients, against it", flush=True)
+        for code in serving_python_blocks(text):  # this checkout's code with the dev interpreter (tritonclient)
+            python = f"PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(sys.executable)}"
+            result = tour.run(f"{python} -c {shlex.quote(tour.localize(code))}")
+            tour.check(result.returncode == 0, f"the README block `{code.splitlines()[0]} ...` runs")
+            mismatch = printed_mismatch(code, result.stdout)
+            tour.check(not mismatch, mismatch or "it prints what the README says")
         print("== the tour", flush=True)
-        for command in commands:
-            command = tour.localize(command)
+        for readme_command in commands:
+            command = tour.localize(readme_command)
             if command.endswith("&"):
                 tour.start_server(command)
             else:
-                expect_tour_output(tour, command, tour.run(command))
+                expect_tour_output(tour, command, tour.run(command), readme_command)
         tour.stop_server()
     finally:
         tour.stop_server()

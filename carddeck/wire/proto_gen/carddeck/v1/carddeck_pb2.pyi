@@ -37,14 +37,16 @@ class Matrix(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("images", "policy", "per_sample")
+    __slots__ = ("images", "policy", "per_sample", "abstain_above_risk")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    ABSTAIN_ABOVE_RISK_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     policy: str
     per_sample: bool
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., policy: _Optional[str] = ..., per_sample: bool = ...) -> None: ...
+    abstain_above_risk: float
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., policy: _Optional[str] = ..., per_sample: bool = ..., abstain_above_risk: _Optional[float] = ...) -> None: ...
 
 class Routing(_message.Message):
     __slots__ = ("policy", "per_sample", "card_names", "weights", "domains", "distances", "selected", "cards_per_image")
@@ -67,13 +69,14 @@ class Routing(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., per_sample: bool = ..., card_names: _Optional[_Iterable[str]] = ..., weights: _Optional[_Union[Matrix, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., distances: _Optional[_Union[Matrix, _Mapping]] = ..., selected: _Optional[_Iterable[str]] = ..., cards_per_image: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("probabilities", "labels", "label_names", "routing", "deck_version", "class_names", "adapted")
+    __slots__ = ("probabilities", "labels", "label_names", "routing", "deck_version", "class_names", "verdict", "adapted")
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     DECK_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
     ADAPTED_FIELD_NUMBER: _ClassVar[int]
     probabilities: Matrix
     labels: _containers.RepeatedScalarFieldContainer[int]
@@ -81,8 +84,55 @@ class PredictResponse(_message.Message):
     routing: Routing
     deck_version: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
+    verdict: Verdict
     adapted: bool
-    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., label_names: _Optional[_Iterable[str]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., deck_version: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., adapted: bool = ...) -> None: ...
+    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., label_names: _Optional[_Iterable[str]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., deck_version: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., adapted: bool = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("shift_state", "scope", "expected_accuracy", "expected_accuracy_kind", "out_of_scope", "in_scope", "risk", "abstained")
+    SHIFT_STATE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCURACY_KIND_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    IN_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    ABSTAINED_FIELD_NUMBER: _ClassVar[int]
+    shift_state: str
+    scope: str
+    expected_accuracy: float
+    expected_accuracy_kind: str
+    out_of_scope: _containers.RepeatedScalarFieldContainer[float]
+    in_scope: _containers.RepeatedScalarFieldContainer[bool]
+    risk: _containers.RepeatedScalarFieldContainer[float]
+    abstained: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, shift_state: _Optional[str] = ..., scope: _Optional[str] = ..., expected_accuracy: _Optional[float] = ..., expected_accuracy_kind: _Optional[str] = ..., out_of_scope: _Optional[_Iterable[float]] = ..., in_scope: _Optional[_Iterable[bool]] = ..., risk: _Optional[_Iterable[float]] = ..., abstained: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class PredictStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: PredictRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[PredictRequest, _Mapping]] = ...) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PredictStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    response: PredictResponse
+    error: StreamError
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("images", "policy", "per_sample")

@@ -39,6 +39,11 @@ class CardDeckStub(object):
                 request_serializer=carddeck_dot_v1_dot_carddeck__pb2.PredictRequest.SerializeToString,
                 response_deserializer=carddeck_dot_v1_dot_carddeck__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/carddeck.v1.CardDeck/PredictStream',
+                request_serializer=carddeck_dot_v1_dot_carddeck__pb2.PredictStreamRequest.SerializeToString,
+                response_deserializer=carddeck_dot_v1_dot_carddeck__pb2.PredictStreamResponse.FromString,
+                _registered_method=True)
         self.Route = channel.unary_unary(
                 '/carddeck.v1.CardDeck/Route',
                 request_serializer=carddeck_dot_v1_dot_carddeck__pb2.RouteRequest.SerializeToString,
@@ -71,6 +76,14 @@ class CardDeckServicer(object):
 
     def Predict(self, request, context):
         """Classify a batch of images: probabilities, labels and the routing explanation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictStream(self, request_iterator, context):
+        """Many Predict requests over one call (one call's overhead, not one per request): answers come
+        back in request order with the request's id; a bad request gets its own error, the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +129,11 @@ def add_CardDeckServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=carddeck_dot_v1_dot_carddeck__pb2.PredictRequest.FromString,
                     response_serializer=carddeck_dot_v1_dot_carddeck__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
+                    request_deserializer=carddeck_dot_v1_dot_carddeck__pb2.PredictStreamRequest.FromString,
+                    response_serializer=carddeck_dot_v1_dot_carddeck__pb2.PredictStreamResponse.SerializeToString,
             ),
             'Route': grpc.unary_unary_rpc_method_handler(
                     servicer.Route,
@@ -170,6 +188,33 @@ class CardDeck(object):
             '/carddeck.v1.CardDeck/Predict',
             carddeck_dot_v1_dot_carddeck__pb2.PredictRequest.SerializeToString,
             carddeck_dot_v1_dot_carddeck__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/carddeck.v1.CardDeck/PredictStream',
+            carddeck_dot_v1_dot_carddeck__pb2.PredictStreamRequest.SerializeToString,
+            carddeck_dot_v1_dot_carddeck__pb2.PredictStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from carddeck.deck.debris import AgedDebris
 from carddeck.errors import ConcurrentChange, InvalidInput, NotReady
 
 CREDENTIALS_HELP = (
@@ -162,8 +163,13 @@ class S3Backend:
         stem, ext = posixpath.splitext(key)
         return f"{stem}-{uuid.uuid4().hex[:12]}{ext}"
 
+    def debris(self, grace_s: float) -> AgedDebris:
+        return AgedDebris(self, grace_s)
+
     def lock(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # no lock across machines: the conditional commit decides
 
 
-__all__ = ["S3Backend"]
+BACKEND = S3Backend
+
+__all__ = ["BACKEND", "S3Backend"]

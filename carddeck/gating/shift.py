@@ -1,0 +1,474 @@
+"""The shift detector: is a batch in-distribution, a shift the deck covers, or one it does not; and is
+each image in the deck's scope? (The model; fitting is :mod:`carddeck.gating.shift_fit`, the live
+monitor :mod:`carddeck.observability.shift`.)
+
+**Features** (:func:`image_features`, per image, numpy only): the gate's own per-image features
+(``sample_features``: radial log-spectrum, orientation wedges, per-channel mean and spread, local
+contrast, gradient, clipping, saturation; routing has computed them already), photometric
+statistics (dark and bright luminance percentiles, the spread of saturation), and what the deck said
+(confidence and entropy of its combined probabilities).
+
+**Batch statistic.** A kernel two-sample statistic, MMD^2 with a Gaussian kernel on standardized
+features, between a batch and a reference condition, computed separately on three feature groups
+(spectral, photometric, output) and reported as the largest, in units of each group's threshold. One
+kernel over all features let the 21 spectral columns drown a brightness change in 8 photometric ones;
+a group of its own sees it. Each group's kernel is approximated by random Fourier features, so a
+reference is one mean embedding and a test costs one small matrix product.
+
+**Thresholds** (per group and batch size): the (1 - alpha/G) quantile of the statistic between random
+batches of a condition and the rest of it (Bonferroni over the G groups), so a clean batch raises a
+false alarm with probability <= alpha: the expected run time between false alarms is 1/alpha batches.
+
+**States**: *in_distribution* (under the clean threshold in every group), *covered* (consistent with a
+reference condition on which the deck lost at most ``tolerance``), *uncovered* (otherwise).
+
+**Per-image scope** (:class:`Scope`): the Mahalanobis distance of an image's standardized features to
+the nearest of the in-scope references (clean, the cards' augmentation domains and the reference conditions
+the deck stays accurate on), each a Gaussian fitted
+on half of its images; the threshold is the (1 - fpr) quantile on the other half of the clean images
+(default fpr 5%). Scores are in threshold units: above 1 is out of scope.
+
+**Expected accuracy**: the deck's accuracy on the reference conditions, weighted by a Gaussian kernel of
+the batch's statistic to each, averaged with ATC (the share of confident images at the threshold that
+clean accuracy implies). It never claims more than the deck's clean accuracy on an uncovered batch (an
+upper bound there), and is ``unknown`` (NaN) when most of the batch is out of scope and like no known
+condition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from carddeck.errors import InvalidInput
+from carddeck.gating.signature import FEATURE_DIM, ORIENTATIONS, SIGNATURE_DIM, sample_features
+
+FORMAT = "carddeck-shift/3"  # 3: grouped MMD, photometric features, per-image scope (2: one kernel)
+STATES = ("in_distribution", "covered", "uncovered")
+UNKNOWN = "unknown"  # no detector fitted to the deck's cards (yet): served, never silently off
+ALPHA = 0.005  # false alarms per in-distribution batch: ERT 200 batches
+TOLERANCE = 0.05  # accuracy a condition may lose against clean and still count as covered
+SCOPE_FPR = 0.05  # clean images called out of scope
+SIZES = (4, 8, 16, 32, 64, 128)  # batch sizes with a calibrated threshold
+EMBED_DIM = 128  # random Fourier features per group
+BOOTSTRAP = 2000  # null batches per size (clean); conditions use a quarter
+_STD_FLOOR = 0.02  # features constant on clean data (e.g. saturation of grey digits) still get a scale
+
+GATE_NAMES = (
+    *(f"spectrum_{i}" for i in range(SIGNATURE_DIM)),
+    *(f"orientation_{i}" for i in range(ORIENTATIONS)),
+    *(f"mean_{c}" for c in "rgb"),
+    *(f"std_{c}" for c in "rgb"),
+    "local_contrast",
+    "gradient",
+    "clipped",
+    "saturation",
+)
+FEATURE_NAMES = (*GATE_NAMES, "luma_p05", "luma_p95", "saturation_std", "confidence", "entropy")
+GROUPS: dict[str, tuple[str, ...]] = {
+    "spectral": (*GATE_NAMES[: SIGNATURE_DIM + ORIENTATIONS], "local_contrast", "gradient"),
+    "photometric": (
+        *(f"{s}_{c}" for s in ("mean", "std") for c in "rgb"),
+        *("clipped", "saturation", "luma_p05", "luma_p95", "saturation_std"),
+    ),
+    "output": ("confidence", "entropy"),
+}
+CONFIDENCE = FEATURE_NAMES.index("confidence")
+
+
+def photometric_features(x: np.ndarray) -> np.ndarray:
+    """Luminance 5th and 95th percentiles and the spread of saturation, float32 [N, 3]; ``x`` NCHW in [0, 1]."""
+    n = len(x)
+    luma = x.mean(axis=1).reshape(n, -1)
+    k = luma.shape[1]
+    part = np.partition(luma, (int(0.05 * (k - 1)), int(0.95 * (k - 1))), axis=1)
+    sat = (x.max(axis=1) - x.min(axis=1)).reshape(n, -1)
+    return np.stack([part[:, int(0.05 * (k - 1))], part[:, int(0.95 * (k - 1))], sat.std(axis=1)], 1).astype(np.float32)
+
+
+def image_features(x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None = None) -> np.ndarray:
+    """Per-image features, float32 [N, len(FEATURE_NAMES)]. ``x``: float32 [N, 3, H, W] in [0, 1], as the
+    cards see it; ``gate_features``: ``Routing.features`` when routing already computed them."""
+    gate = sample_features(x) if gate_features is None else np.asarray(gate_features, np.float32)
+    if gate.shape[1] != FEATURE_DIM:
+        raise InvalidInput(f"gate features must have {FEATURE_DIM} columns, got {gate.shape[1]}")
+    p = np.asarray(probabilities, np.float32)
+    confidence = p.max(axis=1, keepdims=True)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1, keepdims=True)
+    return np.concatenate([gate, photometric_features(x), confidence, entropy], axis=1)
+
+
+# -- the statistic --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Embedding:
+    """Random Fourier features of one Gaussian kernel per feature group, side by side: [n, G * D]."""
+
+    center: np.ndarray  # [F]
+    scale: np.ndarray  # [F]
+    weights: np.ndarray  # [F, G*D]: group g's block N(0, 1/bandwidth_g^2) on its features, 0 elsewhere
+    offsets: np.ndarray  # [G*D]: U(0, 2 pi)
+    groups: int = 1
+
+    @classmethod
+    def fit(cls, features: np.ndarray, dim: int = EMBED_DIM, seed: int = 0) -> Embedding:
+        center = features.mean(axis=0)
+        scale = np.maximum(features.std(axis=0), _STD_FLOOR)
+        z = (features - center) / scale
+        rng = np.random.default_rng(seed)
+        pick = z[rng.choice(len(z), size=min(len(z), 500), replace=False)]
+        weights = np.zeros((features.shape[1], dim * len(GROUPS)))
+        for g, names in enumerate(GROUPS.values()):
+            cols = [FEATURE_NAMES.index(n) for n in names]
+            p = pick[:, cols]
+            d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1))
+            bandwidth = float(np.median(d[np.triu_indices(len(p), 1)])) or 1.0  # the median heuristic
+            weights[cols, g * dim : (g + 1) * dim] = rng.standard_normal((len(cols), dim)) / bandwidth
+        offsets = rng.uniform(0, 2 * np.pi, dim * len(GROUPS))
+        f32 = [np.asarray(a, np.float32) for a in (center, scale, weights, offsets)]
+        return cls(f32[0], f32[1], f32[2], f32[3], len(GROUPS))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, np.float32) - self.center) / self.scale
+        d = self.weights.shape[1] // self.groups
+        return np.float32(np.sqrt(2.0 / d)) * np.cos(z @ self.weights + self.offsets)
+
+
+def _blocks(phi: np.ndarray, groups: int) -> np.ndarray:
+    return phi.reshape(*phi.shape[:-1], groups, -1)
+
+
+def mean_embedding(phi: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean embedding [G*D] of a reference and its unbiased squared norm per group [G]."""
+    m = len(phi)
+    s = _blocks(phi.sum(axis=0, dtype=np.float64), groups)
+    sq = _blocks(np.square(phi, dtype=np.float64).sum(axis=0), groups).sum(-1)
+    return (s.reshape(-1) / m).astype(np.float32), ((s * s).sum(-1) - sq) / (m * (m - 1))
+
+
+def mmd2(phi: np.ndarray, means: np.ndarray, norms: np.ndarray, groups: int) -> np.ndarray:
+    """Unbiased MMD^2 per group between one batch's embeddings [n, G*D] and each reference -> [R, G]."""
+    n = len(phi)
+    s = _blocks(phi.sum(axis=0, dtype=np.float64), groups)  # [G, D]
+    within = ((s * s).sum(-1) - _blocks(np.square(phi, dtype=np.float64).sum(axis=0), groups).sum(-1)) / (n * (n - 1))
+    cross = np.einsum("rgd,gd->rg", _blocks(means.astype(np.float64), groups), s) / n
+    return within[None] - 2.0 * cross + norms
+
+
+def calibrated_thresholds(
+    phi: np.ndarray, groups: int, sizes: tuple[int, ...], alpha: float, draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[G, len(sizes)]: the (1 - alpha) quantile of the null statistic per group and batch size: random
+    batches of the condition against the mean embedding of its other images (batch and reference
+    independent, as at serving time). NaN where too few images."""
+    m = len(phi)
+    blocks = _blocks(phi.astype(np.float64), groups)  # [m, G, D]
+    total = blocks.sum(axis=0)
+    sq = np.square(blocks).sum(-1)  # [m, G]
+    out = np.full((groups, len(sizes)), np.nan)
+    for j, size in enumerate(sizes):
+        rest = m - size
+        if size < 2 or rest < max(2 * size, 16):
+            continue
+        picks = np.argsort(rng.random((draws, m)), axis=1)[:, :size]
+        counts = np.zeros((draws, m))
+        np.put_along_axis(counts, picks, 1.0, axis=1)
+        s_batch = np.einsum("bm,mgd->bgd", counts, blocks)
+        q_batch = counts @ sq
+        s_rest, q_rest = total[None] - s_batch, sq.sum(0)[None] - q_batch
+        within = ((s_batch * s_batch).sum(-1) - q_batch) / (size * (size - 1))
+        norm = ((s_rest * s_rest).sum(-1) - q_rest) / (rest * (rest - 1))
+        null = within - 2.0 * (s_batch * s_rest).sum(-1) / (size * rest) + norm
+        out[:, j] = np.quantile(null, 1.0 - alpha, axis=0)
+    return out
+
+
+# -- per-image scope ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scope:
+    """Per-image out-of-scope score: Mahalanobis distance^2 to the nearest in-scope reference, in
+    units of the threshold calibrated on held-out clean images (> 1: out of scope)."""
+
+    names: tuple[str, ...]  # in-scope references: "clean", "domain:<name>"
+    means: np.ndarray  # [S, F] in standardized units
+    precisions: np.ndarray  # [S, F, F]
+    threshold: float
+    fpr: float = SCOPE_FPR
+
+    @classmethod
+    def fit(
+        cls, references: dict[str, np.ndarray], embedding: Embedding, fpr: float = SCOPE_FPR, seed: int = 0
+    ) -> Scope:
+        """``references``: name -> standardized-able features [n, F], clean first."""
+        rng = np.random.default_rng(seed)
+        means, precisions, held = [], [], None
+        for feats in references.values():
+            order = rng.permutation(len(feats))
+            z = (feats[order[: len(feats) // 2]] - embedding.center) / embedding.scale
+            fit, rest = z, feats[order[len(feats) // 2 :]]
+            cov = np.cov(fit, rowvar=False) + 0.25 * np.eye(z.shape[1])  # shrinkage: small fitting sets
+            means.append(fit.mean(axis=0))
+            precisions.append(np.linalg.inv(cov))
+            if held is None:
+                held = rest
+        scope = cls(tuple(references), np.stack(means).astype(np.float32), np.stack(precisions).astype(np.float32), 1.0,
+                    fpr)  # fmt: skip
+        raw = scope.raw(held, embedding)  # type: ignore[arg-type]
+        return replace(scope, threshold=float(np.quantile(raw, 1.0 - fpr)))
+
+    def raw(self, features: np.ndarray, embedding: Embedding) -> np.ndarray:
+        z = (np.asarray(features, np.float32) - embedding.center) / embedding.scale
+        zc = z[None] - self.means[:, None]  # [S, n, F]
+        # one small gemm per reference (a stacked matmul): a single wide product would make BLAS spread
+        # threads over a machine the ONNX sessions already keep busy (measured 20x slower under load)
+        return (np.matmul(zc, self.precisions) * zc).sum(-1).min(axis=0)
+
+    def scores(self, features: np.ndarray, embedding: Embedding) -> np.ndarray:
+        return (self.raw(features, embedding) / self.threshold).astype(np.float32)
+
+
+# -- the detector ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """What the detector says about one batch or window."""
+
+    state: str  # one of STATES
+    statistic: float  # MMD^2 against clean, in units of the clean threshold (> 1: not in-distribution)
+    distance: float  # to the nearest known shifted condition, in units of its threshold (<= 1: near it)
+    nearest: str  # that condition's name, e.g. "fog/5" or "domain:gaussian"
+    expected_accuracy: float  # NaN: unknown
+    size: int
+    expected_kind: str = "estimate"  # "estimate", "upper_bound" (uncovered) or "unknown"
+    out_of_scope: float = 0.0  # share of the batch's images out of scope
+
+
+@dataclass(frozen=True)
+class ShiftDetector:
+    """A calibrated three-state shift detector with a per-image scope (module docstring). Condition 0 is clean."""
+
+    embedding: Embedding
+    conditions: tuple[str, ...]  # "clean", "domain:<name>", "<corruption>/<severity>"
+    means: np.ndarray  # [R, G*D] mean embeddings
+    norms: np.ndarray  # [R, G] unbiased squared norms
+    thresholds: np.ndarray  # [R, G, len(sizes)] (NaN: too few images to calibrate)
+    accuracy: np.ndarray  # [R] the deck's accuracy (default policy) on each condition
+    scope: Scope
+    sizes: tuple[int, ...] = SIZES
+    alpha: float = ALPHA
+    tolerance: float = TOLERANCE
+    confidence_threshold: float = 0.5  # ATC: clean validation accuracy = share of confidences above it
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        r, g = len(self.conditions), self.embedding.groups
+        if not r or self.conditions[0] != "clean":
+            raise InvalidInput("shift detector: the first reference condition must be 'clean'")
+        if (self.means.shape[0], self.norms.shape, self.thresholds.shape, self.accuracy.shape) != (
+            r, (r, g), (r, g, len(self.sizes)), (r,)
+        ):  # fmt: skip
+            raise InvalidInput("shift detector: conditions, embeddings, thresholds and accuracies disagree in size")
+        if not 0 < self.alpha < 1:
+            raise InvalidInput(f"shift detector: alpha must be in (0, 1), got {self.alpha}")
+
+    @property
+    def ert(self) -> float:
+        """Expected run time between false alarms on in-distribution traffic, in batches (or windows)."""
+        return 1.0 / self.alpha
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.accuracy[0])
+
+    def _column(self, n: int) -> int:
+        """The largest calibrated size <= n (a bigger batch is less noisy: its threshold errs high) that clean
+        data had enough images to calibrate."""
+        if n < self.sizes[0]:
+            raise InvalidInput(f"shift test needs at least {self.sizes[0]} images, got {n}")
+        col = int(np.searchsorted(np.asarray(self.sizes), n, side="right") - 1)
+        while col > 0 and not np.isfinite(self.thresholds[0, :, col]).all():  # too few images to calibrate it
+            col -= 1
+        return col
+
+    def statistics(self, features: np.ndarray) -> np.ndarray:
+        """MMD^2 of the batch against every condition, in units of its threshold, largest group -> [R]."""
+        t = self.thresholds[:, :, self._column(len(features))]
+        raw = mmd2(self.embedding(features), self.means, self.norms, self.embedding.groups)
+        ok = np.isfinite(t).all(axis=1)
+        ratio = (raw / np.where(np.isfinite(t), t, 1.0)).max(axis=1)
+        return np.where(ok, ratio, np.inf)
+
+    def image_scores(self, features: np.ndarray) -> np.ndarray:
+        """Per-image out-of-scope scores [n] in threshold units (> 1: out of scope)."""
+        return self.scope.scores(features, self.embedding)
+
+    def test(self, features: np.ndarray, scores: np.ndarray | None = None) -> Verdict:
+        ratio = self.statistics(features)
+        shifted = ratio[1:]
+        k = int(np.argmin(shifted)) + 1 if len(shifted) else 0
+        distance = float(shifted[k - 1]) if k else float("inf")
+        outside = float((self.image_scores(features) if scores is None else scores).__gt__(1.0).mean())
+        expected, kind = self._expected(ratio, features), "estimate"
+        near_known = k and distance <= 1.0 and self.accuracy[k] >= self.accuracy[0] - self.tolerance
+        # covered: like a condition the deck handles, or (a shift no reference matches exactly: a new
+        # corruption family) most images in scope and the estimate within tolerance of clean.
+        # (the estimate of a batch of n is noisy: ATC moves in steps of 1/n, so the margin widens as 1/sqrt(n))
+        holds = outside <= 0.5 and expected >= self.accuracy[0] - self.tolerance - 0.25 / np.sqrt(len(features))
+        if ratio[0] <= 1.0:
+            state = "in_distribution"
+        elif near_known or holds:
+            state = "covered"
+        else:
+            state = "uncovered"
+        if outside > 0.5 and not ratio.min() <= 3.0:  # mostly foreign, and far from every known condition
+            expected, kind = float("nan"), "unknown"
+        elif state == "uncovered":  # never more confident than on the data the deck was made for
+            expected, kind = min(expected, self.clean_accuracy), "upper_bound"
+        name = self.conditions[k] if k else ""
+        return Verdict(state, float(ratio[0]), distance, name, expected, len(features), kind, outside)
+
+    def _expected(self, ratio: np.ndarray, features: np.ndarray) -> float:
+        finite = np.isfinite(ratio)
+        votes = np.where(finite, np.exp(-0.5 * np.square(np.where(finite, ratio, 0.0))), 0.0)
+        atc = float((features[:, CONFIDENCE] > self.confidence_threshold).mean())
+        if votes.sum() < 1e-6:  # far from every condition: only the confidences speak
+            return atc
+        return 0.5 * float(votes @ self.accuracy / votes.sum()) + 0.5 * atc
+
+    def without(self, corruptions: str | tuple[str, ...], *, scope: bool = True) -> ShiftDetector:
+        """The detector without these corruptions' conditions (to score on corruptions it has not seen);
+        ``scope=False`` keeps them in the per-image scope."""
+        drop = {corruptions} if isinstance(corruptions, str) else set(corruptions)
+        keep = [i for i, c in enumerate(self.conditions) if c.rsplit("/", 1)[0] not in drop or i == 0]
+        sc = self.scope
+        inside = [i for i, c in enumerate(sc.names) if not scope or c.rsplit("/", 1)[0] not in drop or i == 0]
+        return replace(
+            self,
+            scope=replace(
+                sc, names=tuple(sc.names[i] for i in inside), means=sc.means[inside], precisions=sc.precisions[inside]
+            ),
+            conditions=tuple(self.conditions[i] for i in keep),
+            means=self.means[keep],
+            norms=self.norms[keep],
+            thresholds=self.thresholds[keep],
+            accuracy=self.accuracy[keep],
+        )
+
+    def expected_accuracy(self, features: np.ndarray) -> float:
+        """The batch's expected accuracy (NaN: unknown), as :meth:`test` reports it."""
+        return self.test(features).expected_accuracy
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: Path | str | BinaryIO) -> None:
+        if isinstance(path, str | Path):
+            with open(path, "wb") as f:
+                self.save(f)
+            return
+        header = {
+            "format": FORMAT,
+            "conditions": list(self.conditions),
+            "sizes": list(self.sizes),
+            "alpha": self.alpha,
+            "tolerance": self.tolerance,
+            "confidence_threshold": self.confidence_threshold,
+            "features": list(FEATURE_NAMES),
+            "groups": self.embedding.groups,
+            "scope": {"names": list(self.scope.names), "threshold": self.scope.threshold, "fpr": self.scope.fpr},
+            "notes": self.notes,
+        }
+        e, s = self.embedding, self.scope
+        np.savez(path, header=np.array(json.dumps(header)), means=self.means, norms=self.norms,
+                 thresholds=self.thresholds, accuracy=self.accuracy, center=e.center, scale=e.scale,
+                 weights=e.weights, offsets=e.offsets, scope_means=s.means, scope_precisions=s.precisions)  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path | str | BinaryIO, name: str | None = None) -> ShiftDetector:
+        """Read a detector from a path or file object (``name``: what to call it in errors)."""
+        name = name or str(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                a = {k: z[k] for k in z.files if k != "header"}
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidInput(f"{name}: not a shift detector file ({exc})") from None
+        if header.get("format") != FORMAT:
+            raise InvalidInput(f"{name}: shift format {header.get('format')!r}, expected {FORMAT!r}; refit it")
+        if tuple(header.get("features", ())) != FEATURE_NAMES:
+            raise InvalidInput(f"{name}: fitted on other image features; refit it")
+        try:
+            sc = header["scope"]
+            return cls(
+                Embedding(a["center"], a["scale"], a["weights"], a["offsets"], int(header["groups"])),
+                tuple(header["conditions"]), a["means"], a["norms"], a["thresholds"], a["accuracy"],
+                Scope(tuple(sc["names"]), a["scope_means"], a["scope_precisions"], float(sc["threshold"]),
+                      float(sc["fpr"])),
+                tuple(int(s) for s in header["sizes"]), float(header["alpha"]), float(header["tolerance"]),
+                float(header["confidence_threshold"]), dict(header.get("notes", {})),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"{name}: malformed shift detector ({type(exc).__name__}: {exc})") from None
+
+
+# -- what one request is told ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trust:
+    """The verdict one request gets back (computed once per micro-batch; see ShiftMonitor.judge).
+
+    ``state``: the shift state of the request's batch (``scope`` "batch"), or of the latest window of
+    small requests to its model ("window"), or ``unknown`` (no detector fitted to the deck's cards yet,
+    or no window full yet: "none"). ``shifted`` is the one question adaptation asks."""
+
+    state: str
+    scope: str  # "batch", "window" or "none"
+    expected_accuracy: float  # NaN: unknown
+    expected_kind: str  # "estimate", "upper_bound" or "unknown"
+    out_of_scope: np.ndarray  # [n] float32 per-image scores in threshold units (NaN: no detector)
+    risk: np.ndarray  # [n] float32 estimated error probability per image
+
+    @property
+    def in_scope(self) -> np.ndarray:
+        """[n] bool; an unscored image (no detector) counts as in scope."""
+        return ~(self.out_of_scope > 1.0)
+
+    @property
+    def shifted(self) -> bool | None:
+        """True: the request's batch or window is shifted away from clean; None: unknown."""
+        return None if self.state == UNKNOWN else self.state != "in_distribution"
+
+    def abstained(self, above_risk: float | None) -> np.ndarray:
+        """[n] bool: images whose estimated risk exceeds the caller's bound (none when no bound)."""
+        if above_risk is None:
+            return np.zeros(len(self.risk), bool)
+        return self.risk > above_risk
+
+    @classmethod
+    def unknown(cls, n: int, probabilities: np.ndarray | None = None) -> Trust:
+        nan = np.full(n, np.nan, np.float32)
+        risk = nan if probabilities is None else image_risk(probabilities, nan)
+        return cls(UNKNOWN, "none", float("nan"), "unknown", nan, risk)
+
+
+def image_risk(probabilities: np.ndarray, out_of_scope: np.ndarray) -> np.ndarray:
+    """Estimated error probability per image: 1 - the deck's confidence, and 1 for an image out of scope
+    (no confidence of a model means anything on an image unlike any it was made for)."""
+    risk = 1.0 - np.asarray(probabilities, np.float32).max(axis=1)
+    return np.where(out_of_scope > 1.0, np.float32(1.0), risk).astype(np.float32)
+
+
+__all__ = [
+    "ALPHA",
+    "FEATURE_NAMES",
+    "GROUPS",
+    "SCOPE_FPR",
+    "STATES",
+    "UNKNOWN",
+    "Embedding",
+    "Scope",
+    "ShiftDetector",
+    "Trust",
+    "Verdict",
+    "image_features",
+    "image_risk",
+]

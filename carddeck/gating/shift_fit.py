@@ -1,0 +1,219 @@
+"""Fitting the shift detector (:mod:`carddeck.gating.shift`) on reference conditions.
+
+Two ways in, one fit (:func:`fit_detector`):
+
+- **labelled** (``carddeck shift --fit``): the validation split of the deck's dataset; each condition's
+  accuracy is measured.
+- **from the deck alone** (:func:`refit_from_deck`, what a server runs in the background after a card
+  is added or removed): the clean calibration images the deck stores, no labels and no train extra.
+  A condition's accuracy is then the clean estimate times the share of images whose label the condition
+  leaves unchanged (agreement with the deck's own clean predictions; a prediction the corruption flips
+  was at most right once). The clean estimate is the mean of the cards' recorded clean accuracies.
+
+Reference conditions: the clean images, each augmentation domain the cards were trained on, and
+corruptions x severities (the server's refit uses severities 2 and 4 of every benchmark corruption, to
+stay within a minute on a small deck).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from carddeck.errors import InvalidInput
+from carddeck.gating.shift import (
+    ALPHA,
+    BOOTSTRAP,
+    CONFIDENCE,
+    EMBED_DIM,
+    SCOPE_FPR,
+    SIZES,
+    TOLERANCE,
+    Embedding,
+    Scope,
+    ShiftDetector,
+    calibrated_thresholds,
+    image_features,
+    mean_embedding,
+)
+
+REFIT_SEVERITIES = (2, 4)
+
+
+class Deck(Protocol):
+    """What fitting reads from a deck (:class:`carddeck.deck.Deck`; gating does not import the deck)."""
+
+    @property
+    def root(self) -> Any: ...
+    @property
+    def store(self) -> Any: ...
+    @property
+    def cards(self) -> Sequence[Any]: ...
+
+    def predict(self, images: np.ndarray) -> Any: ...
+    def prepare(self, images: object) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference condition: per-image features and the deck's hits."""
+
+    name: str
+    features: np.ndarray  # [n, F]
+    correct: np.ndarray  # [n] bool (or the agreement with clean predictions, for label-free refits)
+
+
+def fit_detector(
+    references: Sequence[Reference],
+    *,
+    alpha: float = ALPHA,
+    tolerance: float = TOLERANCE,
+    sizes: Sequence[int] = SIZES,
+    draws: int = BOOTSTRAP,
+    seed: int = 0,
+    dim: int = EMBED_DIM,
+    scope_fpr: float = SCOPE_FPR,
+    cards: Sequence[str] = (),
+    clean_accuracy: float | None = None,
+) -> ShiftDetector:
+    """Calibrate on reference conditions (the first must be clean). ``cards``: the keys of the cards whose
+    predictions the features hold (a deck with other cards does not use the detector). ``clean_accuracy``:
+    when the hits are agreements with clean predictions, the clean estimate they scale."""
+    if not references or references[0].name != "clean":
+        raise InvalidInput("fit_detector: the first reference condition must be 'clean'")
+    if not 0 < alpha < 0.5:
+        raise InvalidInput(f"alpha must be in (0, 0.5), got {alpha}")
+    if not 0 < scope_fpr < 0.5:
+        raise InvalidInput(f"scope false-positive rate must be in (0, 0.5), got {scope_fpr}")
+    rng = np.random.default_rng(seed)
+    clean = references[0]
+    embedding = Embedding.fit(clean.features, dim=dim, seed=seed)
+    groups = embedding.groups
+    means, norms, thresholds = [], [], []
+    for i, ref in enumerate(references):
+        phi = embedding(ref.features)
+        mean, norm = mean_embedding(phi, groups)
+        means.append(mean)
+        norms.append(norm)
+        n = draws if i == 0 else draws // 4
+        thresholds.append(calibrated_thresholds(phi, groups, tuple(sizes), alpha / groups, n, rng))
+    accuracy = np.array([r.correct.mean() for r in references], np.float32)
+    if clean_accuracy is not None:
+        accuracy *= np.float32(clean_accuracy)
+    # ATC: the confidence above which the share of clean images equals the clean accuracy.
+    atc = float(np.quantile(clean.features[:, CONFIDENCE], 1.0 - min(float(accuracy[0]), 1.0)))
+    # In scope: clean, the cards' domains, and every reference condition the deck stays accurate on
+    # (a noisy digit is still a digit); what is left out of scope is what no reference resembles.
+    fine = accuracy >= accuracy[0] - tolerance
+    in_scope = {r.name: r.features for i, r in enumerate(references)
+                if i == 0 or r.name.startswith("domain:") or fine[i]}  # fmt: skip
+    return ShiftDetector(
+        embedding,
+        tuple(r.name for r in references),
+        np.stack(means),
+        np.stack(norms),
+        np.stack(thresholds),
+        accuracy,
+        Scope.fit(in_scope, embedding, fpr=scope_fpr, seed=seed),
+        tuple(int(s) for s in sizes),
+        alpha,
+        tolerance,
+        atc,
+        {
+            "clean_images": len(clean.features),
+            "conditions": len(references),
+            **({"cards": list(cards)} if cards else {}),
+        },
+    )
+
+
+def condition_images(images: np.ndarray, name: str, seed: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] images of a condition: "clean", "domain:<name>" or "<corruption>/<severity>"."""
+    from carddeck.data.corruptions import corrupt
+    from carddeck.data.domains import augment
+
+    if name == "clean":
+        return images
+    if name.startswith("domain:"):
+        augmented = augment(images, name.split(":", 1)[1], np.random.default_rng(seed))
+        return (augmented * 255 + 0.5).astype(np.uint8)
+    corruption, severity = name.rsplit("/", 1)
+    return corrupt(images, corruption, int(severity), seed=seed)
+
+
+def deck_references(
+    deck: Deck,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    conditions: Iterable[tuple[str, int]],
+    *,
+    domains: Sequence[str] = (),
+    seed: int = 1,
+    batch_size: int = 16,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+) -> list[Reference]:
+    """Features and hits of the deck (default policy, ``batch_size`` requests) on clean ``images``, each
+    augmentation domain in ``domains``, and each (corruption, severity) in ``conditions``. Without
+    ``labels``, a hit is agreement with the deck's prediction on the clean image."""
+    names = ["clean", *(f"domain:{d}" for d in domains), *(f"{c}/{s}" for c, s in conditions)]
+    references: list[Reference] = []
+    truth = labels
+    for name in progress(names):
+        features, predicted = deck_features(deck, condition_images(images, name, seed), batch_size=batch_size)
+        if truth is None:  # label-free: the clean predictions (the first condition) are the reference
+            truth = predicted
+        references.append(Reference(name, features, predicted == truth))
+    return references
+
+
+def deck_features(deck: Deck, images: np.ndarray, *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Features of ``images`` as the server sees them (requests of ``batch_size``, default policy) and the
+    deck's predicted labels."""
+    feats, labels = [], []
+    for i in range(0, len(images), batch_size):
+        part = images[i : i + batch_size]
+        prediction = deck.predict(part)
+        feats.append(image_features(deck.prepare(part), prediction.probabilities, prediction.routing.features))
+        labels.append(prediction.labels)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def clean_estimate(deck: Deck) -> float | None:
+    """The deck's clean accuracy as its cards record it (their mean), or None when none records one."""
+    recorded = [c.accuracy.clean for c in deck.cards if c.accuracy.clean is not None]
+    return float(np.mean(recorded)) if recorded else None
+
+
+def refit_from_deck(deck: Deck, *, seed: int = 1, draws: int = BOOTSTRAP // 2) -> ShiftDetector:
+    """A detector for the deck's current cards from the calibration images it stores (no labels, no
+    dataset, no train extra). InvalidInput when the deck stores no calibration images."""
+    from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
+
+    images = deck.store.calibration_images() if deck.store is not None else None
+    if images is None:
+        raise InvalidInput(f"deck {deck.root} stores no calibration images (carddeck deck init --calibration)")
+    clean = clean_estimate(deck)
+    domains = [d for d in dict.fromkeys(c.domain for c in deck.cards) if d != "clean"]
+    conditions = [(c, s) for c in BENCHMARK_CORRUPTIONS for s in REFIT_SEVERITIES]
+    refs = deck_references(deck, images, None, conditions, domains=domains, seed=seed)
+    detector = fit_detector(
+        refs, draws=draws, cards=[c.key for c in deck.cards], clean_accuracy=1.0 if clean is None else clean
+    )
+    detector.notes.update({"data": "deck calibration images (label-free refit)", "seed": seed,
+                           "clean_accuracy": "recorded by the cards" if clean is not None else "unknown"})  # fmt: skip
+    return detector
+
+
+__all__ = [
+    "REFIT_SEVERITIES",
+    "Reference",
+    "clean_estimate",
+    "condition_images",
+    "deck_features",
+    "deck_references",
+    "fit_detector",
+    "refit_from_deck",
+]

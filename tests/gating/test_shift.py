@@ -1,0 +1,163 @@
+"""The shift detector (model and fitting) on a real deck: photometric groups, per-image scope, honest
+expected accuracy, the per-request Trust, and the label-free refit from the calibration images a deck stores."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from carddeck.data.corruptions import corrupt
+from carddeck.data.datasets import load_dataset
+from carddeck.deck import Deck, DeckStore, default_deck_path
+from carddeck.gating.shift import FEATURE_NAMES, GROUPS, UNKNOWN, ShiftDetector, Trust, image_features
+from carddeck.gating.shift_fit import deck_features, deck_references, fit_detector, refit_from_deck
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+from carddeck.serving.dataplane import Predicted
+from tests.servers import card
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits32", "val"), load_dataset("digits32", "test")
+
+
+@pytest.fixture(scope="module")
+def tiny_deck(tmp_path_factory, digits):
+    """Two tiny real ONNX cards and 96 clean calibration images (digits32 val)."""
+    root = tmp_path_factory.mktemp("deck") / "deck"
+    store = DeckStore.create(root)
+    store.add_card(card("g1", "gaussian", seed=1))
+    store.add_card(card("a1", "augmix", seed=2))
+    store.set_calibration(digits[0].images[:96])
+    return root
+
+
+@pytest.fixture(scope="module")
+def deck():
+    return Deck.open(default_deck_path())  # the packaged digits32 deck: real accuracies
+
+
+@pytest.fixture(scope="module")
+def detector(deck, digits):
+    val = digits[0]
+    refs = deck_references(deck, val.images[:160], val.labels[:160], [("gaussian_noise", 3), ("fog", 4)],
+                           domains=["gaussian"], seed=1)  # fmt: skip
+    return fit_detector(refs, draws=400, cards=[c.key for c in deck.cards])
+
+
+def test_every_feature_is_in_exactly_one_group():
+    grouped = [n for names in GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(FEATURE_NAMES) and len(grouped) == len(set(grouped))
+
+
+def test_brightness_alone_is_flagged_by_the_photometric_group(detector, deck, digits):
+    """A brightness shift the detector was never fitted on: not in-distribution. Without the photometric
+    group's own threshold (one kernel over every feature) the spectral columns drown it."""
+    test = digits[1].images[:64]
+    bright, _ = deck_features(deck, corrupt(test, "brightness", 2, seed=0))
+    clean, _ = deck_features(deck, test)
+    flagged = [detector.test(bright[i : i + 16]).state != "in_distribution" for i in range(0, 64, 16)]
+    calm = [detector.test(clean[i : i + 16]).state == "in_distribution" for i in range(0, 64, 16)]
+    assert all(flagged) and all(calm)
+
+
+def test_scope_calls_foreign_images_out_and_clean_ones_in(detector, deck, digits):
+    clean, _ = deck_features(deck, digits[1].images[:200])
+    noise, _ = deck_features(deck, np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    black, _ = deck_features(deck, np.zeros((16, 32, 32, 3), np.uint8))
+    assert (detector.image_scores(clean) > 1).mean() <= 0.12  # calibrated at 5% on val; 200 test images
+    assert (detector.image_scores(noise) > 1).all() and (detector.image_scores(black) > 1).all()
+
+
+def test_a_foreign_batch_never_reports_a_confident_accuracy(detector, deck):
+    """All-black images: the old detector said 100; now unknown (mostly out of scope)."""
+    black, _ = deck_features(deck, np.zeros((16, 32, 32, 3), np.uint8))
+    v = detector.test(black)
+    assert v.state == "uncovered" and v.expected_kind == "unknown" and np.isnan(v.expected_accuracy)
+
+
+def test_a_half_foreign_batch_reports_at_most_the_clean_accuracy(detector, deck, digits):
+    """10 digits and 6 noise images: uncovered, and the estimate is a bound no higher than clean."""
+    noise = np.random.default_rng(3).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    mixed, _ = deck_features(deck, np.concatenate([digits[1].images[:10], noise]))
+    v = detector.test(mixed)
+    assert v.state == "uncovered" and v.expected_kind == "upper_bound"
+    assert v.expected_accuracy <= detector.clean_accuracy
+
+
+def test_save_and_load_round_trip(detector):
+    buf = io.BytesIO()
+    detector.save(buf)
+    buf.seek(0)
+    back = ShiftDetector.load(buf, name="x")
+    assert back.conditions == detector.conditions and back.scope.threshold == detector.scope.threshold
+    np.testing.assert_array_equal(back.thresholds, detector.thresholds)
+
+
+def test_trust_marks_abstentions_and_the_shifted_question():
+    t = Trust("covered", "batch", 0.9, "estimate", np.array([0.5, 2.0], np.float32), np.array([0.1, 0.6], np.float32))
+    assert t.in_scope.tolist() == [True, False] and t.shifted is True
+    assert t.abstained(0.5).tolist() == [False, True] and not t.abstained(None).any()
+    unknown = Trust.unknown(2, np.array([[0.9, 0.1], [0.5, 0.5]], np.float32))
+    assert unknown.state == UNKNOWN and unknown.shifted is None and unknown.in_scope.all()
+    np.testing.assert_allclose(unknown.risk, [0.1, 0.5], atol=1e-6)
+
+
+def test_monitor_answers_each_request_of_a_micro_batch(detector, deck, digits):
+    monitor = ShiftMonitor(window=8, stride=4)
+    monitor.set_detector(detector)
+
+    def P(images):
+        p = deck.predict(images)
+        return Predicted("carddeck", deck.prepare(images), p.routing, p.probabilities)
+
+    big, noise = P(digits[1].images[:16]), P(np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), np.uint8))
+    trusts = monitor.judge([big, noise])
+    assert trusts[0].scope == "batch" and trusts[0].state == "in_distribution" and len(trusts[0].risk) == 16
+    assert trusts[1].state == UNKNOWN and trusts[1].scope == "none"  # no window full yet
+    assert not trusts[1].in_scope[0] and trusts[1].risk[0] == 1.0  # but the image has its own verdict
+    for _ in range(8):
+        last = monitor.judge([P(np.random.default_rng(2).integers(0, 256, (1, 32, 32, 3), np.uint8))])[0]
+    assert last.scope == "window" and last.state == "uncovered"
+
+
+def test_refit_from_the_deck_alone_serves_a_detector_for_the_new_cards(tiny_deck, tmp_path, caplog, digits):
+    """A card added: the stored detector (for the old cards) is refused, the state is unknown, and the
+    background refit from the deck's calibration images (no labels, no dataset) brings a detector back."""
+    root = tmp_path / "deck"
+    store = DeckStore.create(root)
+    store.add_card(card("g1", "gaussian", seed=1))
+    store.set_calibration(digits[0].images[:64])
+    store.set_gate(shift=refit_from_deck(Deck.open(root)))
+    monitor = ShiftMonitor()
+    outcomes = []
+    loader = ShiftLoader(monitor, on_refit=lambda outcome, s: outcomes.append(outcome))
+    loader(Deck.open(root))
+    assert monitor.detector is not None and not outcomes  # read through the store, no refit
+    store.add_card(card("a1", "augmix", seed=2))
+    deck = Deck.open(root)
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        loader(deck)
+        assert monitor.detector is None  # unknown, never silently the old one
+        assert loader.wait(120)
+    assert outcomes == ["ok"] and sorted(monitor.detector.notes["cards"]) == sorted(c.key for c in deck.cards)
+    assert "refitting the shift detector" in caplog.text and "refitted" in caplog.text
+
+
+def test_image_features_columns_match_the_names(tiny_deck, digits):
+    deck = Deck.open(tiny_deck)
+    p = deck.predict(digits[1].images[:4])
+    assert image_features(deck.prepare(digits[1].images[:4]), p.probabilities).shape == (4, len(FEATURE_NAMES))
+
+
+def test_an_uncovered_batch_never_claims_more_than_clean(detector, deck, digits):
+    """Fog/4 digits (mostly out of scope, near the fitted fog/4): with clean at 50% and every shifted condition
+    at 40%, the confident predictions would put the estimate above clean; it is capped at the clean 50%."""
+    fog, _ = deck_features(deck, corrupt(digits[1].images[:16], "fog", 4, seed=0))
+    rigged = replace(detector, accuracy=np.r_[0.5, np.full(len(detector.accuracy) - 1, 0.4)].astype(np.float32))
+    v = rigged.test(fog)
+    assert v.state == "uncovered" and v.expected_kind == "upper_bound" and v.expected_accuracy <= 0.5
