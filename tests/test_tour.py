@@ -21,10 +21,18 @@ from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
 from carddeck.wire.proto_gen.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.servers import ServerProcess, start_server
 from tests.tour.run_tour import (
+    BLOCKS,
+    NOT_RUN,
+    PRELUDE,
     README,
+    code_blocks,
+    first_line,
+    make_placeholder_files,
+    misplaced_warnings,
     printed_mismatch,
     prose_after,
     prose_mismatch,
+    readme_block,
     serving_python_blocks,
     setup_command,
     tour_commands,
@@ -83,8 +91,9 @@ def predictions(server, *args: str) -> list[tuple[Path, str, list[str], str]]:
     assert len(samples) >= 8
     out = carddeck("predict", "--server", server.address, *args, *map(str, samples))
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == len(samples), out.stdout
+    lines = [line for line in out.stdout.strip().splitlines() if not line.startswith("  warning: ")]
+    assert len(lines) == len(samples), out.stdout  # one line per image, verdict warnings indented under it
+    assert not misplaced_warnings(out.stdout), out.stdout
     rows = []
     for path, line in zip(samples, lines):
         assert line.startswith(str(path)) and "distance to" in line, line
@@ -224,3 +233,50 @@ def test_the_readmes_config_file_block_is_valid_settings(tmp_path):
     path.write_text(block)
     settings = load_settings({"config": str(path)}, env={})
     assert settings.max_batch_size == 128 and settings.host == "0.0.0.0" and settings.deck == "/srv/decks/cifar10"
+
+
+def test_every_readme_block_is_run_or_listed_with_why_not():
+    """A new README block fails here until BLOCKS says what runs it (or why nothing does)."""
+    firsts = [first_line(code) for _, code in code_blocks(README.read_text())]
+    assert len(firsts) == len(set(firsts)), "two README blocks start alike: BLOCKS could not tell them apart"
+    assert set(firsts) - set(BLOCKS) == set(), "README blocks BLOCKS does not list"
+    assert set(BLOCKS) - set(firsts) == set(), "BLOCKS lists blocks the README no longer has"
+    assert all(why.startswith(("runs: ", NOT_RUN)) and len(why) > 20 for why in BLOCKS.values())
+
+
+# The README's Python blocks outside the Serving section (those run against a live server, above).
+LIBRARY_BLOCKS = sorted(
+    {first_line(code) for lang, code in code_blocks(README.read_text()) if lang == "python"}
+    - {first_line(code) for code in serving_python_blocks(README.read_text())}
+)
+
+
+@pytest.fixture(scope="module")
+def library_dir(tmp_path_factory) -> Path:
+    """The placeholder files, and the digits32-C suite from the first line of the README's `carddeck corrupt` block."""
+    where = tmp_path_factory.mktemp("library")
+    make_placeholder_files(where)
+    command = readme_block(README.read_text(), "carddeck corrupt --data digits32 --split test --out digits32-c")
+    words = command.splitlines()[0].split()
+    made = carddeck(*words[1:], cwd=where)
+    assert made.returncode == 0 and "19 corruptions x 5 severities x 360 images" in made.stdout, made.stderr
+    return where
+
+
+@pytest.mark.parametrize("first", LIBRARY_BLOCKS)
+def test_the_readmes_library_blocks_run_and_print_what_they_say(library_dir, first):
+    """The Python blocks of the library sections (corruptions, -C suites, decks), with the README's `images`
+    defined as PRELUDE says, print what their comments say."""
+    code = readme_block(README.read_text(), first)
+    prelude = "".join(p for name, p in PRELUDE.items() if re.search(rf"\b{name}\b", code))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", prelude + code]
+    out = subprocess.run(cmd, cwd=library_dir, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^\s*print\(.*\)\s+#", code, flags=re.M), "the block prints nothing to check"
+    mismatch = printed_mismatch(code, out.stdout)
+    assert not mismatch, mismatch
+
+
+def test_blocks_says_the_library_blocks_run_here():
+    assert len(LIBRARY_BLOCKS) == 3 and all(BLOCKS[first] == "runs: tests/test_tour.py" for first in LIBRARY_BLOCKS)

@@ -21,6 +21,7 @@ step passed; each step prints its time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -83,6 +84,18 @@ def serving_python_blocks(text: str) -> list[str]:
     return [b.strip() for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)]
 
 
+def misplaced_warnings(stdout: str) -> list[str]:
+    """The `  warning: FILE: ...` lines of `carddeck predict` that do not sit under FILE's own line."""
+    bad, above = [], ""
+    for line in stdout.splitlines():
+        if line.startswith("  warning: "):
+            if not above or not line.startswith(f"  warning: {above.split(': ', 1)[0]}: "):
+                bad.append(line)
+        else:
+            above = line
+    return bad
+
+
 def wrong_samples(stdout: str) -> set[str]:
     """The samples (file names up to ``-label``) that `carddeck predict` got wrong."""
     wrong = set()
@@ -110,6 +123,113 @@ def printed_mismatch(code: str, stdout: str) -> str:
         if not any(re.fullmatch(pattern, line.strip()) for line in lines):
             return f"nothing printed matches the README's comment {expected!r}; it printed: {stdout[-500:]!r}"
     return ""
+
+
+# -- every code block of the README ------------------------------------------------------------------
+TOUR, TESTS, NOT_RUN = "runs: tests/tour/run_tour.py", "runs: tests/test_tour.py", "not run: "
+# Each README block, by its first line (comment removed), and what runs it. tests/test_tour.py fails on a block
+# missing here, so no block goes unrun without a reason; the tour prints the ones not run.
+BLOCKS = {
+    "pip install -c constraints.txt . && carddeck serve": f"{TOUR} (fresh virtualenv, then its server)",
+    'pip install -c constraints.txt -e ".[train,dev]" && python -m pytest': "runs: .ci/run, verbatim",
+    "carddeck predict --server 127.0.0.1:8001 models/samples/*.png": f"{TOUR}; {TESTS}",
+    "carddeck predict --server 127.0.0.1:8001 --policy nearest-domain models/samples/*.png": f"{TOUR}; {TESTS}",
+    "carddeck deck init mydeck": f"{TOUR}; {TESTS}",
+    "from carddeck.data.corruptions import corrupt, BENCHMARK_CORRUPTIONS": TESTS,
+    "carddeck corrupt --data digits32 --split test --out digits32-c": f"{TESTS} (first line only; the second "
+    "needs the CIFAR-10 download, which CARD-Deck never makes)",
+    "from carddeck.data.corrupted import load_corrupted": TESTS,
+    "carddeck compress --arch resnet20 --data digits32 --domain augmix --method lrr --sparsity 0.9 --rounds 3 "
+    "--out cards/lrr-augmix": f"{NOT_RUN}trains seven CARDs, minutes each (tests marked slow train real CARDs)",
+    "carddeck export runs/lrr90/card.pt --out cards/lrr90/model.onnx [--data NAME] "
+    "[--format auto|dense|sparse|binary]": f"{NOT_RUN}a usage synopsis ([optional] flags), not a command",
+    "DIR/manifest.json                       deck version, cards (name, version, domain, sha256 of each file), "
+    "gate settings": f"{NOT_RUN}a file layout, not code",
+    "from carddeck.deck import Deck, DeckStore": TESTS,
+    'DeckStore.create("s3://my-bucket/decks/prod")': f"{NOT_RUN}needs an S3 bucket and endpoint "
+    "(tests/deck/test_s3.py creates, changes and serves decks on moto's S3 server)",
+    "carddeck calibrate --deck mydeck --policy guarded": f"{NOT_RUN}fits the router on 75 corrupted validation "
+    "sets, minutes on 2 cores (tests/test_cli.py runs `carddeck calibrate` on a small deck)",
+    "carddeck shift --deck mydeck --data digits32 --fit": f"{NOT_RUN}minutes on 2 cores "
+    "(tests/observability/test_shift.py fits the detector)",
+    "carddeck eval --deck mydeck --out reports/mydeck": f"{NOT_RUN}every policy on every corruption, minutes; the "
+    "second line needs CIFAR-10 (tests/eval/test_cli.py runs `carddeck eval --limit`)",
+    "carddeck serve --deck models/ --host 0.0.0.0": f"{NOT_RUN}would listen on every interface of the CI "
+    "machine; `carddeck serve` and `carddeck --version` run in the tour",
+    "carddeck predict --server 127.0.0.1:8001 cat.png dog.jpg batch.npy": f"{TOUR} (against the tour's own deck)",
+    "from carddeck.client import CardDeckClient": f"{TOUR}; {TESTS}",
+    "import numpy as np, tritonclient.grpc as tc": f"{TOUR}; {TESTS}",
+    "import numpy as np, tritonclient.http as th": f"{TOUR}; {TESTS}",
+    'curl -s 127.0.0.1:8000/v2/models/carddeck/infer -d \'{"inputs": [{"name": "images", "datatype": '
+    '"FP32",': f"{TOUR} (against the tour's own deck)",
+    "[serve]": TESTS,
+    "carddeck ray-serve --deck s3://bucket/decks/prod": f"{NOT_RUN}needs Ray Serve and a store (.ci/run's "
+    "`-m ray` tests run the same application on a local Ray cluster)",
+    "docker compose -f serve/docker-compose.yml up --build": f"{NOT_RUN}Docker is not available on CI",
+    "python -m pytest": f"{NOT_RUN}the developer's commands (.ci/run runs the test command and the tour)",
+}
+
+# What the runner puts in place of a README placeholder, in code only (expected output is never touched) ...
+PLACEHOLDERS = {
+    "CARDDECK_ADMIN_TOKEN=...": f"CARDDECK_ADMIN_TOKEN={TOKEN}",  # the token the tour's server has
+    "mydeck [--empty]": "mydeck --empty",  # an optional flag, given
+    '"data": [...]': f'"data": {[0.5] * 3 * 32 * 32}',  # one grey image, [1, 3, 32, 32]
+    "my-card": "resnet20-clean-lrr",  # the load route takes the card's own name
+}
+# Library blocks use `images` as the reader's own: the runner defines it first.
+PRELUDE = {"images": "from carddeck.data.datasets import load_dataset\nimages = load_dataset('digits32').images\n"}
+EXTRA_CARD = Path("models/extra/resnet20-clean-lrr.onnx")
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """Every fenced block of the README: (language, code)."""
+    return [(m.group(1), m.group(2).strip()) for m in re.finditer(r"```(\w*)\n(.*?)```", text, flags=re.S)]
+
+
+def first_line(code: str) -> str:
+    return re.sub(r"\s+#.*$", "", code.splitlines()[0])
+
+
+def readme_block(text: str, first: str) -> str:
+    """The README block starting with ``first``, which BLOCKS must list as run (by whoever asks for it)."""
+    if first not in BLOCKS or BLOCKS[first].startswith(NOT_RUN):
+        raise SystemExit(f"BLOCKS does not list {first!r} as run")
+    (code,) = [code for _, code in code_blocks(text) if first_line(code) == first]
+    return code
+
+
+def substitute(code: str) -> str:
+    for placeholder, value in PLACEHOLDERS.items():
+        code = code.replace(placeholder, value)
+    return code
+
+
+def make_placeholder_files(where: Path, root: Path = ROOT) -> None:
+    """The files the README's blocks name as the reader's own: `cat.png` (a clean sample), `dog.jpg` (a fog
+    sample, as JPEG), `batch.npy` (the samples, uint8 NHWC), `images.npy` (the same, float32 NCHW in [0, 1]);
+    `card.onnx`, `my-card.onnx` (as PLACEHOLDERS renames it) and `r20-augmix/model.onnx`: the extra card."""
+    import numpy as np
+    from PIL import Image
+
+    where.mkdir(parents=True, exist_ok=True)
+    samples = sorted((root / "models" / "samples").glob("*.png"))
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in samples])
+    shutil.copy(root / "models/samples/clean-0-label2.png", where / "cat.png")
+    Image.open(root / "models/samples/fog-s5-1-label8.png").convert("RGB").save(where / "dog.jpg", quality=95)
+    np.save(where / "batch.npy", batch)
+    np.save(where / "images.npy", batch.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    for name in ("card.onnx", "resnet20-clean-lrr.onnx", "r20-augmix/model.onnx"):
+        (where / name).parent.mkdir(exist_ok=True)
+        shutil.copy(root / EXTRA_CARD, where / name)
+
+
+def json_documents(text: str) -> list:
+    """The JSON documents printed one after another (curl prints no newline between answers)."""
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while (at := re.compile(r"\s*").match(text, at).end()) < len(text):  # type: ignore[union-attr]
+        doc, at = decoder.raw_decode(text, at)
+        docs.append(doc)
+    return docs
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -156,7 +276,7 @@ class Tour:
             flags = f" --port {self.ports[8001]} --http-port {self.ports[8000]} --metrics-port {self.ports[8002]}"
             background = command.endswith("&")
             command = command.rstrip("&").rstrip() + flags + (" &" if background else "")
-        return command
+        return re.sub(r"--server localhost\b(?!:)", f"--server localhost:{self.ports[8001]}", command)
 
     def check(self, ok: bool, what: str) -> None:
         print(f"    {'ok  ' if ok else 'FAIL'} {what}", flush=True)
@@ -165,7 +285,7 @@ class Tour:
 
     def run(self, command: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         start = time.perf_counter()
-        print(f"$ {command}", flush=True)
+        print(f"$ {command if len(command) < 1000 else command[:400] + ' ... ' + command[-400:]}", flush=True)
         result = subprocess.run(
             ["bash", "-c", command], cwd=cwd or self.work, env=self.env, capture_output=True, text=True, timeout=timeout
         )
@@ -227,6 +347,8 @@ def expect_tour_output(tour: Tour, command: str, result: subprocess.CompletedPro
         samples = sorted((tour.work / "models" / "samples").glob("*.png"))
         lines = [line for line in result.stdout.splitlines() if "distance to" in line]
         tour.check(len(lines) == len(samples) > 0, f"one prediction line per sample ({len(lines)}/{len(samples)})")
+        bad = misplaced_warnings(result.stdout)
+        tour.check(not bad, f"each warning sits under its image's line {bad}")
         mismatch = prose_mismatch(prose_after(README.read_text(), readme_command), result.stdout, samples)
         tour.check(not mismatch, mismatch or "the text after the command names the samples it gets wrong")
     if " deck init " in f" {command} ":
@@ -255,6 +377,38 @@ def first_minutes(tour: Tour, address: str) -> None:
         deck_add.returncode != 0 and "FAILED_PRECONDITION" in deck_add.stderr and "deck init" in deck_add.stderr,
         "an admin call on the read-only default deck says FAILED_PRECONDITION and `carddeck deck init`",
     )
+
+
+def clients(tour: Tour, text: str) -> None:
+    """The Clients synopsis and the curl block, with PLACEHOLDERS and PLACEHOLDER_FILES, against the tour's own
+    deck (a copy of the default deck, with the extra card; its server has the admin token)."""
+    where = tour.work / "clients"
+    make_placeholder_files(where)
+    images = len(list((tour.work / "models" / "samples").glob("*.png")))
+    for line in readme_block(text, "carddeck predict --server 127.0.0.1:8001 cat.png dog.jpg batch.npy").splitlines():
+        result = tour.run(tour.localize(substitute(line)), cwd=where)
+        tour.check(result.returncode == 0, f"exit status 0 (got {result.returncode})")
+        out = result.stdout
+        if "cat.png" in line:
+            lines = [line for line in out.splitlines() if not line.startswith("  warning: ")]
+            tour.check(len(lines) == 2 + images, "one line per image (verdict warnings indented under it)")
+        elif "--json" in line:
+            tour.check(len(json.loads(out)) == images, "JSON, one result per image")
+        elif "deck list" in line:
+            tour.check("resnet20-clean-lrr/1" in out, "`deck list` lists the tour's deck")
+        elif "deck init" in line:
+            tour.check((where / "mydeck" / "manifest.json").is_file(), "`deck init` makes a deck")
+        elif "--version next" in line:
+            tour.check(bool(re.search(r"^added resnet20-clean-lrr/\d+", out, flags=re.M)), "a new version is added")
+        elif "deck remove" in line:
+            removed = "removed resnet20-gaussian-lrr" in out and "note: the default policy changed" in out
+            tour.check(removed, "`deck remove` removes the card and shows the server's default-policy note")
+    curl = readme_block(text, first_line(next(c for _, c in code_blocks(text) if c.startswith("curl -s "))))
+    result = tour.run(f"export CARDDECK_ADMIN_TOKEN={TOKEN}\n{tour.localize(substitute(curl))}", cwd=where)
+    answers = json_documents(result.stdout)
+    tour.check(result.returncode == 0 and "error" not in result.stdout, "the curl block's requests succeed")
+    labels = [o for a in answers for o in a.get("outputs", []) if o["name"] == "labels"]
+    tour.check(len(labels) == 1 and labels[0]["shape"] == [1], "the infer answers one label for the one image")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                 tour.start_server(command)
             else:
                 expect_tour_output(tour, command, tour.run(command), readme_command)
+        print("== the README's Clients synopsis and curl block, against the tour's deck", flush=True)
+        clients(tour, text)
         tour.stop_server()
     finally:
         tour.stop_server()
@@ -309,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - total
     print(f"== tour {'PASSED' if not tour.failures else 'FAILED'} in {elapsed:.0f} s", flush=True)
+    for first, why in BLOCKS.items():
+        if why.startswith(NOT_RUN):
+            print(f"   README block not run: {first[:60]!r}: {why[len(NOT_RUN) :]}", flush=True)
     for what in tour.failures:
         print(f"   failed: {what}", flush=True)
     return 1 if tour.failures else 0
