@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -322,7 +322,11 @@ class Metrics:
         self.shift_statistic.labels(model=model, unit=unit).observe(verdict.statistic)
         if np.isfinite(verdict.distance):
             self.shift_distance.labels(model=model, unit=unit).observe(verdict.distance)
-        self.expected_accuracy.labels(model=model).set(verdict.expected_accuracy)
+        if np.isfinite(verdict.expected_accuracy):
+            self.expected_accuracy.labels(model=model).set(verdict.expected_accuracy)
+        else:  # unknown: no sample at all, since one NaN would blind avg_over_time (and its alert) for the window
+            with suppress(KeyError):
+                self.expected_accuracy.remove(model)
 
     def set_shift_detector(self, detector: ShiftDetector | None) -> None:
         """A new detector (or none): its false-alarm rate, and the gauge of the old one is stale."""
