@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,15 +34,8 @@ from carddeck.eval.adaptation import AdaptiveCards, deck_detector, score_adaptiv
 from carddeck.eval.robustness import CLEAN, collect_runs, conditions_for, generated_source
 from carddeck.serving.adaptation import Trigger
 
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_shift import timed
 
 
 def val_runs(args: argparse.Namespace, deck: Deck, data: str) -> tuple[list, Callable]:  # type: ignore[type-arg]
