@@ -12,7 +12,7 @@ from carddeck.errors import InvalidInput
 
 ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
 METHOD_NAMES = tuple(method_specs())  # each method module declares itself (carddeck.catalog)
-DOMAIN_NAMES = ("clean", "gaussian", "augmix", "lowfreq")
+DOMAIN_NAMES = ("clean", "gaussian", "augmix", "lowfreq", "photometric")  # kept in step with DOMAINS (tested)
 
 
 def _arch_kw(text: str) -> tuple[str, Any]:

@@ -52,11 +52,13 @@ class RequestIdFilter(logging.Filter):
 
 
 class RepeatFilter(logging.Filter):
-    """At most ``burst`` lines per ``window_s`` of each message template (logger, level, format string).
+    """At most ``burst`` warnings or errors per ``window_s`` of each message template (logger, level, format
+    string).
 
     A client that makes the server fail the same way thousands of times a second (a connection flood, a
     bad request in a loop) must not fill the disk: past the burst the lines are counted, and the first line
-    of that template after the window says how many were left out."""
+    of that template after the window says how many were left out. INFO and below pass: the access log
+    (one line per request, all of one template) must not lose requests."""
 
     def __init__(self, burst: int = 5, window_s: float = 10.0) -> None:
         super().__init__()
@@ -66,6 +68,8 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
         key = (record.name, record.levelno, str(record.msg))
         now = time.monotonic()
         with self._lock:

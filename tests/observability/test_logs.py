@@ -107,6 +107,16 @@ def test_repeated_lines_are_rate_limited_and_the_count_left_out_is_said(captured
     assert lines(captured)[-1]["message"].endswith("[997 more lines like this left out in 0 s]")
 
 
+def test_the_access_log_keeps_every_request(captured):
+    """One INFO line per request, all of one template: none may be left out by the repeat limit."""
+    (handler,) = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is captured]
+    handler.addFilter(RepeatFilter(burst=3, window_s=60))
+    access = logging.getLogger("carddeck.access")
+    for i in range(20):
+        access.info("http %s %s %d in %.1f ms", "POST", "/v2/models/{model}/infer", 200, float(i))
+    assert len([line for line in lines(captured) if line["logger"] == "carddeck.access"]) == 20
+
+
 def test_json_lines_leave_out_uvicorns_colour_copy_of_the_message(captured):
     logging.getLogger("uvicorn.error").info("Started %s", "server", extra={"color_message": "\x1b[1mStarted\x1b[0m"})
     (entry,) = lines(captured)
