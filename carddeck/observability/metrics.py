@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -139,7 +139,7 @@ class Metrics:
         )  # fmt: skip
         self.expected_accuracy = Gauge(
             "carddeck_expected_accuracy",
-            "Estimated accuracy of the deck on the latest batch or window (no labels needed).",
+            "Estimated accuracy of the deck on the latest batch or window (no labels needed); 0 when unknown.",
             ["model"], registry=r,
         )  # fmt: skip
         self.shift_false_alarm_rate = Gauge(
@@ -322,11 +322,10 @@ class Metrics:
         self.shift_statistic.labels(model=model, unit=unit).observe(verdict.statistic)
         if np.isfinite(verdict.distance):
             self.shift_distance.labels(model=model, unit=unit).observe(verdict.distance)
-        if np.isfinite(verdict.expected_accuracy):
-            self.expected_accuracy.labels(model=model).set(verdict.expected_accuracy)
-        else:  # unknown: no sample at all, since one NaN would blind avg_over_time (and its alert) for the window
-            with suppress(KeyError):
-                self.expected_accuracy.remove(model)
+        # Unknown (NaN) goes out as 0, what the deck can vouch for: a NaN sample would blind avg_over_time (and
+        # CarddeckExpectedAccuracyLow) for its whole window, and leaving the sample out would hide the drop.
+        accuracy = verdict.expected_accuracy if np.isfinite(verdict.expected_accuracy) else 0.0
+        self.expected_accuracy.labels(model=model).set(accuracy)
 
     def set_shift_detector(self, detector: ShiftDetector | None) -> None:
         """A new detector (or none): its false-alarm rate, and the gauge of the old one is stale."""

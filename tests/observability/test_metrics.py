@@ -206,14 +206,14 @@ def test_shift_verdicts_count_per_model_state_and_unit(live):
     assert value(s, "carddeck_expected_accuracy", model="m") == pytest.approx(0.99)  # the latest test
 
 
-def test_an_unknown_expected_accuracy_leaves_no_sample(live):
-    """A NaN sample would make avg_over_time (and CarddeckExpectedAccuracyLow) NaN for the whole window."""
+def test_an_unknown_expected_accuracy_is_exported_as_zero(live):
+    """A NaN sample would make avg_over_time (and CarddeckExpectedAccuracyLow) NaN for the whole window; no
+    sample would hide the drop. Unknown is what the deck can vouch for: 0."""
     metrics, endpoint = live
     metrics.observe_shift("u", "batch", Verdict("covered", 3.0, 0.5, "fog/1", 0.9, 16))
     assert value(scrape(endpoint.port), "carddeck_expected_accuracy", model="u") == pytest.approx(0.9)
     metrics.observe_shift("u", "batch", Verdict("uncovered", 400.0, 50.0, "", float("nan"), 16, "unknown"))
-    assert ("carddeck_expected_accuracy", frozenset({("model", "u")})) not in scrape(endpoint.port)
-    metrics.observe_shift("u", "batch", Verdict("uncovered", 400.0, 50.0, "", float("nan"), 16, "unknown"))  # again
+    assert scrape(endpoint.port)[("carddeck_expected_accuracy", frozenset({("model", "u")}))] == 0.0
 
 
 def test_bad_routing_shape_is_rejected():
