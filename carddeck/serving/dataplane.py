@@ -101,9 +101,6 @@ class Dataplane:
             BatchPolicies(config.max_batch_size, config.max_wait_s, config.preferred_batch_sizes),
             metrics=metrics,
             batching=config.batching,
-            max_batch_size=config.max_batch_size,
-            max_wait_s=config.max_wait_s,
-            preferred_batch_sizes=config.preferred_batch_sizes,
             workers=config.batch_workers,
         )
 
