@@ -39,7 +39,7 @@ from carddeck.serving.microbatch import Done, MicroBatchRun, card_work, deck_wor
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
 from carddeck.serving.stats import ModelStats, Statistics
-from carddeck.serving.verdicts import Predicted, Verdicts
+from carddeck.serving.verdicts import RoutedRequest, Verdicts
 
 
 class MetricsHook(DeckMetrics, Protocol):
@@ -94,7 +94,7 @@ class Dataplane:
         self.on_swap = self.snapshots.listeners  # told each new snapshot, e.g. health status follows the deck
         self.on_store = self.snapshots.store_listeners  # told when the store is lost or back
         self.verdicts = Verdicts(metrics)
-        self.on_predict = self.verdicts.on_predict  # every routed request of a micro-batch at once (Predicted)
+        self.on_predict = self.verdicts.on_predict  # every routed request of a micro-batch at once (RoutedRequest)
         self.dispatch = Dispatch(
             MicroBatchRun(self.verdicts, self.statistics),
             self.statistics,
@@ -115,11 +115,11 @@ class Dataplane:
 
     # the verdict of every routed request of a micro-batch (ShiftMonitor.judge); None: unknown to all
     @property
-    def judge(self) -> Callable[[Sequence[Predicted]], Sequence[Trust]] | None:
+    def judge(self) -> Callable[[Sequence[RoutedRequest]], Sequence[Trust]] | None:
         return self.verdicts.judge
 
     @judge.setter
-    def judge(self, judge: Callable[[Sequence[Predicted]], Sequence[Trust]] | None) -> None:
+    def judge(self, judge: Callable[[Sequence[RoutedRequest]], Sequence[Trust]] | None) -> None:
         self.verdicts.judge = judge
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -268,4 +268,4 @@ class Dataplane:
         return self.statistics.get(model)
 
 
-__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook", "Predicted"]
+__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook"]
