@@ -135,10 +135,10 @@ MUTANTS: tuple[Mutant, ...] = (
            (*HTTP, "tests/server/test_status_codes.py"), "",
            "subclasses map to 500 over HTTP"),
     # -- request limits and the input contract --------------------------------------------------
-    Mutant("layout-checked-after-decode", "    if tuple(shape[1:]) != ((h, w, c)",
-           "    if False and tuple(shape[1:]) != ((h, w, c)", ("tests/serving/test_codec.py",), "",
+    Mutant("layout-checked-after-decode", 'and tuple(shape[1:]) == ((h, w, c) if datatype == "UINT8" else (c, h, w))',
+           "and True", ("tests/serving/test_codec.py",), "",
            "a tensor's shape is checked against the deck only after its bytes"),
-    Mutant("max-images-off-by-one", "and shape[0] > max_images:", "and shape[0] > max_images + 1:",
+    Mutant("max-images-off-by-one", "else max_images)", "else max_images + 1)",
            ("tests/server/test_convert.py", "tests/server/test_server.py", *HTTP), "",
            "one image more than --max-request-images is accepted"),
     Mutant("upload-limit-per-chunk", "if len(self._buf) + len(data) > self.limit_bytes:",
