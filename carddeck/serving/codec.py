@@ -31,7 +31,7 @@ PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data
 OPTIONAL_OUTPUTS = ("out_of_scope",)
 
 
-@dataclass(slots=True)  # not frozen: one is made per input of every request, and frozen init costs ~4x
+@dataclass(slots=True)  # not frozen: made per request, and frozen init costs 1.2 us to 0.33 (5 fields)
 class Tensor:
     """One input tensor as a transport received it, not yet decoded."""
 
