@@ -107,9 +107,13 @@ def fit_detector(
     atc = float(np.quantile(clean.features[:, CONFIDENCE], 1.0 - min(float(accuracy[0]), 1.0)))
     # In scope: clean, the cards' domains, and every reference condition the deck stays accurate on
     # (a noisy digit is still a digit); what is left out of scope is what no reference resembles.
+    # Severities of one corruption are pooled into one reference: a per-image score then costs one
+    # Mahalanobis distance per corruption, not per condition (the cost of a one-image request).
     fine = accuracy >= accuracy[0] - tolerance
-    in_scope = {r.name: r.features for i, r in enumerate(references)
-                if i == 0 or r.name.startswith("domain:") or fine[i]}  # fmt: skip
+    pooled: dict[str, list[np.ndarray]] = {}
+    for i, r in enumerate(references):
+        if i == 0 or r.name.startswith("domain:") or fine[i]:
+            pooled.setdefault(r.name.rsplit("/", 1)[0], []).append(r.features)
     return ShiftDetector(
         embedding,
         tuple(r.name for r in references),
@@ -117,7 +121,7 @@ def fit_detector(
         np.stack(norms),
         np.stack(thresholds),
         accuracy,
-        Scope.fit(in_scope, embedding, fpr=scope_fpr, seed=seed),
+        Scope.fit(pooled, embedding, fpr=scope_fpr, seed=seed),
         tuple(int(s) for s in sizes),
         alpha,
         tolerance,
@@ -127,6 +131,7 @@ def fit_detector(
             "conditions": len(references),
             **({"cards": list(cards)} if cards else {}),
         },
+        np.array([r.features[:, CONFIDENCE].mean() for r in references], np.float32),
     )
 
 

@@ -23,6 +23,7 @@ from carddeck.deck import Deck, DeckStore, Manifest, Prediction
 from carddeck.deck.deck import mix, routed_rows
 from carddeck.errors import Cancelled, NotReady
 from carddeck.integrations.ray_config import BATCH_WAIT_S, MAX_BATCH_SIZE, CardUnavailable, RayDeckConfig, card_app_name
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.serving.batching import BatchPolicy
 from carddeck.serving.models import Model, resolve
 from carddeck.serving.snapshot import StoreState, StoreWatch
@@ -54,6 +55,11 @@ class RayDataplane:
         self._snapshot: _Snapshot | None = None
         self.store_watch = StoreWatch(config.deck)
         self.statistics = Statistics()
+        # every answer carries its verdict, as on carddeck serve: the detector the deck stores, judged per
+        # ingress replica; no refit here (the ingress runs no card), so a deck without one answers `unknown`
+        settings = config.settings()
+        self.shift = ShiftMonitor(window=settings.shift_window, stride=settings.shift_stride)
+        self._load_shift = ShiftLoader(self.shift, refit=False)
         self._lock = threading.Lock()
         self._counts = {"card_calls": 0, "retried": 0, "unavailable": 0, "in_flight": 0}
         self._stop = threading.Event()
@@ -95,6 +101,7 @@ class RayDataplane:
         handles = {m.name: serve.get_app_handle(card_app_name(m.name)) for m in deck.cards}
         self._snapshot = _Snapshot(deck, handles)
         log.info("serving deck version %d: %s", deck.version, ", ".join(deck.card_names) or "no cards")
+        self._load_shift(deck)  # never raises: an unusable detector is logged and the state is `unknown`
         return True
 
     def _poll(self) -> None:
@@ -167,7 +174,8 @@ class RayDataplane:
             self._record(model, len(images), start, ok=False)
             raise
         self._record(model, len(x), start, ok=True, compute_s=time.monotonic() - t0)
-        return Prediction(probabilities, routing), deck
+        (verdict,) = self.shift.judge([(model.name, x, routing, probabilities)])  # never raises
+        return Prediction(probabilities, routing, verdict), deck
 
     def run_card(
         self,

@@ -103,14 +103,17 @@ class ShiftMonitor:
         detector = self.detector
         if detector is None:
             return [Trust.unknown(len(x), p) for x, p, _ in requests]
-        gates = [g for _, _, g in requests]
+        xs, ps, gates = zip(*requests)
+        one = len(requests) == 1  # the common case of a lone request: no copies
         features = image_features(
-            np.concatenate([x for x, _, _ in requests]),
-            np.concatenate([p for _, p, _ in requests]),
-            None if any(g is None for g in gates) else np.concatenate(gates),  # type: ignore[arg-type]
+            xs[0] if one else np.concatenate(xs),
+            ps[0] if one else np.concatenate(ps),
+            None if any(g is None for g in gates) else gates[0] if one else np.concatenate(gates),
         )
         scores = detector.image_scores(features)
-        bounds = np.cumsum([0, *(len(x) for x, _, _ in requests)]).tolist()
+        bounds = [0]
+        for x in xs:
+            bounds.append(bounds[-1] + len(x))
         units: list[str] = []
         due: list[tuple[int, np.ndarray, np.ndarray]] = []  # (request, features, scores) to test
         with self._lock:

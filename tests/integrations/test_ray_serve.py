@@ -180,6 +180,39 @@ def test_the_carddeck_v1_grpc_service_through_rays_grpc_proxy(ray_deck: RayDeck)
     assert "g1" in ray_deck.state()["cards"]
 
 
+def test_answers_carry_the_verdict_of_the_shift_detector_the_deck_stores(ray_deck: RayDeck) -> None:
+    """As on ``carddeck serve``: `unknown` while the deck stores no detector for its cards; once one is stored,
+    the OIP answer carries the state, expected accuracy and out-of-scope images the in-process monitor gives
+    the same request (kills an ingress that never judges, or judges with no detector loaded)."""
+    from carddeck.data.datasets import load_dataset
+    from carddeck.gating.shift_fit import deck_references, fit_detector
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+
+    def infer(x: np.ndarray) -> dict[str, str]:
+        inputs = [{"name": "images", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]
+        status, doc = ray_deck.post("/v2/models/carddeck/infer", {"inputs": inputs})
+        assert status == 200, doc
+        return doc["parameters"]
+
+    x = np.concatenate([load_dataset("digits32", "test").images[:12], noisy_images(4, seed=5)])
+    assert infer(x)["shift_state"] == "unknown"
+    deck = Deck.open(ray_deck.root)
+    val = load_dataset("digits32", "val")
+    refs = deck_references(deck, val.images[:128], val.labels[:128], [("fog", 4)], seed=1)
+    detector = fit_detector(refs, draws=200, cards=[c.key for c in deck.cards])
+    version = DeckStore(ray_deck.root).set_gate(shift=detector).version
+    wait_for("the ingress serves the deck with its detector", lambda: ray_deck.state()["version"] == version, 60)
+    local, deck = ShiftMonitor(), Deck.open(ray_deck.root)
+    ShiftLoader(local, refit=False)(deck)
+    p = deck.predict(x)
+    (want,) = local.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
+    got = infer(x)
+    assert want.state != "unknown" and got["shift_state"] == want.state and got["shift_scope"] == "batch"
+    assert got["expected_accuracy_kind"] == want.expected_kind
+    assert got["out_of_scope_images"] == ",".join(str(i) for i in np.flatnonzero(~want.in_scope))
+    assert {"12", "13", "14", "15"} <= set(got["out_of_scope_images"].split(","))  # the noise images
+
+
 def test_ready_reports_the_store_and_statistics_count_what_the_ingress_served(ray_deck: RayDeck) -> None:
     """The OIP health and statistics routes work on Ray as on ``carddeck serve`` (the transports' data plane
     Protocol): ready carries the store's state, through an outage and back; each model's statistics count the

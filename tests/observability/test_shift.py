@@ -4,20 +4,31 @@ and the detector shipped with the default deck on real digits32, leaves32 and co
 from __future__ import annotations
 
 import io
+import json
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from carddeck.commands.shift import FAMILIES
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck
 from carddeck.errors import InvalidInput
-from carddeck.gating.shift import FEATURE_NAMES, ShiftDetector
+from carddeck.gating.shift import (
+    CONFIDENCE,
+    EXPECTED_WEIGHTS,
+    FEATURE_NAMES,
+    SCOPE_FOLDS,
+    Embedding,
+    Scope,
+    ShiftDetector,
+)
 from carddeck.gating.shift_fit import Reference, deck_features, fit_detector
 from carddeck.observability.metrics import Metrics
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
@@ -77,6 +88,52 @@ def test_held_out_detector_drops_a_corruptions_conditions(synthetic):
     assert held.conditions == ("clean", "bad/1") and held.thresholds.shape == (2, 3, len(held.sizes))
     rng = np.random.default_rng(3)
     assert held.test(gaussian(BATCH, rng, {(0, 5): 3.0})).state == "uncovered"  # no longer known
+
+
+def test_scope_pools_the_severities_of_a_corruption(synthetic):
+    """One Gaussian per in-scope corruption, not per severity: a one-image request pays one Mahalanobis
+    distance per corruption (kills fitting one reference per condition, the 0.15 ms batch-1 cost)."""
+    rng = np.random.default_rng(5)
+    refs = [
+        Reference("clean", gaussian(200, rng), np.ones(200, bool)),
+        *(Reference(f"near/{s}", gaussian(200, rng, {(0, 5): float(s)}), np.ones(200, bool)) for s in (1, 2, 3)),
+        Reference("bad/1", gaussian(200, rng, {(5, 10): -3.0}), rng.random(200) < 0.5),
+    ]
+    scope = fit_detector(refs, draws=50).scope
+    assert scope.names == ("clean", "near") and scope.means.shape == (2, F)
+    assert synthetic.scope.names == ("clean", "near")  # bad/1 (50% accurate) stays out of scope
+
+
+def test_scope_threshold_is_a_conformal_quantile_of_out_of_fold_clean_scores():
+    """19 clean images at a 5% false-positive rate: the finite-sample rank ceil((n + 1)(1 - fpr)) is 19, the
+    largest out-of-fold score, so none of them is out of scope (an interpolated 95% quantile would put one
+    out); and fresh clean images are out of scope at about the stated rate."""
+    rng = np.random.default_rng(6)
+    clean = gaussian(19, rng)
+    emb = Embedding.fit(gaussian(400, rng))
+    scope = Scope.fit({"clean": clean}, emb, fpr=0.05, seed=0)
+    held = []
+    for part in np.array_split(np.random.default_rng(0).permutation(19), SCOPE_FOLDS):
+        rest = np.setdiff1d(np.arange(19), part)
+        held.append(Scope.fit({"clean": clean[rest]}, emb, fpr=0.05).raw(clean[part], emb))
+    assert scope.threshold == pytest.approx(np.concatenate(held).max(), rel=1e-5)
+    big = Scope.fit({"clean": gaussian(2000, rng)}, emb, fpr=0.05)
+    fresh = (big.scores(gaussian(4000, rng), emb) > 1).mean()
+    assert 0.035 <= fresh <= 0.065, fresh
+
+
+def test_scope_folds_leave_out_the_corrupted_copies_of_their_clean_images():
+    """Every reference condition is made of the same validation images: a clean image's own corrupted copy
+    in a reference would make it look in scope, and the threshold too low for new images (leaves32: 6.5%
+    of clean test images out of scope at a 5% rate). Its rows leave with its fold: the threshold is what
+    the clean images alone give, not the 35 a leaky fit gives here."""
+    rng = np.random.default_rng(9)
+    clean = gaussian(120, rng)
+    emb = Embedding.fit(gaussian(400, rng))
+    copy = clean + 0.05 * rng.standard_normal(clean.shape).astype(np.float32)
+    alone = Scope.fit({"clean": clean}, emb).threshold
+    with_copy = Scope.fit({"clean": clean, "copy/1": [copy]}, emb).threshold
+    assert with_copy == pytest.approx(alone, rel=0.05)
 
 
 def test_too_small_a_batch_is_refused_with_the_minimum(synthetic):
@@ -154,6 +211,58 @@ def test_expected_accuracy_falls_with_the_real_accuracy(shipped, test_images):
     (clean_est, clean_true), (fog_est, fog_true) = estimates["clean"], estimates["fog/5"]
     assert clean_est > 0.95 and fog_est < 0.75 and fog_true < 0.75, estimates
     assert abs(clean_est - clean_true) < 0.05, estimates
+
+
+def test_a_benign_shift_of_a_held_out_family_is_not_called_uncovered(shipped, test_images):
+    """Contrast/2 with the whole digital family held out of the conditions: the deck stays accurate (98%),
+    its confidence drops 11 points. Estimated from the nearest known conditions and DoC, it stays covered;
+    ATC alone (what an absolute kernel fell back to, every weight vanishing) flagged a quarter of its batches."""
+    deck, detector = shipped
+    held = detector.without(FAMILIES["digital"], scope=False)
+    labels = load_dataset("digits32", "test").labels[:192]
+    features, predicted = deck_features(deck, corrupt(test_images, "contrast", 2, seed=0), batch_size=BATCH)
+    verdicts = [held.test(features[i : i + BATCH]) for i in range(0, len(features), BATCH)]
+    assert sum(v.state == "uncovered" for v in verdicts) <= 1, [v.state for v in verdicts]
+    assert abs(np.mean([v.expected_accuracy for v in verdicts]) - (predicted == labels).mean()) < 0.08
+
+
+def test_the_estimate_far_from_every_condition_weighs_the_nearest_doc_and_atc(synthetic):
+    """A batch unlike every condition: the nearest condition still speaks (relative kernel), with DoC and ATC."""
+    x = gaussian(64, np.random.default_rng(7), {(12, 20): 6.0})
+    ratio = synthetic.statistics(x)
+    assert ratio.min() > 5  # far from everything: exp(-ratio^2 / 2) of every condition underflows
+    conf = x[:, CONFIDENCE]
+    atc = (conf > synthetic.confidence_threshold).mean()
+    doc = synthetic.accuracy[0] - synthetic.confidence[0] + conf.mean()
+    nearest = synthetic.accuracy[np.argmin(ratio)]
+    want = EXPECTED_WEIGHTS[0] * nearest + EXPECTED_WEIGHTS[1] * doc + EXPECTED_WEIGHTS[2] * atc
+    assert synthetic._expected(ratio, x) == pytest.approx(want, abs=1e-4)
+
+
+def test_a_format_3_detector_still_loads_and_estimates_without_doc(synthetic):
+    """Decks fitted before the mean confidences were stored load, and estimate with ATC in place of DoC."""
+    buf = io.BytesIO()
+    replace(synthetic, confidence=None).save(buf)
+    buf.seek(0)
+    with np.load(buf) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(str(arrays.pop("header")))
+    old = io.BytesIO()
+    np.savez(old, header=np.array(json.dumps({**header, "format": "carddeck-shift/3"})), **arrays)
+    old.seek(0)
+    loaded = ShiftDetector.load(old)
+    assert loaded.confidence is None
+    x = gaussian(BATCH, np.random.default_rng(8), {(0, 5): 3.0})
+    ratio = loaded.statistics(x)
+    atc = (x[:, CONFIDENCE] > loaded.confidence_threshold).mean()
+    votes = np.exp(-0.5 * (ratio**2 - (ratio**2).min()))
+    want = EXPECTED_WEIGHTS[0] * votes @ loaded.accuracy / votes.sum() + (1 - EXPECTED_WEIGHTS[0]) * atc
+    assert loaded.test(x).expected_accuracy == pytest.approx(want, abs=1e-4)
+    bad = io.BytesIO()
+    np.savez(bad, header=np.array(json.dumps({**header, "format": "carddeck-shift/2"})), **arrays)
+    bad.seek(0)
+    with pytest.raises(InvalidInput, match=r"shift format 'carddeck-shift/2', readable: .*; refit it"):
+        ShiftDetector.load(bad)
 
 
 def test_monitor_windows_single_image_requests(shipped):
