@@ -258,7 +258,15 @@ def unary_load(
     images = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
     latencies: list[float] = []
 
+    errors: list[str] = []
+
     def worker() -> None:
+        try:
+            run_client()
+        except Exception as exc:  # tritonclient's exceptions do not pickle back to the parent
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    def run_client() -> None:
         client = tc.InferenceServerClient(address)
         inp = tc.InferInput("images", list(images.shape), "UINT8")
         inp.set_data_from_numpy(images)
@@ -276,6 +284,8 @@ def unary_load(
         t.start()
     for t in pool:
         t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {threads} clients failed, first: {errors[0]}")
     return latencies
 
 
@@ -304,6 +314,17 @@ def stream_load(
                 latencies.append(time.perf_counter() - t0)
         slots.release()
 
+    try:
+        _stream(client, model, inp, slots, sent, counting, window, start_at, stop_at, callback)
+    except Exception as exc:  # tritonclient's exceptions do not pickle back to the parent
+        detail = f"; the callback got: {errors[0]}" if errors else ""  # a broken stream reports its cause there
+        raise RuntimeError(f"{type(exc).__name__}: {exc}{detail}") from None
+    if errors:
+        raise RuntimeError(f"{len(errors)} streamed requests failed, first: {errors[0]}")
+    return latencies
+
+
+def _stream(client, model, inp, slots, sent, counting, window, start_at, stop_at, callback) -> None:  # type: ignore[no-untyped-def]
     client.start_stream(callback=callback)
     i = 0
     while time.time() < stop_at:
@@ -316,9 +337,6 @@ def stream_load(
     for _ in range(window):  # every answer back before the stream closes
         slots.acquire()
     client.stop_stream()
-    if errors:
-        raise RuntimeError(f"{len(errors)} streamed requests failed, first: {errors[0]}")
-    return latencies
 
 
 def measure_peer(
@@ -354,6 +372,19 @@ def measure_peer(
         "cpu_s_per_1k": 1000 * cpu / images,
         "mean_batch": mean,
     }
+
+
+FAILED = {"images_per_s": float("nan"), "p50_ms": float("nan"), "cpu_s_per_1k": float("nan"), "mean_batch": None}
+
+
+def attempt(label: str, peer: Peer, *args, **kwargs) -> dict | None:  # type: ignore[no-untyped-def]
+    """:func:`measure_peer`, or None when it failed: reported with the peer's log tail, the run goes on."""
+    try:
+        return measure_peer(*args, **kwargs)
+    except Exception as exc:  # one failed row must not lose the others
+        alive = "running" if peer.proc.poll() is None else f"exited {peer.proc.returncode}"
+        print(f"{label}: a measurement failed ({exc}); server {alive}, log tail:\n{peer.tail(600)}", flush=True)
+        return None
 
 
 def measure_local(call: Callable[[np.ndarray], object], images: np.ndarray, conc: int, seconds: float) -> dict:
@@ -512,7 +543,7 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
     loads = [tuple(int(v) for v in load.split("x")) for load in args.loads.split(",")]
     pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
     list(pool.map(time.sleep, [0.1] * args.client_procs))
-    rows: dict[tuple[str, int, int], list[dict]] = {}
+    rows: dict[tuple[str, int, int], list[dict | None]] = {}
     streams = [key for key in ("CARD-Deck", "Triton") if key in peers]
     try:
         for r in range(args.rounds):
@@ -524,15 +555,18 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
                 )
                 for key, peer in peers.items():
                     rows.setdefault((key, batch, conc), []).append(
-                        measure_peer(pool, args.client_procs, peer, shape, conc, args.seconds)
+                        attempt(key, peer, pool, args.client_procs, peer, shape, conc, args.seconds)
                     )
             for key in streams:
+                shape = (1, spec.height, spec.width, spec.channels)
                 rows.setdefault((f"{key} stream", 1, 1), []).append(
-                    measure_peer(
+                    attempt(
+                        f"{key} stream",
+                        peers[key],
                         pool,
                         args.client_procs,
                         peers[key],
-                        (1, spec.height, spec.width, spec.channels),
+                        shape,
                         1,
                         args.seconds,
                         stream_window=args.stream_window,
@@ -543,8 +577,8 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
         pool.shutdown()
 
     def median(key: tuple[str, int, int]) -> dict:
-        runs = sorted(rows[key], key=lambda x: x["images_per_s"])
-        return runs[len(runs) // 2]
+        runs = sorted((r for r in rows[key] if r is not None), key=lambda x: x["images_per_s"])
+        return runs[len(runs) // 2] if runs else FAILED
 
     print(f"\nimages/s (p50 ms, server CPU s per 1k images, mean executed batch); median of {args.rounds} rounds")
     labels = ["in-process ORT", *peers]
