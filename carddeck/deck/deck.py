@@ -222,7 +222,7 @@ class Deck:
     def predict(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Prediction:
         x = self.prepare(images)
         routing = self.route_prepared(x, policy=policy, per_sample=per_sample)
-        return Prediction(self.combine(x, routing.weights), routing)
+        return Prediction(self.run_routed(x, routing.weights), routing)
 
     def adaptive_session(self, name: str) -> CardSession | None:
         """Card ``name``'s adaptive variant (:mod:`carddeck.deck.adapt`: normalisation re-estimated on the
@@ -267,7 +267,7 @@ class Deck:
             intra_op_threads=session.intra_op_threads,
         )
 
-    def combine(
+    def run_routed(
         self,
         x: np.ndarray,
         weights: np.ndarray,
