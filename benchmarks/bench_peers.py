@@ -7,8 +7,9 @@ Servers, each its own process tree, started one after another and kept up throug
   * ``carddeck serve`` on a one-card deck holding the card (the card is an OIP model of its own; the
     server's default flags: dynamic batching, max batch 64, 2 ms queue delay, one batch in flight);
   * NVIDIA Triton 2.x through ``nvidia-pytriton`` (which ships the tritonserver binary): its Python
-    backend calls a Python function that runs the card with ONNX Runtime (the same session options as
-    CARD-Deck's: intra-op threads = cores, no spinning); dynamic batcher, max batch 64, max queue delay
+    backend calls a Python function that runs the card with ONNX Runtime (intra-op threads = cores, no
+    spinning: how one ORT session fills the cores; CARD-Deck runs one thread per session and cuts large
+    runs into chunks run side by side, carddeck.deck.runtime); dynamic batcher, max batch 64, max queue delay
     2 ms, one model instance. Native Triton's ONNX Runtime backend is not installable here;
   * MLServer with a custom runtime calling ONNX Runtime the same way; adaptive batching, max batch 64,
     max batch time 2 ms.
@@ -68,7 +69,7 @@ def _session(model_path: str):  # type: ignore[no-untyped-def]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = len(os.sched_getaffinity(0))
     opts.inter_op_num_threads = 1
-    for pool in ("intra_op", "inter_op"):  # CARD-Deck's own options (carddeck.deck.runtime.CardSession)
+    for pool in ("intra_op", "inter_op"):  # no spinning, as CARD-Deck (carddeck.deck.runtime.CardSession)
         opts.add_session_config_entry(f"session.{pool}.allow_spinning", "0")
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
 
