@@ -54,12 +54,12 @@ class CardDeckIngress:
 
     def __init__(self, config: RayDeckConfig, reconciler: DeploymentHandle) -> None:
         import carddeck.integrations.ray_grpc  # noqa: F401 (the messages' pickled module name)
-        from carddeck.app.transports import carddeck_servicer
+        from carddeck.app.transports import carddeck_rpcs
 
         self.config = config
         self.plane = RayDataplane(config, reconciler)
-        # the gRPC server's servicer and its rule per method (admin RPCs need the admin token)
-        self.servicer, self.auth = carddeck_servicer(self.plane, config.settings())
+        # the gRPC server's RPCs (drain accounting and error mapping included) and its rule per method
+        self.rpcs, self.auth = carddeck_rpcs(self.plane, config.settings())
 
     async def _grpc(self, rpc: str, request: Any, grpc_context: Any) -> Any:
         """One carddeck.v1 call through the server's servicer; a refused or failed call answers an empty
@@ -73,7 +73,7 @@ class CardDeckIngress:
             refusal = self.auth.check(f"/carddeck.v1.CardDeck/{rpc}", grpc_context.invocation_metadata())
             if refusal is not None:
                 context.abort(*refusal)
-            return await asyncio.to_thread(getattr(self.servicer, rpc), request, context)
+            return await asyncio.to_thread(self.rpcs[rpc], request, context)
         except _Aborted:
             return empty()
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 class BatchPolicies:
     def __init__(self, max_batch_size: int, max_wait_s: float, preferred_batch_sizes: tuple[int, ...]) -> None:
-        self._flags = (max_batch_size, max_wait_s, preferred_batch_sizes)  # the server's
+        self.flags = (max_batch_size, max_wait_s, preferred_batch_sizes)  # the server's
         self._policies: dict[tuple[int, str], BatchPolicy] = {}  # (deck version, model) -> its policy
 
     def of(self, model: Model) -> BatchPolicy:
@@ -30,7 +30,7 @@ class BatchPolicies:
         cards = settings.pop("cards", {})
         if model.card is not None:
             settings = dict(cards.get(model.card.name, {}))
-        max_batch_size, max_wait_s, preferred_batch_sizes = self._flags
+        max_batch_size, max_wait_s, preferred_batch_sizes = self.flags
         most = settings.get("max_batch_size", max_batch_size)
         preferred = tuple(settings.get("preferred_batch_size", preferred_batch_sizes))
         if any(p > most for p in preferred):

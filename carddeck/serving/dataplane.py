@@ -15,9 +15,9 @@ meanwhile. The data plane assembles the parts and is what the transports call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +39,7 @@ from carddeck.serving.microbatch import Done, MicroBatchRun, card_work, deck_wor
 from carddeck.serving.models import DECK_MODEL_NAME, Model, resolve
 from carddeck.serving.snapshot import DeckMetrics, Snapshots, StoreState
 from carddeck.serving.stats import ModelStats, Statistics
-from carddeck.serving.verdicts import Predicted, Verdicts
+from carddeck.serving.verdicts import RoutedRequest, Verdicts
 
 
 class MetricsHook(DeckMetrics, Protocol):
@@ -94,16 +94,13 @@ class Dataplane:
         self.on_swap = self.snapshots.listeners  # told each new snapshot, e.g. health status follows the deck
         self.on_store = self.snapshots.store_listeners  # told when the store is lost or back
         self.verdicts = Verdicts(metrics)
-        self.on_predict = self.verdicts.on_predict  # every routed request of a micro-batch at once (Predicted)
+        self.on_predict = self.verdicts.on_predict  # every routed request of a micro-batch at once (RoutedRequest)
         self.dispatch = Dispatch(
             MicroBatchRun(self.verdicts, self.statistics),
             self.statistics,
             BatchPolicies(config.max_batch_size, config.max_wait_s, config.preferred_batch_sizes),
             metrics=metrics,
             batching=config.batching,
-            max_batch_size=config.max_batch_size,
-            max_wait_s=config.max_wait_s,
-            preferred_batch_sizes=config.preferred_batch_sizes,
             workers=config.batch_workers,
         )
 
@@ -118,11 +115,11 @@ class Dataplane:
 
     # the verdict of every routed request of a micro-batch (ShiftMonitor.judge); None: unknown to all
     @property
-    def judge(self) -> Callable[[Sequence[Predicted]], Sequence[Trust]] | None:
+    def judge(self) -> Callable[[Sequence[RoutedRequest]], Sequence[Trust]] | None:
         return self.verdicts.judge
 
     @judge.setter
-    def judge(self, judge: Callable[[Sequence[Predicted]], Sequence[Trust]] | None) -> None:
+    def judge(self, judge: Callable[[Sequence[RoutedRequest]], Sequence[Trust]] | None) -> None:
         self.verdicts.judge = judge
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -166,11 +163,9 @@ class Dataplane:
     def draining(self) -> bool:
         return self.admission.draining
 
-    @contextmanager
-    def request(self) -> Iterator[None]:
+    def request(self) -> AbstractContextManager[None]:
         """Wrap every RPC that does work: refused once draining, counted until it finishes."""
-        with self.admission.request():
-            yield
+        return self.admission.request()
 
     @property
     def inflight(self) -> int:
@@ -271,4 +266,4 @@ class Dataplane:
         return self.statistics.get(model)
 
 
-__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook", "Predicted"]
+__all__ = ["Dataplane", "DataplaneConfig", "MetricsHook"]

@@ -36,11 +36,8 @@ class Dispatch:
         policies: BatchPolicies,
         *,
         metrics: Any = None,  # observe_batch, track_queue_depth (MetricsHook), or None
-        batching: bool = True,
-        max_batch_size: int = 64,
-        max_wait_s: float = 0.002,
-        preferred_batch_sizes: tuple[int, ...] = (),
-        workers: int = 1,
+        batching: bool = True,  # with the server's batch flags (``policies.flags``)
+        workers: int = 1,  # batches in flight
     ) -> None:
         self.run = run
         self.statistics = statistics
@@ -49,6 +46,7 @@ class Dispatch:
         self._inferring = 0  # inference calls inside run/start right now
         self._inferring_lock = threading.Lock()
         self.batcher: MicroBatcher[Work, Done] | None = None
+        max_batch_size, max_wait_s, preferred_batch_sizes = policies.flags
         if batching and max_batch_size > 1:
             self.batcher = MicroBatcher(
                 run,

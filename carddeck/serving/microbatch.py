@@ -22,7 +22,7 @@ from carddeck.gating.shift import Trust
 from carddeck.gating.signature import sample_features
 from carddeck.serving.models import Model
 from carddeck.serving.stats import Statistics
-from carddeck.serving.verdicts import Predicted, Verdicts
+from carddeck.serving.verdicts import RoutedRequest, Verdicts
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class MicroBatchRun:
                 n = len(works[i].x)
                 out[i] = probs[offset : offset + n]
                 offset += n
-        predicted = {i: Predicted(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings}
+        predicted = {i: RoutedRequest(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings}
         verdicts = dict(zip(predicted, self.verdicts.of(list(predicted.values()))))
         # the verdict and the listeners (the shift signal) see the unadapted answer, the one its reference
         # conditions were measured on; a request the trigger fires on is then answered adapted

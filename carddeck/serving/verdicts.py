@@ -22,7 +22,7 @@ from carddeck.serving.adaptation import Trigger
 log = logging.getLogger(__name__)
 
 
-class Predicted(NamedTuple):
+class RoutedRequest(NamedTuple):
     """One routed request of a micro-batch, as ``on_predict`` listeners see it."""
 
     model: str
@@ -35,16 +35,16 @@ class Verdicts:
     def __init__(self, metrics: Any = None) -> None:
         self.metrics = metrics  # observe_routings (MetricsHook), or None
         self.on_card = metrics.observe_card if metrics is not None else None
-        # every routed request of a micro-batch at once (Predicted), e.g. the shift monitor; must not raise
-        self.on_predict: list[Callable[[Sequence[Predicted]], None]] = []
+        # every routed request of a micro-batch at once (RoutedRequest), e.g. the shift monitor; must not raise
+        self.on_predict: list[Callable[[Sequence[RoutedRequest]], None]] = []
         # test-time adaptation of shifted requests (set by the process assembly); None: never
         self.adaptation: Trigger | None = None
         # the verdict of every routed request of a micro-batch (ShiftMonitor.judge); None: unknown to all
-        self.judge: Callable[[Sequence[Predicted]], Sequence[Trust]] | None = None
+        self.judge: Callable[[Sequence[RoutedRequest]], Sequence[Trust]] | None = None
         self._warming: set[int] = set()  # decks whose adaptive variants are being built
         self._lock = threading.Lock()
 
-    def of(self, predicted: list[Predicted]) -> Sequence[Trust]:
+    def of(self, predicted: list[RoutedRequest]) -> Sequence[Trust]:
         """Each routed request's verdict, once per micro-batch; unknown (never an error) when it cannot be had."""
         if not predicted:
             return []
@@ -85,7 +85,7 @@ class Verdicts:
 
         threading.Thread(target=build, name="carddeck-adapt-build", daemon=True).start()
 
-    def observe(self, predicted: list[Predicted]) -> None:
+    def observe(self, predicted: list[RoutedRequest]) -> None:
         """Routing metrics and on_predict listeners, once per micro-batch; never fails the batch."""
         if not predicted:
             return
@@ -98,4 +98,4 @@ class Verdicts:
             log.exception("observing a micro-batch of %d requests failed", len(predicted))
 
 
-__all__ = ["Predicted", "Verdicts"]
+__all__ = ["RoutedRequest", "Verdicts"]
