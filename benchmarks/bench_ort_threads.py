@@ -5,8 +5,9 @@
 (1) Thread layouts for ``Deck.run_routed`` on a merged batch (the cards the default policy routes a
 batch of random images to), batch 8 / 32 / 64: intra-op threads per card session 1 or 2 (explicit
 counts, whole runs; the deck's default is one thread with runs in chunks), cards run concurrently on
-the card pool or one after another. (2) ``session.run`` against ``run_with_iobinding`` with a pre-allocated output, bound
-once (only possible for a fixed batch size) or per call (what varying micro-batches need).
+the card pool or one after another. (2) ``session.run`` against ``run_with_iobinding`` with a
+pre-allocated output, bound once (only possible for a fixed batch size) or per call (what varying
+micro-batches need).
 (3) One card's session with 1 or 2 intra-op threads, spinning (ORT's default) or not
 (``session.intra_op.allow_spinning``), and the deck's default (one thread, no spinning, runs cut into
 chunks across the cores: ``CardSession(row_chunks=cores)``), calls back to back or with a 1 ms gap (a
