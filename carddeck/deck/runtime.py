@@ -2,17 +2,18 @@
 
 One session per card. Providers: CUDA then CPU when onnxruntime-gpu sees a GPU, else CPU; each
 session logs the providers it actually got (ORT falls back to CPU silently apart from a log line).
-Threads: by default each session runs on one intra-op thread, and the cores are filled by running
-work side by side instead: the cards selected for a batch run concurrently (the card pool), and a
-card's run of many rows is cut into chunks that up to ``cores`` threads run concurrently (the row pool). A second
-intra-op thread bought no latency at batch 1 for 1.7-1.8x the CPU per image, and cost 5-12% more CPU
-per image at batches 8-64 than chunks on one thread each, which finish as soon at batch 64 (a lone
-batch of 8 waits ~1.5 ms longer) (one card, 2 cores, benchmarks/bench_ort_threads.py section 3); and
-a deck batch routed to three cards left a core idle while the third card ran alone. An explicit
-``intra_op_threads`` gives each session that many threads and runs each slice whole.
+Threads: by default each session runs on one intra-op thread, and the cores are filled by running work
+side by side instead: the cards selected for a batch run concurrently (the card pool), and a card's
+run of many rows is cut into chunks that up to ``cores`` threads run concurrently (the row pool). A
+second intra-op thread bought no latency at batch 1 for 1.7-1.8x the CPU per image, and cost 6-10%
+more CPU per image at batches 8-64 than chunks on one thread each, which finish as soon at batch 64 (a
+lone batch of 8, run whole, takes ~2 ms longer) (one card, 2 cores, benchmarks/bench_ort_threads.py
+section 3); and a deck batch routed to three cards left a core idle while the third card ran alone. An
+explicit ``intra_op_threads`` gives each session that many threads and runs each slice whole.
 Intra-op threads do not spin while waiting for work (ORT's default is to spin): between the small
 batches a server runs, spinning burnt 1.5-2x the CPU per image with 2 threads per card and slowed the
-other threads sharing the cores (same benchmark); ``spin=True`` restores it for a dedicated, idle machine.
+other threads sharing the cores (same benchmark); ``spin=True`` restores it for a dedicated, idle
+machine.
 """
 
 from __future__ import annotations
@@ -144,10 +145,14 @@ class CardSession:
                 outs[i] = self._run(x[a:b])
 
         helpers = [row_pool().submit(work) for _ in range(min(self.row_chunks, len(spans)) - 1)]
-        work()
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                helper.cancel()
         for helper in helpers:
-            if not helper.cancel():
-                helper.result()  # running: it finishes the one chunk it holds (or raises its error)
+            if not helper.cancelled():
+                helper.result()  # it ran: its chunks are in (or its error is raised here)
         return np.concatenate(outs)  # type: ignore[arg-type]
 
 
