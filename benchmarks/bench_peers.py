@@ -15,10 +15,12 @@ Servers, each its own process tree, started one after another and kept up throug
     max batch time 2 ms.
 Load: closed-loop ``tritonclient.grpc`` clients (uint8 images [N, H, W, 3], the deck's input contract) from
 separate client processes (threads inside each), configurations alternated round by round; the
-median round is reported. Baseline: the same card in this process (``Deck.run_card``: the same
-decode, ONNX Runtime and softmax), measured in the same run. Each server's CPU seconds per 1,000 images
-counts its whole process tree (Triton's server, its backend stub and pytriton's proxy). Mean executed
-batch: inferences / executions from the OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
+median round is reported, and each ratio is taken within each round (its two sides measured seconds
+apart), then its median and range over the rounds (a shared machine's load drifts). Baseline: the
+same card in this process (``Deck.run_card``: the same decode, ONNX Runtime and softmax), measured in
+the same run. Each server's CPU seconds per 1,000 images counts its whole process tree (Triton's
+server, its backend stub and pytriton's proxy). Mean executed batch: inferences / executions from the
+OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
 Streaming rows: batch 1 over one ``ModelStreamInfer`` stream from one client (``--stream-window``
 requests in flight), against batch 1 / concurrency 1 unary.
 
@@ -598,24 +600,24 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
             f"{m['cpu_s_per_1k']:.2f} CPU s / 1k, mean batch {m['mean_batch'] or 0:.1f})"
         )
 
-    print("\nratios (same run):")
-    floor64 = median(("in-process ORT", 64, 1))["images_per_s"] if (64, 1) in loads else None
+    def ratio(a: tuple[str, int, int], b: tuple[str, int, int]) -> str:
+        """Each round's a / b (measured minutes apart at most), median and range over the rounds."""
+        each = sorted(x["images_per_s"] / y["images_per_s"] for x, y in zip(rows[a], rows[b]) if x and y)
+        if not each:
+            return "failed"
+        return f"{each[len(each) // 2]:.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
+
+    print("\nratios (same run; each round's ratio, median and range over the rounds):")
     for batch, conc in loads:
-        ours = median(("CARD-Deck", batch, conc))
-        parts = [
-            f"{key} {ours['images_per_s'] / median((key, batch, conc))['images_per_s']:.2f}x"
-            for key in peers
-            if key != "CARD-Deck"
-        ]
-        local = median(("in-process ORT", batch, conc))["images_per_s"]
-        parts.append(f"of in-process ORT {ours['images_per_s'] / local:.2f}")
-        if floor64 and batch == 1:
-            parts.append(f"of in-process b64 {ours['images_per_s'] / floor64:.2f}")
+        ours = ("CARD-Deck", batch, conc)
+        parts = [f"{key} {ratio(ours, (key, batch, conc))}x" for key in peers if key != "CARD-Deck"]
+        parts.append(f"of in-process ORT {ratio(ours, ('in-process ORT', batch, conc))}")
+        if (64, 1) in loads and batch == 1:
+            parts.append(f"of in-process b64 {ratio(ours, ('in-process ORT', 64, 1))}")
         print(f"  CARD-Deck b{batch} c{conc}: vs " + ", ".join(parts))
     if (1, 1) in loads:
         for key in streams:
-            ratio = median((f"{key} stream", 1, 1))["images_per_s"] / median((key, 1, 1))["images_per_s"]
-            print(f"  {key} stream b1 / {key} unary b1 c1: {ratio:.2f}x")
+            print(f"  {key} stream b1 / {key} unary b1 c1: {ratio((f'{key} stream', 1, 1), (key, 1, 1))}x")
     print("  targets: CARD-Deck / Triton b1 c32 >= 1.3x, mean batch >= 12; CARD-Deck stream / unary b1 c1 >= 2x")
     return 0
 
