@@ -3,13 +3,15 @@
     python benchmarks/bench_ort_threads.py [--deck models] [--rounds 5]
 
 (1) Thread layouts for ``Deck.run_routed`` on a merged batch (the cards the default policy routes a
-batch of random images to), batch 8 / 32 / 64: intra-op threads per card session 1 or 2 (the
-deck's default is ``cores // min(cards, cores)``), cards run concurrently on the card pool or one
-after another. (2) ``session.run`` against ``run_with_iobinding`` with a pre-allocated output, bound
-once (only possible for a fixed batch size) or per call (what varying micro-batches need).
+batch of random images to), batch 8 / 32 / 64: intra-op threads per card session 1 or 2 (explicit
+counts, whole runs; the deck's default is one thread with runs in chunks), cards run concurrently on
+the card pool or one after another. (2) ``session.run`` against ``run_with_iobinding`` with a
+pre-allocated output, bound once (only possible for a fixed batch size) or per call (what varying
+micro-batches need).
 (3) One card's session with 1 or 2 intra-op threads, spinning (ORT's default) or not
-(``session.intra_op.allow_spinning``), calls back to back or with a 1 ms gap (a server between
-batches), batch 1 / 8 / 32 / 64.
+(``session.intra_op.allow_spinning``), and the deck's default (one thread, no spinning, runs cut into
+chunks across the cores: ``CardSession(row_chunks=cores)``), calls back to back or with a 1 ms gap (a
+server between batches), batch 1 / 8 / 32 / 64.
 Wall and process-CPU milliseconds per image, median of interleaved rounds.
 """
 
@@ -111,20 +113,26 @@ def spinning(deck_path: Path, rounds: int, rng: np.random.Generator) -> None:
     deck = Deck.open(deck_path, run_cards=False)
     entry = deck.manifest.active()[0]
     model = deck.store.read_model(entry)  # type: ignore[union-attr]
+    layouts = [(intra, spin, 1) for intra in (1, 2) for spin in (True, False)] + [(1, False, cpu_cores())]
     sessions = {
-        (intra, spin): CardSession(
-            model, key=entry.key, digest="", providers=choose_providers(), intra_op_threads=intra, spin=spin
+        (intra, spin, chunks): CardSession(
+            model,
+            key=entry.key,
+            digest="",
+            providers=choose_providers(),
+            intra_op_threads=intra,
+            spin=spin,
+            row_chunks=chunks,
         )
-        for intra in (1, 2)
-        for spin in (True, False)
+        for intra, spin, chunks in layouts
     }
     spec = deck.input
-    print(f"(3) {entry.name}: intra-op threads and spinning, ms per image (wall / CPU)")
+    print(f"(3) {entry.name}: intra-op threads, spinning, chunks (the deck's default), ms per image (wall / CPU)")
     for n in (1, 8, 32, 64):
         x = np.ascontiguousarray(rng.random((n, spec.channels, spec.height, spec.width), dtype=np.float32))
-        runs: dict[tuple[int, bool, float], list[tuple[float, float]]] = {}
+        runs: dict[tuple[int, bool, int, float], list[tuple[float, float]]] = {}
         for _ in range(rounds):
-            for (intra, spin), session in sessions.items():
+            for (intra, spin, chunks), session in sessions.items():
                 for gap in (0.0, 0.001):
 
                     def call(session: CardSession = session, gap: float = gap) -> None:
@@ -134,12 +142,12 @@ def spinning(deck_path: Path, rounds: int, rng: np.random.Generator) -> None:
 
                     calls = max(4, 256 // n)
                     wall, cpu = timed(call, n, calls)
-                    runs.setdefault((intra, spin, gap), []).append((wall - 1e3 * gap / n, cpu))
+                    runs.setdefault((intra, spin, chunks, gap), []).append((wall - 1e3 * gap / n, cpu))
         print(f"  batch {n}:")
-        for (intra, spin, gap), rows in runs.items():
+        for (intra, spin, chunks, gap), rows in runs.items():
             wall = statistics.median(w for w, _ in rows)
             cpu = statistics.median(c for _, c in rows)
-            print(f"    intra-op {intra}, spinning {'on ' if spin else 'off'}, gap {gap * 1e3:.0f} ms  "
+            print(f"    intra-op {intra}, spin {'on ' if spin else 'off'}, chunks {chunks}, gap {gap * 1e3:.0f} ms  "
                   f"wall {wall:6.3f}  CPU {cpu:6.3f}")  # fmt: skip
 
 

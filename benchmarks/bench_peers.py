@@ -7,17 +7,20 @@ Servers, each its own process tree, started one after another and kept up throug
   * ``carddeck serve`` on a one-card deck holding the card (the card is an OIP model of its own; the
     server's default flags: dynamic batching, max batch 64, 2 ms queue delay, one batch in flight);
   * NVIDIA Triton 2.x through ``nvidia-pytriton`` (which ships the tritonserver binary): its Python
-    backend calls a Python function that runs the card with ONNX Runtime (the same session options as
-    CARD-Deck's: intra-op threads = cores, no spinning); dynamic batcher, max batch 64, max queue delay
+    backend calls a Python function that runs the card with ONNX Runtime (intra-op threads = cores, no
+    spinning: how one ORT session fills the cores; CARD-Deck runs one thread per session and cuts large
+    runs into chunks run side by side, carddeck.deck.runtime); dynamic batcher, max batch 64, max queue delay
     2 ms, one model instance. Native Triton's ONNX Runtime backend is not installable here;
   * MLServer with a custom runtime calling ONNX Runtime the same way; adaptive batching, max batch 64,
     max batch time 2 ms.
 Load: closed-loop ``tritonclient.grpc`` clients (uint8 images [N, H, W, 3], the deck's input contract) from
 separate client processes (threads inside each), configurations alternated round by round; the
-median round is reported. Baseline: the same card in this process (``Deck.run_card``: the same
-decode, ONNX Runtime and softmax), measured in the same run. Each server's CPU seconds per 1,000 images
-counts its whole process tree (Triton's server, its backend stub and pytriton's proxy). Mean executed
-batch: inferences / executions from the OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
+median round is reported, and each ratio is taken within each round (its two sides measured seconds
+apart), then its median and range over the rounds (a shared machine's load drifts). Baseline: the
+same card in this process (``Deck.run_card``: the same decode, ONNX Runtime and softmax), measured in
+the same run. Each server's CPU seconds per 1,000 images counts its whole process tree (Triton's
+server, its backend stub and pytriton's proxy). Mean executed batch: inferences / executions from the
+OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
 Streaming rows: batch 1 over one ``ModelStreamInfer`` stream from one client (``--stream-window``
 requests in flight), against batch 1 / concurrency 1 unary.
 
@@ -68,7 +71,7 @@ def _session(model_path: str):  # type: ignore[no-untyped-def]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = len(os.sched_getaffinity(0))
     opts.inter_op_num_threads = 1
-    for pool in ("intra_op", "inter_op"):  # CARD-Deck's own options (carddeck.deck.runtime.CardSession)
+    for pool in ("intra_op", "inter_op"):  # no spinning, as CARD-Deck (carddeck.deck.runtime.CardSession)
         opts.add_session_config_entry(f"session.{pool}.allow_spinning", "0")
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
 
@@ -258,7 +261,15 @@ def unary_load(
     images = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
     latencies: list[float] = []
 
+    errors: list[str] = []
+
     def worker() -> None:
+        try:
+            run_client()
+        except Exception as exc:  # tritonclient's exceptions do not pickle back to the parent
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    def run_client() -> None:
         client = tc.InferenceServerClient(address)
         inp = tc.InferInput("images", list(images.shape), "UINT8")
         inp.set_data_from_numpy(images)
@@ -276,6 +287,8 @@ def unary_load(
         t.start()
     for t in pool:
         t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {threads} clients failed, first: {errors[0]}")
     return latencies
 
 
@@ -304,6 +317,17 @@ def stream_load(
                 latencies.append(time.perf_counter() - t0)
         slots.release()
 
+    try:
+        _stream(client, model, inp, slots, sent, counting, window, start_at, stop_at, callback)
+    except Exception as exc:  # tritonclient's exceptions do not pickle back to the parent
+        detail = f"; the callback got: {errors[0]}" if errors else ""  # a broken stream reports its cause there
+        raise RuntimeError(f"{type(exc).__name__}: {exc}{detail}") from None
+    if errors:
+        raise RuntimeError(f"{len(errors)} streamed requests failed, first: {errors[0]}")
+    return latencies
+
+
+def _stream(client, model, inp, slots, sent, counting, window, start_at, stop_at, callback) -> None:  # type: ignore[no-untyped-def]
     client.start_stream(callback=callback)
     i = 0
     while time.time() < stop_at:
@@ -316,9 +340,6 @@ def stream_load(
     for _ in range(window):  # every answer back before the stream closes
         slots.acquire()
     client.stop_stream()
-    if errors:
-        raise RuntimeError(f"{len(errors)} streamed requests failed, first: {errors[0]}")
-    return latencies
 
 
 def measure_peer(
@@ -354,6 +375,19 @@ def measure_peer(
         "cpu_s_per_1k": 1000 * cpu / images,
         "mean_batch": mean,
     }
+
+
+FAILED = {"images_per_s": float("nan"), "p50_ms": float("nan"), "cpu_s_per_1k": float("nan"), "mean_batch": None}
+
+
+def attempt(label: str, peer: Peer, *args, **kwargs) -> dict | None:  # type: ignore[no-untyped-def]
+    """:func:`measure_peer`, or None when it failed: reported with the peer's log tail, the run goes on."""
+    try:
+        return measure_peer(*args, **kwargs)
+    except Exception as exc:  # one failed row must not lose the others
+        alive = "running" if peer.proc.poll() is None else f"exited {peer.proc.returncode}"
+        print(f"{label}: a measurement failed ({exc}); server {alive}, log tail:\n{peer.tail(600)}", flush=True)
+        return None
 
 
 def measure_local(call: Callable[[np.ndarray], object], images: np.ndarray, conc: int, seconds: float) -> dict:
@@ -512,7 +546,7 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
     loads = [tuple(int(v) for v in load.split("x")) for load in args.loads.split(",")]
     pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
     list(pool.map(time.sleep, [0.1] * args.client_procs))
-    rows: dict[tuple[str, int, int], list[dict]] = {}
+    rows: dict[tuple[str, int, int], list[dict | None]] = {}
     streams = [key for key in ("CARD-Deck", "Triton") if key in peers]
     try:
         for r in range(args.rounds):
@@ -524,15 +558,18 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
                 )
                 for key, peer in peers.items():
                     rows.setdefault((key, batch, conc), []).append(
-                        measure_peer(pool, args.client_procs, peer, shape, conc, args.seconds)
+                        attempt(key, peer, pool, args.client_procs, peer, shape, conc, args.seconds)
                     )
             for key in streams:
+                shape = (1, spec.height, spec.width, spec.channels)
                 rows.setdefault((f"{key} stream", 1, 1), []).append(
-                    measure_peer(
+                    attempt(
+                        f"{key} stream",
+                        peers[key],
                         pool,
                         args.client_procs,
                         peers[key],
-                        (1, spec.height, spec.width, spec.channels),
+                        shape,
                         1,
                         args.seconds,
                         stream_window=args.stream_window,
@@ -543,8 +580,8 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
         pool.shutdown()
 
     def median(key: tuple[str, int, int]) -> dict:
-        runs = sorted(rows[key], key=lambda x: x["images_per_s"])
-        return runs[len(runs) // 2]
+        runs = sorted((r for r in rows[key] if r is not None), key=lambda x: x["images_per_s"])
+        return runs[len(runs) // 2] if runs else FAILED
 
     print(f"\nimages/s (p50 ms, server CPU s per 1k images, mean executed batch); median of {args.rounds} rounds")
     labels = ["in-process ORT", *peers]
@@ -563,24 +600,24 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
             f"{m['cpu_s_per_1k']:.2f} CPU s / 1k, mean batch {m['mean_batch'] or 0:.1f})"
         )
 
-    print("\nratios (same run):")
-    floor64 = median(("in-process ORT", 64, 1))["images_per_s"] if (64, 1) in loads else None
+    def ratio(a: tuple[str, int, int], b: tuple[str, int, int]) -> str:
+        """Each round's a / b (measured minutes apart at most), median and range over the rounds."""
+        each = sorted(x["images_per_s"] / y["images_per_s"] for x, y in zip(rows[a], rows[b]) if x and y)
+        if not each:
+            return "failed"
+        return f"{each[len(each) // 2]:.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
+
+    print("\nratios (same run; each round's ratio, median and range over the rounds):")
     for batch, conc in loads:
-        ours = median(("CARD-Deck", batch, conc))
-        parts = [
-            f"{key} {ours['images_per_s'] / median((key, batch, conc))['images_per_s']:.2f}x"
-            for key in peers
-            if key != "CARD-Deck"
-        ]
-        local = median(("in-process ORT", batch, conc))["images_per_s"]
-        parts.append(f"of in-process ORT {ours['images_per_s'] / local:.2f}")
-        if floor64 and batch == 1:
-            parts.append(f"of in-process b64 {ours['images_per_s'] / floor64:.2f}")
+        ours = ("CARD-Deck", batch, conc)
+        parts = [f"{key} {ratio(ours, (key, batch, conc))}x" for key in peers if key != "CARD-Deck"]
+        parts.append(f"of in-process ORT {ratio(ours, ('in-process ORT', batch, conc))}")
+        if (64, 1) in loads and batch == 1:
+            parts.append(f"of in-process b64 {ratio(ours, ('in-process ORT', 64, 1))}")
         print(f"  CARD-Deck b{batch} c{conc}: vs " + ", ".join(parts))
     if (1, 1) in loads:
         for key in streams:
-            ratio = median((f"{key} stream", 1, 1))["images_per_s"] / median((key, 1, 1))["images_per_s"]
-            print(f"  {key} stream b1 / {key} unary b1 c1: {ratio:.2f}x")
+            print(f"  {key} stream b1 / {key} unary b1 c1: {ratio((f'{key} stream', 1, 1), (key, 1, 1))}x")
     print("  targets: CARD-Deck / Triton b1 c32 >= 1.3x, mean batch >= 12; CARD-Deck stream / unary b1 c1 >= 2x")
     return 0
 

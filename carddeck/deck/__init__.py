@@ -3,7 +3,7 @@
 from carddeck.deck.cardfile import read_card, read_card_meta
 from carddeck.deck.deck import Deck, Prediction, prepare_images
 from carddeck.deck.default import default_deck_path, init_deck
-from carddeck.deck.runtime import CardSession, choose_providers, threads_per_card
+from carddeck.deck.runtime import CardSession, choose_providers
 from carddeck.deck.store import CardEntry, DeckStore, Manifest
 
 __all__ = [
@@ -19,5 +19,4 @@ __all__ = [
     "prepare_images",
     "read_card",
     "read_card_meta",
-    "threads_per_card",
 ]

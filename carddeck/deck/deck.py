@@ -23,7 +23,7 @@ import numpy as np
 
 from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.contract import prepare_images
-from carddeck.deck.runtime import CardSession, card_pool, choose_providers, softmax, threads_per_card
+from carddeck.deck.runtime import CardSession, card_pool, choose_providers, cpu_cores, softmax
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
 from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing, combine_weights
@@ -97,7 +97,8 @@ class Deck:
         entries = manifest.active()
         metas = tuple(store.read_meta(e) for e in entries)
         chosen = choose_providers(providers)
-        threads = intra_op_threads or threads_per_card(len(entries))
+        # default: one thread per session, runs cut into chunks across the cores (carddeck.deck.runtime)
+        threads, row_chunks = (intra_op_threads, 1) if intra_op_threads else (1, cpu_cores())
         reuse = {s.digest: s for s in previous._sessions.values()} if previous is not None else {}
         sessions: dict[str, CardSession] = {}
         for entry in entries if run_cards else ():  # one at a time: ORT session creation is not parallel
@@ -114,6 +115,7 @@ class Deck:
                 intra_op_threads=threads,
                 max_rows=max_run_rows,
                 spin=spin,
+                row_chunks=row_chunks,
             )
         gate, policy, note = _load_gate(store, manifest, metas)
         log.info("deck %s version %d: %d cards, default policy %s", store.root, manifest.version, len(metas), policy)

@@ -2,16 +2,23 @@
 
 One session per card. Providers: CUDA then CPU when onnxruntime-gpu sees a GPU, else CPU; each
 session logs the providers it actually got (ORT falls back to CPU silently apart from a log line).
-Threads: cards selected for a batch run concurrently, so each session gets
-``cores // min(cards, cores)`` intra-op threads and the pool runs at most ``cores`` cards at once;
-together they never ask for more threads than there are cores. Intra-op threads do not spin while
-waiting for work (ORT's default is to spin): between the small batches a server runs, spinning burnt
-1.5-2x the CPU per image with 2 threads per card and slowed the other threads sharing the cores
-(benchmarks/bench_ort_threads.py, section 3); ``spin=True`` restores it for a dedicated, idle machine.
+Threads: by default each session runs on one intra-op thread, and the cores are filled by running work
+side by side instead: the cards selected for a batch run concurrently (the card pool), and a card's
+run of many rows is cut into chunks that up to ``cores`` threads run concurrently (the row pool). A
+second intra-op thread bought no latency at batch 1 for 1.7-1.8x the CPU per image, and cost 6-10%
+more CPU per image at batches 8-64 than chunks on one thread each, which finish as soon at batch 64 (a
+lone batch of 8, run whole, takes ~2 ms longer) (one card, 2 cores, benchmarks/bench_ort_threads.py
+section 3); and a deck batch routed to three cards left a core idle while the third card ran alone. An
+explicit ``intra_op_threads`` gives each session that many threads and runs each slice whole.
+Intra-op threads do not spin while waiting for work (ORT's default is to spin): between the small
+batches a server runs, spinning burnt 1.5-2x the CPU per image with 2 threads per card and slowed the
+other threads sharing the cores (same benchmark); ``spin=True`` restores it for a dedicated, idle
+machine.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -58,9 +65,13 @@ def _with_options(provider: str) -> str | tuple[str, dict[str, str]]:
     return (provider, CUDA_OPTIONS) if provider == CUDA else provider
 
 
-def threads_per_card(num_cards: int, cores: int | None = None) -> int:
-    cores = cpu_cores() if cores is None else cores
-    return max(1, cores // max(1, min(num_cards, cores)))
+CHUNK_ROWS = 8  # per-image cost on one thread is flat from 8 rows up; a straggling thread holds at most this
+
+
+def chunks(n: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` spans cutting ``n`` rows into near-equal chunks of at least CHUNK_ROWS rows."""
+    k = max(1, n // CHUNK_ROWS)
+    return list(itertools.pairwise([n * i // k for i in range(k + 1)]))
 
 
 class CardSession:
@@ -68,6 +79,10 @@ class CardSession:
 
     ``max_rows``: images per ORT run; a larger batch runs in slices of it. ORT's memory arena grows to the
     largest run it has seen and keeps that memory, so one 4,096-image request would pin gigabytes for good.
+    ``row_chunks``: each slice runs in chunks (:func:`chunks`) on up to this many threads at once (CPU
+    only), so a one-thread session still fills the cores; its rows in flight stay within one slice. Rows never
+    influence each other in a plain card; never give it to a session whose output depends on the whole
+    batch (the adaptive variants of :mod:`carddeck.deck.adapt`).
     """
 
     def __init__(
@@ -80,6 +95,7 @@ class CardSession:
         intra_op_threads: int,
         max_rows: int | None = None,
         spin: bool = False,
+        row_chunks: int = 1,
     ) -> None:
         import onnxruntime as ort
 
@@ -96,12 +112,48 @@ class CardSession:
         self.max_rows = max_rows
         self.session = ort.InferenceSession(model, opts, providers=[_with_options(p) for p in providers])
         self.providers: list[str] = list(self.session.get_providers())
-        log.info("card %s: ONNX Runtime providers %s, %d intra-op threads", key, self.providers, intra_op_threads)
+        self.row_chunks = 1 if CUDA in self.providers else max(1, row_chunks)  # one GPU run beats chunks
+        log.info(
+            "card %s: ONNX Runtime providers %s, %d intra-op threads, runs in up to %d concurrent chunks",
+            key,
+            self.providers,
+            intra_op_threads,
+            self.row_chunks,
+        )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         step = self.max_rows or max(1, len(images))
-        outs = [self.session.run(["logits"], {"images": images[i : i + step]})[0] for i in range(0, len(images), step)]
+        outs = [self._slice(images[i : i + step]) for i in range(0, len(images), step)]
         return np.asarray(outs[0] if len(outs) == 1 else np.concatenate(outs), np.float32)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"images": x})[0]
+
+    def _slice(self, x: np.ndarray) -> np.ndarray:
+        spans = chunks(len(x)) if self.row_chunks > 1 else [(0, len(x))]
+        if len(spans) == 1:
+            return self._run(x)
+        # The caller and up to row_chunks - 1 row-pool helpers claim chunks until none is left: a thread
+        # the scheduler holds back delays one chunk, not a fixed share. A helper still queued when the
+        # caller is done is cancelled, so nothing waits on a busy pool (no deadlock from the card pool).
+        outs: list[np.ndarray | None] = [None] * len(spans)
+        claimed = itertools.count()  # next() on a count is atomic under the GIL
+
+        def work() -> None:
+            while (i := next(claimed)) < len(spans):
+                a, b = spans[i]
+                outs[i] = self._run(x[a:b])
+
+        helpers = [row_pool().submit(work) for _ in range(min(self.row_chunks, len(spans)) - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                helper.cancel()
+        for helper in helpers:
+            if not helper.cancelled():
+                helper.result()  # it ran: its chunks are in (or its error is raised here)
+        return np.concatenate(outs)  # type: ignore[arg-type]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -110,17 +162,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
+
+
+def _shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"carddeck-{name}")
+        return _pools[name]
 
 
 def card_pool() -> ThreadPoolExecutor:
     """A process-wide pool that runs the cards of one batch concurrently (shared by deck snapshots)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="carddeck-card")
-        return _pool
+    return _shared_pool("card", cpu_cores())
 
 
-__all__ = ["CardSession", "card_pool", "choose_providers", "cpu_cores", "softmax", "threads_per_card"]
+def row_pool() -> ThreadPoolExecutor:
+    """A process-wide pool for the chunks of a card's run beyond the caller's own (:class:`CardSession`)."""
+    return _shared_pool("rows", max(1, cpu_cores() - 1))
+
+
+__all__ = ["CardSession", "card_pool", "choose_providers", "chunks", "cpu_cores", "row_pool", "softmax"]

@@ -89,7 +89,9 @@ class Settings:
         "", "dataset spec (e.g. digits32) whose clean images sign cards added without a signature"
     )
     providers: str = _opt("", "comma-separated ONNX Runtime execution providers (default: best available)")
-    intra_op_threads: int = _opt(0, "ONNX Runtime threads per card (0: share the cores among the cards)")
+    intra_op_threads: int = _opt(
+        0, "ONNX Runtime threads per card (0: one each; cards and the chunks of larger runs share the cores)"
+    )
     ort_spinning: bool = _opt(
         False, "let ONNX Runtime's threads spin between runs (less latency on a dedicated idle machine, more CPU)"
     )

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from carddeck.deck import Deck, DeckStore
-from carddeck.deck.runtime import CardSession, threads_per_card
+from carddeck.deck.runtime import CardSession, cpu_cores
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
 from tests.deck.conftest import add_noise, card
 
@@ -99,9 +99,11 @@ def test_reopen_reuses_unchanged_sessions_and_snapshots_are_immutable(store, ima
 
 
 def test_providers_and_threads(store):
-    deck = Deck.open(store.root, intra_op_threads=1)
+    deck = Deck.open(store.root, intra_op_threads=2)  # an explicit count: that many threads, slices run whole
     assert deck.providers() == {"g1": ["CPUExecutionProvider"], "a1": ["CPUExecutionProvider"]}
-    assert threads_per_card(2, cores=8) == 4 and threads_per_card(16, cores=8) == 1 and threads_per_card(1, 2) == 2
+    assert {(s.intra_op_threads, s.row_chunks) for s in deck._sessions.values()} == {(2, 1)}
+    default = Deck.open(store.root)  # one thread per card; a card's larger runs in chunks across the cores
+    assert {(s.intra_op_threads, s.row_chunks) for s in default._sessions.values()} == {(1, cpu_cores())}
     with pytest.raises(InvalidInput, match="not available"):
         Deck.open(store.root, providers=["NoSuchExecutionProvider"])
 

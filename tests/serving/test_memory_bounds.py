@@ -31,7 +31,8 @@ def test_cards_run_large_batches_in_slices_of_the_micro_batch_size(deck_path):
             session.session.run = counting  # type: ignore[method-assign]
         x = noisy_images(100)
         got, _ = dp.predict(x)
-        assert rows and max(rows) == 16 and sum(rows) % 100 == 0, rows  # each card: 16+16+...+4
+        # each card: slices 16+16+...+4, each maybe cut into chunks run at once (carddeck.deck.runtime)
+        assert rows and max(rows) <= 16 and sum(rows) % 100 == 0, rows
         want, _ = sliced.predict(x)
         np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-5, atol=1e-6)
     finally:

@@ -1,0 +1,78 @@
+"""CardSession's runs: slices of max_rows, each cut into chunks run side by side on one-thread sessions."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from carddeck.deck.runtime import CHUNK_ROWS, CardSession, choose_providers, chunks, row_pool
+from tests.deck.conftest import card
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 64, 100])
+def test_chunks_cover_the_rows_in_order_and_are_never_too_small(n):
+    spans = chunks(n)
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a < b and b == c for (a, b), (c, _) in zip(spans, [*spans[1:], (n, n)]))
+    assert len(spans) == 1 or min(b - a for a, b in spans) >= CHUNK_ROWS
+    assert len(spans) == max(1, n // CHUNK_ROWS)  # as many chunks as the rows allow
+
+
+def session(**kw) -> tuple[CardSession, list[tuple[int, str]]]:
+    """A one-thread session whose ORT runs are recorded as (rows, thread name)."""
+    s = CardSession(
+        card("g1", "gaussian", seed=3), key="g1/1", digest="", providers=choose_providers(), intra_op_threads=1, **kw
+    )
+    runs: list[tuple[int, str]] = []
+    real = s.session.run
+
+    def recording(names, feeds):
+        runs.append((len(feeds["images"]), threading.current_thread().name))
+        return real(names, feeds)
+
+    s.session.run = recording  # type: ignore[method-assign]
+    return s, runs
+
+
+def images(n: int) -> np.ndarray:
+    return np.random.default_rng(n).random((n, 3, 32, 32), dtype=np.float32)
+
+
+def test_a_large_run_goes_in_chunks_and_answers_as_one_run():
+    whole, whole_runs = session()
+    split, split_runs = session(row_chunks=2)
+    x = images(64)
+    np.testing.assert_allclose(split.logits(x), whole.logits(x), rtol=1e-5, atol=1e-6)  # each row its own logits
+    assert whole_runs == [(64, threading.current_thread().name)]
+    assert [rows for rows, _ in split_runs] == [CHUNK_ROWS] * (64 // CHUNK_ROWS)
+    split_runs.clear()
+    split.logits(images(CHUNK_ROWS * 2 - 1))  # too few rows for two chunks: one run
+    assert [rows for rows, _ in split_runs] == [CHUNK_ROWS * 2 - 1]
+
+
+def test_chunks_stay_within_a_slice_of_max_rows():
+    s, runs = session(row_chunks=2, max_rows=16)
+    x = images(40)
+    np.testing.assert_allclose(s.logits(x), session()[0].logits(x), rtol=1e-5, atol=1e-6)
+    assert [rows for rows, _ in runs] == [8, 8, 8, 8, 8]  # slices 16, 16 and 8, in chunks of 8
+
+
+def test_a_busy_row_pool_does_not_hold_a_run_up():
+    """Every row-pool worker busy (say, other cards' chunks): the caller takes its chunks back and runs them."""
+    s, runs = session(row_chunks=2)
+    release = threading.Event()
+    workers = row_pool()._max_workers
+    blockers = [row_pool().submit(release.wait, 30) for _ in range(workers)]
+    try:
+        done = threading.Event()
+        out: list[np.ndarray] = []
+        caller = threading.Thread(target=lambda: (out.append(s.logits(images(64))), done.set()), name="caller")
+        caller.start()
+        assert done.wait(20), "the run waited for a row-pool worker"
+        assert {name for _, name in runs} == {"caller"} and len(runs) == 8 and out[0].shape == (64, 10)
+    finally:
+        release.set()
+        for blocker in blockers:
+            blocker.result()
