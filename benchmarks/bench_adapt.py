@@ -7,8 +7,8 @@ with adaptation off; the ratio of medians is the figure. Clean false alarms: the
 64-image test batches (resampled) the trigger adapts, against the detector's stated false-alarm rate.
 
 ``--choose``: the default policy (guarded gate) on corrupted validation batches of each size,
-every large enough batch adapted, for each prior N: mean change against the unadapted path on
-clean and corrupted batches, and the corruptions that lose.
+every large enough batch adapted (no trigger, no spread guard), for each prior N: mean change against
+the unadapted path on clean and corrupted batches, and the corruptions that lose.
 
     python benchmarks/bench_adapt.py [--deck models] [--repeats 20]
     python benchmarks/bench_adapt.py --choose [--grid 16:64,0:64] [--severities 1,3,5] [--cache runs.pkl]
@@ -66,7 +66,7 @@ def choose(args: argparse.Namespace, deck: Deck, data: str) -> int:
         cards = AdaptiveCards(deck, float(prior))
         kw = {"gate_for": lambda c: deck.gate, "detector_for": lambda c: detector, "policy": policy}
         base = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(min_batch=0))
-        ada = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(size, None))
+        ada = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(size, None, 0.0))
         cor = [c for c in base.accuracy if c != CLEAN]
         per = {
             n: np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor if c[0] == n])

@@ -518,7 +518,9 @@ class Dataplane:
         verdicts = dict(zip(predicted, self._judge(list(predicted.values()))))
         # the verdict and the listeners (the shift signal) see the unadapted answer, the one its reference
         # conditions were measured on; a request the trigger fires on is then answered adapted
-        adapted = {i: a for i in predicted if (a := self._adapted(works[i], routings[i], verdicts.get(i))) is not None}
+        adapted = {
+            i: a for i, p in predicted.items() if (a := self._adapted(p, works[i].deck, verdicts.get(i))) is not None
+        }
         compute = time.monotonic() - t0
         self._count_execution(works, compute)
         self._observe(list(predicted.values()))
@@ -527,20 +529,21 @@ class Dataplane:
             for i in range(len(works))
         ]
 
-    def _adapted(self, work: _Work, routing: Routing, verdict: Trust | None) -> np.ndarray | None:
+    def _adapted(self, request: Predicted, deck: Deck, verdict: Trust | None) -> np.ndarray | None:
         """The request's answer from the routed cards' adaptive variants, run on its own images only,
-        when the trigger fires on its verdict (:mod:`carddeck.serving.adaptation`); None: serve the
-        unadapted answer. Never fails the request: adaptation is an improvement, not a dependency."""
-        trigger, deck = self.adaptation, work.deck
-        if trigger is None or verdict is None or not trigger.fires_on(verdict, len(work.x)):
+        when the trigger fires on its verdict and unadapted answer (:mod:`carddeck.serving.adaptation`);
+        None: serve the unadapted answer. Never fails the request: adaptation is an improvement, not a
+        dependency."""
+        trigger, x, routing = self.adaptation, request.x, request.routing
+        if trigger is None or verdict is None or not trigger.fires_on(verdict, request.probabilities):
             return None
         try:
             if not deck.adaptive_ready:
                 self._warm(deck)  # served unadapted until the variants are built, off the request path
                 return None
-            return deck.combine(work.x, routing.weights, on_card=self._on_card, adapt=True)
+            return deck.combine(x, routing.weights, on_card=self._on_card, adapt=True)
         except Exception:
-            log.exception("adapting a request of %d images failed; serving it unadapted", len(work.x))
+            log.exception("adapting a request of %d images failed; serving it unadapted", len(x))
             return None
 
     def _warm(self, deck: Deck) -> None:

@@ -87,6 +87,21 @@ def test_eval_fits_a_router_when_the_deck_has_none(tmp_path):
     assert "## Selective prediction" in md and "| uniform |" in md.split("## Selective prediction")[1]
 
 
+def test_eval_can_shuffle_the_test_split_before_batching(tmp_path, capsys):
+    """--order shuffled: batches mix every class (leaves32 stores its split class by class), said in the
+    notes; a stored corrupted suite keeps its own order, so the two are refused together."""
+    store = tiny_deck(tmp_path)
+    args = ["eval", "--deck", str(store.root), "--limit", "32", *FAST, "--router", "none", "--no-held-out"]
+    out = tmp_path / "r"
+    assert main([*args, "--no-per-sample", "--order", "shuffled", "--out", str(out)]) == 0
+    assert (
+        json.loads((out / "eval.json").read_text())["notes"]["order"] == "test images shuffled (seed 0) before batching"
+    )
+    capsys.readouterr()
+    assert main([*args, "--corrupted", str(tmp_path), "--order", "shuffled", "--out", str(out)]) == 2
+    assert "--order shuffled needs --corrupted generate" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     store = tiny_deck(tmp_path)
     args = ["eval", "--deck", str(store.root), "--data", "digits32", "--corruptions", "nope"]
