@@ -2,7 +2,7 @@
 
     python benchmarks/bench_ort_threads.py [--deck models] [--rounds 5]
 
-(1) Thread layouts for ``Deck.combine`` on a merged batch (the cards the default policy routes a
+(1) Thread layouts for ``Deck.run_routed`` on a merged batch (the cards the default policy routes a
 batch of random images to), batch 8 / 32 / 64: intra-op threads per card session 1 or 2 (the
 deck's default is ``cores // min(cards, cores)``), cards run concurrently on the card pool or one
 after another. (2) ``session.run`` against ``run_with_iobinding`` with a pre-allocated output, bound
@@ -60,7 +60,7 @@ def main() -> int:
     default = Deck.open(args.deck)._sessions[decks[1].card_names[0]].intra_op_threads
     print(f"deck {args.deck}: {len(decks[1].cards)} cards, {cpu_cores()} cores, default intra-op threads {default}")
     spec, classes = decks[1].input, len(decks[1].class_names)  # the deck's own contract
-    print("(1) Deck.combine on a merged batch, ms per image (wall / CPU):")
+    print("(1) Deck.run_routed on a merged batch, ms per image (wall / CPU):")
     for n in (8, 32, 64):
         x = decks[1].prepare((rng.random((n, spec.height, spec.width, spec.channels)) * 255).astype(np.uint8))
         weights = decks[1].route_prepared(x).weights
@@ -70,7 +70,7 @@ def main() -> int:
                 for name, pool in pools.items():
                     deck_module.card_pool = lambda pool=pool: pool  # type: ignore[assignment]
                     runs.setdefault((intra, name), []).append(
-                        timed(lambda: deck.combine(x, weights), n, max(1, 128 // n))  # noqa: B023
+                        timed(lambda: deck.run_routed(x, weights), n, max(1, 128 // n))  # noqa: B023
                     )
         cards = int((weights > 0).any(axis=0).sum())
         print(f"  batch {n} ({cards} cards run):")

@@ -120,3 +120,17 @@ def test_calibrate_refuses_a_read_only_deck_before_working(tmp_path):
     (line,) = out.stderr.strip().splitlines()
     assert "read-only" in line and "carddeck deck init DIR" in line
     assert (deck / "manifest.json").read_bytes() == manifest
+
+
+def test_no_server_there_is_one_line_with_the_hint_and_exit_1_for_predict_too():
+    """The client's typed errors reach the commands (which import no grpc): a server that is not there is one
+    line, once for all files, saying what to check (tests/client has the same for ``deck list``). Mutant: the
+    command catching nothing of the client's (the error would reach the dispatcher: exit 2, no hint)."""
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run_cli("predict", "x.npy", "y.npy", "--server", f"127.0.0.1:{port}", "--timeout", "5")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("carddeck: error: UNAVAILABLE: "), lines
+    assert "is `carddeck serve` running there?" in lines[0]

@@ -133,6 +133,10 @@ FORBIDDEN = (
     ("server", ("carddeck.http",), "transports do not import each other"),
     ("http", ("carddeck.server", "carddeck.wire"), "transports do not import each other"),
 )
+# grpc is a transport's: the gRPC server (and the process that starts it), Ray's ingress, the client and the
+# stubs it shares with the server. Everyone else (commands included) sees typed carddeck.errors.
+GRPC = ("grpc", "grpc_health", "grpc_reflection")
+GRPC_IMPORTERS = ("server", "app", "integrations", "client", "wire")
 
 
 def module_imports(root: Path, package: str = "carddeck") -> dict[str, set[str]]:
@@ -220,6 +224,8 @@ def boundary_violations(root: Path) -> list[str]:
             for importer, prefixes, why in FORBIDDEN:
                 if src == importer and any(name == p or name.startswith(p + ".") for p in prefixes):
                     found.append(f"{module} imports {name}: {why}")
+            if src not in GRPC_IMPORTERS and name.split(".")[0] in GRPC:
+                found.append(f"{module} imports {name}: only {', '.join(GRPC_IMPORTERS)} import grpc")
     found += [f"package cycle: {' <-> '.join(c)}" for c in package_cycles(package_graph(root))]
     return found
 
@@ -238,6 +244,7 @@ def test_the_boundary_check_sees_a_bad_import(tmp_path):
         "serving/zz_bad.py": "import grpc\n",
         "client/zz_bad.py": "from carddeck.server import convert\n",
         "http/zz_bad.py": "from ..server import status_codes\n",
+        "commands/zz_bad.py": "def f():\n    import grpc.aio\n",
         "card.py": (ROOT / "carddeck/card.py").read_text() + "\n\ndef _f():\n    import carddeck.eval.report\n",
     }
     for rel, text in bad.items():
@@ -247,6 +254,7 @@ def test_the_boundary_check_sees_a_bad_import(tmp_path):
     assert "carddeck.serving.zz_bad imports grpc: serving is transport-free" in found
     assert "carddeck.client.zz_bad imports carddeck.server.convert: client: over the stubs" in found
     assert "carddeck.http.zz_bad imports carddeck.server.status_codes: transports do not" in found
+    assert "carddeck.commands.zz_bad imports grpc.aio: only server, app, integrations, client, wire import" in found
     assert "package cycle: " in found and "card" in found.split("package cycle: ")[1]
 
 

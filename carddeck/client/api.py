@@ -184,7 +184,8 @@ class CardDeckClient:
         """Predict for each batch of images over one streaming call (one call's overhead for all of them):
         answers in request order, each with its request's id (given as ``(id, images)``, else its index).
         A failed request is answered with its error and the stream goes on; only the stream itself
-        failing raises (grpc.RpcError). Requests are sent as the server takes them, while answers arrive."""
+        failing raises (its :mod:`carddeck.errors` class, a ``grpc.RpcError`` too). Requests are sent as
+        the server takes them, while answers arrive."""
 
         def messages() -> Iterator[pb.PredictStreamRequest]:
             for i, item in enumerate(requests):
@@ -194,11 +195,14 @@ class CardDeckClient:
                 )
                 yield pb.PredictStreamRequest(id=rid, request=request)
 
-        for answer in self.stub.PredictStream(messages(), metadata=self.metadata):  # no deadline: streams last
-            if answer.HasField("error"):
-                yield StreamAnswer(answer.id, code=answer.error.code, error=answer.error.message)
-            else:
-                yield StreamAnswer(answer.id, _result(answer.response))
+        try:
+            for answer in self.stub.PredictStream(messages(), metadata=self.metadata):  # no deadline: streams last
+                if answer.HasField("error"):
+                    yield StreamAnswer(answer.id, code=answer.error.code, error=answer.error.message)
+                else:
+                    yield StreamAnswer(answer.id, _result(answer.response))
+        except grpc.RpcError as exc:  # the stream itself failed: its typed error, as every other call raises
+            raise error_from_rpc(exc) from None
 
     def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:
         request = pb.RouteRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
@@ -284,6 +288,7 @@ def client_from_args(args: argparse.Namespace) -> CardDeckClient:
 
 
 def rpc_error_message(exc: grpc.RpcError) -> str:
+    """A failed call (a client error, :class:`~carddeck.client.results.RemoteError`) as one line for the CLI."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     hint = ""

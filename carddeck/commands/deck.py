@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import grpc
-
 from carddeck.card import CardMeta
 from carddeck.client.api import (
     ADMIN_TOKEN_ENV,
@@ -22,6 +20,7 @@ from carddeck.client.api import (
     rpc_error_message,
     to_json,
 )
+from carddeck.client.results import RemoteError
 from carddeck.errors import InvalidInput
 
 
@@ -156,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                             f"  {c.name}/{c.version}  domain={c.domain}  arch={c.architecture}  "
                             f"{c.compression_method} sparsity={c.sparsity:.2f} bits={c.weight_bits}"
                         )
-    except grpc.RpcError as exc:
+    except RemoteError as exc:
         print(rpc_error_message(exc), file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from carddeck.card import CardMeta
@@ -23,7 +22,8 @@ from carddeck.client.api import (
     rpc_error_message,
     to_json,
 )
-from carddeck.errors import InvalidInput
+from carddeck.client.results import RemoteError
+from carddeck.errors import InvalidInput, NotReady, Unauthenticated
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -169,11 +169,8 @@ def run(args: argparse.Namespace) -> int:
                     failed += 1
                     print(f"carddeck: error: {exc}", file=sys.stderr, flush=True)
                     continue
-                except grpc.RpcError as exc:
-                    if getattr(exc, "code", lambda: None)() in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.UNAUTHENTICATED,
-                    ):
+                except RemoteError as exc:
+                    if isinstance(exc, NotReady | Unauthenticated):
                         raise  # the server, not the file: the other files would fail the same way
                     failed += 1
                     print(f"{rpc_error_message(exc)} ({path})", file=sys.stderr, flush=True)
@@ -181,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                 results.extend(done)
                 if not args.json:
                     _print_lines(done)
-    except grpc.RpcError as exc:
+    except RemoteError as exc:
         print(rpc_error_message(exc), file=sys.stderr)
         return 1
     if args.json:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from carddeck.card import CardMeta, InputSpec
+from carddeck.deck.contract import prepare_images
 from carddeck.deck.runtime import CardSession, card_pool, choose_providers, softmax, threads_per_card
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
@@ -46,41 +47,6 @@ class Prediction:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", top_labels(self.probabilities))
-
-
-def prepare_images(images: object, spec: InputSpec) -> np.ndarray:
-    """Check ``images`` against the input contract and return float32 [N, C, H, W] in the value range.
-
-    Accepted: uint8 [N, H, W, C] (0..255, scaled by 1/255) or float32 [N, C, H, W] in the range.
-    """
-    c, h, w = spec.channels, spec.height, spec.width
-    lo, hi = spec.value_range
-    accepted = f"uint8 [N, {h}, {w}, {c}] or float32 [N, {c}, {h}, {w}] in [{lo:g}, {hi:g}]"
-    if not isinstance(images, np.ndarray):
-        raise InvalidInput(f"images must be a numpy array ({accepted}), got {type(images).__name__}")
-    if images.ndim != 4:
-        raise InvalidInput(f"images must be 4-D ({accepted}), got shape {list(images.shape)}")
-    if images.shape[0] == 0:
-        raise InvalidInput(f"images: empty batch; send at least one image ({accepted})")
-    if images.dtype == np.uint8:
-        if images.shape[1:] != (h, w, c):
-            raise InvalidInput(f"uint8 images must be [N, {h}, {w}, {c}], got {list(images.shape)}")
-        out = np.empty((len(images), c, h, w), np.float32)
-        out[...] = images.transpose(0, 3, 1, 2)  # one strided pass; astype-then-copy is ~7x slower
-        out *= np.float32((hi - lo) / 255.0)
-        if lo:
-            out += np.float32(lo)
-        return out
-    if images.dtype == np.float32:
-        if images.shape[1:] != (c, h, w):
-            raise InvalidInput(f"float32 images must be [N, {c}, {h}, {w}], got {list(images.shape)}")
-        if not np.isfinite(images).all():
-            raise InvalidInput(f"images contain NaN or infinite values; expected {accepted}")
-        vmin, vmax = float(images.min()), float(images.max())
-        if vmin < lo or vmax > hi:
-            raise InvalidInput(f"float32 images must lie in [{lo:g}, {hi:g}], got values in [{vmin:g}, {vmax:g}]")
-        return np.ascontiguousarray(images)
-    raise InvalidInput(f"images dtype {images.dtype} is not accepted; send {accepted}")
 
 
 class Deck:
@@ -222,7 +188,7 @@ class Deck:
     def predict(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Prediction:
         x = self.prepare(images)
         routing = self.route_prepared(x, policy=policy, per_sample=per_sample)
-        return Prediction(self.combine(x, routing.weights), routing)
+        return Prediction(self.run_routed(x, routing.weights), routing)
 
     def adaptive_session(self, name: str) -> CardSession | None:
         """Card ``name``'s adaptive variant (:mod:`carddeck.deck.adapt`: normalisation re-estimated on the
@@ -267,7 +233,7 @@ class Deck:
             intra_op_threads=session.intra_op_threads,
         )
 
-    def combine(
+    def run_routed(
         self,
         x: np.ndarray,
         weights: np.ndarray,

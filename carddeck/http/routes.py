@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from carddeck.errors import InvalidInput, NotReady
 from carddeck.http import tensors
@@ -21,6 +21,7 @@ from carddeck.serving.snapshot import STORE_KEY
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
 ADMIN, INFERENCE, OPEN = Access.ADMIN, Access.INFERENCE, Access.OPEN
+H = TypeVar("H", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     media_type: str | None = None
+
+
+def work(handler: H) -> H:
+    """Declare a route one that does work (inference, card changes), like its gRPC RPC's ``@rpc(..., work=True)``:
+    the endpoint wrapper (:mod:`carddeck.http.server`) counts it in flight and refuses it once the server drains."""
+    handler.work = True  # type: ignore[attr-defined]
+    return handler
 
 
 def json_reply(value: Any) -> Reply:
@@ -114,15 +122,13 @@ class Routes:
         return self.models.resolve(call.params["model"], call.params.get("version", ""))
 
     # -- inference ----------------------------------------------------------------------------
+    @work
     def infer(self, call: Call) -> Reply:
-        with self.dp.request():
-            model = self._model(call)
-            body = tensors.parse_infer_body(call.body, call.headers.get(tensors.HEADER_LENGTH))
-            rid = tensors.request_id(body)
-            wanted, binary_default = tensors.requested_outputs(body)
-            images = tensors.input_images(body, self.models, model)
-            result = self.models.infer(model, images, tensors.request_parameters(body))
-            data, header_length = tensors.encode_result(result, wanted, binary_default, rid)
+        model = self._model(call)
+        body = tensors.parse_infer_body(call.body, call.headers.get(tensors.HEADER_LENGTH))
+        request, wanted, binary_default = tensors.infer_request(model.name, model.version, body)
+        result = self.models.infer(model, request)
+        data, header_length = tensors.encode_result(result, wanted, binary_default, request.id)
         if header_length is None:
             return Reply(data, media_type="application/json")
         return Reply(data, headers={"Inference-Header-Content-Length": str(header_length)},
@@ -141,17 +147,17 @@ class Routes:
             ]
         )
 
+    @work
     def load(self, call: Call) -> Reply:
-        with self.dp.request():
-            files = tensors.load_files(tensors.json_object(call.body, "request body"))
-            self.models.load(call.params["model"], files)
+        files = tensors.load_files(tensors.json_object(call.body, "request body"))
+        self.models.load(call.params["model"], files)
         return Reply()
 
+    @work
     def unload(self, call: Call) -> Reply:
-        with self.dp.request():
-            tensors.json_object(call.body, "request body")  # parameters (unload_dependents) do not apply
-            self.models.unload(call.params["model"])
+        tensors.json_object(call.body, "request body")  # parameters (unload_dependents) do not apply
+        self.models.unload(call.params["model"])
         return Reply()
 
 
-__all__ = ["EXTENSIONS", "Call", "Reply", "Routes"]
+__all__ = ["EXTENSIONS", "Call", "Reply", "Routes", "work"]

@@ -4,13 +4,14 @@ Starlette + uvicorn (h11, asyncio): both are small, widely used and maintained A
 compiled dependencies; the asyncio loop only reads bodies and writes replies, while the handlers
 (numpy, ONNX Runtime, which release the GIL) run in a thread pool sized like the gRPC server's.
 
-Every route goes through :func:`_endpoint`: bearer-token auth (the same rule as the gRPC method it
-mirrors), the request-size limit (413 before reading more than the limit), the request id, the
-metrics (``service="http"``, the route template in ``rpc``, the HTTP status in ``code``) and the
-one error table of :mod:`carddeck.http.errors`, answered as ``{"error": ...}``. An all-JSON body has a
-tighter limit of its own (``--max-json-mb``): parsing JSON holds the GIL, and costs many times its size.
-Connections are guarded below the application (:mod:`carddeck.http.connections`): a deadline for each
-whole request, a cap on open connections, and an answer for requests cut short by either or by SIGTERM.
+Every route goes through :func:`_endpoint`: bearer-token auth (the same rule as the gRPC method it mirrors),
+the request-size limit (413 before reading more than the limit), drain accounting for the routes that do work
+(:func:`carddeck.http.routes.work`), the request id, the metrics (``service="http"``, the route template in
+``rpc``, the HTTP status in ``code``) and the one error table of :mod:`carddeck.http.errors`, answered as
+``{"error": ...}``. An all-JSON body has a tighter limit of its own (``--max-json-mb``): parsing JSON holds
+the GIL, and costs many times its size. Connections are guarded below the application
+(:mod:`carddeck.http.connections`): a deadline for each whole request, a cap on open connections, and an
+answer for requests cut short by either or by SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +114,10 @@ def _endpoint(
     metrics: Metrics | None,
     limit: int,
     json_limit: int | None,
+    admit: Callable[[], AbstractContextManager[Any]],
 ) -> Callable[[Request], Any]:
+    work = getattr(handler, "work", False)  # counted in flight and refused once draining (routes.work)
+
     async def endpoint(request: Request) -> Response:
         start = time.perf_counter()
         rid = request_id_from([(REQUEST_ID_KEY, request.headers.get(REQUEST_ID_KEY, ""))])
@@ -125,7 +130,8 @@ def _endpoint(
             if refusal is not None:
                 raise Unauthenticated(refusal)
             body = await read_body(request, limit, json_limit) if request.method == "POST" else b""
-            reply = await run_in_threadpool(handler, Call(request.path_params, body, request.headers))
+            with admit() if work else contextlib.nullcontext():
+                reply = await run_in_threadpool(handler, Call(request.path_params, body, request.headers))
             response = Response(reply.body, reply.status, reply.headers, reply.media_type)
         except ClientDisconnect:  # the client went away mid-body: nginx's 499, not a server error
             response = Response(status_code=499)
@@ -172,7 +178,7 @@ def build_app(settings: Settings, dataplane: Plane, *, metrics: Metrics | None =
     routes = []
     for method, path, rpc, access, handler in Routes(dataplane, models).table():
         limit, json_only = (card_limit, None) if rpc == "RepositoryModelLoad" else (message_limit, json_limit)
-        endpoint = _endpoint(handler, path, access, tokens, metrics, limit, json_only)
+        endpoint = _endpoint(handler, path, access, tokens, metrics, limit, json_only, dataplane.request)
         routes.append(Route(path, endpoint, methods=[method]))
 
     @contextlib.asynccontextmanager

@@ -17,19 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from carddeck.errors import InvalidInput
-from carddeck.serving.models import Model
-from carddeck.serving.oip import (
-    DTYPES,
-    InferResult,
-    OipModels,
-    array_from_bytes,
-    array_from_values,
-    datatype_of,
-    select_outputs,
-)
+from carddeck.serving.codec import InferRequest, InferResult, Tensor, raw_output
 
 HEADER_LENGTH = "inference-header-content-length"
 TENSOR_FIELDS = "{name, datatype, shape, data | parameters.binary_data_size}"
@@ -91,41 +80,6 @@ def request_id(body: InferBody) -> str:
     return rid
 
 
-def input_images(body: InferBody, models: OipModels, model: Model) -> np.ndarray:
-    """The one ``images`` input, from binary data or JSON ``data``."""
-    inputs = body.header.get("inputs")
-    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
-        raise InvalidInput(f"inputs: expected a list of tensor objects {TENSOR_FIELDS}")
-    header = []
-    for i, t in enumerate(inputs):
-        shape = t.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise InvalidInput(f"inputs[{i}].shape: expected a list of integers, got {shape!r}")
-        header.append((str(t.get("name", "")), str(t.get("datatype", "")), shape))
-    dtype, shape = models.images_header(model, header)
-    tensor = inputs[0]
-    size = _mapping(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidInput(f"inputs[0].parameters.binary_data_size: expected a byte count, got {size!r}")
-        if "data" in tensor:
-            raise InvalidInput("inputs[0]: send either 'data' or parameters.binary_data_size, not both")
-        if size != len(body.binary):
-            raise InvalidInput(
-                f"inputs[0].parameters.binary_data_size: {size} bytes declared, {len(body.binary)} bytes of binary "
-                "data follow the JSON part (see the Inference-Header-Content-Length header)"
-            )
-        return array_from_bytes(body.binary, dtype, shape, "inputs[0] binary data")
-    if len(body.binary):
-        raise InvalidInput(
-            f"request body: {len(body.binary)} bytes follow the JSON part but no input declares "
-            "parameters.binary_data_size"
-        )
-    if "data" not in tensor:
-        raise InvalidInput(f"inputs[0]: no 'data' and no parameters.binary_data_size; send {TENSOR_FIELDS}")
-    return array_from_values(tensor["data"], dtype, shape, "inputs[0].data")
-
-
 def requested_outputs(body: InferBody) -> tuple[dict[str, bool], bool]:
     """Output name -> binary?, in the order asked (none: every output), and binary_data_output."""
     outputs = body.header.get("outputs", [])
@@ -147,17 +101,66 @@ def requested_outputs(body: InferBody) -> tuple[dict[str, bool], bool]:
     return wanted, default
 
 
+def infer_request(model: str, version: str, body: InferBody) -> tuple[InferRequest, dict[str, bool], bool]:
+    """An infer body as the codec's request (its ``images`` input not decoded yet: binary data as a view),
+    the outputs asked for (name -> binary?) and binary_data_output."""
+    rid = request_id(body)
+    wanted, binary_default = requested_outputs(body)
+    inputs = body.header.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+        raise InvalidInput(f"inputs: expected a list of tensor objects {TENSOR_FIELDS}")
+    tensors = []
+    for i, t in enumerate(inputs):
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise InvalidInput(f"inputs[{i}].shape: expected a list of integers, got {shape!r}")
+        tensors.append((str(t.get("name", "")), str(t.get("datatype", "")), shape))
+    data, where = _input_data(body, inputs[0]) if len(inputs) == 1 else (None, "inputs[0].data")
+    fields = ("inputs[0].datatype", "inputs[0].shape", where)
+    request = InferRequest(
+        model,
+        version,
+        rid,
+        tuple(Tensor(name, datatype, shape, data, fields) for name, datatype, shape in tensors),
+        request_parameters(body),
+        tuple(wanted),
+    )
+    return request, wanted, binary_default
+
+
+def _input_data(body: InferBody, tensor: Mapping[str, Any]) -> tuple[Any, str]:
+    """The one input's data and how messages name it: the binary part (binary_data_size) or JSON ``data``."""
+    size = _mapping(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"inputs[0].parameters.binary_data_size: expected a byte count, got {size!r}")
+        if "data" in tensor:
+            raise InvalidInput("inputs[0]: send either 'data' or parameters.binary_data_size, not both")
+        if size != len(body.binary):
+            raise InvalidInput(
+                f"inputs[0].parameters.binary_data_size: {size} bytes declared, {len(body.binary)} bytes of binary "
+                "data follow the JSON part (see the Inference-Header-Content-Length header)"
+            )
+        return body.binary, "inputs[0] binary data"
+    if len(body.binary):
+        raise InvalidInput(
+            f"request body: {len(body.binary)} bytes follow the JSON part but no input declares "
+            "parameters.binary_data_size"
+        )
+    if "data" not in tensor:
+        raise InvalidInput(f"inputs[0]: no 'data' and no parameters.binary_data_size; send {TENSOR_FIELDS}")
+    return tensor["data"], "inputs[0].data"
+
+
 def encode_result(
     result: InferResult, wanted: Mapping[str, bool], binary_default: bool, rid: str
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON part's length when binary outputs follow it."""
-    selected = select_outputs(list(wanted), result.outputs)
     outputs, blobs = [], []
-    for name, arr in selected.items():
-        datatype = datatype_of(arr)
+    for name, arr in result.selected(list(wanted)).items():
+        datatype, raw = raw_output(arr)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if wanted.get(name, binary_default):
-            raw = np.ascontiguousarray(arr, dtype=DTYPES[datatype]).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
@@ -194,7 +197,7 @@ __all__ = [
     "HEADER_LENGTH",
     "InferBody",
     "encode_result",
-    "input_images",
+    "infer_request",
     "json_object",
     "load_files",
     "parse_infer_body",

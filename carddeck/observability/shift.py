@@ -64,10 +64,10 @@ class ShiftMonitor:
         self.judge(predicted)
 
     def judge(self, predicted: Sequence[Any]) -> list[Trust]:
-        """Each routed request of one micro-batch, ``Predicted(model, x, routing, probabilities)``, in order
+        """Each routed request of one micro-batch, ``RoutedRequest(model, x, routing, probabilities)``, in order
         -> its verdict. Unknown verdicts (never an exception) when the detector is missing or fails."""
         out: list[Trust | None] = [None] * len(predicted)
-        rows = [tuple(p) for p in predicted]  # (model, x, routing, probabilities): Predicted or a plain tuple
+        rows = [tuple(p) for p in predicted]  # (model, x, routing, probabilities): a RoutedRequest or a plain tuple
         by_model: dict[str, list[int]] = {}
         for i, (model, *_) in enumerate(rows):
             by_model.setdefault(model, []).append(i)

@@ -110,8 +110,8 @@ def build_server(
         ],
         maximum_concurrent_rpcs=None,
     )
-    add_servicer(server, CardDeckServicer(dataplane, settings), CARDDECK_SERVICE)
-    add_servicer(server, OipServicer(dataplane, settings), OIP_SERVICE)
+    add_servicer(server, CardDeckServicer(dataplane, settings), CARDDECK_SERVICE, dataplane.request)
+    add_servicer(server, OipServicer(dataplane, settings), OIP_SERVICE, dataplane.request)
     health.add_to(server)
     add_servicer(server, reflection.ReflectionServicer(SERVICE_NAMES, pool=reflection_pool()), REFLECTION_SERVICE)
     credentials = _credentials(settings)

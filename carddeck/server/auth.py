@@ -16,20 +16,21 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from carddeck.server.interceptors import HandlerInterceptor, handler_kind
-from carddeck.server.status_codes import rpc_errors
 from carddeck.serving.access import Access, Tokens, bearer_token
 
 ADMIN, INFERENCE, OPEN = Access.ADMIN, Access.INFERENCE, Access.OPEN
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rpc(access: Access) -> Callable[[F], F]:
-    """Declare a servicer method an RPC of ``access``; its errors end as their status codes (:func:`rpc_errors`)."""
+def rpc(access: Access, *, work: bool = False) -> Callable[[F], F]:
+    """Declare a servicer method an RPC of ``access``. ``work``: it does work (inference, card changes), so it
+    is counted in flight and refused once the server drains. Both are applied, with the error mapping, by
+    the one wrapper every servicer method is registered through (:func:`carddeck.server.handlers.served`)."""
 
     def declare(method: F) -> F:
-        wrapped = rpc_errors(method)
-        wrapped.access = access  # type: ignore[attr-defined]
-        return wrapped  # type: ignore[return-value]
+        method.access = access  # type: ignore[attr-defined]
+        method.work = work  # type: ignore[attr-defined]
+        return method
 
     return declare
 

@@ -12,8 +12,8 @@ import numpy as np
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
 from carddeck.server.streams import answer_in_order, error_of
+from carddeck.serving.codec import risk_bound
 from carddeck.serving.models import Model, check_card_name
-from carddeck.serving.oip import risk_bound
 from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
 from carddeck.serving.uploads import CardUpload, MiB
@@ -27,24 +27,23 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
         self.settings = settings
 
     def _images(self, tensor: pb.Tensor, model: Model) -> np.ndarray:
-        return convert.images_from_tensor(tensor, spec=model.input, max_images=self.settings.max_request_images)
+        return convert.tensor(tensor).images(model.input, self.settings.max_request_images)
 
-    @rpc(INFERENCE)
+    @rpc(INFERENCE, work=True)
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        with self.dp.request():
-            bound = risk_bound(_bound_of(request), "abstain_above_risk")
-            model = self.dp.resolve()  # the gated deck on the snapshot this request keeps
-            prediction, deck = self.dp.predict(
-                self._images(request.images, model),
-                model=model,
-                policy=request.policy or None,
-                per_sample=request.per_sample,
-                timeout_s=context.time_remaining(),
-                is_cancelled=lambda: not context.is_active(),
-            )
-            return convert.predict_response(prediction, deck, bound)
+        bound = risk_bound(_bound_of(request), "abstain_above_risk")
+        model = self.dp.resolve()  # the gated deck on the snapshot this request keeps
+        prediction, deck = self.dp.predict(
+            self._images(request.images, model),
+            model=model,
+            policy=request.policy or None,
+            per_sample=request.per_sample,
+            timeout_s=context.time_remaining(),
+            is_cancelled=lambda: not context.is_active(),
+        )
+        return convert.predict_response(prediction, deck, bound)
 
-    @rpc(INFERENCE)
+    @rpc(INFERENCE, work=True)
     def PredictStream(
         self, request_iterator: Iterator[pb.PredictStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.PredictStreamResponse]:
@@ -77,17 +76,15 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
             response = convert.predict_response(prediction, deck, _bound_of(item.request))
             return pb.PredictStreamResponse(id=item.id, response=response)
 
-        with self.dp.request():
-            coming = (self.dp.announce, self.dp.withdraw)
-            yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="predict-stream")
+        coming = (self.dp.announce, self.dp.withdraw)
+        yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="predict-stream")
 
-    @rpc(INFERENCE)
+    @rpc(INFERENCE, work=True)
     def Route(self, request: pb.RouteRequest, context: grpc.ServicerContext) -> pb.RouteResponse:
-        with self.dp.request():
-            model = self.dp.resolve()
-            images = self._images(request.images, model)
-            routing = model.deck.route(images, policy=request.policy or None, per_sample=request.per_sample)
-            return pb.RouteResponse(routing=convert.routing_to_proto(routing), deck_version=model.deck.version)
+        model = self.dp.resolve()
+        images = self._images(request.images, model)
+        routing = model.deck.route(images, policy=request.policy or None, per_sample=request.per_sample)
+        return pb.RouteResponse(routing=convert.routing_to_proto(routing), deck_version=model.deck.version)
 
     @rpc(INFERENCE)
     def ListCards(self, request: pb.ListCardsRequest, context: grpc.ServicerContext) -> pb.ListCardsResponse:
@@ -106,26 +103,24 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
         name = check_card_name(request.name)
         return convert.card_to_proto(self.dp.deck.card(name, request.version or None))
 
-    @rpc(ADMIN)
+    @rpc(ADMIN, work=True)
     def AddCard(self, request_iterator: Iterator[pb.AddCardChunk], context: grpc.ServicerContext) -> pb.AddCardResponse:
-        with self.dp.request():
-            upload = CardUpload(self.settings.max_card_mb * MiB, field="AddCardChunk.data")
-            for chunk in request_iterator:
-                upload.add(chunk.data, chunk.sha256)
-            meta, new = self.dp.add_card(upload.finish())
-            return pb.AddCardResponse(
-                card=convert.card_to_proto(meta), deck_version=self.dp.deck.version, already_present=not new
-            )
+        upload = CardUpload(self.settings.max_card_mb * MiB, field="AddCardChunk.data")
+        for chunk in request_iterator:
+            upload.add(chunk.data, chunk.sha256)
+        meta, new = self.dp.add_card(upload.finish())
+        return pb.AddCardResponse(
+            card=convert.card_to_proto(meta), deck_version=self.dp.deck.version, already_present=not new
+        )
 
-    @rpc(ADMIN)
+    @rpc(ADMIN, work=True)
     def RemoveCard(self, request: pb.RemoveCardRequest, context: grpc.ServicerContext) -> pb.RemoveCardResponse:
-        with self.dp.request():
-            name = check_card_name(request.name)
-            _, note = self.dp.remove_card(name, request.version or None)
-            deck = self.dp.deck
-            return pb.RemoveCardResponse(
-                deck_version=deck.version, default_policy=deck.default_policy, default_policy_note=note
-            )
+        name = check_card_name(request.name)
+        _, note = self.dp.remove_card(name, request.version or None)
+        deck = self.dp.deck
+        return pb.RemoveCardResponse(
+            deck_version=deck.version, default_policy=deck.default_policy, default_policy_note=note
+        )
 
 
 def _bound_of(request: pb.PredictRequest) -> float | None:

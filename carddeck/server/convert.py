@@ -1,42 +1,35 @@
-"""Protobuf <-> numpy for both APIs. Every rejection names the field and what is accepted."""
+"""Protobuf to and from the codec's types (:mod:`carddeck.serving.codec`) and numpy, for both APIs.
+
+Only conversion: decoding and the input-contract check are the codec's, so a rejection reads as over
+every transport, naming the field as this protocol calls it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from carddeck.card import CardMeta, InputSpec
+from carddeck.card import CardMeta
 from carddeck.deck import Deck, Prediction
 from carddeck.errors import InvalidInput
 from carddeck.gating import Routing
 from carddeck.gating.shift import Trust
-from carddeck.serving import oip as oip_core
+from carddeck.serving.codec import InferRequest, InferResult, Tensor, raw_output
 from carddeck.wire.arrays import from_matrix, matrix, tensor_from_images
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
 
-_DTYPES: dict[int, np.dtype[Any]] = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
-OIP_DTYPES = oip_core.DTYPES
+# carddeck.v1's dtypes by their OIP names (the codec's): a Tensor is decoded and checked like an OIP input
+_DATATYPES = {pb.DTYPE_UINT8: "UINT8", pb.DTYPE_FLOAT32: "FP32"}
 
 
-def accepted_tensor(spec: InputSpec) -> str:
-    """What a carddeck.v1 images Tensor may be, from the deck's input contract."""
-    (lo, hi), c, h, w = spec.value_range, spec.channels, spec.height, spec.width
-    uint8, float32 = f"[N, {h}, {w}, {c}]", f"[N, {c}, {h}, {w}] in [{lo:g}, {hi:g}]"
-    return f"DTYPE_UINT8 with shape {uint8} or DTYPE_FLOAT32 with shape {float32}"
-
-
-def images_from_tensor(tensor: pb.Tensor, *, spec: InputSpec, max_images: int, field: str = "images") -> np.ndarray:
-    """A carddeck.v1 Tensor as uint8 NHWC or float32 NCHW (read-only view of the message's bytes); the deck
-    (:meth:`carddeck.deck.Deck.prepare`) checks it against ``spec``, which the messages here name."""
-    if tensor.dtype not in _DTYPES:
-        name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else str(tensor.dtype)
-        raise InvalidInput(f"{field}.dtype: {name} is not accepted; send {accepted_tensor(spec)}")
-    shape = list(tensor.shape)
-    oip_core.check_shape(shape, f"{field}.shape", max_images, accepted_tensor(spec))
-    return oip_core.array_from_bytes(tensor.data, _DTYPES[tensor.dtype], shape, f"{field}.data")
+def tensor(message: pb.Tensor, field: str = "images") -> Tensor:
+    """A carddeck.v1 Tensor as the codec's :class:`~carddeck.serving.codec.Tensor` (not decoded yet)."""
+    datatype = _DATATYPES.get(message.dtype)
+    if datatype is None:
+        known = message.dtype in pb.DType.values()
+        datatype = pb.DType.Name(message.dtype) if known else str(message.dtype)
+    fields = (f"{field}.dtype", f"{field}.shape", f"{field}.data")
+    return Tensor(field, datatype, list(message.shape), message.data, fields)
 
 
 def routing_to_proto(routing: Routing) -> pb.Routing:
@@ -67,54 +60,64 @@ def card_to_proto(meta: CardMeta) -> pb.Card:
 
 
 # -- Open Inference Protocol -------------------------------------------------------------------
+# the typed contents field of each datatype
+_CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_contents"}
+
+
 def oip_parameter(param: oip.InferParameter) -> Any:
     kind = param.WhichOneof("parameter_choice")
     return getattr(param, kind) if kind else None
-
-
-def oip_options(parameters: Mapping[str, oip.InferParameter]) -> tuple[str | None, bool]:
-    """The request parameters CARD-Deck reads: ``policy`` (string) and ``per_sample`` (bool)."""
-    return oip_core.infer_options(oip_plain_parameters(parameters))
 
 
 def oip_plain_parameters(parameters: Mapping[str, oip.InferParameter]) -> dict[str, Any]:
     return {key: oip_parameter(value) for key, value in parameters.items()}
 
 
-def oip_images(request: oip.ModelInferRequest, *, max_images: int, spec: InputSpec) -> np.ndarray:
-    """The one ``images`` input of a ModelInferRequest, from raw_input_contents or typed contents."""
-    header = [(t.name, t.datatype, list(t.shape)) for t in request.inputs]
-    dtype, shape = oip_core.images_header(header, spec=spec, max_images=max_images)
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise InvalidInput(
-                f"raw_input_contents: expected one entry (one per input), got {len(request.raw_input_contents)}"
-            )
-        return oip_core.array_from_bytes(request.raw_input_contents[0], dtype, shape, "raw_input_contents[0]")
-    fp32 = request.inputs[0].datatype == "FP32"
-    contents = request.inputs[0].contents
-    field = "inputs[0].contents." + ("fp32_contents" if fp32 else "uint_contents")
-    return oip_core.array_from_values(contents.fp32_contents if fp32 else contents.uint_contents, dtype, shape, field)
+def infer_request(request: oip.ModelInferRequest) -> InferRequest:
+    """A ModelInferRequest as the codec's request: each input's data from raw_input_contents (one entry per
+    input) or from its typed contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}")
+    inputs = []
+    for i, t in enumerate(request.inputs):
+        contents = _CONTENTS.get(t.datatype, "uint_contents")
+        data, where = (
+            (raw[i], f"raw_input_contents[{i}]")
+            if raw
+            else (getattr(t.contents, contents), f"inputs[{i}].contents.{contents}")
+        )
+        inputs.append(
+            Tensor(t.name, t.datatype, list(t.shape), data, (f"inputs[{i}].datatype", f"inputs[{i}].shape", where))
+        )
+    return InferRequest(
+        request.model_name,
+        request.model_version,
+        request.id,
+        tuple(inputs),
+        oip_plain_parameters(request.parameters),
+        tuple(o.name for o in request.outputs),
+    )
 
 
 def oip_outputs(
-    request: oip.ModelInferRequest, available: Mapping[str, np.ndarray]
+    request: oip.ModelInferRequest, result: InferResult
 ) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
     """Output tensors (requested ones, else all) with their bytes for raw_output_contents."""
     tensors, raw = [], []
-    for name, arr in oip_core.select_outputs([o.name for o in request.outputs], available).items():
-        datatype = oip_core.datatype_of(arr)
+    for name, arr in result.selected([o.name for o in request.outputs]).items():
+        datatype, data = raw_output(arr)
         tensors.append(oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=arr.shape))
-        raw.append(np.ascontiguousarray(arr, dtype=OIP_DTYPES[datatype]).tobytes())
+        raw.append(data)
     return tensors, raw
 
 
-def oip_infer_response(request: oip.ModelInferRequest, result: oip_core.InferResult) -> oip.ModelInferResponse:
+def oip_infer_response(request: oip.ModelInferRequest, result: InferResult) -> oip.ModelInferResponse:
     """The answer to ``request``: its outputs only in raw_output_contents (what tritonclient reads)."""
     response = oip.ModelInferResponse(model_name=request.model_name, model_version=result.model_version, id=request.id)
     for key, value in result.parameters.items():
         response.parameters[key].string_param = value
-    tensors, raw = oip_outputs(request, result.outputs)
+    tensors, raw = oip_outputs(request, result)
     response.outputs.extend(tensors)
     response.raw_output_contents.extend(raw)
     return response
@@ -149,19 +152,17 @@ def predict_response(prediction: Prediction, deck: Deck, abstain_above_risk: flo
 
 
 __all__ = [
-    "OIP_DTYPES",
     "card_to_proto",
     "from_matrix",
-    "images_from_tensor",
+    "infer_request",
     "matrix",
-    "oip_images",
     "oip_infer_response",
-    "oip_options",
     "oip_outputs",
     "oip_parameter",
     "oip_plain_parameters",
     "predict_response",
     "routing_to_proto",
+    "tensor",
     "tensor_from_images",
     "verdict_to_proto",
 ]

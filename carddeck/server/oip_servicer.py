@@ -17,7 +17,7 @@ import carddeck
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, OPEN, rpc
 from carddeck.server.streams import answer_in_order, error_of
-from carddeck.serving import oip as oip_core
+from carddeck.serving.codec import InferResult
 from carddeck.serving.oip import OipModels
 from carddeck.serving.plane import Plane
 from carddeck.serving.settings import Settings
@@ -77,47 +77,42 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return oip.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
 
     # -- inference ----------------------------------------------------------------------------
-    @rpc(INFERENCE)
+    @rpc(INFERENCE, work=True)
     def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> oip.ModelInferResponse:
-        with self.dp.request():
-            model = self.models.resolve(request.model_name, request.model_version)
-            images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.input)
-            result = self.models.infer(
-                model,
-                images,
-                convert.oip_plain_parameters(request.parameters),
-                timeout_s=context.time_remaining(),
-                is_cancelled=lambda: not context.is_active(),
-            )
-            return convert.oip_infer_response(request, result)
+        model = self.models.resolve(request.model_name, request.model_version)
+        result = self.models.infer(
+            model,
+            convert.infer_request(request),
+            timeout_s=context.time_remaining(),
+            is_cancelled=lambda: not context.is_active(),
+        )
+        return convert.oip_infer_response(request, result)
 
-    @rpc(INFERENCE)
+    @rpc(INFERENCE, work=True)
     def ModelStreamInfer(
         self, request_iterator: Iterator[oip.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[oip.ModelStreamInferResponse]:
         """Triton's stream: one answer per request, in request order, with its id; a failed request is
         answered with its ``error_message`` and the stream goes on (:mod:`carddeck.server.streams`)."""
 
-        def start(request: oip.ModelInferRequest) -> Future[oip_core.InferResult]:
+        def start(request: oip.ModelInferRequest) -> Future[InferResult]:
             try:
                 model = self.models.resolve(request.model_name, request.model_version)
-                images = convert.oip_images(request, max_images=self.settings.max_request_images, spec=model.input)
-                parameters = convert.oip_plain_parameters(request.parameters)
+                infer = convert.infer_request(request)
             except BaseException:
                 self.dp.withdraw()  # announced by the stream's reader, and it will not come
                 raise
             cancelled = lambda: not context.is_active()  # noqa: E731
-            return self.models.submit(model, images, parameters, is_cancelled=cancelled, announced=True)
+            return self.models.submit(model, infer, is_cancelled=cancelled, announced=True)
 
-        def respond(request: oip.ModelInferRequest, future: Future[oip_core.InferResult]) -> StreamAnswer:
+        def respond(request: oip.ModelInferRequest, future: Future[InferResult]) -> StreamAnswer:
             error = error_of(future)
             if error is not None:  # Triton's stream carries the message only
                 return StreamAnswer(error_message=error[1], infer_response=oip.ModelInferResponse(id=request.id))
             return StreamAnswer(infer_response=convert.oip_infer_response(request, future.result()))
 
-        with self.dp.request():
-            coming = (self.dp.announce, self.dp.withdraw)
-            yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="stream-infer")
+        coming = (self.dp.announce, self.dp.withdraw)
+        yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="stream-infer")
 
     # -- statistics ---------------------------------------------------------------------------
     @rpc(INFERENCE)
@@ -137,21 +132,19 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             models=[index(name=name, version=version, state=state) for name, version, state in self.models.index()]
         )
 
-    @rpc(ADMIN)
+    @rpc(ADMIN, work=True)
     def RepositoryModelLoad(
         self, request: oip.RepositoryModelLoadRequest, context: grpc.ServicerContext
     ) -> oip.RepositoryModelLoadResponse:
         """Load = add a card: its ONNX bytes in ``parameters["file:model.onnx"]`` (bytes_param)."""
-        with self.dp.request():
-            files = {k: v.bytes_param for k, v in request.parameters.items() if k.startswith("file:")}
-            self.models.load(request.model_name, files)
-            return oip.RepositoryModelLoadResponse()
+        files = {k: v.bytes_param for k, v in request.parameters.items() if k.startswith("file:")}
+        self.models.load(request.model_name, files)
+        return oip.RepositoryModelLoadResponse()
 
-    @rpc(ADMIN)
+    @rpc(ADMIN, work=True)
     def RepositoryModelUnload(
         self, request: oip.RepositoryModelUnloadRequest, context: grpc.ServicerContext
     ) -> oip.RepositoryModelUnloadResponse:
         """Unload = remove the card (every stored version) from the deck."""
-        with self.dp.request():
-            self.models.unload(request.model_name)
-            return oip.RepositoryModelUnloadResponse()
+        self.models.unload(request.model_name)
+        return oip.RepositoryModelUnloadResponse()

@@ -1,17 +1,16 @@
 """The one table from carddeck.errors to gRPC status codes.
 
-Domain code raises :mod:`carddeck.errors`; servicers never abort themselves: :func:`rpc_errors`, around
-every handler, aborts with :func:`status_for`'s code and the exception's message (:func:`abort_with`).
+Domain code raises :mod:`carddeck.errors`; servicers never abort themselves: the one wrapper around every
+servicer method (:func:`carddeck.server.handlers.served`) aborts with :func:`status_for`'s code and the
+exception's message (:func:`abort_with`), or INTERNAL for anything else (:func:`internal_error`).
 The most specific class wins (``TooLarge`` is an ``InvalidInput`` but maps to RESOURCE_EXHAUSTED), so
 the table is looked up along the MRO.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import grpc
 
@@ -64,23 +63,12 @@ def abort_with(context: grpc.ServicerContext, exc: errors.CarddeckError) -> NoRe
     raise AssertionError("context.abort returned")  # it raises; this tells type checkers so
 
 
-def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Servicer method decorator: carddeck errors -> their status; anything else -> INTERNAL, logged.
-
-    The server never dies of a request: every exception ends as a status on that one call.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except errors.CarddeckError as exc:
-            abort_with(context, exc)
-        except Exception as exc:  # servicers never call context.abort themselves, so this is a bug
-            log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
-
-    return wrapper
+def internal_error(context: grpc.ServicerContext, name: str, exc: BaseException) -> NoReturn:
+    """End the call INTERNAL for an exception that is not a carddeck error: a bug, logged with its traceback;
+    the client learns only its class (servicers never call ``context.abort`` themselves)."""
+    log.error("internal error in %s", name, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}: {type(exc).__name__}")
+    raise AssertionError("context.abort returned")
 
 
-__all__ = ["STATUS_CODES", "abort_with", "rpc_errors", "status_for"]
+__all__ = ["STATUS_CODES", "abort_with", "internal_error", "status_for"]

@@ -12,9 +12,9 @@ under its own name (version = card version) with ``probabilities`` and ``labels`
 > 1: out of scope).
 
 The gRPC servicer (:mod:`carddeck.server.oip_servicer`) and the HTTP routes (:mod:`carddeck.http`)
-only convert their wire formats to these calls and back, so both transports resolve models (through
-:mod:`carddeck.serving.models`), decode tensors, validate and answer the same way, with the same
-messages.
+only convert their wire formats to an :class:`~carddeck.serving.codec.InferRequest` and back, so both
+transports resolve models (through :mod:`carddeck.serving.models`), decode tensors (the codec), validate
+and answer the same way, with the same messages.
 """
 
 from __future__ import annotations
@@ -28,27 +28,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import carddeck
-from carddeck.card import InputSpec
 from carddeck.deck import read_card_meta
 from carddeck.deck.deck import top_labels
-from carddeck.errors import CardNotFound, InvalidInput, TooLarge, shown
+from carddeck.errors import CardNotFound, InvalidInput, shown
 from carddeck.gating.shift import Trust
 from carddeck.serving.batching import then
+from carddeck.serving.codec import InferRequest, InferResult
 from carddeck.serving.models import Model, check_card_name, model_names, resolve
 from carddeck.serving.uploads import CardUpload
 
 if TYPE_CHECKING:
     from carddeck.serving.plane import Plane
 
-# OIP datatype names -> numpy (little-endian, as the protocol's raw and binary contents are)
-DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
-DATATYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
-DATATYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-INFER_PARAMETERS = ("policy", "per_sample", "abstain_above_risk")
-# Outputs of the deck model sent only when asked for by name (the default answer stays as it was).
-OPTIONAL_OUTPUTS = ("out_of_scope",)
-# Parameters clients send for the server's own use (Triton's and the binary extension's): accepted, not read.
-PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data")
 CARD_FILE = "file:model.onnx"
 
 
@@ -68,87 +59,7 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
 
 
-@dataclass(frozen=True)
-class InferResult:
-    model_name: str
-    model_version: str
-    outputs: dict[str, np.ndarray]  # every output of the model, in metadata order
-    parameters: dict[str, str]
-
-
-# -- tensors -----------------------------------------------------------------------------------
-def accepted_images(spec: InputSpec) -> str:
-    lo, hi = spec.value_range
-    c, h, w = spec.channels, spec.height, spec.width
-    return f"FP32 [N, {c}, {h}, {w}] in [{lo:g}, {hi:g}] or UINT8 [N, {h}, {w}, {c}]"
-
-
-def images_header(
-    inputs: Sequence[tuple[str, str, Sequence[int]]], *, spec: InputSpec, max_images: int
-) -> tuple[np.dtype[Any], list[int]]:
-    """Check the inputs' (name, datatype, shape): exactly one ``images`` input; its dtype and shape."""
-    accepted = accepted_images(spec)
-    if len(inputs) != 1:
-        raise InvalidInput(f"inputs: expected exactly one input named 'images' ({accepted}), got {len(inputs)}")
-    name, datatype, shape = inputs[0][0], inputs[0][1], [int(d) for d in inputs[0][2]]
-    if name != "images":
-        raise InvalidInput(f"inputs[0].name: {shown(name)} is not an input of this model; send 'images' ({accepted})")
-    if datatype not in ("FP32", "UINT8"):
-        raise InvalidInput(f"inputs[0].datatype: {shown(datatype)} is not accepted; send {accepted}")
-    check_shape(shape, "inputs[0].shape", max_images, accepted)
-    return DTYPES[datatype], shape
-
-
-def check_shape(shape: list[int], field: str, max_images: int, accepted: str) -> None:
-    if len(shape) != 4:
-        raise InvalidInput(f"{field}: expected 4 dimensions ({accepted}), got {shown(shape)}")
-    if any(d <= 0 for d in shape):
-        raise InvalidInput(f"{field}: every dimension must be positive ({accepted}), got {shown(shape)}")
-    if shape[0] > max_images:
-        raise TooLarge(f"{field}: {shape[0]} images in one request; the server accepts at most {max_images}")
-
-
-def array_from_bytes(data: bytes | memoryview, dtype: np.dtype[Any], shape: list[int], field: str) -> np.ndarray:
-    """A read-only view of little-endian row-major bytes (no copy on little-endian machines)."""
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        raise InvalidInput(
-            f"{field}: {len(data)} bytes do not match shape {shown(shape)} of {dtype.name} ({expected} bytes expected)"
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
-
-
-def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field: str) -> np.ndarray:
-    """Numbers (flat row-major, or nested like the shape) as an array of ``shape``."""
-    try:
-        arr = np.asarray(values)
-    except ValueError:  # ragged nesting
-        raise InvalidInput(f"{field}: not a rectangular array of numbers (shape {shown(shape)} expected)") from None
-    count = math.prod(shape)
-    if arr.size != count:
-        raise InvalidInput(f"{field}: {arr.size} values do not match shape {shown(shape)} ({count} expected)")
-    integral = dtype.kind in "iu"
-    if arr.dtype.kind not in ("iu" if integral else "iuf"):
-        kind = "integers" if integral else "numbers"
-        raise InvalidInput(f"{field}: expected {kind} for {DATATYPE_NAMES[dtype]}, got {arr.dtype.name} values")
-    if dtype == np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise InvalidInput(f"{field}: UINT8 values must be in 0..255, got {int(arr.min())}..{int(arr.max())}")
-    return arr.astype(dtype.newbyteorder("=")).reshape(shape)
-
-
-def datatype_of(arr: np.ndarray) -> str:
-    return DATATYPES[arr.dtype]
-
-
-def risk_bound(value: Any, field: str) -> float | None:
-    """A caller's abstention bound: None (no abstention) or a number in [0, 1]."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise InvalidInput(f"{field}: must be a number in [0, 1] (an error probability), got {shown(value)}")
-    return float(value)
-
-
+# -- answers ------------------------------------------------------------------------------------
 def verdict_parameters(trust: Trust | None, n: int, abstain_above_risk: float | None) -> dict[str, str]:
     """The verdict as OIP response parameters (strings; numbers as text, ``unknown`` where there is none)."""
     trust = trust or Trust.unknown(n)
@@ -162,35 +73,6 @@ def verdict_parameters(trust: Trust | None, n: int, abstain_above_risk: float | 
     }
     if abstain_above_risk is not None:
         out["abstained_images"] = ",".join(str(i) for i in np.flatnonzero(trust.abstained(abstain_above_risk)))
-    return out
-
-
-def infer_options(parameters: Mapping[str, Any]) -> tuple[str | None, bool]:
-    """The request parameters CARD-Deck reads (plain values): ``policy`` (string), ``per_sample`` (bool);
-    ``abstain_above_risk`` (number in [0, 1]) is read by :meth:`OipModels.infer`."""
-    for key in parameters:
-        if key not in INFER_PARAMETERS and not key.startswith(PASSED_PARAMETERS):
-            raise InvalidInput(
-                f"parameters[{shown(key)}]: unknown parameter; CARD-Deck reads {', '.join(INFER_PARAMETERS)}"
-            )
-    policy = parameters.get("policy")
-    if policy is not None and not isinstance(policy, str):
-        raise InvalidInput(f"parameters['policy']: must be a string, got {shown(policy)}")
-    per_sample = parameters.get("per_sample", False)
-    if not isinstance(per_sample, bool):
-        raise InvalidInput(f"parameters['per_sample']: must be a bool, got {shown(per_sample)}")
-    return policy or None, per_sample
-
-
-def select_outputs(requested: Sequence[str], available: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The requested outputs (all when none are named), in the order asked."""
-    out = {}
-    for i, name in enumerate(requested or [k for k in available if k not in OPTIONAL_OUTPUTS]):
-        if name not in available:
-            raise InvalidInput(
-                f"outputs[{i}].name: {shown(name)} is not an output of this model; outputs: {', '.join(available)}"
-            )
-        out[name] = available[name]
     return out
 
 
@@ -321,20 +203,18 @@ class OipModels:
             )
         return out
 
-    def images_header(self, model: Model, inputs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[np.dtype, list]:
-        return images_header(inputs, spec=model.deck.input, max_images=self.max_request_images)
-
     def infer(
         self,
         model: Model,
-        images: np.ndarray,
-        parameters: Mapping[str, Any],
+        request: InferRequest,
         *,
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> InferResult:
-        """Run the model on its snapshot; callers wrap this in ``dataplane.request()`` (drain accounting)."""
-        policy, per_sample, bound = self._options(model, parameters)
+        """Run ``request`` on ``model`` (resolved by the caller, on the snapshot it keeps): its images decoded
+        and checked against the deck's contract, its parameters read."""
+        images = request.images(model.input, self.max_request_images)
+        policy, per_sample, bound = self._options(model, request)
         if model.card is None:
             value: Any = self.dp.predict(
                 images,
@@ -351,8 +231,7 @@ class OipModels:
     def submit(
         self,
         model: Model,
-        images: np.ndarray,
-        parameters: Mapping[str, Any],
+        request: InferRequest,
         *,
         is_cancelled: Callable[[], bool] | None = None,
         announced: bool = False,
@@ -360,7 +239,8 @@ class OipModels:
         """:meth:`infer` without waiting (the streaming RPC): bad input raises here, the rest comes in the future.
         ``announced``: as :meth:`~carddeck.serving.dataplane.Dataplane.submit`'s."""
         try:
-            policy, per_sample, bound = self._options(model, parameters)
+            images = request.images(model.input, self.max_request_images)
+            policy, per_sample, bound = self._options(model, request)
         except BaseException:
             if announced:
                 self.dp.withdraw()
@@ -370,9 +250,8 @@ class OipModels:
         )
         return then(started, lambda value: self._result(model, value, bound))
 
-    def _options(self, model: Model, parameters: Mapping[str, Any]) -> tuple[str | None, bool, float | None]:
-        policy, per_sample = infer_options(parameters)
-        bound = risk_bound(parameters.get("abstain_above_risk"), "parameters['abstain_above_risk']")
+    def _options(self, model: Model, request: InferRequest) -> tuple[str | None, bool, float | None]:
+        policy, per_sample, bound = request.options()
         if model.card is not None and (policy is not None or per_sample or bound is not None):
             raise InvalidInput(
                 f"parameters: 'policy', 'per_sample' and 'abstain_above_risk' apply to the deck model "
@@ -438,20 +317,4 @@ def server_metadata(extensions: Sequence[str]) -> dict[str, Any]:
     return {"name": "carddeck", "version": carddeck.__version__, "extensions": list(extensions)}
 
 
-__all__ = [
-    "CARD_FILE",
-    "DTYPES",
-    "InferResult",
-    "ModelInfo",
-    "OipModels",
-    "TensorInfo",
-    "accepted_images",
-    "array_from_bytes",
-    "array_from_values",
-    "check_shape",
-    "datatype_of",
-    "images_header",
-    "infer_options",
-    "select_outputs",
-    "server_metadata",
-]
+__all__ = ["CARD_FILE", "InferResult", "ModelInfo", "OipModels", "TensorInfo", "server_metadata", "verdict_parameters"]

@@ -1,7 +1,7 @@
 """What the transports need from a data plane: the one surface the gRPC servicers and the HTTP routes call.
 
 Two data planes provide it: :class:`carddeck.serving.dataplane.Dataplane` (``carddeck serve``: ORT sessions
-in this process) and :class:`carddeck.integrations.ray_serve.RayDataplane` (Ray Serve's ingress: card
+in this process) and :class:`carddeck.integrations.ray_plane.RayDataplane` (Ray Serve's ingress: card
 deployments behind handles). mypy checks both against it structurally, so a member the transports start
 calling must be implemented by both before either type-checks.
 """

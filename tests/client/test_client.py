@@ -149,6 +149,20 @@ def test_no_server_there_is_one_line_with_a_hint(tmp_path):
     assert line.startswith("carddeck: error: UNAVAILABLE") and "`carddeck serve`" in line
 
 
+def test_a_stream_that_fails_raises_the_typed_error_like_every_call():
+    """Mutant: predict_stream letting the raw grpc.RpcError through (callers catching carddeck.errors miss it)."""
+    import socket
+
+    from carddeck.errors import NotReady
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with CardDeckClient(f"127.0.0.1:{port}", timeout=5) as client, pytest.raises(NotReady) as info:
+        list(client.predict_stream([smooth_images(1)]))
+    assert isinstance(info.value, grpc.RpcError) and info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def test_inference_token_has_one_name_for_client_and_server(tmp_path):
     srv = start_server(make_deck(tmp_path / "deck"), tmp_path, env={"CARDDECK_INFERENCE_TOKEN": "inf"})
     try:

@@ -56,10 +56,10 @@ def test_per_sample_routing_runs_each_card_once_on_its_rows(store, images, monke
         (np.zeros((0, 32, 32, 3), np.uint8), "empty batch"),
         (np.zeros((2, 28, 28, 3), np.uint8), r"\[N, 32, 32, 3\]"),
         (np.zeros((2, 32, 32, 3), np.float32), r"\[N, 3, 32, 32\]"),
-        (np.zeros((2, 3, 32, 32), np.float64), "dtype float64"),
+        (np.zeros((2, 3, 32, 32), np.float64), "images.dtype: 'float64' is not accepted"),
         (np.full((2, 3, 32, 32), 1.5, np.float32), r"\[0, 1\]"),
         (np.full((2, 3, 32, 32), np.nan, np.float32), "NaN"),
-        (np.zeros((32, 32, 3), np.uint8), "4-D"),
+        (np.zeros((32, 32, 3), np.uint8), "expected 4 dimensions"),
         ([[0]], "numpy array"),
     ],
 )

@@ -16,7 +16,7 @@ from carddeck.deck import Deck, DeckStore, default_deck_path
 from carddeck.gating.shift import FEATURE_NAMES, GROUPS, UNKNOWN, ShiftDetector, Trust, image_features
 from carddeck.gating.shift_fit import deck_features, deck_references, fit_detector, refit_from_deck
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
-from carddeck.serving.dataplane import Predicted
+from carddeck.serving.verdicts import RoutedRequest
 from tests.servers import card
 
 
@@ -113,7 +113,7 @@ def test_monitor_answers_each_request_of_a_micro_batch(detector, deck, digits):
 
     def P(images):
         p = deck.predict(images)
-        return Predicted("carddeck", deck.prepare(images), p.routing, p.probabilities)
+        return RoutedRequest("carddeck", deck.prepare(images), p.routing, p.probabilities)
 
     big, noise = P(digits[1].images[:16]), P(np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), np.uint8))
     trusts = monitor.judge([big, noise])

@@ -60,7 +60,7 @@ def serve_batch(
     x = deck.prepare(images)
     routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
     metrics.observe_routing(routing)
-    probabilities = deck.combine(x, routing.weights, on_card=metrics.observe_card)
+    probabilities = deck.run_routed(x, routing.weights, on_card=metrics.observe_card)
     if shift is not None:
         shift([("carddeck", x, routing, probabilities)])
 

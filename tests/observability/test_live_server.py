@@ -155,8 +155,8 @@ def test_metrics_after_known_traffic(live: Live) -> None:
     assert images == pytest.approx((clean_n + shifted_n) * BATCH + 8)
     # Every OK request ran as one deck batch (requests were sequential: batched or run alone, each counts).
     assert value(s, "carddeck_batch_size_count") == clean_n + shifted_n + 1, (
-        "carddeck_batch_size misses deck runs: carddeck/serving/dataplane.py Dataplane._combine must call "
-        "self._observe_batch(len(x), []) where it runs a request without the micro-batcher"
+        "carddeck_batch_size misses deck runs: carddeck/serving/dispatch.py Dispatch._execute must call "
+        "self.observe_batch(len(x), []) where it runs a request without the micro-batcher"
     )
     assert value(s, "carddeck_batch_size_sum") == (clean_n + shifted_n) * BATCH + 8
     assert value(s, "carddeck_queue_wait_seconds_count") <= clean_n + shifted_n + 1
@@ -217,8 +217,8 @@ def test_card_latency_is_recorded_per_card(live: Live) -> None:
     s = scrape(live.metrics_port)
     counts = {dict(k[1])["card"]: v for k, v in s.items() if k[0] == "carddeck_card_duration_seconds_count"}
     assert counts == dict.fromkeys(result.routing["selected"], 1.0), (
-        "carddeck_card_duration_seconds has no observation per card run: Deck.combine (carddeck/deck/deck.py) "
-        "must time each card and carddeck/serving/dataplane.py _combine pass metrics.observe_card to it"
+        "carddeck_card_duration_seconds has no observation per card run: Deck.run_routed (carddeck/deck/deck.py) "
+        "must time each card and carddeck/serving/microbatch.py MicroBatchRun pass metrics.observe_card to it"
     )
 
 

@@ -62,6 +62,18 @@ def test_http_routes_declare_the_access_of_the_grpc_rpc_they_mirror():
         assert access is grpc_access[f"/inference.GRPCInferenceService/{rpc_name}"], (method, path)
 
 
+def test_http_routes_do_work_where_the_grpc_rpc_they_mirror_does():
+    """Drain accounting is declared beside each handler (gRPC ``@rpc(..., work=True)``, HTTP ``@work``) and
+    applied by each transport's one wrapper: a route that forgot it would be served while the server drains."""
+    grpc_servicer = OipServicer.__dict__
+    table = Routes(None, None).table()  # type: ignore[arg-type]
+    for method, path, rpc_name, _, handler in table:
+        assert getattr(handler, "work", False) == getattr(grpc_servicer[rpc_name], "work", False), (method, path)
+    assert {rpc_name for _, _, rpc_name, _, h in table if getattr(h, "work", False)} == {
+        "ModelInfer", "RepositoryModelLoad", "RepositoryModelUnload"
+    }  # fmt: skip
+
+
 def test_bearer_token_parsing():
     assert bearer_token(md("abc")) == "abc"
     assert bearer_token((("authorization", "Basic abc"),)) is None

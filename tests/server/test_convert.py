@@ -4,6 +4,7 @@ import pytest
 from carddeck.card import InputSpec
 from carddeck.errors import InvalidInput, TooLarge
 from carddeck.server import convert
+from carddeck.serving.codec import InferResult
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
 
@@ -14,7 +15,7 @@ def test_tensor_round_trip_both_layouts():
     u8 = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
     f32 = np.random.default_rng(0).random((2, 3, 4, 4), dtype=np.float32)
     for arr in (u8, f32):
-        back = convert.images_from_tensor(convert.tensor_from_images(arr), spec=SPEC4, max_images=8)
+        back = convert.tensor(convert.tensor_from_images(arr)).images(SPEC4, 8)
         assert back.dtype == arr.dtype and np.array_equal(back, arr)
 
 
@@ -30,7 +31,7 @@ def test_tensor_round_trip_both_layouts():
 )
 def test_malformed_tensors_name_the_field(tensor, needle):
     with pytest.raises(InvalidInput, match=needle) as info:
-        convert.images_from_tensor(tensor, spec=SPEC4, max_images=8)
+        convert.tensor(tensor).images(SPEC4, 8)
     assert not isinstance(info.value, TooLarge)
 
 
@@ -38,14 +39,14 @@ def test_rejections_name_the_decks_own_input_contract():
     gray = InputSpec(height=28, width=28, channels=1, value_range=(-1.0, 1.0), mean=(0.0,), std=(1.0,))
     bad = pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1, 28, 28, 1], data=b"\0" * 784)
     with pytest.raises(InvalidInput) as info:
-        convert.images_from_tensor(bad, spec=gray, max_images=8)
+        convert.tensor(bad).images(gray, 8)
     assert "[N, 28, 28, 1]" in str(info.value) and "[N, 1, 28, 28] in [-1, 1]" in str(info.value)
 
 
 def test_too_many_images_is_too_large():
     t = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[9, 1, 1, 3], data=b"\0" * 27)
     with pytest.raises(TooLarge, match="at most 8"):
-        convert.images_from_tensor(t, spec=SPEC4, max_images=8)
+        convert.tensor(t).images(SPEC4, 8)
 
 
 SPEC = InputSpec(height=2, width=2)
@@ -61,12 +62,16 @@ def oip_request(datatype: str, shape, raw: bytes | None = None, **contents) -> o
     return r
 
 
+def oip_images(request: oip.ModelInferRequest) -> np.ndarray:
+    return convert.infer_request(request).images(SPEC, 4)
+
+
 def test_oip_inputs_from_raw_and_typed_contents():
     x = np.random.default_rng(0).random((1, 3, 2, 2), dtype=np.float32)
-    raw = convert.oip_images(oip_request("FP32", x.shape, x.tobytes()), max_images=4, spec=SPEC)
-    typed = convert.oip_images(oip_request("FP32", x.shape, fp32_contents=x.ravel()), max_images=4, spec=SPEC)
+    raw = oip_images(oip_request("FP32", x.shape, x.tobytes()))
+    typed = oip_images(oip_request("FP32", x.shape, fp32_contents=x.ravel()))
     assert np.array_equal(raw, x) and np.array_equal(typed, x)
-    u = convert.oip_images(oip_request("UINT8", [1, 2, 2, 3], uint_contents=range(12)), max_images=4, spec=SPEC)
+    u = oip_images(oip_request("UINT8", [1, 2, 2, 3], uint_contents=range(12)))
     assert u.dtype == np.uint8 and u.ravel().tolist() == list(range(12))
 
 
@@ -81,18 +86,19 @@ def test_oip_inputs_from_raw_and_typed_contents():
 )
 def test_malformed_oip_inputs_name_the_field(request_, needle):
     with pytest.raises(InvalidInput, match=needle):
-        convert.oip_images(request_, max_images=4, spec=SPEC)
+        oip_images(request_)
 
 
 def test_oip_parameters_and_outputs():
     r = oip.ModelInferRequest()
     r.parameters["policy"].string_param = "soft"
     r.parameters["per_sample"].bool_param = True
-    assert convert.oip_options(r.parameters) == ("soft", True)
+    assert convert.infer_request(r).options() == ("soft", True, None)
     r.parameters["bogus"].int64_param = 1
     with pytest.raises(InvalidInput, match="bogus"):
-        convert.oip_options(r.parameters)
+        convert.infer_request(r).options()
     req = oip.ModelInferRequest()
     req.outputs.add(name="nope")
+    result = InferResult("m", "1", {"probabilities": np.zeros((1, 2), np.float32)}, {})
     with pytest.raises(InvalidInput, match="outputs\\[0\\].name"):
-        convert.oip_outputs(req, {"probabilities": np.zeros((1, 2), np.float32)})
+        convert.oip_outputs(req, result)

@@ -163,5 +163,5 @@ def test_a_shifted_request_of_one_class_is_served_unadapted(images):
         assert Trigger(min_spread=0.0).fires_on(verdict, p.probabilities)
         assert trigger.fires_on(verdict, p.probabilities) is not one_class
         if one_class:  # why: adapted, the one-class request loses most of its answers
-            adapted = deck.combine(x, p.routing.weights, adapt=True)
+            adapted = deck.run_routed(x, p.routing.weights, adapt=True)
             assert (adapted.argmax(1) == 3).mean() < (p.probabilities.argmax(1) == 3).mean() - 0.3

@@ -102,13 +102,13 @@ def _dataplane(deck_path, **kw) -> tuple[Dataplane, Metrics]:
 def _gate(dp: Dataplane) -> Gated:
     """Hold the data plane's first micro-batch until released (the batcher calls ``_run``)."""
     gated = Gated()
-    run = dp._batcher._run  # type: ignore[union-attr]
+    run = dp.dispatch.batcher._run  # type: ignore[union-attr]
 
     def held(works):
         gated(works)
         return run(works)
 
-    dp._batcher._run = held  # type: ignore[union-attr]
+    dp.dispatch.batcher._run = held  # type: ignore[union-attr]
     return gated
 
 
@@ -124,7 +124,7 @@ def test_concurrent_requests_fill_one_batch_and_keep_their_own_answers(deck_path
         assert gated.entered.wait(30)
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(lambda im: dp.predict(im)[0], im) for im in requests]
-            while dp._batcher.queue_depth < len(requests):  # type: ignore[union-attr]
+            while dp.dispatch.batcher.queue_depth < len(requests):  # type: ignore[union-attr]
                 threading.Event().wait(0.01)  # every request queued behind the batch in flight
             gated.release.set()
             results = [f.result(60) for f in futures]
@@ -204,7 +204,7 @@ def test_a_stream_announces_each_next_request_and_settles_every_announcement(dec
     seen: list[int] = []  # expected arrivals when each request is started
 
     def start(item):
-        seen.append(dp._batcher._expected)  # type: ignore[union-attr]
+        seen.append(dp.dispatch.batcher._expected)  # type: ignore[union-attr]
         if item == "bad":
             dp.withdraw()  # what the servicers do when decoding fails before submit
             raise InvalidInput("bad request")
@@ -220,7 +220,7 @@ def test_a_stream_announces_each_next_request_and_settles_every_announcement(dec
         assert [type(a[1]).__name__ for a in answers] == ["NoneType", "NoneType", "InvalidInput", "InvalidInput",
                                                           "NoneType"]  # fmt: skip
         assert seen == [1] * len(items)  # announced before each read
-        assert dp._batcher._expected == 0  # type: ignore[union-attr]  # all settled, the end's included
+        assert dp.dispatch.batcher._expected == 0  # type: ignore[union-attr]  # all settled, the end's included
     finally:
         dp.close()
 

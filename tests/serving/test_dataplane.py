@@ -73,7 +73,7 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
     metrics, shift signal) per batch, not per request,
     while requests of other policies and per-sample modes in the same batch keep their own routing."""
     import carddeck.gating.policies
-    import carddeck.serving.dataplane
+    import carddeck.serving.microbatch
     from carddeck.gating.signature import sample_features
 
     calls = []
@@ -83,7 +83,7 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
         return sample_features(x)
 
     monkeypatch.setattr(carddeck.gating.policies, "sample_features", counted)
-    monkeypatch.setattr(carddeck.serving.dataplane, "sample_features", counted, raising=False)
+    monkeypatch.setattr(carddeck.serving.microbatch, "sample_features", counted)
     sizes = BatchSizes()
     dp = dataplane(deck_path, sizes, max_batch_size=256, max_wait_s=0.05)
     observed: list[int] = []  # requests per on_predict call

@@ -1,0 +1,114 @@
+"""The card deployments (one application per card: one ORT session, ``@serve.batch``, autoscaled) and the
+reconciler that keeps one running per card of the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from carddeck.deck import DeckStore
+from carddeck.deck.runtime import CardSession, choose_providers, softmax
+from carddeck.errors import CardNotFound
+from carddeck.integrations.ray_config import BATCH_WAIT_S, CARD_APP, MAX_BATCH_SIZE, RayDeckConfig, card_app_name
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class CardReplica:
+    """One card: one ORT session; concurrent requests merged into one run by ``@serve.batch``."""
+
+    def __init__(self, location: str, key: str, threads: int) -> None:
+        store = DeckStore(location)
+        entry = next((e for e in store.manifest().cards if e.key == key), None)
+        if entry is None:
+            raise CardNotFound(f"card {key} is no longer in the deck at {location}")
+        self.key = key
+        self.session = CardSession(
+            store.read_model(entry),
+            key=key,
+            digest=entry.sha256.get("model.onnx", ""),
+            providers=choose_providers(),
+            intra_op_threads=threads,
+        )
+
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def __call__(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities for each request's rows: one ORT run over all of them (ORT releases the GIL)."""
+        x = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        probs = await asyncio.to_thread(lambda: softmax(self.session.logits(x)))
+        return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
+
+
+def card_application(config: RayDeckConfig, name: str, key: str) -> Any:
+    return CardReplica.options(  # type: ignore[attr-defined]
+        name=f"card-{name}",
+        autoscaling_config=config.autoscaling(),
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.card_num_cpus},
+        graceful_shutdown_timeout_s=config.request_timeout_s,
+    ).bind(config.deck, key, config.card_threads)
+
+
+# -- the reconciler -----------------------------------------------------------------------------
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.01})
+class DeckReconciler:
+    """Keeps one running card application per served card of the store (see the module docstring)."""
+
+    def __init__(self, config: RayDeckConfig) -> None:
+        self.config = config
+        self.store = DeckStore(config.deck)
+        self._running: dict[str, str] = {}  # card name -> key, application RUNNING
+        self._gone_since: dict[str, float] = {}  # removed from the store at (monotonic)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        # card applications left by an earlier run that the store no longer names are deleted too
+        for app in serve.status().applications:
+            if app.startswith(CARD_APP):
+                self._running[app[len(CARD_APP) :]] = ""
+        self._thread = threading.Thread(target=self._loop, name="carddeck-reconciler", daemon=True)
+        self._thread.start()
+
+    def running(self) -> dict[str, str]:
+        """Card name -> key of each card application that is deployed and running."""
+        with self._lock:
+            return {n: k for n, k in self._running.items() if k}
+
+    def reconcile(self) -> dict[str, str]:
+        wanted = {e.name: e.key for e in self.store.manifest().active()}
+        for name, key in wanted.items():
+            self._gone_since.pop(name, None)
+            if self._running.get(name) != key:
+                log.info("deploying card %s", key)
+                serve.run(card_application(self.config, name, key), name=card_app_name(name), route_prefix=None)
+                with self._lock:
+                    self._running[name] = key
+        now = time.monotonic()
+        for name in [n for n in self._running if n not in wanted]:
+            if now - self._gone_since.setdefault(name, now) >= self.config.drain_s:
+                log.info("deleting the application of removed card %s", name)
+                serve.delete(card_app_name(name))
+                with self._lock:
+                    del self._running[name]
+                del self._gone_since[name]
+        return self.running()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconcile()
+            except Exception as exc:  # a half-written store, a card that fails to load: try again
+                log.warning("deck %s: reconcile failed, retrying: %s", self.config.deck, exc)
+            self._stop.wait(self.config.poll_interval_s)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+__all__ = ["CardReplica", "DeckReconciler", "card_application"]
