@@ -69,6 +69,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "                return behavior(",
            "            if True:\n                return behavior(", ("tests/server/test_server.py",), "",
            "the one gRPC wrapper serves every unary RPC while the server drains"),
+    Mutant("http-admits-every-route", '    work = getattr(handler, "work", False)', "    work = True", HTTP, "http/",
+           "HTTP metadata routes are refused while the server drains, like work"),
+    Mutant("grpc-stream-errors-unmapped",
+           "            except Exception as exc:\n                internal_error(context, name, exc)\n\n"
+           "        return functools.wraps(behavior)(call_stream)",
+           "\n        return functools.wraps(behavior)(call_stream)", ("tests/server/test_handlers.py",), "",
+           "a bug in a streaming RPC reaches the client as UNKNOWN with its message"),
     Mutant("dataplane-no-drain-check", "            if self._draining:\n                raise NotReady(",
            "            if False:\n                raise NotReady(", DRAIN, "", "new work is accepted while draining"),
     Mutant("drain-does-not-wait", "            while self._inflight > 0:", "            while False:", DRAIN, "",
@@ -127,8 +134,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "    for cls in (type(exc),):\n        status = HTTP_STATUS",
            (*HTTP, "tests/server/test_status_codes.py"), "",
            "subclasses map to 500 over HTTP"),
-    # -- request limits -------------------------------------------------------------------------
-    Mutant("max-images-off-by-one", "and shape[0] > max_images:", "and shape[0] > max_images + 1:",
+    # -- request limits and the input contract --------------------------------------------------
+    Mutant("layout-checked-after-decode", 'and tuple(shape[1:]) == ((h, w, c) if datatype == "UINT8" else (c, h, w))',
+           "and True", ("tests/serving/test_codec.py",), "",
+           "a tensor's shape is checked against the deck only after its bytes"),
+    Mutant("max-images-off-by-one", "else max_images)", "else max_images + 1)",
            ("tests/server/test_convert.py", "tests/server/test_server.py", *HTTP), "",
            "one image more than --max-request-images is accepted"),
     Mutant("upload-limit-per-chunk", "if len(self._buf) + len(data) > self.limit_bytes:",

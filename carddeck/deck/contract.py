@@ -10,6 +10,7 @@ DTYPE_UINT8 and DTYPE_FLOAT32).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
@@ -38,12 +39,26 @@ def check_layout(
     """Check an images tensor's datatype (an OIP name) and shape against ``spec`` before its values are read;
     its numpy dtype. ``fields``: how the caller's message names the datatype and the shape. More than
     ``max_images`` images is TooLarge."""
+    dtype = IMAGE_DTYPES.get(datatype)
+    c, h, w = spec.channels, spec.height, spec.width
+    if (
+        dtype is not None
+        and len(shape) == 4
+        and 0 < shape[0] <= (shape[0] if max_images is None else max_images)
+        and tuple(shape[1:]) == ((h, w, c) if datatype == "UINT8" else (c, h, w))
+    ):
+        return dtype  # every request that is right pays only this (the messages below are built on refusal)
+    _refuse(datatype, [int(d) for d in shape], spec, fields, max_images)
+
+
+def _refuse(
+    datatype: str, shape: list[int], spec: InputSpec, fields: tuple[str, str], max_images: int | None
+) -> NoReturn:
+    """Raise the error that names what is wrong with a tensor :func:`check_layout` refused."""
     dtype_field, shape_field = fields
     send = accepted(spec)
-    dtype = IMAGE_DTYPES.get(datatype)
-    if dtype is None:
+    if datatype not in IMAGE_DTYPES:
         raise InvalidInput(f"{dtype_field}: {shown(datatype)} is not accepted; send {send}")
-    shape = [int(d) for d in shape]
     if len(shape) != 4:
         raise InvalidInput(f"{shape_field}: expected 4 dimensions ({send}), got {shown(shape)}")
     if shape[0] == 0:
@@ -52,10 +67,7 @@ def check_layout(
         raise InvalidInput(f"{shape_field}: every dimension must be positive ({send}), got {shown(shape)}")
     if max_images is not None and shape[0] > max_images:
         raise TooLarge(f"{shape_field}: {shape[0]} images in one request; the server accepts at most {max_images}")
-    c, h, w = spec.channels, spec.height, spec.width
-    if tuple(shape[1:]) != ((h, w, c) if datatype == "UINT8" else (c, h, w)):
-        raise InvalidInput(f"{shape_field}: {datatype} {shown(shape)} is not this deck's input; send {send}")
-    return dtype
+    raise InvalidInput(f"{shape_field}: {datatype} {shown(shape)} is not this deck's input; send {send}")
 
 
 def prepare_images(images: object, spec: InputSpec) -> np.ndarray:
@@ -67,7 +79,7 @@ def prepare_images(images: object, spec: InputSpec) -> np.ndarray:
         raise InvalidInput(f"images: expected a numpy array ({accepted(spec)}), got {type(images).__name__}")
     c, h, w = spec.channels, spec.height, spec.width
     lo, hi = spec.value_range
-    check_layout(_NAMES.get(images.dtype, str(images.dtype)), images.shape, spec)
+    check_layout(_NAMES.get(images.dtype) or str(images.dtype), images.shape, spec)
     if images.dtype == np.uint8:
         out = np.empty((len(images), c, h, w), np.float32)
         out[...] = images.transpose(0, 3, 1, 2)  # one strided pass; astype-then-copy is ~7x slower

@@ -96,7 +96,7 @@ def infer_request(request: oip.ModelInferRequest) -> InferRequest:
         request.id,
         tuple(inputs),
         oip_plain_parameters(request.parameters),
-        tuple(o.name for o in request.outputs),
+        tuple([o.name for o in request.outputs]),
     )
 
 

@@ -31,7 +31,7 @@ PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data
 OPTIONAL_OUTPUTS = ("out_of_scope",)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made per request, and frozen init costs 1.2 us to 0.33 (5 fields)
 class Tensor:
     """One input tensor as a transport received it, not yet decoded."""
 
@@ -45,14 +45,14 @@ class Tensor:
         """The tensor as images: checked against the deck's contract before its data is read, then decoded
         (uint8 NHWC or float32 NCHW; bytes as a read-only view, not a copy)."""
         dtype_field, shape_field, data_field = self.fields
-        dtype = check_layout(self.datatype, self.shape, spec, fields=(dtype_field, shape_field), max_images=max_images)
-        shape = [int(d) for d in self.shape]
-        if isinstance(self.data, bytes | bytearray | memoryview):
+        check_layout(self.datatype, self.shape, spec, fields=(dtype_field, shape_field), max_images=max_images)
+        dtype, shape = DTYPES[self.datatype], list(self.shape)  # the wire's byte order: little-endian
+        if isinstance(self.data, (bytes, bytearray, memoryview)):
             return array_from_bytes(self.data, dtype, shape, data_field)
         return array_from_values(self.data, dtype, shape, data_field)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferRequest:
     """An Open Inference Protocol request: the model, its inputs, the parameters (plain values) and the
     outputs asked for by name (none: the model's default outputs)."""
@@ -133,8 +133,7 @@ def array_from_bytes(
         raise InvalidInput(
             f"{field}: {len(data)} bytes do not match shape {shown(shape)} of {dtype.name} ({expected} bytes expected)"
         )
-    little = dtype.newbyteorder("<")
-    return np.frombuffer(data, dtype=little).reshape(shape).astype(little.newbyteorder("="), copy=False)
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
 def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field: str) -> np.ndarray:

@@ -15,9 +15,9 @@ meanwhile. The data plane assembles the parts and is what the transports call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,11 +163,9 @@ class Dataplane:
     def draining(self) -> bool:
         return self.admission.draining
 
-    @contextmanager
-    def request(self) -> Iterator[None]:
+    def request(self) -> AbstractContextManager[None]:
         """Wrap every RPC that does work: refused once draining, counted until it finishes."""
-        with self.admission.request():
-            yield
+        return self.admission.request()
 
     @property
     def inflight(self) -> int:

@@ -360,6 +360,7 @@ def test_drain_refuses_new_http_work(tmp_path):
         refused = wait_for(lambda: (r := request(srv, "POST", "/v2/models/carddeck/infer", GOOD)).status != 200 and r,
                            "HTTP infer to be refused once the drain began", timeout=30)  # fmt: skip
         assert refused.status == 503 and "shutting down" in refused.error, (refused.status, refused.body)
+        assert request(srv, "GET", "/v2/models/carddeck").status == 200  # no work (routes.work): still answered
         assert srv.process.proc.poll() is None  # still draining: the held upload is in flight
         held.release()
         assert held.wait() == "OK"  # work in flight when the drain began finishes
