@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_adapt import val_runs
 
+from carddeck.commands.cli import comma_ints
 from carddeck.data.corruptions import FAMILIES
 from carddeck.data.datasets import data_for_cards
 from carddeck.deck import Deck
@@ -43,7 +44,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deck", default=str(Path(__file__).resolve().parents[1] / "models"))
     parser.add_argument("--cache", default="")
-    parser.add_argument("--severities", default=[1, 3, 5])
+    parser.add_argument("--severities", type=comma_ints, default=[1, 3, 5])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--taus", default="1,1.5,2,3,4,6,inf")
     args = parser.parse_args()

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     args.data = data_for_cards(args.data, [c.provenance.dataset for c in cards], f"deck {args.deck}")
     if args.signatures or args.store_calibration:
         train = load_dataset(args.data, "train")
-        rng = np.random.default_rng(0)
-        index = np.sort(rng.permutation(len(train))[: args.train_images])
+        order = np.random.default_rng(0).permutation(len(train))
+        index = np.sort(order[: args.train_images])
         if args.signatures:
             references = {}
             for domain in dict.fromkeys(c.domain for c in cards):
@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
                 log.info("reference signature of domain %s from %d training images", domain, len(index))
             store.set_gate(references=references)
         if args.store_calibration:
-            store.set_calibration(train.images[index[: args.store_calibration]])
+            # a random draw, not the first of the sorted index: a split stored class by class (leaves32)
+            # gave one class, and the adaptive cards' reference statistics came from it
+            store.set_calibration(train.images[np.sort(order[: args.store_calibration])])
     if args.router:
         from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
         from carddeck.eval.robustness import collect_runs, conditions_for, fit_router_on, generated_source

@@ -41,6 +41,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images per condition")
     parser.add_argument("--batch-size", type=int, default=64, help="serving batch size the gate routes (default 64)")
     parser.add_argument(
+        "--order",
+        choices=("dataset", "shuffled"),
+        default="dataset",
+        help="what a serving batch holds: the test split in its stored order (leaves32's is class by class: "
+        "one or two classes per batch) or shuffled with --seed (every class mixed); default dataset",
+    )
+    parser.add_argument(
         "--router",
         choices=("auto", "deck", "fit", "none"),
         default="auto",
@@ -71,6 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from carddeck.data.corruptions import FAMILIES
     from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck
@@ -91,13 +100,20 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"deck {args.deck} has no cards to evaluate")
     args.data = data_for_cards(args.data, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
     test = load_dataset(args.data, "test")
-    images, labels = test.images[: args.limit], test.labels[: args.limit]
+    order = np.arange(len(test.labels))
+    if args.order == "shuffled":
+        if args.corrupted != "generate":
+            raise InvalidInput("--order shuffled needs --corrupted generate (a stored suite keeps its own order)")
+        order = np.random.default_rng(args.seed).permutation(len(test.labels))
+    images, labels = test.images[order][: args.limit], test.labels[order][: args.limit]
     if test.class_names != deck.class_names:
         raise InvalidInput(
             f"dataset {args.data} has classes {list(test.class_names)[:5]}..., the deck's cards "
             f"{list(deck.class_names)[:5]}...; evaluate a deck on the data it was trained for"
         )
     notes: dict[str, object] = {"deck": str(deck.root), "deck_version": deck.version, "data": args.data}
+    if args.order == "shuffled":
+        notes["order"] = f"test images shuffled (seed {args.seed}) before batching"
     if args.corrupted == "generate":
         from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS
 

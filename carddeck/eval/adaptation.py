@@ -2,15 +2,17 @@
 
 Per serving-sized batch of a condition: the gate routes it (a router fitted without the condition's
 corruption, or its whole family, for the held-out rows); the shift signal tests it on what the
-unadapted deck said (a detector without the held-out corruptions); when it calls the batch shifted
-and the batch holds at least ``min_batch`` images, the routed cards' adaptive variants
-(:mod:`carddeck.deck.adapt`) answer instead, each on that batch alone, as the server runs them.
+unadapted deck said (a detector without the held-out corruptions), as the server judges a request;
+when the trigger fires on that verdict and the unadapted answer (:mod:`carddeck.serving.adaptation`),
+the routed cards' adaptive variants (:mod:`carddeck.deck.adapt`) answer instead, each on that batch
+alone, as the server runs them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from carddeck.deck.store import DeckStore
 from carddeck.eval.robustness import CLEAN, Condition, ConditionRun, EvalResult, Source, batches, route_run
 from carddeck.gating.policies import Gate
 from carddeck.gating.router import CalibratedRouter
-from carddeck.gating.shift import ShiftDetector
+from carddeck.gating.shift import ShiftDetector, Trust
 from carddeck.serving.adaptation import Trigger
 
 
@@ -90,11 +92,12 @@ def score_adaptive(
         x = deck.prepare(source(run.condition)[0])
         weights = route_run(gate_for(run.condition), run, policy, False, batch_size)
         mixed = np.einsum("nk,knc->nc", weights, run.probabilities)
-        detector = detector_for(run.condition)
+        judge = served_verdicts(detector_for(run.condition))
         fired = []
         for sl in batches(len(run.labels), batch_size):
             xb = x[sl]
-            go = trigger.fires(detector, xb, mixed[sl], run.signatures[sl])
+            verdict = judge(xb, mixed[sl], run.signatures[sl]) if judge is not None else None
+            go = trigger.fires_on(verdict, mixed[sl])
             fired.append(go)
             if not go:
                 continue
@@ -107,6 +110,22 @@ def score_adaptive(
         adapted[run.condition] = float(np.mean(fired))
         counts.append((weights > 0).sum(axis=1))
     return AdaptiveScore(acc, adapted, float(np.concatenate(counts).mean()))
+
+
+def served_verdicts(detector: ShiftDetector | None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Trust] | None:
+    """One request's verdict as the server computes it (a :class:`ShiftMonitor` with the server's settings:
+    a request of ``min_batch`` images or more is tested on its own, on that many evenly spaced images)."""
+    if detector is None:
+        return None
+    from carddeck.observability.shift import ShiftMonitor
+
+    monitor = ShiftMonitor()
+    monitor.set_detector(detector)
+
+    def judge(x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray) -> Trust:
+        return monitor.judge([("eval", x, SimpleNamespace(features=gate_features), probabilities)])[0]
+
+    return judge
 
 
 def held_out_detector(detector: ShiftDetector | None, corruptions: Sequence[str]) -> ShiftDetector | None:
@@ -191,4 +210,5 @@ __all__ = [
     "held_out_detector",
     "held_out_gate",
     "score_adaptive",
+    "served_verdicts",
 ]

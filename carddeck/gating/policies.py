@@ -305,6 +305,8 @@ def calibrated(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.
 # is fitted on all five severities, whose denser calibration batches make the bandwidth smaller, and
 # there the same setting fired on held-out contrast and the weather family and lost up to 10 points
 # (models/REPORT.md history). Until bench_fallback measures at the served router's density, no fallback.
+# Nor would one close digits32's held-out gaps: elastic is routed with confidence, not as a novelty (val,
+# severities 1,3,5: -1.0 against uniform at every tau and fallback; bench_fallback, session 5).
 UNSURE_AT = float("inf")
 FALLBACK = "uniform"  # or "clean-cards" (the uniform mix of the cards good on clean data), "nearest-domain"
 

@@ -100,8 +100,8 @@ class MicroBatchRun:
         # conditions were measured on; a request the trigger fires on is then answered adapted
         adapted = {
             i: a
-            for i in predicted
-            if (a := self.verdicts.adapted(works[i].deck, works[i].x, routings[i], verdicts.get(i))) is not None
+            for i, request in predicted.items()
+            if (a := self.verdicts.adapted(works[i].deck, request, verdicts.get(i))) is not None
         }
         compute = time.monotonic() - t0
         self._count_execution(works, compute)

@@ -55,12 +55,12 @@ class Verdicts:
                 log.exception("judging a micro-batch of %d requests failed", len(predicted))
         return [Trust.unknown(len(p.x), p.probabilities) for p in predicted]
 
-    def adapted(self, deck: Deck, x: np.ndarray, routing: Routing, verdict: Trust | None) -> np.ndarray | None:
-        """The request's answer from the routed cards' adaptive variants, run on its own images ``x`` only,
-        when the trigger fires on its verdict (:mod:`carddeck.serving.adaptation`); None: serve the
-        unadapted answer. Never fails the request: adaptation is an improvement, not a dependency."""
-        trigger = self.adaptation
-        if trigger is None or verdict is None or not trigger.fires_on(verdict, len(x)):
+    def adapted(self, deck: Deck, request: RoutedRequest, verdict: Trust | None) -> np.ndarray | None:
+        """The request's answer from the routed cards' adaptive variants, run on its own images only, when
+        the trigger fires on its verdict and unadapted answer (:mod:`carddeck.serving.adaptation`); None:
+        serve the unadapted answer. Never fails the request: adaptation is an improvement, not a dependency."""
+        trigger, x, routing = self.adaptation, request.x, request.routing
+        if trigger is None or verdict is None or not trigger.fires_on(verdict, request.probabilities):
             return None
         try:
             if not deck.adaptive_ready:

@@ -138,3 +138,30 @@ def test_a_card_without_convolutions_has_no_adaptive_variant() -> None:
 
     model = tiny_card(tiny_meta()).SerializeToString()
     assert build_adaptive(model, np.zeros((4, 3, 32, 32), np.float32)) is None
+
+
+def test_each_real_card_variant_is_the_card_when_the_stored_statistics_dominate() -> None:
+    """Every card of the default deck (int8 QDQ biprop, low-rank LRR, filter-pruned): with the reference
+    statistics weighing ~infinitely the adaptive variant gives the card's logits on a shifted batch, and
+    at N=0 it does not. Kills a rewrite that renormalises the wrong tensor (a low-rank factor, the
+    quantised copy) or a reference taken after the QuantizeLinear clamp."""
+    from carddeck.data.corruptions import corrupt
+    from carddeck.data.datasets import load_dataset
+    from carddeck.deck import Deck, DeckStore
+    from carddeck.deck.default import default_deck_path
+
+    deck = Deck.open(default_deck_path())
+    store = DeckStore(default_deck_path())
+    calibration = store.calibration_images()
+    assert calibration is not None
+    clean = deck.prepare(calibration)
+    shifted = deck.prepare(corrupt(load_dataset("digits32", "test").images[:32], "contrast", 5, seed=0))
+    for name in deck.card_names:
+        proto = onnx.load_from_string(store.read_model(deck.manifest.find(name)))
+        stats = reference_statistics(proto, clean)
+        assert stats, name
+        plain = _run(proto, shifted)
+        scale = np.abs(plain).max()
+        # QDQ cards: ORT fuses the original's Q/DQ around each conv, the variant's conv runs in float
+        np.testing.assert_allclose(_run(adaptive_model(proto, stats, prior=1e12), shifted), plain, atol=0.02 * scale)
+        assert np.abs(_run(adaptive_model(proto, stats, prior=0.0), shifted) - plain).max() > 0.05 * scale, name

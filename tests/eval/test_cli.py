@@ -46,6 +46,28 @@ def test_calibrate_then_eval(tmp_path, capsys):
     assert "mean corrupted" in capsys.readouterr().out
 
 
+def test_stored_calibration_images_are_a_random_draw_of_a_class_sorted_split(tmp_path):
+    """A training split stored class by class (leaves32's is) must still give calibration images of every
+    class: the adaptive cards' reference statistics come from them. Kills taking the first N of the sorted
+    index (the stored images were all of one class, and adaptation cost leaves32 6 points clean)."""
+    from carddeck.data.datasets import load_dataset
+
+    splits = {s: load_dataset("digits32", s) for s in ("train", "val", "test")}
+    arrays = {}
+    for s, ds in splits.items():
+        order = np.argsort(ds.labels, kind="stable")
+        arrays[f"{s}_images"], arrays[f"{s}_labels"] = ds.images[order], ds.labels[order]
+    np.savez(tmp_path / "sorted.npz", **arrays)
+    store = tiny_deck(tmp_path)
+    args = ["calibrate", "--deck", str(store.root), "--data", f"npz:{tmp_path / 'sorted.npz'}"]
+    assert main([*args, "--no-signatures", "--no-router", "--store-calibration", "40"]) == 0
+    stored = store.calibration_images()
+    assert stored.shape == (40, 32, 32, 3)
+    train = arrays["train_images"].reshape(len(arrays["train_images"]), -1)
+    rows = [int(np.flatnonzero((train == im.reshape(1, -1)).all(axis=1))[0]) for im in stored]
+    assert len(set(arrays["train_labels"][rows].tolist())) >= 8
+
+
 def test_eval_fits_a_router_when_the_deck_has_none(tmp_path):
     store = tiny_deck(tmp_path)
     out = tmp_path / "r"
@@ -63,6 +85,21 @@ def test_eval_fits_a_router_when_the_deck_has_none(tmp_path):
     assert sel["uniform"]["risk"][-1] == pytest.approx(1 - data["methods"]["uniform"]["mean_corrupted"])
     md = (out / "eval.md").read_text()
     assert "## Selective prediction" in md and "| uniform |" in md.split("## Selective prediction")[1]
+
+
+def test_eval_can_shuffle_the_test_split_before_batching(tmp_path, capsys):
+    """--order shuffled: batches mix every class (leaves32 stores its split class by class), said in the
+    notes; a stored corrupted suite keeps its own order, so the two are refused together."""
+    store = tiny_deck(tmp_path)
+    args = ["eval", "--deck", str(store.root), "--limit", "32", *FAST, "--router", "none", "--no-held-out"]
+    out = tmp_path / "r"
+    assert main([*args, "--no-per-sample", "--order", "shuffled", "--out", str(out)]) == 0
+    assert (
+        json.loads((out / "eval.json").read_text())["notes"]["order"] == "test images shuffled (seed 0) before batching"
+    )
+    capsys.readouterr()
+    assert main([*args, "--corrupted", str(tmp_path), "--order", "shuffled", "--out", str(out)]) == 2
+    assert "--order shuffled needs --corrupted generate" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -16,8 +16,9 @@ from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore
 from carddeck.deck.default import default_deck_path
+from carddeck.eval.adaptation import deck_detector, served_verdicts
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
-from carddeck.serving.adaptation import Trigger
+from carddeck.serving.adaptation import Trigger, class_spread
 from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 from tests.serving.test_dataplane import BatchSizes
 
@@ -49,7 +50,7 @@ def _dataplane(root: Path, sizes: BatchSizes | None = None, min_batch: int = 16)
     dp.start()
     dp.deck.warm_adaptive()
     # every large enough request adapts: this module tests where the statistics come from, not the trigger
-    dp.adaptation = Trigger(min_batch=min_batch, states=None)
+    dp.adaptation = Trigger(min_batch=min_batch, states=None, min_spread=0.0)
     return dp
 
 
@@ -93,14 +94,13 @@ def test_small_requests_and_single_cards_are_served_unadapted(conv_deck, images)
 def test_the_trigger_follows_the_shift_signal_on_the_default_deck(images):
     """Clean test batches stay unadapted; fogged ones are called shifted and adapted."""
     deck = Deck.open(default_deck_path())
-    monitor = ShiftMonitor()
-    ShiftLoader(monitor)(deck)
-    assert monitor.detector is not None
+    judge = served_verdicts(deck_detector(deck))
+    assert judge is not None
     trigger = Trigger()
 
     def fires(batch: np.ndarray) -> bool:
         p = deck.predict(batch)
-        return trigger.fires(monitor.detector, deck.prepare(batch), p.probabilities, p.routing.features)
+        return trigger.fires_on(judge(deck.prepare(batch), p.probabilities, p.routing.features), p.probabilities)
 
     assert not fires(images[:64]) and not fires(images[64:128])
     assert fires(corrupt(images[:64], "fog", 5, seed=0))
@@ -121,9 +121,47 @@ def test_the_server_adapts_on_the_verdict_every_answer_carries(images):
         dp.deck.warm_adaptive()
         fogged, _ = dp.predict(corrupt(images[:64], "fog", 5, seed=0))
         assert fogged.adapted and fogged.verdict is not None and fogged.verdict.state == "uncovered"
+        # carddeck eval judges a batch as this server does (kills testing all 64 images, not 16 spaced ones)
+        x = dp.deck.prepare(corrupt(images[:64], "fog", 5, seed=0))
+        plain = dp.deck.predict(x)
+        judged = served_verdicts(monitor.detector)(x, plain.probabilities, plain.routing.features)  # type: ignore[misc]
+        assert (judged.state, judged.scope) == (fogged.verdict.state, fogged.verdict.scope)
+        assert judged.expected_accuracy == pytest.approx(fogged.verdict.expected_accuracy, abs=1e-9)
         clean, _ = dp.predict(images[:64])
         assert not clean.adapted and clean.verdict is not None and clean.verdict.state == "in_distribution"
         small, _ = dp.predict(corrupt(images[: Trigger().min_batch - 1], "fog", 5, seed=0))
         assert not small.adapted
     finally:
         dp.close()
+
+
+def test_class_spread_counts_the_classes_an_answer_spreads_over():
+    uniform = np.full((8, 10), 0.1)
+    one = np.eye(10)[[3] * 8]
+    two = np.eye(10)[[3, 7] * 4]
+    assert class_spread(uniform) == pytest.approx(1.0)
+    assert class_spread(one) == pytest.approx(0.1, abs=1e-6)
+    assert class_spread(two) == pytest.approx(0.2, abs=1e-6)
+
+
+def test_a_shifted_request_of_one_class_is_served_unadapted(images):
+    """Batch statistics of a one-class request hold its class: renormalising them away turns a fogged
+    request of threes from mostly right to mostly wrong. The shift signal still calls it uncovered; the
+    spread guard keeps it unadapted, while a fogged request of every class is adapted. Kills the trigger
+    without the guard (min_spread 0) and a guard that also blocks mixed requests."""
+    deck = Deck.open(default_deck_path())
+    judge = served_verdicts(deck_detector(deck))
+    assert judge is not None
+    train = load_dataset("digits32", "train")
+    threes = deck.prepare(corrupt(train.images[train.labels == 3][:64], "fog", 5, seed=0))
+    mixed = deck.prepare(corrupt(images[:64], "fog", 5, seed=0))
+    trigger = Trigger()
+    for x, one_class in ((threes, True), (mixed, False)):
+        p = deck.predict(x)
+        verdict = judge(x, p.probabilities, p.routing.features)
+        assert verdict.state == "uncovered" and verdict.scope == "batch"
+        assert Trigger(min_spread=0.0).fires_on(verdict, p.probabilities)
+        assert trigger.fires_on(verdict, p.probabilities) is not one_class
+        if one_class:  # why: adapted, the one-class request loses most of its answers
+            adapted = deck.run_routed(x, p.routing.weights, adapt=True)
+            assert (adapted.argmax(1) == 3).mean() < (p.probabilities.argmax(1) == 3).mean() - 0.3

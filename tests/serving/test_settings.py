@@ -22,6 +22,15 @@ def test_defaults_listen_on_loopback_8001():
     assert s.batching and s.max_batch_size == 64
 
 
+def test_adaptation_is_on_by_default_at_the_measured_minimum_batch():
+    """Kills the opt-in default (0): measured on both development decks it costs nothing clean and nothing
+    held out (README "Test-time adaptation"); --adapt-min-batch 0 still turns it off."""
+    from carddeck.deck.adapt import MIN_BATCH
+
+    assert load_settings(parse(), env={}).adapt_min_batch == MIN_BATCH > 0
+    assert load_settings(parse("--adapt-min-batch", "0"), env={}).adapt_min_batch == 0
+
+
 def test_metrics_listen_on_the_grpc_host_unless_told_otherwise():
     from carddeck.app.process import _observability
 
