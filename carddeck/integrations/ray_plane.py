@@ -60,7 +60,8 @@ class RayDeck(Deck):
         result: Callable[[str, np.ndarray, Any], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Each routed card's rows to its deployment, all at once; their probabilities mixed as the local deck
-        does. ``result(card, rows, call)`` waits for one card's answer (default: at most ``timeout_s``)."""
+        does. ``result(card, rows, call)`` waits for one card's answer (default: at most ``timeout_s``).
+        ``on_card`` and ``adapt`` do not apply: the deployments time their own runs and run the cards as stored."""
         wait = result or (lambda name, sub, call: np.asarray(call.result(timeout_s=self.timeout_s)))
         jobs = routed_rows(weights, self.card_names)
         subs = [x if len(rows) == len(x) else np.ascontiguousarray(x[rows]) for _, _, rows in jobs]
