@@ -165,6 +165,9 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
         for _ in range(4)
     ]  # fmt: skip
     store.set_gate(router=fit_router(points, keys))  # so that the 'calibrated' policy serves too
+    # the images the reconciler refits the shift detector from (no detector stored: it refits one at deploy);
+    # 32 make a refit take a few hundred card calls, so the `unknown` it leaves after AddCard is seen
+    store.set_calibration(smooth_images(32, seed=99))
     ray.init(
         address="local",
         num_cpus=4,  # logical CPUs: the replicas ask for fractions of them; 2 real cores do the work
