@@ -302,7 +302,7 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
 
     x = np.concatenate([smooth_images(8, seed=11), noisy_images(8, seed=12)])
     ray_deck.infer(x)  # one tested batch
-    # what carddeck serve's Metrics holds for the same request, the same detector, a refit and a store poll
+    # what carddeck serve's Metrics holds for the same request and detector, and for a refit
     local = Metrics(CollectorRegistry())
     monitor, deck = ShiftMonitor(local), Deck.open(ray_deck.root)
     ShiftLoader(monitor, refit=False)(deck)
