@@ -1,11 +1,11 @@
 """What one request costs in Python on its way through the server's layers: CPU microseconds per request.
 
-    python benchmarks/bench_request_python.py [--deck models] [--model carddeck] [--requests 2000]
+    python benchmarks/bench_request_python.py [--deck models] [--model carddeck] [--images 1] [--requests 2000]
                                               [--rounds 5] [--before-tree DIR] [--with-ort]
 
-One uint8 image per request, one thread, no transport and no micro-batching (a lone request runs in its
-own thread): the Open Inference Protocol's ModelInfer called through the layers a gRPC call goes through,
-each measured on its own, so the differences are each layer's share:
+``--images`` uint8 images per request (default 1), one thread, no transport and no micro-batching (a lone
+request runs in its own thread): the Open Inference Protocol's ModelInfer called through the layers a gRPC
+call goes through, each measured on its own, so the differences are each layer's share:
   * ``handler chain``: the bytes in, through the interceptors (metrics, request id, auth), the one
     wrapper (:func:`carddeck.server.handlers.served`: parse, drain accounting, error mapping), the servicer,
     and the response serialized;
@@ -69,7 +69,7 @@ class _Context:
         return {}
 
 
-def measure(deck_path: str, model_name: str, requests: int, with_ort: bool) -> dict[str, float]:
+def measure(deck_path: str, model_name: str, requests: int, with_ort: bool, images: int = 1) -> dict[str, float]:
     """One round in this process (the tree on sys.path): CPU us per request of each layer."""
     import numpy as np
     from prometheus_client import CollectorRegistry
@@ -105,7 +105,7 @@ def measure(deck_path: str, model_name: str, requests: int, with_ort: bool) -> d
         return at(0)
 
     spec = dp.deck.input
-    image = (np.random.default_rng(0).random((1, spec.height, spec.width, spec.channels)) * 255).astype(np.uint8)
+    image = (np.random.default_rng(0).random((images, spec.height, spec.width, spec.channels)) * 255).astype(np.uint8)
     tensor = oip.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=image.shape)
     message = oip.ModelInferRequest(model_name=model_name, inputs=[tensor], raw_input_contents=[image.tobytes()])
     raw = message.SerializeToString()
@@ -137,6 +137,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deck", default=str(ROOT / "models"))
     parser.add_argument("--model", default="carddeck", help="the deck model or one of its cards")
+    parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--with-ort", action="store_true", help="run the card too (noisier)")
@@ -144,19 +145,21 @@ def main() -> int:
     parser.add_argument("--one-round", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_round:
-        print(json.dumps(measure(args.deck, args.model, args.requests, args.with_ort)))
+        print(json.dumps(measure(args.deck, args.model, args.requests, args.with_ort, args.images)))
         return 0
     trees = {"after": ROOT, **({"before": args.before_tree.resolve()} if args.before_tree else {})}
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():  # each round in a fresh process of its tree
             cmd = [sys.executable, __file__, "--one-round", "--deck", args.deck, "--model", args.model,
-                   "--requests", str(args.requests), *(["--with-ort"] if args.with_ort else [])]  # fmt: skip
+                   "--requests", str(args.requests), "--images", str(args.images),
+                   *(["--with-ort"] if args.with_ort else [])]  # fmt: skip
             env = {**os.environ, "PYTHONPATH": str(tree)}
             done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
             rounds[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"model {args.model} of {args.deck}, 1 image per request, {'with' if args.with_ort else 'no'} ONNX Runtime;"
-          f" CPU us per request, median of {args.rounds} rounds (range)")  # fmt: skip
+    ort = "with" if args.with_ort else "no"
+    print(f"model {args.model} of {args.deck}, {args.images} images per request, {ort} ONNX Runtime; "
+          f"CPU us per request, median of {args.rounds} rounds (range)")  # fmt: skip
     for layer in LAYERS:
         cells = []
         for name in trees:
