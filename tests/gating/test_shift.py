@@ -161,6 +161,7 @@ def test_refit_from_the_deck_alone_serves_a_detector_for_the_new_cards(tiny_deck
         assert monitor.detector is None  # unknown, never silently the old one
         assert loader.wait(120)
     assert outcomes == ["ok"] and sorted(monitor.detector.notes["cards"]) == sorted(c.key for c in deck.cards)
+    assert monitor.detector.notes["scope_features"] == "all"  # a label-free check is too thin to vouch for coarse
     assert "refitting the shift detector" in caplog.text and "refitted" in caplog.text
 
 
