@@ -599,9 +599,9 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
             f"{m['cpu_s_per_1k']:.2f} CPU s / 1k, mean batch {m['mean_batch'] or 0:.1f})"
         )
 
-    def ratio(a: tuple[str, int, int], b: tuple[str, int, int]) -> str:
+    def ratio(a: tuple[str, int, int], b: tuple[str, int, int], of: str = "images_per_s") -> str:
         """Each round's a / b (measured minutes apart at most), median and range over the rounds."""
-        each = sorted(x["images_per_s"] / y["images_per_s"] for x, y in zip(rows[a], rows[b]) if x and y)
+        each = sorted(x[of] / y[of] for x, y in zip(rows[a], rows[b]) if x and y)
         if not each:
             return "failed"
         return f"{each[len(each) // 2]:.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
@@ -616,8 +616,9 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
         print(f"  CARD-Deck b{batch} c{conc}: vs " + ", ".join(parts))
     if "CARD-Deck before" in peers:
         for batch, conc in loads:
-            print(f"  CARD-Deck / CARD-Deck before, b{batch} c{conc}: "
-                  f"{ratio(('CARD-Deck', batch, conc), ('CARD-Deck before', batch, conc))}x")  # fmt: skip
+            now, before = ("CARD-Deck", batch, conc), ("CARD-Deck before", batch, conc)
+            print(f"  CARD-Deck / CARD-Deck before, b{batch} c{conc}: {ratio(now, before)}x images/s, "
+                  f"{ratio(now, before, 'cpu_s_per_1k')}x server CPU per image")  # fmt: skip
     if (1, 1) in loads:
         for key in streams:
             print(f"  {key} stream b1 / {key} unary b1 c1: {ratio((f'{key} stream', 1, 1), (key, 1, 1))}x")
