@@ -2,6 +2,7 @@
 
     python benchmarks/bench_peers.py [--card resnet20-augmix-lrr] [--seconds 3] [--rounds 2]
                                      [--loads 64x1,1x1,1x8,1x32] [--peers-python /work/wt/venvs/peers/bin/python]
+                                     [--peers triton,mlserver] [--before-tree DIR]
 
 Servers, each its own process tree, started one after another and kept up through the run:
   * ``carddeck serve`` on a one-card deck holding the card (the card is an OIP model of its own; the
@@ -21,6 +22,8 @@ same card in this process (``Deck.run_card``: the same decode, ONNX Runtime and 
 the same run. Each server's CPU seconds per 1,000 images counts its whole process tree (Triton's
 server, its backend stub and pytriton's proxy). Mean executed batch: inferences / executions from the
 OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
+``--before-tree DIR`` (e.g. ``git archive`` of an older commit) adds a row for ``carddeck serve`` from that
+tree, same card, same loads, alternated with the others: before/after ratios from one run.
 Streaming rows: batch 1 over one ``ModelStreamInfer`` stream from one client (``--stream-window``
 requests in flight), against batch 1 / concurrency 1 unary.
 
@@ -206,10 +209,20 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 class Peer:
-    def __init__(self, label: str, cmd: list[str], port: int, model: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        cmd: list[str],
+        port: int,
+        model: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.label, self.model, self.address = label, model, f"127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)  # noqa: SIM115 - lives with the peer
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
         self.error = ""
 
     def wait_ready(self, timeout_s: float = 180) -> bool:
@@ -430,6 +443,9 @@ def main() -> int:
     parser.add_argument("--peers-python", default=PEERS_PYTHON, help="Python of the peers' virtualenv")
     parser.add_argument("--stream-window", type=int, default=64, help="requests in flight on the stream rows")
     parser.add_argument("--client-procs", type=int, default=4)
+    parser.add_argument(
+        "--before-tree", type=Path, help="also serve from this source tree (e.g. `git archive` of an older commit)"
+    )
     parser.add_argument("--as", dest="role", choices=("triton", "mlserver"), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -466,29 +482,12 @@ def run(args: argparse.Namespace) -> int:
     )
 
     peers: dict[str, Peer] = {}
-    port = free_port(1)
-    peers["CARD-Deck"] = Peer(
-        "CARD-Deck",
-        [
-            sys.executable,
-            "-m",
-            "carddeck",
-            "serve",
-            "--deck",
-            str(tmp / "deck"),
-            "--port",
-            str(port),
-            "--http-port",
-            "-1",
-            "--metrics-port",
-            "-1",
-            "--poll-interval-s",
-            "0",
-        ],
-        port,
-        args.card,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    trees = {"CARD-Deck": ROOT, **({"CARD-Deck before": args.before_tree.resolve()} if args.before_tree else {})}
+    for key, tree in trees.items():  # the older code on the same card, measured in the same run
+        port = free_port(1)
+        serve = ["serve", "--deck", str(tmp / "deck"), "--port", str(port), "--http-port", "-1"]
+        cmd = [sys.executable, "-m", "carddeck", *serve, "--metrics-port", "-1", "--poll-interval-s", "0"]
+        peers[key] = Peer(key, cmd, port, args.card, env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
     libdir = (
         subprocess.run(
             [args.peers_python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
@@ -547,7 +546,7 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
     pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
     list(pool.map(time.sleep, [0.1] * args.client_procs))
     rows: dict[tuple[str, int, int], list[dict | None]] = {}
-    streams = [key for key in ("CARD-Deck", "Triton") if key in peers]
+    streams = [key for key in ("CARD-Deck", "CARD-Deck before", "Triton") if key in peers]
     try:
         for r in range(args.rounds):
             for batch, conc in loads:
@@ -600,9 +599,9 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
             f"{m['cpu_s_per_1k']:.2f} CPU s / 1k, mean batch {m['mean_batch'] or 0:.1f})"
         )
 
-    def ratio(a: tuple[str, int, int], b: tuple[str, int, int]) -> str:
+    def ratio(a: tuple[str, int, int], b: tuple[str, int, int], of: str = "images_per_s") -> str:
         """Each round's a / b (measured minutes apart at most), median and range over the rounds."""
-        each = sorted(x["images_per_s"] / y["images_per_s"] for x, y in zip(rows[a], rows[b]) if x and y)
+        each = sorted(x[of] / y[of] for x, y in zip(rows[a], rows[b]) if x and y)
         if not each:
             return "failed"
         return f"{each[len(each) // 2]:.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
@@ -615,6 +614,11 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
         if (64, 1) in loads and batch == 1:
             parts.append(f"of in-process b64 {ratio(ours, ('in-process ORT', 64, 1))}")
         print(f"  CARD-Deck b{batch} c{conc}: vs " + ", ".join(parts))
+    if "CARD-Deck before" in peers:
+        for batch, conc in loads:
+            now, before = ("CARD-Deck", batch, conc), ("CARD-Deck before", batch, conc)
+            print(f"  CARD-Deck / CARD-Deck before, b{batch} c{conc}: {ratio(now, before)}x images/s, "
+                  f"{ratio(now, before, 'cpu_s_per_1k')}x server CPU per image")  # fmt: skip
     if (1, 1) in loads:
         for key in streams:
             print(f"  {key} stream b1 / {key} unary b1 c1: {ratio((f'{key} stream', 1, 1), (key, 1, 1))}x")

@@ -153,7 +153,7 @@ def measure(call: Callable[[np.ndarray], object], images: np.ndarray, concurrenc
 
 
 # -- load from other processes ----------------------------------------------------------------------
-def _client_call(kind: str, address: str, images: np.ndarray) -> Callable[[], object]:
+def _client_call(kind: str, address: str, images: np.ndarray, model: str = "carddeck") -> Callable[[], object]:
     if kind == "carddeck":
         from carddeck.client.api import CardDeckClient
 
@@ -166,17 +166,23 @@ def _client_call(kind: str, address: str, images: np.ndarray) -> Callable[[], ob
         tensor = th.InferInput("images", list(images.shape), "UINT8")
         tensor.set_data_from_numpy(images)
         outputs = [th.InferRequestedOutput(n, binary_data=True) for n in ("probabilities", "labels")]
-        return lambda: http.infer("carddeck", [tensor], outputs=outputs)
+        return lambda: http.infer(model, [tensor], outputs=outputs)
     import tritonclient.grpc as tc
 
     oip = tc.InferenceServerClient(address)
     inp = tc.InferInput("images", list(images.shape), "UINT8")
     inp.set_data_from_numpy(images)
-    return lambda: oip.infer("carddeck", [inp])
+    return lambda: oip.infer(model, [inp])
 
 
 def client_load(
-    kind: str, address: str, shape: tuple[int, ...], threads: int, start_at: float, stop_at: float
+    kind: str,
+    address: str,
+    shape: tuple[int, ...],
+    threads: int,
+    start_at: float,
+    stop_at: float,
+    model: str = "carddeck",
 ) -> list[float]:
     """In a client process: ``threads`` clients sending uint8 images of ``shape`` (N, H, W, C), each calling
     from ``start_at`` to ``stop_at``; latencies (s)."""
@@ -184,7 +190,9 @@ def client_load(
     latencies: list[float] = []
 
     def worker() -> None:
-        call = _client_call(kind, address, images)  # in its thread: tritonclient.http's gevent pool is per thread
+        call = _client_call(
+            kind, address, images, model
+        )  # in its thread: tritonclient.http's gevent pool is per thread
         call()  # connect and warm up before the window opens
         time.sleep(max(0.0, start_at - time.time()))
         local = []
@@ -209,7 +217,7 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Server, images: np.ndarray, conc: int,
-                   seconds: float) -> dict:  # fmt: skip
+                   seconds: float, model: str = "carddeck") -> dict:  # fmt: skip
     """Load from ``min(conc, procs)`` client processes; throughput, latency and server CPU per 1,000 images."""
     n = min(conc, procs)
     start_at = time.time() + 1.5  # every client connected and warmed up first
@@ -217,7 +225,7 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
     address = server.http_address if kind == "http" else server.address
     batch = len(images)
     futures = [
-        pool.submit(client_load, kind, address, images.shape, conc // n + (i < conc % n), start_at, stop_at)
+        pool.submit(client_load, kind, address, images.shape, conc // n + (i < conc % n), start_at, stop_at, model)
         for i in range(n)
     ]
     time.sleep(max(0.0, start_at - time.time()))

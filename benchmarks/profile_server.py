@@ -1,6 +1,7 @@
 """Where a ``carddeck serve`` process spends its CPU under load: py-spy samples, grouped by stage.
 
     python benchmarks/profile_server.py [--deck models] [--load 1x32] [--kind carddeck|oip|http] [--seconds 8]
+                                        [--model CARD] [--all-threads]
 
 Starts the server like ``bench_server.py`` does, drives it from client processes at BATCHxCONCURRENCY,
 samples the server with ``py-spy record --gil --format raw`` (the thread holding the GIL: the Python
@@ -29,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import numpy as np  # noqa: E402
 from bench_server import Server, measure_remote  # noqa: E402
+
+from carddeck.deck import Deck  # noqa: E402
 
 # (stage, substrings of "function (file)" frames), leaf-most match wins; order breaks ties within a frame
 STAGES = (
@@ -91,24 +95,28 @@ def main() -> int:
     parser.add_argument("--load", default="1x32", help="BATCHxCONCURRENCY")
     parser.add_argument("--kind", choices=("carddeck", "oip", "http"), default="carddeck")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--model", default="carddeck", help="OIP model (oip, http kinds): the deck or one of its cards")
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--all-threads", action="store_true", help="every active thread, not only the GIL holder")
     parser.add_argument("--keep", type=Path, help="also write the raw stacks (and an SVG next to them) here")
     parser.add_argument("server_args", nargs="*", help="extra `carddeck serve` flags (after --)")
     args = parser.parse_args()
     batch, conc = (int(v) for v in args.load.split("x"))
+    spec = Deck.open(args.deck, run_cards=False).input  # the deck's own input contract: uint8 [N, H, W, C]
+    shape = (batch, spec.height, spec.width, spec.channels)
+    images = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
     server = Server(args.deck, *args.server_args)
     pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
     try:
         list(pool.map(time.sleep, [0.1] * args.client_procs))
-        measure_remote(pool, args.client_procs, args.kind, server, batch, conc, 2.0)  # warm-up
+        measure_remote(pool, args.client_procs, args.kind, server, images, conc, 2.0, args.model)  # warm-up
         with tempfile.TemporaryDirectory() as tmp:
             raw = args.keep or Path(tmp) / "stacks.txt"
             cmd = ["py-spy", "record", "--pid", str(server.proc.pid), "--format", "raw", "-o", str(raw),
                    "--rate", "200", "--duration", str(int(args.seconds) + 2), "--nonblocking"]  # fmt: skip
             spy = subprocess.Popen([*cmd, *([] if args.all_threads else ["--gil"])], stdout=subprocess.DEVNULL)
             before = thread_cpu(server.proc.pid)
-            r = measure_remote(pool, args.client_procs, args.kind, server, batch, conc, args.seconds)
+            r = measure_remote(pool, args.client_procs, args.kind, server, images, conc, args.seconds, args.model)
             after = thread_cpu(server.proc.pid)
             names = thread_names(server.proc.pid)
             spy.wait(60)

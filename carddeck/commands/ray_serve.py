@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import threading
+from typing import Any
 
 from carddeck.errors import InvalidInput
 
@@ -27,6 +28,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-replicas", type=int, default=2, help="most replicas of a card")
     parser.add_argument("--target-ongoing-requests", type=float, default=4.0,
                         help="autoscaling target: ongoing requests per card replica")  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, default=8002,
+                        help="Prometheus metrics of a local cluster: Ray's metrics export, where the carddeck_* "
+                             "series go out as ray_carddeck_* (serve/ray/prometheus.yml strips the prefix); 0: "
+                             "any free port. With --address: the cluster's (ray start --metrics-export-port)",
+                        )  # fmt: skip
     parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often to look for store changes")
     parser.add_argument("--allow-unauthenticated-admin", action="store_true",
                         help="serve repository load/unload without a token (local experiments only)")  # fmt: skip
@@ -50,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
         target_ongoing_requests=args.target_ongoing_requests,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin,
     )
-    ray.init(address=args.address or None, num_cpus=args.num_cpus, include_dashboard=False)
+    local: dict[str, Any] = {} if args.address else {"_metrics_export_port": args.metrics_port or None}
+    ray.init(address=args.address or None, num_cpus=args.num_cpus, include_dashboard=False, **local)
+    here = ray.util.get_node_ip_address()
+    for node in ray.nodes():
+        if node["Alive"] and node["NodeManagerAddress"] == here:
+            log.info("metrics (ray_carddeck_*) on http://%s:%d/metrics", here, node["MetricsExportPort"])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

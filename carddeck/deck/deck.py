@@ -278,12 +278,11 @@ class Deck:
 
 def routed_rows(weights: np.ndarray, card_names: Sequence[str]) -> list[tuple[int, str, np.ndarray]]:
     """(column, card name, rows) of each card ``weights`` [N, K] give at least one row: each runs once, on those."""
-    out = []
-    for k, name in enumerate(card_names):
-        rows = np.flatnonzero(weights[:, k] > 0)
-        if len(rows):
-            out.append((k, name, rows))
-    return out
+    routed = weights > 0
+    if routed.all(axis=0).all():  # every card on every row (the usual per-batch routing): no search
+        every = np.arange(len(weights))
+        return [(k, name, every) for k, name in enumerate(card_names)]
+    return [(k, card_names[k], np.flatnonzero(routed[:, k])) for k in np.flatnonzero(routed.any(axis=0)).tolist()]
 
 
 def mix(
@@ -301,7 +300,10 @@ def mix(
         for (k, rows), p in zip(jobs, probabilities):
             per_card[k, rows] = p
         weights = combine_weights(weights, per_card, combine)
-    probs = np.zeros((len(weights), num_classes), np.float32)
+    n = len(weights)
+    if len(jobs) == 1 and len(jobs[0][1]) == n:  # one card on every row (a card model): no scatter
+        return (weights[:, jobs[0][0], None] * probabilities[0]).astype(np.float32, copy=False)
+    probs = np.zeros((n, num_classes), np.float32)
     for (k, rows), p in zip(jobs, probabilities):
         probs[rows] += weights[rows, k, None] * p
     return probs

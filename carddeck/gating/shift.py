@@ -26,7 +26,10 @@ reference condition on which the deck lost at most ``tolerance``), *uncovered* (
 the nearest of the in-scope references (clean, the cards' augmentation domains and the corruptions the
 deck stays accurate on, their severities pooled: one Gaussian each); the threshold is a conformal
 quantile of out-of-fold clean scores (default fpr 5%). Scores are in threshold units: above 1 is out
-of scope.
+of scope. It reads every feature, or only the coarse ones (low spectral rings, channel means and
+spreads) where that passes a check on the fitting data with each corruption family held out
+(``SCOPE_FEATURE_SETS``, :func:`carddeck.gating.shift_fit.select_scope`): coarse features let an
+unseen family's benign images stay in scope, but on some decks a harmful shift looks coarse-alike too.
 
 **Expected accuracy**: 0.6 x the deck's accuracy on the reference conditions, weighted by a Gaussian
 kernel of the batch's statistic to each relative to the nearest; 0.3 x the clean accuracy minus the drop
@@ -49,8 +52,10 @@ import numpy as np
 from carddeck.errors import InvalidInput
 from carddeck.gating.signature import FEATURE_DIM, ORIENTATIONS, SIGNATURE_DIM, sample_features
 
-FORMAT = "carddeck-shift/4"  # 4: mean confidence per condition (3: grouped MMD, per-image scope; 2: one kernel)
-READABLE = ("carddeck-shift/3", FORMAT)  # a format-3 file estimates with ATC in place of DoC
+# 5: the scope reads a subset of the features (4: mean confidence per condition; 3: grouped MMD, per-image scope;
+# 2: one kernel). A format-4 reader would apply a format-5 scope to every column, hence the new number.
+FORMAT = "carddeck-shift/5"
+READABLE = ("carddeck-shift/3", "carddeck-shift/4", FORMAT)  # 3: ATC in place of DoC; 3 and 4: scope on every feature
 STATES = ("in_distribution", "covered", "uncovered")
 UNKNOWN = "unknown"  # no detector fitted to the deck's cards (yet): served, never silently off
 ALPHA = 0.005  # false alarms per in-distribution batch: ERT 200 batches
@@ -91,6 +96,18 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "output": ("confidence", "entropy"),
 }
 CONFIDENCE = FEATURE_NAMES.index("confidence")
+# What the per-image scope may read, tried in this order when it is fitted (shift_fit.select_scope):
+# "coarse": the coarse structure of an image (the lowest 5 rings of its spectrum: shapes at the scale of the
+# objects) and its per-channel level and spread. Fine texture (higher rings, orientation, gradient,
+# clipping, saturation) is what corruptions change and the cards are trained to ignore, so an image of a
+# family no reference has seen stays in scope unless it changes what the image shows. But a harmful
+# shift can look coarse-alike too (digits32: fog/5, 73% accurate, next to its lowfreq domain and to
+# contrast/2, 98%), so the coarse set is kept only where the deck's own validation data, each family held
+# out in turn, says it neither calls benign batches uncovered nor misjudges harmful ones; else "all".
+SCOPE_FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "coarse": (*(f"spectrum_{i}" for i in range(5)), *(f"{s}_{c}" for s in ("mean", "std") for c in "rgb")),
+    "all": FEATURE_NAMES,
+}
 
 
 def photometric_features(x: np.ndarray) -> np.ndarray:
@@ -202,27 +219,41 @@ def calibrated_thresholds(
 
 
 # -- per-image scope ------------------------------------------------------------------------------
-def _gaussian(features: np.ndarray, embedding: Embedding) -> tuple[np.ndarray, np.ndarray]:
+def _standardized(features: np.ndarray, embedding: Embedding, columns: np.ndarray | slice) -> np.ndarray:
+    return (np.asarray(features, np.float32)[:, columns] - embedding.center[columns]) / embedding.scale[columns]
+
+
+def _gaussian(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and precision of standardized features, covariance shrunk towards the identity (small sets)."""
-    z = (np.asarray(features, np.float64) - embedding.center) / embedding.scale
+    z = np.asarray(z, np.float64)
     return z.mean(axis=0), np.linalg.inv(np.cov(z, rowvar=False) + 0.25 * np.eye(z.shape[1]))
 
 
 @dataclass(frozen=True)
 class Scope:
-    """Per-image out-of-scope score: Mahalanobis distance^2 to the nearest in-scope reference, in
-    units of the threshold calibrated on held-out clean images (> 1: out of scope)."""
+    """Per-image out-of-scope score: Mahalanobis distance^2 over ``features`` to the nearest in-scope
+    reference, in units of the threshold calibrated on held-out clean images (> 1: out of scope)."""
 
-    names: tuple[str, ...]  # in-scope references: "clean", "domain:<name>"
-    means: np.ndarray  # [S, F] in standardized units
-    precisions: np.ndarray  # [S, F, F]
+    names: tuple[str, ...]  # in-scope references: "clean", "domain:<name>", "<corruption>"
+    means: np.ndarray  # [S, len(features)] in standardized units
+    precisions: np.ndarray  # [S, len(features), len(features)]
     threshold: float
     fpr: float = SCOPE_FPR
+    features: tuple[str, ...] = FEATURE_NAMES  # the columns it reads (format 3 and 4 files: all of them)
+    _columns: np.ndarray | slice = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.features if f not in FEATURE_NAMES]
+        if unknown or self.means.shape[1:] != (len(self.features),):
+            raise InvalidInput(f"shift scope: features {unknown or list(self.features)} do not match its references")
+        every = self.features == FEATURE_NAMES  # a view, not a copy, on the serving path
+        columns = slice(None) if every else np.array([FEATURE_NAMES.index(f) for f in self.features])
+        object.__setattr__(self, "_columns", columns)
 
     @classmethod
     def fit(
         cls, references: Mapping[str, Sequence[np.ndarray] | np.ndarray], embedding: Embedding, fpr: float = SCOPE_FPR,
-        seed: int = 0, folds: int = SCOPE_FOLDS,
+        seed: int = 0, folds: int = SCOPE_FOLDS, features: Sequence[str] = FEATURE_NAMES,
     ) -> Scope:  # fmt: skip
         """``references``: name -> feature arrays [n_i, F] pooled into one Gaussian, clean first. The threshold
         is a conformal quantile of out-of-fold clean scores: a new clean image is out of scope with
@@ -232,24 +263,26 @@ class Scope:
         arrays: list[list[np.ndarray]] = [[a] if isinstance(a, np.ndarray) else list(a) for a in references.values()]
         clean = arrays[0][0]
         n = len(clean)
+        names, features = tuple(references), tuple(features)
+        columns = np.array([FEATURE_NAMES.index(f) for f in features])
 
         def fitted(keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-            stats = [_gaussian(np.concatenate([a if keep is None or len(a) != n else a[keep] for a in parts]),
-                               embedding) for parts in arrays]  # fmt: skip
+            stats = [_gaussian(_standardized(np.concatenate([a if keep is None or len(a) != n else a[keep]
+                                                             for a in parts]), embedding, columns))
+                     for parts in arrays]  # fmt: skip
             return tuple(np.stack(x).astype(np.float32) for x in zip(*stats))  # type: ignore[return-value]
 
         held = []
         for part in np.array_split(np.random.default_rng(seed).permutation(n), folds):
             keep = np.ones(n, bool)
             keep[part] = False
-            held.append(cls(tuple(references), *fitted(keep), 1.0, fpr).raw(clean[part], embedding))
+            held.append(cls(names, *fitted(keep), 1.0, fpr, features).raw(clean[part], embedding))
         raw = np.sort(np.concatenate(held))
         rank = min(int(np.ceil((n + 1) * (1.0 - fpr))), n)  # finite-sample (conformal) correction
-        return cls(tuple(references), *fitted(None), float(raw[rank - 1]), fpr)
+        return cls(names, *fitted(None), float(raw[rank - 1]), fpr, features)
 
     def raw(self, features: np.ndarray, embedding: Embedding) -> np.ndarray:
-        z = (np.asarray(features, np.float32) - embedding.center) / embedding.scale
-        zc = z[None] - self.means[:, None]  # [S, n, F]
+        zc = _standardized(features, embedding, self._columns)[None] - self.means[:, None]  # [S, n, F]
         # one small gemm per reference (a stacked matmul): a single wide product would make BLAS spread
         # threads over a machine the ONNX sessions already keep busy (measured 20x slower under load)
         return (np.matmul(zc, self.precisions) * zc).sum(-1).min(axis=0)
@@ -417,7 +450,12 @@ class ShiftDetector:
             "confidence_threshold": self.confidence_threshold,
             "features": list(FEATURE_NAMES),
             "groups": self.embedding.groups,
-            "scope": {"names": list(self.scope.names), "threshold": self.scope.threshold, "fpr": self.scope.fpr},
+            "scope": {
+                "names": list(self.scope.names),
+                "threshold": self.scope.threshold,
+                "fpr": self.scope.fpr,
+                "features": list(self.scope.features),
+            },
             "notes": self.notes,
         }
         e, s = self.embedding, self.scope
@@ -450,7 +488,7 @@ class ShiftDetector:
                 Embedding(a["center"], a["scale"], a["weights"], a["offsets"], int(header["groups"])),
                 tuple(header["conditions"]), a["means"], a["norms"], a["thresholds"], a["accuracy"],
                 Scope(tuple(sc["names"]), a["scope_means"], a["scope_precisions"], float(sc["threshold"]),
-                      float(sc["fpr"])),
+                      float(sc["fpr"]), tuple(sc.get("features", FEATURE_NAMES))),
                 tuple(int(s) for s in header["sizes"]), float(header["alpha"]), float(header["tolerance"]),
                 float(header["confidence_threshold"]), dict(header.get("notes", {})), a.get("confidence"),
             )  # fmt: skip
@@ -508,6 +546,7 @@ __all__ = [
     "ALPHA",
     "FEATURE_NAMES",
     "GROUPS",
+    "SCOPE_FEATURE_SETS",
     "SCOPE_FPR",
     "STATES",
     "UNKNOWN",

@@ -1,5 +1,5 @@
 """The card deployments (one application per card: one ORT session, ``@serve.batch``, autoscaled) and the
-reconciler that keeps one running per card of the store."""
+reconciler that keeps one running per card of the store and refits the deck's shift detector after a change."""
 
 from __future__ import annotations
 
@@ -10,12 +10,24 @@ import time
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 from ray import serve
 
-from carddeck.deck import DeckStore
+from carddeck.deck import Deck, DeckStore
 from carddeck.deck.runtime import CardSession, choose_providers, softmax
 from carddeck.errors import CardNotFound
-from carddeck.integrations.ray_config import BATCH_WAIT_S, CARD_APP, MAX_BATCH_SIZE, RayDeckConfig, card_app_name
+from carddeck.integrations.ray_config import (
+    BATCH_WAIT_S,
+    CARD_APP,
+    MAX_BATCH_SIZE,
+    RayDeckConfig,
+    card_app_name,
+    replica_logging,
+)
+from carddeck.integrations.ray_metrics import RayMetricsExport, families
+from carddeck.integrations.ray_plane import RayDeck
+from carddeck.observability.metrics import Metrics
+from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +37,7 @@ class CardReplica:
     """One card: one ORT session; concurrent requests merged into one run by ``@serve.batch``."""
 
     def __init__(self, location: str, key: str, threads: int) -> None:
+        replica_logging()
         store = DeckStore(location)
         entry = next((e for e in store.manifest().cards if e.key == key), None)
         if entry is None:
@@ -59,11 +72,25 @@ def card_application(config: RayDeckConfig, name: str, key: str) -> Any:
 # -- the reconciler -----------------------------------------------------------------------------
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.01})
 class DeckReconciler:
-    """Keeps one running card application per served card of the store (see the module docstring)."""
+    """Keeps one running card application per served card of the store (see the module docstring).
+
+    Once every card of a deck version runs, it loads that deck's shift detector as ``carddeck serve`` does
+    (:class:`~carddeck.observability.shift.ShiftLoader`); when none is stored for those cards, it refits one in
+    the background from the deck's calibration images, run through the card deployments, and stores it in the
+    deck, where every ingress replica (serving `unknown` until then) loads it. One replica: one refit per change.
+    """
 
     def __init__(self, config: RayDeckConfig) -> None:
+        replica_logging()
         self.config = config
         self.store = DeckStore(config.deck)
+        self.metrics = Metrics(CollectorRegistry())  # the refits' series (the ingress exports the rest)
+        self._export = RayMetricsExport(
+            self.metrics.registry, only=families([self.metrics.shift_refits, self.metrics.shift_refit_seconds])
+        )
+        # the monitor only holds the detector here: the ingress replicas judge the traffic
+        self.shift = ShiftLoader(ShiftMonitor(), on_refit=self.metrics.observe_refit, store_refit=True)
+        self._judged: int | None = None  # the deck version last given to self.shift
         self._running: dict[str, str] = {}  # card name -> key, application RUNNING
         self._gone_since: dict[str, float] = {}  # removed from the store at (monotonic)
         self._lock = threading.Lock()
@@ -81,7 +108,8 @@ class DeckReconciler:
             return {n: k for n, k in self._running.items() if k}
 
     def reconcile(self) -> dict[str, str]:
-        wanted = {e.name: e.key for e in self.store.manifest().active()}
+        manifest = self.store.manifest()
+        wanted = {e.name: e.key for e in manifest.active()}
         for name, key in wanted.items():
             self._gone_since.pop(name, None)
             if self._running.get(name) != key:
@@ -97,6 +125,11 @@ class DeckReconciler:
                 with self._lock:
                     del self._running[name]
                 del self._gone_since[name]
+        if manifest.version != self._judged and all(self._running.get(n) == k for n, k in wanted.items()):
+            deck = Deck.open(self.store, run_cards=False)
+            if all(self._running.get(m.name) == m.key for m in deck.cards):  # the store did not move on
+                self._judged = deck.version
+                self.shift(RayDeck(deck, self.config.request_timeout_s))  # a refit runs in its own thread
         return self.running()
 
     def _loop(self) -> None:
@@ -109,6 +142,7 @@ class DeckReconciler:
 
     def __del__(self) -> None:
         self._stop.set()
+        self._export.close()
 
 
 __all__ = ["CardReplica", "DeckReconciler", "card_application"]

@@ -3,6 +3,7 @@ card deployments' batching (:mod:`carddeck.integrations.ray_serve` assembles the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,4 +69,25 @@ def card_app_name(card: str) -> str:
     return CARD_APP + card
 
 
-__all__ = ["APP", "BATCH_WAIT_S", "CARD_APP", "MAX_BATCH_SIZE", "CardUnavailable", "RayDeckConfig", "card_app_name"]
+def replica_logging() -> None:
+    """CARD-Deck's log lines (``carddeck.*``, INFO and up) where Serve puts a replica's own: its log file under
+    the session's logs/serve and its stderr (Serve configures only the ``ray.serve`` logger). Idempotent."""
+    serve_logger = logging.getLogger("ray.serve")
+    ours = logging.getLogger("carddeck")
+    ours.setLevel(min(serve_logger.getEffectiveLevel(), logging.INFO))
+    for handler in serve_logger.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.propagate = not ours.handlers  # not twice through the root logger
+
+
+__all__ = [
+    "APP",
+    "BATCH_WAIT_S",
+    "CARD_APP",
+    "MAX_BATCH_SIZE",
+    "CardUnavailable",
+    "RayDeckConfig",
+    "card_app_name",
+    "replica_logging",
+]

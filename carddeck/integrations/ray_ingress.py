@@ -10,7 +10,8 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from carddeck.integrations.ray_config import RayDeckConfig
+from carddeck.integrations.ray_config import RayDeckConfig, replica_logging
+from carddeck.integrations.ray_metrics import RayMetricsExport
 from carddeck.integrations.ray_plane import RayDataplane
 
 
@@ -56,8 +57,10 @@ class CardDeckIngress:
         import carddeck.integrations.ray_grpc  # noqa: F401 (the messages' pickled module name)
         from carddeck.app.transports import carddeck_rpcs
 
+        replica_logging()
         self.config = config
         self.plane = RayDataplane(config, reconciler)
+        self.export = RayMetricsExport(self.plane.metrics.registry, only=self.plane.metric_families())
         # the gRPC server's RPCs (drain accounting and error mapping included) and its rule per method
         self.rpcs, self.auth = carddeck_rpcs(self.plane, config.settings())
 
@@ -114,13 +117,14 @@ class CardDeckIngress:
         snap = self.plane._snapshot
         if snap is None:
             return {"ready": False, "version": None, "cards": []}
-        return {"ready": self.plane.ready, "version": snap.deck.version, "cards": list(snap.deck.card_names)}
+        return {"ready": self.plane.ready, "version": snap.version, "cards": list(snap.card_names)}
 
     async def counts(self) -> dict[str, int]:
         return self.plane.counts()
 
     def __del__(self) -> None:
         self.plane.close()
+        self.export.close()
 
 
 __all__ = ["GRPC_RPCS", "GRPC_SERVICER", "CardDeckIngress"]

@@ -4,17 +4,18 @@ swapped in once its cards run, and each request's rows fanned out to the card de
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+from prometheus_client import CollectorRegistry
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -23,6 +24,8 @@ from carddeck.deck import Deck, DeckStore, Manifest, Prediction
 from carddeck.deck.deck import mix, routed_rows
 from carddeck.errors import Cancelled, NotReady
 from carddeck.integrations.ray_config import BATCH_WAIT_S, MAX_BATCH_SIZE, CardUnavailable, RayDeckConfig, card_app_name
+from carddeck.integrations.ray_metrics import families
+from carddeck.observability.metrics import Metrics
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.serving.batching import BatchPolicy
 from carddeck.serving.models import Model, resolve
@@ -35,10 +38,37 @@ log = logging.getLogger(__name__)
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    deck: Deck
-    handles: dict[str, DeploymentHandle]  # card name -> its application's handle
+class RayDeck(Deck):
+    """A gate-only deck snapshot whose cards run on their Ray Serve applications (by name): a :class:`Deck` for
+    everything that reads one (the ingress's routes, the shift detector's refit from the calibration images)."""
+
+    def __init__(self, deck: Deck, timeout_s: float) -> None:
+        super().__init__(deck.root, deck.manifest, deck.cards, {}, deck.gate, deck.default_policy,
+                         deck.policy_note, deck.store)  # fmt: skip
+        self.handles: dict[str, DeploymentHandle] = {
+            m.name: serve.get_app_handle(card_app_name(m.name)) for m in deck.cards
+        }
+        self.timeout_s = timeout_s  # the longest wait for one card's answer
+
+    def run_routed(
+        self,
+        x: np.ndarray,
+        weights: np.ndarray,
+        *,
+        on_card: Callable[[str, float], None] | None = None,
+        adapt: bool = False,
+        result: Callable[[str, np.ndarray, Any], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Each routed card's rows to its deployment, all at once; their probabilities mixed as the local deck
+        does. ``result(card, rows, call)`` waits for one card's answer (default: at most ``timeout_s``).
+        ``on_card`` and ``adapt`` do not apply: the deployments time their own runs and run the cards as stored."""
+        wait = result or (lambda name, sub, call: np.asarray(call.result(timeout_s=self.timeout_s)))
+        jobs = routed_rows(weights, self.card_names)
+        subs = [x if len(rows) == len(x) else np.ascontiguousarray(x[rows]) for _, _, rows in jobs]
+        calls = [self.handles[name].remote(sub) for (_, name, _), sub in zip(jobs, subs)]  # all at once
+        outputs = [wait(name, sub, call) for (_, name, _), sub, call in zip(jobs, subs, calls)]
+        combine = self.gate.params.combine if self.gate is not None else "mean"
+        return mix(weights, [(k, rows) for k, _, rows in jobs], outputs, len(self.class_names), combine=combine)
 
 
 class RayDataplane:
@@ -52,13 +82,17 @@ class RayDataplane:
         self.config = config
         self.reconciler = reconciler
         self.store = DeckStore(config.deck)
-        self._snapshot: _Snapshot | None = None
-        self.store_watch = StoreWatch(config.deck)
+        self._snapshot: RayDeck | None = None
+        # the series carddeck serve exports for what this replica does: its shift verdicts, deck and store
+        # (exported through Ray's metrics by the ingress: carddeck.integrations.ray_metrics)
+        self.metrics = Metrics(CollectorRegistry())
+        self.store_watch = StoreWatch(config.deck, self.metrics)
         self.statistics = Statistics()
         # every answer carries its verdict, as on carddeck serve: the detector the deck stores, judged per
-        # ingress replica; no refit here (the ingress runs no card), so a deck without one answers `unknown`
+        # ingress replica. A deck without one for its cards answers `unknown` until the reconciler, the one
+        # replica that refits (carddeck.integrations.ray_cards), has stored one.
         settings = config.settings()
-        self.shift = ShiftMonitor(window=settings.shift_window, stride=settings.shift_stride)
+        self.shift = ShiftMonitor(self.metrics, window=settings.shift_window, stride=settings.shift_stride)
         self._load_shift = ShiftLoader(self.shift, refit=False)
         self._lock = threading.Lock()
         self._counts = {"card_calls": 0, "retried": 0, "unavailable": 0, "in_flight": 0}
@@ -66,13 +100,22 @@ class RayDataplane:
         self._thread = threading.Thread(target=self._poll, name="carddeck-ray-snapshot", daemon=True)
         self._thread.start()
 
+    def metric_families(self) -> frozenset[str]:
+        """The families of :attr:`metrics` this plane fills (the others stay empty here: not exported)."""
+        m = self.metrics
+        return families([
+            m.shift_batches, m.shift_statistic, m.shift_distance, m.expected_accuracy, m.shift_false_alarm_rate,
+            m.shift_detector_fitted, m.deck_version, m.deck_cards, m.store_up, m.store_last_sync,
+            m.store_poll_errors, m.build,
+        ])  # fmt: skip
+
     # -- the snapshot -------------------------------------------------------------------------
     def poll(self) -> None:
         """One look at the store, as ``carddeck serve``'s poll: swap in its deck once it is deployed; on any
         failure keep the snapshot and note it in :attr:`store_state`. While the reconciler deploys a new
         version, the store is neither in sync nor failing: the state stays as it was."""
         snap = self._snapshot
-        serving = snap.deck.version if snap is not None else "none"
+        serving = snap.version if snap is not None else "none"
         try:
             manifest = self.store.manifest()
         except Exception as exc:  # endpoint down, directory gone or unreadable, a torn manifest
@@ -84,13 +127,13 @@ class RayDataplane:
             self.store_watch.failed(exc, reachable=True, version=serving)
             return
         snap = self._snapshot
-        if snap is not None and snap.deck.version == manifest.version:
+        if snap is not None and snap.version == manifest.version:
             self.store_watch.synced(manifest.version)
 
     def refresh(self, manifest: Manifest) -> bool:
         """Swap in the deck of ``manifest`` (the store's) once every card of it runs; True when it swapped."""
         current = self._snapshot
-        if current is not None and manifest.version == current.deck.version:
+        if current is not None and manifest.version == current.version:
             return False
         running = self.reconciler.running.remote().result(timeout_s=self.config.request_timeout_s)
         if any(running.get(e.name) != e.key for e in manifest.active()):
@@ -98,9 +141,9 @@ class RayDataplane:
         deck = Deck.open(self.store, run_cards=False)
         if any(running.get(m.name) != m.key for m in deck.cards):
             return False  # the store moved on between the two reads
-        handles = {m.name: serve.get_app_handle(card_app_name(m.name)) for m in deck.cards}
-        self._snapshot = _Snapshot(deck, handles)
+        deck = self._snapshot = RayDeck(deck, self.config.request_timeout_s)
         log.info("serving deck version %d: %s", deck.version, ", ".join(deck.card_names) or "no cards")
+        self.metrics.set_deck(deck.version, deck.cards)
         self._load_shift(deck)  # never raises: an unusable detector is logged and the state is `unknown`
         return True
 
@@ -114,10 +157,10 @@ class RayDataplane:
 
     # -- what the routes use ------------------------------------------------------------------
     @property
-    def deck(self) -> Deck:
-        return self._current().deck
+    def deck(self) -> RayDeck:
+        return self._current()
 
-    def _current(self) -> _Snapshot:
+    def _current(self) -> RayDeck:
         snap = self._snapshot
         if snap is None:
             raise NotReady(f"the deck at {self.config.deck} is not deployed yet")
@@ -126,7 +169,7 @@ class RayDataplane:
     @property
     def ready(self) -> bool:
         snap = self._snapshot
-        return snap is not None and bool(snap.deck.cards)
+        return snap is not None and bool(snap.cards)
 
     @property
     def store_state(self) -> StoreState:
@@ -141,12 +184,11 @@ class RayDataplane:
         deck_name = self.config.deck_model_name
         return resolve(self.deck, deck_name, deck_name if name is None else name, version)
 
-    def _snapshot_of(self, model: Model) -> _Snapshot:
-        snap = self._current()
-        if snap.deck is model.deck:
-            return snap
-        # swapped since the model was resolved: the same cards' applications, by name, serve the request
-        return _Snapshot(model.deck, {m.name: serve.get_app_handle(card_app_name(m.name)) for m in model.deck.cards})
+    def _snapshot_of(self, model: Model) -> RayDeck:
+        """The snapshot the model was resolved on (the request keeps it); its cards' applications, by name."""
+        if isinstance(model.deck, RayDeck):
+            return model.deck
+        return RayDeck(model.deck, self.config.request_timeout_s)
 
     # Ray's proxies pass no client deadline on (timeout_s is None from both): each card call waits at most
     # request_timeout_s. A cancelled request is dropped before its card calls go out.
@@ -161,15 +203,14 @@ class RayDataplane:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> tuple[Prediction, Deck]:
         model = model or self.resolve()
-        snap = self._snapshot_of(model)  # the snapshot this request finishes on
-        deck = snap.deck
+        snap = deck = self._snapshot_of(model)  # the snapshot this request finishes on
         start = time.monotonic()
         try:
             x = deck.prepare(images)
             routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
             _check_cancelled(is_cancelled)
             t0 = time.monotonic()
-            probabilities = self._fan_out(snap, x, routing.weights)
+            probabilities = snap.run_routed(x, routing.weights, result=functools.partial(self._result, snap))
         except BaseException:
             self._record(model, len(images), start, ok=False)
             raise
@@ -188,8 +229,8 @@ class RayDataplane:
         snap = self._snapshot_of(model)
         start = time.monotonic()
         try:
-            name = snap.deck.card(model.name).name  # CardNotFound names the cards there are
-            x = snap.deck.prepare(images)
+            name = snap.card(model.name).name  # CardNotFound names the cards there are
+            x = snap.prepare(images)
             _check_cancelled(is_cancelled)
             t0 = time.monotonic()
             probabilities = self._call(snap, name, x)
@@ -255,20 +296,11 @@ class RayDataplane:
         with self._lock:
             return dict(self._counts)
 
-    # -- fan-out ------------------------------------------------------------------------------
-    def _fan_out(self, snap: _Snapshot, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Each routed card's rows to its deployment, all at once; their probabilities mixed as the local deck does."""
-        jobs = routed_rows(weights, snap.deck.card_names)
-        subs = [x if len(rows) == len(x) else np.ascontiguousarray(x[rows]) for _, _, rows in jobs]
-        calls = [snap.handles[name].remote(sub) for (_, name, _), sub in zip(jobs, subs)]  # all at once
-        outputs = [self._result(snap, name, sub, call) for (_, name, _), sub, call in zip(jobs, subs, calls)]
-        combine = snap.deck.gate.params.combine if snap.deck.gate is not None else "mean"
-        return mix(weights, [(k, rows) for k, _, rows in jobs], outputs, len(snap.deck.class_names), combine=combine)
-
-    def _call(self, snap: _Snapshot, name: str, x: np.ndarray) -> np.ndarray:
+    # -- card calls ----------------------------------------------------------------------------
+    def _call(self, snap: RayDeck, name: str, x: np.ndarray) -> np.ndarray:
         return self._result(snap, name, x, snap.handles[name].remote(x))
 
-    def _result(self, snap: _Snapshot, name: str, x: np.ndarray, call: Any) -> np.ndarray:
+    def _result(self, snap: RayDeck, name: str, x: np.ndarray, call: Any) -> np.ndarray:
         self._count("card_calls")
         self._count("in_flight")
         try:
@@ -276,7 +308,7 @@ class RayDataplane:
         finally:
             self._count("in_flight", -1)
 
-    def _retried(self, snap: _Snapshot, name: str, x: np.ndarray, call: Any) -> np.ndarray:
+    def _retried(self, snap: RayDeck, name: str, x: np.ndarray, call: Any) -> np.ndarray:
         try:
             return np.asarray(call.result(timeout_s=self.config.request_timeout_s))
         except REPLICA_LOST as exc:
@@ -303,4 +335,4 @@ def _check_cancelled(is_cancelled: Callable[[], bool] | None) -> None:
         raise Cancelled("request cancelled (or its deadline passed) before it ran")
 
 
-__all__ = ["RayDataplane"]
+__all__ = ["RayDataplane", "RayDeck"]

@@ -10,7 +10,12 @@ Three kinds of deployment, all built from one :class:`RayDeckConfig`:
 * ``CardReplica`` (one application per card, ``carddeck-card-<name>``, no HTTP route): one ORT
   session, ``@serve.batch`` merging concurrent requests, autoscaling on ongoing requests.
 * ``DeckReconciler`` (one replica): polls the store; a new card (or version) gets its application,
-  a removed card's application is deleted ``drain_s`` after the ingress stopped routing to it.
+  a removed card's application is deleted ``drain_s`` after the ingress stopped routing to it. When a
+  deck's cards run and it stores no shift detector for them, it refits one (through the card
+  deployments) and stores it in the deck; the ingress answers `unknown` until it loads it.
+
+The ingress's and the reconciler's Prometheus series go out through Ray's metrics export
+(:mod:`~carddeck.integrations.ray_metrics`).
 
 The ingress swaps in a new snapshot only once every card of it is deployed and running, and old
 snapshots keep their handles until their requests finish, so no request fails during a change.
@@ -19,6 +24,7 @@ A card replica that dies under a request is retried once on another replica; a s
 
 This module assembles the application; the parts live beside it: :mod:`~carddeck.integrations.ray_config`
 (the shared config and names), :mod:`~carddeck.integrations.ray_cards` (card deployments and the reconciler),
+:mod:`~carddeck.integrations.ray_metrics` (the metrics export),
 :mod:`~carddeck.integrations.ray_plane` (the ingress's data plane over handles) and
 :mod:`~carddeck.integrations.ray_ingress` (the ingress deployment, HTTP and gRPC).
 """

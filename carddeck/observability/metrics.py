@@ -228,7 +228,7 @@ class Metrics:
 
     # -- dataplane --------------------------------------------------------------------------------
     def observe_card(self, card: str, seconds: float) -> None:
-        self.card_duration.labels(card=card).observe(seconds)
+        self._child(self.card_duration, card).observe(seconds)
 
     def observe_batch(self, size: int, wait_seconds: float | Iterable[float] = ()) -> None:
         """One batch of ``size`` images ran; ``wait_seconds``: the queue wait of each request in it."""
@@ -305,7 +305,7 @@ class Metrics:
         if distances.size == 0 or len(domains) == 0:
             return
         for d, domain in enumerate(domains):
-            hist = self.domain_distance.labels(domain=domain)
+            hist = self._child(self.domain_distance, domain)
             for value in distances[:, d].tolist():
                 hist.observe(value)
         for value in distances.min(axis=1).tolist():

@@ -8,7 +8,8 @@ and the metrics count it. It never raises into the request path.
 
 :class:`ShiftLoader` follows the deck: it reads the detector the manifest names through the deck's store
 (local or S3), and when there is none for the current cards it refits one in the background from the
-calibration images the deck stores (state ``unknown`` until then; logged and counted).
+calibration images the deck stores (state ``unknown`` until then; logged and counted), and may store the
+refitted detector in the deck, so that replicas that do not refit (Ray Serve's ingress) load it.
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ class ShiftLoader:
     """Deck-swap listener (``dataplane.on_swap``): loads the deck's shift detector into ``monitor`` (read
     through the deck's store) when the manifest names one fitted for the deck's cards; otherwise serves
     ``unknown`` and refits one in the background from the deck's calibration images (``refit``: False to
-    leave the signal unknown). ``on_refit(outcome, seconds)`` is told how each refit ended."""
+    leave the signal unknown). ``on_refit(outcome, seconds)`` is told how each refit ended. ``store_refit``:
+    write a refitted detector into the deck (its store's manifest) while the store still has those cards."""
 
     def __init__(
         self,
@@ -165,10 +167,12 @@ class ShiftLoader:
         *,
         refit: bool = True,
         on_refit: Callable[[str, float], None] | None = None,
+        store_refit: bool = False,
     ) -> None:
         self.monitor = monitor
         self.refit = refit
         self.on_refit = on_refit
+        self.store_refit = store_refit
         self._key: object = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -231,10 +235,27 @@ class ShiftLoader:
                     "deck version %d: shift detector refitted in %.1f s (%d conditions, label-free)",
                     deck.version, time.monotonic() - start, len(detector.conditions),
                 )  # fmt: skip
+                if self.store_refit:
+                    self._store(deck, detector)
             else:
                 outcome = "stale"
         if self.on_refit is not None:
             self.on_refit(outcome, time.monotonic() - start)
+
+    @staticmethod
+    def _store(deck: Deck, detector: ShiftDetector) -> None:
+        """Into the deck's manifest, unless its cards changed since (a detector for other cards would be
+        refused by every loader anyway, so a race here costs a refit, never a wrong verdict)."""
+        store, cards = deck.store, sorted(detector.notes.get("cards", ()))
+        try:
+            if store is None or sorted(e.key for e in store.manifest().active()) != cards:
+                log.info("deck version %d: refitted shift detector not stored: the deck's cards changed", deck.version)
+                return
+            version = store.set_gate(shift=detector).version
+        except Exception as exc:  # a read-only or unreachable store: this process keeps its detector
+            log.warning("deck version %d: the refitted shift detector could not be stored: %s", deck.version, exc)
+        else:
+            log.info("deck version %d: refitted shift detector stored as deck version %d", deck.version, version)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for a running refit (tests, shutdown); True when none is running."""

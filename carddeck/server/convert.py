@@ -114,12 +114,16 @@ def oip_outputs(
 
 def oip_infer_response(request: oip.ModelInferRequest, result: InferResult) -> oip.ModelInferResponse:
     """The answer to ``request``: its outputs only in raw_output_contents (what tritonclient reads)."""
-    response = oip.ModelInferResponse(model_name=request.model_name, model_version=result.model_version, id=request.id)
+    tensors, raw = oip_outputs(request, result)
+    response = oip.ModelInferResponse(
+        model_name=request.model_name,
+        model_version=result.model_version,
+        id=request.id,
+        outputs=tensors,
+        raw_output_contents=raw,
+    )
     for key, value in result.parameters.items():
         response.parameters[key].string_param = value
-    tensors, raw = oip_outputs(request, result)
-    response.outputs.extend(tensors)
-    response.raw_output_contents.extend(raw)
     return response
 
 

@@ -93,6 +93,8 @@ class _Call:
         if self.metrics is not None:
             self.metrics.rpc_finished(self.service, self.rpc, code, seconds)
         level = logging.DEBUG if code == "OK" else logging.WARNING if code in _SERVER_SIDE else logging.INFO
+        if not _LOG.isEnabledFor(level):  # the common case (successes at DEBUG): build no record arguments
+            return
         _LOG.log(
             level, "rpc %s/%s %s in %.1f ms", self.service, self.rpc, code, seconds * 1e3,
             extra={"request_id": self.request_id, "rpc": self.rpc, "code": code, "duration_ms": seconds * 1e3},

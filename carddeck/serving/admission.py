@@ -18,7 +18,7 @@ from carddeck.errors import NotReady
 class Admission:
     def __init__(self) -> None:
         self._inflight = 0
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # a plain lock: taken twice per request
         self._draining = False
         self.shutting_down = False  # readiness goes false; requests are still taken until drain
 
@@ -34,7 +34,8 @@ class Admission:
         finally:
             with self._cond:
                 self._inflight -= 1
-                self._cond.notify_all()
+                if self._draining:  # only drain() waits (it sets draining under this lock first)
+                    self._cond.notify_all()
 
     @property
     def inflight(self) -> int:

@@ -24,7 +24,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -65,11 +66,107 @@ class BatchPolicy:
         return (cut, True) if cut else (count, False)
 
 
+_PENDING, _RUNNING, _CANCELLED, _DONE = range(4)
+_transitions = threading.Lock()  # guards every Pending's state: each change is a few bytecodes
+
+
+class Pending(Generic[R]):
+    """A batched request's result, waited for by one thread: what a ``Future`` does for the batcher, at a
+    fraction of its cost. A ``Future`` builds a Condition (an RLock and a waiters list) per request and
+    wakes its waiter through ``notify_all``; under load that was 30% of the GIL's time (profile_server.py).
+    Here the result is a lock taken at birth and released once when set: one C call wakes the waiter."""
+
+    __slots__ = ("_callbacks", "_error", "_latch", "_result", "_state")
+
+    def __init__(self) -> None:
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._state = _PENDING
+        self._result: R | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Pending[R]], object]] | None = None
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """False when it was cancelled (then it never runs), else it runs and can no longer be cancelled."""
+        with _transitions:
+            if self._state == _CANCELLED:
+                return False
+            self._state = _RUNNING
+            return True
+
+    def cancel(self) -> bool:
+        with _transitions:
+            if self._state != _PENDING:
+                return self._state == _CANCELLED
+            self._state = _CANCELLED
+        self._settled()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def done(self) -> bool:
+        return self._state >= _CANCELLED
+
+    def set_result(self, result: R) -> None:
+        self._result = result
+        self._settle()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._settle()
+
+    def _settle(self) -> None:
+        with _transitions:
+            if self._state == _CANCELLED:  # its waiter gave up (deadline): nobody reads it
+                return
+            if self._state == _DONE:
+                raise InvalidStateError("result already set")
+            self._state = _DONE
+        self._settled()
+
+    def _settled(self) -> None:
+        with _transitions:
+            callbacks, self._callbacks = self._callbacks, None
+        self._latch.release()
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:
+                log.exception("callback of a batched request failed")
+
+    def add_done_callback(self, fn: Callable[[Pending[R]], object]) -> None:
+        with _transitions:
+            if self._state < _CANCELLED:
+                self._callbacks = [*(self._callbacks or ()), fn]
+                return
+        fn(self)
+
+    def result(self, timeout: float | None = None) -> R:
+        if not self._latch.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise FutureTimeout()
+        self._latch.release()  # settled for good: later calls pass too
+        if self._state == _CANCELLED:
+            raise CancelledError()
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except (CancelledError, FutureTimeout):
+            raise
+        except BaseException as exc:
+            return exc
+        return None
+
+
 @dataclass
 class _Entry(Generic[T, R]):
     item: T
     size: int
-    future: Future[R]
+    future: Pending[R]
     policy: BatchPolicy
     enqueued: float = field(default_factory=time.monotonic)
     is_cancelled: Callable[[], bool] | None = None
@@ -125,8 +222,8 @@ class MicroBatcher(Generic[T, R]):
         announced: bool = False,
         is_cancelled: Callable[[], bool] | None = None,
         policy: BatchPolicy | None = None,
-    ) -> Future[R]:
-        future: Future[R] = Future()
+    ) -> Pending[R]:
+        future: Pending[R] = Pending()
         entry = _Entry(item, size, future, policy or self.policy, is_cancelled=is_cancelled)
         with self._cond:
             if announced:
@@ -231,4 +328,4 @@ def then(future: Future[T], fn: Callable[[T], R]) -> Future[R]:
     return out
 
 
-__all__ = ["BatchPolicy", "MicroBatcher", "then"]
+__all__ = ["BatchPolicy", "MicroBatcher", "Pending", "then"]

@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
 from typing import Any
 
 from carddeck.errors import Cancelled
 from carddeck.serving.batch_policies import BatchPolicies
-from carddeck.serving.batching import BatchPolicy, MicroBatcher
+from carddeck.serving.batching import BatchPolicy, MicroBatcher, Pending
 from carddeck.serving.microbatch import Done, MicroBatchRun, Work
 from carddeck.serving.models import Model
 from carddeck.serving.stats import Statistics
@@ -128,7 +127,7 @@ class Dispatch:
         with self._inferring_lock:
             self._inferring += 1  # a unary request meanwhile is not alone: it joins the batch
 
-        def finish(inner: Future[Done]) -> None:
+        def finish(inner: Pending[Done]) -> None:
             held.close()
             with self._inferring_lock:
                 self._inferring -= 1
@@ -200,7 +199,7 @@ class Dispatch:
                 self.observe_batch(len(x), [])  # a batch of its own, no queue wait
                 t0 = time.monotonic()
                 (done,) = self.run([work])
-                done = replace(done, queued_s=t0 - start, compute_s=time.monotonic() - t0)
+                done.queued_s, done.compute_s = t0 - start, time.monotonic() - t0  # its own, not shared
             else:
                 assert self.batcher is not None
                 future = self.batcher.submit(work, len(x), announced=True, is_cancelled=is_cancelled, policy=policy)

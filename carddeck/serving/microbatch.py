@@ -25,7 +25,7 @@ from carddeck.serving.stats import Statistics
 from carddeck.serving.verdicts import RoutedRequest, Verdicts
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made per request: a frozen init costs several times more
 class Work:
     deck: Deck
     x: np.ndarray  # prepared float32 [n, C, H, W]
@@ -35,7 +35,7 @@ class Work:
     model: str = ""  # the model name it was asked under (on_predict listeners, execution counts)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Done:
     probabilities: np.ndarray
     queued_s: float

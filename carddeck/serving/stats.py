@@ -36,7 +36,7 @@ class Statistics:
         """One request of ``n`` images that took ``elapsed_s`` in all."""
         elapsed = int(elapsed_s * 1e9)
         with self._lock:
-            s = self._stats.setdefault(model, ModelStats())
+            s = self._stats.get(model) or self._stats.setdefault(model, ModelStats())  # no ModelStats per call
             if ok:
                 s.inference_count += n
                 s.success_count += 1
@@ -51,7 +51,7 @@ class Statistics:
     def record_execution(self, model: str, n: int, compute_s: float) -> None:
         """One run of ``model`` on a batch holding ``n`` of its images (its requests, merged)."""
         with self._lock:
-            s = self._stats.setdefault(model, ModelStats())
+            s = self._stats.get(model) or self._stats.setdefault(model, ModelStats())  # no ModelStats per call
             s.execution_count += 1
             entry = s.batch_sizes.setdefault(n, [0, 0])
             entry[0] += 1

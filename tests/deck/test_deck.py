@@ -133,3 +133,31 @@ def test_a_stale_or_broken_router_does_not_stop_the_deck(store, images):
         deck.predict(images, policy="calibrated")
     store.set_gate(router=fit_router([point], ["g1/1", "gone/1"]))  # fitted for a card the deck lacks
     assert Deck.open(store.root).gate.router is None
+
+
+def test_mixing_one_card_on_every_row_equals_the_scatter_of_many():
+    """routed_rows and mix's shortcuts (every card on every row; one card on every row) give what the
+    general per-row scatter gives."""
+    import numpy as np
+
+    from carddeck.deck.deck import mix, routed_rows
+
+    rng = np.random.default_rng(0)
+    probs = [rng.random((5, 4)).astype(np.float32) for _ in range(3)]
+    names = ["a", "b", "c"]
+    one = np.zeros((5, 3), np.float32)
+    one[:, 1] = 0.5
+    jobs = [(k, rows) for k, _, rows in routed_rows(one, names)]
+    assert [(k, list(rows)) for k, rows in jobs] == [(1, [0, 1, 2, 3, 4])]
+    np.testing.assert_allclose(mix(one, jobs, [probs[1]], 4), 0.5 * probs[1], rtol=1e-6)
+    every = np.full((5, 3), 1 / 3, np.float32)
+    routed = routed_rows(every, names)
+    assert [(k, name, list(rows)) for k, name, rows in routed] == [(k, names[k], list(range(5))) for k in range(3)]
+    np.testing.assert_allclose(mix(every, [(k, r) for k, _, r in routed], probs, 4), sum(probs) / 3, rtol=1e-6)
+    sparse = np.zeros((5, 3), np.float32)
+    sparse[[0, 3], 0], sparse[[1, 2, 4], 2] = 1.0, 1.0
+    routed = routed_rows(sparse, names)
+    assert [(k, list(rows)) for k, _, rows in routed] == [(0, [0, 3]), (2, [1, 2, 4])]
+    out = mix(sparse, [(k, r) for k, _, r in routed], [probs[0][[0, 3]], probs[2][[1, 2, 4]]], 4)
+    np.testing.assert_allclose(out[[0, 3]], probs[0][[0, 3]])
+    np.testing.assert_allclose(out[[1, 2, 4]], probs[2][[1, 2, 4]])

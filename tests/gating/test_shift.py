@@ -4,16 +4,28 @@ expected accuracy, the per-request Trust, and the label-free refit from the cali
 from __future__ import annotations
 
 import io
+import json
 import logging
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+import carddeck.gating.shift_fit as shift_fit
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore, default_deck_path
-from carddeck.gating.shift import FEATURE_NAMES, GROUPS, UNKNOWN, ShiftDetector, Trust, image_features
+from carddeck.errors import InvalidInput
+from carddeck.gating.shift import (
+    FEATURE_NAMES,
+    GROUPS,
+    SCOPE_FEATURE_SETS,
+    UNKNOWN,
+    Scope,
+    ShiftDetector,
+    Trust,
+    image_features,
+)
 from carddeck.gating.shift_fit import deck_features, deck_references, fit_detector, refit_from_deck
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.serving.verdicts import RoutedRequest
@@ -42,11 +54,15 @@ def deck():
 
 
 @pytest.fixture(scope="module")
-def detector(deck, digits):
+def references(deck, digits):
     val = digits[0]
-    refs = deck_references(deck, val.images[:160], val.labels[:160], [("gaussian_noise", 3), ("fog", 4)],
+    return deck_references(deck, val.images[:160], val.labels[:160], [("gaussian_noise", 3), ("fog", 4)],
                            domains=["gaussian"], seed=1)  # fmt: skip
-    return fit_detector(refs, draws=400, cards=[c.key for c in deck.cards])
+
+
+@pytest.fixture(scope="module")
+def detector(deck, references):
+    return fit_detector(references, draws=400, cards=[c.key for c in deck.cards], scope_features="all")
 
 
 def test_every_feature_is_in_exactly_one_group():
@@ -145,6 +161,7 @@ def test_refit_from_the_deck_alone_serves_a_detector_for_the_new_cards(tiny_deck
         assert monitor.detector is None  # unknown, never silently the old one
         assert loader.wait(120)
     assert outcomes == ["ok"] and sorted(monitor.detector.notes["cards"]) == sorted(c.key for c in deck.cards)
+    assert monitor.detector.notes["scope_features"] == "all"  # a label-free check is too thin to vouch for coarse
     assert "refitting the shift detector" in caplog.text and "refitted" in caplog.text
 
 
@@ -161,3 +178,68 @@ def test_an_uncovered_batch_never_claims_more_than_clean(detector, deck, digits)
     rigged = replace(detector, accuracy=np.r_[0.5, np.full(len(detector.accuracy) - 1, 0.4)].astype(np.float32))
     v = rigged.test(fog)
     assert v.state == "uncovered" and v.expected_kind == "upper_bound" and v.expected_accuracy <= 0.5
+
+
+def test_the_scope_reads_only_its_features(detector, references):
+    """The coarse scope ignores fine texture: scrambling the high spectral rings, orientation, gradient and
+    output columns leaves its scores as they were, and moves the every-feature scope's."""
+    clean = references[0].features
+    pooled = {"clean": [clean], "domain:gaussian": [references[1].features]}
+    coarse = Scope.fit(pooled, detector.embedding, features=SCOPE_FEATURE_SETS["coarse"])
+    every = Scope.fit(pooled, detector.embedding)
+    scrambled = clean.copy()
+    fine = [i for i, n in enumerate(FEATURE_NAMES) if n not in SCOPE_FEATURE_SETS["coarse"]]
+    scrambled[:, fine] = np.random.default_rng(0).permutation(scrambled[:, fine])
+    np.testing.assert_array_equal(
+        coarse.scores(scrambled, detector.embedding), coarse.scores(clean, detector.embedding)
+    )
+    assert not np.allclose(every.scores(scrambled, detector.embedding), every.scores(clean, detector.embedding))
+    assert coarse.means.shape == (2, len(SCOPE_FEATURE_SETS["coarse"]))
+    with pytest.raises(InvalidInput, match="features"):
+        replace(coarse, features=FEATURE_NAMES)
+
+
+def test_the_scope_features_are_chosen_by_the_family_held_out_check(references, monkeypatch):
+    """select_scope keeps the first feature set that meets its bounds on the fitting data (each family held out),
+    and falls back to every feature when none does; what each set measured is in the notes."""
+    monkeypatch.setattr(shift_fit, "SCOPE_CHECK", {"benign_uncovered": 1.0, "harmful_error": 1.0})
+    lax = fit_detector(references, draws=100)
+    assert lax.notes["scope_features"] == "coarse" and lax.scope.features == SCOPE_FEATURE_SETS["coarse"]
+    monkeypatch.setattr(shift_fit, "SCOPE_CHECK", {"benign_uncovered": -1.0, "harmful_error": 1.0})
+    strict = fit_detector(references, draws=100)
+    assert strict.notes["scope_features"] == "all" and strict.scope.features == FEATURE_NAMES
+    assert set(strict.notes["scope_check"]) == set(SCOPE_FEATURE_SETS)
+    # the check's numbers are the ones it decided on: the fog/4 digits (harmful, weather held out) have an estimate
+    assert strict.notes["scope_check"]["coarse"] == lax.notes["scope_check"]["coarse"]
+    with pytest.raises(InvalidInput, match="scope features"):
+        fit_detector(references, draws=100, scope_features="fine")
+
+
+def test_a_coarse_scope_survives_saving_and_format_4_files_still_load(detector, references):
+    coarse = replace(detector, scope=Scope.fit({"clean": [references[0].features]}, detector.embedding,
+                                               features=SCOPE_FEATURE_SETS["coarse"]))  # fmt: skip
+    buf = io.BytesIO()
+    coarse.save(buf)
+    buf.seek(0)
+    back = ShiftDetector.load(buf, name="x")
+    assert back.scope.features == SCOPE_FEATURE_SETS["coarse"]
+    np.testing.assert_array_equal(
+        back.image_scores(references[2].features), coarse.image_scores(references[2].features)
+    )
+    # a format-4 file (every feature in the scope, no list of them) reads as it was written
+    buf = io.BytesIO()
+    detector.save(buf)
+    buf.seek(0)
+    with np.load(buf) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(str(arrays.pop("header")))
+    header["format"] = "carddeck-shift/4"
+    del header["scope"]["features"]
+    old = io.BytesIO()
+    np.savez(old, header=np.array(json.dumps(header)), **arrays)
+    old.seek(0)
+    four = ShiftDetector.load(old, name="old")
+    assert four.scope.features == FEATURE_NAMES
+    np.testing.assert_array_equal(
+        four.image_scores(references[2].features), detector.image_scores(references[2].features)
+    )

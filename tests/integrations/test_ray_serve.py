@@ -6,7 +6,10 @@ tests run in file order and leave the deck as they found it. Select them with ``
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -22,6 +25,7 @@ import pytest
 from carddeck.deck import Deck, DeckStore
 from carddeck.gating import SIGNATURE_DIM, CalibrationPoint, fit_router
 from carddeck.gating.policies import POLICIES
+from carddeck.gating.shift import ShiftDetector
 from tests.observability.promql import free_port
 from tests.servers import ROOT, card, make_deck, noisy_images, smooth_images
 
@@ -38,12 +42,19 @@ def wait_for(what: str, check: Any, timeout_s: float, every_s: float = 0.25) -> 
     return time.monotonic() - start
 
 
-class RayDeck:
-    def __init__(self, root: Path, handle: Any, http_port: int, grpc_port: int) -> None:
+ADMIN_TOKEN = "ray-admin-token"
+# labels Ray (its node, worker and exporter) and Serve add to a deployment's series; the rest are the server's
+RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "application", "deployment",
+              "replica", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}  # fmt: skip
+
+
+class LiveDeck:
+    def __init__(self, root: Path, handle: Any, http_port: int, grpc_port: int, metrics_url: str) -> None:
         self.root = root
         self.handle = handle
         self.url = f"http://127.0.0.1:{http_port}"
         self.grpc_address = f"127.0.0.1:{grpc_port}"
+        self.metrics_url = metrics_url  # the node's Ray metrics export (what Ray's service discovery lists)
 
     def predict(self, images: np.ndarray, policy: str | None = None, per_sample: bool = False) -> dict[str, Any]:
         return self.handle.predict.remote(images, policy, per_sample).result(timeout_s=60)
@@ -58,15 +69,73 @@ class RayDeck:
         status, _, answer = self.http(path, doc)
         return status, answer
 
-    def http(self, path: str, doc: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:
-        """Status, headers and JSON body of a GET (``doc`` None) or a POST of ``doc``."""
+    def http(
+        self, path: str, doc: dict[str, Any] | None = None, *, admin: bool = False
+    ) -> tuple[int, dict[str, str], Any]:
+        """Status, headers and JSON body of a GET (``doc`` None) or a POST of ``doc`` (``admin``: with the token)."""
         data = None if doc is None else json.dumps(doc).encode()
-        req = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if admin:
+            headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+        req = urllib.request.Request(self.url + path, data, headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, dict(resp.headers), json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+
+    def infer(self, x: np.ndarray) -> tuple[str, dict[str, str]]:
+        """The deck version and the parameters (the verdict among them) of an OIP REST answer."""
+        inputs = [{"name": "images", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]
+        status, doc = self.post("/v2/models/carddeck/infer", {"inputs": inputs})
+        assert status == 200, doc
+        return doc["model_version"], doc["parameters"]
+
+    def ray_series(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """Each ``carddeck_*`` sample name Ray exports (``ray_`` prefix removed) -> (labels, value) of its series."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url, timeout=30) as resp:
+            text = resp.read().decode()
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("ray_carddeck_"):
+                    out.setdefault(sample.name.removeprefix("ray_"), []).append((sample.labels, sample.value))
+        return out
+
+    def ray_value(self, name: str, **labels: str) -> float:
+        """The sum of the exported series of ``name`` with ``labels`` (0 when none)."""
+        series = self.ray_series().get(name, [])
+        return sum(v for got, v in series if all(got.get(k) == want for k, want in labels.items()))
+
+
+def stored_detector(root: Path) -> tuple[int, ShiftDetector | None]:
+    """The store's deck version and the shift detector it stores for its cards (None: none for these cards)."""
+    store = DeckStore(root)
+    manifest = store.manifest()
+    rel = dict(manifest.gate).get("shift")
+    if not rel:
+        return manifest.version, None
+    detector = ShiftDetector.load(io.BytesIO(store.read_file(rel)), name=rel)
+    fits = sorted(detector.notes.get("cards", ())) == sorted(e.key for e in manifest.active())
+    return manifest.version, detector if fits else None
+
+
+def wait_for_refit(ray_deck: LiveDeck, timeout_s: float = 120) -> int:
+    """The deck version whose stored detector fits its cards, once the ingress serves it."""
+    wait_for("a shift detector for the deck's cards in the store", lambda: stored_detector(ray_deck.root)[1], timeout_s)
+    version = stored_detector(ray_deck.root)[0]
+    wait_for("the ingress serving it", lambda: ray_deck.state()["version"] >= version, 60)
+    return version
+
+
+def replica_log(deployment: str) -> str:
+    """What the carddeck application's replicas of ``deployment`` logged (Serve's replica log files)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"replica_carddeck_{deployment}_*.log")))
 
 
 def replicas(deployment: str, app: str) -> int:
@@ -80,7 +149,7 @@ def replicas(deployment: str, app: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDeck]:
+def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
     import ray
     from ray import serve
 
@@ -96,6 +165,9 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDeck]:
         for _ in range(4)
     ]  # fmt: skip
     store.set_gate(router=fit_router(points, keys))  # so that the 'calibrated' policy serves too
+    # the images the reconciler refits the shift detector from (no detector stored: it refits one at deploy);
+    # 32 make a refit take a few hundred card calls, so the `unknown` it leaves after AddCard is seen
+    store.set_calibration(smooth_images(32, seed=99))
     ray.init(
         address="local",
         num_cpus=4,  # logical CPUs: the replicas ask for fractions of them; 2 real cores do the work
@@ -103,6 +175,7 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDeck]:
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         log_to_driver=False,
+        _system_config={"metrics_report_interval_ms": 1000},  # Ray's metrics export every second, not 10
     )
     http_port, grpc_port = free_port(), free_port()
     serve.start(
@@ -117,16 +190,19 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDeck]:
         target_ongoing_requests=2,
         upscale_delay_s=1.0,
         downscale_delay_s=4.0,
+        admin_token=ADMIN_TOKEN,
     )
+    node = ray.nodes()[0]
+    metrics_url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     try:
-        yield RayDeck(root, deploy(config), http_port, grpc_port)
+        yield LiveDeck(root, deploy(config), http_port, grpc_port, metrics_url)
     finally:
         undeploy()
         serve.shutdown()
         ray.shutdown()
 
 
-def test_predictions_equal_the_in_process_deck_for_every_policy(ray_deck: RayDeck) -> None:
+def test_predictions_equal_the_in_process_deck_for_every_policy(ray_deck: LiveDeck) -> None:
     deck = Deck.open(ray_deck.root)
     x = np.concatenate([noisy_images(5, seed=1), smooth_images(5, seed=2)])
     for policy in POLICIES.names():
@@ -154,7 +230,7 @@ def test_predictions_equal_the_in_process_deck_for_every_policy(ray_deck: RayDec
     assert status == 400 and "not an input of this model; send 'images'" in doc["error"]
 
 
-def test_the_carddeck_v1_grpc_service_through_rays_grpc_proxy(ray_deck: RayDeck) -> None:
+def test_the_carddeck_v1_grpc_service_through_rays_grpc_proxy(ray_deck: LiveDeck) -> None:
     import grpc
 
     from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
@@ -180,40 +256,101 @@ def test_the_carddeck_v1_grpc_service_through_rays_grpc_proxy(ray_deck: RayDeck)
     assert "g1" in ray_deck.state()["cards"]
 
 
-def test_answers_carry_the_verdict_of_the_shift_detector_the_deck_stores(ray_deck: RayDeck) -> None:
-    """As on ``carddeck serve``: `unknown` while the deck stores no detector for its cards; once one is stored,
-    the OIP answer carries the state, expected accuracy and out-of-scope images the in-process monitor gives
-    the same request (kills an ingress that never judges, or judges with no detector loaded)."""
+def test_the_reconciler_refits_a_missing_detector_and_answers_carry_its_verdict(ray_deck: LiveDeck) -> None:
+    """The fixture's deck stores calibration images but no shift detector: the reconciler refits one from them
+    through the card deployments (no dataset, no train extra) and stores it in the deck; the ingress then
+    answers with the state, expected accuracy and out-of-scope images the in-process monitor gives the same
+    request with that detector (kills a Ray deployment that never refits or never stores its refit, and an
+    ingress that never judges or loads no detector)."""
     from carddeck.data.datasets import load_dataset
-    from carddeck.gating.shift_fit import deck_references, fit_detector
     from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 
-    def infer(x: np.ndarray) -> dict[str, str]:
-        inputs = [{"name": "images", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]
-        status, doc = ray_deck.post("/v2/models/carddeck/infer", {"inputs": inputs})
-        assert status == 200, doc
-        return doc["parameters"]
-
+    version = wait_for_refit(ray_deck)
+    detector = stored_detector(ray_deck.root)[1]
+    assert detector is not None and detector.notes["data"] == "deck calibration images (label-free refit)"
     x = np.concatenate([load_dataset("digits32", "test").images[:12], noisy_images(4, seed=5)])
-    assert infer(x)["shift_state"] == "unknown"
-    deck = Deck.open(ray_deck.root)
-    val = load_dataset("digits32", "val")
-    refs = deck_references(deck, val.images[:128], val.labels[:128], [("fog", 4)], seed=1)
-    detector = fit_detector(refs, draws=200, cards=[c.key for c in deck.cards])
-    version = DeckStore(ray_deck.root).set_gate(shift=detector).version
-    wait_for("the ingress serves the deck with its detector", lambda: ray_deck.state()["version"] == version, 60)
     local, deck = ShiftMonitor(), Deck.open(ray_deck.root)
     ShiftLoader(local, refit=False)(deck)
     p = deck.predict(x)
     (want,) = local.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
-    got = infer(x)
+    served, got = ray_deck.infer(x)
+    assert served == str(version) == str(deck.version)
     assert want.state != "unknown" and got["shift_state"] == want.state and got["shift_scope"] == "batch"
     assert got["expected_accuracy_kind"] == want.expected_kind
     assert got["out_of_scope_images"] == ",".join(str(i) for i in np.flatnonzero(~want.in_scope))
-    assert {"12", "13", "14", "15"} <= set(got["out_of_scope_images"].split(","))  # the noise images
 
 
-def test_ready_reports_the_store_and_statistics_count_what_the_ingress_served(ray_deck: RayDeck) -> None:
+def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serves_names(
+    ray_deck: LiveDeck, prometheus_tools: dict[str, str], tmp_path: Path
+) -> None:
+    """Ray's metrics export (each node's port, where Ray's service discovery points Prometheus) carries the
+    ingress's shift series and the reconciler's refits under the names and labels ``carddeck serve`` gives
+    them (Ray and Serve add only their own labels); through serve/ray/prometheus.yml a real Prometheus answers
+    the shipped dashboard's and alerts' queries on them unchanged. Kills: no export, a series or label renamed
+    or left out, a relabelling that does not strip Ray's prefix."""
+    from prometheus_client import CollectorRegistry
+
+    from carddeck.observability.metrics import Metrics
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+    from tests.observability.promql import (
+        RAY_PROMETHEUS_YML,
+        alert_rules,
+        dashboard_exprs,
+        running_prometheus,
+        substitute,
+    )
+
+    x = np.concatenate([smooth_images(8, seed=11), noisy_images(8, seed=12)])
+    ray_deck.infer(x)  # one tested batch
+    # what carddeck serve's Metrics holds for the same request and detector, and for a refit
+    local = Metrics(CollectorRegistry())
+    monitor, deck = ShiftMonitor(local), Deck.open(ray_deck.root)
+    ShiftLoader(monitor, refit=False)(deck)
+    p = deck.predict(x)
+    monitor.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
+    local.observe_refit("ok", 1.0)
+    want = {
+        sample.name: sample.labels
+        for family in local.registry.collect()
+        if "shift" in family.name or family.name == "carddeck_expected_accuracy"
+        for sample in family.samples
+        if not sample.name.endswith("_created") and not np.isnan(sample.value)  # Ray exports no NaN
+    }
+    tested = {k: want["carddeck_shift_batches_total"][k] for k in ("model", "unit")}
+    tested["state"] = next(
+        s.labels["state"] for f in local.registry.collect() for s in f.samples
+        if s.name == "carddeck_shift_batches_total" and s.value == 1
+    )  # fmt: skip
+
+    def exported() -> bool:
+        series = ray_deck.ray_series()
+        return set(want) <= set(series) and ray_deck.ray_value("carddeck_shift_batches_total", **tested) >= 1
+
+    wait_for("the shift series in Ray's metrics export", exported, 30)
+    series = ray_deck.ray_series()
+    for name, labels in want.items():
+        for got, _ in series[name]:
+            assert set(got) - RAY_LABELS == set(labels), (name, got)
+            assert got["application"] == "carddeck" and got["deployment"] in ("ingress", "reconciler"), (name, got)
+    assert ray_deck.ray_value("carddeck_shift_detector_fitted", deployment="ingress") == 1
+    assert ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler") >= 1
+
+    # the shipped dashboard and alerts, unchanged, on what Ray exports (the ray_ prefix stripped)
+    target = ray_deck.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    names = set(series) | {n.rsplit("_", 1)[0] for n in series if n.endswith(("_bucket", "_sum", "_count"))}
+    with running_prometheus(prometheus_tools["prometheus"], target, tmp_path, config_file=RAY_PROMETHEUS_YML) as prom:
+        prom.wait_for('carddeck_shift_batches_total{deployment="ingress"}')
+        assert not prom.query('{__name__=~"ray_carddeck_.*"}')["data"]["result"]  # renamed, not copied
+        panels = [(t, substitute(e)) for t, e in dashboard_exprs() if set(re.findall(r"carddeck_\w+", e)) <= names]
+        assert any("shift_batches" in e for _, e in panels) and any("expected_accuracy" in e for _, e in panels)
+        for _, expr in panels:
+            prom.wait_for(expr, timeout=30)  # rate() needs two scrapes
+        for rule in alert_rules():
+            if set(re.findall(r"carddeck_\w+", rule["expr"])) <= names:
+                assert prom.query(rule["expr"])["status"] == "success", rule["alert"]
+
+
+def test_ready_reports_the_store_and_statistics_count_what_the_ingress_served(ray_deck: LiveDeck) -> None:
     """The OIP health and statistics routes work on Ray as on ``carddeck serve`` (the transports' data plane
     Protocol): ready carries the store's state, through an outage and back; each model's statistics count the
     requests this ingress answered and failed."""
@@ -269,46 +406,71 @@ def test_ready_reports_the_store_and_statistics_count_what_the_ingress_served(ra
     wait_for("ready to report the store reachable again", lambda: store_line() == "reachable", 60)
 
 
-def test_a_card_added_to_the_store_serves_within_30_s_and_a_removed_one_goes_without_failed_requests(
-    ray_deck: RayDeck,
+def test_a_card_added_through_the_deployment_serves_unknown_until_refitted_and_a_removed_one_fails_nothing(
+    ray_deck: LiveDeck,
 ) -> None:
-    store = DeckStore(ray_deck.root)
-    x = noisy_images(4, seed=3)
+    """AddCard (the OIP repository load, through Ray's proxy) on the live deployment: the card serves within
+    30 s, with the state `unknown` (never the old cards' detector, never silently off) until the reconciler has
+    refitted a detector for the new cards from the deck's calibration images and stored it; then every answer
+    carries a verdict again, and the refit is counted in Ray's metrics. Removing the card fails no request
+    either, and is refitted for too (the deck is left as found). Kills: no refit after a change, a refit that
+    is not stored, an ingress that keeps the old detector."""
+    x = np.concatenate([noisy_images(8, seed=3), smooth_images(8, seed=4)])  # a tested batch
+    answers: list[tuple[int, str, str]] = []  # deck version, shift state, cards of each answer
     failures: list[BaseException] = []
-    answered = 0
     stop = threading.Event()
 
     def traffic() -> None:  # requests all through the change; none may fail
-        nonlocal answered
         while not stop.is_set():
             try:
-                ray_deck.predict(x, "soft")
-                answered += 1
+                version, parameters = ray_deck.infer(x)
+                answers.append((int(version), parameters["shift_state"], parameters["card_names"]))
             except BaseException as exc:
                 failures.append(exc)
 
+    refits = ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler")
     thread = threading.Thread(target=traffic)
     thread.start()
     try:
-        store.add_card(card("g2", "gaussian", seed=7))
+        model = base64.b64encode(card("g2", "gaussian", seed=7)).decode()
+        status, _, doc = ray_deck.http("/v2/repository/models/g2/load", {"parameters": {"file:model.onnx": model}},
+                                       admin=True)  # fmt: skip
+        assert status == 200, doc
         took = wait_for("card g2 served", lambda: "g2" in ray_deck.state()["cards"], 30)
+        refitted = wait_for_refit(ray_deck)
+        wait_for("answers from the refitted deck", lambda: any(v >= refitted for v, _, _ in answers), 30)
+        # in the order they came: unknown from the first answer with g2 on, then judged for good (a request of
+        # the added deck version may be judged by its refitted detector, loaded while it ran: same cards)
+        states = [state for _, state, cards in list(answers) if "g2" in cards.split(",")]
+        judged = next(i for i, state in enumerate(states) if state != "unknown")
+        assert judged > 0 and "unknown" not in states[judged:], states
+        wait_for(
+            "the refit counted in Ray's metrics",
+            lambda: ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler") > refits,
+            30,
+        )
+        assert "state unknown until" in replica_log("ingress")
+        log = replica_log("reconciler")
+        assert "refitting the shift detector from the deck's calibration images" in log, log[-3000:]
+        assert f"refitted shift detector stored as deck version {refitted}" in log, log[-3000:]
         out = ray_deck.predict(x, "soft")
         ref = Deck.open(ray_deck.root).predict(x, policy="soft")
         assert "g2" in out["card_names"]
         np.testing.assert_allclose(out["probabilities"], ref.probabilities, rtol=1e-6, atol=1e-7)
-        print(f"card added -> serving in {took:.1f} s")
+        print(f"card added -> serving in {took:.1f} s, refitted at deck version {refitted}")
 
-        store.remove_card("g2")
+        status, _, doc = ray_deck.http("/v2/repository/models/g2/unload", {}, admin=True)
+        assert status == 200, doc
         wait_for("card g2 dropped by the ingress", lambda: "g2" not in ray_deck.state()["cards"], 30)
+        wait_for_refit(ray_deck)  # a detector for the cards left
         wait_for("card g2's application deleted", lambda: replicas("card-g2", "carddeck-card-g2") == 0, 60)
     finally:
         stop.set()
         thread.join()
     assert not failures, failures[:3]
-    assert answered > 0
 
 
-def test_a_popular_card_scales_from_1_to_2_replicas_and_back(ray_deck: RayDeck) -> None:
+def test_a_popular_card_scales_from_1_to_2_replicas_and_back(ray_deck: LiveDeck) -> None:
     assert replicas("card-g1", "carddeck-card-g1") == 1
     x = noisy_images(8, seed=4)  # the gate sends noise to g1 only (nearest-domain)
     stop = threading.Event()
@@ -330,7 +492,7 @@ def test_a_popular_card_scales_from_1_to_2_replicas_and_back(ray_deck: RayDeck) 
     print(f"scaled up after {up:.1f} s of load, down {down:.1f} s after it stopped")
 
 
-def test_a_killed_card_replica_fails_no_request_silently_and_is_replaced(ray_deck: RayDeck) -> None:
+def test_a_killed_card_replica_fails_no_request_silently_and_is_replaced(ray_deck: LiveDeck) -> None:
     import ray
 
     from carddeck.integrations.ray_serve import CardUnavailable

@@ -20,6 +20,7 @@ SERVE = ROOT / "serve"
 DASHBOARD = SERVE / "grafana" / "dashboards" / "carddeck.json"
 PROMETHEUS_YML = SERVE / "prometheus" / "prometheus.yml"
 ALERTS_YML = SERVE / "prometheus" / "alerts.yml"
+RAY_PROMETHEUS_YML = SERVE / "ray" / "prometheus.yml"  # Ray's metrics export, the ray_ prefix stripped
 
 # Grafana template variables -> what Prometheus evaluates in their place (all instances, all domains,
 # and a rate window that spans the whole test).
@@ -88,16 +89,23 @@ class Prometheus:
 
 @contextlib.contextmanager
 def running_prometheus(
-    prometheus_bin: str, target: str, workdir: Path, *, labels: dict[str, str] | None = None
+    prometheus_bin: str,
+    target: str,
+    workdir: Path,
+    *,
+    labels: dict[str, str] | None = None,
+    config_file: Path = PROMETHEUS_YML,
 ) -> Iterator[Prometheus]:
-    """The shipped prometheus.yml and alerts.yml, scraping ``target`` every second, on a free port.
+    """The shipped ``config_file`` (its scrape job and relabelling) and alerts.yml, scraping ``target`` every
+    second, on a free port.
 
     ``labels``: added to every scraped series (as Kubernetes service discovery adds namespace and pod).
     """
-    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    config = yaml.safe_load(config_file.read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(ALERTS_YML)]
     (job,) = config["scrape_configs"]
+    job.pop("file_sd_configs", None)  # Ray's service discovery file: the target is given here instead
     job["static_configs"] = [{"targets": [target], **({"labels": labels} if labels else {})}]
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))

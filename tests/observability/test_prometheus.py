@@ -20,6 +20,7 @@ from tests.observability.deck_traffic import announce_deck, build_deck, serve_ba
 from tests.observability.promql import (
     ALERTS_YML,
     PROMETHEUS_YML,
+    RAY_PROMETHEUS_YML,
     alert_rules,
     check_every_expression,
     dashboard_exprs,
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_promtool_accepts_rules_and_config(prometheus_tools):
-    for args in (["check", "rules", str(ALERTS_YML)], ["check", "config", str(PROMETHEUS_YML)]):
+    configs = (["check", "config", str(PROMETHEUS_YML)], ["check", "config", str(RAY_PROMETHEUS_YML)])
+    for args in (["check", "rules", str(ALERTS_YML)], *configs):
         result = subprocess.run([prometheus_tools["promtool"], *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from carddeck.commands.shift import FAMILIES
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
-from carddeck.deck import Deck
+from carddeck.deck import Deck, DeckStore
 from carddeck.errors import InvalidInput
 from carddeck.gating.shift import (
     CONFIDENCE,
@@ -338,6 +338,36 @@ def test_a_detector_fitted_for_other_cards_is_not_used(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="carddeck.observability.shift"):
         loader(Deck.open(rig.deck.root))
     assert monitor.detector is None and "state unknown until it is refitted" in caplog.text
+
+
+def test_a_refit_is_stored_in_the_deck_only_while_the_store_still_has_its_cards(tmp_path, caplog):
+    """``store_refit`` (Ray's reconciler): the refit lands in the deck's manifest, where a loader that does not
+    refit (an ingress replica) reads it; a refit for cards the store no longer has is not stored (kills a
+    refit kept in memory only, and one stored over a newer deck's cards)."""
+    from tests.cards import tiny_card_bytes, tiny_meta
+    from tests.observability.deck_traffic import build_deck
+
+    rig = build_deck(tmp_path / "deck", calibration_images=48)
+    root = rig.deck.root
+    rig.store.add_card(tiny_card_bytes(tiny_meta("late", domain="clean"), seed=7))
+    added = Deck.open(root)
+    refitter, outcomes = ShiftMonitor(), []
+    loader = ShiftLoader(refitter, on_refit=lambda outcome, s: outcomes.append(outcome), store_refit=True)
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        loader(added)
+        assert loader.wait(120) and outcomes == ["ok"]
+    stored = Deck.open(root)
+    assert stored.version == added.version + 1 and "stored as deck version" in caplog.text
+    reader = ShiftMonitor()
+    ShiftLoader(reader, refit=False)(stored)  # another replica: reads it, refits nothing
+    assert reader.detector is not None
+    assert sorted(reader.detector.notes["cards"]) == sorted(c.key for c in added.cards)
+
+    rig.store.remove_card("late")  # the store moves on: that detector is for cards it no longer has
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        ShiftLoader._store(added, refitter.detector)
+    assert DeckStore(root).manifest().version == stored.version + 1  # the removal only
+    assert "not stored: the deck's cards changed" in caplog.text
 
 
 # -- the command -----------------------------------------------------------------------------------

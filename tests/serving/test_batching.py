@@ -1,5 +1,7 @@
 import threading
 import time
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
@@ -122,5 +124,51 @@ def test_cancelled_requests_are_skipped():
         with pytest.raises(Cancelled):
             gone.result(30)
         assert all("gone" not in batch for batch in run.batches)
+    finally:
+        b.close()
+
+
+def test_a_request_whose_waiter_gave_up_never_runs():
+    """A deadline passing in the queue cancels the request (Dispatch does it): it must not run, nor be set."""
+    run = Recorder(hold=True)
+    b = MicroBatcher(run, max_batch_size=64, max_wait_s=0.001)
+    try:
+        blocker = run.occupy(b)
+        gone, kept = b.submit("gone", 1), b.submit("kept", 1)
+        with pytest.raises(FutureTimeout):
+            gone.result(timeout=0.01)  # still queued behind the blocker
+        assert gone.cancel() and gone.cancelled() and gone.done()
+        run.release()
+        blocker.result(30)
+        assert kept.result(30) == "done-kept"
+        with pytest.raises(CancelledError):
+            gone.result(30)
+        assert all("gone" not in batch for batch in run.batches)
+        assert not kept.cancel()  # too late: it ran
+    finally:
+        b.close()
+
+
+def test_a_result_wakes_every_reader_and_every_callback_once():
+    run = Recorder(hold=True, poison="bad")
+    b = MicroBatcher(run, max_batch_size=64, max_wait_s=0.001)
+    try:
+        blocker = run.occupy(b)
+        good, bad = b.submit("good", 1), b.submit("bad", 1)
+        seen: list[object] = []
+        called = threading.Semaphore(0)  # callbacks run in the batch thread, after the readers are woken
+        good.add_done_callback(lambda f: (seen.append(f.result()), called.release()))
+        bad.add_done_callback(lambda f: (seen.append(type(f.exception())), called.release()))
+        readers = [threading.Thread(target=lambda: seen.append(good.result(30))) for _ in range(3)]
+        for t in readers:
+            t.start()
+        run.release()
+        for t in readers:
+            t.join(30)
+        blocker.result(30)
+        assert called.acquire(timeout=30) and called.acquire(timeout=30)
+        assert sorted(map(str, seen)) == sorted(["done-good"] * 4 + [str(ValueError)])
+        good.add_done_callback(lambda f: seen.append("late"))  # settled: called at once
+        assert seen[-1] == "late" and good.result(0) == "done-good"
     finally:
         b.close()

@@ -49,6 +49,14 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "digital": BENCHMARK_CORRUPTIONS[11:15],
 }
 EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+# The shift signal's held-out families (issue #21: noise, blur, weather, digital/photometric), extras included;
+# brightness counts as photometric here, as the issue groups it.
+SHIFT_FAMILIES: dict[str, tuple[str, ...]] = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"),
+    "weather": ("snow", "frost", "fog", "spatter"),
+    "digital": ("brightness", "contrast", "saturate", "elastic_transform", "pixelate", "jpeg_compression"),
+}
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 8  # the glass swaps and fractal maps need a few pixels of room
 
@@ -91,5 +99,6 @@ __all__ = [
     "EXTRA_CORRUPTIONS",
     "FAMILIES",
     "SEVERITIES",
+    "SHIFT_FAMILIES",
     "corrupt",
 ]
