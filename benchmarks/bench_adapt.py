@@ -13,6 +13,12 @@ the unadapted path on clean and corrupted batches, and the corruptions that lose
 
     python benchmarks/bench_adapt.py [--deck models] [--repeats 20]
     python benchmarks/bench_adapt.py --choose [--grid 16:64,0:64] [--severities 1,3,5] [--cache runs.pkl]
+    python benchmarks/bench_adapt.py --spread [--severities 1,2,3,4,5]   # the spread guard's decisions on val
+
+``--spread``: the spread guard (:func:`carddeck.serving.adaptation.class_spread`) on every validation batch
+of 32 and 64 images, stored order and shuffled, against the rule it replaced (the mean probabilities'
+effective number of classes >= 0.85 of all C): how many decisions differ, and the guard's value on the
+batches of one or two true classes against those of five or more.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, corrupt
 from carddeck.data.datasets import data_for_cards, load_dataset
 from carddeck.deck import Deck
 from carddeck.eval.adaptation import AdaptiveCards, deck_detector, score_adaptive
-from carddeck.eval.robustness import CLEAN, collect_runs, conditions_for, generated_source
-from carddeck.serving.adaptation import Trigger
+from carddeck.eval.robustness import CLEAN, collect_runs, conditions_for, generated_source, route_run
+from carddeck.serving.adaptation import MIN_SPREAD, Trigger, class_spread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shift import timed
@@ -117,6 +123,38 @@ def triggers(args: argparse.Namespace, deck: Deck, data: str) -> int:
     return 0
 
 
+def spread(args: argparse.Namespace, deck: Deck, data: str) -> int:
+    """The spread guard's decisions on val against the rule it replaced (the mean probabilities' effective
+    number of classes >= 0.85 of all C), and the guard's value on batches of few and of many classes."""
+    from dataclasses import replace
+
+    runs, _ = val_runs(args, deck, data)
+    assert deck.gate is not None
+    order = np.random.default_rng(0).permutation(len(runs[0].labels))
+    print(f"deck {deck.root}, {len(runs)} val conditions, policy {deck.default_policy}, guard {MIN_SPREAD}")
+    print("| order | batch | batches | old rule adapts | guard adapts | decisions that differ "
+          "| guard: highest on <= 2 true classes / lowest on >= 5 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name, perm in (("stored", slice(None)), ("shuffled", order)):
+        for size in (32, 64):
+            old, new, few, many = [], [], [0.0], [9.0]
+            for run in runs:
+                run = replace(run, labels=run.labels[perm], probabilities=run.probabilities[:, perm],
+                              signatures=run.signatures[perm])  # fmt: skip
+                weights = route_run(deck.gate, run, deck.default_policy, False, size)
+                mixed = np.einsum("nk,knc->nc", weights, run.probabilities)
+                for i in range(0, len(mixed) - size + 1, size):  # whole batches: the guard needs >= min batch
+                    p, classes = mixed[i : i + size], len(np.unique(run.labels[i : i + size]))
+                    mean = p.mean(axis=0)
+                    old.append(np.exp(-np.sum(mean * np.log(np.maximum(mean, 1e-12)))) / p.shape[1] >= 0.85)
+                    new.append(class_spread(p))
+                    (few if classes <= 2 else many if classes >= 5 else []).append(new[-1])
+            o, w = np.array(old), np.array(new) >= MIN_SPREAD
+            print(f"| {name} | {size} | {len(o)} | {o.sum()} | {w.sum()} | {(o != w).sum()} "
+                  f"| {max(few):.3f} / {min(many):.3f} |", flush=True)  # fmt: skip
+    return 0
+
+
 def cost(args: argparse.Namespace, deck: Deck, data: str) -> int:
     from carddeck.observability.shift import ShiftLoader, ShiftMonitor
     from carddeck.serving.dataplane import Dataplane, DataplaneConfig
@@ -173,6 +211,7 @@ def main() -> int:
     parser.add_argument("--clean-batches", type=int, default=400)
     parser.add_argument("--choose", action="store_true", help="measure N and the minimum batch on val")
     parser.add_argument("--triggers", action="store_true", help="measure which shift states should adapt, on val")
+    parser.add_argument("--spread", action="store_true", help="the spread guard's decisions on val, against 0.85 of C")
     parser.add_argument(
         "--grid",
         type=lambda v: [tuple(int(x) for x in p.split(":")) for p in v.split(",")],
@@ -186,6 +225,8 @@ def main() -> int:
     data = data_for_cards(None, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
     if args.triggers:
         return triggers(args, deck, data)
+    if args.spread:
+        return spread(args, deck, data)
     return choose(args, deck, data) if args.choose else cost(args, deck, data)
 
 

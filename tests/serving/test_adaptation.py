@@ -17,8 +17,9 @@ from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore
 from carddeck.deck.default import default_deck_path
 from carddeck.eval.adaptation import deck_detector, served_verdicts
+from carddeck.gating.shift import Trust
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
-from carddeck.serving.adaptation import Trigger, class_spread
+from carddeck.serving.adaptation import Trigger, balanced_classes, class_spread
 from carddeck.serving.dataplane import Dataplane, DataplaneConfig
 from tests.serving.test_dataplane import BatchSizes
 
@@ -135,13 +136,62 @@ def test_the_server_adapts_on_the_verdict_every_answer_carries(images):
         dp.close()
 
 
-def test_class_spread_counts_the_classes_an_answer_spreads_over():
-    uniform = np.full((8, 10), 0.1)
-    one = np.eye(10)[[3] * 8]
-    two = np.eye(10)[[3, 7] * 4]
-    assert class_spread(uniform) == pytest.approx(1.0)
-    assert class_spread(one) == pytest.approx(0.1, abs=1e-6)
-    assert class_spread(two) == pytest.approx(0.2, abs=1e-6)
+def test_class_spread_counts_the_classes_an_answer_names():
+    """Against what n balanced draws can show, whatever C; top-1 counts, so a soft answer of one class is
+    still one class. Kills measuring against all C classes (the old rule) and mean probabilities
+    instead of counts."""
+    for c in (10, 100):
+        reference = balanced_classes(64, c)
+        every = np.eye(c)[np.arange(64) % c]
+        one = np.eye(c)[[3] * 64]
+        two = np.eye(c)[[3, 7] * 32]
+        assert class_spread(every) == pytest.approx(min(64, c) / reference, rel=5e-3)  # 10 classes: 6 or 7 each
+        assert class_spread(one) == pytest.approx(1 / reference)
+        assert class_spread(0.6 * one + 0.4 / c) == pytest.approx(1 / reference)
+        assert class_spread(two) == pytest.approx(2 / reference)
+
+
+def test_balanced_classes_is_the_effective_class_count_of_balanced_draws():
+    """Exact against sampled: the exp of the mean entropy of the class shares of n draws from C balanced
+    classes. Kills a reference of C, n or min(n, C) and a wrong binomial (e.g. drawing with p = 1/n)."""
+    rng = np.random.default_rng(0)
+    for n, c in ((32, 10), (64, 10), (64, 100), (256, 100)):
+        shares = rng.multinomial(n, np.full(c, 1.0 / c), size=20000) / n
+        entropy = -np.sum(np.where(shares > 0, shares * np.log(np.maximum(shares, 1e-300)), 0.0), axis=1)
+        assert balanced_classes(n, c) == pytest.approx(np.exp(entropy.mean()), rel=2e-3)
+    assert balanced_classes(1, 10) == pytest.approx(1.0)
+    assert balanced_classes(100000, 10) == pytest.approx(10.0, rel=1e-3)
+
+
+def _verdict(n: int) -> Trust:
+    return Trust("uncovered", "batch", 0.5, "estimate", np.zeros(n, np.float32), np.zeros(n, np.float32))
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_the_spread_guard_adapts_mixed_requests_of_many_classes_and_blocks_few_class_ones(num_classes):
+    """A 64-image request of a 100-class deck names about 43 classes at most, so the old rule (mean
+    probabilities spread over 0.85 of all C) never adapted one; the guard must adapt a shifted request
+    mixing the classes and still block one of two classes, as on a 10-class deck. Answers as a shifted
+    deck gives them: the right class at 0.5, the rest spread over others. Kills the old rule (the mixed
+    100-class request unadapted), mean probabilities against the balanced reference (their spread-out
+    tails let the two-class 100-class request through) and no guard."""
+    rng = np.random.default_rng(1)
+    trigger = Trigger(min_batch=32)
+
+    def answer(labels: np.ndarray) -> np.ndarray:
+        p = rng.dirichlet(np.full(num_classes, 0.3), size=len(labels)) * 0.5
+        p[np.arange(len(labels)), labels] += 0.5
+        return p
+
+    for n in (32, 64):
+        verdict = Trust("uncovered", "batch", 0.5, "estimate", np.zeros(n, np.float32), np.zeros(n, np.float32))
+        mixed = answer(rng.integers(0, num_classes, n))
+        few = answer(rng.choice([4, 9], n))
+        assert trigger.fires_on(verdict, mixed), (num_classes, n, class_spread(mixed))
+        assert not trigger.fires_on(verdict, few), (num_classes, n, class_spread(few))
+        if num_classes == 100:
+            mean = mixed.mean(axis=0)
+            assert np.exp(-np.sum(mean * np.log(mean))) / num_classes < 0.85  # the old rule: never adapted
 
 
 def test_a_shifted_request_of_one_class_is_served_unadapted(images):
