@@ -153,6 +153,7 @@ def test_predict_the_samples_with_the_decks_gate(default_server):
 def test_nearest_domain_routes_as_the_readme_says(default_server):
     rows, prose = readme_predict(default_server, policy=True)
     assert "noisy samples to the CARDs\ntrained under Gaussian noise" in prose and "fog samples to the AugMix" in prose
+    assert "the clean samples to the photometric CARD" in prose
     domains = {m.name: m.domain for m in DeckStore(default_server.deck).list_cards()}
     for path, _, cards, line in rows:
         routed = {domains[c] for c in cards}
@@ -160,7 +161,9 @@ def test_nearest_domain_routes_as_the_readme_says(default_server):
             assert routed == {"gaussian"}, line
         elif path.name.startswith("fog"):
             assert routed == {"augmix"}, line
-        else:  # clean, blurred and contrast
+        elif path.name.startswith("clean"):
+            assert routed == {"photometric"}, line
+        else:  # blurred and contrast
             assert routed == {"lowfreq"}, line
 
 
