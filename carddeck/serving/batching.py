@@ -109,20 +109,18 @@ class Pending(Generic[R]):
         return self._state >= _CANCELLED
 
     def set_result(self, result: R) -> None:
-        self._result = result
-        self._settle()
+        self._settle(result, None)
 
     def set_exception(self, error: BaseException) -> None:
-        self._error = error
-        self._settle()
+        self._settle(None, error)
 
-    def _settle(self) -> None:
+    def _settle(self, result: R | None, error: BaseException | None) -> None:
         with _transitions:
             if self._state == _CANCELLED:  # its waiter gave up (deadline): nobody reads it
                 return
-            if self._state == _DONE:
+            if self._state == _DONE:  # a second answer must not overwrite the first one's reader's view
                 raise InvalidStateError("result already set")
-            self._state = _DONE
+            self._result, self._error, self._state = result, error, _DONE
         self._settled()
 
     def _settled(self) -> None:
