@@ -3,12 +3,15 @@
 Each corruption, and each corruption family, is held out of a router fitted on the other validation
 conditions; the held-out conditions' validation batches are then routed by the guarded policy, with
 batches farther than ``tau`` kernel bandwidths from every calibration batch (the router's
-``novelty``) sent instead to a fallback: the paper's nearest-domain gate, the uniform mix of the
-cards good on clean data, or the whole uniform deck. Printed per (fallback, tau): held-out accuracy
-against the uniform deck (mean; the worst corruption; corruptions more than 0.5 below), and how
-often the fallback fires on the conditions the router was fitted on and on clean batches.
+``novelty``) sent instead to a fallback: the hedge (half the router's choice, a quarter the nearest
+domain's cards, a quarter the uniform deck), the paper's nearest-domain gate, the uniform mix of the
+cards good on clean data, or the whole uniform deck. All five severities by default: the served
+router is fitted on all five, and the density of its calibration batches sets the kernel bandwidth.
+Printed per (fallback, tau): held-out accuracy against the uniform deck (mean; the worst corruption;
+corruptions more than 0.5 below), and how often the fallback fires on the conditions the router was
+fitted on and on clean batches.
 
-    python benchmarks/bench_fallback.py [--deck models] [--cache runs.pkl] [--taus 1,1.5,2,3,4,inf]
+    python benchmarks/bench_fallback.py [--deck models] [--cache runs.pkl] [--taus 4,6,8,10,12,inf]
 """
 
 from __future__ import annotations
@@ -44,16 +47,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deck", default=str(Path(__file__).resolve().parents[1] / "models"))
     parser.add_argument("--cache", default="")
-    parser.add_argument("--severities", type=comma_ints, default=[1, 3, 5])
+    parser.add_argument("--severities", type=comma_ints, default=[1, 2, 3, 4, 5])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--taus", default="1,1.5,2,3,4,6,inf")
+    parser.add_argument("--taus", default="4,6,8,10,12,inf")
     args = parser.parse_args()
     deck = Deck.open(args.deck)
     assert deck.gate is not None
     data = data_for_cards(None, [c.provenance.dataset for c in deck.cards], f"deck {args.deck}")
     runs, _ = val_runs(args, deck, data)
     taus = [float(t) for t in args.taus.split(",")]
-    kinds = ("clean-cards", "nearest-domain", "uniform")
+    kinds = ("hedge", "clean-cards", "nearest-domain", "uniform")
     groups = {**{c: (c,) for c in dict.fromkeys(r.condition[0] for r in runs if r.condition != CLEAN)}, **FAMILIES}
     # per group: for each held-out batch, (corruption, novelty, correct counts of guarded, fallbacks, uniform, n)
     held: list[tuple[str, str, float, dict[str, int], int]] = []

@@ -126,29 +126,35 @@ def test_novelty_is_the_distance_to_the_nearest_calibration_batch_in_bandwidths(
     assert near < 1.0 < 10.0 < far
 
 
-def test_guarded_falls_back_where_the_router_is_unsure(monkeypatch):
+def test_guarded_hedges_where_the_router_is_unsure():
     """Far from every calibration batch the router only extrapolates (its prior vote): the guarded
-    policy runs its fallback instead (the uniform deck; or the cards good on clean data); near a
-    calibration batch it follows the router."""
-    from carddeck.gating import policies
-    from carddeck.gating.policies import FALLBACK, fallback
+    policy hedges there, half the router's choice, a quarter the nearest spectral domain's cards, a
+    quarter every card; near a calibration batch it follows the router, near clean data the guard."""
+    from carddeck.gating.policies import HEDGE, UNSURE_AT, fallback
 
-    monkeypatch.setattr(policies, "UNSURE_AT", 6.0)  # off by default (see policies.UNSURE_AT)
-    UNSURE_AT = policies.UNSURE_AT
     rng = np.random.default_rng(0)
     r = guard_router(rng)
     assert r.clean_cards().tolist() == [True, False, False, False]
-    cards = [(f"c{i}", "d", tuple(np.zeros(D))) for i in range(4)]
+    # two domains: c0, c1 (references at 0) and c2, c3 (at -30), so the unseen batch is nearest to c2, c3
+    cards = [(f"c{i}", "near" if i < 2 else "far", tuple(np.full(D, 0.0 if i < 2 else -30.0))) for i in range(4)]
     gate = Gate.from_cards(cards, router=r, card_keys=tuple(f"c{i}/1" for i in range(4)))
     unseen = np.full((1, D), -30.0, np.float32)
     assert r.novelty(unseen)[0] > UNSURE_AT and not r.near_clean(unseen)[0]
-    assert r.weights(unseen, gate.keys, guard=True)[0, 0] == 0  # the router alone would not run card 0
-    routed = gate.route_signatures(unseen, policy="guarded", per_sample=False, batch_size=2)
-    assert routed.selected == (("c0",) if FALLBACK == "clean-cards" else ("c0", "c1", "c2", "c3"))
-    assert (fallback(gate, unseen, np.zeros((1, 1)), "clean-cards") == [1, 0, 0, 0]).all()
+    alone = r.weights(unseen, gate.keys, guard=True)[0]
+    routed = gate.route_signatures(unseen, policy="guarded", per_sample=False, batch_size=2).weights[0]
+    expected = HEDGE[0] * alone + HEDGE[1] * np.array([0, 0, 0.5, 0.5]) + HEDGE[2] * np.full(4, 0.25)
+    np.testing.assert_allclose(routed, expected, atol=1e-6)
+    assert (routed > 0).all() and abs(routed.sum() - 1) < 1e-6  # every card runs, the router's weighs most
+    assert (fallback(gate, unseen, np.zeros((1, 2)), "clean-cards") == [1, 0, 0, 0]).all()
+    with pytest.raises(InvalidInput, match="unknown fallback"):
+        fallback(gate, unseen, np.zeros((1, 2)), "average")
     familiar = np.ones((1, D), np.float32)  # a corrupted calibration condition: the router's own choice
     assert r.novelty(familiar)[0] < UNSURE_AT
     np.testing.assert_array_equal(
         gate.route_signatures(familiar, policy="guarded", per_sample=False, batch_size=1).weights,
         r.weights(familiar, gate.keys, guard=True),
+    )
+    clean = np.zeros((1, D), np.float32)  # the guard comes first
+    np.testing.assert_array_equal(
+        gate.route_signatures(clean, policy="guarded", per_sample=False, batch_size=1).weights[0], [1, 0, 0, 0]
     )
