@@ -24,6 +24,10 @@ server, its backend stub and pytriton's proxy). Mean executed batch: inferences 
 OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
 ``--before-tree DIR`` (e.g. ``git archive`` of an older commit) adds a row for ``carddeck serve`` from that
 tree, same card, same loads, alternated with the others: before/after ratios from one run.
+``gRPC floor`` (peer ``floor``): grpcio's threaded server answering ModelInfer with zeros of the right
+shape, no model: what any Python gRPC server pays per call (transport, grpcio, parsing) and what the
+client pays, measured under the same load. At concurrency 1 it caps a server at in-process / (in-process
++ floor) of in-process throughput (p50s); the ratios say how much of that cap CARD-Deck reaches.
 Streaming rows: batch 1 over one ``ModelStreamInfer`` stream from one client (``--stream-window``
 requests in flight), against batch 1 / concurrency 1 unary.
 
@@ -164,6 +168,47 @@ def serve_mlserver(model_path: str, name: str, port: int, folder: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{folder}:{Path(__file__).parent}"}
     mlserver = Path(sys.executable).with_name("mlserver")
     os.execve(str(mlserver), [str(mlserver), "start", str(folder)], env)
+
+
+def serve_floor(port: int, classes: int) -> None:
+    """What any Python gRPC server answering ModelInfer pays before its model: grpcio's threaded server (32
+    workers, as ``carddeck serve``), the request parsed, an answer of the right shape (zeros, built once per
+    batch size). Runs in the project's environment (tritonclient's OIP messages)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as oip
+
+    answers: dict[int, bytes] = {}
+
+    def infer(raw: bytes, context: object) -> bytes:
+        request = oip.ModelInferRequest.FromString(raw)
+        n = request.inputs[0].shape[0]
+        if n not in answers:
+            tensor = oip.ModelInferResponse.InferOutputTensor
+            answers[n] = oip.ModelInferResponse(
+                model_name=request.model_name,
+                outputs=[tensor(name="probabilities", datatype="FP32", shape=[n, classes]),
+                         tensor(name="labels", datatype="INT64", shape=[n])],
+                raw_output_contents=[bytes(4 * n * classes), bytes(8 * n)],
+            ).SerializeToString()  # fmt: skip
+        return answers[n]
+
+    def ready(raw: bytes, context: object) -> bytes:
+        return oip.ModelReadyResponse(ready=True).SerializeToString()
+
+    handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}
+    handlers["ModelReady"] = grpc.unary_unary_rpc_method_handler(ready)
+    limit = 1 << 30
+    server = grpc.server(
+        ThreadPoolExecutor(32),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("PEER READY", flush=True)
+    server.wait_for_termination()
 
 
 # -- the harness (project environment) ------------------------------------------------------------------------
@@ -439,14 +484,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--loads", default="64x1,1x1,1x8,1x32", help="BATCHxCONCURRENCY, comma-separated")
-    parser.add_argument("--peers", default="triton,mlserver", help="peers to run (triton, mlserver; empty: none)")
+    parser.add_argument(
+        "--peers", default="triton,mlserver,floor", help="peers to run (triton, mlserver, floor; empty: none)"
+    )
     parser.add_argument("--peers-python", default=PEERS_PYTHON, help="Python of the peers' virtualenv")
     parser.add_argument("--stream-window", type=int, default=64, help="requests in flight on the stream rows")
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument(
         "--before-tree", type=Path, help="also serve from this source tree (e.g. `git archive` of an older commit)"
     )
-    parser.add_argument("--as", dest="role", choices=("triton", "mlserver"), help=argparse.SUPPRESS)
+    parser.add_argument("--as", dest="role", choices=("triton", "mlserver", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hwc", help=argparse.SUPPRESS)
@@ -458,6 +505,9 @@ def main() -> int:
         return 0
     if args.role == "mlserver":
         serve_mlserver(args.model_path, args.card, args.port, args.folder)
+        return 0
+    if args.role == "floor":
+        serve_floor(args.port, args.classes)
         return 0
     return run(args)
 
@@ -500,6 +550,11 @@ def run(args: argparse.Namespace) -> int:
     wanted = [p for p in args.peers.split(",") if p]
     skipped: dict[str, str] = {}
     for name in wanted:
+        if name == "floor":  # the project's own Python: no peers virtualenv needed
+            port = free_port(1)
+            cmd = [sys.executable, __file__, "--as", "floor", "--port", str(port), "--classes", str(classes)]
+            peers["gRPC floor"] = Peer("gRPC floor", cmd, port, args.card)
+            continue
         if not Path(args.peers_python).exists():
             skipped[name] = f"no peers virtualenv at {args.peers_python} (see this script's docstring)"
             continue
@@ -614,6 +669,20 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
         if (64, 1) in loads and batch == 1:
             parts.append(f"of in-process b64 {ratio(ours, ('in-process ORT', 64, 1))}")
         print(f"  CARD-Deck b{batch} c{conc}: vs " + ", ".join(parts))
+    if "gRPC floor" in peers:  # closed loop, one client: a server's round trip adds the floor's to in-process
+        for batch, conc in loads:
+            inproc, floor = rows[("in-process ORT", batch, conc)], rows[("gRPC floor", batch, conc)]
+            caps = sorted(x["p50_ms"] / (x["p50_ms"] + f["p50_ms"]) for x, f in zip(inproc, floor) if x and f)
+            if conc != 1 or not caps:
+                continue
+            reach = sorted(
+                (c["images_per_s"] / x["images_per_s"]) / (x["p50_ms"] / (x["p50_ms"] + f["p50_ms"]))
+                for c, x, f in zip(rows[("CARD-Deck", batch, conc)], inproc, floor)
+                if c and x and f
+            )
+            cap, reached = caps[len(caps) // 2], reach[len(reach) // 2]
+            print(f"  b{batch} c1: the gRPC floor caps a Python gRPC server at {cap:.3f} of in-process ORT "
+                  f"(p50 in-process / (in-process + floor)); CARD-Deck reaches {reached:.3f} of that cap")  # fmt: skip
     if "CARD-Deck before" in peers:
         for batch, conc in loads:
             now, before = ("CARD-Deck", batch, conc), ("CARD-Deck before", batch, conc)
