@@ -47,7 +47,7 @@ def serve_stamped(stamps: str, argv: list[str]) -> int:
     out = open(stamps, "w", buffering=1)  # noqa: SIM115 - lives with the process
 
     @functools.wraps(infer)  # keeps the @rpc declarations (access level, work)
-    def stamped(self, request, context):  # type: ignore[no-untyped-def]
+    def stamped(self, request, context):
         t0 = time.perf_counter()
         response = infer(self, request, context)
         out.write(f"{t0} {time.perf_counter()}\n")
