@@ -21,7 +21,8 @@ apart), then its median and range over the rounds (a shared machine's load drift
 same card in this process (``Deck.run_card``: the same decode, ONNX Runtime and softmax), measured in
 the same run. Each server's CPU seconds per 1,000 images counts its whole process tree (Triton's
 server, its backend stub and pytriton's proxy). Mean executed batch: inferences / executions from the
-OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
+OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none). The client processes' own CPU seconds per
+1,000 images are printed too: on 2 cores the load's encoding and gRPC compete with the server.
 ``--before-tree DIR`` (e.g. ``git archive`` of an older commit) adds a row for ``carddeck serve`` from that
 tree, same card, same loads, alternated with the others: before/after ratios from one run.
 ``gRPC floor`` (peer ``floor``): grpcio's threaded server answering ModelInfer with zeros of the right
@@ -61,8 +62,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -312,8 +314,9 @@ class Peer:
 
 def unary_load(
     address: str, model: str, shape: tuple[int, ...], threads: int, start_at: float, stop_at: float
-) -> list[float]:
-    """In a client process: ``threads`` closed-loop tritonclient.grpc clients; their latencies (s)."""
+) -> tuple[list[float], float]:
+    """In a client process: ``threads`` closed-loop tritonclient.grpc clients; their latencies (s) and this
+    process's CPU seconds over the window (the clients share the cores with the server)."""
     import tritonclient.grpc as tc
 
     images = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
@@ -343,11 +346,14 @@ def unary_load(
     pool = [threading.Thread(target=worker) for _ in range(threads)]
     for t in pool:
         t.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu = time.process_time()
     for t in pool:
         t.join()
+    cpu = time.process_time() - cpu
     if errors:
         raise RuntimeError(f"{len(errors)} of {threads} clients failed, first: {errors[0]}")
-    return latencies
+    return latencies, cpu
 
 
 def stream_load(
@@ -411,6 +417,7 @@ def measure_peer(
 ) -> dict:
     start_at = time.time() + 2.0
     stop_at = start_at + seconds
+    futures: list[Future[Any]]
     if stream_window:
         futures = [pool.submit(stream_load, peer.address, peer.model, shape, stream_window, start_at, stop_at)]
     else:
@@ -421,7 +428,9 @@ def measure_peer(
         ]
     time.sleep(max(0.0, start_at - time.time()))
     cpu0, counts0 = tree_cpu_seconds(peer.proc.pid), peer.counts()
-    lat = np.concatenate([np.asarray(f.result()) for f in futures]) * 1000
+    done = [f.result() for f in futures]  # unary loads: (latencies, client CPU s); a stream: latencies
+    lat = np.concatenate([np.asarray(d[0] if isinstance(d, tuple) else d) for d in done]) * 1000
+    client_cpu = sum(d[1] for d in done if isinstance(d, tuple)) if isinstance(done[0], tuple) else float("nan")
     cpu, counts = tree_cpu_seconds(peer.proc.pid) - cpu0, peer.counts()
     images = len(lat) * shape[0]
     mean = None
@@ -432,10 +441,12 @@ def measure_peer(
         "p50_ms": float(np.percentile(lat, 50)),
         "cpu_s_per_1k": 1000 * cpu / images,
         "mean_batch": mean,
+        "client_cpu_s_per_1k": 1000 * client_cpu / images,
     }
 
 
-FAILED = {"images_per_s": float("nan"), "p50_ms": float("nan"), "cpu_s_per_1k": float("nan"), "mean_batch": None}
+NAN = float("nan")
+FAILED = {"images_per_s": NAN, "p50_ms": NAN, "cpu_s_per_1k": NAN, "mean_batch": None, "client_cpu_s_per_1k": NAN}
 
 
 def attempt(label: str, peer: Peer, *args, **kwargs) -> dict | None:  # type: ignore[no-untyped-def]
@@ -474,6 +485,7 @@ def measure_local(call: Callable[[np.ndarray], object], images: np.ndarray, conc
         "p50_ms": 1000 * float(np.median(latencies)),
         "cpu_s_per_1k": 1000 * cpu / n,
         "mean_batch": float(len(images)),
+        "client_cpu_s_per_1k": 0.0,  # no client: the caller is the load
     }
 
 
@@ -647,6 +659,11 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
             mean = f"{m['mean_batch']:4.1f}" if m["mean_batch"] else "  - "
             cells.append(f"{m['images_per_s']:8.0f} ({m['p50_ms']:6.1f}, {m['cpu_s_per_1k']:5.2f}, {mean})")
         print(f"b{batch:<3} c{conc:<8}" + "".join(f"{c:>34}" for c in cells))
+    print("client CPU s per 1k images (the load processes: tritonclient and grpc, on the server's cores)")
+    print(f"{'load':<14}" + "".join(f"{label:>20}" for label in peers))
+    for batch, conc in loads:
+        cells = [f"{median((label, batch, conc)).get('client_cpu_s_per_1k', NAN):20.2f}" for label in peers]
+        print(f"b{batch:<3} c{conc:<8}" + "".join(cells))
     for key in streams:
         m = median((f"{key} stream", 1, 1))
         print(
