@@ -56,6 +56,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -676,7 +677,7 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
         each = sorted(x[of] / y[of] for x, y in zip(rows[a], rows[b]) if x and y)
         if not each:
             return "failed"
-        return f"{each[len(each) // 2]:.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
+        return f"{statistics.median(each):.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
 
     print("\nratios (same run; each round's ratio, median and range over the rounds):")
     for batch, conc in loads:
@@ -697,7 +698,7 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
                 for c, x, f in zip(rows[("CARD-Deck", batch, conc)], inproc, floor)
                 if c and x and f
             )
-            cap, reached = caps[len(caps) // 2], reach[len(reach) // 2]
+            cap, reached = statistics.median(caps), statistics.median(reach)
             print(f"  b{batch} c1: the gRPC floor caps a Python gRPC server at {cap:.3f} of in-process ORT "
                   f"(p50 in-process / (in-process + floor)); CARD-Deck reaches {reached:.3f} of that cap")  # fmt: skip
     if "CARD-Deck before" in peers:
