@@ -682,7 +682,7 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
     print("\nratios (same run; each round's ratio, median and range over the rounds):")
     for batch, conc in loads:
         ours = ("CARD-Deck", batch, conc)
-        parts = [f"{key} {ratio(ours, (key, batch, conc))}x" for key in peers if key != "CARD-Deck"]
+        parts = [f"{key} {ratio(ours, (key, batch, conc))}x" for key in peers if key not in ("CARD-Deck", "gRPC floor")]
         parts.append(f"of in-process ORT {ratio(ours, ('in-process ORT', batch, conc))}")
         if (64, 1) in loads and batch == 1:
             parts.append(f"of in-process b64 {ratio(ours, ('in-process ORT', 64, 1))}")
