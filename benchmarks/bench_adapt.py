@@ -14,6 +14,11 @@ the unadapted path on clean and corrupted batches, and the corruptions that lose
     python benchmarks/bench_adapt.py [--deck models] [--repeats 20]
     python benchmarks/bench_adapt.py --choose [--grid 16:64,0:64] [--severities 1,3,5] [--cache runs.pkl]
     python benchmarks/bench_adapt.py --spread [--severities 1,2,3,4,5]   # the spread guard's decisions on val
+    python benchmarks/bench_adapt.py --min-batch 16,24,32,48,64 [--shuffled] [--severities 1,2,3,4,5]
+
+``--min-batch``: the served trigger (``uncovered`` verdicts, the spread guard, a detector without the
+condition's corruption) on val requests of each size, every one of them large enough, against the
+same requests unadapted: where adapting starts to pay, i.e. the smallest request worth adapting.
 
 ``--spread``: the spread guard (:func:`carddeck.serving.adaptation.class_spread`) on every validation batch
 of 32 and 64 images, stored order and shuffled, against the rule it replaced (the mean probabilities'
@@ -123,6 +128,45 @@ def triggers(args: argparse.Namespace, deck: Deck, data: str) -> int:
     return 0
 
 
+def min_batch(args: argparse.Namespace, deck: Deck, data: str) -> int:
+    """The served trigger at each request size (``--min-batch``) against unadapted, on val."""
+    from dataclasses import replace
+
+    from carddeck.eval.adaptation import held_out_detector
+
+    runs, source = val_runs(args, deck, data)
+    if args.shuffled:  # a split stored class by class (leaves32) gives one-class requests, which never adapt
+        perm = np.random.default_rng(0).permutation(len(runs[0].labels))
+        runs = [replace(r, labels=r.labels[perm], probabilities=r.probabilities[:, perm],
+                        signatures=r.signatures[perm]) for r in runs]  # fmt: skip
+        stored = source
+        source = lambda c: tuple(a[perm] for a in stored(c))  # noqa: E731
+    detector = deck_detector(deck)
+    cards = AdaptiveCards(deck)
+    kw = {"gate_for": lambda c: deck.gate, "policy": deck.default_policy}
+    kw["detector_for"] = lambda c: held_out_detector(detector, (c[0],))
+    order = "shuffled" if args.shuffled else "stored"
+    print(f"deck {deck.root}, val {order}, served trigger; points against unadapted")
+    print("| request size | clean | mean corrupted | corrupted batches adapted | corruptions changing >= 0.3 |")
+    print("|---|---|---|---|---|")
+    for size in args.min_batch:
+        base = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(min_batch=0))
+        ada = score_adaptive(deck, runs, source, cards, **kw, batch_size=size, trigger=Trigger(min_batch=size))
+        cor = [c for c in base.accuracy if c != CLEAN]
+        per = {
+            n: 100 * np.mean([ada.accuracy[c] - base.accuracy[c] for c in cor if c[0] == n])
+            for n in dict.fromkeys(c[0] for c in cor)
+        }
+        print(
+            f"| {size} | {100 * (ada.accuracy[CLEAN] - base.accuracy[CLEAN]):+.2f} "
+            f"| {np.mean(list(per.values())):+.2f} | {100 * np.mean([ada.adapted[c] for c in cor]):.0f}% | "
+            + (", ".join(f"{n} {d:+.1f}" for n, d in per.items() if abs(d) >= 0.3) or "none")
+            + " |",
+            flush=True,
+        )
+    return 0
+
+
 def spread(args: argparse.Namespace, deck: Deck, data: str) -> int:
     """The spread guard's decisions on val against the rule it replaced (the mean probabilities' effective
     number of classes >= 0.85 of all C), and the guard's value on batches of few and of many classes."""
@@ -212,6 +256,8 @@ def main() -> int:
     parser.add_argument("--choose", action="store_true", help="measure N and the minimum batch on val")
     parser.add_argument("--triggers", action="store_true", help="measure which shift states should adapt, on val")
     parser.add_argument("--spread", action="store_true", help="the spread guard's decisions on val, against 0.85 of C")
+    parser.add_argument("--min-batch", type=comma_ints, default=None, help="request sizes: the served trigger on val")
+    parser.add_argument("--shuffled", action="store_true", help="--min-batch: shuffle val before batching")
     parser.add_argument(
         "--grid",
         type=lambda v: [tuple(int(x) for x in p.split(":")) for p in v.split(",")],
@@ -227,6 +273,8 @@ def main() -> int:
         return triggers(args, deck, data)
     if args.spread:
         return spread(args, deck, data)
+    if args.min_batch:
+        return min_batch(args, deck, data)
     return choose(args, deck, data) if args.choose else cost(args, deck, data)
 
 
