@@ -72,7 +72,7 @@ def main() -> int:
                     if len(members) == 1:  # each familiar batch counted once
                         familiar_novelty.append(novelty)
                     continue
-                guarded = gate.route_signatures(sig[None], policy="guarded", per_sample=False, batch_size=1).weights[0]
+                guarded = router.weights(sig[None], gate.keys, guard=True)[0]  # the guarded policy without a fallback
                 options = {"guarded": guarded, **{k: fallback_weights(gate, k, sig) for k in kinds}}
                 correct = {
                     name: int((np.einsum("k,knc->nc", w, run.probabilities[:, sl]).argmax(1) == run.labels[sl]).sum())
