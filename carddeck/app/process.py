@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from carddeck.deck import DeckStore
-from carddeck.deck.runtime import cpu_cores
+from carddeck.deck.runtime import cpu_cores, one_blas_thread
 from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
@@ -74,6 +74,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     configure_logging(json_logs=settings.log_format == "json", level=logging.getLogger().level or logging.INFO)
     stop = stop or threading.Event()
     log.info("settings: %s", settings.public_dict())
+    log.info("%s", one_blas_thread())
     taken = taken_ports(settings)
     if taken:
         raise InvalidInput(

@@ -260,6 +260,12 @@ def test_a_manifest_from_another_replica_is_served(server):
             client.remove_card("g6")  # the module's server is shared
 
 
+def test_the_server_runs_blas_on_one_thread(server):
+    # carddeck.deck.runtime.one_blas_thread, called by serve(): a second BLAS thread spun through the gate's
+    # small products and cost a third of the server's CPU at batch 1 (tests/deck/test_runtime.py checks the call)
+    assert re.search(r"BLAS on the calling thread \(1 thread|BLAS threads as \w+=", server.log())
+
+
 def test_health_and_reflection(server):
     channel = grpc.insecure_channel(server.address)
     with channel:
