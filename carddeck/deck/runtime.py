@@ -23,8 +23,9 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -134,27 +135,8 @@ class CardSession:
         spans = chunks(len(x)) if self.row_chunks > 1 else [(0, len(x))]
         if len(spans) == 1:
             return self._run(x)
-        # The caller and up to row_chunks - 1 row-pool helpers claim chunks until none is left: a thread
-        # the scheduler holds back delays one chunk, not a fixed share. A helper still queued when the
-        # caller is done is cancelled, so nothing waits on a busy pool (no deadlock from the card pool).
-        outs: list[np.ndarray | None] = [None] * len(spans)
-        claimed = itertools.count()  # next() on a count is atomic under the GIL
-
-        def work() -> None:
-            while (i := next(claimed)) < len(spans):
-                a, b = spans[i]
-                outs[i] = self._run(x[a:b])
-
-        helpers = [row_pool().submit(work) for _ in range(min(self.row_chunks, len(spans)) - 1)]
-        try:
-            work()
-        finally:
-            for helper in helpers:
-                helper.cancel()
-        for helper in helpers:
-            if not helper.cancelled():
-                helper.result()  # it ran: its chunks are in (or its error is raised here)
-        return np.concatenate(outs)  # type: ignore[arg-type]
+        outs = run_claimed(spans, lambda span: self._run(x[span[0] : span[1]]), row_pool(), self.row_chunks)
+        return np.concatenate(outs)
 
 
 # Variables by which a user names BLAS thread counts themselves; one_blas_thread leaves those alone.
@@ -174,6 +156,35 @@ def one_blas_thread() -> str:
 
     threadpool_limits(1, user_api="blas")
     return "BLAS on the calling thread (1 thread; set OPENBLAS_NUM_THREADS to choose)"
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def run_claimed(jobs: Sequence[T], fn: Callable[[T], R], pool: ThreadPoolExecutor, threads: int) -> list[R]:
+    """``[fn(job) for job in jobs]`` on up to ``threads`` threads: the caller and ``threads - 1`` helpers from
+    ``pool`` claim jobs until none is left, so a thread the scheduler holds back delays one job, not a fixed
+    share, and the caller works instead of waiting (one hand-off per helper, not one per job). A helper
+    still queued when the caller is done is cancelled, so nothing waits on a busy pool (no deadlock between
+    the card and row pools)."""
+    outs: list[R | None] = [None] * len(jobs)
+    claimed = itertools.count()  # next() on a count is atomic under the GIL
+
+    def work() -> None:
+        while (i := next(claimed)) < len(jobs):
+            outs[i] = fn(jobs[i])
+
+    helpers = [pool.submit(work) for _ in range(min(threads, len(jobs)) - 1)]
+    try:
+        work()
+    finally:
+        for helper in helpers:
+            helper.cancel()
+    for helper in helpers:
+        if not helper.cancelled():
+            helper.result()  # it ran: its jobs are in (or its error is raised here)
+    return outs  # type: ignore[return-value]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -211,5 +222,6 @@ __all__ = [
     "cpu_cores",
     "one_blas_thread",
     "row_pool",
+    "run_claimed",
     "softmax",
 ]

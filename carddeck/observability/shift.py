@@ -106,12 +106,14 @@ class ShiftMonitor:
             return [Trust.unknown(len(x), p) for x, p, _ in requests]
         xs, ps, gates = zip(*requests)
         one = len(requests) == 1  # the common case of a lone request: no copies
+        probabilities = ps[0] if one else np.concatenate(ps)
         features = image_features(
             xs[0] if one else np.concatenate(xs),
-            ps[0] if one else np.concatenate(ps),
+            probabilities,
             None if any(g is None for g in gates) else gates[0] if one else np.concatenate(gates),
         )
         scores = detector.image_scores(features)
+        risks = image_risk(probabilities, scores)  # row by row: one call for the micro-batch
         bounds = [0]
         for x in xs:
             bounds.append(bounds[-1] + len(x))
@@ -146,7 +148,7 @@ class ShiftMonitor:
             elif unit == "window":
                 v = self._last.get(model)
             rows = slice(bounds[j], bounds[j + 1])
-            risk = image_risk(requests[j][1], scores[rows])
+            risk = risks[rows]
             if v is None:
                 trusts.append(Trust(UNKNOWN, "none", float("nan"), "unknown", scores[rows], risk))
             else:

@@ -18,6 +18,7 @@ from carddeck.deck.runtime import (
     choose_providers,
     chunks,
     row_pool,
+    run_claimed,
 )
 from tests.deck.conftest import card
 
@@ -61,6 +62,18 @@ def test_a_large_run_goes_in_chunks_and_answers_as_one_run():
     split_runs.clear()
     split.logits(images(CHUNK_ROWS * 2 - 1))  # too few rows for two chunks: one run
     assert [rows for rows, _ in split_runs] == [CHUNK_ROWS * 2 - 1]
+
+
+def test_run_claimed_answers_in_order_and_the_caller_runs_jobs_too():
+    threads: list[str] = []
+
+    def square(i: int) -> int:
+        threads.append(threading.current_thread().name)
+        return i * i
+
+    assert run_claimed(list(range(12)), square, row_pool(), 2) == [i * i for i in range(12)]
+    assert threading.current_thread().name in threads  # no hand-off per job: the caller works instead of waiting
+    assert run_claimed([], square, row_pool(), 2) == []
 
 
 def test_chunks_stay_within_a_slice_of_max_rows():

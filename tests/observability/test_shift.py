@@ -320,6 +320,30 @@ def test_a_micro_batch_of_requests_gives_the_verdicts_of_its_requests_one_by_one
     assert sorted(map(key, merged)) == sorted(map(key, alone))
 
 
+def test_a_micro_batch_gives_each_request_the_scores_and_risks_of_its_own_images(shipped, test_images):
+    """judge scores and rates every image of a micro-batch in one call; each request gets back its own rows,
+    exactly what it gets judged alone."""
+    deck, detector = shipped
+    batch = []
+    for a, b in ((0, 1), (1, 4), (4, 5), (5, 7), (7, 8)):
+        images = test_images[a:b]
+        p = deck.predict(images)
+        batch.append(("m", deck.prepare(images), p.routing, p.probabilities))
+    merged = ShiftMonitor()
+    merged.set_detector(detector)
+    risks = set()
+    for request, got in zip(batch, merged.judge(batch)):
+        alone = ShiftMonitor()
+        alone.set_detector(detector)
+        (want,) = alone.judge([request])
+        assert len(got.risk) == len(request[1])
+        np.testing.assert_array_equal(got.risk, want.risk)
+        # BLAS may sum a row in another order in a taller matrix: a few ulps, never another image's value
+        np.testing.assert_allclose(got.out_of_scope, want.out_of_scope, rtol=1e-5)
+        risks.update(got.risk.tolist())
+    assert len(risks) > 1  # the images really differ
+
+
 def test_monitor_settings_are_checked():
     with pytest.raises(InvalidInput, match="window and min batch must be >= 4"):
         ShiftMonitor(window=2)
