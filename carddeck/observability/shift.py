@@ -106,21 +106,34 @@ class ShiftMonitor:
             return [Trust.unknown(len(x), p) for x, p, _ in requests]
         xs, ps, gates = zip(*requests)
         one = len(requests) == 1  # the common case of a lone request: no copies
-        features = image_features(
-            xs[0] if one else np.concatenate(xs),
-            ps[0] if one else np.concatenate(ps),
-            None if any(g is None for g in gates) else gates[0] if one else np.concatenate(gates),
-        )
-        scores = detector.image_scores(features)
         bounds = [0]
         for x in xs:
             bounds.append(bounds[-1] + len(x))
+        # a request of min_batch images or more is tested on min_batch evenly spaced ones (bounds the cost);
+        # smaller ones feed the window with all of theirs
+        picks = {
+            j: np.linspace(bounds[j], bounds[j + 1] - 1, self.min_batch).round().astype(np.int64)
+            for j, x in enumerate(xs)
+            if len(x) >= self.min_batch
+        }
+        rows = None  # the images whose photometric statistics anything reads: the tested ones, unless the scope does
+        if picks and not detector.scope.reads_photometric:
+            rows = np.concatenate([picks.get(j, np.arange(bounds[j], bounds[j + 1])) for j in range(len(xs))])
+        probabilities = ps[0] if one else np.concatenate(ps)
+        features = image_features(
+            xs[0] if one else np.concatenate(xs),
+            probabilities,
+            None if any(g is None for g in gates) else gates[0] if one else np.concatenate(gates),
+            rows,
+        )
+        scores = detector.image_scores(features)
+        risks = image_risk(probabilities, scores)
         units: list[str] = []
         due: list[tuple[int, np.ndarray, np.ndarray]] = []  # (request, features, scores) to test
         with self._lock:
             for j, (x, _, _) in enumerate(requests):
-                if len(x) >= self.min_batch:  # on min_batch evenly spaced images: bounds the cost
-                    pick = np.linspace(bounds[j], bounds[j + 1] - 1, self.min_batch).round().astype(np.int64)
+                pick = picks.get(j)
+                if pick is not None:
                     units.append("batch")
                     due.append((j, features[pick], scores[pick]))
                     continue
@@ -145,12 +158,11 @@ class ShiftMonitor:
                         self._last[model] = v
             elif unit == "window":
                 v = self._last.get(model)
-            rows = slice(bounds[j], bounds[j + 1])
-            risk = image_risk(requests[j][1], scores[rows])
+            mine = slice(bounds[j], bounds[j + 1])
             if v is None:
-                trusts.append(Trust(UNKNOWN, "none", float("nan"), "unknown", scores[rows], risk))
+                trusts.append(Trust(UNKNOWN, "none", float("nan"), "unknown", scores[mine], risks[mine]))
             else:
-                trusts.append(Trust(v.state, unit, v.expected_accuracy, v.expected_kind, scores[rows], risk))
+                trusts.append(Trust(v.state, unit, v.expected_accuracy, v.expected_kind, scores[mine], risks[mine]))
         return trusts
 
 
