@@ -171,7 +171,8 @@ class ShiftLoader:
     through the deck's store) when the manifest names one fitted for the deck's cards; otherwise serves
     ``unknown`` and refits one in the background from the deck's calibration images (``refit``: False to
     leave the signal unknown). ``on_refit(outcome, seconds)`` is told how each refit ended. ``store_refit``:
-    write a refitted detector into the deck (its store's manifest) while the store still has those cards."""
+    write a refitted detector into the deck (its store's manifest) while the store still has those cards, so
+    that replicas sharing the deck and a restarted server load it rather than refit."""
 
     def __init__(
         self,
@@ -247,27 +248,42 @@ class ShiftLoader:
                     "deck version %d: shift detector refitted in %.1f s (%d conditions, label-free)",
                     deck.version, time.monotonic() - start, len(detector.conditions),
                 )  # fmt: skip
-                if self.store_refit:
-                    self._store(deck, detector)
+                rel = self._store(deck, detector) if self.store_refit else None
+                with self._lock:
+                    if rel is not None and self._key == key:  # the deck version it makes names what this serves:
+                        self._key = (rel, key[1])  # keep it (and its windows) rather than reload it
             else:
                 outcome = "stale"
         if self.on_refit is not None:
             self.on_refit(outcome, time.monotonic() - start)
 
     @staticmethod
-    def _store(deck: Deck, detector: ShiftDetector) -> None:
-        """Into the deck's manifest, unless its cards changed since (a detector for other cards would be
-        refused by every loader anyway, so a race here costs a refit, never a wrong verdict)."""
+    def _store(deck: Deck, detector: ShiftDetector) -> str | None:
+        """Into the deck's manifest -> where it is stored; None (logged) where the deck is read-only, its cards
+        changed since (a detector for other cards would be refused by every loader anyway), or another process
+        stored a detector since (a replica's refit of the same cards): a race here costs a refit, never a
+        wrong verdict."""
         store, cards = deck.store, sorted(detector.notes.get("cards", ()))
         try:
-            if store is None or sorted(e.key for e in store.manifest().active()) != cards:
+            if store is None or store.read_only:
+                log.info("deck version %d: refitted shift detector kept in memory: the deck is read-only", deck.version)
+                return None
+            manifest = store.manifest()
+            if sorted(e.key for e in manifest.active()) != cards:
                 log.info("deck version %d: refitted shift detector not stored: the deck's cards changed", deck.version)
-                return
-            version = store.set_gate(shift=detector).version
-        except Exception as exc:  # a read-only or unreachable store: this process keeps its detector
+                return None
+            if dict(manifest.gate).get("shift") != dict(deck.manifest.gate).get("shift"):
+                log.info(
+                    "deck version %d: refitted shift detector not stored: deck version %d has another one",
+                    deck.version, manifest.version,
+                )  # fmt: skip
+                return None
+            stored = store.set_gate(shift=detector)
+        except Exception as exc:  # an unreachable store: this process keeps its detector
             log.warning("deck version %d: the refitted shift detector could not be stored: %s", deck.version, exc)
-        else:
-            log.info("deck version %d: refitted shift detector stored as deck version %d", deck.version, version)
+            return None
+        log.info("deck version %d: refitted shift detector stored as deck version %d", deck.version, stored.version)
+        return str(dict(stored.gate)["shift"])
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for a running refit (tests, shutdown); True when none is running."""
