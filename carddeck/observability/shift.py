@@ -186,7 +186,7 @@ class ShiftLoader:
         self.refit = refit
         self.on_refit = on_refit
         self.store_refit = store_refit
-        self._key: object = None
+        self._key: tuple[str | None, tuple[str, ...]] | None = None  # (detector file, cards) last given
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -228,7 +228,7 @@ class ShiftLoader:
             return None
         return detector
 
-    def _refit(self, deck: Deck, key: object) -> None:
+    def _refit(self, deck: Deck, key: tuple[str | None, tuple[str, ...]]) -> None:
         from carddeck.gating.shift_fit import refit_from_deck
 
         start = time.monotonic()
