@@ -297,8 +297,8 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
     ray_deck: LiveDeck, prometheus_tools: dict[str, str], tmp_path: Path
 ) -> None:
     """Ray's metrics export (each node's port, where Ray's service discovery points Prometheus) carries the
-    ingress's shift series and the reconciler's refits under the names and labels ``carddeck serve`` gives
-    them (Ray and Serve add only their own labels); through serve/ray/prometheus.yml a real Prometheus answers
+    ingress's request and shift series and the reconciler's refits under the names and labels ``carddeck serve``
+    gives them (Ray and Serve add only their own labels); through serve/ray/prometheus.yml a real Prometheus answers
     the shipped dashboard's and alerts' queries on them unchanged. Kills: no export, a series or label renamed
     or left out, a relabelling that does not strip Ray's prefix."""
     from prometheus_client import CollectorRegistry
@@ -347,6 +347,22 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
             assert got["application"] == "carddeck" and got["deployment"] in ("ingress", "reconciler"), (name, got)
     assert ray_deck.ray_value("carddeck_shift_detector_fitted", deployment="ingress") == 1
     assert ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler") >= 1
+    # every request the ingress answered, counted and timed as carddeck serve's transports do (the earlier tests':
+    # OIP REST answered and refused, carddeck.v1 through Ray's gRPC proxy answered and refused)
+    infer = {"service": "http", "rpc": "/v2/models/{model}/infer"}
+    grpc_ = {"service": "carddeck.v1.CardDeck"}
+    calls = {("http", "200"): dict(infer, code="200"), ("http", "400"): dict(infer, code="400"),
+             ("grpc", "OK"): dict(grpc_, rpc="Predict", code="OK"),
+             ("grpc", "UNAUTHENTICATED"): dict(grpc_, code="UNAUTHENTICATED")}  # fmt: skip
+    wait_for(
+        "the request series in Ray's metrics export",
+        lambda: all(ray_deck.ray_value("carddeck_requests_total", **labels) >= 1 for labels in calls.values()),
+        30,
+    )
+    assert ray_deck.ray_value("carddeck_request_duration_seconds_count", **infer) >= ray_deck.ray_value(
+        "carddeck_requests_total", **calls["http", "200"]
+    )
+    assert ray_deck.ray_value("carddeck_requests_in_flight", **infer) == 0
 
     # the shipped dashboard and alerts, unchanged, on what Ray exports (the ray_ prefix stripped)
     target = ray_deck.metrics_url.removeprefix("http://").removesuffix("/metrics")
