@@ -145,8 +145,8 @@ def image_features(
     if gate.shape[1] != FEATURE_DIM:
         raise InvalidInput(f"gate features must have {FEATURE_DIM} columns, got {gate.shape[1]}")
     p = np.asarray(probabilities, np.float32)
-    confidence = p.max(axis=1, keepdims=True)
-    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1, keepdims=True)
+    confidence = np.maximum.reduce(p, axis=1, keepdims=True)  # ufuncs, not the methods' Python wrappers
+    entropy = -np.add.reduce(p * np.log(np.maximum(p, 1e-12)), axis=1, keepdims=True)
     if rows is None:
         photometric = photometric_features(x)
     else:
@@ -563,8 +563,9 @@ class Trust:
 def image_risk(probabilities: np.ndarray, out_of_scope: np.ndarray) -> np.ndarray:
     """Estimated error probability per image: 1 - the deck's confidence, and 1 for an image out of scope
     (no confidence of a model means anything on an image unlike any it was made for)."""
-    risk = 1.0 - np.asarray(probabilities, np.float32).max(axis=1)
-    return np.where(out_of_scope > 1.0, np.float32(1.0), risk).astype(np.float32)
+    risk = 1.0 - np.maximum.reduce(np.asarray(probabilities, np.float32), axis=1)  # ufuncs: no Python wrappers
+    risk[out_of_scope > 1.0] = 1.0
+    return risk
 
 
 __all__ = [

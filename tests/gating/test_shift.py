@@ -19,6 +19,7 @@ from carddeck.deck import Deck, DeckStore, default_deck_path
 from carddeck.errors import InvalidInput
 from carddeck.gating.shift import (
     FEATURE_NAMES,
+    GATE_NAMES,
     GROUPS,
     SCOPE_FEATURE_SETS,
     UNKNOWN,
@@ -320,3 +321,19 @@ def test_the_monitor_answers_exactly_as_the_detector_on_every_image(detector, re
         np.testing.assert_array_equal(trust.risk, risks)
         assert trust.state == (UNKNOWN if v is None else v.state)
         np.testing.assert_array_equal(trust.expected_accuracy, np.nan if v is None else v.expected_accuracy)
+
+
+def test_output_features_and_risk_equal_the_plain_numpy_ones_bit_for_bit():
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        n, c = (int(v) for v in rng.integers(1, 70, 2))
+        p = rng.dirichlet(np.full(c + 1, rng.uniform(0.05, 5)), n).astype(np.float32)
+        p[0] = np.eye(c + 1, dtype=np.float32)[0]  # a certain answer: log of the floor
+        scores = rng.uniform(0, 2, n).astype(np.float32)
+        f = image_features(np.zeros((n, 3, 8, 8), np.float32), p, np.zeros((n, len(GATE_NAMES)), np.float32))
+        np.testing.assert_array_equal(f[:, -2], p.max(axis=1))
+        np.testing.assert_array_equal(f[:, -1], -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1))
+        want = np.where(scores > 1.0, np.float32(1.0), 1.0 - p.max(axis=1)).astype(np.float32)
+        risk = image_risk(p, scores)
+        assert risk.dtype == np.float32
+        np.testing.assert_array_equal(risk, want)
