@@ -21,9 +21,14 @@ apart), then its median and range over the rounds (a shared machine's load drift
 same card in this process (``Deck.run_card``: the same decode, ONNX Runtime and softmax), measured in
 the same run. Each server's CPU seconds per 1,000 images counts its whole process tree (Triton's
 server, its backend stub and pytriton's proxy). Mean executed batch: inferences / executions from the
-OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none).
+OIP's ModelStatistics (Triton and CARD-Deck; MLServer has none). The client processes' own CPU seconds per
+1,000 images are printed too: on 2 cores the load's encoding and gRPC compete with the server.
 ``--before-tree DIR`` (e.g. ``git archive`` of an older commit) adds a row for ``carddeck serve`` from that
 tree, same card, same loads, alternated with the others: before/after ratios from one run.
+``gRPC floor`` (peer ``floor``): grpcio's threaded server answering ModelInfer with zeros of the right
+shape, no model: what any Python gRPC server pays per call (transport, grpcio, parsing) and what the
+client pays, measured under the same load. At concurrency 1 it caps a server at in-process / (in-process
++ floor) of in-process throughput (p50s); the ratios say how much of that cap CARD-Deck reaches.
 Streaming rows: batch 1 over one ``ModelStreamInfer`` stream from one client (``--stream-window``
 requests in flight), against batch 1 / concurrency 1 unary.
 
@@ -51,14 +56,16 @@ import multiprocessing
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -166,6 +173,47 @@ def serve_mlserver(model_path: str, name: str, port: int, folder: Path) -> None:
     os.execve(str(mlserver), [str(mlserver), "start", str(folder)], env)
 
 
+def serve_floor(port: int, classes: int) -> None:
+    """What any Python gRPC server answering ModelInfer pays before its model: grpcio's threaded server (32
+    workers, as ``carddeck serve``), the request parsed, an answer of the right shape (zeros, built once per
+    batch size). Runs in the project's environment (tritonclient's OIP messages)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as oip
+
+    answers: dict[int, bytes] = {}
+
+    def infer(raw: bytes, context: object) -> bytes:
+        request = oip.ModelInferRequest.FromString(raw)
+        n = request.inputs[0].shape[0]
+        if n not in answers:
+            tensor = oip.ModelInferResponse.InferOutputTensor
+            answers[n] = oip.ModelInferResponse(
+                model_name=request.model_name,
+                outputs=[tensor(name="probabilities", datatype="FP32", shape=[n, classes]),
+                         tensor(name="labels", datatype="INT64", shape=[n])],
+                raw_output_contents=[bytes(4 * n * classes), bytes(8 * n)],
+            ).SerializeToString()  # fmt: skip
+        return answers[n]
+
+    def ready(raw: bytes, context: object) -> bytes:
+        return oip.ModelReadyResponse(ready=True).SerializeToString()
+
+    handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}
+    handlers["ModelReady"] = grpc.unary_unary_rpc_method_handler(ready)
+    limit = 1 << 30
+    server = grpc.server(
+        ThreadPoolExecutor(32),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("PEER READY", flush=True)
+    server.wait_for_termination()
+
+
 # -- the harness (project environment) ------------------------------------------------------------------------
 def free_port(span: int = 3) -> int:
     """A port p with p .. p + span - 1 free now (Triton and MLServer take three consecutive ones)."""
@@ -267,8 +315,9 @@ class Peer:
 
 def unary_load(
     address: str, model: str, shape: tuple[int, ...], threads: int, start_at: float, stop_at: float
-) -> list[float]:
-    """In a client process: ``threads`` closed-loop tritonclient.grpc clients; their latencies (s)."""
+) -> tuple[list[float], float]:
+    """In a client process: ``threads`` closed-loop tritonclient.grpc clients; their latencies (s) and this
+    process's CPU seconds over the window (the clients share the cores with the server)."""
     import tritonclient.grpc as tc
 
     images = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
@@ -298,11 +347,14 @@ def unary_load(
     pool = [threading.Thread(target=worker) for _ in range(threads)]
     for t in pool:
         t.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu = time.process_time()
     for t in pool:
         t.join()
+    cpu = time.process_time() - cpu
     if errors:
         raise RuntimeError(f"{len(errors)} of {threads} clients failed, first: {errors[0]}")
-    return latencies
+    return latencies, cpu
 
 
 def stream_load(
@@ -366,6 +418,7 @@ def measure_peer(
 ) -> dict:
     start_at = time.time() + 2.0
     stop_at = start_at + seconds
+    futures: list[Future[Any]]
     if stream_window:
         futures = [pool.submit(stream_load, peer.address, peer.model, shape, stream_window, start_at, stop_at)]
     else:
@@ -376,7 +429,9 @@ def measure_peer(
         ]
     time.sleep(max(0.0, start_at - time.time()))
     cpu0, counts0 = tree_cpu_seconds(peer.proc.pid), peer.counts()
-    lat = np.concatenate([np.asarray(f.result()) for f in futures]) * 1000
+    done = [f.result() for f in futures]  # unary loads: (latencies, client CPU s); a stream: latencies
+    lat = np.concatenate([np.asarray(d[0] if isinstance(d, tuple) else d) for d in done]) * 1000
+    client_cpu = sum(d[1] for d in done if isinstance(d, tuple)) if isinstance(done[0], tuple) else float("nan")
     cpu, counts = tree_cpu_seconds(peer.proc.pid) - cpu0, peer.counts()
     images = len(lat) * shape[0]
     mean = None
@@ -387,10 +442,12 @@ def measure_peer(
         "p50_ms": float(np.percentile(lat, 50)),
         "cpu_s_per_1k": 1000 * cpu / images,
         "mean_batch": mean,
+        "client_cpu_s_per_1k": 1000 * client_cpu / images,
     }
 
 
-FAILED = {"images_per_s": float("nan"), "p50_ms": float("nan"), "cpu_s_per_1k": float("nan"), "mean_batch": None}
+NAN = float("nan")
+FAILED = {"images_per_s": NAN, "p50_ms": NAN, "cpu_s_per_1k": NAN, "mean_batch": None, "client_cpu_s_per_1k": NAN}
 
 
 def attempt(label: str, peer: Peer, *args, **kwargs) -> dict | None:  # type: ignore[no-untyped-def]
@@ -429,6 +486,7 @@ def measure_local(call: Callable[[np.ndarray], object], images: np.ndarray, conc
         "p50_ms": 1000 * float(np.median(latencies)),
         "cpu_s_per_1k": 1000 * cpu / n,
         "mean_batch": float(len(images)),
+        "client_cpu_s_per_1k": 0.0,  # no client: the caller is the load
     }
 
 
@@ -439,14 +497,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--loads", default="64x1,1x1,1x8,1x32", help="BATCHxCONCURRENCY, comma-separated")
-    parser.add_argument("--peers", default="triton,mlserver", help="peers to run (triton, mlserver; empty: none)")
+    parser.add_argument(
+        "--peers", default="triton,mlserver,floor", help="peers to run (triton, mlserver, floor; empty: none)"
+    )
     parser.add_argument("--peers-python", default=PEERS_PYTHON, help="Python of the peers' virtualenv")
     parser.add_argument("--stream-window", type=int, default=64, help="requests in flight on the stream rows")
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument(
         "--before-tree", type=Path, help="also serve from this source tree (e.g. `git archive` of an older commit)"
     )
-    parser.add_argument("--as", dest="role", choices=("triton", "mlserver"), help=argparse.SUPPRESS)
+    parser.add_argument("--as", dest="role", choices=("triton", "mlserver", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hwc", help=argparse.SUPPRESS)
@@ -458,6 +518,9 @@ def main() -> int:
         return 0
     if args.role == "mlserver":
         serve_mlserver(args.model_path, args.card, args.port, args.folder)
+        return 0
+    if args.role == "floor":
+        serve_floor(args.port, args.classes)
         return 0
     return run(args)
 
@@ -500,6 +563,11 @@ def run(args: argparse.Namespace) -> int:
     wanted = [p for p in args.peers.split(",") if p]
     skipped: dict[str, str] = {}
     for name in wanted:
+        if name == "floor":  # the project's own Python: no peers virtualenv needed
+            port = free_port(1)
+            cmd = [sys.executable, __file__, "--as", "floor", "--port", str(port), "--classes", str(classes)]
+            peers["gRPC floor"] = Peer("gRPC floor", cmd, port, args.card)
+            continue
         if not Path(args.peers_python).exists():
             skipped[name] = f"no peers virtualenv at {args.peers_python} (see this script's docstring)"
             continue
@@ -592,6 +660,11 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
             mean = f"{m['mean_batch']:4.1f}" if m["mean_batch"] else "  - "
             cells.append(f"{m['images_per_s']:8.0f} ({m['p50_ms']:6.1f}, {m['cpu_s_per_1k']:5.2f}, {mean})")
         print(f"b{batch:<3} c{conc:<8}" + "".join(f"{c:>34}" for c in cells))
+    print("client CPU s per 1k images (the load processes: tritonclient and grpc, on the server's cores)")
+    print(f"{'load':<14}" + "".join(f"{label:>20}" for label in peers))
+    for batch, conc in loads:
+        cells = [f"{median((label, batch, conc)).get('client_cpu_s_per_1k', NAN):20.2f}" for label in peers]
+        print(f"b{batch:<3} c{conc:<8}" + "".join(cells))
     for key in streams:
         m = median((f"{key} stream", 1, 1))
         print(
@@ -604,16 +677,30 @@ def _measure(args: argparse.Namespace, deck, peers: dict[str, Peer], spec) -> in
         each = sorted(x[of] / y[of] for x, y in zip(rows[a], rows[b]) if x and y)
         if not each:
             return "failed"
-        return f"{each[len(each) // 2]:.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
+        return f"{statistics.median(each):.2f}" + (f" ({each[0]:.2f}-{each[-1]:.2f})" if len(each) > 1 else "")
 
     print("\nratios (same run; each round's ratio, median and range over the rounds):")
     for batch, conc in loads:
         ours = ("CARD-Deck", batch, conc)
-        parts = [f"{key} {ratio(ours, (key, batch, conc))}x" for key in peers if key != "CARD-Deck"]
+        parts = [f"{key} {ratio(ours, (key, batch, conc))}x" for key in peers if key not in ("CARD-Deck", "gRPC floor")]
         parts.append(f"of in-process ORT {ratio(ours, ('in-process ORT', batch, conc))}")
         if (64, 1) in loads and batch == 1:
             parts.append(f"of in-process b64 {ratio(ours, ('in-process ORT', 64, 1))}")
         print(f"  CARD-Deck b{batch} c{conc}: vs " + ", ".join(parts))
+    if "gRPC floor" in peers:  # closed loop, one client: a server's round trip adds the floor's to in-process
+        for batch, conc in loads:
+            inproc, floor = rows[("in-process ORT", batch, conc)], rows[("gRPC floor", batch, conc)]
+            caps = sorted(x["p50_ms"] / (x["p50_ms"] + f["p50_ms"]) for x, f in zip(inproc, floor) if x and f)
+            if conc != 1 or not caps:
+                continue
+            reach = sorted(
+                (c["images_per_s"] / x["images_per_s"]) / (x["p50_ms"] / (x["p50_ms"] + f["p50_ms"]))
+                for c, x, f in zip(rows[("CARD-Deck", batch, conc)], inproc, floor)
+                if c and x and f
+            )
+            cap, reached = statistics.median(caps), statistics.median(reach)
+            print(f"  b{batch} c1: the gRPC floor caps a Python gRPC server at {cap:.3f} of in-process ORT "
+                  f"(p50 in-process / (in-process + floor)); CARD-Deck reaches {reached:.3f} of that cap")  # fmt: skip
     if "CARD-Deck before" in peers:
         for batch, conc in loads:
             now, before = ("CARD-Deck", batch, conc), ("CARD-Deck before", batch, conc)

@@ -18,7 +18,8 @@ Python measured here on a shared machine): what remains is the Python per reques
 every request pays out of the same CPU as inference. CPU time of this thread (``time.thread_time``),
 median of ``--rounds``. ``--before-tree``: the same measured from another source tree (e.g. ``git
 archive`` of an older commit) in a subprocess, rounds alternated: before/after ratios from one run.
-gRPC's own per-call cost is not here: ``bench_grpc_floor.py`` measures it.
+``no interceptors``: the handler chain without the interceptors (request id, metrics, auth), so the
+difference between the two is theirs. gRPC's own per-call cost is not here: ``bench_grpc_floor.py`` measures it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("handler chain", "servicer", "dataplane", "in-process")
+LAYERS = ("handler chain", "no interceptors", "servicer", "dataplane", "in-process")
 
 
 class _Context:
@@ -114,6 +115,7 @@ def measure(deck_path: str, model_name: str, requests: int, with_ort: bool, imag
     card = model.card is not None
     calls = {
         "handler chain": lambda: serialize(handler().unary_unary(raw, _Context())),
+        "no interceptors": lambda: serialize(inner.unary_unary(raw, _Context())),
         "servicer": lambda: servicer.ModelInfer(message, _Context()),  # type: ignore[arg-type]
         "dataplane": lambda: dp.run_card(model, image) if card else dp.predict(image, model=model),
         "in-process": lambda: dp.deck.run_card(model_name, image) if card else dp.deck.predict(image),
@@ -165,12 +167,12 @@ def main() -> int:
         for name in trees:
             values = sorted(r[layer] for r in rounds[name])
             cells.append(f"{name} {statistics.median(values):7.1f} ({values[0]:.0f}-{values[-1]:.0f})")
-        print(f"  {layer:<14} " + "   ".join(cells))
+        print(f"  {layer:<16} " + "   ".join(cells))
     if "before" in trees:
         print("after / before, each round's ratio, median (range):")
         for layer in LAYERS:
             each = sorted(a[layer] / b[layer] for a, b in zip(rounds["after"], rounds["before"]))
-            print(f"  {layer:<14} {statistics.median(each):.2f} ({each[0]:.2f}-{each[-1]:.2f})")
+            print(f"  {layer:<16} {statistics.median(each):.2f} ({each[0]:.2f}-{each[-1]:.2f})")
     return 0
 
 

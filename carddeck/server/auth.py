@@ -73,6 +73,9 @@ class AuthInterceptor(HandlerInterceptor):
     def __init__(self, tokens: Tokens, access: Mapping[str, Access]) -> None:
         self.tokens = tokens
         self.access = dict(access)
+        # methods every caller may call, token or not (open ones; inference on a server without an inference
+        # token): their calls skip reading the metadata
+        self._free = frozenset(m for m, a in self.access.items() if tokens.refusal(a, None) is None)
 
     def check(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and message to refuse it with."""
@@ -81,6 +84,8 @@ class AuthInterceptor(HandlerInterceptor):
         return None if refusal is None else (grpc.StatusCode.UNAUTHENTICATED, refusal)
 
     def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if details.method in self._free:
+            return handler
         refusal = self.check(details.method, details.invocation_metadata)
         if refusal is None:
             return handler

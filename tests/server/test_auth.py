@@ -1,5 +1,7 @@
 """Auth: each RPC declares its access level beside its handler; the interceptor enforces the declarations."""
 
+from collections import namedtuple
+
 import grpc
 import pytest
 
@@ -14,6 +16,7 @@ ADD = "/carddeck.v1.CardDeck/AddCard"
 PREDICT = "/carddeck.v1.CardDeck/Predict"
 LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
 HEALTH = "/grpc.health.v1.Health/Check"
+Details = namedtuple("Details", "method invocation_metadata")  # what grpc passes an interceptor
 
 
 def md(token: str | None):
@@ -106,3 +109,23 @@ def test_inference_token_when_configured_and_probes_stay_open():
     assert a.check("/carddeck.v1.CardDeck/NoSuchRpc", md(None))[0] == grpc.StatusCode.UNAUTHENTICATED
     # reflection v1 is not served: the probe must reach grpc's UNIMPLEMENTED so that clients fall back to v1alpha
     assert a.check("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", md(None)) is None
+
+
+def _call(interceptor, method: str, token: str | None, handler):
+    details = Details(method, md(token))
+    return interceptor.intercept_service(lambda d: handler, details)
+
+
+def test_the_interceptor_lets_through_exactly_what_check_allows():
+    """Calls that need no token skip reading the metadata; the others are still checked, call by call."""
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")
+    a = auth(admin_token="adm", inference_token="inf")
+    assert _call(a, HEALTH, None, handler) is handler
+    assert _call(a, PREDICT, None, handler) is not handler  # refused: an abort handler
+    assert _call(a, PREDICT, "inf", handler) is handler
+    assert _call(a, ADD, "inf", handler) is not handler
+    assert _call(a, ADD, "adm", handler) is handler
+    open_inference = auth(admin_token="adm")
+    assert _call(open_inference, PREDICT, None, handler) is handler
+    assert _call(open_inference, ADD, None, handler) is not handler
+    assert _call(auth(), ADD, None, handler) is not handler  # admin disabled without a token

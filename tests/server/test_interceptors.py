@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import namedtuple
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from tests.observability.scrape import scrape, value
 from tests.observability.tiny_server import SERVICE, start_tiny_server
 
 HEALTH = "grpc.health.v1.Health"
+Details = namedtuple("Details", "method invocation_metadata")  # what grpc passes an interceptor
 
 
 @pytest.fixture
@@ -176,3 +178,33 @@ def test_request_id_and_method_parsing():
         "inference.GRPCInferenceService",
         "ModelInfer",
     )
+
+
+def test_a_method_wrapped_once_still_follows_what_the_next_interceptor_returns():
+    """The wrapper is kept per method, but only for the handler it wraps: a refused call (auth's abort
+    handler) and an allowed one on the same method each run their own handler, in any order."""
+    from carddeck.server.interceptors import ObservabilityInterceptor
+
+    allowed = grpc.unary_unary_rpc_method_handler(lambda request, context: b"allowed")
+    refused = grpc.unary_unary_rpc_method_handler(lambda request, context: b"refused")
+    obs = ObservabilityInterceptor()
+
+    class Context:  # what the wrapper reads of a live call
+        def invocation_metadata(self):
+            return ()
+
+        def set_trailing_metadata(self, pairs):
+            pass
+
+        def code(self):
+            return None
+
+        def is_active(self):
+            return True
+
+    def answer(handler):
+        details = Details(f"/{SERVICE}/Ok", ())
+        return obs.intercept_service(lambda d: handler, details).unary_unary(b"", Context())
+
+    order = (allowed, allowed, refused, allowed, refused, refused)
+    assert [answer(h) for h in order] == [b"allowed" if h is allowed else b"refused" for h in order]
