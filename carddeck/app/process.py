@@ -105,7 +105,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     )
     metrics.track_images_in_flight(lambda: dataplane.budget.used)
     shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
-    dataplane.on_swap.append(ShiftLoader(shift, on_refit=metrics.observe_refit))
+    # a refit is stored in the deck: replicas sharing it and a restarted server load it rather than refit
+    dataplane.on_swap.append(ShiftLoader(shift, on_refit=metrics.observe_refit, store_refit=True))
     dataplane.judge = shift.judge  # every answer carries its verdict (and the metrics count it)
     if settings.adapt_min_batch:
         dataplane.adaptation = Trigger(min_batch=settings.adapt_min_batch)

@@ -19,6 +19,7 @@ from carddeck.commands.shift import FAMILIES
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore
+from carddeck.deck.transactions import READ_ONLY
 from carddeck.errors import InvalidInput
 from carddeck.gating.shift import (
     CONFIDENCE,
@@ -382,10 +383,22 @@ def test_a_refit_is_stored_in_the_deck_only_while_the_store_still_has_its_cards(
         assert loader.wait(120) and outcomes == ["ok"]
     stored = Deck.open(root)
     assert stored.version == added.version + 1 and "stored as deck version" in caplog.text
+    served = refitter.detector
+    loader(stored)  # the version its own store made names what it serves: kept (and its windows), not reloaded
+    assert refitter.detector is served
     reader = ShiftMonitor()
     ShiftLoader(reader, refit=False)(stored)  # another replica: reads it, refits nothing
     assert reader.detector is not None
     assert sorted(reader.detector.notes["cards"]) == sorted(c.key for c in added.cards)
+    # a second replica's refit of the same deck version: the store has one for those cards by now
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        assert ShiftLoader._store(added, refitter.detector) is None
+    assert DeckStore(root).manifest().version == stored.version and "has another one" in caplog.text
+    (Path(root) / READ_ONLY).touch()  # a shipped deck: kept in memory, never written, no warning
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        assert ShiftLoader._store(stored, refitter.detector) is None
+    assert DeckStore(root).manifest().version == stored.version and "the deck is read-only" in caplog.text
+    (Path(root) / READ_ONLY).unlink()
 
     rig.store.remove_card("late")  # the store moves on: that detector is for cards it no longer has
     with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
