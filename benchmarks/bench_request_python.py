@@ -11,7 +11,8 @@ call goes through, each measured on its own, so the differences are each layer's
     and the response serialized;
   * ``servicer``: ``OipServicer.ModelInfer`` on a parsed message (decode, options, result, response);
   * ``dataplane``: ``Dataplane.run_card`` / ``predict`` on the decoded images (budget, dispatch, micro-batch
-    run, statistics, verdict);
+    run, statistics, verdict: the shift monitor judges every request, with the detector the deck stores, as
+    ``carddeck serve`` does);
   * ``in-process``: ``Deck.run_card`` / ``predict``, the floor.
 Without ``--with-ort`` the card answers constant logits (ONNX Runtime's time varies by more than the
 Python measured here on a shared machine): what remains is the Python per request, which on 2 cores
@@ -77,6 +78,7 @@ def measure(deck_path: str, model_name: str, requests: int, with_ort: bool, imag
 
     from carddeck.deck.runtime import CardSession
     from carddeck.observability.metrics import Metrics
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
     from carddeck.server.app import OIP_SERVICE, access_table
     from carddeck.server.auth import AuthInterceptor
     from carddeck.server.handlers import _handler
@@ -90,6 +92,9 @@ def measure(deck_path: str, model_name: str, requests: int, with_ort: bool, imag
     settings = Settings(deck=deck_path)
     metrics = Metrics(CollectorRegistry())
     dp = Dataplane(DataplaneConfig(deck_path=deck_path, batching=False), metrics=metrics)
+    shift = ShiftMonitor(metrics)  # every answer carries its verdict, as serve() assembles it
+    dp.on_swap.append(ShiftLoader(shift, refit=False))
+    dp.judge = shift.judge
     dp.start()
     if not with_ort:
         classes = len(dp.deck.class_names)

@@ -114,6 +114,37 @@ def start_server(
     raise AssertionError(f"server did not start in 60 s:\n{server.log()[-3000:]}")
 
 
+def settled(server: Any, timeout_s: float = 120.0) -> int:
+    """The deck version a live server serves once nothing it does in the background still changes its deck:
+    after a start or a card change on a deck with calibration images, `carddeck serve` refits the shift
+    detector and stores it (a deck version of its own). Settled: the store names a detector for its cards (or
+    cannot have one) and the server serves that version. ``server``: a ServerProcess or anything with one as
+    ``.process``."""
+    import io
+
+    from carddeck.client.api import CardDeckClient
+    from carddeck.gating.shift import ShiftDetector
+
+    process = getattr(server, "process", server)
+    store = DeckStore(process.deck)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        manifest = store.manifest()
+        cards = sorted(e.key for e in manifest.active())
+        rel = dict(manifest.gate).get("shift")
+        fitted = not cards or not manifest.calibration or store.read_only
+        if not fitted and rel:
+            detector = ShiftDetector.load(io.BytesIO(store.read_file(rel)), name=rel)
+            fitted = sorted(detector.notes.get("cards", ())) == cards
+        if fitted:
+            with CardDeckClient(process.address) as client:
+                if client.list_cards().deck_version == manifest.version:
+                    return manifest.version
+        if time.monotonic() > deadline:
+            raise AssertionError(f"deck {process.deck} not settled in {timeout_s:g} s:\n{process.log()[-3000:]}")
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def deck_path(tmp_path: Path) -> Path:
     return make_deck(tmp_path / "deck")

@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from carddeck.deck import DeckStore
-from carddeck.deck.runtime import cpu_cores
+from carddeck.deck.runtime import cpu_cores, one_blas_thread
 from carddeck.errors import InvalidInput
 from carddeck.observability.metrics import Metrics, start_metrics_server
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
@@ -74,6 +74,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     configure_logging(json_logs=settings.log_format == "json", level=logging.getLogger().level or logging.INFO)
     stop = stop or threading.Event()
     log.info("settings: %s", settings.public_dict())
+    log.info("%s", one_blas_thread())
     taken = taken_ports(settings)
     if taken:
         raise InvalidInput(
@@ -104,7 +105,8 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     )
     metrics.track_images_in_flight(lambda: dataplane.budget.used)
     shift = ShiftMonitor(metrics, window=settings.shift_window, stride=settings.shift_stride)
-    dataplane.on_swap.append(ShiftLoader(shift, on_refit=metrics.observe_refit))
+    # a refit is stored in the deck: replicas sharing it and a restarted server load it rather than refit
+    dataplane.on_swap.append(ShiftLoader(shift, on_refit=metrics.observe_refit, store_refit=True))
     dataplane.judge = shift.judge  # every answer carries its verdict (and the metrics count it)
     if settings.adapt_min_batch:
         dataplane.adaptation = Trigger(min_batch=settings.adapt_min_batch)

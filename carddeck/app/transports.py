@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from carddeck.observability.metrics import Metrics
 from carddeck.server.app import CARDDECK_SERVICE
 from carddeck.server.auth import AuthInterceptor, declared_access
 from carddeck.server.carddeck_servicer import CardDeckServicer
@@ -26,11 +27,12 @@ def carddeck_rpcs(plane: Plane, settings: Settings) -> tuple[dict[str, Callable[
     return rpcs, AuthInterceptor(Tokens.from_settings(settings), access)
 
 
-def http_app(plane: Plane, settings: Settings) -> Any:
-    """The Open Inference Protocol REST routes over ``plane`` (an ASGI app)."""
+def http_app(plane: Plane, settings: Settings, metrics: Metrics | None = None) -> Any:
+    """The Open Inference Protocol REST routes over ``plane`` (an ASGI app), each request counted and timed
+    in ``metrics`` as ``carddeck serve`` counts them."""
     from carddeck.http.server import build_app
 
-    return build_app(settings, plane)
+    return build_app(settings, plane, metrics=metrics)
 
 
 __all__ = ["carddeck_rpcs", "http_app"]

@@ -23,7 +23,7 @@ import numpy as np
 
 from carddeck.card import CardMeta, InputSpec
 from carddeck.deck.contract import prepare_images
-from carddeck.deck.runtime import CardSession, card_pool, choose_providers, cpu_cores, softmax
+from carddeck.deck.runtime import CardSession, card_pool, choose_providers, cpu_cores, run_claimed, softmax
 from carddeck.deck.store import MODEL_FILE, DeckStore, Manifest
 from carddeck.errors import CardNotFound, InvalidInput, NotReady
 from carddeck.gating.policies import DEFAULT_POLICY, POLICIES, Gate, GateParams, Routing, combine_weights
@@ -264,10 +264,7 @@ class Deck:
                 on_card(name, time.perf_counter() - t0)
             return softmax(logits)
 
-        if len(jobs) > 1:
-            outputs = list(card_pool().map(run, jobs))
-        else:
-            outputs = [run(j) for j in jobs]
+        outputs = run_claimed(jobs, run, card_pool(), cpu_cores())  # this thread runs cards too
         combine = self.gate.params.combine if self.gate is not None else "mean"
         return mix(weights, [(k, rows) for k, rows, _, _ in jobs], outputs, len(self.class_names), combine=combine)
 

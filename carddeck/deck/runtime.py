@@ -13,7 +13,8 @@ explicit ``intra_op_threads`` gives each session that many threads and runs each
 Intra-op threads do not spin while waiting for work (ORT's default is to spin): between the small
 batches a server runs, spinning burnt 1.5-2x the CPU per image with 2 threads per card and slowed the
 other threads sharing the cores (same benchmark); ``spin=True`` restores it for a dedicated, idle
-machine.
+machine. The same holds for the BLAS under numpy: :func:`one_blas_thread` keeps a serving process's
+gate and shift monitor on the calling thread.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -133,27 +135,56 @@ class CardSession:
         spans = chunks(len(x)) if self.row_chunks > 1 else [(0, len(x))]
         if len(spans) == 1:
             return self._run(x)
-        # The caller and up to row_chunks - 1 row-pool helpers claim chunks until none is left: a thread
-        # the scheduler holds back delays one chunk, not a fixed share. A helper still queued when the
-        # caller is done is cancelled, so nothing waits on a busy pool (no deadlock from the card pool).
-        outs: list[np.ndarray | None] = [None] * len(spans)
-        claimed = itertools.count()  # next() on a count is atomic under the GIL
+        outs = run_claimed(spans, lambda span: self._run(x[span[0] : span[1]]), row_pool(), self.row_chunks)
+        return np.concatenate(outs)
 
-        def work() -> None:
-            while (i := next(claimed)) < len(spans):
-                a, b = spans[i]
-                outs[i] = self._run(x[a:b])
 
-        helpers = [row_pool().submit(work) for _ in range(min(self.row_chunks, len(spans)) - 1)]
-        try:
-            work()
-        finally:
-            for helper in helpers:
-                helper.cancel()
+# Variables by which a user names BLAS thread counts themselves; one_blas_thread leaves those alone.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def one_blas_thread() -> str:
+    """Run numpy's and scipy's BLAS on the calling thread only, unless the environment names a thread count;
+    what was done, for the log. For serving processes: their matrix products are small (the gate's and the
+    shift monitor's, a few hundred rows at most), yet OpenBLAS hands the larger of them to a second thread,
+    which then spins for its next job; under load it never slept. At batch 1 / concurrency 32 on the default
+    deck that thread burnt 1.2-1.4 ms of CPU per image, a third of the server's (2 cores, session 7)."""
+    named = [v for v in BLAS_THREAD_VARIABLES if os.environ.get(v)]
+    if named:
+        return f"BLAS threads as {named[0]}={os.environ[named[0]]} says"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+    return "BLAS on the calling thread (1 thread; set OPENBLAS_NUM_THREADS to choose)"
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def run_claimed(jobs: Sequence[T], fn: Callable[[T], R], pool: ThreadPoolExecutor, threads: int) -> list[R]:
+    """``[fn(job) for job in jobs]`` on up to ``threads`` threads: the caller and ``threads - 1`` helpers from
+    ``pool`` claim jobs until none is left, so a thread the scheduler holds back delays one job, not a fixed
+    share, and the caller works instead of waiting (one hand-off per helper, not one per job). A helper
+    still queued when the caller is done is cancelled, so nothing waits on a busy pool (no deadlock between
+    the card and row pools)."""
+    outs: list[R | None] = [None] * len(jobs)
+    claimed = itertools.count()  # next() on a count is atomic under the GIL
+
+    def work() -> None:
+        while (i := next(claimed)) < len(jobs):
+            outs[i] = fn(jobs[i])
+
+    helpers = [pool.submit(work) for _ in range(min(threads, len(jobs)) - 1)]
+    try:
+        work()
+    finally:
         for helper in helpers:
-            if not helper.cancelled():
-                helper.result()  # it ran: its chunks are in (or its error is raised here)
-        return np.concatenate(outs)  # type: ignore[arg-type]
+            helper.cancel()
+    for helper in helpers:
+        if not helper.cancelled():
+            helper.result()  # it ran: its jobs are in (or its error is raised here)
+    return outs  # type: ignore[return-value]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -183,4 +214,14 @@ def row_pool() -> ThreadPoolExecutor:
     return _shared_pool("rows", max(1, cpu_cores() - 1))
 
 
-__all__ = ["CardSession", "card_pool", "choose_providers", "chunks", "cpu_cores", "row_pool", "softmax"]
+__all__ = [
+    "CardSession",
+    "card_pool",
+    "choose_providers",
+    "chunks",
+    "cpu_cores",
+    "one_blas_thread",
+    "row_pool",
+    "run_claimed",
+    "softmax",
+]

@@ -34,8 +34,9 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray, metric: str = DEFAULT_METRI
     """Distances between rows of ``a`` [N, D] and rows of ``b`` [M, D] -> float32 [N, M]."""
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)
-    if metric == "l2":
-        return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0)).astype(np.float32)
+    if metric == "l2":  # in place: one [N, M, D] temporary, not three (the router's 456 points at every call)
+        diff = a[:, None, :] - b[None, :, :]
+        return np.sqrt(np.square(diff, out=diff).sum(-1))
     if metric == "l1":
         return np.abs(a[:, None, :] - b[None, :, :]).sum(-1).astype(np.float32)
     if metric == "cosine":
@@ -199,11 +200,16 @@ class Gate:
         features = np.asarray(features, np.float32)
         bounds = np.cumsum([0, *sizes])
         spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-        sigs = features if per_sample else np.stack([features[a:b].mean(axis=0) for a, b in spans])
+        # per batch: each request's mean row (a request of one image is its row: no mean to take)
+        one_each = len(spans) == len(features)
+        sigs = features if per_sample or one_each else np.stack([features[a:b].mean(axis=0) for a, b in spans])
         weights, dist = self._weights(sigs, policy)
         out = []
         for i, (a, b) in enumerate(spans):
-            w, d = (weights[a:b], dist[a:b]) if per_sample else (weights[[i] * (b - a)], dist[[i] * (b - a)])
+            if per_sample or one_each:
+                w, d = weights[a:b], dist[a:b]
+            else:
+                w, d = weights[[i] * (b - a)], dist[[i] * (b - a)]
             out.append(Routing(policy, per_sample, self.card_names, w, self.domains, d, features[a:b]))
         return out
 
@@ -353,6 +359,8 @@ def guarded(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.nda
             "gate policy 'guarded' needs a fitted router: run `carddeck calibrate --deck DIR --data NAME`"
         )
     weights = gate.router.weights(signatures, gate.keys, guard=True)
+    if np.isinf(UNSURE_AT):  # no fallback: spare the novelty (a distance to every calibration batch)
+        return weights
     unsure = (gate.router.novelty(signatures) > UNSURE_AT) & ~gate.router.near_clean(signatures)
     if unsure.any():
         w = fallback(gate, signatures[unsure], distances[unsure])

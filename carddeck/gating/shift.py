@@ -86,7 +86,8 @@ GATE_NAMES = (
     "clipped",
     "saturation",
 )
-FEATURE_NAMES = (*GATE_NAMES, "luma_p05", "luma_p95", "saturation_std", "confidence", "entropy")
+PHOTOMETRIC = ("luma_p05", "luma_p95", "saturation_std")  # photometric_features
+FEATURE_NAMES = (*GATE_NAMES, *PHOTOMETRIC, "confidence", "entropy")
 GROUPS: dict[str, tuple[str, ...]] = {
     "spectral": (*GATE_NAMES[: SIGNATURE_DIM + ORIENTATIONS], "local_contrast", "gradient"),
     "photometric": (
@@ -110,26 +111,48 @@ SCOPE_FEATURE_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _mean(a: np.ndarray, axis: int) -> np.ndarray:
+    """``a.mean(axis, keepdims=True)`` for float32 ``a``, by np.mean's own arithmetic (sum, then divide by the
+    count as an intp) without its Python wrapper, which costs more than the arithmetic on one image."""
+    s = np.add.reduce(a, axis=axis, keepdims=True)
+    return np.true_divide(s, np.intp(a.shape[axis]), out=s, casting="unsafe")
+
+
 def photometric_features(x: np.ndarray) -> np.ndarray:
     """Luminance 5th and 95th percentiles and the spread of saturation, float32 [N, 3]; ``x`` NCHW in [0, 1]."""
     n = len(x)
-    luma = x.mean(axis=1).reshape(n, -1)
+    luma = _mean(x, 1).reshape(n, -1)
     k = luma.shape[1]
-    part = np.partition(luma, (int(0.05 * (k - 1)), int(0.95 * (k - 1))), axis=1)
-    sat = (x.max(axis=1) - x.min(axis=1)).reshape(n, -1)
-    return np.stack([part[:, int(0.05 * (k - 1))], part[:, int(0.95 * (k - 1))], sat.std(axis=1)], 1).astype(np.float32)
+    lo, hi = int(0.05 * (k - 1)), int(0.95 * (k - 1))
+    part = np.partition(luma, (lo, hi), axis=1)
+    sat = (np.maximum.reduce(x, axis=1) - np.minimum.reduce(x, axis=1)).reshape(n, -1)
+    dev = sat - _mean(sat, 1)
+    np.square(dev, out=dev)
+    out = np.empty((n, 3), np.float32)
+    out[:, 0], out[:, 1] = part[:, lo], part[:, hi]
+    np.sqrt(_mean(dev, 1)[:, 0], out=out[:, 2])  # sat.std(axis=1), as np.std computes it
+    return out
 
 
-def image_features(x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None = None) -> np.ndarray:
+def image_features(
+    x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None = None, rows: np.ndarray | None = None
+) -> np.ndarray:
     """Per-image features, float32 [N, len(FEATURE_NAMES)]. ``x``: float32 [N, 3, H, W] in [0, 1], as the
-    cards see it; ``gate_features``: ``Routing.features`` when routing already computed them."""
+    cards see it; ``gate_features``: ``Routing.features`` when routing already computed them. ``rows``: the
+    only images whose photometric statistics are read (the others' are NaN): their per-row percentiles
+    are most of the features' cost, and the monitor tests a sample of a large request."""
     gate = sample_features(x) if gate_features is None else np.asarray(gate_features, np.float32)
     if gate.shape[1] != FEATURE_DIM:
         raise InvalidInput(f"gate features must have {FEATURE_DIM} columns, got {gate.shape[1]}")
     p = np.asarray(probabilities, np.float32)
-    confidence = p.max(axis=1, keepdims=True)
-    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1, keepdims=True)
-    return np.concatenate([gate, photometric_features(x), confidence, entropy], axis=1)
+    confidence = np.maximum.reduce(p, axis=1, keepdims=True)  # ufuncs, not the methods' Python wrappers
+    entropy = -np.add.reduce(p * np.log(np.maximum(p, 1e-12)), axis=1, keepdims=True)
+    if rows is None:
+        photometric = photometric_features(x)
+    else:
+        photometric = np.full((len(x), len(PHOTOMETRIC)), np.nan, np.float32)
+        photometric[rows] = photometric_features(x[rows])
+    return np.concatenate([gate, photometric, confidence, entropy], axis=1)
 
 
 # -- the statistic --------------------------------------------------------------------------------
@@ -241,6 +264,7 @@ class Scope:
     fpr: float = SCOPE_FPR
     features: tuple[str, ...] = FEATURE_NAMES  # the columns it reads (format 3 and 4 files: all of them)
     _columns: np.ndarray | slice = field(init=False, repr=False, compare=False)
+    reads_photometric: bool = field(init=False, repr=False, compare=False)  # any of PHOTOMETRIC
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in FEATURE_NAMES]
@@ -249,6 +273,7 @@ class Scope:
         every = self.features == FEATURE_NAMES  # a view, not a copy, on the serving path
         columns = slice(None) if every else np.array([FEATURE_NAMES.index(f) for f in self.features])
         object.__setattr__(self, "_columns", columns)
+        object.__setattr__(self, "reads_photometric", not set(PHOTOMETRIC).isdisjoint(self.features))
 
     @classmethod
     def fit(
@@ -538,8 +563,9 @@ class Trust:
 def image_risk(probabilities: np.ndarray, out_of_scope: np.ndarray) -> np.ndarray:
     """Estimated error probability per image: 1 - the deck's confidence, and 1 for an image out of scope
     (no confidence of a model means anything on an image unlike any it was made for)."""
-    risk = 1.0 - np.asarray(probabilities, np.float32).max(axis=1)
-    return np.where(out_of_scope > 1.0, np.float32(1.0), risk).astype(np.float32)
+    risk = 1.0 - np.maximum.reduce(np.asarray(probabilities, np.float32), axis=1)  # ufuncs: no Python wrappers
+    risk[out_of_scope > 1.0] = 1.0
+    return risk
 
 
 __all__ = [

@@ -139,11 +139,13 @@ def sample_features(images: np.ndarray) -> np.ndarray:
     radial = _radial(mean, logmag, h, w)
     wedges = logmag @ _wedge_matrix(h, w)
     wedges -= wedges.mean(axis=1, keepdims=True)
-    channel_mean = x.mean(axis=(2, 3))
-    channel_std = x.std(axis=(2, 3))
+    # reductions over one contiguous axis: numpy's reductions over several strided axes cost 2-4x more
+    flat = x.reshape(n, x.shape[1], h * w)
+    channel_mean = flat.mean(axis=2)
+    channel_std = flat.std(axis=2)
     bh, bw = h // 4 * 4, w // 4 * 4
-    blocks = gray[:, :bh, :bw].reshape(n, bh // 4, 4, bw // 4, 4)
-    local_contrast = blocks.std(axis=(2, 4)).mean(axis=(1, 2))
+    blocks = gray[:, :bh, :bw].reshape(n, bh // 4, 4, bw // 4, 4).transpose(0, 1, 3, 2, 4).reshape(n, -1, 16)
+    local_contrast = blocks.std(axis=2).mean(axis=1)
     grad = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
     clipped = ((gray < 0.02) | (gray > 0.98)).mean(axis=(1, 2))
     saturation = (x.max(axis=1) - x.min(axis=1)).mean(axis=(1, 2))

@@ -4,6 +4,7 @@ Ray Serve's gRPC proxy), both over a :class:`~carddeck.integrations.ray_plane.Ra
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ class _GrpcContext:
 
     def __init__(self, ray_context: Any) -> None:
         self.ray_context = ray_context
+        self.code: Any = None  # the status code an abort set
 
     def time_remaining(self) -> float | None:
         return None  # Ray's proxy does not pass the client's deadline on
@@ -36,6 +38,7 @@ class _GrpcContext:
         self.ray_context.set_trailing_metadata(list(metadata))
 
     def abort(self, code: Any, details: str) -> None:
+        self.code = code
         self.ray_context.set_code(code)
         self.ray_context.set_details(details)
         raise _Aborted
@@ -44,6 +47,7 @@ class _GrpcContext:
 # carddeck.v1 RPCs served through Ray Serve's gRPC proxy: the unary ones (the proxy has no client streaming,
 # so AddCard is not among them), each with the response type an aborted call answers with.
 GRPC_RPCS = ("Predict", "Route", "ListCards", "GetCard", "RemoveCard")
+SERVICE = "carddeck.v1.CardDeck"  # its full name: the auth rules' method paths and the metrics' service label
 GRPC_SERVICER = "carddeck.integrations.ray_grpc.add_CardDeckServicer_to_server"
 
 
@@ -71,14 +75,22 @@ class CardDeckIngress:
 
         empty = {"Predict": pb.PredictResponse, "Route": pb.RouteResponse, "ListCards": pb.ListCardsResponse,
                  "GetCard": pb.Card, "RemoveCard": pb.RemoveCardResponse}[rpc]  # fmt: skip
-        context = _GrpcContext(grpc_context)
+        context, metrics = _GrpcContext(grpc_context), self.plane.metrics
+        metrics.rpc_started(SERVICE, rpc)  # counted and timed as carddeck serve's interceptor does
+        start, code = time.perf_counter(), "OK"
         try:
-            refusal = self.auth.check(f"/carddeck.v1.CardDeck/{rpc}", grpc_context.invocation_metadata())
+            refusal = self.auth.check(f"/{SERVICE}/{rpc}", grpc_context.invocation_metadata())
             if refusal is not None:
                 context.abort(*refusal)
             return await asyncio.to_thread(self.rpcs[rpc], request, context)
         except _Aborted:
+            code = getattr(context.code, "name", str(context.code))
             return empty()
+        except BaseException:
+            code = "UNKNOWN"
+            raise
+        finally:
+            metrics.rpc_finished(SERVICE, rpc, code, time.perf_counter() - start)
 
     async def Predict(self, request: Any, grpc_context: Any) -> Any:
         return await self._grpc("Predict", request, grpc_context)
@@ -98,7 +110,7 @@ class CardDeckIngress:
     def __serve_build_asgi_app__(self) -> Any:
         from carddeck.app.transports import http_app
 
-        return http_app(self.plane, self.config.settings())
+        return http_app(self.plane, self.config.settings(), self.plane.metrics)
 
     async def predict(self, images: np.ndarray, policy: str | None = None, per_sample: bool = False) -> dict[str, Any]:
         """The gated deck's answer (probabilities, labels, routing weights and card names, deck version)."""

@@ -83,8 +83,8 @@ class RayDataplane:
         self.reconciler = reconciler
         self.store = DeckStore(config.deck)
         self._snapshot: RayDeck | None = None
-        # the series carddeck serve exports for what this replica does: its shift verdicts, deck and store
-        # (exported through Ray's metrics by the ingress: carddeck.integrations.ray_metrics)
+        # the series carddeck serve exports for what this replica does: its requests, shift verdicts, deck and
+        # store (exported through Ray's metrics by the ingress: carddeck.integrations.ray_metrics)
         self.metrics = Metrics(CollectorRegistry())
         self.store_watch = StoreWatch(config.deck, self.metrics)
         self.statistics = Statistics()
@@ -104,6 +104,7 @@ class RayDataplane:
         """The families of :attr:`metrics` this plane fills (the others stay empty here: not exported)."""
         m = self.metrics
         return families([
+            m.requests, m.request_duration, m.in_flight_requests,
             m.shift_batches, m.shift_statistic, m.shift_distance, m.expected_accuracy, m.shift_false_alarm_rate,
             m.shift_detector_fitted, m.deck_version, m.deck_cards, m.store_up, m.store_last_sync,
             m.store_poll_errors, m.build,

@@ -106,21 +106,34 @@ class ShiftMonitor:
             return [Trust.unknown(len(x), p) for x, p, _ in requests]
         xs, ps, gates = zip(*requests)
         one = len(requests) == 1  # the common case of a lone request: no copies
-        features = image_features(
-            xs[0] if one else np.concatenate(xs),
-            ps[0] if one else np.concatenate(ps),
-            None if any(g is None for g in gates) else gates[0] if one else np.concatenate(gates),
-        )
-        scores = detector.image_scores(features)
         bounds = [0]
         for x in xs:
             bounds.append(bounds[-1] + len(x))
+        # a request of min_batch images or more is tested on min_batch evenly spaced ones (bounds the cost);
+        # smaller ones feed the window with all of theirs
+        picks = {
+            j: np.linspace(bounds[j], bounds[j + 1] - 1, self.min_batch).round().astype(np.int64)
+            for j, x in enumerate(xs)
+            if len(x) >= self.min_batch
+        }
+        rows = None  # the images whose photometric statistics anything reads: the tested ones, unless the scope does
+        if picks and not detector.scope.reads_photometric:
+            rows = np.concatenate([picks.get(j, np.arange(bounds[j], bounds[j + 1])) for j in range(len(xs))])
+        probabilities = ps[0] if one else np.concatenate(ps)
+        features = image_features(
+            xs[0] if one else np.concatenate(xs),
+            probabilities,
+            None if any(g is None for g in gates) else gates[0] if one else np.concatenate(gates),
+            rows,
+        )
+        scores = detector.image_scores(features)
+        risks = image_risk(probabilities, scores)
         units: list[str] = []
         due: list[tuple[int, np.ndarray, np.ndarray]] = []  # (request, features, scores) to test
         with self._lock:
             for j, (x, _, _) in enumerate(requests):
-                if len(x) >= self.min_batch:  # on min_batch evenly spaced images: bounds the cost
-                    pick = np.linspace(bounds[j], bounds[j + 1] - 1, self.min_batch).round().astype(np.int64)
+                pick = picks.get(j)
+                if pick is not None:
                     units.append("batch")
                     due.append((j, features[pick], scores[pick]))
                     continue
@@ -145,12 +158,11 @@ class ShiftMonitor:
                         self._last[model] = v
             elif unit == "window":
                 v = self._last.get(model)
-            rows = slice(bounds[j], bounds[j + 1])
-            risk = image_risk(requests[j][1], scores[rows])
+            mine = slice(bounds[j], bounds[j + 1])
             if v is None:
-                trusts.append(Trust(UNKNOWN, "none", float("nan"), "unknown", scores[rows], risk))
+                trusts.append(Trust(UNKNOWN, "none", float("nan"), "unknown", scores[mine], risks[mine]))
             else:
-                trusts.append(Trust(v.state, unit, v.expected_accuracy, v.expected_kind, scores[rows], risk))
+                trusts.append(Trust(v.state, unit, v.expected_accuracy, v.expected_kind, scores[mine], risks[mine]))
         return trusts
 
 
@@ -159,7 +171,8 @@ class ShiftLoader:
     through the deck's store) when the manifest names one fitted for the deck's cards; otherwise serves
     ``unknown`` and refits one in the background from the deck's calibration images (``refit``: False to
     leave the signal unknown). ``on_refit(outcome, seconds)`` is told how each refit ended. ``store_refit``:
-    write a refitted detector into the deck (its store's manifest) while the store still has those cards."""
+    write a refitted detector into the deck (its store's manifest) while the store still has those cards, so
+    that replicas sharing the deck and a restarted server load it rather than refit."""
 
     def __init__(
         self,
@@ -173,7 +186,7 @@ class ShiftLoader:
         self.refit = refit
         self.on_refit = on_refit
         self.store_refit = store_refit
-        self._key: object = None
+        self._key: tuple[str | None, tuple[str, ...]] | None = None  # (detector file, cards) last given
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -215,7 +228,7 @@ class ShiftLoader:
             return None
         return detector
 
-    def _refit(self, deck: Deck, key: object) -> None:
+    def _refit(self, deck: Deck, key: tuple[str | None, tuple[str, ...]]) -> None:
         from carddeck.gating.shift_fit import refit_from_deck
 
         start = time.monotonic()
@@ -235,27 +248,42 @@ class ShiftLoader:
                     "deck version %d: shift detector refitted in %.1f s (%d conditions, label-free)",
                     deck.version, time.monotonic() - start, len(detector.conditions),
                 )  # fmt: skip
-                if self.store_refit:
-                    self._store(deck, detector)
+                rel = self._store(deck, detector) if self.store_refit else None
+                with self._lock:
+                    if rel is not None and self._key == key:  # the deck version it makes names what this serves:
+                        self._key = (rel, key[1])  # keep it (and its windows) rather than reload it
             else:
                 outcome = "stale"
         if self.on_refit is not None:
             self.on_refit(outcome, time.monotonic() - start)
 
     @staticmethod
-    def _store(deck: Deck, detector: ShiftDetector) -> None:
-        """Into the deck's manifest, unless its cards changed since (a detector for other cards would be
-        refused by every loader anyway, so a race here costs a refit, never a wrong verdict)."""
+    def _store(deck: Deck, detector: ShiftDetector) -> str | None:
+        """Into the deck's manifest -> where it is stored; None (logged) where the deck is read-only, its cards
+        changed since (a detector for other cards would be refused by every loader anyway), or another process
+        stored a detector since (a replica's refit of the same cards): a race here costs a refit, never a
+        wrong verdict."""
         store, cards = deck.store, sorted(detector.notes.get("cards", ()))
         try:
-            if store is None or sorted(e.key for e in store.manifest().active()) != cards:
+            if store is None or store.read_only:
+                log.info("deck version %d: refitted shift detector kept in memory: the deck is read-only", deck.version)
+                return None
+            manifest = store.manifest()
+            if sorted(e.key for e in manifest.active()) != cards:
                 log.info("deck version %d: refitted shift detector not stored: the deck's cards changed", deck.version)
-                return
-            version = store.set_gate(shift=detector).version
-        except Exception as exc:  # a read-only or unreachable store: this process keeps its detector
+                return None
+            if dict(manifest.gate).get("shift") != dict(deck.manifest.gate).get("shift"):
+                log.info(
+                    "deck version %d: refitted shift detector not stored: deck version %d has another one",
+                    deck.version, manifest.version,
+                )  # fmt: skip
+                return None
+            stored = store.set_gate(shift=detector)
+        except Exception as exc:  # an unreachable store: this process keeps its detector
             log.warning("deck version %d: the refitted shift detector could not be stored: %s", deck.version, exc)
-        else:
-            log.info("deck version %d: refitted shift detector stored as deck version %d", deck.version, version)
+            return None
+        log.info("deck version %d: refitted shift detector stored as deck version %d", deck.version, stored.version)
+        return str(dict(stored.gate)["shift"])
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for a running refit (tests, shutdown); True when none is running."""

@@ -86,7 +86,7 @@ class MicroBatchRun:
         for idx in groups.values():
             deck = works[idx[0]].deck
             x = works[idx[0]].x if len(idx) == 1 else np.concatenate([works[i].x for i in idx])
-            routings.update(_route(deck, {i: works[i] for i in idx if works[i].weights is None}))
+            routings.update(_route(deck, {i: works[i] for i in idx if works[i].weights is None}, x, len(idx)))
             weights = [_weights_of(works[i], routings.get(i)) for i in idx]
             probs = deck.run_routed(x, weights[0] if len(idx) == 1 else np.concatenate(weights), on_card=on_card)
             offset = 0
@@ -130,14 +130,16 @@ def _weights_of(work: Work, routing: Routing | None) -> np.ndarray:
     return routing.weights
 
 
-def _route(deck: Deck, works: dict[int, Work]) -> dict[int, Routing]:
+def _route(deck: Deck, works: dict[int, Work], merged: np.ndarray, group: int) -> dict[int, Routing]:
     """Each request's routing on its own rows: one ``sample_features`` call over all of them, one
-    policy call per (policy, per-sample) pair (:meth:`~carddeck.gating.Gate.route_many`)."""
+    policy call per (policy, per-sample) pair (:meth:`~carddeck.gating.Gate.route_many`). ``merged``: the
+    rows of the ``group`` requests on this snapshot, in order; when all of them are routed here, those are
+    the rows, not copied again."""
     if not works:
         return {}
     items = list(works.items())
     xs = [w.x for _, w in items]
-    features = sample_features(xs[0] if len(xs) == 1 else np.concatenate(xs))
+    features = sample_features(merged if len(xs) == group else np.concatenate(xs))
     bounds = np.cumsum([0, *(len(x) for x in xs)]).tolist()
     by_policy: dict[tuple[str, bool], list[int]] = {}
     for j, (_, w) in enumerate(items):

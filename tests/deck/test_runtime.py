@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 
-from carddeck.deck.runtime import CHUNK_ROWS, CardSession, choose_providers, chunks, row_pool
+from carddeck.deck.runtime import (
+    BLAS_THREAD_VARIABLES,
+    CHUNK_ROWS,
+    CardSession,
+    choose_providers,
+    chunks,
+    row_pool,
+    run_claimed,
+)
 from tests.deck.conftest import card
 
 
@@ -52,6 +64,18 @@ def test_a_large_run_goes_in_chunks_and_answers_as_one_run():
     assert [rows for rows, _ in split_runs] == [CHUNK_ROWS * 2 - 1]
 
 
+def test_run_claimed_answers_in_order_and_the_caller_runs_jobs_too():
+    threads: list[str] = []
+
+    def square(i: int) -> int:
+        threads.append(threading.current_thread().name)
+        return i * i
+
+    assert run_claimed(list(range(12)), square, row_pool(), 2) == [i * i for i in range(12)]
+    assert threading.current_thread().name in threads  # no hand-off per job: the caller works instead of waiting
+    assert run_claimed([], square, row_pool(), 2) == []
+
+
 def test_chunks_stay_within_a_slice_of_max_rows():
     s, runs = session(row_chunks=2, max_rows=16)
     x = images(40)
@@ -76,3 +100,30 @@ def test_a_busy_row_pool_does_not_hold_a_run_up():
         release.set()
         for blocker in blockers:
             blocker.result()
+
+
+# In a fresh process (BLAS limits are process-wide): BLAS raised to 2 threads first, so that a one-core machine
+# would see the limit too; then one_blas_thread; then every BLAS library's thread count.
+BLAS_PROBE = """
+import json, numpy, threadpoolctl
+threadpoolctl.threadpool_limits(2, user_api="blas")
+from carddeck.deck.runtime import one_blas_thread
+said = one_blas_thread()
+print(json.dumps([said, [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]]))
+"""
+
+
+def blas_probe(**env: str) -> tuple[str, list[int]]:
+    clean = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARIABLES}
+    out = subprocess.run([sys.executable, "-c", BLAS_PROBE], env={**clean, **env}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    said, threads = json.loads(out.stdout.strip().splitlines()[-1])
+    return said, threads
+
+
+def test_a_serving_process_runs_blas_on_one_thread_unless_the_environment_says_otherwise():
+    said, threads = blas_probe()
+    assert threads and set(threads) == {1}, threads  # numpy's BLAS at least
+    assert "1 thread" in said
+    said, threads = blas_probe(OPENBLAS_NUM_THREADS="2")  # the user's own choice stays
+    assert set(threads) == {2} and "OPENBLAS_NUM_THREADS=2" in said

@@ -111,6 +111,32 @@ def test_confidence_combine_lets_a_sure_card_outvote_a_guessing_one():
         GateParams(combine="vote")
 
 
+def test_route_many_of_one_image_requests_routes_each_as_if_alone():
+    """The common case under load: a micro-batch of one-image requests (each its own row, no mean taken),
+    clean and corrupted digits mixed, on the default deck's router: every request gets its solo routing,
+    whatever its neighbours in the merge and whatever its place among them."""
+    from carddeck.data import load_dataset
+    from carddeck.data.corruptions import corrupt
+    from carddeck.deck import Deck, default_deck_path
+    from carddeck.gating.signature import sample_features
+
+    deck = Deck.open(default_deck_path(), run_cards=False)
+    clean = load_dataset("digits32", "test").images[:8]
+    images = np.concatenate([clean[:3], corrupt(clean[3:5], "gaussian_noise", 5, seed=0), clean[5:6],
+                             corrupt(clean[6:8], "fog", 5, seed=0)])  # fmt: skip
+    xs = [deck.prepare(images[i : i + 1]) for i in range(len(images))]
+    alone = [deck.gate.route(x) for x in xs]
+    assert len({r.selected for r in alone}) > 1  # the requests really route differently
+    for order in (range(len(xs)), range(len(xs) - 1, -1, -1)):
+        order = list(order)
+        merged = sample_features(np.concatenate([xs[i] for i in order]))
+        many = deck.gate.route_many(merged, [1] * len(xs))
+        for i, got in zip(order, many):
+            np.testing.assert_allclose(got.weights, alone[i].weights, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(got.distances, alone[i].distances, rtol=1e-6)
+            assert got.selected == alone[i].selected and got.weights.shape == (1, len(deck.card_names))
+
+
 def test_route_many_routes_each_request_as_if_alone():
     """One features call over merged requests of mixed sizes and kinds (the default deck's calibrated
     router, clean and corrupted digits), one policy call: every request gets exactly its solo routing."""

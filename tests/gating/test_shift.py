@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import deque
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +19,7 @@ from carddeck.deck import Deck, DeckStore, default_deck_path
 from carddeck.errors import InvalidInput
 from carddeck.gating.shift import (
     FEATURE_NAMES,
+    GATE_NAMES,
     GROUPS,
     SCOPE_FEATURE_SETS,
     UNKNOWN,
@@ -25,6 +27,8 @@ from carddeck.gating.shift import (
     ShiftDetector,
     Trust,
     image_features,
+    image_risk,
+    photometric_features,
 )
 from carddeck.gating.shift_fit import deck_features, deck_references, fit_detector, refit_from_deck
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
@@ -243,3 +247,93 @@ def test_a_coarse_scope_survives_saving_and_format_4_files_still_load(detector, 
     np.testing.assert_array_equal(
         four.image_scores(references[2].features), detector.image_scores(references[2].features)
     )
+
+
+def plain_photometric(x: np.ndarray) -> np.ndarray:
+    """The photometric statistics written plainly (np.mean, np.partition, np.std): what the fast one must equal."""
+    luma = x.mean(axis=1).reshape(len(x), -1)
+    k = luma.shape[1]
+    part = np.partition(luma, (int(0.05 * (k - 1)), int(0.95 * (k - 1))), axis=1)
+    sat = (x.max(axis=1) - x.min(axis=1)).reshape(len(x), -1)
+    return np.stack([part[:, int(0.05 * (k - 1))], part[:, int(0.95 * (k - 1))], sat.std(axis=1)], 1)
+
+
+def test_photometric_features_equal_the_plain_numpy_ones_bit_for_bit():
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        n, h, w = (int(v) for v in rng.integers(1, 40, 3))
+        x = rng.random((n, 3, h + 4, w + 4), dtype=np.float32) ** np.float32(rng.uniform(0.2, 5))
+        np.testing.assert_array_equal(photometric_features(x), plain_photometric(x))
+
+
+def reference_verdicts(detector, requests, window, stride, min_batch):
+    """What the monitor answered before it skipped work: every feature of every image, every image scored,
+    then each large request tested on its evenly spaced sample and small ones through the sliding window."""
+    x, p, g = (np.concatenate([r[i] for r in requests]) for i in range(3))
+    features = image_features(x, p, g)
+    scores = detector.image_scores(features)
+    risks = image_risk(p, scores)
+    out, win, pending, last, start = [], deque(maxlen=window), 0, None, 0
+    for r in requests:
+        n = len(r[0])
+        if n >= min_batch:
+            pick = np.linspace(start, start + n - 1, min_batch).round().astype(np.int64)
+            v = detector.test(features[pick], scores[pick])
+        else:
+            win.extend(range(start, start + n))
+            pending += n
+            if len(win) == window and pending >= stride:
+                pending, last = 0, detector.test(features[list(win)], scores[list(win)])
+            v = last
+        out.append((v, scores[start : start + n], risks[start : start + n]))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("scope", ["all", "coarse"])
+def test_the_monitor_answers_exactly_as_the_detector_on_every_image(detector, references, deck, digits, scope):
+    """The monitor reads the photometric statistics only of the images its tests read where its scope reads
+    none (a coarse scope: a large request's untested images), and computes risks once per micro-batch:
+    per-image scores, risks and each request's state and estimate equal the plain computation's exactly."""
+    if scope == "coarse":
+        detector = replace(detector, scope=Scope.fit({"clean": [references[0].features]}, detector.embedding,
+                                                     features=SCOPE_FEATURE_SETS["coarse"]))  # fmt: skip
+    assert detector.scope.reads_photometric == (scope == "all")
+    rng = np.random.default_rng(5)
+    test = digits[1].images
+    pool = np.concatenate([test[:120], corrupt(test[120:200], "brightness", 4, seed=0), test[200:230] // 3 + 160])
+    sizes = [64, 1, 3, 1, 20, 1, 1, 2, 16, 5, 1, 1, 4, 1, 2, 33, 1, 1, 3, 1, 6, 1, 2, 1]
+    order = rng.permutation(len(pool))[: sum(sizes)]
+    requests, routed = [], []
+    for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes)):
+        images = pool[order[a:b]]
+        pred = deck.predict(images)
+        x = deck.prepare(images)
+        requests.append((x, pred.probabilities, pred.routing.features))
+        routed.append(RoutedRequest("m", x, pred.routing, pred.probabilities))
+    monitor = ShiftMonitor(window=16, stride=4, min_batch=16)
+    monitor.set_detector(detector)
+    trusts = [*monitor.judge(routed[:7]), *monitor.judge(routed[7:8]), *monitor.judge(routed[8:])]
+    want = reference_verdicts(detector, requests, 16, 4, 16)
+    assert {w[0].state for w in want if w[0] is not None} >= {"in_distribution", "uncovered"}  # the input varies
+    for trust, (v, scores, risks) in zip(trusts, want, strict=True):
+        np.testing.assert_array_equal(trust.out_of_scope, scores)
+        np.testing.assert_array_equal(trust.risk, risks)
+        assert trust.state == (UNKNOWN if v is None else v.state)
+        np.testing.assert_array_equal(trust.expected_accuracy, np.nan if v is None else v.expected_accuracy)
+
+
+def test_output_features_and_risk_equal_the_plain_numpy_ones_bit_for_bit():
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        n, c = (int(v) for v in rng.integers(1, 70, 2))
+        p = rng.dirichlet(np.full(c + 1, rng.uniform(0.05, 5)), n).astype(np.float32)
+        p[0] = np.eye(c + 1, dtype=np.float32)[0]  # a certain answer: log of the floor
+        scores = rng.uniform(0, 2, n).astype(np.float32)
+        f = image_features(np.zeros((n, 3, 8, 8), np.float32), p, np.zeros((n, len(GATE_NAMES)), np.float32))
+        np.testing.assert_array_equal(f[:, -2], p.max(axis=1))
+        np.testing.assert_array_equal(f[:, -1], -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1))
+        want = np.where(scores > 1.0, np.float32(1.0), 1.0 - p.max(axis=1)).astype(np.float32)
+        risk = image_risk(p, scores)
+        assert risk.dtype == np.float32
+        np.testing.assert_array_equal(risk, want)

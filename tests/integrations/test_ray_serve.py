@@ -26,6 +26,7 @@ from carddeck.deck import Deck, DeckStore
 from carddeck.gating import SIGNATURE_DIM, CalibrationPoint, fit_router
 from carddeck.gating.policies import POLICIES
 from carddeck.gating.shift import ShiftDetector
+from tests.deck.test_s3 import bucket, s3_endpoint, s3_env  # noqa: F401 - fixtures
 from tests.observability.promql import free_port
 from tests.servers import ROOT, card, make_deck, noisy_images, smooth_images
 
@@ -149,7 +150,7 @@ def replicas(deployment: str, app: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
+def ray_deck(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[LiveDeck]:  # noqa: F811
     import ray
     from ray import serve
 
@@ -173,7 +174,14 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
         num_cpus=4,  # logical CPUs: the replicas ask for fractions of them; 2 real cores do the work
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        # the replicas reach S3 decks on moto's server as any boto3 client would: through the environment
+        runtime_env={
+            "env_vars": {
+                "PYTHONPATH": str(ROOT),
+                **s3_vars(s3_endpoint),
+                "CARDDECK_CACHE_DIR": str(tmp_path_factory.mktemp("ray-cache")),
+            }
+        },
         log_to_driver=False,
         _system_config={"metrics_report_interval_ms": 1000},  # Ray's metrics export every second, not 10
     )
@@ -200,6 +208,11 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
         undeploy()
         serve.shutdown()
         ray.shutdown()
+
+
+def s3_vars(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint}  # fmt: skip
 
 
 def test_predictions_equal_the_in_process_deck_for_every_policy(ray_deck: LiveDeck) -> None:
@@ -284,8 +297,8 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
     ray_deck: LiveDeck, prometheus_tools: dict[str, str], tmp_path: Path
 ) -> None:
     """Ray's metrics export (each node's port, where Ray's service discovery points Prometheus) carries the
-    ingress's shift series and the reconciler's refits under the names and labels ``carddeck serve`` gives
-    them (Ray and Serve add only their own labels); through serve/ray/prometheus.yml a real Prometheus answers
+    ingress's request and shift series and the reconciler's refits under the names and labels ``carddeck serve``
+    gives them (Ray and Serve add only their own labels); through serve/ray/prometheus.yml a real Prometheus answers
     the shipped dashboard's and alerts' queries on them unchanged. Kills: no export, a series or label renamed
     or left out, a relabelling that does not strip Ray's prefix."""
     from prometheus_client import CollectorRegistry
@@ -334,6 +347,22 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
             assert got["application"] == "carddeck" and got["deployment"] in ("ingress", "reconciler"), (name, got)
     assert ray_deck.ray_value("carddeck_shift_detector_fitted", deployment="ingress") == 1
     assert ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler") >= 1
+    # every request the ingress answered, counted and timed as carddeck serve's transports do (the earlier tests':
+    # OIP REST answered and refused, carddeck.v1 through Ray's gRPC proxy answered and refused)
+    infer = {"service": "http", "rpc": "/v2/models/{model}/infer"}
+    grpc_ = {"service": "carddeck.v1.CardDeck"}
+    calls = {("http", "200"): dict(infer, code="200"), ("http", "400"): dict(infer, code="400"),
+             ("grpc", "OK"): dict(grpc_, rpc="Predict", code="OK"),
+             ("grpc", "UNAUTHENTICATED"): dict(grpc_, code="UNAUTHENTICATED")}  # fmt: skip
+    wait_for(
+        "the request series in Ray's metrics export",
+        lambda: all(ray_deck.ray_value("carddeck_requests_total", **labels) >= 1 for labels in calls.values()),
+        30,
+    )
+    assert ray_deck.ray_value("carddeck_request_duration_seconds_count", **infer) >= ray_deck.ray_value(
+        "carddeck_requests_total", **calls["http", "200"]
+    )
+    assert ray_deck.ray_value("carddeck_requests_in_flight", **infer) == 0
 
     # the shipped dashboard and alerts, unchanged, on what Ray exports (the ray_ prefix stripped)
     target = ray_deck.metrics_url.removeprefix("http://").removesuffix("/metrics")
@@ -562,3 +591,38 @@ def test_the_serve_config_file_builds_the_application_and_bad_args_are_named() -
     assert app_builder(app["args"]) is not None
     with pytest.raises(InvalidInput, match="unknown replicas; accepted: .*deck"):
         app_builder({"deck": "models", "replicas": 3})
+
+
+def test_an_s3_deck_serves_the_shift_signal_through_ray_serve(ray_deck: LiveDeck, bucket: str) -> None:  # noqa: F811
+    """The application on an S3 deck (moto's server) with calibration images and no detector: the reconciler
+    reads the cards and images through the store, refits the detector and stores it in S3, and the ingress
+    loads it from there: answers carry the verdict the in-process monitor gives with that detector. Kills a
+    loader that builds a local path from the s3:// location, and a refit kept out of the store. Last in the
+    module: it replaces the application, which the fixture deletes."""
+    import copy
+
+    from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+
+    location = f"s3://{bucket}/decks/ray"
+    store = DeckStore.create(location)
+    store.add_card(card("g1", "gaussian", seed=1))
+    store.add_card(card("a1", "augmix", seed=2))
+    store.set_calibration(smooth_images(16, seed=99))
+    undeploy()
+    live = copy.copy(ray_deck)
+    live.root = location  # type: ignore[assignment]
+    live.handle = deploy(RayDeckConfig(deck=location, poll_interval_s=0.5, card_num_cpus=0.25))
+    version = wait_for_refit(live)
+    x = np.concatenate([noisy_images(8, seed=6), smooth_images(8, seed=7)])
+    local, deck = ShiftMonitor(), Deck.open(location)
+    ShiftLoader(local, refit=False)(deck)
+    assert local.detector is not None and deck.version == version
+    p = deck.predict(x)
+    (want,) = local.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
+    served, got = live.infer(x)
+    assert served == str(version) and want.state != "unknown"
+    assert got["shift_state"] == want.state and got["shift_scope"] == "batch"
+    assert got["out_of_scope_images"] == ",".join(str(i) for i in np.flatnonzero(~want.in_scope))
+    log = replica_log("reconciler")
+    assert f"refitted shift detector stored as deck version {version}" in log, log[-3000:]

@@ -19,6 +19,7 @@ from carddeck.commands.shift import FAMILIES
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore
+from carddeck.deck.transactions import READ_ONLY
 from carddeck.errors import InvalidInput
 from carddeck.gating.shift import (
     CONFIDENCE,
@@ -320,6 +321,30 @@ def test_a_micro_batch_of_requests_gives_the_verdicts_of_its_requests_one_by_one
     assert sorted(map(key, merged)) == sorted(map(key, alone))
 
 
+def test_a_micro_batch_gives_each_request_the_scores_and_risks_of_its_own_images(shipped, test_images):
+    """judge scores and rates every image of a micro-batch in one call; each request gets back its own rows,
+    exactly what it gets judged alone."""
+    deck, detector = shipped
+    batch = []
+    for a, b in ((0, 1), (1, 4), (4, 5), (5, 7), (7, 8)):
+        images = test_images[a:b]
+        p = deck.predict(images)
+        batch.append(("m", deck.prepare(images), p.routing, p.probabilities))
+    merged = ShiftMonitor()
+    merged.set_detector(detector)
+    risks = set()
+    for request, got in zip(batch, merged.judge(batch)):
+        alone = ShiftMonitor()
+        alone.set_detector(detector)
+        (want,) = alone.judge([request])
+        assert len(got.risk) == len(request[1])
+        np.testing.assert_array_equal(got.risk, want.risk)
+        # BLAS may sum a row in another order in a taller matrix: a few ulps, never another image's value
+        np.testing.assert_allclose(got.out_of_scope, want.out_of_scope, rtol=1e-5)
+        risks.update(got.risk.tolist())
+    assert len(risks) > 1  # the images really differ
+
+
 def test_monitor_settings_are_checked():
     with pytest.raises(InvalidInput, match="window and min batch must be >= 4"):
         ShiftMonitor(window=2)
@@ -358,10 +383,22 @@ def test_a_refit_is_stored_in_the_deck_only_while_the_store_still_has_its_cards(
         assert loader.wait(120) and outcomes == ["ok"]
     stored = Deck.open(root)
     assert stored.version == added.version + 1 and "stored as deck version" in caplog.text
+    served = refitter.detector
+    loader(stored)  # the version its own store made names what it serves: kept (and its windows), not reloaded
+    assert refitter.detector is served
     reader = ShiftMonitor()
     ShiftLoader(reader, refit=False)(stored)  # another replica: reads it, refits nothing
     assert reader.detector is not None
     assert sorted(reader.detector.notes["cards"]) == sorted(c.key for c in added.cards)
+    # a second replica's refit of the same deck version: the store has one for those cards by now
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        assert ShiftLoader._store(added, refitter.detector) is None
+    assert DeckStore(root).manifest().version == stored.version and "has another one" in caplog.text
+    (Path(root) / READ_ONLY).touch()  # a shipped deck: kept in memory, never written, no warning
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        assert ShiftLoader._store(stored, refitter.detector) is None
+    assert DeckStore(root).manifest().version == stored.version and "the deck is read-only" in caplog.text
+    (Path(root) / READ_ONLY).unlink()
 
     rig.store.remove_card("late")  # the store moves on: that detector is for cards it no longer has
     with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):

@@ -108,6 +108,8 @@ def _state_after(client: CardDeckClient, deadline_s: float) -> list[str]:
 
 
 def test_add_card_on_a_live_server_refits_the_detector_without_the_train_extra(tmp_path):
+    """...and stores the refit in the deck: a second server started on it (a replica sharing the deck, or this
+    one restarted) serves a fitted detector at once, with no refit of its own."""
     root = tmp_path / "deck"
     store = DeckStore.create(root)
     store.add_card(card("g1", "gaussian", seed=1))
@@ -118,12 +120,25 @@ def test_add_card_on_a_live_server_refits_the_detector_without_the_train_extra(t
     try:
         with CardDeckClient(srv.address, token=ADMIN_TOKEN) as client:
             assert client.predict(_digits(16)).verdict.shift_state != "unknown"  # the stored detector
-            client.add_card(card("a1", "augmix", seed=2))
+            added = client.add_card(card("a1", "augmix", seed=2)).deck_version
             states = _state_after(client, 180)
         log = srv.log()
         assert states[-1] in ("in_distribution", "covered", "uncovered"), log[-3000:]
         assert "state unknown until it is refitted" in log and "shift detector refitted" in log, log[-3000:]
         assert "ImportError" not in log
+        deadline = time.monotonic() + 60
+        while "refitted shift detector stored" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        manifest = DeckStore(root).manifest()
+        assert manifest.version == added + 1, srv.log()[-3000:]  # the refit, stored as the next version
+        second = start_server(root, tmp_path, env=env)
+        try:
+            with CardDeckClient(second.address) as client:
+                verdict = client.predict(_digits(16)).verdict
+            assert verdict.shift_state != "unknown" and verdict.scope == "batch", second.log()[-3000:]
+            assert "refitting" not in second.log() and "state unknown" not in second.log(), second.log()[-3000:]
+        finally:
+            second.terminate()
     finally:
         srv.terminate()
 

@@ -112,6 +112,40 @@ def test_a_micro_batch_computes_features_once_and_routes_each_request_alone(deck
         dp.close()
 
 
+def test_a_request_is_routed_and_answered_alike_whatever_shares_its_micro_batch(deck_path):
+    """One micro-batch run (no threads: what is merged is chosen here): deck requests of both kinds, alone and
+    among others, with card requests (no gate) between them, in either order. Each deck request gets its
+    solo routing and answer, each card request its card's answer."""
+    from carddeck.serving.microbatch import card_work, deck_work
+
+    dp = dataplane(deck_path, batching=False)
+    deck = Deck.open(deck_path)
+    try:
+        deck_model, card_model = dp.resolve(), dp.resolve("g1")
+        requests = [("deck", smooth_images(2, seed=1)), ("card", smooth_images(1, seed=2)),
+                    ("deck", noisy_images(1, seed=3)), ("deck", smooth_images(1, seed=4)),
+                    ("card", noisy_images(3, seed=5)), ("deck", noisy_images(2, seed=6))]  # fmt: skip
+
+        def work(kind, images):
+            return deck_work(deck_model, images, None, False) if kind == "deck" else card_work(card_model, images)
+
+        for order in (requests, requests[::-1], requests[2:3]):
+            dones = dp.dispatch.run([work(kind, images) for kind, images in order])
+            for (kind, images), done in zip(order, dones):
+                if kind == "card":
+                    np.testing.assert_allclose(done.probabilities, deck.run_card("g1", images), atol=1e-6)
+                    assert done.routing is None
+                    continue
+                want = deck.predict(images)
+                assert done.routing.selected == want.routing.selected
+                np.testing.assert_allclose(done.routing.weights, want.routing.weights, rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(done.probabilities, want.probabilities, atol=1e-6)
+        routed = {deck.predict(images).routing.selected for kind, images in requests if kind == "deck"}
+        assert routed == {("a1",), ("g1",)}  # the deck requests really route differently
+    finally:
+        dp.close()
+
+
 def test_a_bad_policy_name_fails_its_own_request_before_any_batch(deck_path):
     """Checked in the caller's thread: InvalidInput naming the choices, and no batch is run or counted
     for it (a merged batch would fail for everyone in it and be rerun one by one)."""
