@@ -324,8 +324,11 @@ FALLBACKS = ("hedge", "uniform", "clean-cards", "nearest-domain")
 HEDGE = (0.5, 0.25, 0.25)  # router's choice, nearest domain, uniform deck
 
 
-def fallback(gate: Gate, signatures: np.ndarray, distances: np.ndarray, kind: str = FALLBACK) -> np.ndarray:
-    """Weights [N, K] of the guarded policy's fallback for batches the router is unsure about."""
+def fallback(
+    gate: Gate, signatures: np.ndarray, distances: np.ndarray, kind: str = FALLBACK, routed: np.ndarray | None = None
+) -> np.ndarray:
+    """Weights [N, K] of the guarded policy's fallback for batches the router is unsure about (``routed``:
+    the router's own guarded weights of those rows, when the caller has them)."""
     if kind not in FALLBACKS:
         raise InvalidInput(f"unknown fallback {shown(kind)}; valid choices: {', '.join(FALLBACKS)}")
     if kind == "nearest-domain":
@@ -335,11 +338,10 @@ def fallback(gate: Gate, signatures: np.ndarray, distances: np.ndarray, kind: st
             raise InvalidInput("the 'hedge' fallback needs a fitted router: run `carddeck calibrate`")
         router, nearest, everyone = HEDGE
         uniform = np.full((len(signatures), len(gate.card_names)), 1.0 / len(gate.card_names), np.float32)
-        return (
-            router * gate.router.weights(signatures, gate.keys, guard=True)
-            + nearest * nearest_domain(gate, signatures, distances)
-            + everyone * uniform
-        ).astype(np.float32)
+        if routed is None:
+            routed = gate.router.weights(signatures, gate.keys, guard=True)
+        mix = router * routed + nearest * nearest_domain(gate, signatures, distances) + everyone * uniform
+        return mix.astype(np.float32)
     keep = np.ones(len(gate.card_names), np.float32)
     if kind == "clean-cards" and gate.router is not None:
         keep[:] = 0.0
@@ -358,12 +360,14 @@ def guarded(gate: Gate, signatures: np.ndarray, distances: np.ndarray) -> np.nda
         raise InvalidInput(
             "gate policy 'guarded' needs a fitted router: run `carddeck calibrate --deck DIR --data NAME`"
         )
-    weights = gate.router.weights(signatures, gate.keys, guard=True)
-    if np.isinf(UNSURE_AT):  # no fallback: spare the novelty (a distance to every calibration batch)
+    # one distance to every calibration batch serves both the vote and the novelty
+    near = gate.router.distances(signatures)
+    weights = gate.router.weights(signatures, gate.keys, guard=True, distances=near)
+    if np.isinf(UNSURE_AT):  # no fallback
         return weights
-    unsure = (gate.router.novelty(signatures) > UNSURE_AT) & ~gate.router.near_clean(signatures)
+    unsure = (gate.router.novelty(signatures, near) > UNSURE_AT) & ~gate.router.near_clean(signatures)
     if unsure.any():
-        w = fallback(gate, signatures[unsure], distances[unsure])
+        w = fallback(gate, signatures[unsure], distances[unsure], routed=weights[unsure])
         weights[unsure] = w / w.sum(axis=1, keepdims=True)
     return weights
 

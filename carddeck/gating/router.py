@@ -93,9 +93,14 @@ class CalibratedRouter:
     def _extra_card_cost(self) -> np.ndarray:
         return self.cost * (self.subsets.sum(axis=1) - 1)
 
-    def choose(self, signatures: np.ndarray) -> np.ndarray:
+    def distances(self, signatures: np.ndarray) -> np.ndarray:
+        """[N, P] distances of the rows to the calibration batches: what :meth:`choose` and :meth:`novelty`
+        both read, so the guarded policy computes them once per call."""
+        return pairwise_distances(self._scaled(signatures), self._points, self.metric)
+
+    def choose(self, signatures: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
         """Index of the winning card set for each signature row -> int64 [N]."""
-        dist = pairwise_distances(self._scaled(signatures), self._points, self.metric)
+        dist = self.distances(signatures) if distances is None else distances
         votes = np.exp(-0.5 * (dist / self.bandwidth) ** 2)  # [N, P]
         overall = self._overall  # [S]
         expected = (votes @ self.scores + self.prior * overall) / (votes.sum(axis=1, keepdims=True) + self.prior)
@@ -142,10 +147,10 @@ class CalibratedRouter:
         loo = np.array([pairwise_distances(points[i : i + 1], others[i : i + 1], self.metric)[0, 0] for i in range(n)])
         return CLEAN_MARGIN * float(loo.max())
 
-    def novelty(self, signatures: np.ndarray) -> np.ndarray:
+    def novelty(self, signatures: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
         """Distance of each row to the nearest calibration batch, in kernel bandwidths -> float [N]: far
         past a few bandwidths no calibration batch votes, and the router only extrapolates."""
-        dist = pairwise_distances(self._scaled(signatures), self._points, self.metric)
+        dist = self.distances(signatures) if distances is None else distances
         return dist.min(axis=1) / self.bandwidth
 
     def clean_cards(self, tolerance: float = CLEAN_TOLERANCE) -> np.ndarray:
@@ -159,15 +164,23 @@ class CalibratedRouter:
         keep[self.subsets[single[clean >= clean.max() - tolerance]].any(axis=0)] = True
         return keep
 
-    def choose_guarded(self, signatures: np.ndarray) -> np.ndarray:
+    def choose_guarded(self, signatures: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
         """:meth:`choose`, except that batches near clean data run the clean set."""
-        chosen = self.choose(signatures)
+        chosen = self.choose(signatures, distances)
         if self.has_guard:
             chosen = np.where(self.near_clean(signatures), self.clean_set(), chosen)
         return chosen
 
-    def weights(self, signatures: np.ndarray, deck_keys: Sequence[str], *, guard: bool = False) -> np.ndarray:
-        """[N, K_deck] equal weights over the chosen set (with the clean guard if asked), in deck order."""
+    def weights(
+        self,
+        signatures: np.ndarray,
+        deck_keys: Sequence[str],
+        *,
+        guard: bool = False,
+        distances: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """[N, K_deck] equal weights over the chosen set (with the clean guard if asked), in deck order;
+        ``distances``: :meth:`distances` of the rows, when the caller already has them."""
         missing = [k for k in self.card_keys if k not in deck_keys]
         if missing:
             raise InvalidInput(
@@ -175,7 +188,7 @@ class CalibratedRouter:
                 f"{', '.join(missing)}; run `carddeck calibrate` again"
             )
         column = [list(deck_keys).index(k) for k in self.card_keys]
-        index = self.choose_guarded(signatures) if guard else self.choose(signatures)
+        index = self.choose_guarded(signatures, distances) if guard else self.choose(signatures, distances)
         chosen = self.subsets[index].astype(np.float32)  # [N, K_router]
         out = np.zeros((len(chosen), len(deck_keys)), np.float32)
         out[:, column] = chosen / chosen.sum(axis=1, keepdims=True)
