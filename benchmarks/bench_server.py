@@ -153,6 +153,24 @@ def measure(call: Callable[[np.ndarray], object], images: np.ndarray, concurrenc
 
 
 # -- load from other processes ----------------------------------------------------------------------
+def _traffic(deck: Deck) -> dict[int, np.ndarray]:
+    """Requests of 1 and 64 images: test images of the dataset the deck's cards were trained on (the deck's
+    own traffic; noise would be far from every calibration batch, where the guarded gate hedges over every
+    card), else noise of the deck's input contract (a deck that records no dataset)."""
+    from carddeck.data.datasets import data_for_cards, load_dataset
+    from carddeck.errors import InvalidInput
+
+    try:
+        data = data_for_cards(None, [c.provenance.dataset for c in deck.cards], "the deck")
+        test = load_dataset(data, "test").images
+        print(f"traffic: {data} test images", flush=True)
+    except InvalidInput as e:
+        spec = deck.input
+        test = (np.random.default_rng(0).random((64, spec.height, spec.width, spec.channels)) * 255).astype(np.uint8)
+        print(f"traffic: noise ({e})", flush=True)
+    return {n: np.ascontiguousarray(test[:n]) for n in (1, 64)}
+
+
 def _client_call(kind: str, address: str, images: np.ndarray, model: str = "carddeck") -> Callable[[], object]:
     if kind == "carddeck":
         from carddeck.client.api import CardDeckClient
@@ -325,9 +343,7 @@ def main() -> int:
             build = build_deck if args.kind == "resnet20" else build_linear_deck
             deck_path, modules = build(Path(tmp) / "deck", args.cards)
             deck = Deck.open(deck_path)
-        rng = np.random.default_rng(0)
-        spec = deck.input  # the deck's input contract, not a constant: any deck can be benchmarked
-        images = {n: (rng.random((n, spec.height, spec.width, spec.channels)) * 255).astype(np.uint8) for n in (1, 64)}
+        images = _traffic(deck)
         print(f"deck: {len(deck.cards)} cards ({', '.join(deck.card_names)}), policy {deck.default_policy}")
         print(f"cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
               f"client processes: {args.client_procs}", flush=True)  # fmt: skip
