@@ -196,15 +196,14 @@ def _client_call(kind: str, address: str, images: np.ndarray, model: str = "card
 def client_load(
     kind: str,
     address: str,
-    shape: tuple[int, ...],
+    images: np.ndarray,
     threads: int,
     start_at: float,
     stop_at: float,
     model: str = "carddeck",
 ) -> list[float]:
-    """In a client process: ``threads`` clients sending uint8 images of ``shape`` (N, H, W, C), each calling
-    from ``start_at`` to ``stop_at``; latencies (s)."""
-    images = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
+    """In a client process: ``threads`` clients sending ``images`` (uint8, N, H, W, C: the same request the
+    in-process baseline runs), each calling from ``start_at`` to ``stop_at``; latencies (s)."""
     latencies: list[float] = []
 
     def worker() -> None:
@@ -243,7 +242,7 @@ def measure_remote(pool: ProcessPoolExecutor, procs: int, kind: str, server: Ser
     address = server.http_address if kind == "http" else server.address
     batch = len(images)
     futures = [
-        pool.submit(client_load, kind, address, images.shape, conc // n + (i < conc % n), start_at, stop_at, model)
+        pool.submit(client_load, kind, address, images, conc // n + (i < conc % n), start_at, stop_at, model)
         for i in range(n)
     ]
     time.sleep(max(0.0, start_at - time.time()))
