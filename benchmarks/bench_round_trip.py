@@ -73,16 +73,15 @@ def serve_stamped(stamps: str, argv: list[str]) -> int:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--stamps"]:  # the server process: the rest is `carddeck serve`'s, untouched (--deck too)
+        return serve_stamped(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--card", default="resnet20-augmix-lrr")
     parser.add_argument("--whole-deck", action="store_true", help="serve --deck itself, not one of its cards")
     parser.add_argument("--deck", type=Path, default=ROOT / "models")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--stamps", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()
-    if args.stamps:  # the server process
-        return serve_stamped(args.stamps, rest)
+    args = parser.parse_args()
 
     import tritonclient.grpc as tc
     from bench_server import _traffic
