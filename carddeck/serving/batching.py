@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -195,10 +195,13 @@ class MicroBatcher(Generic[T, R]):
         self._cond = threading.Condition()
         self._expected = 0
         self._closed = False
-        self._slots = threading.Semaphore(workers)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{name}-run")
-        self._thread = threading.Thread(target=self._collect, name=f"{name}-collect", daemon=True)
-        self._thread.start()
+        # each worker forms a batch when it is free and runs it itself: handing the batch from a collector
+        # to a pool thread cost two thread wake-ups per micro-batch and bought no parallelism
+        self._workers = [
+            threading.Thread(target=self._work, name=f"{name}-run-{i}", daemon=True) for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # -- producers ----------------------------------------------------------------------------
     def announce(self) -> None:
@@ -237,12 +240,14 @@ class MicroBatcher(Generic[T, R]):
         return len(self._queue)
 
     def close(self, *, wait: bool = True) -> None:
-        """Stop collecting; ``wait=False`` does not wait for the batches running now (shutdown past its drain)."""
+        """Stop taking requests (the queued ones still run); ``wait=False`` does not wait for the batches
+        running now (shutdown past its drain)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=5 if wait else 0.1)
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        for worker in self._workers:
+            if worker is not threading.current_thread():  # closed from a batch's own callback
+                worker.join(timeout=None if wait else 0.1 / len(self._workers))
 
     # -- the collector ------------------------------------------------------------------------
     def _next_batch(self) -> list[_Entry[T, R]] | None:
@@ -262,40 +267,32 @@ class MicroBatcher(Generic[T, R]):
                 self._cond.wait(remaining)
             return [self._queue.popleft() for _ in range(count)]
 
-    def _collect(self) -> None:
-        while True:
-            self._slots.acquire()  # form the batch only once a worker can take it
-            batch = self._next_batch()
-            if batch is None:
-                self._slots.release()
-                return
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
             try:
-                self._pool.submit(self._execute, batch)
-            except RuntimeError:  # pool shut down under us
-                self._slots.release()
+                self._execute(batch)
+            except BaseException as exc:  # a worker that died would leave its model's queue unserved
+                log.exception("batch of %d requests failed outside its run", len(batch))
                 for entry in batch:
-                    entry.future.set_exception(Cancelled("server is shutting down"))
-                return
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
 
     def _execute(self, batch: list[_Entry[T, R]]) -> None:
-        try:
-            now = time.monotonic()
-            live = []
-            for entry in batch:
-                if entry.is_cancelled is not None and entry.is_cancelled():
-                    entry.future.set_exception(Cancelled("request cancelled before it ran"))
-                elif entry.future.set_running_or_notify_cancel():
-                    live.append(entry)
-            if not live:
-                return
-            if self._on_batch is not None:
-                try:
-                    self._on_batch(sum(e.size for e in live), [now - e.enqueued for e in live])
-                except Exception:  # metrics must never fail a batch
-                    log.exception("batch observer failed")
-            self._run_entries(live)
-        finally:
-            self._slots.release()
+        now = time.monotonic()
+        live = []
+        for entry in batch:
+            if entry.is_cancelled is not None and entry.is_cancelled():
+                entry.future.set_exception(Cancelled("request cancelled before it ran"))
+            elif entry.future.set_running_or_notify_cancel():
+                live.append(entry)
+        if not live:
+            return
+        if self._on_batch is not None:
+            try:
+                self._on_batch(sum(e.size for e in live), [now - e.enqueued for e in live])
+            except Exception:  # metrics must never fail a batch
+                log.exception("batch observer failed")
+        self._run_entries(live)
 
     def _run_entries(self, live: list[_Entry[T, R]]) -> None:
         try:
