@@ -250,23 +250,28 @@ class Deck:
         ``adapt``: run the cards' adaptive variants (those that have one), whose normalisation statistics
         come from the rows they run on: pass one request's images only.
         """
-        jobs = [
+        cards = [
             (k, rows, (self.adaptive_session(name) if adapt else None) or self._sessions[name], name)
             for k, name, rows in routed_rows(weights, self.card_names)
         ]
+        subs = [x if len(rows) == len(x) else np.ascontiguousarray(x[rows]) for _, rows, _, _ in cards]
+        # every card's chunks in one job list: one hand-off to the card pool per run, none per card
+        jobs = [(c, span) for c, (_, rows, session, _) in enumerate(cards) for span in session.spans(len(rows))]
 
-        def run(job: tuple[int, np.ndarray, CardSession, str]) -> np.ndarray:
-            _, rows, session, name = job
-            sub = x if len(rows) == len(x) else np.ascontiguousarray(x[rows])
+        def run(job: tuple[int, tuple[int, int]]) -> tuple[np.ndarray, float, float]:
+            c, (lo, hi) = job
             t0 = time.perf_counter()
-            logits = session.logits(sub)
-            if on_card is not None:
-                on_card(name, time.perf_counter() - t0)
-            return softmax(logits)
+            return cards[c][2].logits(subs[c][lo:hi]), t0, time.perf_counter()
 
-        outputs = run_claimed(jobs, run, card_pool(), cpu_cores())  # this thread runs cards too
+        runs = run_claimed(jobs, run, card_pool(), cpu_cores())  # this thread runs chunks too
+        outputs = []
+        for c, (_, _, _, name) in enumerate(cards):
+            mine = [out for (card, _), out in zip(jobs, runs) if card == c]
+            if on_card is not None:  # from its first chunk's start to its last one's end
+                on_card(name, max(end for _, _, end in mine) - min(start for _, start, _ in mine))
+            outputs.append(softmax(mine[0][0] if len(mine) == 1 else np.concatenate([lg for lg, _, _ in mine])))
         combine = self.gate.params.combine if self.gate is not None else "mean"
-        return mix(weights, [(k, rows) for k, rows, _, _ in jobs], outputs, len(self.class_names), combine=combine)
+        return mix(weights, [(k, rows) for k, rows, _, _ in cards], outputs, len(self.class_names), combine=combine)
 
     def run_card(self, name: str, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, C] from one card, no gate."""

@@ -128,6 +128,15 @@ class CardSession:
         outs = [self._slice(images[i : i + step]) for i in range(0, len(images), step)]
         return np.asarray(outs[0] if len(outs) == 1 else np.concatenate(outs), np.float32)
 
+    def spans(self, n: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` spans of ``n`` rows that may run side by side, each through :meth:`logits`: the
+        chunks of each ``max_rows`` slice; all ``n`` rows in one span when the session runs them whole (GPU,
+        or intra-op threads of its own). A deck runs all its cards' spans as one job list (``Deck.run_routed``)."""
+        if self.row_chunks <= 1:
+            return [(0, n)]
+        step = self.max_rows or max(1, n)
+        return [(lo + a, lo + b) for lo in range(0, n, step) for a, b in chunks(min(step, n - lo))]
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"images": x})[0]
 
