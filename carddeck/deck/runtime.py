@@ -3,8 +3,9 @@
 One session per card. Providers: CUDA then CPU when onnxruntime-gpu sees a GPU, else CPU; each
 session logs the providers it actually got (ORT falls back to CPU silently apart from a log line).
 Threads: by default each session runs on one intra-op thread, and the cores are filled by running work
-side by side instead: the cards selected for a batch run concurrently (the card pool), and a card's
-run of many rows is cut into chunks that up to ``cores`` threads run concurrently (the row pool). A
+side by side instead: a card's run of many rows is cut into chunks, and a deck's run puts the chunks of
+all the cards selected for a batch in one job list that up to ``cores`` threads claim (the card pool;
+a card run on its own, :meth:`CardSession.logits`, hands its chunks to the row pool). A
 second intra-op thread bought no latency at batch 1 for 1.7-1.8x the CPU per image, and cost 6-10%
 more CPU per image at batches 8-64 than chunks on one thread each, which finish as soon at batch 64 (a
 lone batch of 8, run whole, takes ~2 ms longer) (one card, 2 cores, benchmarks/bench_ort_threads.py

@@ -198,7 +198,7 @@ class MicroBatcher(Generic[T, R]):
         # each worker forms a batch when it is free and runs it itself: handing the batch from a collector
         # to a pool thread cost two thread wake-ups per micro-batch and bought no parallelism
         self._workers = [
-            threading.Thread(target=self._work, name=f"{name}-run-{i}", daemon=True) for i in range(workers)
+            threading.Thread(target=self._work, name=f"{name}-run_{i}", daemon=True) for i in range(workers)
         ]
         for worker in self._workers:
             worker.start()
