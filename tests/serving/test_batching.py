@@ -128,6 +128,23 @@ def test_cancelled_requests_are_skipped():
         b.close()
 
 
+def test_a_batch_failing_outside_its_run_fails_its_requests_and_the_worker_goes_on():
+    """A batch's own worker runs it: an error before the run (here a cancellation check that raises) must
+    answer the batch's requests and leave the worker serving the queue, not end the thread."""
+    run = Recorder()
+
+    def broken() -> bool:
+        raise RuntimeError("the transport is gone")
+
+    b = MicroBatcher(run, max_batch_size=64, max_wait_s=0.001)
+    try:
+        with pytest.raises(RuntimeError, match="transport is gone"):
+            b.submit("orphan", 1, is_cancelled=broken).result(30)
+        assert b.submit("next", 1).result(30) == "done-next"
+    finally:
+        b.close()
+
+
 def test_a_request_whose_waiter_gave_up_never_runs():
     """A deadline passing in the queue cancels the request (Dispatch does it): it must not run, nor be set."""
     run = Recorder(hold=True)
