@@ -87,8 +87,13 @@ def test_three_states_and_expected_accuracy(synthetic):
 def test_held_out_detector_drops_a_corruptions_conditions(synthetic):
     held = synthetic.without("near")
     assert held.conditions == ("clean", "bad/1") and held.thresholds.shape == (2, 3, len(held.sizes))
-    rng = np.random.default_rng(3)
-    assert held.test(gaussian(BATCH, rng, {(0, 5): 3.0})).state == "uncovered"  # no longer known
+    x = gaussian(BATCH, np.random.default_rng(3), {(0, 5): 3.0})
+    v = held.test(x)
+    assert v.nearest == "bad/1" and v.distance > 1  # no longer known
+    # now a new shift: covered only on the confidences' word (never above clean), uncovered once they fall
+    assert v.state == "covered" and v.expected_accuracy <= held.clean_accuracy
+    x[:, CONFIDENCE] = held.confidence[0] - 2 * held.tolerance  # DoC: clean accuracy - 2 x tolerance
+    assert held.test(x).state == "uncovered"
 
 
 def test_scope_pools_the_severities_of_a_corruption(synthetic):
