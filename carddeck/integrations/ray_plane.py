@@ -104,7 +104,8 @@ class RayDataplane:
         """The families of :attr:`metrics` this plane fills (the others stay empty here: not exported)."""
         m = self.metrics
         return families([
-            m.requests, m.request_duration, m.in_flight_requests,
+            m.requests, m.request_duration, m.in_flight_requests, m.default_policy,
+            m.gate_decisions, m.gate_selections, m.gate_images, m.gate_weight, m.domain_distance, m.nearest_distance,
             m.shift_batches, m.shift_statistic, m.shift_distance, m.expected_accuracy, m.shift_false_alarm_rate,
             m.shift_detector_fitted, m.deck_version, m.deck_cards, m.store_up, m.store_last_sync,
             m.store_poll_errors, m.build,
@@ -145,6 +146,7 @@ class RayDataplane:
         deck = self._snapshot = RayDeck(deck, self.config.request_timeout_s)
         log.info("serving deck version %d: %s", deck.version, ", ".join(deck.card_names) or "no cards")
         self.metrics.set_deck(deck.version, deck.cards)
+        self.metrics.set_default_policy(deck.default_policy, deck.configured_policy)
         self._load_shift(deck)  # never raises: an unusable detector is logged and the state is `unknown`
         return True
 
@@ -216,6 +218,10 @@ class RayDataplane:
             self._record(model, len(images), start, ok=False)
             raise
         self._record(model, len(x), start, ok=True, compute_s=time.monotonic() - t0)
+        try:  # the gate's series, as carddeck serve counts each routed request; never fails the answer
+            self.metrics.observe_routings([routing])
+        except Exception:
+            log.exception("observing the routing of a request of %d images failed", len(x))
         (verdict,) = self.shift.judge([(model.name, x, routing, probabilities)])  # never raises
         return Prediction(probabilities, routing, verdict), deck
 

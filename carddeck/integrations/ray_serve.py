@@ -14,8 +14,9 @@ Three kinds of deployment, all built from one :class:`RayDeckConfig`:
   deck's cards run and it stores no shift detector for them, it refits one (through the card
   deployments) and stores it in the deck; the ingress answers `unknown` until it loads it.
 
-The ingress's and the reconciler's Prometheus series go out through Ray's metrics export
-(:mod:`~carddeck.integrations.ray_metrics`).
+Each deployment's Prometheus series go out through Ray's metrics export under ``carddeck serve``'s names
+(:mod:`~carddeck.integrations.ray_metrics`): the ingress's requests, routing, shift, deck and store; each card's
+batching (a batch there is one card's run, merged by ``@serve.batch``); the reconciler's refits.
 
 The ingress swaps in a new snapshot only once every card of it is deployed and running, and old
 snapshots keep their handles until their requests finish, so no request fails during a change.
