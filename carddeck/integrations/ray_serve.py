@@ -85,11 +85,17 @@ def deploy(config: RayDeckConfig, *, wait_s: float = 300.0) -> DeploymentHandle:
         time.sleep(0.5)
 
 
-def undeploy() -> None:
-    """Delete the carddeck application and every card application."""
-    for app in list(serve.status().applications):
-        if app == APP or app.startswith(CARD_APP):
-            serve.delete(app)
+def undeploy(wait_s: float = 120.0) -> None:
+    """Delete the carddeck application and every card application: all at once (each waits for its replicas'
+    graceful shutdown), then wait until they are gone."""
+    apps = [app for app in serve.status().applications if app == APP or app.startswith(CARD_APP)]
+    for app in apps:
+        serve.delete(app, _blocking=False)
+    deadline = time.monotonic() + wait_s
+    while any(app in serve.status().applications for app in apps):
+        if time.monotonic() > deadline:
+            raise NotReady(f"applications {', '.join(apps)} still there {wait_s:g} s after their deletion")
+        time.sleep(0.2)
 
 
 __all__ = [

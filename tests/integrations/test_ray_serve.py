@@ -762,7 +762,7 @@ def test_a_card_added_through_one_of_two_ingress_replicas_is_judged_by_the_refit
             # request of the added deck version may be judged by it, loaded while it ran: same cards); a replica
             # that polled only after the refit was stored may never have said `unknown`
             mine = [a for a in added if a["replica"] == replica]
-            judged = next(i for i, a in enumerate(mine) if a["verdict"].state != "unknown")
+            judged = next((i for i, a in enumerate(mine) if a["verdict"].state != "unknown"), len(mine))
             assert all(a["verdict"].state != "unknown" for a in mine[judged:]), [a["verdict"].state for a in mine]
             for a in mine[judged:]:
                 assert_same_verdict(a["verdict"], want)
