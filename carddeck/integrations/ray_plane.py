@@ -49,6 +49,7 @@ class RayDeck(Deck):
             m.name: serve.get_app_handle(card_app_name(m.name)) for m in deck.cards
         }
         self.timeout_s = timeout_s  # the longest wait for one card's answer
+        self.card_keys = tuple(m.key for m in deck.cards)  # what its shift detector must have been fitted for
 
     def run_routed(
         self,
@@ -143,11 +144,15 @@ class RayDataplane:
         deck = Deck.open(self.store, run_cards=False)
         if any(running.get(m.name) != m.key for m in deck.cards):
             return False  # the store moved on between the two reads
-        deck = self._snapshot = RayDeck(deck, self.config.request_timeout_s)
+        deck = RayDeck(deck, self.config.request_timeout_s)
+        # its detector first (a read of the store: slow on S3), so that no request of this version is answered
+        # `unknown` for want of it; those still running on the last one are judged only by a detector of their
+        # own cards (predict), never the new cards' by the old detector or the reverse
+        self._load_shift(deck)  # never raises: an unusable detector is logged and the state is `unknown`
+        self._snapshot = deck
         log.info("serving deck version %d: %s", deck.version, ", ".join(deck.card_names) or "no cards")
         self.metrics.set_deck(deck.version, deck.cards)
         self.metrics.set_default_policy(deck.default_policy, deck.configured_policy)
-        self._load_shift(deck)  # never raises: an unusable detector is logged and the state is `unknown`
         return True
 
     def _poll(self) -> None:
@@ -222,7 +227,7 @@ class RayDataplane:
             self.metrics.observe_routings([routing])
         except Exception:
             log.exception("observing the routing of a request of %d images failed", len(x))
-        (verdict,) = self.shift.judge([(model.name, x, routing, probabilities)])  # never raises
+        (verdict,) = self.shift.judge([(model.name, x, routing, probabilities)], cards=snap.card_keys)  # never raises
         return Prediction(probabilities, routing, verdict), deck
 
     def run_card(

@@ -1,7 +1,8 @@
 """CARD-Deck on a real local Ray cluster (``ray.init`` on 127.0.0.1, small CPU fractions).
 
-One cluster and one deployment for the module (starting Ray takes ~25 s on 2 busy cores); the
-tests run in file order and leave the deck as they found it. Select them with ``-m ray``.
+One cluster for the module (starting Ray takes ~25 s on 2 busy cores) and one deployment on a local deck;
+the tests run in file order and leave the deck as they found it. The last ones redeploy once, on an S3 deck
+with two ingress replicas (``s3_ray_deck``). Select them with ``-m ray``.
 """
 
 from __future__ import annotations
@@ -733,7 +734,13 @@ def test_a_card_added_through_one_of_two_ingress_replicas_is_judged_by_the_refit
             except BaseException as exc:
                 failures.append(exc)
 
+    wait_for_refit(live)  # the deploy's own refit is over, and counted, before the change
     (reconciler,) = replica_ids("reconciler", "carddeck")  # (the replaced application's may still be exported)
+    wait_for(
+        "the deploy's refit counted in Ray's metrics",
+        lambda: live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler) >= 1,
+        30,
+    )
     refits = live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler)
     client = threading.Thread(target=traffic)
     client.start()
