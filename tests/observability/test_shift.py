@@ -370,6 +370,24 @@ def test_a_detector_fitted_for_other_cards_is_not_used(tmp_path, caplog):
     assert monitor.detector is None and "state unknown until it is refitted" in caplog.text
 
 
+def test_a_request_is_judged_only_by_a_detector_fitted_for_the_cards_it_ran_on(shipped, test_images):
+    """A deck change swaps the snapshot and its detector one after the other (Ray Serve's ingress: the detector
+    first): a request that ran on the other side of the swap is answered unknown, never judged by a detector fitted
+    for other cards (kills a judge that ignores ``cards``)."""
+    deck, detector = shipped
+    monitor = ShiftMonitor()
+    monitor.set_detector(detector)
+    x = test_images[:16]
+    p = deck.predict(x)
+    request = [("m", deck.prepare(x), p.routing, p.probabilities)]
+    keys = [c.key for c in deck.cards]
+    assert sorted(detector.notes["cards"]) == sorted(keys)
+    assert monitor.judge(request, cards=keys[::-1])[0].state != "unknown"  # the same cards, in any order
+    for other in (keys[:-1], [*keys, "late/1"]):  # a card removed, a card added
+        (verdict,) = monitor.judge(request, cards=other)
+        assert verdict.state == "unknown" and verdict.scope == "none" and np.isnan(verdict.out_of_scope).all()
+
+
 def test_a_refit_is_stored_in_the_deck_only_while_the_store_still_has_its_cards(tmp_path, caplog):
     """``store_refit`` (Ray's reconciler): the refit lands in the deck's manifest, where a loader that does not
     refit (an ingress replica) reads it; a refit for cards the store no longer has is not stored (kills a
