@@ -23,6 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="Serve's HTTP proxy address (0.0.0.0 for every interface)")
     parser.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port: the OIP REST routes")
+    parser.add_argument("--ingress-replicas", type=int, default=1,
+                        help="replicas of the gated ingress; they share the deck (each polls the store)")  # fmt: skip
     parser.add_argument("--card-num-cpus", type=float, default=0.1, help="CPUs each card replica asks Ray for")
     parser.add_argument("--min-replicas", type=int, default=1, help="fewest replicas of a card")
     parser.add_argument("--max-replicas", type=int, default=2, help="most replicas of a card")
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     config = RayDeckConfig(
         deck=args.deck or str(default_deck_path()),
         poll_interval_s=args.poll_interval_s,
+        ingress_replicas=args.ingress_replicas,
         card_num_cpus=args.card_num_cpus,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,

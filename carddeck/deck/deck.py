@@ -68,6 +68,7 @@ class Deck:
         self.manifest = manifest
         self.version = manifest.version
         self.cards = cards
+        self.card_keys = tuple(m.key for m in cards)  # what a shift detector must have been fitted for
         self._sessions = sessions  # by card name (a deck serves one version per name)
         self.gate = gate
         self.default_policy = default_policy

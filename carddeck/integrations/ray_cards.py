@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 
 @serve.deployment
 class CardReplica:
-    """One card: one ORT session; concurrent requests merged into one run by ``@serve.batch``."""
+    """One card: one ORT session; concurrent requests merged into one run by ``@serve.batch``.
+
+    Its batching series are ``carddeck serve``'s, through Ray's metrics export: the images of each run
+    (``carddeck_batch_size``), each request's wait for it and the requests waiting (``carddeck_queue_*``),
+    and the run's time (``carddeck_card_duration_seconds``). Here a batch is one card's run: the ingress
+    routes each request alone and every card merges what is routed to it."""
 
     def __init__(self, location: str, key: str, threads: int) -> None:
         replica_logging()
@@ -42,7 +47,7 @@ class CardReplica:
         entry = next((e for e in store.manifest().cards if e.key == key), None)
         if entry is None:
             raise CardNotFound(f"card {key} is no longer in the deck at {location}")
-        self.key = key
+        self.key, self.name = key, entry.name
         self.session = CardSession(
             store.read_model(entry),
             key=key,
@@ -50,13 +55,38 @@ class CardReplica:
             providers=choose_providers(),
             intra_op_threads=threads,
         )
+        self._queued: dict[object, float] = {}  # each request waiting for its batch -> when it arrived
+        m = self.metrics = Metrics(CollectorRegistry())
+        m.track_queue_depth(lambda: len(self._queued))
+        self._export = RayMetricsExport(m.registry, only=families([m.batch_size, m.queue_wait, m.queue_depth,
+                                                                   m.card_duration]))  # fmt: skip
+
+    async def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The card's probabilities for ``x``, run with whatever other requests wait with it."""
+        ticket = object()
+        self._queued[ticket] = time.monotonic()
+        try:
+            return await self._batch((x, ticket))
+        finally:
+            self._queued.pop(ticket, None)  # cancelled before its batch ran
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def __call__(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    async def _batch(self, requests: list[tuple[np.ndarray, object]]) -> list[np.ndarray]:
         """Probabilities for each request's rows: one ORT run over all of them (ORT releases the GIL)."""
+        now = time.monotonic()
+        waits = [now - self._queued.pop(ticket, now) for _, ticket in requests]
+        batches = [x for x, _ in requests]
         x = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        self.metrics.observe_batch(len(x), waits)
+        start = time.monotonic()
         probs = await asyncio.to_thread(lambda: softmax(self.session.logits(x)))
+        self.metrics.observe_card(self.name, time.monotonic() - start)
         return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
+
+    def __del__(self) -> None:
+        export = getattr(self, "_export", None)  # None: __init__ failed before it
+        if export is not None:
+            export.close()
 
 
 def card_application(config: RayDeckConfig, name: str, key: str) -> Any:

@@ -64,6 +64,7 @@ class CardDeckIngress:
         replica_logging()
         self.config = config
         self.plane = RayDataplane(config, reconciler)
+        self.replica = serve.get_replica_context().replica_tag  # the `replica` label of its exported series
         self.export = RayMetricsExport(self.plane.metrics.registry, only=self.plane.metric_families())
         # the gRPC server's RPCs (drain accounting and error mapping included) and its rule per method
         self.rpcs, self.auth = carddeck_rpcs(self.plane, config.settings())
@@ -113,7 +114,8 @@ class CardDeckIngress:
         return http_app(self.plane, self.config.settings(), self.plane.metrics)
 
     async def predict(self, images: np.ndarray, policy: str | None = None, per_sample: bool = False) -> dict[str, Any]:
-        """The gated deck's answer (probabilities, labels, routing weights and card names, deck version)."""
+        """The gated deck's answer (probabilities, labels, routing weights and card names, deck version), its
+        verdict (:class:`~carddeck.gating.shift.Trust`) and the ingress replica that answered."""
         prediction, deck = await asyncio.to_thread(self.plane.predict, images, policy=policy, per_sample=per_sample)
         return {
             "probabilities": prediction.probabilities,
@@ -122,14 +124,21 @@ class CardDeckIngress:
             "card_names": prediction.routing.card_names,
             "policy": prediction.routing.policy,
             "version": deck.version,
+            "verdict": prediction.verdict,
+            "replica": self.replica,
         }
 
     async def ready(self) -> dict[str, Any]:
-        """Whether a snapshot with cards is served, its version and cards."""
+        """Whether a snapshot with cards is served, its version and cards, whether a shift detector judges its
+        traffic, and which ingress replica says so."""
         snap = self.plane._snapshot
-        if snap is None:
-            return {"ready": False, "version": None, "cards": []}
-        return {"ready": self.plane.ready, "version": snap.version, "cards": list(snap.card_names)}
+        return {
+            "ready": self.plane.ready,
+            "version": None if snap is None else snap.version,
+            "cards": [] if snap is None else list(snap.card_names),
+            "shift_detector": self.plane.shift.detector is not None,
+            "replica": self.replica,
+        }
 
     async def counts(self) -> dict[str, int]:
         return self.plane.counts()

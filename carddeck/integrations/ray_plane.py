@@ -49,6 +49,7 @@ class RayDeck(Deck):
             m.name: serve.get_app_handle(card_app_name(m.name)) for m in deck.cards
         }
         self.timeout_s = timeout_s  # the longest wait for one card's answer
+        self.card_keys = tuple(m.key for m in deck.cards)  # what its shift detector must have been fitted for
 
     def run_routed(
         self,
@@ -104,7 +105,8 @@ class RayDataplane:
         """The families of :attr:`metrics` this plane fills (the others stay empty here: not exported)."""
         m = self.metrics
         return families([
-            m.requests, m.request_duration, m.in_flight_requests,
+            m.requests, m.request_duration, m.in_flight_requests, m.default_policy,
+            m.gate_decisions, m.gate_selections, m.gate_images, m.gate_weight, m.domain_distance, m.nearest_distance,
             m.shift_batches, m.shift_statistic, m.shift_distance, m.expected_accuracy, m.shift_false_alarm_rate,
             m.shift_detector_fitted, m.deck_version, m.deck_cards, m.store_up, m.store_last_sync,
             m.store_poll_errors, m.build,
@@ -142,10 +144,15 @@ class RayDataplane:
         deck = Deck.open(self.store, run_cards=False)
         if any(running.get(m.name) != m.key for m in deck.cards):
             return False  # the store moved on between the two reads
-        deck = self._snapshot = RayDeck(deck, self.config.request_timeout_s)
+        deck = RayDeck(deck, self.config.request_timeout_s)
+        # its detector first (a read of the store: slow on S3), so that no request of this version is answered
+        # `unknown` for want of it; those still running on the last one are judged only by a detector of their
+        # own cards (predict), never the new cards' by the old detector or the reverse
+        self._load_shift(deck)  # never raises: an unusable detector is logged and the state is `unknown`
+        self._snapshot = deck
         log.info("serving deck version %d: %s", deck.version, ", ".join(deck.card_names) or "no cards")
         self.metrics.set_deck(deck.version, deck.cards)
-        self._load_shift(deck)  # never raises: an unusable detector is logged and the state is `unknown`
+        self.metrics.set_default_policy(deck.default_policy, deck.configured_policy)
         return True
 
     def _poll(self) -> None:
@@ -216,7 +223,11 @@ class RayDataplane:
             self._record(model, len(images), start, ok=False)
             raise
         self._record(model, len(x), start, ok=True, compute_s=time.monotonic() - t0)
-        (verdict,) = self.shift.judge([(model.name, x, routing, probabilities)])  # never raises
+        try:  # the gate's series, as carddeck serve counts each routed request; never fails the answer
+            self.metrics.observe_routings([routing])
+        except Exception:
+            log.exception("observing the routing of a request of %d images failed", len(x))
+        (verdict,) = self.shift.judge([(model.name, x, routing, probabilities)], cards=snap.card_keys)  # never raises
         return Prediction(probabilities, routing, verdict), deck
 
     def run_card(

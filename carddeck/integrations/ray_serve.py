@@ -14,8 +14,9 @@ Three kinds of deployment, all built from one :class:`RayDeckConfig`:
   deck's cards run and it stores no shift detector for them, it refits one (through the card
   deployments) and stores it in the deck; the ingress answers `unknown` until it loads it.
 
-The ingress's and the reconciler's Prometheus series go out through Ray's metrics export
-(:mod:`~carddeck.integrations.ray_metrics`).
+Each deployment's Prometheus series go out through Ray's metrics export under ``carddeck serve``'s names
+(:mod:`~carddeck.integrations.ray_metrics`): the ingress's requests, routing, shift, deck and store; each card's
+batching (a batch there is one card's run, merged by ``@serve.batch``); the reconciler's refits.
 
 The ingress swaps in a new snapshot only once every card of it is deployed and running, and old
 snapshots keep their handles until their requests finish, so no request fails during a change.
@@ -84,11 +85,17 @@ def deploy(config: RayDeckConfig, *, wait_s: float = 300.0) -> DeploymentHandle:
         time.sleep(0.5)
 
 
-def undeploy() -> None:
-    """Delete the carddeck application and every card application."""
-    for app in list(serve.status().applications):
-        if app == APP or app.startswith(CARD_APP):
-            serve.delete(app)
+def undeploy(wait_s: float = 120.0) -> None:
+    """Delete the carddeck application and every card application: all at once (each waits for its replicas'
+    graceful shutdown), then wait until they are gone."""
+    apps = [app for app in serve.status().applications if app == APP or app.startswith(CARD_APP)]
+    for app in apps:
+        serve.delete(app, _blocking=False)
+    deadline = time.monotonic() + wait_s
+    while any(app in serve.status().applications for app in apps):
+        if time.monotonic() > deadline:
+            raise NotReady(f"applications {', '.join(apps)} still there {wait_s:g} s after their deletion")
+        time.sleep(0.2)
 
 
 __all__ = [

@@ -37,14 +37,21 @@ UNKNOWN_DOMAIN = "unknown"
 
 
 class RoutingLike(Protocol):
-    """What :meth:`Metrics.observe_routing` reads from a :class:`carddeck.gating.Routing`."""
+    """What :meth:`Metrics.observe_routing` reads from a :class:`carddeck.gating.Routing` (read-only, as its
+    frozen fields are)."""
 
-    policy: str
-    per_sample: bool
-    card_names: tuple[str, ...]
-    weights: np.ndarray
-    domains: tuple[str, ...]
-    distances: np.ndarray
+    @property
+    def policy(self) -> str: ...
+    @property
+    def per_sample(self) -> bool: ...
+    @property
+    def card_names(self) -> tuple[str, ...]: ...
+    @property
+    def weights(self) -> np.ndarray: ...
+    @property
+    def domains(self) -> tuple[str, ...]: ...
+    @property
+    def distances(self) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

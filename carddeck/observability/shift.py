@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,9 +64,11 @@ class ShiftMonitor:
         """``Dataplane.on_predict`` listener (metrics only); the server uses :meth:`judge`."""
         self.judge(predicted)
 
-    def judge(self, predicted: Sequence[Any]) -> list[Trust]:
+    def judge(self, predicted: Sequence[Any], cards: Collection[str] | None = None) -> list[Trust]:
         """Each routed request of one micro-batch, ``RoutedRequest(model, x, routing, probabilities)``, in order
-        -> its verdict. Unknown verdicts (never an exception) when the detector is missing or fails."""
+        -> its verdict. Unknown verdicts (never an exception) when the detector is missing or fails. ``cards``: the
+        keys of the deck the requests ran on; a detector fitted for other cards (the deck changed under them, its
+        detector not swapped yet) leaves them unknown rather than judge them wrongly."""
         out: list[Trust | None] = [None] * len(predicted)
         rows = [tuple(p) for p in predicted]  # (model, x, routing, probabilities): a RoutedRequest or a plain tuple
         by_model: dict[str, list[int]] = {}
@@ -75,7 +77,7 @@ class ShiftMonitor:
         for model, idx in by_model.items():
             requests = [(rows[i][1], rows[i][3], getattr(rows[i][2], "features", None)) for i in idx]
             try:
-                for i, trust in zip(idx, self._judge_model(model, requests)):
+                for i, trust in zip(idx, self._judge_model(model, requests, cards=cards)):
                     out[i] = trust
             except Exception:  # the shift signal must never fail a prediction
                 log.exception("shift monitor failed on %d requests of %s", len(requests), model)
@@ -100,9 +102,10 @@ class ShiftMonitor:
         model: str,
         requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
         tested: list[Verdict] | None = None,
+        cards: Collection[str] | None = None,
     ) -> list[Trust]:
-        detector = self.detector
-        if detector is None:
+        detector = self.detector  # read once: a swap meanwhile does not mix two detectors in one verdict
+        if detector is None or (cards is not None and not fits(detector, cards)):
             return [Trust.unknown(len(x), p) for x, p, _ in requests]
         xs, ps, gates = zip(*requests)
         one = len(requests) == 1  # the common case of a lone request: no copies
@@ -166,6 +169,12 @@ class ShiftMonitor:
         return trusts
 
 
+def fits(detector: ShiftDetector, cards: Collection[str]) -> bool:
+    """Whether ``detector`` was fitted for the deck of these card keys (one that does not say is taken to)."""
+    fitted = detector.notes.get("cards")
+    return fitted is None or sorted(fitted) == sorted(cards)
+
+
 class ShiftLoader:
     """Deck-swap listener (``dataplane.on_swap``): loads the deck's shift detector into ``monitor`` (read
     through the deck's store) when the manifest names one fitted for the deck's cards; otherwise serves
@@ -219,11 +228,10 @@ class ShiftLoader:
         except Exception as exc:  # a store error: the refit has the same store to read, so say why
             log.warning("deck version %d: cannot read shift detector %s: %s", deck.version, rel, exc)
             return None
-        fitted = detector.notes.get("cards")
-        if fitted is not None and sorted(fitted) != cards:
+        if not fits(detector, cards):
             log.warning(
                 "deck version %d: the shift detector was fitted for cards %s, the deck has %s; state unknown "
-                "until it is refitted", deck.version, ", ".join(sorted(fitted)), ", ".join(cards),
+                "until it is refitted", deck.version, ", ".join(sorted(detector.notes["cards"])), ", ".join(cards),
             )  # fmt: skip
             return None
         return detector
@@ -294,4 +302,4 @@ class ShiftLoader:
         return True
 
 
-__all__ = ["ShiftLoader", "ShiftMonitor"]
+__all__ = ["ShiftLoader", "ShiftMonitor", "fits"]

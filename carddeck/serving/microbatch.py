@@ -95,7 +95,11 @@ class MicroBatchRun:
                 out[i] = probs[offset : offset + n]
                 offset += n
         predicted = {i: RoutedRequest(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings}
-        verdicts = dict(zip(predicted, self.verdicts.of(list(predicted.values()))))
+        verdicts: dict[int, Trust] = {}
+        for idx in groups.values():  # judged by a detector fitted for the cards they ran on (a swap may lag)
+            mine = [i for i in idx if i in predicted]
+            cards = works[idx[0]].deck.card_keys
+            verdicts.update(zip(mine, self.verdicts.of([predicted[i] for i in mine], cards)))
         # the verdict and the listeners (the shift signal) see the unadapted answer, the one its reference
         # conditions were measured on; a request the trigger fires on is then answered adapted
         adapted = {

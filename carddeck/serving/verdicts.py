@@ -39,18 +39,20 @@ class Verdicts:
         self.on_predict: list[Callable[[Sequence[RoutedRequest]], None]] = []
         # test-time adaptation of shifted requests (set by the process assembly); None: never
         self.adaptation: Trigger | None = None
-        # the verdict of every routed request of a micro-batch (ShiftMonitor.judge); None: unknown to all
-        self.judge: Callable[[Sequence[RoutedRequest]], Sequence[Trust]] | None = None
+        # the verdict of every routed request of a micro-batch run on one deck of these card keys
+        # (ShiftMonitor.judge); None: unknown to all
+        self.judge: Callable[..., Sequence[Trust]] | None = None
         self._warming: set[int] = set()  # decks whose adaptive variants are being built
         self._lock = threading.Lock()
 
-    def of(self, predicted: list[RoutedRequest]) -> Sequence[Trust]:
-        """Each routed request's verdict, once per micro-batch; unknown (never an error) when it cannot be had."""
+    def of(self, predicted: list[RoutedRequest], cards: tuple[str, ...]) -> Sequence[Trust]:
+        """Each routed request's verdict, once per micro-batch run on the deck of these ``cards`` (keys); unknown
+        (never an error) when it cannot be had, or while the detector is not yet the one fitted for them."""
         if not predicted:
             return []
         if self.judge is not None:
             try:
-                return self.judge(predicted)
+                return self.judge(predicted, cards=cards)
             except Exception:
                 log.exception("judging a micro-batch of %d requests failed", len(predicted))
         return [Trust.unknown(len(p.x), p.probabilities) for p in predicted]

@@ -109,6 +109,50 @@ def test_a_half_foreign_batch_reports_at_most_the_clean_accuracy(detector, deck,
     assert v.expected_accuracy <= detector.clean_accuracy
 
 
+def _novel(detector, deck, digits, corruption, severity, rows):
+    """Features of test digits under a corruption the detector has no condition or scope reference for, with
+    what the new-shift rule reads: the share out of scope, the share foreign, and DoC."""
+    from carddeck.gating.shift import FOREIGN
+
+    features, _ = deck_features(deck, corrupt(digits[1].images[: rows.stop], corruption, severity, seed=0))
+    features = features[rows]
+    scores = detector.image_scores(features)
+    return features, float((scores > 1).mean()), float((scores > FOREIGN).mean()), detector._doc(features)
+
+
+def test_a_new_shift_out_of_scope_but_confident_is_covered_at_most_at_clean(detector, deck, digits):
+    """Shot noise (the deck stays 99% accurate; no condition or scope reference of it): most images out of
+    scope, none foreign, confidences at least clean's. Covered, with an estimate no higher than clean,
+    where the nearest conditions' blend says more (before: uncovered, estimate unknown)."""
+    clean = detector.clean_accuracy
+    for rows in (slice(0, 16), slice(16, 32)):
+        features, outside, foreign, doc = _novel(detector, deck, digits, "shot_noise", 5, rows)
+        assert outside > 0.5 and foreign == 0 and doc >= clean  # the rule's own path, not the in-scope one
+        v = detector.test(features)
+        assert v.state == "covered" and v.expected_kind == "estimate"
+        assert detector._expected(detector.statistics(features), features) > clean >= v.expected_accuracy
+
+
+def test_a_new_shift_out_of_scope_with_low_confidence_is_uncovered(detector, deck, digits):
+    """Elastic digits the deck gets 88% right: out of scope, none foreign, but the confidences (DoC) fall more
+    than the tolerance under clean. Uncovered, bounded at clean, though the blend with the nearest conditions
+    is within the in-scope rule's margin (which would have covered it)."""
+    features, outside, foreign, doc = _novel(detector, deck, digits, "elastic_transform", 2, slice(16, 32))
+    clean, n = detector.clean_accuracy, len(features)
+    assert outside > 0.5 and foreign == 0 and doc < clean - detector.tolerance
+    assert detector._expected(detector.statistics(features), features) >= clean - detector.tolerance - 0.25 / n**0.5
+    v = detector.test(features)
+    assert v.state == "uncovered" and v.expected_kind == "upper_bound" and v.expected_accuracy <= clean
+
+
+def test_confidence_never_vouches_for_foreign_images(detector, deck, digits):
+    """Impulse noise on digits: the deck stays confident (DoC within tolerance of clean), but every image is
+    beyond the foreign level of the scope, where no estimate can vouch for it: uncovered."""
+    features, _, foreign, doc = _novel(detector, deck, digits, "impulse_noise", 3, slice(0, 16))
+    assert foreign > 0.5 and doc >= detector.clean_accuracy - detector.tolerance
+    assert detector.test(features).state == "uncovered"
+
+
 def test_save_and_load_round_trip(detector):
     buf = io.BytesIO()
     detector.save(buf)

@@ -1,7 +1,8 @@
 """CARD-Deck on a real local Ray cluster (``ray.init`` on 127.0.0.1, small CPU fractions).
 
-One cluster and one deployment for the module (starting Ray takes ~25 s on 2 busy cores); the
-tests run in file order and leave the deck as they found it. Select them with ``-m ray``.
+One cluster for the module (starting Ray takes ~25 s on 2 busy cores) and one deployment on a local deck;
+the tests run in file order and leave the deck as they found it. The last ones redeploy once, on an S3 deck
+with two ingress replicas (``s3_ray_deck``). Select them with ``-m ray``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import pytest
 from carddeck.deck import Deck, DeckStore
 from carddeck.gating import SIGNATURE_DIM, CalibrationPoint, fit_router
 from carddeck.gating.policies import POLICIES
-from carddeck.gating.shift import ShiftDetector
-from tests.deck.test_s3 import bucket, s3_endpoint, s3_env  # noqa: F401 - fixtures
+from carddeck.gating.shift import ShiftDetector, Trust
+from carddeck.observability.metrics import BATCH_BUCKETS
+from tests.deck.test_s3 import AWS_VARS, s3_endpoint  # noqa: F401 - fixtures
 from tests.observability.promql import free_port
 from tests.servers import ROOT, card, make_deck, noisy_images, smooth_images
 
@@ -111,6 +113,55 @@ class LiveDeck:
         return sum(v for got, v in series if all(got.get(k) == want for k, want in labels.items()))
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample name, sorted labels) -> value
+GATE_SERIES = ("carddeck_gate_", "carddeck_domain_distance", "carddeck_nearest_domain_distance")  # the ingress's
+BATCH_SERIES = ("carddeck_batch_size", "carddeck_queue_wait_seconds", "carddeck_card_duration_seconds")  # cards'
+
+
+def exported_samples(live: LiveDeck, prefixes: tuple[str, ...]) -> Samples:
+    """Every exported sample whose name starts with one of ``prefixes``, all its labels (Ray's too) sorted."""
+    return {
+        (name, tuple(sorted(labels.items()))): value
+        for name, series in live.ray_series().items()
+        if name.startswith(prefixes)
+        for labels, value in series
+    }
+
+
+def settled(live: LiveDeck, prefixes: tuple[str, ...], quiet_s: float = 2.5) -> Samples:
+    """:func:`exported_samples` once it stopped moving for ``quiet_s`` (each replica pushes every second and Ray
+    exports every second: what was still on its way by then is in)."""
+    last, since = exported_samples(live, prefixes), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(0.25)
+        now = exported_samples(live, prefixes)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def wait_for_moves(live: LiveDeck, before: Samples, moves: Samples, timeout_s: float) -> None:
+    """Until each sample of ``moves`` (name, some of its labels) has moved by exactly its value since ``before``,
+    summed over the exported series that carry those labels; fails naming those that did not."""
+
+    def moved(now: Samples, name: str, labels: tuple[tuple[str, str], ...]) -> float:
+        def total(samples: Samples) -> float:
+            return sum(v for (n, got), v in samples.items() if n == name and set(labels) <= set(got))
+
+        return total(now) - total(before)
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = exported_samples(live, tuple({name for name, _ in moves}))
+        wrong = {key: (moved(now, *key), want) for key, want in moves.items()}
+        wrong = {key: got for key, got in wrong.items() if not np.isclose(*got, rtol=1e-6, atol=1e-9)}
+        if not wrong:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"moved by (got, wanted) after {timeout_s:g} s: {wrong}")
+        time.sleep(0.25)
+
+
 def stored_detector(root: Path) -> tuple[int, ShiftDetector | None]:
     """The store's deck version and the shift detector it stores for its cards (None: none for these cards)."""
     store = DeckStore(root)
@@ -124,11 +175,44 @@ def stored_detector(root: Path) -> tuple[int, ShiftDetector | None]:
 
 
 def wait_for_refit(ray_deck: LiveDeck, timeout_s: float = 120) -> int:
-    """The deck version whose stored detector fits its cards, once the ingress serves it."""
+    """The deck version whose stored detector fits its cards, once every ingress replica serves it."""
     wait_for("a shift detector for the deck's cards in the store", lambda: stored_detector(ray_deck.root)[1], timeout_s)
     version = stored_detector(ray_deck.root)[0]
-    wait_for("the ingress serving it", lambda: ray_deck.state()["version"] >= version, 60)
+    wait_for(
+        "every ingress replica serving it with its detector",
+        lambda: all(s["version"] >= version and s["shift_detector"] for s in ingress_states(ray_deck).values()),
+        60,
+    )
     return version
+
+
+def in_process_verdict(root: Path | str, x: np.ndarray) -> tuple[int, Trust]:
+    """The deck version and the verdict ``carddeck serve``'s monitor gives ``x`` with the detector the deck stores."""
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+
+    local, deck = ShiftMonitor(), Deck.open(root)
+    ShiftLoader(local, refit=False)(deck)
+    p = deck.predict(x)
+    (verdict,) = local.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
+    return deck.version, verdict
+
+
+def assert_same_verdict(got: Trust, want: Trust) -> None:
+    assert (got.state, got.scope, got.expected_kind) == (want.state, want.scope, want.expected_kind), (got, want)
+    np.testing.assert_allclose(got.out_of_scope, want.out_of_scope, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.expected_accuracy, want.expected_accuracy, rtol=1e-4)
+
+
+def ingress_states(live: LiveDeck) -> dict[str, dict[str, Any]]:
+    """Each running ingress replica's ``ready`` answer, by replica (Ray routes each call to one of them at
+    random: asked until every one has answered)."""
+    want, states = replicas("ingress", "carddeck"), {}
+    for _ in range(100):
+        state = live.state()
+        states[state["replica"]] = state
+        if len(states) >= want:
+            break
+    return states
 
 
 def replica_log(deployment: str) -> str:
@@ -137,6 +221,16 @@ def replica_log(deployment: str) -> str:
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     return "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"replica_carddeck_{deployment}_*.log")))
+
+
+def replica_ids(deployment: str, app: str) -> list[str]:
+    """The live replicas of one deployment: Serve names their actors "SERVE_REPLICA::<app>#<deployment>#<id>",
+    and the id is the `replica` label of their series."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return [a["name"][len(prefix) :] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)]  # fmt: skip
 
 
 def replicas(deployment: str, app: str) -> int:
@@ -276,33 +370,33 @@ def test_the_reconciler_refits_a_missing_detector_and_answers_carry_its_verdict(
     request with that detector (kills a Ray deployment that never refits or never stores its refit, and an
     ingress that never judges or loads no detector)."""
     from carddeck.data.datasets import load_dataset
-    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 
     version = wait_for_refit(ray_deck)
     detector = stored_detector(ray_deck.root)[1]
     assert detector is not None and detector.notes["data"] == "deck calibration images (label-free refit)"
     x = np.concatenate([load_dataset("digits32", "test").images[:12], noisy_images(4, seed=5)])
-    local, deck = ShiftMonitor(), Deck.open(ray_deck.root)
-    ShiftLoader(local, refit=False)(deck)
-    p = deck.predict(x)
-    (want,) = local.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
+    local_version, want = in_process_verdict(ray_deck.root, x)
     served, got = ray_deck.infer(x)
-    assert served == str(version) == str(deck.version)
+    assert served == str(version) == str(local_version)
     assert want.state != "unknown" and got["shift_state"] == want.state and got["shift_scope"] == "batch"
     assert got["expected_accuracy_kind"] == want.expected_kind
     assert got["out_of_scope_images"] == ",".join(str(i) for i in np.flatnonzero(~want.in_scope))
 
 
-def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serves_names(
+def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_names(
     ray_deck: LiveDeck, prometheus_tools: dict[str, str], tmp_path: Path
 ) -> None:
     """Ray's metrics export (each node's port, where Ray's service discovery points Prometheus) carries the
-    ingress's request and shift series and the reconciler's refits under the names and labels ``carddeck serve``
-    gives them (Ray and Serve add only their own labels); through serve/ray/prometheus.yml a real Prometheus answers
-    the shipped dashboard's and alerts' queries on them unchanged. Kills: no export, a series or label renamed
-    or left out, a relabelling that does not strip Ray's prefix."""
+    ingress's request, shift and gate series, the card deployments' batching series and the reconciler's refits
+    under the names and labels ``carddeck serve`` gives them (Ray and Serve add only their own labels); one
+    request moves the gate and batching series by exactly what ``carddeck serve``'s Metrics counts for it and what
+    each card ran; through serve/ray/prometheus.yml a real Prometheus answers the shipped dashboard's and alerts'
+    queries on them unchanged. Kills: no export, a series or label renamed or left out, a routing not counted
+    (or counted per request rather than per image), a card batch measured in requests, a relabelling that does
+    not strip Ray's prefix."""
     from prometheus_client import CollectorRegistry
 
+    from carddeck.deck.deck import routed_rows
     from carddeck.observability.metrics import Metrics
     from carddeck.observability.shift import ShiftLoader, ShiftMonitor
     from tests.observability.promql import (
@@ -314,7 +408,6 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
     )
 
     x = np.concatenate([smooth_images(8, seed=11), noisy_images(8, seed=12)])
-    ray_deck.infer(x)  # one tested batch
     # what carddeck serve's Metrics holds for the same request and detector, and for a refit
     local = Metrics(CollectorRegistry())
     monitor, deck = ShiftMonitor(local), Deck.open(ray_deck.root)
@@ -322,13 +415,30 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
     p = deck.predict(x)
     monitor.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
     local.observe_refit("ok", 1.0)
-    want = {
-        sample.name: sample.labels
+    local.set_deck(deck.version, deck.cards)  # the cards' domains, which label the gate's series
+    local.set_default_policy(deck.default_policy, deck.configured_policy)
+    local.observe_routing(p.routing)
+    samples = [
+        sample
         for family in local.registry.collect()
-        if "shift" in family.name or family.name == "carddeck_expected_accuracy"
+        if family.name.startswith(("carddeck_shift", "carddeck_expected_accuracy", "carddeck_gate"))
+        or family.name.endswith(("domain_distance", "default_policy"))
         for sample in family.samples
         if not sample.name.endswith("_created") and not np.isnan(sample.value)  # Ray exports no NaN
-    }
+    ]
+    want = {sample.name: sample.labels for sample in samples}
+    # the request's gate series, and each routed card's one run of its rows (a batch of its own, no other traffic)
+    moved = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples if s.name.startswith(GATE_SERIES)}
+    for _, name, rows in routed_rows(p.routing.weights, p.routing.card_names):
+        at = (("deployment", f"card-{name}"),)
+        moved |= {("carddeck_batch_size_count", at): 1, ("carddeck_batch_size_sum", at): len(rows),
+                  ("carddeck_queue_wait_seconds_count", at): 1,
+                  ("carddeck_card_duration_seconds_count", (*at, ("card", name))): 1}  # fmt: skip
+        for le in BATCH_BUCKETS:
+            moved[("carddeck_batch_size_bucket", (*at, ("le", f"{float(le)}")))] = float(len(rows) <= le)
+    before = settled(ray_deck, GATE_SERIES + BATCH_SERIES)
+    ray_deck.infer(x)  # one tested batch
+    wait_for_moves(ray_deck, before, moved, 30)
     tested = {k: want["carddeck_shift_batches_total"][k] for k in ("model", "unit")}
     tested["state"] = next(
         s.labels["state"] for f in local.registry.collect() for s in f.samples
@@ -345,6 +455,10 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
         for got, _ in series[name]:
             assert set(got) - RAY_LABELS == set(labels), (name, got)
             assert got["application"] == "carddeck" and got["deployment"] in ("ingress", "reconciler"), (name, got)
+    for name in ("carddeck_batch_size_count", "carddeck_queue_wait_seconds_count", "carddeck_queue_depth"):
+        for got, _ in series[name]:  # the card deployments', with no label of the server's own
+            assert set(got) - RAY_LABELS == set() and got["application"] == f"carddeck-{got['deployment']}", got
+    assert ray_deck.ray_value("carddeck_queue_depth") == 0  # nothing waits for a batch now
     assert ray_deck.ray_value("carddeck_shift_detector_fitted", deployment="ingress") == 1
     assert ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler") >= 1
     # every request the ingress answered, counted and timed as carddeck serve's transports do (the earlier tests':
@@ -371,7 +485,10 @@ def test_the_shift_series_are_exported_through_rays_metrics_under_carddeck_serve
         prom.wait_for('carddeck_shift_batches_total{deployment="ingress"}')
         assert not prom.query('{__name__=~"ray_carddeck_.*"}')["data"]["result"]  # renamed, not copied
         panels = [(t, substitute(e)) for t, e in dashboard_exprs() if set(re.findall(r"carddeck_\w+", e)) <= names]
-        assert any("shift_batches" in e for _, e in panels) and any("expected_accuracy" in e for _, e in panels)
+        for family in ("shift_batches", "expected_accuracy", "gate_weight", "gate_selections", "gate_images",
+                       "domain_distance", "nearest_domain_distance", "batch_size", "queue_depth", "queue_wait_seconds",
+                       "card_duration_seconds"):  # fmt: skip
+            assert any(f"carddeck_{family}_" in e or f"carddeck_{family}{{" in e for _, e in panels), family
         for _, expr in panels:
             prom.wait_for(expr, timeout=30)  # rate() needs two scrapes
         for rule in alert_rules():
@@ -435,70 +552,6 @@ def test_ready_reports_the_store_and_statistics_count_what_the_ingress_served(ra
     wait_for("ready to report the store reachable again", lambda: store_line() == "reachable", 60)
 
 
-def test_a_card_added_through_the_deployment_serves_unknown_until_refitted_and_a_removed_one_fails_nothing(
-    ray_deck: LiveDeck,
-) -> None:
-    """AddCard (the OIP repository load, through Ray's proxy) on the live deployment: the card serves within
-    30 s, with the state `unknown` (never the old cards' detector, never silently off) until the reconciler has
-    refitted a detector for the new cards from the deck's calibration images and stored it; then every answer
-    carries a verdict again, and the refit is counted in Ray's metrics. Removing the card fails no request
-    either, and is refitted for too (the deck is left as found). Kills: no refit after a change, a refit that
-    is not stored, an ingress that keeps the old detector."""
-    x = np.concatenate([noisy_images(8, seed=3), smooth_images(8, seed=4)])  # a tested batch
-    answers: list[tuple[int, str, str]] = []  # deck version, shift state, cards of each answer
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def traffic() -> None:  # requests all through the change; none may fail
-        while not stop.is_set():
-            try:
-                version, parameters = ray_deck.infer(x)
-                answers.append((int(version), parameters["shift_state"], parameters["card_names"]))
-            except BaseException as exc:
-                failures.append(exc)
-
-    refits = ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler")
-    thread = threading.Thread(target=traffic)
-    thread.start()
-    try:
-        model = base64.b64encode(card("g2", "gaussian", seed=7)).decode()
-        status, _, doc = ray_deck.http("/v2/repository/models/g2/load", {"parameters": {"file:model.onnx": model}},
-                                       admin=True)  # fmt: skip
-        assert status == 200, doc
-        took = wait_for("card g2 served", lambda: "g2" in ray_deck.state()["cards"], 30)
-        refitted = wait_for_refit(ray_deck)
-        wait_for("answers from the refitted deck", lambda: any(v >= refitted for v, _, _ in answers), 30)
-        # in the order they came: unknown from the first answer with g2 on, then judged for good (a request of
-        # the added deck version may be judged by its refitted detector, loaded while it ran: same cards)
-        states = [state for _, state, cards in list(answers) if "g2" in cards.split(",")]
-        judged = next(i for i, state in enumerate(states) if state != "unknown")
-        assert judged > 0 and "unknown" not in states[judged:], states
-        wait_for(
-            "the refit counted in Ray's metrics",
-            lambda: ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler") > refits,
-            30,
-        )
-        assert "state unknown until" in replica_log("ingress")
-        log = replica_log("reconciler")
-        assert "refitting the shift detector from the deck's calibration images" in log, log[-3000:]
-        assert f"refitted shift detector stored as deck version {refitted}" in log, log[-3000:]
-        out = ray_deck.predict(x, "soft")
-        ref = Deck.open(ray_deck.root).predict(x, policy="soft")
-        assert "g2" in out["card_names"]
-        np.testing.assert_allclose(out["probabilities"], ref.probabilities, rtol=1e-6, atol=1e-7)
-        print(f"card added -> serving in {took:.1f} s, refitted at deck version {refitted}")
-
-        status, _, doc = ray_deck.http("/v2/repository/models/g2/unload", {}, admin=True)
-        assert status == 200, doc
-        wait_for("card g2 dropped by the ingress", lambda: "g2" not in ray_deck.state()["cards"], 30)
-        wait_for_refit(ray_deck)  # a detector for the cards left
-        wait_for("card g2's application deleted", lambda: replicas("card-g2", "carddeck-card-g2") == 0, 60)
-    finally:
-        stop.set()
-        thread.join()
-    assert not failures, failures[:3]
-
-
 def test_a_popular_card_scales_from_1_to_2_replicas_and_back(ray_deck: LiveDeck) -> None:
     assert replicas("card-g1", "carddeck-card-g1") == 1
     x = noisy_images(8, seed=4)  # the gate sends noise to g1 only (nearest-domain)
@@ -526,14 +579,7 @@ def test_a_killed_card_replica_fails_no_request_silently_and_is_replaced(ray_dec
 
     from carddeck.integrations.ray_serve import CardUnavailable
 
-    def replica_actors() -> list[str]:  # Serve names replica actors "SERVE_REPLICA::<app>#<deployment>#<id>"
-        return [
-            a["name"]
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("SERVE_REPLICA::carddeck-card-a1#card-a1#")
-        ]
-
-    (victim,) = replica_actors()
+    (victim,) = replica_ids("card-a1", "carddeck-card-a1")
     before = ray_deck.counts()
     # the gate sends smooth blobs to a1; large requests (12 MiB) keep the replica busy when it is killed
     x = np.repeat(smooth_images(8, seed=5), 128, axis=0)
@@ -558,10 +604,13 @@ def test_a_killed_card_replica_fails_no_request_silently_and_is_replaced(ray_dec
         wait_for("card calls in flight", lambda: ray_deck.counts()["in_flight"] >= 4, 30, every_s=0.02)
         with lock:
             ok_at_kill = ok
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::carddeck-card-a1#card-a1#{victim}", namespace="serve"), no_restart=True)
         wait_for(
             "a replacement replica",
-            lambda: any(a != victim for a in replica_actors()) and replicas("card-a1", "carddeck-card-a1") >= 1,
+            lambda: (
+                any(a != victim for a in replica_ids("card-a1", "carddeck-card-a1"))
+                and replicas("card-a1", "carddeck-card-a1") >= 1
+            ),
             60,
         )
         time.sleep(1)
@@ -593,36 +642,175 @@ def test_the_serve_config_file_builds_the_application_and_bad_args_are_named() -
         app_builder({"deck": "models", "replicas": 3})
 
 
-def test_an_s3_deck_serves_the_shift_signal_through_ray_serve(ray_deck: LiveDeck, bucket: str) -> None:  # noqa: F811
-    """The application on an S3 deck (moto's server) with calibration images and no detector: the reconciler
-    reads the cards and images through the store, refits the detector and stores it in S3, and the ingress
-    loads it from there: answers carry the verdict the in-process monitor gives with that detector. Kills a
-    loader that builds a local path from the s3:// location, and a refit kept out of the store. Last in the
-    module: it replaces the application, which the fixture deletes."""
+# -- last: the application replaced by one of two ingress replicas on an S3 deck ------------------------------
+@pytest.fixture(scope="module")
+def s3_ray_deck(ray_deck: LiveDeck, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:  # noqa: F811
+    """The application redeployed on an S3 deck (moto's server) that stores calibration images and no shift
+    detector, with two ingress replicas: the deck several replicas share, as users scale the ingress. It
+    replaces the module's application (which the ``ray_deck`` fixture deletes), so its tests come last."""
     import copy
 
-    from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
-    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+    import boto3
 
-    location = f"s3://{bucket}/decks/ray"
-    store = DeckStore.create(location)
-    store.add_card(card("g1", "gaussian", seed=1))
-    store.add_card(card("a1", "augmix", seed=2))
-    store.set_calibration(smooth_images(16, seed=99))
-    undeploy()
-    live = copy.copy(ray_deck)
-    live.root = location  # type: ignore[assignment]
-    live.handle = deploy(RayDeckConfig(deck=location, poll_interval_s=0.5, card_num_cpus=0.25))
+    from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
+
+    with pytest.MonkeyPatch.context() as env:  # this process reaches moto as the replicas do
+        for name in AWS_VARS:
+            env.delenv(name, raising=False)
+        for name, value in s3_vars(s3_endpoint).items():
+            env.setenv(name, value)
+        env.setenv("CARDDECK_CACHE_DIR", str(tmp_path_factory.mktemp("s3-cache")))
+        boto3.client("s3").create_bucket(Bucket="ray-shared")
+        location = "s3://ray-shared/decks/ray"
+        store = DeckStore.create(location)
+        store.add_card(card("g1", "gaussian", seed=1))
+        store.add_card(card("a1", "augmix", seed=2))
+        store.set_calibration(smooth_images(32, seed=99))  # enough for the `unknown` of a refit to be seen
+        undeploy()
+        live = copy.copy(ray_deck)
+        live.root = location  # type: ignore[assignment]
+        config = RayDeckConfig(deck=location, poll_interval_s=0.5, drain_s=3.0, card_num_cpus=0.25,
+                               ingress_replicas=2, admin_token=ADMIN_TOKEN)  # fmt: skip
+        live.handle = deploy(config)
+        wait_for("two ingress replicas serving", lambda: len(ingress_states(live)) == 2, 60)
+        yield live
+
+
+def answers_of_every_replica(live: LiveDeck, x: np.ndarray) -> dict[str, dict[str, Any]]:
+    """An answer to ``x`` from each running ingress replica (Ray picks one per request: asked until all have)."""
+    want, answers = replicas("ingress", "carddeck"), {}
+    for _ in range(100):
+        out = live.predict(x)
+        answers.setdefault(out["replica"], out)
+        if len(answers) >= want:
+            break
+    return answers
+
+
+def test_an_s3_deck_serves_the_shift_signal_through_ray_serve(s3_ray_deck: LiveDeck) -> None:
+    """The reconciler reads the S3 deck's cards and calibration images through the store, refits the detector
+    and stores it in S3; every ingress replica loads it from there: answers carry the verdict the in-process
+    monitor gives with that detector, whichever replica answers. Kills a loader that builds a local path from
+    the s3:// location, and a refit kept out of the store."""
+    live = s3_ray_deck
     version = wait_for_refit(live)
     x = np.concatenate([noisy_images(8, seed=6), smooth_images(8, seed=7)])
-    local, deck = ShiftMonitor(), Deck.open(location)
-    ShiftLoader(local, refit=False)(deck)
-    assert local.detector is not None and deck.version == version
-    p = deck.predict(x)
-    (want,) = local.judge([("carddeck", deck.prepare(x), p.routing, p.probabilities)])
+    local_version, want = in_process_verdict(live.root, x)
+    assert local_version == version and want.state != "unknown"
     served, got = live.infer(x)
-    assert served == str(version) and want.state != "unknown"
+    assert served == str(version)
     assert got["shift_state"] == want.state and got["shift_scope"] == "batch"
     assert got["out_of_scope_images"] == ",".join(str(i) for i in np.flatnonzero(~want.in_scope))
+    answers = answers_of_every_replica(live, x)
+    assert len(answers) == 2
+    for out in answers.values():
+        assert out["version"] == version
+        assert_same_verdict(out["verdict"], want)
     log = replica_log("reconciler")
     assert f"refitted shift detector stored as deck version {version}" in log, log[-3000:]
+
+
+def test_a_card_added_through_one_of_two_ingress_replicas_is_judged_by_the_refit_on_both(
+    s3_ray_deck: LiveDeck,
+) -> None:
+    """AddCard (the OIP repository load, through Ray's proxy, taken by one ingress replica) on the shared deck
+    of two: the card serves on both within 30 s, with the state `unknown` (never the old cards' detector, never
+    silently off) until the reconciler has refitted a detector for the new cards and stored it; then both
+    replicas answer with that detector's verdict, at the same deck version, and say so in their own exported
+    series; the refit is counted in Ray's metrics. Removing the card fails no request either, and is refitted
+    for too, and the replicas agree on the deck version again. Kills: no refit after a change, a refit that is
+    not stored, an ingress replica that keeps the old detector or never loads the new one, a replica left on
+    an older deck version."""
+    live = s3_ray_deck
+    x = np.concatenate([noisy_images(8, seed=3), smooth_images(8, seed=4)])  # a tested batch
+    answers: list[dict[str, Any]] = []  # the verdict and the replica of each, in order (Ray picks the replica)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic() -> None:  # requests all through the change; none may fail
+        while not stop.is_set():
+            try:
+                answers.append(live.predict(x))
+            except BaseException as exc:
+                failures.append(exc)
+
+    wait_for_refit(live)  # the deploy's own refit is over, and counted, before the change
+    (reconciler,) = replica_ids("reconciler", "carddeck")  # (the replaced application's may still be exported)
+    wait_for(
+        "the deploy's refit counted in Ray's metrics",
+        lambda: live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler) >= 1,
+        30,
+    )
+    refits = live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler)
+    client = threading.Thread(target=traffic)
+    client.start()
+    try:
+        model = base64.b64encode(card("g2", "gaussian", seed=7)).decode()
+        status, _, doc = live.http("/v2/repository/models/g2/load", {"parameters": {"file:model.onnx": model}},
+                                   admin=True)  # fmt: skip
+        assert status == 200, doc
+        took = wait_for(
+            "card g2 served by both ingress replicas",
+            lambda: all("g2" in s["cards"] for s in ingress_states(live).values()),
+            30,
+        )
+        refitted = wait_for_refit(live)
+        both = set(ingress_states(live))
+        wait_for(
+            "answers of both replicas from the refitted deck",
+            lambda: {a["replica"] for a in list(answers) if a["version"] >= refitted} == both,
+            30,
+        )
+        _, want = in_process_verdict(live.root, x)  # the refitted detector's
+        added = [a for a in list(answers) if "g2" in a["card_names"]]
+        assert any(a["verdict"].state == "unknown" for a in added)  # the refit's wait was served `unknown`
+        for replica in both:
+            # in the order they came: unknown until judged, then judged for good, by the refitted detector (a
+            # request of the added deck version may be judged by it, loaded while it ran: same cards); a replica
+            # that polled only after the refit was stored may never have said `unknown`
+            mine = [a for a in added if a["replica"] == replica]
+            judged = next((i for i, a in enumerate(mine) if a["verdict"].state != "unknown"), len(mine))
+            assert all(a["verdict"].state != "unknown" for a in mine[judged:]), [a["verdict"].state for a in mine]
+            for a in mine[judged:]:
+                assert_same_verdict(a["verdict"], want)
+            assert all(a["verdict"].state != "unknown" for a in mine if a["version"] >= refitted)
+        assert "state unknown until" in replica_log("ingress")
+        log = replica_log("reconciler")
+        assert "refitting the shift detector from the deck's calibration images" in log, log[-3000:]
+        assert f"refitted shift detector stored as deck version {refitted}" in log, log[-3000:]
+        out = live.predict(x, "soft")
+        ref = Deck.open(live.root).predict(x, policy="soft")
+        assert "g2" in out["card_names"]
+        np.testing.assert_allclose(out["probabilities"], ref.probabilities, rtol=1e-6, atol=1e-7)
+        print(f"card added -> served by both ingress replicas in {took:.1f} s, refitted at deck version {refitted}")
+
+        status, _, doc = live.http("/v2/repository/models/g2/unload", {}, admin=True)
+        assert status == 200, doc
+        wait_for(
+            "card g2 dropped by both ingress replicas",
+            lambda: all("g2" not in s["cards"] for s in ingress_states(live).values()),
+            30,
+        )
+        final = wait_for_refit(live)  # a detector for the cards left, on both replicas
+        assert {s["version"] for s in ingress_states(live).values()} == {final}
+        wait_for("card g2's application deleted", lambda: replicas("card-g2", "carddeck-card-g2") == 0, 60)
+        # each replica's own series say so too, through Ray's export (their `replica` label is the one its answers
+        # carry), and both refits are counted
+        for replica in both:
+            wait_for(
+                f"replica {replica}'s deck version and detector in Ray's metrics",
+                lambda r=replica: (
+                    live.ray_value("carddeck_deck_version", deployment="ingress", replica=r) == final
+                    and live.ray_value("carddeck_shift_detector_fitted", deployment="ingress", replica=r) == 1
+                ),
+                30,
+            )
+        wait_for(
+            "both refits counted in Ray's metrics",
+            lambda: live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler) == refits + 2,
+            30,
+        )
+    finally:
+        stop.set()
+        client.join()
+    assert not failures, failures[:3]

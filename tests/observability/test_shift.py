@@ -87,8 +87,13 @@ def test_three_states_and_expected_accuracy(synthetic):
 def test_held_out_detector_drops_a_corruptions_conditions(synthetic):
     held = synthetic.without("near")
     assert held.conditions == ("clean", "bad/1") and held.thresholds.shape == (2, 3, len(held.sizes))
-    rng = np.random.default_rng(3)
-    assert held.test(gaussian(BATCH, rng, {(0, 5): 3.0})).state == "uncovered"  # no longer known
+    x = gaussian(BATCH, np.random.default_rng(3), {(0, 5): 3.0})
+    v = held.test(x)
+    assert v.nearest == "bad/1" and v.distance > 1  # no longer known
+    # now a new shift: covered only on the confidences' word (never above clean), uncovered once they fall
+    assert v.state == "covered" and v.expected_accuracy <= held.clean_accuracy
+    x[:, CONFIDENCE] = held.confidence[0] - 2 * held.tolerance  # DoC: clean accuracy - 2 x tolerance
+    assert held.test(x).state == "uncovered"
 
 
 def test_scope_pools_the_severities_of_a_corruption(synthetic):
@@ -363,6 +368,24 @@ def test_a_detector_fitted_for_other_cards_is_not_used(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="carddeck.observability.shift"):
         loader(Deck.open(rig.deck.root))
     assert monitor.detector is None and "state unknown until it is refitted" in caplog.text
+
+
+def test_a_request_is_judged_only_by_a_detector_fitted_for_the_cards_it_ran_on(shipped, test_images):
+    """A deck change swaps the snapshot and its detector one after the other (Ray Serve's ingress: the detector
+    first): a request that ran on the other side of the swap is answered unknown, never judged by a detector fitted
+    for other cards (kills a judge that ignores ``cards``)."""
+    deck, detector = shipped
+    monitor = ShiftMonitor()
+    monitor.set_detector(detector)
+    x = test_images[:16]
+    p = deck.predict(x)
+    request = [("m", deck.prepare(x), p.routing, p.probabilities)]
+    keys = [c.key for c in deck.cards]
+    assert sorted(detector.notes["cards"]) == sorted(keys)
+    assert monitor.judge(request, cards=keys[::-1])[0].state != "unknown"  # the same cards, in any order
+    for other in (keys[:-1], [*keys, "late/1"]):  # a card removed, a card added
+        (verdict,) = monitor.judge(request, cards=other)
+        assert verdict.state == "unknown" and verdict.scope == "none" and np.isnan(verdict.out_of_scope).all()
 
 
 def test_a_refit_is_stored_in_the_deck_only_while_the_store_still_has_its_cards(tmp_path, caplog):
