@@ -49,7 +49,6 @@ class RayDeck(Deck):
             m.name: serve.get_app_handle(card_app_name(m.name)) for m in deck.cards
         }
         self.timeout_s = timeout_s  # the longest wait for one card's answer
-        self.card_keys = tuple(m.key for m in deck.cards)  # what its shift detector must have been fitted for
 
     def run_routed(
         self,
