@@ -249,7 +249,7 @@ class MicroBatcher(Generic[T, R]):
             if worker is not threading.current_thread():  # closed from a batch's own callback
                 worker.join(timeout=None if wait else 0.1 / len(self._workers))
 
-    # -- the collector ------------------------------------------------------------------------
+    # -- the workers --------------------------------------------------------------------------
     def _next_batch(self) -> list[_Entry[T, R]] | None:
         with self._cond:
             while not self._queue and not self._closed:
