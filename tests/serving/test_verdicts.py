@@ -7,38 +7,27 @@ deck in a deck of their own, real ONNX Runtime sessions, the real micro-batcher.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from carddeck.data.datasets import load_dataset
-from carddeck.deck import Deck, DeckStore
+from carddeck.deck import Deck
 from carddeck.deck.default import default_deck_path
 from carddeck.eval.adaptation import deck_detector
 from carddeck.observability.shift import ShiftMonitor
 from carddeck.serving.dataplane import Dataplane, DataplaneConfig
-
-
-@pytest.fixture(scope="module")
-def two_cards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = DeckStore(default_deck_path())
-    root = tmp_path_factory.mktemp("verdicts") / "deck"
-    store = DeckStore.create(root)
-    for name in ("resnet20-augmix-filter", "resnet20-gaussian-biprop"):
-        store.add_card(source.read_model(source.manifest().find(name)))
-    return root
+from tests.serving.test_adaptation import conv_deck  # noqa: F401 (the two-card deck)
 
 
 @pytest.mark.parametrize("batching", [True, False])
-def test_a_detector_fitted_for_other_cards_leaves_the_answer_unknown(two_cards, batching):
+def test_a_detector_fitted_for_other_cards_leaves_the_answer_unknown(conv_deck, batching):  # noqa: F811
     """The default deck's detector (eight cards) in the monitor of a two-card deck's server, as between a
     swap and the detector's load: the answer says unknown, never a verdict on the other deck's statistics
     (kills a micro-batch that judges without the cards it ran on)."""
     detector = deck_detector(Deck.open(default_deck_path()))
     assert detector is not None and len(detector.notes["cards"]) == 8
     images = load_dataset("digits32", "test").images[:16]
-    config = DataplaneConfig(deck_path=two_cards, poll_interval_s=0, batching=batching)
+    config = DataplaneConfig(deck_path=conv_deck, poll_interval_s=0, batching=batching)
     dp = Dataplane(config)
     dp.start()
     monitor = ShiftMonitor()
