@@ -148,7 +148,7 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
     from carddeck.data.corruptions import corrupt
     from carddeck.data.datasets import load_dataset
     from carddeck.gating.shift import CONFIDENCE
-    from carddeck.gating.shift_fit import deck_features
+    from carddeck.gating.shift_fit import deck_outputs
 
     test = load_dataset(args.data, "test")
     images, labels = test.images[: args.limit], test.labels[: args.limit]
@@ -167,7 +167,7 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
         else:
             c, s = name.rsplit("/", 1)
             x, y = corrupt(images, c, int(s), seed=0), labels
-        features, predicted = deck_features(deck, x, batch_size=args.batch)
+        features, predicted, agreement = deck_outputs(deck, x, batch_size=args.batch)
         hits = predicted == y if y is not None else np.zeros(len(x), bool)
         draws = args.draws * (10 if name == "clean" else 1)
         family = family_of(name.rsplit("/", 1)[0]) if "/" in name else ""
@@ -186,15 +186,15 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
             "out_of_scope": float((scores > 1).mean()),
         }
         for regime, held_out in held.items():
-            part = scored(held_out, features, hits if y is not None else None, args.batch, draws)
+            part = scored(held_out, features, hits if y is not None else None, args.batch, draws, agreement)
             if regime == "strict":
                 row.update(part)
             else:
                 row[regime] = part
         image_scores[name] = {"scope": scores, "msp": 1 - features[:, CONFIDENCE]}
         if name == "clean" or name.startswith("foreign:"):
-            single, _ = deck_features(deck, x, batch_size=1)
-            row["windows"] = windows(detector, single, args.window, args.stride, np.random.default_rng(2))
+            single, _, alone = deck_outputs(deck, x, batch_size=1)
+            row["windows"] = windows(detector, single, args.window, args.stride, np.random.default_rng(2), alone)
         if name == "clean":
             clean_acc = float(hits.mean())
         rows.append(row)
@@ -215,15 +215,19 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
             "conditions": rows, "targets": targets(rows)}  # fmt: skip
 
 
-def scored(detector: Any, features: np.ndarray, hits: np.ndarray | None, batch: int, draws: int) -> dict[str, Any]:
+def scored(
+    detector: Any, features: np.ndarray, hits: np.ndarray | None, batch: int, draws: int, agreement: np.ndarray
+) -> dict[str, Any]:
     """States of random batches, and the expected accuracy of consecutive batches against the truth."""
     from carddeck.gating.shift import STATES
 
     counts = dict.fromkeys(STATES, 0)
     r = np.random.default_rng(1)
     for _ in range(draws):
-        counts[detector.test(features[r.choice(len(features), batch, replace=False)]).state] += 1
-    estimates = [detector.test(features[i : i + batch]) for i in range(0, len(features) - batch + 1, batch)]
+        pick = r.choice(len(features), batch, replace=False)
+        counts[detector.test(features[pick], agreement=agreement[pick]).state] += 1
+    estimates = [detector.test(features[i : i + batch], agreement=agreement[i : i + batch])
+                 for i in range(0, len(features) - batch + 1, batch)]  # fmt: skip
     known = [v.expected_accuracy for v in estimates if np.isfinite(v.expected_accuracy)]
     expected = float(np.mean(known)) if known else None
     return {
@@ -234,16 +238,19 @@ def scored(detector: Any, features: np.ndarray, hits: np.ndarray | None, batch: 
     }
 
 
-def windows(detector: Any, features: np.ndarray, window: int, stride: int, rng: np.random.Generator) -> dict:
+def windows(
+    detector: Any, features: np.ndarray, window: int, stride: int, rng: np.random.Generator, agreement: np.ndarray
+) -> dict:
     """Share of sliding windows per state over shuffled streams of single-image requests."""
     from carddeck.gating.shift import STATES
 
     counts = dict.fromkeys(STATES, 0)
     total = 0
     for _ in range(10):
-        stream = features[rng.permutation(len(features))]
+        order = rng.permutation(len(features))
+        stream, agrees = features[order], agreement[order]
         for end in range(window, len(stream) + 1, stride):
-            counts[detector.test(stream[end - window : end]).state] += 1
+            counts[detector.test(stream[end - window : end], agreement=agrees[end - window : end]).state] += 1
             total += 1
     return {k: v / max(total, 1) for k, v in counts.items()}
 

@@ -43,6 +43,9 @@ class Prediction:
     routing: Routing
     verdict: Trust | None = None  # the server's verdict on it (carddeck.gating.shift.Trust); None offline
     adapted: bool = False  # answered by the cards' adaptive variants (carddeck.deck.adapt), on these images alone
+    # per image, the share of its routing weight on cards whose top label is the deck's (NaN: one card answered);
+    # the shift detector's evidence that a new shift leaves the answers standing (carddeck.gating.shift)
+    agreement: np.ndarray | None = None
     labels: np.ndarray = field(init=False)  # [N] int64, from the probabilities
 
     def __post_init__(self) -> None:
@@ -191,7 +194,8 @@ class Deck:
     def predict(self, images: np.ndarray, *, policy: str | None = None, per_sample: bool = False) -> Prediction:
         x = self.prepare(images)
         routing = self.route_prepared(x, policy=policy, per_sample=per_sample)
-        return Prediction(self.run_routed(x, routing.weights), routing)
+        agreement = np.empty(len(x), np.float32)
+        return Prediction(self.run_routed(x, routing.weights, agreement=agreement), routing, agreement=agreement)
 
     def adaptive_session(self, name: str) -> CardSession | None:
         """Card ``name``'s adaptive variant (:mod:`carddeck.deck.adapt`: normalisation re-estimated on the
@@ -243,6 +247,7 @@ class Deck:
         *,
         on_card: Callable[[str, float], None] | None = None,
         adapt: bool = False,
+        agreement: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run each card once on the rows ``weights`` [N, K] (columns in card order) give it; weighted mean
         of the probabilities.
@@ -250,6 +255,7 @@ class Deck:
         ``on_card(name, seconds)`` is told how long each card took (the server's per-card latency).
         ``adapt``: run the cards' adaptive variants (those that have one), whose normalisation statistics
         come from the rows they run on: pass one request's images only.
+        ``agreement``: float32 [N] filled with the cards' agreement per image (:func:`mix`).
         """
         cards = [
             (k, rows, (self.adaptive_session(name) if adapt else None) or self._sessions[name], name)
@@ -272,7 +278,8 @@ class Deck:
                 on_card(name, max(end for _, _, end in mine) - min(start for _, start, _ in mine))
             outputs.append(softmax(mine[0][0] if len(mine) == 1 else np.concatenate([lg for lg, _, _ in mine])))
         combine = self.gate.params.combine if self.gate is not None else "mean"
-        return mix(weights, [(k, rows) for k, rows, _, _ in cards], outputs, len(self.class_names), combine=combine)
+        mixed = [(k, rows) for k, rows, _, _ in cards]
+        return mix(weights, mixed, outputs, len(self.class_names), combine=combine, agreement=agreement)
 
     def run_card(self, name: str, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, C] from one card, no gate."""
@@ -295,9 +302,11 @@ def mix(
     num_classes: int,
     *,
     combine: str = "mean",
+    agreement: np.ndarray | None = None,
 ) -> np.ndarray:
     """Each card's probabilities over its rows ((column, rows) per job), summed with the routing ``weights``
-    [N, K], or with weights from ``combine`` (:func:`carddeck.gating.policies.combine_weights`)."""
+    [N, K], or with weights from ``combine`` (:func:`carddeck.gating.policies.combine_weights`).
+    ``agreement``: float32 [N] to fill with :func:`agreement_of` the result."""
     if combine != "mean":  # needs every routed card's output on every row first
         per_card = np.zeros((weights.shape[1], len(weights), num_classes), np.float32)
         for (k, rows), p in zip(jobs, probabilities):
@@ -305,11 +314,35 @@ def mix(
         weights = combine_weights(weights, per_card, combine)
     n = len(weights)
     if len(jobs) == 1 and len(jobs[0][1]) == n:  # one card on every row (a card model): no scatter
-        return (weights[:, jobs[0][0], None] * probabilities[0]).astype(np.float32, copy=False)
-    probs = np.zeros((n, num_classes), np.float32)
-    for (k, rows), p in zip(jobs, probabilities):
-        probs[rows] += weights[rows, k, None] * p
+        probs = (weights[:, jobs[0][0], None] * probabilities[0]).astype(np.float32, copy=False)
+    else:
+        probs = np.zeros((n, num_classes), np.float32)
+        for (k, rows), p in zip(jobs, probabilities):
+            probs[rows] += weights[rows, k, None] * p
+    if agreement is not None:
+        agreement[:] = agreement_of(weights, jobs, probabilities, probs)
     return probs
+
+
+def agreement_of(
+    weights: np.ndarray, jobs: Sequence[tuple[int, np.ndarray]], probabilities: Sequence[np.ndarray], mixed: np.ndarray
+) -> np.ndarray:
+    """float32 [N]: per image, the share of its routing weight on cards whose top label is the ``mixed`` one's;
+    NaN where fewer than two cards answered it (one card always agrees with itself). Cards trained on different
+    domains agree on a shifted image as on clean ones while it still shows what they learnt; on foreign images
+    (another kind of image, noise, black) each extrapolates its own way."""
+    label = top_labels(mixed)
+    agreeing = np.zeros(len(mixed), np.float32)
+    total = np.zeros(len(mixed), np.float32)
+    voices = np.zeros(len(mixed), np.int64)
+    for (k, rows), p in zip(jobs, probabilities):
+        w = weights[rows, k]
+        total[rows] += w
+        voices[rows] += w > 0
+        agreeing[rows] += np.where(top_labels(p) == label[rows], w, 0.0)
+    out = np.full(len(mixed), np.nan, np.float32)
+    np.divide(agreeing, total, out=out, where=voices >= 2)
+    return out
 
 
 def _load_gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]) -> tuple[Gate | None, str, str]:
@@ -355,4 +388,4 @@ def _load_gate(store: DeckStore, manifest: Manifest, metas: tuple[CardMeta, ...]
     return gate, policy, note
 
 
-__all__ = ["Deck", "Prediction", "mix", "prepare_images", "routed_rows", "top_labels"]
+__all__ = ["Deck", "Prediction", "agreement_of", "mix", "prepare_images", "routed_rows", "top_labels"]

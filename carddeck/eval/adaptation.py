@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from carddeck.deck.adapt import DEFAULT_PRIOR, build_adaptive
-from carddeck.deck.deck import Deck
+from carddeck.deck.deck import Deck, agreement_of, routed_rows
 from carddeck.deck.runtime import CardSession, softmax
 from carddeck.deck.store import DeckStore
 from carddeck.eval.robustness import CLEAN, Condition, ConditionRun, EvalResult, Source, batches, route_run
@@ -92,11 +92,13 @@ def score_adaptive(
         x = deck.prepare(source(run.condition)[0])
         weights = route_run(gate_for(run.condition), run, policy, False, batch_size)
         mixed = np.einsum("nk,knc->nc", weights, run.probabilities)
+        jobs = [(k, rows) for k, _, rows in routed_rows(weights, deck.card_names)]
+        agreement = agreement_of(weights, jobs, [run.probabilities[k, rows] for k, rows in jobs], mixed)
         judge = served_verdicts(detector_for(run.condition))
         fired = []
         for sl in batches(len(run.labels), batch_size):
             xb = x[sl]
-            verdict = judge(xb, mixed[sl], run.signatures[sl]) if judge is not None else None
+            verdict = judge(xb, mixed[sl], run.signatures[sl], agreement[sl]) if judge is not None else None
             go = trigger.fires_on(verdict, mixed[sl])
             fired.append(go)
             if not go:
@@ -112,7 +114,7 @@ def score_adaptive(
     return AdaptiveScore(acc, adapted, float(np.concatenate(counts).mean()))
 
 
-def served_verdicts(detector: ShiftDetector | None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Trust] | None:
+def served_verdicts(detector: ShiftDetector | None) -> Callable[..., Trust] | None:
     """One request's verdict as the server computes it (a :class:`ShiftMonitor` with the server's settings:
     a request of ``min_batch`` images or more is tested on its own, on that many evenly spaced images)."""
     if detector is None:
@@ -122,8 +124,8 @@ def served_verdicts(detector: ShiftDetector | None) -> Callable[[np.ndarray, np.
     monitor = ShiftMonitor()
     monitor.set_detector(detector)
 
-    def judge(x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray) -> Trust:
-        return monitor.judge([("eval", x, SimpleNamespace(features=gate_features), probabilities)])[0]
+    def judge(x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray, agreement: np.ndarray) -> Trust:
+        return monitor.judge([("eval", x, SimpleNamespace(features=gate_features), probabilities, agreement)])[0]
 
     return judge
 

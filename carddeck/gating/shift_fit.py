@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class Reference:
     name: str
     features: np.ndarray  # [n, F]
     correct: np.ndarray  # [n] bool (or the agreement with clean predictions, for label-free refits)
+    agreement: np.ndarray | None = None  # [n] the cards' agreement per image (carddeck.deck.deck.agreement_of)
 
 
 def fit_detector(
@@ -146,6 +147,7 @@ def fit_detector(
             **({"cards": list(cards)} if cards else {}),
         },
         np.array([r.features[:, CONFIDENCE].mean() for r in references], np.float32),
+        _mean_agreement(references),
     )
     if scope_features is None:
         scope_features, checked = select_scope(detector, references, pooled, seed=seed)
@@ -156,6 +158,16 @@ def fit_detector(
     return replace(
         detector, scope=Scope.fit(pooled, embedding, scope_fpr, seed, features=SCOPE_FEATURE_SETS[scope_features])
     )
+
+
+def _mean_agreement(references: Sequence[Reference]) -> np.ndarray | None:
+    """[R] the cards' mean agreement per condition over its images with a second card (NaN: none had one), or
+    None when the references do not carry it or clean had no second card anywhere (nothing to compare with)."""
+    if any(r.agreement is None for r in references):
+        return None
+    means = np.array([a[np.isfinite(a)].mean() if np.isfinite(a := np.asarray(r.agreement)).any() else np.nan
+                      for r in references], np.float32)  # fmt: skip
+    return means if np.isfinite(means[0]) else None
 
 
 def select_scope(
@@ -183,12 +195,14 @@ def select_scope(
                 if acc >= clean - 0.02:
                     rng = np.random.default_rng(seed)
                     picks = [rng.choice(len(ref.features), batch, replace=False) for _ in range(SCOPE_CHECK_DRAWS)]
-                    share = np.mean([held.test(ref.features[p]).state == "uncovered" for p in picks])
+                    share = np.mean([held.test(ref.features[p], agreement=_rows(ref.agreement, p)).state == "uncovered"
+                                     for p in picks])  # fmt: skip
                     benign = max(benign, float(share))
                 elif acc < clean - detector.tolerance:
-                    f = ref.features
+                    f, a = ref.features, ref.agreement
                     known = [e for i in range(0, len(f) - batch + 1, batch)
-                             if np.isfinite(e := held.test(f[i : i + batch]).expected_accuracy)]  # fmt: skip
+                             if np.isfinite(e := held.test(f[i : i + batch], agreement=_rows(a, slice(i, i + batch)))
+                                            .expected_accuracy)]  # fmt: skip
                     if known:
                         harmful = max(harmful, abs(float(np.mean(known)) - float(acc)))
         checked[name] = {"benign_uncovered": benign, "harmful_error": harmful, "conditions": seen}
@@ -196,6 +210,10 @@ def select_scope(
         if seen and benign <= SCOPE_CHECK["benign_uncovered"] and harmful <= SCOPE_CHECK["harmful_error"]:
             return name, checked
     return name, checked
+
+
+def _rows(a: np.ndarray | None, rows: Any) -> np.ndarray | None:
+    return None if a is None else a[rows]
 
 
 def condition_images(images: np.ndarray, name: str, seed: int) -> np.ndarray:
@@ -230,23 +248,36 @@ def deck_references(
     references: list[Reference] = []
     truth = labels
     for name in progress(names):
-        features, predicted = deck_features(deck, condition_images(images, name, seed), batch_size=batch_size)
+        out = deck_outputs(deck, condition_images(images, name, seed), batch_size=batch_size)
         if truth is None:  # label-free: the clean predictions (the first condition) are the reference
-            truth = predicted
-        references.append(Reference(name, features, predicted == truth))
+            truth = out.labels
+        references.append(Reference(name, out.features, out.labels == truth, out.agreement))
     return references
 
 
-def deck_features(deck: Deck, images: np.ndarray, *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Features of ``images`` as the server sees them (requests of ``batch_size``, default policy) and the
-    deck's predicted labels."""
-    feats, labels = [], []
+class DeckOutputs(NamedTuple):
+    features: np.ndarray  # [n, F] image_features
+    labels: np.ndarray  # [n] the deck's predicted labels
+    agreement: np.ndarray  # [n] the cards' agreement (NaN: one card answered)
+
+
+def deck_outputs(deck: Deck, images: np.ndarray, *, batch_size: int = 16) -> DeckOutputs:
+    """What the shift detector reads of ``images`` as the server sees them (requests of ``batch_size``, default
+    policy), and the deck's predicted labels."""
+    parts = []
     for i in range(0, len(images), batch_size):
         part = images[i : i + batch_size]
         prediction = deck.predict(part)
-        feats.append(image_features(deck.prepare(part), prediction.probabilities, prediction.routing.features))
-        labels.append(prediction.labels)
-    return np.concatenate(feats), np.concatenate(labels)
+        features = image_features(deck.prepare(part), prediction.probabilities, prediction.routing.features)
+        agreement = prediction.agreement if prediction.agreement is not None else np.full(len(part), np.nan)
+        parts.append((features, prediction.labels, np.asarray(agreement, np.float32)))
+    return DeckOutputs(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def deck_features(deck: Deck, images: np.ndarray, *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`deck_outputs`' features and labels."""
+    out = deck_outputs(deck, images, batch_size=batch_size)
+    return out.features, out.labels
 
 
 def clean_estimate(deck: Deck) -> float | None:
@@ -284,10 +315,12 @@ def refit_from_deck(deck: Deck, *, seed: int = 1, draws: int = BOOTSTRAP // 2) -
 __all__ = [
     "REFIT_SEVERITIES",
     "SCOPE_CHECK",
+    "DeckOutputs",
     "Reference",
     "clean_estimate",
     "condition_images",
     "deck_features",
+    "deck_outputs",
     "deck_references",
     "fit_detector",
     "refit_from_deck",

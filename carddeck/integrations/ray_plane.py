@@ -58,17 +58,20 @@ class RayDeck(Deck):
         on_card: Callable[[str, float], None] | None = None,
         adapt: bool = False,
         result: Callable[[str, np.ndarray, Any], np.ndarray] | None = None,
+        agreement: np.ndarray | None = None,
     ) -> np.ndarray:
         """Each routed card's rows to its deployment, all at once; their probabilities mixed as the local deck
         does. ``result(card, rows, call)`` waits for one card's answer (default: at most ``timeout_s``).
-        ``on_card`` and ``adapt`` do not apply: the deployments time their own runs and run the cards as stored."""
+        ``agreement``: filled as the local deck fills it. ``on_card`` and ``adapt`` do not apply: the deployments
+        time their own runs and run the cards as stored."""
         wait = result or (lambda name, sub, call: np.asarray(call.result(timeout_s=self.timeout_s)))
         jobs = routed_rows(weights, self.card_names)
         subs = [x if len(rows) == len(x) else np.ascontiguousarray(x[rows]) for _, _, rows in jobs]
         calls = [self.handles[name].remote(sub) for (_, name, _), sub in zip(jobs, subs)]  # all at once
         outputs = [wait(name, sub, call) for (_, name, _), sub, call in zip(jobs, subs, calls)]
         combine = self.gate.params.combine if self.gate is not None else "mean"
-        return mix(weights, [(k, rows) for k, _, rows in jobs], outputs, len(self.class_names), combine=combine)
+        mixed = [(k, rows) for k, _, rows in jobs]
+        return mix(weights, mixed, outputs, len(self.class_names), combine=combine, agreement=agreement)
 
 
 class RayDataplane:
@@ -217,7 +220,9 @@ class RayDataplane:
             routing = deck.route_prepared(x, policy=policy, per_sample=per_sample)
             _check_cancelled(is_cancelled)
             t0 = time.monotonic()
-            probabilities = snap.run_routed(x, routing.weights, result=functools.partial(self._result, snap))
+            agreement = np.empty(len(x), np.float32)
+            result = functools.partial(self._result, snap)
+            probabilities = snap.run_routed(x, routing.weights, result=result, agreement=agreement)
         except BaseException:
             self._record(model, len(images), start, ok=False)
             raise
@@ -226,7 +231,8 @@ class RayDataplane:
             self.metrics.observe_routings([routing])
         except Exception:
             log.exception("observing the routing of a request of %d images failed", len(x))
-        (verdict,) = self.shift.judge([(model.name, x, routing, probabilities)], cards=snap.card_keys)  # never raises
+        request = (model.name, x, routing, probabilities, agreement)
+        (verdict,) = self.shift.judge([request], cards=snap.card_keys)  # never raises
         return Prediction(probabilities, routing, verdict), deck
 
     def run_card(

@@ -46,7 +46,7 @@ class ShiftMonitor:
         self.metrics = metrics
         self.window, self.stride, self.min_batch = window, stride, min_batch
         self.detector: ShiftDetector | None = None
-        self._windows: dict[str, deque[tuple[np.ndarray, float]]] = {}  # (features, out-of-scope score)
+        self._windows: dict[str, deque[tuple[np.ndarray, float, float]]] = {}  # (features, score, agreement)
         self._pending: dict[str, int] = {}
         self._last: dict[str, Verdict] = {}  # latest window verdict per model
         self._lock = threading.Lock()
@@ -65,17 +65,17 @@ class ShiftMonitor:
         self.judge(predicted)
 
     def judge(self, predicted: Sequence[Any], cards: Collection[str] | None = None) -> list[Trust]:
-        """Each routed request of one micro-batch, ``RoutedRequest(model, x, routing, probabilities)``, in order
-        -> its verdict. Unknown verdicts (never an exception) when the detector is missing or fails. ``cards``: the
-        keys of the deck the requests ran on; a detector fitted for other cards (the deck changed under them, its
-        detector not swapped yet) leaves them unknown rather than judge them wrongly."""
+        """Each routed request of one micro-batch, ``RoutedRequest(model, x, routing, probabilities[, agreement])``,
+        in order -> its verdict. Unknown verdicts (never an exception) when the detector is missing or fails.
+        ``cards``: the keys of the deck the requests ran on; a detector fitted for other cards (the deck changed
+        under them, its detector not swapped yet) leaves them unknown rather than judge them wrongly."""
         out: list[Trust | None] = [None] * len(predicted)
-        rows = [tuple(p) for p in predicted]  # (model, x, routing, probabilities): a RoutedRequest or a plain tuple
+        rows = [tuple(p) for p in predicted]  # a RoutedRequest, or a plain tuple of its fields
         by_model: dict[str, list[int]] = {}
         for i, (model, *_) in enumerate(rows):
             by_model.setdefault(model, []).append(i)
         for model, idx in by_model.items():
-            requests = [(rows[i][1], rows[i][3], getattr(rows[i][2], "features", None)) for i in idx]
+            requests = [(rows[i][1], rows[i][3], getattr(rows[i][2], "features", None), *rows[i][4:5]) for i in idx]
             try:
                 for i, trust in zip(idx, self._judge_model(model, requests, cards=cards)):
                     out[i] = trust
@@ -84,15 +84,19 @@ class ShiftMonitor:
         return [t if t is not None else Trust.unknown(len(r[1]), r[3]) for t, r in zip(out, rows)]
 
     def observe(
-        self, model: str, x: np.ndarray, probabilities: np.ndarray, gate_features: np.ndarray | None = None
+        self,
+        model: str,
+        x: np.ndarray,
+        probabilities: np.ndarray,
+        gate_features: np.ndarray | None = None,
+        agreement: np.ndarray | None = None,
     ) -> list[Verdict]:
         """One request's prepared images and probabilities; returns the verdicts (tests) it caused."""
-        return self.observe_many(model, [(x, probabilities, gate_features)])
+        return self.observe_many(model, [(x, probabilities, gate_features, agreement)])
 
-    def observe_many(
-        self, model: str, requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]]
-    ) -> list[Verdict]:
-        """Several requests of ``model`` in order (a micro-batch) -> the batch and window tests they caused."""
+    def observe_many(self, model: str, requests: Sequence[tuple[Any, ...]]) -> list[Verdict]:
+        """Several requests of ``model`` in order (a micro-batch), each ``(x, probabilities, gate features[,
+        agreement])`` -> the batch and window tests they caused."""
         tested: list[Verdict] = []
         self._judge_model(model, requests, tested)
         return tested
@@ -100,14 +104,14 @@ class ShiftMonitor:
     def _judge_model(
         self,
         model: str,
-        requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+        requests: Sequence[tuple[Any, ...]],
         tested: list[Verdict] | None = None,
         cards: Collection[str] | None = None,
     ) -> list[Trust]:
         detector = self.detector  # read once: a swap meanwhile does not mix two detectors in one verdict
         if detector is None or (cards is not None and not fits(detector, cards)):
-            return [Trust.unknown(len(x), p) for x, p, _ in requests]
-        xs, ps, gates = zip(*requests)
+            return [Trust.unknown(len(r[0]), r[1]) for r in requests]
+        xs, ps, gates = zip(*(r[:3] for r in requests))
         one = len(requests) == 1  # the common case of a lone request: no copies
         bounds = [0]
         for x in xs:
@@ -131,23 +135,29 @@ class ShiftMonitor:
         )
         scores = detector.image_scores(features)
         risks = image_risk(probabilities, scores)
+        # the cards' agreement per image (NaN: unknown, e.g. a caller that does not pass it: the detector then
+        # judges without it)
+        agrees = [r[3] if len(r) > 3 and r[3] is not None else np.full(len(r[0]), np.nan, np.float32) for r in requests]
+        agreement = agrees[0] if one else np.concatenate(agrees)
         units: list[str] = []
-        due: list[tuple[int, np.ndarray, np.ndarray]] = []  # (request, features, scores) to test
+        due: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (request, features, scores, agreement)
         with self._lock:
-            for j, (x, _, _) in enumerate(requests):
+            for j, request in enumerate(requests):
                 pick = picks.get(j)
                 if pick is not None:
                     units.append("batch")
-                    due.append((j, features[pick], scores[pick]))
+                    due.append((j, features[pick], scores[pick], agreement[pick]))
                     continue
                 units.append("window")
                 window = self._windows.setdefault(model, deque(maxlen=self.window))
-                window.extend(zip(features[bounds[j] : bounds[j + 1]], scores[bounds[j] : bounds[j + 1]]))
-                self._pending[model] = self._pending.get(model, 0) + len(x)
+                mine = slice(bounds[j], bounds[j + 1])
+                window.extend(zip(features[mine], scores[mine], agreement[mine]))
+                self._pending[model] = self._pending.get(model, 0) + len(request[0])
                 if len(window) == self.window and self._pending[model] >= self.stride:
                     self._pending[model] = 0
-                    due.append((j, np.stack([f for f, _ in window]), np.array([s for _, s in window])))
-        results = {j: detector.test(f, s) for j, f, s in due}
+                    f, s, a = zip(*window)
+                    due.append((j, np.stack(f), np.array(s), np.array(a, np.float32)))
+        results = {j: detector.test(f, s, a) for j, f, s, a in due}
         trusts = []
         for j, unit in enumerate(units):
             v = results.get(j)

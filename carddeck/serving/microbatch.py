@@ -78,6 +78,7 @@ class MicroBatchRun:
         policy), run each card once over the merged rows, split back."""
         t0 = time.monotonic()
         out: dict[int, np.ndarray] = {}
+        agreements: dict[int, np.ndarray] = {}
         routings: dict[int, Routing] = {}
         groups: dict[int, list[int]] = {}
         for i, w in enumerate(works):
@@ -88,13 +89,20 @@ class MicroBatchRun:
             x = works[idx[0]].x if len(idx) == 1 else np.concatenate([works[i].x for i in idx])
             routings.update(_route(deck, {i: works[i] for i in idx if works[i].weights is None}, x, len(idx)))
             weights = [_weights_of(works[i], routings.get(i)) for i in idx]
-            probs = deck.run_routed(x, weights[0] if len(idx) == 1 else np.concatenate(weights), on_card=on_card)
+            agreement = np.empty(len(x), np.float32)
+            probs = deck.run_routed(
+                x, weights[0] if len(idx) == 1 else np.concatenate(weights), on_card=on_card, agreement=agreement
+            )
             offset = 0
             for i in idx:
                 n = len(works[i].x)
-                out[i] = probs[offset : offset + n]
+                out[i], agreements[i] = probs[offset : offset + n], agreement[offset : offset + n]
                 offset += n
-        predicted = {i: RoutedRequest(w.model, w.x, routings[i], out[i]) for i, w in enumerate(works) if i in routings}
+        predicted = {
+            i: RoutedRequest(w.model, w.x, routings[i], out[i], agreements[i])
+            for i, w in enumerate(works)
+            if i in routings
+        }
         verdicts: dict[int, Trust] = {}
         for idx in groups.values():  # judged by a detector fitted for the cards they ran on (a swap may lag)
             mine = [i for i in idx if i in predicted]

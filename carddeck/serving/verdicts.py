@@ -29,6 +29,7 @@ class RoutedRequest(NamedTuple):
     x: np.ndarray  # prepared images
     routing: Routing
     probabilities: np.ndarray
+    agreement: np.ndarray | None = None  # per image, the routed cards' agreement (carddeck.deck.deck.agreement_of)
 
 
 class Verdicts:

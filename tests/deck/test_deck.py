@@ -161,3 +161,27 @@ def test_mixing_one_card_on_every_row_equals_the_scatter_of_many():
     out = mix(sparse, [(k, r) for k, _, r in routed], [probs[0][[0, 3]], probs[2][[1, 2, 4]]], 4)
     np.testing.assert_allclose(out[[0, 3]], probs[0][[0, 3]])
     np.testing.assert_allclose(out[[1, 2, 4]], probs[2][[1, 2, 4]])
+
+
+def test_agreement_is_the_routing_weight_of_the_cards_that_side_with_the_mix():
+    """Per image: the weight of the cards whose top label is the mixed one's over the image's routed weight;
+    NaN where one card answered alone (it always agrees with itself). ``mix`` fills it when asked."""
+    import numpy as np
+
+    from carddeck.deck.deck import agreement_of, mix, routed_rows
+
+    def onehot(labels, p=0.9):
+        out = np.full((len(labels), 3), (1 - p) / 2, np.float32)
+        out[np.arange(len(labels)), labels] = p
+        return out
+
+    w = np.array([[0.5, 0.25, 0.25], [0.0, 1.0, 0.0], [0.2, 0.0, 0.6], [0.1, 0.1, 0.1]], np.float32)
+    jobs = [(k, rows) for k, _, rows in routed_rows(w, ["a", "b", "c"])]
+    per_card = {0: onehot([0, 0, 1, 2]), 1: onehot([0, 2, 0, 2]), 2: onehot([1, 1, 2, 1])}
+    probs = [per_card[k][rows] for k, rows in jobs]
+    filled = np.empty(4, np.float32)
+    mixed = mix(w, jobs, probs, 3, agreement=filled)
+    assert mixed.argmax(1).tolist() == [0, 2, 2, 2]
+    want = [0.75, np.nan, 0.6 / 0.8, 0.2 / 0.3]  # row 1: card b alone
+    np.testing.assert_allclose(filled, want, rtol=1e-6)
+    np.testing.assert_allclose(agreement_of(w, jobs, probs, mixed), want, rtol=1e-6)

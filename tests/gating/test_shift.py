@@ -8,6 +8,7 @@ import json
 import logging
 from collections import deque
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from carddeck.data.datasets import load_dataset
 from carddeck.deck import Deck, DeckStore, default_deck_path
 from carddeck.errors import InvalidInput
 from carddeck.gating.shift import (
+    CONFIDENCE,
     FEATURE_NAMES,
     GATE_NAMES,
     GROUPS,
@@ -30,7 +32,7 @@ from carddeck.gating.shift import (
     image_risk,
     photometric_features,
 )
-from carddeck.gating.shift_fit import deck_features, deck_references, fit_detector, refit_from_deck
+from carddeck.gating.shift_fit import deck_features, deck_outputs, deck_references, fit_detector, refit_from_deck
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.serving.verdicts import RoutedRequest
 from tests.servers import card
@@ -153,6 +155,84 @@ def test_confidence_never_vouches_for_foreign_images(detector, deck, digits):
     assert detector.test(features).state == "uncovered"
 
 
+def test_the_cards_agreement_vouches_for_a_new_shift_they_read_alike(detector, deck, digits):
+    """Impulse noise on digits (no condition or scope reference of it; the deck stays 99% right): every image as
+    far out of scope as a foreign one, so the foreign limit alone leaves the batch uncovered; but the routed
+    cards agree on it as on clean digits (DoA within tolerance): covered, estimated no higher than clean.
+    Without the agreement (none given; one card per image, NaN; a second card on under half the images) the
+    rule before it holds: uncovered. Rigged so that the confidences fall 20 points under clean, uncovered too:
+    agreement vouches only with the confidences within twice the tolerance."""
+    from carddeck.gating.shift import AGREEMENT_SHARE, FOREIGN, FOREIGN_SHARE
+
+    clean, tol = detector.clean_accuracy, detector.tolerance
+    for rows in (slice(0, 16), slice(16, 32)):
+        out = deck_outputs(deck, corrupt(digits[1].images[: rows.stop], "impulse_noise", 3, seed=0))
+        features, agreement = out.features[rows], out.agreement[rows]
+        assert (detector.image_scores(features) > FOREIGN).mean() > FOREIGN_SHARE
+        assert detector._doa(agreement) >= clean - tol and detector._doc(features) >= clean - tol
+        v = detector.test(features, agreement=agreement)
+        assert v.state == "covered" and v.expected_kind == "estimate" and v.expected_accuracy <= clean
+        assert detector.test(features).state == "uncovered"
+        assert detector.test(features, agreement=np.full(16, np.nan, np.float32)).state == "uncovered"
+        thin = agreement.copy()
+        thin[: int(16 * (1 - AGREEMENT_SHARE)) + 1] = np.nan
+        assert detector.test(features, agreement=thin).state == "uncovered"
+        doubtful = replace(detector, confidence=detector.confidence + np.float32(0.2))
+        assert doubtful.test(features, agreement=agreement).state == "uncovered"
+
+
+def test_the_cards_agreement_never_vouches_for_foreign_images(detector, deck):
+    """Black images, noise and natural images (leaves32) on the digits deck: the routed cards disagree (DoA far
+    under clean), so they stay uncovered; also on a detector rigged so that the deck's confidences on them equal
+    clean's (a deck confident on black images): the confidences never open the agreement path."""
+    clean, tol = detector.clean_accuracy, detector.tolerance
+    foreign = {
+        "black": np.zeros((16, 32, 32, 3), np.uint8),
+        "noise": np.random.default_rng(7).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        "leaves32": load_dataset("leaves32", "test").images[::50][:16],
+    }
+    for name, images in foreign.items():
+        out = deck_outputs(deck, images)
+        assert detector._doa(out.agreement) < clean - 2 * tol, name
+        assert detector.test(out.features, agreement=out.agreement).state == "uncovered", name
+        confident = detector.confidence.copy()
+        confident[0] = out.features[:, CONFIDENCE].mean()  # DoC = clean on these images
+        rigged = replace(detector, confidence=confident)
+        assert rigged._doc(out.features) >= clean - tol, name
+        assert rigged.test(out.features, agreement=out.agreement).state == "uncovered", name
+
+
+def test_the_deck_reports_the_weight_of_the_cards_that_side_with_its_answer(deck, digits):
+    """Deck.predict's agreement per image equals the routing weight of the routed cards (each run alone) whose
+    top label is the deck's, over the image's routed weight."""
+    images = np.concatenate([digits[1].images[:12], corrupt(digits[1].images[12:24], "fog", 5, seed=0)])
+    p = deck.predict(images)
+    w = p.routing.weights
+    tops = np.stack([deck.run_card(name, images).argmax(1) for name in deck.card_names], 1)  # [n, K]
+    want = (w * (tops == p.labels[:, None])).sum(1) / w.sum(1)
+    want[(w > 0).sum(1) < 2] = np.nan
+    np.testing.assert_allclose(p.agreement, want, rtol=1e-5)
+    assert np.isfinite(p.agreement).any() and (p.agreement[np.isfinite(p.agreement)] < 1).any()
+
+
+def test_the_monitor_judges_with_the_cards_agreement(detector, deck, digits):
+    """A request's agreement reaches the test, as a batch and through the window of single-image requests: an
+    impulse-noise request is covered with it and uncovered without it."""
+    images = corrupt(digits[1].images[:16], "impulse_noise", 3, seed=0)
+    p, x = deck.predict(images), deck.prepare(images)
+    states = {}
+    for given in (True, False):
+        monitor = ShiftMonitor(window=16, stride=16, min_batch=16)
+        monitor.set_detector(detector)
+        agreement = p.agreement if given else np.full(16, np.nan, np.float32)
+        batch = monitor.judge([RoutedRequest("m", x, p.routing, p.probabilities, agreement)])[0]
+        one = [("w", x[i : i + 1], SimpleNamespace(features=p.routing.features[i : i + 1]), p.probabilities[i : i + 1],
+                agreement[i : i + 1]) for i in range(16)]  # fmt: skip
+        singles = [monitor.judge([request])[0] for request in one]
+        states[given] = batch.state, singles[-1].state
+    assert states == {True: ("covered", "covered"), False: ("uncovered", "uncovered")}
+
+
 def test_save_and_load_round_trip(detector):
     buf = io.BytesIO()
     detector.save(buf)
@@ -160,6 +240,8 @@ def test_save_and_load_round_trip(detector):
     back = ShiftDetector.load(buf, name="x")
     assert back.conditions == detector.conditions and back.scope.threshold == detector.scope.threshold
     np.testing.assert_array_equal(back.thresholds, detector.thresholds)
+    assert detector.agreement is not None
+    np.testing.assert_array_equal(back.agreement, detector.agreement)
 
 
 def test_trust_marks_abstentions_and_the_shifted_question():
@@ -281,13 +363,14 @@ def test_a_coarse_scope_survives_saving_and_format_4_files_still_load(detector, 
     with np.load(buf) as z:
         arrays = {k: z[k] for k in z.files}
     header = json.loads(str(arrays.pop("header")))
+    arrays.pop("agreement")  # written since the cards' agreement; older files lack it
     header["format"] = "carddeck-shift/4"
     del header["scope"]["features"]
     old = io.BytesIO()
     np.savez(old, header=np.array(json.dumps(header)), **arrays)
     old.seek(0)
     four = ShiftDetector.load(old, name="old")
-    assert four.scope.features == FEATURE_NAMES
+    assert four.scope.features == FEATURE_NAMES and four.agreement is None  # judged as before it
     np.testing.assert_array_equal(
         four.image_scores(references[2].features), detector.image_scores(references[2].features)
     )

@@ -101,7 +101,8 @@ def test_the_trigger_follows_the_shift_signal_on_the_default_deck(images):
 
     def fires(batch: np.ndarray) -> bool:
         p = deck.predict(batch)
-        return trigger.fires_on(judge(deck.prepare(batch), p.probabilities, p.routing.features), p.probabilities)
+        verdict = judge(deck.prepare(batch), p.probabilities, p.routing.features, p.agreement)
+        return trigger.fires_on(verdict, p.probabilities)
 
     assert not fires(images[:64]) and not fires(images[64:128])
     assert fires(corrupt(images[:64], "fog", 5, seed=0))
@@ -125,7 +126,9 @@ def test_the_server_adapts_on_the_verdict_every_answer_carries(images):
         # carddeck eval judges a batch as this server does (kills testing all 64 images, not 16 spaced ones)
         x = dp.deck.prepare(corrupt(images[:64], "fog", 5, seed=0))
         plain = dp.deck.predict(x)
-        judged = served_verdicts(monitor.detector)(x, plain.probabilities, plain.routing.features)  # type: ignore[misc]
+        judge = served_verdicts(monitor.detector)
+        assert judge is not None
+        judged = judge(x, plain.probabilities, plain.routing.features, plain.agreement)
         assert (judged.state, judged.scope) == (fogged.verdict.state, fogged.verdict.scope)
         assert judged.expected_accuracy == pytest.approx(fogged.verdict.expected_accuracy, abs=1e-9)
         clean, _ = dp.predict(images[:64])
@@ -208,7 +211,7 @@ def test_a_shifted_request_of_one_class_is_served_unadapted(images):
     trigger = Trigger()
     for x, one_class in ((threes, True), (mixed, False)):
         p = deck.predict(x)
-        verdict = judge(x, p.probabilities, p.routing.features)
+        verdict = judge(x, p.probabilities, p.routing.features, p.agreement)
         assert verdict.state == "uncovered" and verdict.scope == "batch"
         assert Trigger(min_spread=0.0).fires_on(verdict, p.probabilities)
         assert trigger.fires_on(verdict, p.probabilities) is not one_class
