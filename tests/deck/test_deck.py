@@ -185,3 +185,7 @@ def test_agreement_is_the_routing_weight_of_the_cards_that_side_with_the_mix():
     want = [0.75, np.nan, 0.6 / 0.8, 0.2 / 0.3]  # row 1: card b alone
     np.testing.assert_allclose(filled, want, rtol=1e-6)
     np.testing.assert_allclose(agreement_of(w, jobs, probs, mixed), want, rtol=1e-6)
+    for i in range(4):  # one image alone (its own path) says what it says in the batch
+        alone = [(k, np.array([0])) for k, rows in jobs if i in rows]
+        mine = [per_card[k][[i]] for k, _ in alone]
+        np.testing.assert_allclose(agreement_of(w[[i]], alone, mine, mixed[[i]]), want[i : i + 1], rtol=1e-6)
