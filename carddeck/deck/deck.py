@@ -333,12 +333,12 @@ def agreement_of(
     (another kind of image, noise, black) each extrapolates its own way."""
     n = len(mixed)
     if n == 1:  # a one-image request, the verdict's tightest budget: plain Python over its cards, 6x cheaper
-        top, agreeing, total = mixed[0].argmax(), 0.0, 0.0
+        top, siding, weight = mixed[0].argmax(), 0.0, 0.0
         for (k, _), p in zip(jobs, probabilities):
             w = float(weights[0, k])
-            total += w
-            agreeing += w if p[0].argmax() == top else 0.0
-        return np.array([agreeing / total if len(jobs) >= 2 else np.nan], np.float32)
+            weight += w
+            siding += w if p[0].argmax() == top else 0.0
+        return np.array([siding / weight if len(jobs) >= 2 else np.nan], np.float32)
     label = np.argmax(mixed, axis=1)
     if all(len(rows) == n for _, rows in jobs):  # per-request routing: every routed card on every row, no scatter
         sides = np.argmax(np.stack(probabilities, axis=1), axis=2) == label[:, None]  # [N, J]: one call, not J
