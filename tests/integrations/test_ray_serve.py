@@ -486,6 +486,7 @@ def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_name
         substitute,
     )
 
+    wait_for_refit(ray_deck)  # the detector the deploy's refit stores judges the request
     x = np.concatenate([smooth_images(8, seed=11), noisy_images(8, seed=12)])
     # what carddeck serve's Metrics holds for the same request and detector, and for a refit
     local = Metrics(CollectorRegistry())
@@ -752,9 +753,7 @@ def test_a_killed_card_replica_fails_no_request_silently_and_is_replaced(ray_dec
     # ingress, which counts its own retries) or UNAVAILABLE; none hung, none failed another way
     assert ok - ok_at_kill + unavailable >= 4
     out = ray_deck.predict(x, "nearest-domain")  # served again by the new replica
-    assert out["labels"].shape == (len(x),)
-    # as it was found: the load may have scaled a1 up
-    wait_for("card a1 back at 1 replica", lambda: replicas("card-a1", "carddeck-card-a1") == 1, 90)
+    assert out["labels"].shape == (len(x),)  # (the load may have scaled a1 up: the scaling test waits for 1)
 
 
 def test_a_card_added_to_and_removed_from_a_local_directory_deck_serves_and_is_refitted_for(
