@@ -253,15 +253,18 @@ class RayDataplane:
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> np.ndarray:
+        with self.budget.hold(len(images)):  # as predict
+            return self._run_card(model, images, is_cancelled)
+
+    def _run_card(self, model: Model, images: np.ndarray, is_cancelled: Callable[[], bool] | None) -> np.ndarray:
         snap = self._snapshot_of(model)
         start = time.monotonic()
         try:
             name = snap.card(model.name).name  # CardNotFound names the cards there are
-            with self.budget.hold(len(images)):
-                x = snap.prepare(images)
-                _check_cancelled(is_cancelled)
-                t0 = time.monotonic()
-                probabilities = self._call(snap, name, x)
+            x = snap.prepare(images)
+            _check_cancelled(is_cancelled)
+            t0 = time.monotonic()
+            probabilities = self._call(snap, name, x)
         except BaseException:
             self._record(model, len(images), start, ok=False)
             raise
