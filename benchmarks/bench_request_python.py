@@ -21,6 +21,11 @@ median of ``--rounds``. ``--before-tree``: the same measured from another source
 archive`` of an older commit) in a subprocess, rounds alternated: before/after ratios from one run.
 ``no interceptors``: the handler chain without the interceptors (request id, metrics, auth), so the
 difference between the two is theirs. gRPC's own per-call cost is not here: ``bench_grpc_floor.py`` measures it.
+``--threads N`` adds a row: the handler chain called by N threads at once, micro-batching on, the card's run
+(without ``--with-ort``) a GIL-free sleep of ``--ort-ms`` per image standing in for ONNX Runtime so that
+batches form as under load; CPU of the whole process per request. Its difference from ``handler chain`` is
+what a request costs when its thread sleeps and wakes around the batch (hand-offs, cold caches), less the
+micro-batch's work shared by the requests in it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -71,7 +77,15 @@ class _Context:
         return {}
 
 
-def measure(deck_path: str, model_name: str, requests: int, with_ort: bool, images: int = 1) -> dict[str, float]:
+def measure(
+    deck_path: str,
+    model_name: str,
+    requests: int,
+    with_ort: bool,
+    images: int = 1,
+    threads: int = 0,
+    ort_ms: float = 0.8,
+) -> dict[str, float]:
     """One round in this process (the tree on sys.path): CPU us per request of each layer."""
     import numpy as np
     from prometheus_client import CollectorRegistry
@@ -91,7 +105,8 @@ def measure(deck_path: str, model_name: str, requests: int, with_ort: bool, imag
 
     settings = Settings(deck=deck_path)
     metrics = Metrics(CollectorRegistry())
-    dp = Dataplane(DataplaneConfig(deck_path=deck_path, batching=False), metrics=metrics)
+    # batching on only for the threaded row: a lone request runs in its caller's thread either way
+    dp = Dataplane(DataplaneConfig(deck_path=deck_path, batching=threads > 0), metrics=metrics)
     shift = ShiftMonitor(metrics)  # every answer carries its verdict, as serve() assembles it
     dp.on_swap.append(ShiftLoader(shift, refit=False))
     dp.judge = shift.judge
@@ -135,9 +150,35 @@ def measure(deck_path: str, model_name: str, requests: int, with_ort: bool, imag
             for _ in range(requests):
                 call()
             out[layer] = (time.thread_time() - t0) / requests * 1e6
+        if threads:
+            if not with_ort:  # ORT releases the GIL while it runs: so does a sleep, and batches form
+
+                def run(self: CardSession, x: np.ndarray) -> np.ndarray:
+                    time.sleep(ort_ms * len(x) / 1e3)
+                    return np.zeros((len(x), classes), np.float32)
+
+                CardSession._run = run  # type: ignore[method-assign]
+            out[f"{threads} threads"] = threaded(calls["handler chain"], threads, requests)
     finally:
         dp.close()
     return out
+
+
+def threaded(call: Any, threads: int, requests: int) -> float:
+    """CPU microseconds of this whole process per ``call``, ``threads`` threads calling at once."""
+    each = max(1, requests // threads)
+
+    def loop() -> None:
+        for _ in range(each):
+            call()
+
+    pool = [threading.Thread(target=loop) for _ in range(threads)]
+    t0 = time.process_time()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return (time.process_time() - t0) / (each * threads) * 1e6
 
 
 def main() -> int:
@@ -149,10 +190,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--with-ort", action="store_true", help="run the card too (noisier)")
     parser.add_argument("--before-tree", type=Path, help="also measure this source tree, rounds alternated")
+    parser.add_argument("--threads", type=int, default=0, help="also the handler chain from this many threads")
+    parser.add_argument("--ort-ms", type=float, default=0.8, help="the card's stand-in sleep per image (--threads)")
     parser.add_argument("--one-round", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_round:
-        print(json.dumps(measure(args.deck, args.model, args.requests, args.with_ort, args.images)))
+        print(json.dumps(measure(args.deck, args.model, args.requests, args.with_ort, args.images, args.threads,
+                                 args.ort_ms)))  # fmt: skip
         return 0
     trees = {"after": ROOT, **({"before": args.before_tree.resolve()} if args.before_tree else {})}
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
@@ -160,6 +204,7 @@ def main() -> int:
         for name, tree in trees.items():  # each round in a fresh process of its tree
             cmd = [sys.executable, __file__, "--one-round", "--deck", args.deck, "--model", args.model,
                    "--requests", str(args.requests), "--images", str(args.images),
+                   "--threads", str(args.threads), "--ort-ms", str(args.ort_ms),
                    *(["--with-ort"] if args.with_ort else [])]  # fmt: skip
             env = {**os.environ, "PYTHONPATH": str(tree)}
             done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
@@ -167,7 +212,8 @@ def main() -> int:
     ort = "with" if args.with_ort else "no"
     print(f"model {args.model} of {args.deck}, {args.images} images per request, {ort} ONNX Runtime; "
           f"CPU us per request, median of {args.rounds} rounds (range)")  # fmt: skip
-    for layer in LAYERS:
+    layers = list(rounds["after"][0])  # LAYERS, and the threaded row when asked for
+    for layer in layers:
         cells = []
         for name in trees:
             values = sorted(r[layer] for r in rounds[name])
@@ -175,7 +221,7 @@ def main() -> int:
         print(f"  {layer:<16} " + "   ".join(cells))
     if "before" in trees:
         print("after / before, each round's ratio, median (range):")
-        for layer in LAYERS:
+        for layer in layers:
             each = sorted(a[layer] / b[layer] for a, b in zip(rounds["after"], rounds["before"]))
             print(f"  {layer:<16} {statistics.median(each):.2f} ({each[0]:.2f}-{each[-1]:.2f})")
     return 0

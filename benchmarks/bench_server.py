@@ -15,9 +15,9 @@ Measures (images/s, p50/p99 latency per request) at batch 64 / concurrency 1 and
     threads in this process, with its CPU seconds per 1,000 images at batch 64: the floor;
   * (b) a uniform deck in PyTorch eager: every card runs on every image, softmax average
     (how RobustBench serves the CARD-Deck).
-Ratios printed at the end, with the small-requests targets in brackets: batch 1 / concurrency 32
-server throughput over in-process batch 64; server CPU per image over in-process batch-64 CPU per
-image; batch-1 latency overhead; batch 64 server over in-process. Each configuration is measured
+Ratios printed at the end, with issue #23's targets in brackets (the b1 latency overhead's is #15's): batch 1 /
+concurrency 32 server throughput over in-process batch 64; server CPU per image over in-process batch-64 CPU
+per image; batch-1 latency overhead; batch 64 server over in-process. Each configuration is measured
 --repeats times, interleaved with the others in an order rotated each repeat (the machine may be shared);
 the median is reported. Remote throughput counts each client's calls over their own span (the last one ends
 after the window).
@@ -431,18 +431,18 @@ def main() -> int:
         return all(f"{label}|b{batch}|c{conc}" in rows for label, batch, conc in keys)
 
     floor = row(FLOOR, 64, 1)
-    print("\nratios (targets in brackets):")
+    print("\nratios (issue #23's targets in brackets):")
     for label in remote:
         if label not in labels:
             continue
         print(f"  {label}:")
         if have((label, 64, 1)):
             r64 = row(label, 64, 1)["images_per_s"] / floor["images_per_s"]
-            print(f"    batch 64 throughput / in-process batch 64:                  {r64:6.2f}  [>= 0.98]")
+            print(f"    batch 64 throughput / in-process batch 64:                  {r64:6.2f}  [>= 0.95]")
         if have((label, 1, 32)):
             r32 = row(label, 1, 32)["images_per_s"] / floor["images_per_s"]
             cpu = row(label, 1, 32)["cpu_s_per_1k"] / floor["cpu_s_per_1k"]
-            print(f"    batch 1, conc 32 throughput / in-process batch 64:          {r32:6.2f}  [>= 0.75]")
+            print(f"    batch 1, conc 32 throughput / in-process batch 64:          {r32:6.2f}  [>= 0.60]")
             print(f"    batch 1, conc 32 server CPU per image / in-process batch 64: {cpu:6.2f}  [<= 1.50]")
         if have((label, 1, 1), (FLOOR, 1, 1)):
             overhead = row(label, 1, 1)["p50_ms"] - row(FLOOR, 1, 1)["p50_ms"]

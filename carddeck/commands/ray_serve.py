@@ -24,7 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="Serve's HTTP proxy address (0.0.0.0 for every interface)")
     parser.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port: the OIP REST routes")
     parser.add_argument("--ingress-replicas", type=int, default=1,
-                        help="replicas of the gated ingress; they share the deck (each polls the store)")  # fmt: skip
+                        help="replicas of the gated ingress; they share the deck (each polls the store). Each "
+                             "judges the shift of requests under 16 images over a window of its own: with N "
+                             "replicas a window fills, and is retested, after about N times more images")  # fmt: skip
     parser.add_argument("--card-num-cpus", type=float, default=0.1, help="CPUs each card replica asks Ray for")
     parser.add_argument("--min-replicas", type=int, default=1, help="fewest replicas of a card")
     parser.add_argument("--max-replicas", type=int, default=2, help="most replicas of a card")
@@ -36,8 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "any free port. With --address: the cluster's (ray start --metrics-export-port)",
                         )  # fmt: skip
     parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often to look for store changes")
+    parser.add_argument("--drain-s", type=float, default=10.0,
+                        help="a removed card's deployment outlives the ingress's last use of it this long")  # fmt: skip
     parser.add_argument("--allow-unauthenticated-admin", action="store_true",
-                        help="serve repository load/unload without a token (local experiments only)")  # fmt: skip
+                        help="serve repository load/unload without a token (local experiments only); the token is "
+                             "carddeck serve's: env CARDDECK_ADMIN_TOKEN or CARDDECK_ADMIN_TOKEN_FILE")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,16 +53,19 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("carddeck ray-serve needs Ray Serve: pip install 'carddeck[ray]'") from None
     from carddeck.deck import default_deck_path
     from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
+    from carddeck.serving.settings import load_settings
 
     config = RayDeckConfig(
         deck=args.deck or str(default_deck_path()),
         poll_interval_s=args.poll_interval_s,
+        drain_s=args.drain_s,
         ingress_replicas=args.ingress_replicas,
         card_num_cpus=args.card_num_cpus,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin,
+        admin_token=load_settings({}).resolved_admin_token(),  # from the environment, never a flag (ps shows flags)
     )
     local: dict[str, Any] = {} if args.address else {"_metrics_export_port": args.metrics_port or None}
     ray.init(address=args.address or None, num_cpus=args.num_cpus, include_dashboard=False, **local)

@@ -289,7 +289,7 @@ class Deck:
 def routed_rows(weights: np.ndarray, card_names: Sequence[str]) -> list[tuple[int, str, np.ndarray]]:
     """(column, card name, rows) of each card ``weights`` [N, K] give at least one row: each runs once, on those."""
     routed = weights > 0
-    if routed.all(axis=0).all():  # every card on every row (the usual per-batch routing): no search
+    if routed.all():  # every card on every row (the usual per-batch routing): no search
         every = np.arange(len(weights))
         return [(k, name, every) for k, name in enumerate(card_names)]
     return [(k, card_names[k], np.flatnonzero(routed[:, k])) for k in np.flatnonzero(routed.any(axis=0)).tolist()]

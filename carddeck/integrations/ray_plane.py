@@ -28,6 +28,7 @@ from carddeck.integrations.ray_metrics import families
 from carddeck.observability.metrics import Metrics
 from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 from carddeck.serving.batching import BatchPolicy
+from carddeck.serving.budget import ImageBudget
 from carddeck.serving.models import Model, resolve
 from carddeck.serving.snapshot import StoreState, StoreWatch
 from carddeck.serving.stats import ModelStats, Statistics
@@ -91,10 +92,14 @@ class RayDataplane:
         self.metrics = Metrics(CollectorRegistry())
         self.store_watch = StoreWatch(config.deck, self.metrics)
         self.statistics = Statistics()
+        settings = config.settings()
+        # the images this replica works on, bounded and exported as carddeck serve's are (its own share: each
+        # ingress replica is a server of its own, as each carddeck serve replica is)
+        self.budget = ImageBudget(settings.max_inflight_images)
+        self.metrics.track_images_in_flight(lambda: self.budget.used)
         # every answer carries its verdict, as on carddeck serve: the detector the deck stores, judged per
         # ingress replica. A deck without one for its cards answers `unknown` until the reconciler, the one
         # replica that refits (carddeck.integrations.ray_cards), has stored one.
-        settings = config.settings()
         self.shift = ShiftMonitor(self.metrics, window=settings.shift_window, stride=settings.shift_stride)
         self._load_shift = ShiftLoader(self.shift, refit=False)
         self._lock = threading.Lock()
@@ -107,7 +112,7 @@ class RayDataplane:
         """The families of :attr:`metrics` this plane fills (the others stay empty here: not exported)."""
         m = self.metrics
         return families([
-            m.requests, m.request_duration, m.in_flight_requests, m.default_policy,
+            m.requests, m.request_duration, m.in_flight_requests, m.images_in_flight, m.card_changes, m.default_policy,
             m.gate_decisions, m.gate_selections, m.gate_images, m.gate_weight, m.domain_distance, m.nearest_distance,
             m.shift_batches, m.shift_statistic, m.shift_distance, m.expected_accuracy, m.shift_false_alarm_rate,
             m.shift_detector_fitted, m.deck_version, m.deck_cards, m.store_up, m.store_last_sync,
@@ -213,6 +218,17 @@ class RayDataplane:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> tuple[Prediction, Deck]:
         model = model or self.resolve()
+        with self.budget.hold(len(images)):  # past --max-inflight-images: Overloaded, as on carddeck serve
+            return self._predict(model, images, policy, per_sample, is_cancelled)
+
+    def _predict(
+        self,
+        model: Model,
+        images: np.ndarray,
+        policy: str | None,
+        per_sample: bool,
+        is_cancelled: Callable[[], bool] | None,
+    ) -> tuple[Prediction, Deck]:
         snap = deck = self._snapshot_of(model)  # the snapshot this request finishes on
         start = time.monotonic()
         try:
@@ -243,6 +259,10 @@ class RayDataplane:
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> np.ndarray:
+        with self.budget.hold(len(images)):  # as predict
+            return self._run_card(model, images, is_cancelled)
+
+    def _run_card(self, model: Model, images: np.ndarray, is_cancelled: Callable[[], bool] | None) -> np.ndarray:
         snap = self._snapshot_of(model)
         start = time.monotonic()
         try:
@@ -302,12 +322,25 @@ class RayDataplane:
         return self.statistics.get(model)
 
     def add_card(self, model: bytes | Path) -> tuple[CardMeta, bool]:
-        """Into the store; the reconciler deploys it and the ingress serves it once it runs."""
-        meta = self.store.add_card(model, reserved=(self.config.deck_model_name,))
-        return meta, self.store.last_add_was_new
+        """Into the store; the reconciler deploys it and the ingress serves it once it runs. Counted in
+        ``carddeck_card_changes`` with carddeck serve's outcomes (ok, already_present, rejected)."""
+        try:
+            meta = self.store.add_card(model, reserved=(self.config.deck_model_name,))
+        except Exception:
+            self.metrics.card_change("add", "rejected")
+            raise
+        new = self.store.last_add_was_new
+        self.metrics.card_change("add", "ok" if new else "already_present")
+        return meta, new
 
     def remove_card(self, name: str, version: int | None = None) -> tuple[list[str], str]:
-        return self.store.remove_card(name, version), ""
+        try:
+            removed = self.store.remove_card(name, version)
+        except Exception:
+            self.metrics.card_change("remove", "rejected")
+            raise
+        self.metrics.card_change("remove", "ok")
+        return removed, ""
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -15,8 +15,9 @@ Three kinds of deployment, all built from one :class:`RayDeckConfig`:
   deployments) and stores it in the deck; the ingress answers `unknown` until it loads it.
 
 Each deployment's Prometheus series go out through Ray's metrics export under ``carddeck serve``'s names
-(:mod:`~carddeck.integrations.ray_metrics`): the ingress's requests, routing, shift, deck and store; each card's
-batching (a batch there is one card's run, merged by ``@serve.batch``); the reconciler's refits.
+(:mod:`~carddeck.integrations.ray_metrics`): the ingress's requests, images in flight, routing, shift, deck, card
+changes and store; each card's batching (a batch there is one card's run, merged by ``@serve.batch``); the
+reconciler's refits.
 
 The ingress swaps in a new snapshot only once every card of it is deployed and running, and old
 snapshots keep their handles until their requests finish, so no request fails during a change.

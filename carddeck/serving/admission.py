@@ -7,10 +7,9 @@ takes readiness away (load balancers stop sending), then drains: new work is ref
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 from carddeck.errors import NotReady
 
@@ -21,21 +20,11 @@ class Admission:
         self._cond = threading.Condition(threading.Lock())  # a plain lock: taken twice per request
         self._draining = False
         self.shutting_down = False  # readiness goes false; requests are still taken until drain
+        self._admitted = _Admitted(self)
 
-    @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
+    def request(self) -> AbstractContextManager[None]:
         """Wrap every call that does work: refused once draining, counted until it finishes."""
-        with self._cond:
-            if self._draining:
-                raise NotReady("the server is shutting down; retry on another replica")
-            self._inflight += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._inflight -= 1
-                if self._draining:  # only drain() waits (it sets draining under this lock first)
-                    self._cond.notify_all()
+        return self._admitted  # holds no state of its own: one for every request
 
     @property
     def inflight(self) -> int:
@@ -57,6 +46,29 @@ class Admission:
                     return False
                 self._cond.wait(remaining)
         return True
+
+
+class _Admitted:
+    """:meth:`Admission.request`'s context: a class, not a generator (a third of the cost, every request)."""
+
+    __slots__ = ("admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def __enter__(self) -> None:
+        a = self.admission
+        with a._cond:
+            if a._draining:
+                raise NotReady("the server is shutting down; retry on another replica")
+            a._inflight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        a = self.admission
+        with a._cond:
+            a._inflight -= 1
+            if a._draining:  # only drain() waits (it sets draining under this lock first)
+                a._cond.notify_all()
 
 
 __all__ = ["Admission"]

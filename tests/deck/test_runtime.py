@@ -19,8 +19,23 @@ from carddeck.deck.runtime import (
     chunks,
     row_pool,
     run_claimed,
+    softmax,
 )
 from tests.deck.conftest import card
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_is_the_textbook_formula_in_float32_and_leaves_the_logits_alone(dtype):
+    """softmax works in place on its own array: the caller's logits (a card's output, maybe cached) stay as
+    they were, and the answer is exactly exp(z - max) / sum, float32 (large logits: no overflow)."""
+    logits = (np.random.default_rng(0).standard_normal((5, 10)) * 40).astype(dtype)
+    logits[0, 3] = 500.0
+    kept = logits.copy()
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected = (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+    out = softmax(logits)
+    assert out.dtype == np.float32 and np.array_equal(out, expected)
+    assert np.array_equal(logits, kept)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 64, 100])

@@ -1,8 +1,10 @@
 """CARD-Deck on a real local Ray cluster (``ray.init`` on 127.0.0.1, small CPU fractions).
 
-One cluster for the module (starting Ray takes ~25 s on 2 busy cores) and one deployment on a local deck;
-the tests run in file order and leave the deck as they found it. The last ones redeploy once, on an S3 deck
-with two ingress replicas (``s3_ray_deck``). Select them with ``-m ray``.
+One cluster for the module (starting Ray takes ~25 s on 2 busy cores), running one deck's application at a time
+(:class:`Cluster`): a local-directory deck deployed through the Python API (``ray_deck``), and an S3 deck on moto's
+server with two ingress replicas, run by the ``carddeck ray-serve`` command (the class of ``s3_ray_deck``). Each
+test asks for the one it needs and leaves it as it found it, so they pass in any order (pytest-randomly keeps a
+class together: one switch of application per run). Select them with ``-m ray``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import threading
 import time
 import urllib.error
@@ -24,6 +27,7 @@ import numpy as np
 import pytest
 
 from carddeck.deck import Deck, DeckStore
+from carddeck.errors import CardNotFound, DeckConflict
 from carddeck.gating import SIGNATURE_DIM, CalibrationPoint, fit_router
 from carddeck.gating.policies import POLICIES
 from carddeck.gating.shift import ShiftDetector, Trust
@@ -145,10 +149,10 @@ def wait_for_moves(live: LiveDeck, before: Samples, moves: Samples, timeout_s: f
     summed over the exported series that carry those labels; fails naming those that did not."""
 
     def moved(now: Samples, name: str, labels: tuple[tuple[str, str], ...]) -> float:
-        def total(samples: Samples) -> float:
-            return sum(v for (n, got), v in samples.items() if n == name and set(labels) <= set(got))
-
-        return total(now) - total(before)
+        # a series gone since (a replica of an earlier application that Ray stopped exporting) moved nothing
+        return sum(
+            v - before.get((n, got), 0.0) for (n, got), v in now.items() if n == name and set(labels) <= set(got)
+        )
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -233,6 +237,32 @@ def replica_ids(deployment: str, app: str) -> list[str]:
             if a["name"].startswith(prefix)]  # fmt: skip
 
 
+def live_replicas() -> set[str]:
+    """The ids (``replica`` labels) of every Serve replica alive now, of any application."""
+    import ray
+
+    return {a["name"].rsplit("#", 1)[-1] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::")}  # fmt: skip
+
+
+def grpc_calls(live: LiveDeck, x: np.ndarray) -> None:
+    """Through Ray's gRPC proxy: a carddeck.v1 Predict of ``x`` answered, a RemoveCard without the admin token
+    refused (UNAUTHENTICATED)."""
+    import grpc
+
+    from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+    from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
+
+    app = (("application", "carddeck"),)  # Ray's proxy picks the application by this metadata
+    with grpc.insecure_channel(live.grpc_address) as channel:
+        stub = carddeck_pb2_grpc.CardDeckStub(channel)
+        images = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=list(x.shape), data=x.tobytes())
+        assert len(stub.Predict(pb.PredictRequest(images=images), metadata=app, timeout=60).labels) == len(x)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RemoveCard(pb.RemoveCardRequest(name="g1"), metadata=app, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
+
+
 def replicas(deployment: str, app: str) -> int:
     """RUNNING replicas of one deployment (Serve's own status)."""
     from ray import serve
@@ -243,13 +273,83 @@ def replicas(deployment: str, app: str) -> int:
     return int(status.deployments[deployment].replica_states.get("RUNNING", 0))
 
 
+def s3_vars(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint}  # fmt: skip
+
+
+class Cluster:
+    """The module's local Ray cluster and Serve. It runs one deck's application at a time (they share the names
+    ``carddeck`` and ``carddeck-card-<name>``): :meth:`serving` deploys the one a test needs if another runs,
+    so the tests pass in any order; the S3 group is one class, which pytest-randomly keeps together."""
+
+    def __init__(self, address: str, http_port: int, grpc_port: int, metrics_url: str) -> None:
+        self.address = address  # the GCS address `carddeck ray-serve --address` joins
+        self.http_port, self.grpc_port, self.metrics_url = http_port, grpc_port, metrics_url
+        self.running: str | None = None  # which deck's application runs now
+        self.live: LiveDeck | None = None
+        self._stop: Any = None  # takes it down
+
+    def serving(self, name: str, start: Any) -> LiveDeck:
+        """The application ``name``: the running one, or ``start()`` -> (LiveDeck, stop) after the other's stop."""
+        if self.running != name or self.live is None:
+            self.release()
+            self.live, self._stop = start()
+            self.running = name
+        return self.live
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop()
+        self.running, self.live, self._stop = None, None, None
+
+
 @pytest.fixture(scope="module")
-def ray_deck(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[LiveDeck]:  # noqa: F811
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Cluster]:  # noqa: F811
+    import os
+
     import ray
     from ray import serve
 
-    from carddeck.integrations.ray_serve import GRPC_SERVICER, RayDeckConfig, deploy, undeploy
+    from carddeck.integrations.ray_serve import GRPC_SERVICER
 
+    with pytest.MonkeyPatch.context() as env:
+        # the node's environment, which every replica inherits whichever driver deploys it (this process, or
+        # `carddeck ray-serve --address`): the code under test, and moto's S3 reached as any boto3 client does
+        for name in AWS_VARS:
+            env.delenv(name, raising=False)
+        env.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+        env.setenv("CARDDECK_CACHE_DIR", str(tmp_path_factory.mktemp("ray-cache")))
+        for name, value in s3_vars(s3_endpoint).items():
+            env.setenv(name, value)
+        ray.init(
+            address="local",
+            num_cpus=4,  # logical CPUs: the replicas ask for fractions of them; 2 real cores do the work
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            _system_config={"metrics_report_interval_ms": 1000},  # Ray's metrics export every second, not 10
+        )
+        http_port, grpc_port = free_port(), free_port()
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        node = ray.nodes()[0]
+        metrics_url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        cluster = Cluster(ray.get_runtime_context().gcs_address, http_port, grpc_port, metrics_url)
+        try:
+            yield cluster
+        finally:
+            cluster.release()
+            serve.shutdown()
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_deck(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local-directory deck with a router and calibration images but no shift detector (the reconciler refits
+    one at deploy)."""
     root = make_deck(tmp_path_factory.mktemp("ray") / "deck")
     store = DeckStore(root)
     keys = [e.key for e in store.manifest().active()]
@@ -260,32 +360,20 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iter
         for _ in range(4)
     ]  # fmt: skip
     store.set_gate(router=fit_router(points, keys))  # so that the 'calibrated' policy serves too
-    # the images the reconciler refits the shift detector from (no detector stored: it refits one at deploy);
-    # 32 make a refit take a few hundred card calls, so the `unknown` it leaves after AddCard is seen
+    # the images the reconciler refits the shift detector from; 32 make a refit take a few hundred card calls,
+    # so the `unknown` it leaves after AddCard is seen
     store.set_calibration(smooth_images(32, seed=99))
-    ray.init(
-        address="local",
-        num_cpus=4,  # logical CPUs: the replicas ask for fractions of them; 2 real cores do the work
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        # the replicas reach S3 decks on moto's server as any boto3 client would: through the environment
-        runtime_env={
-            "env_vars": {
-                "PYTHONPATH": str(ROOT),
-                **s3_vars(s3_endpoint),
-                "CARDDECK_CACHE_DIR": str(tmp_path_factory.mktemp("ray-cache")),
-            }
-        },
-        log_to_driver=False,
-        _system_config={"metrics_report_interval_ms": 1000},  # Ray's metrics export every second, not 10
-    )
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-    )
+    return root
+
+
+@pytest.fixture
+def ray_deck(ray_cluster: Cluster, local_deck: Path) -> LiveDeck:
+    """The application on the local deck, one ingress replica, deployed through the Python API (again, if the S3
+    group's replaced it)."""
+    from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
+
     config = RayDeckConfig(
-        deck=str(root),
+        deck=str(local_deck),
         poll_interval_s=0.5,
         drain_s=3.0,
         card_num_cpus=0.25,
@@ -294,19 +382,9 @@ def ray_deck(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iter
         downscale_delay_s=4.0,
         admin_token=ADMIN_TOKEN,
     )
-    node = ray.nodes()[0]
-    metrics_url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    try:
-        yield LiveDeck(root, deploy(config), http_port, grpc_port, metrics_url)
-    finally:
-        undeploy()
-        serve.shutdown()
-        ray.shutdown()
-
-
-def s3_vars(endpoint: str) -> dict[str, str]:
-    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint}  # fmt: skip
+    c = ray_cluster
+    return c.serving("local", lambda: (LiveDeck(local_deck, deploy(config), c.http_port, c.grpc_port, c.metrics_url),
+                                       undeploy))  # fmt: skip
 
 
 def test_predictions_equal_the_in_process_deck_for_every_policy(ray_deck: LiveDeck) -> None:
@@ -399,6 +477,7 @@ def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_name
     from carddeck.deck.deck import routed_rows
     from carddeck.observability.metrics import Metrics
     from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+    from carddeck.serving.snapshot import Snapshots
     from tests.observability.promql import (
         RAY_PROMETHEUS_YML,
         alert_rules,
@@ -407,6 +486,7 @@ def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_name
         substitute,
     )
 
+    wait_for_refit(ray_deck)  # the detector the deploy's refit stores judges the request
     x = np.concatenate([smooth_images(8, seed=11), noisy_images(8, seed=12)])
     # what carddeck serve's Metrics holds for the same request and detector, and for a refit
     local = Metrics(CollectorRegistry())
@@ -436,8 +516,33 @@ def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_name
                   ("carddeck_card_duration_seconds_count", (*at, ("card", name))): 1}  # fmt: skip
         for le in BATCH_BUCKETS:
             moved[("carddeck_batch_size_bucket", (*at, ("le", f"{float(le)}")))] = float(len(rows) <= le)
-    before = settled(ray_deck, GATE_SERIES + BATCH_SERIES)
+    # the card changes carddeck serve counts for: a card added again (already_present), a card whose version is
+    # stored with other bytes and one that is not there removed (rejected), done by its snapshot holder on a copy
+    store = DeckStore(ray_deck.root)
+    g1 = store.read_model(next(e for e in store.manifest().active() if e.name == "g1"))
+    other = card("g1", "gaussian", seed=5)  # g1/1 with other bytes
+    shutil.copytree(ray_deck.root, tmp_path / "copy")
+    held = Snapshots(tmp_path / "copy", poll_interval_s=0, reserved_names=("carddeck",), metrics=local)
+    held.start()
+    held.add_card(g1)
+    with pytest.raises(DeckConflict):
+        held.add_card(other)
+    with pytest.raises(CardNotFound):
+        held.remove_card("nope")
+    held.close()
+    changes = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in local.registry.collect()
+               if f.name == "carddeck_card_changes" for s in f.samples if s.name.endswith("_total")}  # fmt: skip
+    assert sorted(changes.values()) == [1, 1, 1], changes
+    moved |= changes
+
+    def load(name: str, model: bytes) -> int:
+        doc = {"parameters": {"file:model.onnx": base64.b64encode(model).decode()}}
+        return ray_deck.http(f"/v2/repository/models/{name}/load", doc, admin=True)[0]
+
+    before = settled(ray_deck, GATE_SERIES + BATCH_SERIES + ("carddeck_card_changes",))
     ray_deck.infer(x)  # one tested batch
+    assert load("g1", g1) == 200 and load("g1", other) == 409  # the same changes through the ingress
+    assert ray_deck.http("/v2/repository/models/nope/unload", {}, admin=True)[0] == 404
     wait_for_moves(ray_deck, before, moved, 30)
     tested = {k: want["carddeck_shift_batches_total"][k] for k in ("model", "unit")}
     tested["state"] = next(
@@ -458,11 +563,16 @@ def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_name
     for name in ("carddeck_batch_size_count", "carddeck_queue_wait_seconds_count", "carddeck_queue_depth"):
         for got, _ in series[name]:  # the card deployments', with no label of the server's own
             assert set(got) - RAY_LABELS == set() and got["application"] == f"carddeck-{got['deployment']}", got
-    assert ray_deck.ray_value("carddeck_queue_depth") == 0  # nothing waits for a batch now
-    assert ray_deck.ray_value("carddeck_shift_detector_fitted", deployment="ingress") == 1
+    live = live_replicas()  # (an earlier application's replicas may still be exported a while)
+    assert sum(v for got, v in series["carddeck_queue_depth"] if got["replica"] in live) == 0  # nothing waits now
+    me = ray_deck.state()["replica"]
+    assert ray_deck.ray_value("carddeck_shift_detector_fitted", deployment="ingress", replica=me) == 1
     assert ray_deck.ray_value("carddeck_shift_refits_total", outcome="ok", deployment="reconciler") >= 1
-    # every request the ingress answered, counted and timed as carddeck serve's transports do (the earlier tests':
-    # OIP REST answered and refused, carddeck.v1 through Ray's gRPC proxy answered and refused)
+    # every request the ingress answers, counted and timed as carddeck serve's transports do: OIP REST answered
+    # and refused, carddeck.v1 through Ray's gRPC proxy answered and refused
+    assert ray_deck.post("/v2/models/carddeck/infer", {"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                                                   "shape": [1], "data": [0]}]})[0] == 400  # fmt: skip
+    grpc_calls(ray_deck, x)
     infer = {"service": "http", "rpc": "/v2/models/{model}/infer"}
     grpc_ = {"service": "carddeck.v1.CardDeck"}
     calls = {("http", "200"): dict(infer, code="200"), ("http", "400"): dict(infer, code="400"),
@@ -476,7 +586,7 @@ def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_name
     assert ray_deck.ray_value("carddeck_request_duration_seconds_count", **infer) >= ray_deck.ray_value(
         "carddeck_requests_total", **calls["http", "200"]
     )
-    assert ray_deck.ray_value("carddeck_requests_in_flight", **infer) == 0
+    assert ray_deck.ray_value("carddeck_requests_in_flight", replica=me, **infer) == 0
 
     # the shipped dashboard and alerts, unchanged, on what Ray exports (the ray_ prefix stripped)
     target = ray_deck.metrics_url.removeprefix("http://").removesuffix("/metrics")
@@ -487,7 +597,7 @@ def test_the_series_are_exported_through_rays_metrics_under_carddeck_serves_name
         panels = [(t, substitute(e)) for t, e in dashboard_exprs() if set(re.findall(r"carddeck_\w+", e)) <= names]
         for family in ("shift_batches", "expected_accuracy", "gate_weight", "gate_selections", "gate_images",
                        "domain_distance", "nearest_domain_distance", "batch_size", "queue_depth", "queue_wait_seconds",
-                       "card_duration_seconds"):  # fmt: skip
+                       "card_duration_seconds", "card_changes"):  # fmt: skip
             assert any(f"carddeck_{family}_" in e or f"carddeck_{family}{{" in e for _, e in panels), family
         for _, expr in panels:
             prom.wait_for(expr, timeout=30)  # rate() needs two scrapes
@@ -553,8 +663,23 @@ def test_ready_reports_the_store_and_statistics_count_what_the_ingress_served(ra
 
 
 def test_a_popular_card_scales_from_1_to_2_replicas_and_back(ray_deck: LiveDeck) -> None:
-    assert replicas("card-g1", "carddeck-card-g1") == 1
-    x = noisy_images(8, seed=4)  # the gate sends noise to g1 only (nearest-domain)
+    """Under load only the card the gate picks scales up, and back down after. Meanwhile the ingress exports the
+    images it works on (``carddeck_images_in_flight``, as carddeck serve): several requests' images at once, and
+    none once they are answered (kills a gauge not exported, counted per request, or never given back)."""
+    wait_for(
+        "cards at 1 replica", lambda: all(replicas(f"card-{c}", f"carddeck-card-{c}") == 1 for c in ("g1", "a1")), 60
+    )
+    x = noisy_images(9, seed=4)  # the gate sends noise to g1 only (nearest-domain)
+    me = ray_deck.state()["replica"]
+    seen: list[float] = []
+
+    def in_flight() -> float:
+        return ray_deck.ray_value("carddeck_images_in_flight", deployment="ingress", replica=me)
+
+    def several() -> bool:  # a multiple of the request's images, more than 16 requests could count as
+        seen.append(in_flight())
+        return seen[-1] > 16 and seen[-1] % len(x) == 0
+
     stop = threading.Event()
 
     def client() -> None:
@@ -566,10 +691,12 @@ def test_a_popular_card_scales_from_1_to_2_replicas_and_back(ray_deck: LiveDeck)
         try:
             up = wait_for("card g1 at 2 replicas", lambda: replicas("card-g1", "carddeck-card-g1") == 2, 90)
             assert replicas("card-a1", "carddeck-card-a1") == 1  # the unpopular card stays at its minimum
+            wait_for(f"several requests' images in flight in Ray's metrics (seen {seen[-8:]})", several, 30)
         finally:
             stop.set()
         for c in clients:
             c.result()
+    wait_for("no image in flight in Ray's metrics", lambda: in_flight() == 0, 30)
     down = wait_for("card g1 back at 1 replica", lambda: replicas("card-g1", "carddeck-card-g1") == 1, 90)
     print(f"scaled up after {up:.1f} s of load, down {down:.1f} s after it stopped")
 
@@ -626,7 +753,50 @@ def test_a_killed_card_replica_fails_no_request_silently_and_is_replaced(ray_dec
     # ingress, which counts its own retries) or UNAVAILABLE; none hung, none failed another way
     assert ok - ok_at_kill + unavailable >= 4
     out = ray_deck.predict(x, "nearest-domain")  # served again by the new replica
-    assert out["labels"].shape == (len(x),)
+    assert out["labels"].shape == (len(x),)  # (the load may have scaled a1 up: the scaling test waits for 1)
+
+
+def test_a_card_added_to_and_removed_from_a_local_directory_deck_serves_and_is_refitted_for(
+    ray_deck: LiveDeck,
+) -> None:
+    """AddCard and RemoveCard (OIP repository load and unload through Ray's proxy) on a local-directory deck: the
+    card gets its application and is served, the reconciler refits the detector for the new cards and stores it
+    in the directory, and the answers carry that detector's verdict; once removed, the card is no longer served,
+    its application goes and the deck is refitted for again; the ingress counts both changes in
+    ``carddeck_card_changes_total`` (outcome ok). Kills: a local store the ingress or the reconciler does not
+    follow, no refit stored in a directory, a removed card's application left running, changes not counted."""
+    live = ray_deck
+    wait_for_refit(live)
+    me = live.state()["replica"]
+    count0 = {op: live.ray_value("carddeck_card_changes_total", op=op, outcome="ok", replica=me)
+              for op in ("add", "remove")}  # fmt: skip
+    x = np.concatenate([noisy_images(8, seed=13), smooth_images(8, seed=14)])
+    model = base64.b64encode(card("g2", "gaussian", seed=7)).decode()
+    status, _, doc = live.http("/v2/repository/models/g2/load", {"parameters": {"file:model.onnx": model}}, admin=True)
+    assert status == 200, doc
+    took = wait_for("card g2 served", lambda: "g2" in live.state()["cards"], 60)
+    refitted = wait_for_refit(live)
+    out, ref = live.predict(x), Deck.open(live.root).predict(x)
+    assert "g2" in out["card_names"] and out["version"] == refitted
+    np.testing.assert_allclose(out["probabilities"], ref.probabilities, rtol=1e-6, atol=1e-7)
+    _, want = in_process_verdict(live.root, x)  # the refitted detector's, read from the directory
+    assert want.state != "unknown"
+    assert_same_verdict(out["verdict"], want)
+
+    status, _, doc = live.http("/v2/repository/models/g2/unload", {}, admin=True)
+    assert status == 200, doc
+    wait_for("card g2 no longer served", lambda: "g2" not in live.state()["cards"], 60)
+    final = wait_for_refit(live)
+    assert final > refitted and sorted(live.state()["cards"]) == ["a1", "g1"]  # as it was found
+    assert "g2" not in live.predict(x, "soft")["card_names"]
+    wait_for("card g2's application deleted", lambda: replicas("card-g2", "carddeck-card-g2") == 0, 60)
+    wait_for(
+        "both changes counted in Ray's metrics",
+        lambda: all(live.ray_value("carddeck_card_changes_total", op=op, outcome="ok", replica=me) == n + 1
+                    for op, n in count0.items()),
+        30,
+    )  # fmt: skip
+    print(f"local deck: card added -> served in {took:.1f} s, refitted at version {refitted}, removed at {final}")
 
 
 def test_the_serve_config_file_builds_the_application_and_bad_args_are_named() -> None:
@@ -642,38 +812,61 @@ def test_the_serve_config_file_builds_the_application_and_bad_args_are_named() -
         app_builder({"deck": "models", "replicas": 3})
 
 
-# -- last: the application replaced by one of two ingress replicas on an S3 deck ------------------------------
-@pytest.fixture(scope="module")
-def s3_ray_deck(ray_deck: LiveDeck, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:  # noqa: F811
-    """The application redeployed on an S3 deck (moto's server) that stores calibration images and no shift
-    detector, with two ingress replicas: the deck several replicas share, as users scale the ingress. It
-    replaces the module's application (which the ``ray_deck`` fixture deletes), so its tests come last."""
-    import copy
+# -- the S3 group: `carddeck ray-serve --ingress-replicas 2` on an S3 deck -----------------------------------------
+@pytest.fixture(scope="class")
+def s3_ray_deck(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
+    """The application on an S3 deck (moto's server) that stores calibration images and no shift detector,
+    with two ingress replicas (the deck several replicas share, as users scale the ingress), run as users run
+    it: the ``carddeck ray-serve`` command, here joining the module's cluster (``--address``), the admin token
+    from the environment. It replaces the local deck's application while its class runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
 
     import boto3
+    from ray import serve
 
-    from carddeck.integrations.ray_serve import RayDeckConfig, deploy, undeploy
+    from carddeck.integrations.ray_serve import APP
 
-    with pytest.MonkeyPatch.context() as env:  # this process reaches moto as the replicas do
-        for name in AWS_VARS:
-            env.delenv(name, raising=False)
-        for name, value in s3_vars(s3_endpoint).items():
-            env.setenv(name, value)
-        env.setenv("CARDDECK_CACHE_DIR", str(tmp_path_factory.mktemp("s3-cache")))
-        boto3.client("s3").create_bucket(Bucket="ray-shared")
-        location = "s3://ray-shared/decks/ray"
-        store = DeckStore.create(location)
-        store.add_card(card("g1", "gaussian", seed=1))
-        store.add_card(card("a1", "augmix", seed=2))
-        store.set_calibration(smooth_images(32, seed=99))  # enough for the `unknown` of a refit to be seen
-        undeploy()
-        live = copy.copy(ray_deck)
-        live.root = location  # type: ignore[assignment]
-        config = RayDeckConfig(deck=location, poll_interval_s=0.5, drain_s=3.0, card_num_cpus=0.25,
-                               ingress_replicas=2, admin_token=ADMIN_TOKEN)  # fmt: skip
-        live.handle = deploy(config)
-        wait_for("two ingress replicas serving", lambda: len(ingress_states(live)) == 2, 60)
-        yield live
+    bucket = f"ray-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)  # this process reaches moto as the replicas do (ray_cluster)
+    location = f"s3://{bucket}/decks/ray"
+    store = DeckStore.create(location)
+    store.add_card(card("g1", "gaussian", seed=1))
+    store.add_card(card("a1", "augmix", seed=2))
+    store.set_calibration(smooth_images(32, seed=99))  # enough for the `unknown` of a refit to be seen
+
+    def start() -> tuple[LiveDeck, Any]:
+        log_path = tmp_path_factory.mktemp("ray-serve-cli") / "carddeck-ray-serve.log"
+        command = [sys.executable, "-m", "carddeck", "ray-serve", "--address", ray_cluster.address,
+                   "--deck", location, "--ingress-replicas", "2", "--http-port", str(ray_cluster.http_port),
+                   "--poll-interval-s", "0.5", "--drain-s", "3", "--card-num-cpus", "0.25"]  # fmt: skip
+        with log_path.open("wb") as out:
+            cli = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN})  # fmt: skip
+
+        def stop() -> None:  # as a user stops it: SIGTERM, and the command deletes its applications
+            cli.send_signal(signal.SIGTERM)
+            assert cli.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+
+        def deployed() -> bool:
+            assert cli.poll() is None, log_path.read_text()[-3000:]
+            return "Ray Serve: deck " in log_path.read_text()  # its deploy() returned: the deck serves
+
+        try:
+            wait_for("carddeck ray-serve serving the S3 deck", deployed, 180)
+            c = ray_cluster
+            live = LiveDeck(location, serve.get_app_handle(APP), c.http_port, c.grpc_port, c.metrics_url)  # type: ignore[arg-type]
+            wait_for("two ingress replicas serving", lambda: len(ingress_states(live)) == 2, 60)
+        except BaseException:
+            stop()
+            raise
+        return live, stop
+
+    yield ray_cluster.serving("s3", start)
+    ray_cluster.release()
 
 
 def answers_of_every_replica(live: LiveDeck, x: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -687,130 +880,159 @@ def answers_of_every_replica(live: LiveDeck, x: np.ndarray) -> dict[str, dict[st
     return answers
 
 
-def test_an_s3_deck_serves_the_shift_signal_through_ray_serve(s3_ray_deck: LiveDeck) -> None:
-    """The reconciler reads the S3 deck's cards and calibration images through the store, refits the detector
-    and stores it in S3; every ingress replica loads it from there: answers carry the verdict the in-process
-    monitor gives with that detector, whichever replica answers. Kills a loader that builds a local path from
-    the s3:// location, and a refit kept out of the store."""
-    live = s3_ray_deck
-    version = wait_for_refit(live)
-    x = np.concatenate([noisy_images(8, seed=6), smooth_images(8, seed=7)])
-    local_version, want = in_process_verdict(live.root, x)
-    assert local_version == version and want.state != "unknown"
-    served, got = live.infer(x)
-    assert served == str(version)
-    assert got["shift_state"] == want.state and got["shift_scope"] == "batch"
-    assert got["out_of_scope_images"] == ",".join(str(i) for i in np.flatnonzero(~want.in_scope))
-    answers = answers_of_every_replica(live, x)
-    assert len(answers) == 2
-    for out in answers.values():
-        assert out["version"] == version
-        assert_same_verdict(out["verdict"], want)
-    log = replica_log("reconciler")
-    assert f"refitted shift detector stored as deck version {version}" in log, log[-3000:]
+class TestTwoIngressReplicasOnAnS3Deck:
+    """Run by `carddeck ray-serve --ingress-replicas 2` on a shared S3 deck."""
 
-
-def test_a_card_added_through_one_of_two_ingress_replicas_is_judged_by_the_refit_on_both(
-    s3_ray_deck: LiveDeck,
-) -> None:
-    """AddCard (the OIP repository load, through Ray's proxy, taken by one ingress replica) on the shared deck
-    of two: the card serves on both within 30 s, with the state `unknown` (never the old cards' detector, never
-    silently off) until the reconciler has refitted a detector for the new cards and stored it; then both
-    replicas answer with that detector's verdict, at the same deck version, and say so in their own exported
-    series; the refit is counted in Ray's metrics. Removing the card fails no request either, and is refitted
-    for too, and the replicas agree on the deck version again. Kills: no refit after a change, a refit that is
-    not stored, an ingress replica that keeps the old detector or never loads the new one, a replica left on
-    an older deck version."""
-    live = s3_ray_deck
-    x = np.concatenate([noisy_images(8, seed=3), smooth_images(8, seed=4)])  # a tested batch
-    answers: list[dict[str, Any]] = []  # the verdict and the replica of each, in order (Ray picks the replica)
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def traffic() -> None:  # requests all through the change; none may fail
-        while not stop.is_set():
-            try:
-                answers.append(live.predict(x))
-            except BaseException as exc:
-                failures.append(exc)
-
-    wait_for_refit(live)  # the deploy's own refit is over, and counted, before the change
-    (reconciler,) = replica_ids("reconciler", "carddeck")  # (the replaced application's may still be exported)
-    wait_for(
-        "the deploy's refit counted in Ray's metrics",
-        lambda: live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler) >= 1,
-        30,
-    )
-    refits = live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler)
-    client = threading.Thread(target=traffic)
-    client.start()
-    try:
-        model = base64.b64encode(card("g2", "gaussian", seed=7)).decode()
-        status, _, doc = live.http("/v2/repository/models/g2/load", {"parameters": {"file:model.onnx": model}},
-                                   admin=True)  # fmt: skip
-        assert status == 200, doc
-        took = wait_for(
-            "card g2 served by both ingress replicas",
-            lambda: all("g2" in s["cards"] for s in ingress_states(live).values()),
-            30,
-        )
-        refitted = wait_for_refit(live)
-        both = set(ingress_states(live))
-        wait_for(
-            "answers of both replicas from the refitted deck",
-            lambda: {a["replica"] for a in list(answers) if a["version"] >= refitted} == both,
-            30,
-        )
-        _, want = in_process_verdict(live.root, x)  # the refitted detector's
-        added = [a for a in list(answers) if "g2" in a["card_names"]]
-        assert any(a["verdict"].state == "unknown" for a in added)  # the refit's wait was served `unknown`
-        for replica in both:
-            # in the order they came: unknown until judged, then judged for good, by the refitted detector (a
-            # request of the added deck version may be judged by it, loaded while it ran: same cards); a replica
-            # that polled only after the refit was stored may never have said `unknown`
-            mine = [a for a in added if a["replica"] == replica]
-            judged = next((i for i, a in enumerate(mine) if a["verdict"].state != "unknown"), len(mine))
-            assert all(a["verdict"].state != "unknown" for a in mine[judged:]), [a["verdict"].state for a in mine]
-            for a in mine[judged:]:
-                assert_same_verdict(a["verdict"], want)
-            assert all(a["verdict"].state != "unknown" for a in mine if a["version"] >= refitted)
-        assert "state unknown until" in replica_log("ingress")
+    def test_an_s3_deck_serves_the_shift_signal_through_ray_serve(self, s3_ray_deck: LiveDeck) -> None:
+        """The reconciler reads the S3 deck's cards and calibration images through the store, refits the detector
+        and stores it in S3; every ingress replica loads it from there: answers carry the verdict the in-process
+        monitor gives with that detector, whichever replica answers. Kills a loader that builds a local path from
+        the s3:// location, and a refit kept out of the store."""
+        live = s3_ray_deck
+        version = wait_for_refit(live)
+        x = np.concatenate([noisy_images(8, seed=6), smooth_images(8, seed=7)])
+        local_version, want = in_process_verdict(live.root, x)
+        assert local_version == version and want.state != "unknown"
+        served, got = live.infer(x)
+        assert served == str(version)
+        assert got["shift_state"] == want.state and got["shift_scope"] == "batch"
+        assert got["out_of_scope_images"] == ",".join(str(i) for i in np.flatnonzero(~want.in_scope))
+        answers = answers_of_every_replica(live, x)
+        assert len(answers) == 2
+        for out in answers.values():
+            assert out["version"] == version
+            assert_same_verdict(out["verdict"], want)
         log = replica_log("reconciler")
-        assert "refitting the shift detector from the deck's calibration images" in log, log[-3000:]
-        assert f"refitted shift detector stored as deck version {refitted}" in log, log[-3000:]
-        out = live.predict(x, "soft")
-        ref = Deck.open(live.root).predict(x, policy="soft")
-        assert "g2" in out["card_names"]
-        np.testing.assert_allclose(out["probabilities"], ref.probabilities, rtol=1e-6, atol=1e-7)
-        print(f"card added -> served by both ingress replicas in {took:.1f} s, refitted at deck version {refitted}")
+        assert f"refitted shift detector stored as deck version {version}" in log, log[-3000:]
 
-        status, _, doc = live.http("/v2/repository/models/g2/unload", {}, admin=True)
-        assert status == 200, doc
+    def test_a_card_added_through_one_of_two_ingress_replicas_is_judged_by_the_refit_on_both(
+        self, s3_ray_deck: LiveDeck
+    ) -> None:
+        """AddCard (the OIP repository load, through Ray's proxy, taken by one ingress replica) on the shared deck
+        of two: the card serves on both within 30 s, with the state `unknown` (never the old cards' detector, never
+        silently off) until the reconciler has refitted a detector for the new cards and stored it; then both
+        replicas answer with that detector's verdict, at the same deck version, and say so in their own exported
+        series; the refit is counted in Ray's metrics. Removing the card fails no request either, and is refitted
+        for too, and the replicas agree on the deck version again. Kills: no refit after a change, a refit that is
+        not stored, an ingress replica that keeps the old detector or never loads the new one, a replica left on
+        an older deck version."""
+        live = s3_ray_deck
+        x = np.concatenate([noisy_images(8, seed=3), smooth_images(8, seed=4)])  # a tested batch
+        answers: list[dict[str, Any]] = []  # the verdict and the replica of each, in order (Ray picks the replica)
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def traffic() -> None:  # requests all through the change; none may fail
+            while not stop.is_set():
+                try:
+                    answers.append(live.predict(x))
+                except BaseException as exc:
+                    failures.append(exc)
+
+        wait_for_refit(live)  # the deploy's own refit is over, and counted, before the change
+        (reconciler,) = replica_ids("reconciler", "carddeck")  # (the replaced application's may still be exported)
         wait_for(
-            "card g2 dropped by both ingress replicas",
-            lambda: all("g2" not in s["cards"] for s in ingress_states(live).values()),
+            "the deploy's refit counted in Ray's metrics",
+            lambda: live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler) >= 1,
             30,
         )
-        final = wait_for_refit(live)  # a detector for the cards left, on both replicas
-        assert {s["version"] for s in ingress_states(live).values()} == {final}
-        wait_for("card g2's application deleted", lambda: replicas("card-g2", "carddeck-card-g2") == 0, 60)
-        # each replica's own series say so too, through Ray's export (their `replica` label is the one its answers
-        # carry), and both refits are counted
-        for replica in both:
-            wait_for(
-                f"replica {replica}'s deck version and detector in Ray's metrics",
-                lambda r=replica: (
-                    live.ray_value("carddeck_deck_version", deployment="ingress", replica=r) == final
-                    and live.ray_value("carddeck_shift_detector_fitted", deployment="ingress", replica=r) == 1
-                ),
+        refits = live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler)
+        client = threading.Thread(target=traffic)
+        client.start()
+        try:
+            model = base64.b64encode(card("g2", "gaussian", seed=7)).decode()
+            status, _, doc = live.http("/v2/repository/models/g2/load", {"parameters": {"file:model.onnx": model}},
+                                       admin=True)  # fmt: skip
+            assert status == 200, doc
+            took = wait_for(
+                "card g2 served by both ingress replicas",
+                lambda: all("g2" in s["cards"] for s in ingress_states(live).values()),
                 30,
             )
-        wait_for(
-            "both refits counted in Ray's metrics",
-            lambda: live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler) == refits + 2,
-            30,
-        )
-    finally:
-        stop.set()
-        client.join()
-    assert not failures, failures[:3]
+            refitted = wait_for_refit(live)
+            both = set(ingress_states(live))
+            wait_for(
+                "answers of both replicas from the refitted deck",
+                lambda: {a["replica"] for a in list(answers) if a["version"] >= refitted} == both,
+                30,
+            )
+            _, want = in_process_verdict(live.root, x)  # the refitted detector's
+            added = [a for a in list(answers) if "g2" in a["card_names"]]
+            assert any(a["verdict"].state == "unknown" for a in added)  # the refit's wait was served `unknown`
+            for replica in both:
+                # in the order they came: unknown until judged, then judged for good, by the refitted detector (a
+                # request of the added deck version may be judged by it, loaded while it ran: same cards); a replica
+                # that polled only after the refit was stored may never have said `unknown`
+                mine = [a for a in added if a["replica"] == replica]
+                judged = next((i for i, a in enumerate(mine) if a["verdict"].state != "unknown"), len(mine))
+                assert all(a["verdict"].state != "unknown" for a in mine[judged:]), [a["verdict"].state for a in mine]
+                for a in mine[judged:]:
+                    assert_same_verdict(a["verdict"], want)
+                assert all(a["verdict"].state != "unknown" for a in mine if a["version"] >= refitted)
+            assert "state unknown until" in replica_log("ingress")
+            log = replica_log("reconciler")
+            assert "refitting the shift detector from the deck's calibration images" in log, log[-3000:]
+            assert f"refitted shift detector stored as deck version {refitted}" in log, log[-3000:]
+            out = live.predict(x, "soft")
+            ref = Deck.open(live.root).predict(x, policy="soft")
+            assert "g2" in out["card_names"]
+            np.testing.assert_allclose(out["probabilities"], ref.probabilities, rtol=1e-6, atol=1e-7)
+            print(f"card added -> served by both ingress replicas in {took:.1f} s, refitted at deck version {refitted}")
+
+            status, _, doc = live.http("/v2/repository/models/g2/unload", {}, admin=True)
+            assert status == 200, doc
+            wait_for(
+                "card g2 dropped by both ingress replicas",
+                lambda: all("g2" not in s["cards"] for s in ingress_states(live).values()),
+                30,
+            )
+            final = wait_for_refit(live)  # a detector for the cards left, on both replicas
+            assert {s["version"] for s in ingress_states(live).values()} == {final}
+            wait_for("card g2's application deleted", lambda: replicas("card-g2", "carddeck-card-g2") == 0, 60)
+            # each replica's own series say so too, through Ray's export (their `replica` label is the one its answers
+            # carry), and both refits are counted
+            for replica in both:
+                wait_for(
+                    f"replica {replica}'s deck version and detector in Ray's metrics",
+                    lambda r=replica: (
+                        live.ray_value("carddeck_deck_version", deployment="ingress", replica=r) == final
+                        and live.ray_value("carddeck_shift_detector_fitted", deployment="ingress", replica=r) == 1
+                    ),
+                    30,
+                )
+            wait_for(
+                "both refits counted in Ray's metrics",
+                lambda: live.ray_value("carddeck_shift_refits_total", outcome="ok", replica=reconciler) == refits + 2,
+                30,
+            )
+        finally:
+            stop.set()
+            client.join()
+        assert not failures, failures[:3]
+
+    def test_each_ingress_replica_judges_small_requests_over_a_window_of_its_own(self, s3_ray_deck: LiveDeck) -> None:
+        """Requests under 16 images are judged over a window of the last 32 images *their* ingress replica
+        served (carddeck serve's --shift-window), so with two replicas the first window verdict comes after about
+        twice as many small requests (README, --ingress-replicas help). Each replica says `unknown` ("none") to its
+        first 31 one-image requests and judges its 32nd on its window, and every one after. Kills: windows not
+        fed on Ray, or of another size than the settings', or a replica that never reports its window's state."""
+        from carddeck.serving.settings import Settings
+
+        live, window = s3_ray_deck, Settings().shift_window
+        wait_for_refit(live)
+        want = replicas("ingress", "carddeck")
+        mine: dict[str, list[str]] = {}  # each replica's answers' verdict scope, in order
+        judged: dict[str, int] = {}  # the request (of all) that filled each replica's window
+        total = 0
+        while len(mine) < want or min(len(m) for m in mine.values()) < window + 2:
+            out = live.predict(smooth_images(1, seed=total))
+            scopes = mine.setdefault(out["replica"], [])
+            scopes.append(out["verdict"].scope)
+            total += 1
+            if len(scopes) == window:
+                judged[out["replica"]] = total
+            assert total < 50 * window, {r: len(m) for r, m in mine.items()}
+        for replica, scopes in mine.items():
+            assert scopes[: window - 1] == ["none"] * (window - 1), (replica, scopes)
+            assert set(scopes[window - 1 :]) == {"window"}, (replica, scopes)
+        print(f"{want} ingress replicas, one-image requests: windows judged from requests {sorted(judged.values())}")
