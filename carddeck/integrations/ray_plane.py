@@ -249,7 +249,7 @@ class RayDataplane:
             log.exception("observing the routing of a request of %d images failed", len(x))
         request = (model.name, x, routing, probabilities, agreement)
         (verdict,) = self.shift.judge([request], cards=snap.card_keys)  # never raises
-        return Prediction(probabilities, routing, verdict), deck
+        return Prediction(probabilities, routing, verdict, agreement=agreement), deck
 
     def run_card(
         self,
