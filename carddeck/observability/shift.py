@@ -185,6 +185,9 @@ def fits(detector: ShiftDetector, cards: Collection[str]) -> bool:
     return fitted is None or sorted(fitted) == sorted(cards)
 
 
+RETRY_S, RETRY_MAX_S = 2.0, 60.0  # a failed refit is tried again after 2 s, then 4, 8, ... at most every minute
+
+
 class ShiftLoader:
     """Deck-swap listener (``dataplane.on_swap``): loads the deck's shift detector into ``monitor`` (read
     through the deck's store) when the manifest names one fitted for the deck's cards; otherwise serves
@@ -200,9 +203,11 @@ class ShiftLoader:
         refit: bool = True,
         on_refit: Callable[[str, float], None] | None = None,
         store_refit: bool = False,
+        retry_s: float | None = RETRY_S,
     ) -> None:
         self.monitor = monitor
         self.refit = refit
+        self.retry_s = retry_s  # first wait before a failed refit is tried again (None: never)
         self.on_refit = on_refit
         self.store_refit = store_refit
         self._key: tuple[str | None, tuple[str, ...]] | None = None  # (detector file, cards) last given
@@ -247,15 +252,34 @@ class ShiftLoader:
         return detector
 
     def _refit(self, deck: Deck, key: tuple[str | None, tuple[str, ...]]) -> None:
+        # A refit that fails for a passing reason (a card's replica lost under it on Ray, a store that did not
+        # answer) is tried again, later each time, for as long as these are the deck's cards: nothing else would
+        # try again before the deck changes, and the state would stay unknown. A deck it cannot be refitted
+        # from (InvalidInput: no calibration images) is not.
+        delay = self.retry_s
+        while not self._refit_once(deck, key) and delay is not None:
+            time.sleep(delay)
+            with self._lock:
+                if self._key != key:
+                    return
+            delay = min(2 * delay, RETRY_MAX_S)
+
+    def _refit_once(self, deck: Deck, key: tuple[str | None, tuple[str, ...]]) -> bool:
+        """One refit; False when it failed and may succeed if tried again."""
         from carddeck.gating.shift_fit import refit_from_deck
 
         start = time.monotonic()
         log.info("deck version %d: refitting the shift detector from the deck's calibration images", deck.version)
+        retry = False
         try:
             detector = refit_from_deck(deck)
-        except Exception as exc:
+        except InvalidInput as exc:
             outcome = "failed"
             log.warning("deck version %d: shift detector refit failed, state stays unknown: %s", deck.version, exc)
+        except Exception as exc:
+            outcome, retry = "failed", self.retry_s is not None
+            again = f"; trying again in {self.retry_s:g} s or more" if retry else ""
+            log.warning("deck version %d: shift detector refit failed, state unknown: %s%s", deck.version, exc, again)
         else:
             outcome = "ok"
             with self._lock:
@@ -274,6 +298,7 @@ class ShiftLoader:
                 outcome = "stale"
         if self.on_refit is not None:
             self.on_refit(outcome, time.monotonic() - start)
+        return not retry
 
     @staticmethod
     def _store(deck: Deck, detector: ShiftDetector) -> str | None:

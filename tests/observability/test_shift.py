@@ -471,3 +471,41 @@ def test_shift_command_refuses_bad_sizes():
         text=True,
     )
     assert result.returncode == 2 and "--draws must be at least 1, got 0" in result.stderr
+
+
+def test_a_refit_that_fails_for_a_passing_reason_is_tried_again_until_it_lands(tmp_path, caplog):
+    """A refit whose deck run fails once (on Ray: a card's replica lost under it) is tried again and brings the
+    detector back; before, the state stayed unknown until the deck next changed (kills a loader that gives up
+    after one failure, and one that retries a deck it cannot refit from: InvalidInput)."""
+    from tests.cards import tiny_card_bytes, tiny_meta
+    from tests.observability.deck_traffic import build_deck
+
+    rig = build_deck(tmp_path / "deck", calibration_images=48)
+    rig.store.add_card(tiny_card_bytes(tiny_meta("late", domain="clean"), seed=7))
+    added = Deck.open(rig.deck.root)
+    run, failures = added.run_routed, []
+
+    def lost_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("The actor died unexpectedly before finishing this task.")
+        return run(*args, **kwargs)
+
+    added.run_routed = lost_once  # the deck's own run, failing the first time only
+    monitor, outcomes = ShiftMonitor(), []
+    loader = ShiftLoader(monitor, on_refit=lambda outcome, s: outcomes.append(outcome), retry_s=0.05)
+    with caplog.at_level(logging.INFO, logger="carddeck.observability.shift"):
+        loader(added)
+        assert loader.wait(120)
+    assert outcomes == ["failed", "ok"] and "trying again" in caplog.text
+    assert sorted(monitor.detector.notes["cards"]) == sorted(c.key for c in added.cards)
+
+    def unfit(*args, **kwargs):  # what refit_from_deck raises for a deck it cannot refit from
+        raise InvalidInput("deck stores no calibration images")
+
+    again = Deck.open(rig.deck.root)
+    again.run_routed = unfit
+    outcomes.clear()
+    fresh = ShiftLoader(ShiftMonitor(), on_refit=lambda outcome, s: outcomes.append(outcome), retry_s=0.05)
+    fresh(again)  # fails for good: not retried
+    assert fresh.wait(30) and outcomes == ["failed"]
