@@ -81,13 +81,17 @@ def test_a_large_run_goes_in_chunks_and_answers_as_one_run():
 
 def test_run_claimed_answers_in_order_and_the_caller_runs_jobs_too():
     threads: list[str] = []
+    both = threading.Barrier(2, timeout=10)  # the first two jobs meet: each is held until a second thread has one
 
     def square(i: int) -> int:
         threads.append(threading.current_thread().name)
+        if i < 2:
+            both.wait()
         return i * i
 
     assert run_claimed(list(range(12)), square, row_pool(), 2) == [i * i for i in range(12)]
-    assert threading.current_thread().name in threads  # no hand-off per job: the caller works instead of waiting
+    # no hand-off per job: the caller works instead of waiting (without it, the barrier times out)
+    assert threading.current_thread().name in threads
     assert run_claimed([], square, row_pool(), 2) == []
 
 
