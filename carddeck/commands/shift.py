@@ -51,7 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--corruptions", default=None, help="comma-separated (default: the 15 benchmark ones)")
     parser.add_argument(
-        "--foreign", default="noise,black", help="foreign sets: dataset specs, or noise / black (default both)"
+        "--foreign",
+        default="noise,black",
+        help="foreign sets: dataset specs, noise, black, or an image file (random crops of it; default noise,black)",
     )
     parser.add_argument("--batch", type=int, default=16, help="images per request when scoring batches")
     parser.add_argument("--draws", type=int, default=200, help="random batches per condition (clean: 10x)")
@@ -59,6 +61,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=8, help="test the window every this many images")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
     parser.add_argument("--out", default=None, help="write shift.json, shift.md and shift.png here")
+    parser.add_argument(
+        "--unseen",
+        nargs="?",
+        const="colour,geometry,occlusion",
+        default=None,
+        help="score the detector as fitted on shift families outside the corruption catalog, which no fit sees "
+        "(carddeck/data/corruptions/unseen.py; default all three: colour,geometry,occlusion); "
+        "with --out: unseen.json, unseen.md",
+    )
+    parser.add_argument(
+        "--split", choices=("val", "test"), default="test", help="the split --unseen scores (val: to choose a rule)"
+    )
 
 
 def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -67,6 +81,8 @@ def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator)
         return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     if spec == "black":
         return np.zeros((n, h, w, 3), np.uint8)
+    if Path(spec).suffix.lower() in (".jpg", ".jpeg", ".png") and Path(spec).is_file():
+        return photo_crops(Path(spec), n, (h, w), rng)
     from carddeck.data.datasets import load_dataset
     from carddeck.errors import InvalidInput
 
@@ -74,6 +90,24 @@ def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator)
     if images.shape[1:3] != (h, w):
         raise InvalidInput(f"foreign set {spec}: images are {images.shape[1:3]}, the deck takes {(h, w)}")
     return images
+
+
+def photo_crops(path: Path, n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """n random square crops of a photograph (side 1/8 to 1/2 of its shorter side), box-resized to ``shape``."""
+    from PIL import Image
+
+    from carddeck.data.corruptions._common import box_resample_matrix, separable
+
+    photo = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    side = min(photo.shape[:2])
+    out = np.empty((n, *shape, 3), np.uint8)
+    for i in range(n):
+        s = int(rng.integers(side // 8, side // 2 + 1))
+        top, left = (int(rng.integers(0, d - s + 1)) for d in photo.shape[:2])
+        crop = photo[None, top : top + s, left : left + s]
+        small = separable(crop, box_resample_matrix(s, shape[0]), box_resample_matrix(s, shape[1]))[0]
+        out[i] = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,9 +155,11 @@ def run(args: argparse.Namespace) -> int:
     rel = dict(deck.manifest.gate).get("shift")
     if not rel:
         raise InvalidInput(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
-    if args.out is None:
+    if args.out is None and args.unseen is None:
         return 0
     detector = ShiftDetector.load(io.BytesIO(deck.store.read_file(rel)), name=rel)
+    if args.unseen is not None:
+        return _run_unseen(deck, detector, args, progress)
     result = evaluate(deck, detector, args, corruptions, progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +168,20 @@ def run(args: argparse.Namespace) -> int:
     plot(result, out / "shift.png")
     print(markdown(result))
     print(f"wrote {out / 'shift.json'}, {out / 'shift.md'}, {out / 'shift.png'}")
+    return 0
+
+
+def _run_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress: Any) -> int:
+    from carddeck.commands.shift_unseen import evaluate_unseen, unseen_markdown
+
+    result = evaluate_unseen(deck, detector, args, progress)
+    text = unseen_markdown(result)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "unseen.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "unseen.md").write_text(text)
+    print(text)
     return 0
 
 
@@ -199,14 +249,7 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
             clean_acc = float(hits.mean())
         rows.append(row)
     for row in rows:
-        acc = row["accuracy"]
-        row["kind"] = (
-            "foreign" if acc is None
-            else "clean" if row["condition"] == "clean"
-            else "harmful" if acc < clean_acc - 0.05
-            else "benign" if acc >= clean_acc - 0.02
-            else "between"
-        )  # fmt: skip
+        row["kind"] = kind_of(row, clean_acc)
     per_image = {f: {k: auroc(image_scores["clean"][k], image_scores[f][k]) for k in ("scope", "msp")}
                  for f in image_scores if f.startswith("foreign:")}  # fmt: skip
     return {"deck": str(deck.root), "data": args.data, "per_image": per_image, "detector": detector.notes,
@@ -215,23 +258,41 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
             "conditions": rows, "targets": targets(rows)}  # fmt: skip
 
 
+def kind_of(row: dict[str, Any], clean_acc: float) -> str:
+    """harmful: accuracy more than 5 points under clean; benign: within 2 (issue #21)."""
+    acc = row["accuracy"]
+    return (
+        "foreign" if acc is None
+        else "clean" if row["condition"] == "clean"
+        else "harmful" if acc < clean_acc - 0.05
+        else "benign" if acc >= clean_acc - 0.02
+        else "between"
+    )  # fmt: skip
+
+
 def scored(
     detector: Any, features: np.ndarray, hits: np.ndarray | None, batch: int, draws: int, agreement: np.ndarray
 ) -> dict[str, Any]:
-    """States of random batches, and the expected accuracy of consecutive batches against the truth."""
+    """States of random batches (and by which path covered ones were), and the expected accuracy of consecutive
+    batches against the truth."""
     from carddeck.gating.shift import STATES
 
     counts = dict.fromkeys(STATES, 0)
+    paths = dict.fromkeys(("known", "in_scope", "confidence", "agreement"), 0)
     r = np.random.default_rng(1)
     for _ in range(draws):
         pick = r.choice(len(features), batch, replace=False)
-        counts[detector.test(features[pick], agreement=agreement[pick]).state] += 1
+        verdict = detector.test(features[pick], agreement=agreement[pick])
+        counts[verdict.state] += 1
+        if verdict.covered_by:
+            paths[verdict.covered_by] += 1
     estimates = [detector.test(features[i : i + batch], agreement=agreement[i : i + batch])
                  for i in range(0, len(features) - batch + 1, batch)]  # fmt: skip
     known = [v.expected_accuracy for v in estimates if np.isfinite(v.expected_accuracy)]
     expected = float(np.mean(known)) if known else None
     return {
         "batches": {k: v / draws for k, v in counts.items()},
+        "covered_by": {k: v / draws for k, v in paths.items()},
         "expected_accuracy": expected,
         "expected_unknown": 1 - len(known) / max(len(estimates), 1),
         "expected_accuracy_error": None if hits is None or expected is None else expected - float(hits.mean()),

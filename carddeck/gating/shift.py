@@ -344,6 +344,9 @@ class Verdict:
     size: int
     expected_kind: str = "estimate"  # "estimate", "upper_bound" (uncovered) or "unknown"
     out_of_scope: float = 0.0  # share of the batch's images out of scope
+    # why a covered batch is covered: "known" (near a condition the deck handles), "in_scope" (a new shift,
+    # images in scope, estimate near clean), "confidence" (out of scope, DoC near clean) or "agreement" (DoA)
+    covered_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -446,12 +449,16 @@ class ShiftDetector:
         agree = doa >= clean - self.tolerance and doc >= clean - 2 * self.tolerance
         if in_scope:
             holds = expected >= clean - self.tolerance - 0.25 / np.sqrt(len(features)) and not foreign
+            path = "in_scope"
         else:
-            holds = distance > 1.0 and ((doc >= clean - self.tolerance and not foreign) or agree)
+            confident = doc >= clean - self.tolerance and not foreign
+            holds = distance > 1.0 and (confident or agree)
+            path = "confidence" if confident else "agreement"
+        covered_by = ""
         if ratio[0] <= 1.0:
             state = "in_distribution"
         elif (near_known and not foreign) or holds:
-            state = "covered"
+            state, covered_by = "covered", "known" if near_known and not foreign else path
         else:
             state = "uncovered"
         if state == "uncovered" and outside > 0.5 and not ratio.min() <= 3.0:  # mostly foreign, far from all
@@ -461,7 +468,7 @@ class ShiftDetector:
         elif state == "covered" and not (near_known or in_scope):  # vouched for by confidences: no more than clean
             expected = min(expected, clean)
         name = self.conditions[k] if k else ""
-        return Verdict(state, float(ratio[0]), distance, name, expected, len(features), kind, outside)
+        return Verdict(state, float(ratio[0]), distance, name, expected, len(features), kind, outside, covered_by)
 
     def _doc(self, features: np.ndarray) -> float:
         """DoC: the clean accuracy minus the drop of the batch's mean confidence from clean (ATC for format 3)."""

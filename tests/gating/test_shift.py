@@ -131,7 +131,7 @@ def test_a_new_shift_out_of_scope_but_confident_is_covered_at_most_at_clean(dete
         features, outside, foreign, doc = _novel(detector, deck, digits, "shot_noise", 5, rows)
         assert outside > 0.5 and foreign == 0 and doc >= clean  # the rule's own path, not the in-scope one
         v = detector.test(features)
-        assert v.state == "covered" and v.expected_kind == "estimate"
+        assert v.state == "covered" and v.expected_kind == "estimate" and v.covered_by == "confidence"
         assert detector._expected(detector.statistics(features), features) > clean >= v.expected_accuracy
 
 
@@ -145,6 +145,7 @@ def test_a_new_shift_out_of_scope_with_low_confidence_is_uncovered(detector, dec
     assert detector._expected(detector.statistics(features), features) >= clean - detector.tolerance - 0.25 / n**0.5
     v = detector.test(features)
     assert v.state == "uncovered" and v.expected_kind == "upper_bound" and v.expected_accuracy <= clean
+    assert v.covered_by == ""
 
 
 def test_confidence_never_vouches_for_foreign_images(detector, deck, digits):
@@ -172,6 +173,7 @@ def test_the_cards_agreement_vouches_for_a_new_shift_they_read_alike(detector, d
         assert detector._doa(agreement) >= clean - tol and detector._doc(features) >= clean - tol
         v = detector.test(features, agreement=agreement)
         assert v.state == "covered" and v.expected_kind == "estimate" and v.expected_accuracy <= clean
+        assert v.covered_by == "agreement"
         assert detector.test(features).state == "uncovered"
         assert detector.test(features, agreement=np.full(16, np.nan, np.float32)).state == "uncovered"
         thin = agreement.copy()
