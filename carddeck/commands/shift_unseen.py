@@ -11,7 +11,6 @@ agreement (DoA)), and the expected accuracy against the true one; then #21's tar
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ PATHS = ("known", "in_scope", "confidence", "agreement")  # Verdict.covered_by
 
 
 def evaluate_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress: Any) -> dict[str, Any]:
-    from carddeck.commands.shift import _images, family_targets, kind_of, scored
+    from carddeck.commands.shift import _images, family_targets, foreign_sets, kind_of, scored
     from carddeck.data.corruptions.unseen import family_of, unseen_conditions, unseen_shift
     from carddeck.data.datasets import load_dataset
     from carddeck.gating.shift import CONFIDENCE
@@ -32,11 +31,8 @@ def evaluate_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress
     rng = np.random.default_rng(seed)
     spec = deck.input
     conditions = unseen_conditions(tuple(f for f in args.unseen.split(",") if f))
-    foreign = [f for f in args.foreign.split(",") if f]
     rows: list[dict[str, Any]] = []
-    # a foreign image file is named by its file name
-    sources = {"clean": "", **{f"{c}/{s}": "" for c, s in conditions},
-               **{f"foreign:{Path(f).name}": f for f in foreign}}  # fmt: skip
+    sources = {"clean": "", **{f"{c}/{s}": "" for c, s in conditions}, **foreign_sets(args.foreign)}
     for name in progress(list(sources), f"shift (unseen, {args.split})"):
         family = ""
         if name.startswith("foreign:"):

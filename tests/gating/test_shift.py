@@ -183,6 +183,18 @@ def test_the_cards_agreement_vouches_for_a_new_shift_they_read_alike(detector, d
         assert doubtful.test(features, agreement=agreement).state == "uncovered"
 
 
+def test_each_covered_batch_names_the_path_that_covered_it(detector, deck, digits):
+    """Gaussian noise/3, one of the detector's conditions: covered as "known" (near it); gaussian noise/5, none of
+    them, far from every condition yet in scope, the deck accurate on it: "in_scope". (The confidences' and the
+    agreement's paths: the tests above.) Kills a verdict that credits a covered batch to the wrong path."""
+    for corruption, severity, path in (("gaussian_noise", 3, "known"), ("gaussian_noise", 5, "in_scope")):
+        out = deck_outputs(deck, corrupt(digits[1].images[:64], corruption, severity, seed=0))
+        for i in range(0, 64, 16):
+            v = detector.test(out.features[i : i + 16], agreement=out.agreement[i : i + 16])
+            assert v.state == "covered" and v.covered_by == path, (corruption, severity, v)
+            assert v.distance <= 1 if path == "known" else v.distance > 1 and v.out_of_scope <= 0.5
+
+
 def test_the_cards_agreement_never_vouches_for_foreign_images(detector, deck):
     """Black images, noise and natural images (leaves32) on the digits deck: the routed cards disagree (DoA far
     under clean), so they stay uncovered; also on a detector rigged so that the deck's confidences on them equal

@@ -107,5 +107,6 @@ __all__ = [
     "FAMILIES",
     "SEVERITIES",
     "SHIFT_FAMILIES",
+    "apply",
     "corrupt",
 ]
