@@ -812,6 +812,40 @@ def test_the_serve_config_file_builds_the_application_and_bad_args_are_named() -
         app_builder({"deck": "models", "replicas": 3})
 
 
+def test_image_limits_reach_the_ingress_and_limits_that_do_not_fit_are_refused_before_a_cluster_starts(
+    tmp_path: Path,
+) -> None:
+    """``max_inflight_images`` bounds each ingress replica as ``--max-inflight-images`` bounds carddeck serve
+    (kills a config field not passed to the replica's settings); limits that contradict each other are named
+    by the config file's builder and by ``carddeck ray-serve`` before any cluster starts."""
+    import subprocess
+    import sys
+
+    from carddeck.errors import InvalidInput, NotReady, Overloaded
+    from carddeck.integrations.ray_plane import RayDataplane
+    from carddeck.integrations.ray_serve import RayDeckConfig, app_builder
+
+    deck = make_deck(tmp_path / "deck")
+    plane = RayDataplane(RayDeckConfig(deck=str(deck), max_request_images=4, max_inflight_images=6), None)  # type: ignore[arg-type]
+    try:
+        x = smooth_images(4, seed=1)
+        with pytest.raises(NotReady):  # within the budget: on to the deck (not deployed here)
+            plane.predict(x)
+        with plane.budget.hold(3), pytest.raises(Overloaded, match="at most 6 at once"):
+            plane.predict(x)  # 3 + 4 images do not fit
+        assert plane.budget.used == 0
+    finally:
+        plane.close()
+    with pytest.raises(InvalidInput, match="max_inflight_images.*at least max_request_images"):
+        app_builder({"deck": str(deck), "max_request_images": 40, "max_inflight_images": 8})
+    cli = subprocess.run(
+        [sys.executable, "-m", "carddeck", "ray-serve", "--deck", str(deck), "--max-request-images", "40",
+         "--max-inflight-images", "8"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode != 0 and "max_inflight_images" in cli.stderr, cli.stderr[-2000:]
+    assert "Traceback" not in cli.stderr and "Started a local Ray instance" not in cli.stderr
+
+
 # -- the S3 group: `carddeck ray-serve --ingress-replicas 2` on an S3 deck -----------------------------------------
 @pytest.fixture(scope="class")
 def s3_ray_deck(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
