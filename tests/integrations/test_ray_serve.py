@@ -219,12 +219,16 @@ def ingress_states(live: LiveDeck) -> dict[str, dict[str, Any]]:
     return states
 
 
-def replica_log(deployment: str) -> str:
-    """What the carddeck application's replicas of ``deployment`` logged (Serve's replica log files)."""
+def replica_log(deployment: str, live: bool = False) -> str:
+    """What the carddeck application's replicas of ``deployment`` logged (Serve's replica log files); ``live``:
+    only its replicas running now (not those of an application this module replaced, whose deck versions may
+    read alike)."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"replica_carddeck_{deployment}_*.log")))
+    ids = replica_ids(deployment, "carddeck") if live else ["*"]
+    return "".join(p.read_text(errors="replace") for i in ids
+                   for p in sorted(logs.glob(f"replica_carddeck_{deployment}_{i}.log")))  # fmt: skip
 
 
 def replica_ids(deployment: str, app: str) -> list[str]:
@@ -936,7 +940,7 @@ class TestTwoIngressReplicasOnAnS3Deck:
         for out in answers.values():
             assert out["version"] == version
             assert_same_verdict(out["verdict"], want)
-        log = replica_log("reconciler")
+        log = replica_log("reconciler", live=True)
         assert f"refitted shift detector stored as deck version {version}" in log, log[-3000:]
 
     def test_a_card_added_through_one_of_two_ingress_replicas_is_judged_by_the_refit_on_both(
@@ -1003,8 +1007,8 @@ class TestTwoIngressReplicasOnAnS3Deck:
                 for a in mine[judged:]:
                     assert_same_verdict(a["verdict"], want)
                 assert all(a["verdict"].state != "unknown" for a in mine if a["version"] >= refitted)
-            assert "state unknown until" in replica_log("ingress")
-            log = replica_log("reconciler")
+            assert "state unknown until" in replica_log("ingress", live=True)
+            log = replica_log("reconciler", live=True)
             assert "refitting the shift detector from the deck's calibration images" in log, log[-3000:]
             assert f"refitted shift detector stored as deck version {refitted}" in log, log[-3000:]
             out = live.predict(x, "soft")
