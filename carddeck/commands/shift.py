@@ -286,10 +286,10 @@ def scored(
 ) -> dict[str, Any]:
     """States of random batches (and by which path covered ones were), and the expected accuracy of consecutive
     batches against the truth."""
-    from carddeck.gating.shift import STATES
+    from carddeck.gating.shift import COVERED_BY, STATES
 
     counts = dict.fromkeys(STATES, 0)
-    paths = dict.fromkeys(("known", "in_scope", "confidence", "agreement"), 0)
+    paths = dict.fromkeys(COVERED_BY, 0)
     r = np.random.default_rng(1)
     for _ in range(draws):
         pick = r.choice(len(features), batch, replace=False)

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-PATHS = ("known", "in_scope", "confidence", "agreement")  # Verdict.covered_by
-
 
 def evaluate_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     from carddeck.commands.shift import _images, family_targets, foreign_sets, kind_of, scored
@@ -110,6 +108,8 @@ def unseen_markdown(result: dict[str, Any]) -> str:
         "| covered: known / in scope / DoC / DoA | out of scope |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    from carddeck.gating.shift import COVERED_BY
+
     clean = result["clean_accuracy"]
     for r in result["conditions"]:
         b, paths = r["batches"], r["covered_by"]
@@ -117,9 +117,9 @@ def unseen_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['condition']} | {r['kind']} | {acc} | {_points(r['expected_accuracy'])} | "
             f"{100 * (1 - b['in_distribution']):.0f}% | {100 * b['uncovered']:.0f}% | "
-            f"{' / '.join(f'{100 * paths[p]:.0f}%' for p in PATHS)} | {100 * r['out_of_scope']:.0f}% |"
+            f"{' / '.join(f'{100 * paths[p]:.0f}%' for p in COVERED_BY)} | {100 * r['out_of_scope']:.0f}% |"
         )
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PATHS", "evaluate_unseen", "unseen_markdown", "unseen_targets"]
+__all__ = ["evaluate_unseen", "unseen_markdown", "unseen_targets"]

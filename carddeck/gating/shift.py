@@ -70,6 +70,7 @@ from carddeck.gating.signature import FEATURE_DIM, ORIENTATIONS, SIGNATURE_DIM, 
 FORMAT = "carddeck-shift/5"
 READABLE = ("carddeck-shift/3", "carddeck-shift/4", FORMAT)  # 3: ATC in place of DoC; 3 and 4: scope on every feature
 STATES = ("in_distribution", "covered", "uncovered")
+COVERED_BY = ("known", "in_scope", "confidence", "agreement")  # the paths to "covered" (Verdict.covered_by)
 UNKNOWN = "unknown"  # no detector fitted to the deck's cards (yet): served, never silently off
 ALPHA = 0.005  # false alarms per in-distribution batch: ERT 200 batches
 TOLERANCE = 0.05  # accuracy a condition may lose against clean and still count as covered
@@ -351,7 +352,7 @@ class Verdict:
     out_of_scope: float = 0.0  # share of the batch's images out of scope
     # why a covered batch is covered: "known" (near a condition the deck handles), "in_scope" (a new shift,
     # images in scope, estimate near clean), "confidence" (out of scope, DoC near clean) or "agreement" (DoA)
-    covered_by: str = ""
+    covered_by: str = ""  # one of COVERED_BY; "" when not covered
 
 
 @dataclass(frozen=True)
@@ -648,6 +649,7 @@ def image_risk(probabilities: np.ndarray, out_of_scope: np.ndarray) -> np.ndarra
 
 __all__ = [
     "ALPHA",
+    "COVERED_BY",
     "FEATURE_NAMES",
     "GROUPS",
     "SCOPE_FEATURE_SETS",

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carddeck.commands.shift_unseen import PATHS
 from carddeck.data.corruptions.unseen import UNSEEN
 from carddeck.deck import Deck, default_deck_path
-from carddeck.gating.shift import ShiftDetector
+from carddeck.gating.shift import COVERED_BY, ShiftDetector
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +48,7 @@ def test_unseen_command_scores_each_condition_of_the_family_it_is_asked(report):
     for name, r in rows.items():
         b = r["batches"]
         assert sum(r["covered_by"].values()) == pytest.approx(b["covered"]), name
-        assert set(r["covered_by"]) == set(PATHS)
+        assert set(r["covered_by"]) == set(COVERED_BY)
         if r["accuracy"] is not None and name != "clean":
             drop = clean - r["accuracy"]
             assert r["kind"] == ("harmful" if drop > 0.05 else "benign" if drop <= 0.02 else "between"), name
