@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
                                ("draws", args.draws, 1)):  # fmt: skip
         if value < least:
             raise InvalidInput(f"--{name} must be at least {least}, got {value}")
+    if args.unseen is not None:  # a bad family is refused before any work
+        from carddeck.data.corruptions.unseen import unseen_conditions
+
+        unseen_conditions(tuple(f for f in args.unseen.split(",") if f))
     deck = Deck.open(args.deck)
     if not deck.cards:
         raise InvalidInput(f"deck {args.deck} has no cards")

@@ -86,3 +86,11 @@ def test_a_photograph_is_a_foreign_set_of_random_crops(tmp_path):
     assert np.abs(crops[..., 0].astype(int) + crops[..., 2] - 255).max() <= 1
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     assert _images(str(photo), 4, (32, 32), np.random.default_rng(0)).shape == (4, 32, 32, 3)
+
+
+@pytest.mark.parametrize("families", ["weather", ""])
+def test_an_unknown_unseen_family_is_refused_naming_the_valid_ones(families):
+    cmd = [sys.executable, "-m", "carddeck", "shift", "--deck", str(ROOT / "models"), "--unseen", families]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "valid: colour, geometry, occlusion" in result.stderr
+    assert "Traceback" not in result.stderr and "ONNX Runtime" not in result.stderr  # refused before any work

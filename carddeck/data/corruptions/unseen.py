@@ -64,8 +64,8 @@ def unseen_shift(images: np.ndarray, name: str, severity: int, seed: int = 0) ->
 def unseen_conditions(families: tuple[str, ...] = UNSEEN_FAMILIES) -> list[tuple[str, int]]:
     """Every (shift, severity) of these families, in registry order."""
     unknown = sorted(set(families) - set(UNSEEN_FAMILIES))
-    if unknown:
-        raise InvalidInput(f"unknown unseen families {unknown}; valid: {', '.join(UNSEEN_FAMILIES)}")
+    if unknown or not families:
+        raise InvalidInput(f"unknown unseen families {unknown or 'none given'}; valid: {', '.join(UNSEEN_FAMILIES)}")
     return [(name, s) for name in UNSEEN if UNSEEN.get(name).family in families
             for s in range(1, len(UNSEEN.get(name).levels) + 1)]  # fmt: skip
 
