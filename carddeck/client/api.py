@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -298,14 +299,21 @@ def rpc_error_message(exc: grpc.RpcError) -> str:
 
 
 def _plain(o: Any) -> Any:
-    """numpy arrays and scalars as JSON numbers and lists (a float32 distance must not become a string)."""
+    """numpy arrays and scalars as JSON numbers and lists (a float32 distance must not become a string);
+    NaN and infinities as null (JSON has no such numbers: strict parsers refuse ``NaN``)."""
     if isinstance(o, np.ndarray | np.generic):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+        o = o.tolist()
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_plain(v) for v in o]
+    return o
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, default=_plain, indent=2)
+    return json.dumps(_plain(obj), indent=2, allow_nan=False)
 
 
 __all__ = [

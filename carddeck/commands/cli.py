@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("carddeck.commands.serve", "serve a deck over gRPC (own API + Open Inference Protocol) and HTTP/REST"),
     "ray-serve": ("carddeck.commands.ray_serve", "serve a deck on Ray Serve: one autoscaled deployment per card"),
     "predict": ("carddeck.commands.predict", "classify image files with a running server"),
-    "deck": ("carddeck.commands.deck", "add, remove or list the cards of a running server"),
+    "deck": ("carddeck.commands.deck", "make a deck or set its batching; add, remove or list a running server's cards"),
     "corrupt": ("carddeck.commands.corrupt", "write a CIFAR-10-C-style corrupted copy of a dataset"),
     "compress": ("carddeck.commands.compress", "train and compress a CARD (lrr, biprop, filter, lobs, dsa, dipgo)"),
     "export": ("carddeck.commands.export", "export a CARD checkpoint to compact ONNX with parity checks"),

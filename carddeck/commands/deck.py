@@ -50,13 +50,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="upload under this card version instead of the file's own; `next`: one above the version the "
         "server holds (to replace a card already in the deck)",
     )
-    remove = sub.add_parser("remove", help="remove a card")
-    remove.add_argument("name")
-    remove.add_argument("--version", type=int, default=0, help="one version (0: the served one)")
+    what = "remove a card: every version of it, or one with --version"
+    remove = sub.add_parser("remove", help=what, description=what)
+    remove.add_argument("name", help="the card's name (as `carddeck deck list` shows it)")
+    remove.add_argument(
+        "--version", type=card_version, default=0, metavar="N", help="remove only this version (default: every version)"
+    )
     lst = sub.add_parser("list", help="list the served cards")
     lst.add_argument("--json", action="store_true", help="print every card's full CardMeta as JSON")
     for p in (add, remove, lst):
         add_client_arguments(p, token_env=ADMIN_TOKEN_ENV)
+
+
+def card_version(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a card version (an integer >= 1), got {text!r}")
+    return int(text)
 
 
 def card_bytes(path: Path, version: str, client: CardDeckClient) -> bytes:
@@ -139,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{done} {card}; deck version {r.deck_version}")
             elif args.deck_command == "remove":
                 removed = client.remove_card(args.name, args.version)
-                print(f"removed {args.name}; deck version {removed.deck_version}")
+                which = f"{args.name}/{args.version}" if args.version else f"{args.name} (every version)"
+                print(f"removed {which}; deck version {removed.deck_version}")
                 if removed.default_policy_note:  # the removal changed the default policy: say so, and why
                     print(f"note: {removed.default_policy_note}")
             else:

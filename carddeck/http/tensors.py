@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from carddeck.errors import InvalidInput
-from carddeck.serving.codec import InferRequest, InferResult, Tensor, raw_output
+from carddeck.serving.codec import InferRequest, InferResult, Tensor, check_output_parameters, raw_output
 
 HEADER_LENGTH = "inference-header-content-length"
 TENSOR_FIELDS = "{name, datatype, shape, data | parameters.binary_data_size}"
@@ -91,9 +91,7 @@ def requested_outputs(body: InferBody) -> tuple[dict[str, bool], bool]:
     wanted = {}
     for i, output in enumerate(outputs):
         params = _mapping(output.get("parameters"), f"outputs[{i}].parameters")
-        for key in params:
-            if key != "binary_data":
-                raise InvalidInput(f"outputs[{i}].parameters[{key!r}]: not supported; CARD-Deck reads binary_data")
+        check_output_parameters(i, list(params))
         binary = params.get("binary_data", default)
         if not isinstance(binary, bool):
             raise InvalidInput(f"outputs[{i}].parameters['binary_data']: must be a bool, got {binary!r}")

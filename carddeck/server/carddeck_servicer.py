@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from carddeck.errors import InvalidInput
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
 from carddeck.server.streams import answer_in_order, error_of
@@ -116,6 +117,8 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     @rpc(ADMIN, work=True)
     def RemoveCard(self, request: pb.RemoveCardRequest, context: grpc.ServicerContext) -> pb.RemoveCardResponse:
         name = check_card_name(request.name)
+        if request.version < 0:
+            raise InvalidInput(f"version: expected a card version (>= 1; 0: every version), got {request.version}")
         _, note = self.dp.remove_card(name, request.version or None)
         deck = self.dp.deck
         return pb.RemoveCardResponse(

@@ -29,6 +29,18 @@ INFER_PARAMETERS = ("policy", "per_sample", "abstain_above_risk")
 PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data")
 # Outputs of the deck model sent only when asked for by name (the default answer stays as it was).
 OPTIONAL_OUTPUTS = ("out_of_scope",)
+# What a requested output may carry: the binary extension's flag (Triton's classification is not served).
+OUTPUT_PARAMETERS = ("binary_data",)
+
+
+def check_output_parameters(i: int, keys: Sequence[str]) -> None:
+    """Refuse an output parameter CARD-Deck would ignore (``classification``: the caller would get
+    probabilities where it asked for class strings), the same over every transport."""
+    for key in keys:
+        if key not in OUTPUT_PARAMETERS:
+            raise InvalidInput(
+                f"outputs[{i}].parameters[{shown(key)}]: not supported; CARD-Deck reads {', '.join(OUTPUT_PARAMETERS)}"
+            )
 
 
 @dataclass(slots=True)  # not frozen: made per request, and frozen init costs 1.2 us to 0.33 (5 fields)

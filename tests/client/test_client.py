@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carddeck.client.api import CardDeckClient, with_default_port
+from carddeck.client.api import CardDeckClient, to_json, with_default_port
 from carddeck.deck import DeckStore
 from carddeck.errors import InvalidInput
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, smooth_images, start_server
 
 
@@ -252,3 +254,86 @@ def test_deck_add_with_a_version(server, tmp_path):
         with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
             if "vcard" in [c.name for c in client.list_cards().cards]:
                 client.remove_card("vcard")  # every version
+
+
+# -- what a new user met (session 10's audit) --------------------------------------------------------------
+def test_predict_reads_a_16_bit_png_as_its_8_bit_twin(server, tmp_path):
+    """Mutant: Pillow's plain convert("RGB") on a 16-bit greyscale PNG, which clips every value above 255
+    (the image turns white and the deck answers for another image)."""
+    grey = smooth_images(1)[0].mean(axis=2).round().astype(np.uint8)
+    eight, sixteen = tmp_path / "grey8.png", tmp_path / "grey16.png"
+    Image.fromarray(grey).save(eight)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(sixteen)  # 0..255 -> 0..65535
+    assert Image.open(sixteen).mode.startswith("I")  # what Pillow makes of it
+    out = carddeck("predict", "--server", server.address, "--json", str(eight), str(sixteen))
+    assert out.returncode == 0, out.stderr
+    a, b = json.loads(out.stdout)
+    assert a["label"] == b["label"]
+    np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-6)
+
+
+def test_predict_names_the_file_the_server_refused_and_checks_its_own_flags(server, tmp_path):
+    """Mutants: the server's INVALID_ARGUMENT printed without the file it was about; an empty .npy passing
+    silently (no line, exit 0); --batch-size 0 or a risk bound of 2 sent to the server once per file."""
+    bright = tmp_path / "bright.npy"
+    np.save(bright, np.full((1, 3, 32, 32), 2.0, np.float32))  # float32 outside [0, 1]: the server refuses it
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 32, 32, 3), np.uint8))
+    good = tmp_path / "good.npy"
+    np.save(good, smooth_images(1))
+    out = carddeck("predict", "--server", server.address, str(bright), str(empty), str(good))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    errors = out.stderr.strip().splitlines()
+    assert any("INVALID_ARGUMENT" in e and "out of range" in e and str(bright) in e for e in errors), errors
+    assert any(str(empty) in e and "no images" in e for e in errors), errors
+    assert errors[-1] == "carddeck: 2 of 3 files failed"
+    assert out.stdout.startswith(f"{good}: "), out.stdout
+    for flag, value in (("--batch-size", "0"), ("--batch-size", "-3"), ("--abstain-above-risk", "2"),
+                        ("--abstain-above-risk", "nan")):  # fmt: skip
+        bad = carddeck("predict", "--server", server.address, flag, value, str(good), str(good))
+        assert bad.returncode == 2 and flag in bad.stderr and "files failed" not in bad.stderr, bad.stderr
+
+
+def test_json_output_is_strict_json():
+    """Mutant: NaN (an unknown score) printed as the bare word NaN, which JSON has no place for."""
+
+    def refuse(word: str) -> None:
+        raise AssertionError(f"{word} in JSON output")
+
+    text = to_json([{"out_of_scope": float("nan"), "scores": np.array([np.inf, 0.5], np.float32), "n": np.int64(3)}])
+    assert json.loads(text, parse_constant=refuse) == [{"out_of_scope": None, "scores": [None, 0.5], "n": 3}]
+
+
+def test_deck_remove_takes_every_version_unless_told_one(server, tmp_path):
+    """Mutants: `deck remove NAME` without --version removing only the served version (what its help
+    said); a negative version answered NOT_FOUND rather than refused."""
+    admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+    path = tmp_path / "r.onnx"
+    path.write_bytes(card("rcard", "augmix", seed=9))
+    try:
+        for version in ("1", "2", "3"):
+            added = carddeck("deck", "add", "--server", server.address, "--version", version, str(path), env=admin)
+            assert added.returncode == 0, added.stderr
+
+        def versions() -> list[int]:
+            return sorted(m.version for m in DeckStore(server.deck).list_cards(all_versions=True) if m.name == "rcard")
+
+        one = carddeck("deck", "remove", "--server", server.address, "--version", "2", "rcard", env=admin)
+        assert one.returncode == 0 and "removed rcard/2;" in one.stdout, one.stderr
+        assert versions() == [1, 3]
+        negative = carddeck("deck", "remove", "--server", server.address, "--version", "-1", "rcard", env=admin)
+        assert negative.returncode == 2 and "--version" in negative.stderr, negative.stderr
+        every = carddeck("deck", "remove", "--server", server.address, "rcard", env=admin)
+        assert every.returncode == 0 and "removed rcard (every version);" in every.stdout, every.stderr
+        assert versions() == []
+        assert "every version" in carddeck("deck", "remove", "--help").stdout
+        with grpc.insecure_channel(server.address) as channel:
+            stub = carddeck_pb2_grpc.CardDeckStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+                stub.RemoveCard(pb.RemoveCardRequest(name="a1", version=-1), metadata=admin_md, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version" in info.value.details()
+    finally:
+        with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
+            if "rcard" in [c.name for c in client.list_cards().cards]:
+                client.remove_card("rcard")

@@ -72,6 +72,10 @@ def test_the_client_returns_plain_results_and_raises_carddeck_errors(server):
         assert "no-such-card" in str(missing.value) and missing.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(errors.InvalidInput, match="images"):
             client.predict(np.zeros((1, 5, 5, 3), np.uint8))
+        # refused by the dtype the caller sent (not as the FP32 it would have become), a list too (no AttributeError)
+        for images in (np.zeros((1, 32, 32, 3), np.int64), np.zeros((1, 32, 32, 3), np.uint8).tolist()):
+            with pytest.raises(errors.InvalidInput, match="dtype int64 is not accepted"):
+                client.predict(images)
         with pytest.raises(errors.Unauthenticated):
             client.remove_card("g1")  # no admin token
         with pytest.raises(grpc.RpcError):  # code written against raw gRPC errors still catches them
