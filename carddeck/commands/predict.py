@@ -64,11 +64,14 @@ def probability(text: str) -> float:
 
 
 def _rgb(im: Image.Image) -> Image.Image:
-    """The image as 8-bit RGB. 16-bit greyscale (PNG: modes I;16*, I) is scaled 0..65535 -> 0..255:
-    Pillow's convert would clip it at 255, turning most of the image white."""
+    """The image as 8-bit RGB (alpha dropped). 16-bit greyscale (PNG: modes I;16*, I) is scaled
+    0..65535 -> 0..255: Pillow's convert would clip it at 255, turning most of the image white. A palette
+    with transparency goes through RGBA, which Pillow otherwise asks for with a warning on stderr."""
     if im.mode.startswith("I"):
         grey = np.rint(np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
     return im.convert("RGB")
 
 

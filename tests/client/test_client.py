@@ -257,19 +257,25 @@ def test_deck_add_with_a_version(server, tmp_path):
 
 
 # -- what a new user met (session 10's audit) --------------------------------------------------------------
-def test_predict_reads_a_16_bit_png_as_its_8_bit_twin(server, tmp_path):
-    """Mutant: Pillow's plain convert("RGB") on a 16-bit greyscale PNG, which clips every value above 255
-    (the image turns white and the deck answers for another image)."""
+def test_predict_reads_16_bit_and_palette_pngs_as_their_8_bit_rgb_twins(server, tmp_path):
+    """Mutants: Pillow's plain convert("RGB") on a 16-bit greyscale PNG, which clips every value above 255
+    (the image turns white and the deck answers for another image); on a palette PNG with transparency,
+    where Pillow prints a UserWarning to the user's terminal."""
     grey = smooth_images(1)[0].mean(axis=2).round().astype(np.uint8)
     eight, sixteen = tmp_path / "grey8.png", tmp_path / "grey16.png"
     Image.fromarray(grey).save(eight)
     Image.fromarray(grey.astype(np.uint16) * 257).save(sixteen)  # 0..255 -> 0..65535
     assert Image.open(sixteen).mode.startswith("I")  # what Pillow makes of it
-    out = carddeck("predict", "--server", server.address, "--json", str(eight), str(sixteen))
-    assert out.returncode == 0, out.stderr
-    a, b = json.loads(out.stdout)
-    assert a["label"] == b["label"]
-    np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-6)
+    palette = Image.fromarray(smooth_images(1, seed=3)[0]).convert("P")
+    paletted, rgb = tmp_path / "palette.png", tmp_path / "rgb.png"
+    palette.save(paletted, transparency=bytes([0, 64, 128] + [255] * 253))  # alpha per entry: Pillow warns
+    palette.convert("RGB").save(rgb)
+    out = carddeck("predict", "--server", server.address, "--json", *map(str, (eight, sixteen, paletted, rgb)))
+    assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
+    rows = json.loads(out.stdout)
+    for a, b in zip(rows[::2], rows[1::2], strict=True):
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-6)
 
 
 def test_predict_names_the_file_the_server_refused_and_checks_its_own_flags(server, tmp_path):
