@@ -148,6 +148,22 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def host_problem(host: str) -> str | None:
+    """Why nothing can listen on ``host`` (not resolvable, not an address of this machine), else None:
+    said before any port is tried, so that no message blames a port for a wrong host."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
+
+
 def _port_in_use(settings: Settings) -> str:
     return (
         f"cannot listen for gRPC on {settings.address}: port {settings.port} is in use (or {settings.host} is not "

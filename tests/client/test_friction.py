@@ -49,6 +49,19 @@ def test_a_second_server_names_every_taken_port_at_once(tmp_path):
         assert f"port {port} (" in line and flag in line, line
 
 
+@pytest.mark.parametrize("flag, host", [("--host", "999.1.1.1"), ("--host", "203.0.113.7"),
+                                        ("--metrics-host", "203.0.113.7")])  # fmt: skip
+def test_a_host_that_is_not_this_machine_is_named_not_blamed_on_a_port(flag, host):
+    """Mutant: no check of the host first (the metrics endpoint's bind failed first and said "stop the other
+    server or choose another port" for a host that does not resolve, or is another machine's: TEST-NET-3)."""
+    proc = carddeck("serve", flag, host, "--port", "0", "--http-port", "0", "--metrics-port", "0")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    (line,) = [x for x in err.splitlines() if x.startswith("carddeck: error:")]
+    assert f"cannot listen on {host}" in line and f"{flag} takes an address of this machine" in line, line
+    assert "port" not in line, line
+
+
 def test_predict_into_head_ends_quietly(server, tmp_path):
     paths = []
     for i in range(40):
