@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,22 +189,42 @@ class CardDeckClient:
         failing raises (its :mod:`carddeck.errors` class, a ``grpc.RpcError`` too). Requests are sent as
         the server takes them, while answers arrive."""
 
+        # Every request in order, with the error of one that could not be sent (images no tensor can carry):
+        # answered here, in its place among the server's answers, and the stream goes on.
+        order: deque[tuple[str, InvalidInput | None]] = deque()
+
         def messages() -> Iterator[pb.PredictStreamRequest]:
             for i, item in enumerate(requests):
                 rid, images = item if isinstance(item, tuple) else (str(i), item)
-                request = pb.PredictRequest(
-                    images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample
+                try:
+                    tensor = arrays.tensor_from_images(images)
+                except InvalidInput as exc:
+                    order.append((rid, exc))
+                    continue
+                order.append((rid, None))
+                yield pb.PredictStreamRequest(
+                    id=rid, request=pb.PredictRequest(images=tensor, policy=policy, per_sample=per_sample)
                 )
-                yield pb.PredictStreamRequest(id=rid, request=request)
+
+        def unsent(upto_sent: bool) -> Iterator[StreamAnswer]:
+            while order:
+                rid, exc = order.popleft()
+                if exc is None:
+                    if upto_sent:
+                        return
+                    continue
+                yield StreamAnswer(rid, code=grpc.StatusCode.INVALID_ARGUMENT.name, error=str(exc))
 
         try:
             for answer in self.stub.PredictStream(messages(), metadata=self.metadata):  # no deadline: streams last
+                yield from unsent(upto_sent=True)
                 if answer.HasField("error"):
                     yield StreamAnswer(answer.id, code=answer.error.code, error=answer.error.message)
                 else:
                     yield StreamAnswer(answer.id, _result(answer.response))
         except grpc.RpcError as exc:  # the stream itself failed: its typed error, as every other call raises
             raise error_from_rpc(exc) from None
+        yield from unsent(upto_sent=False)
 
     def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:
         request = pb.RouteRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)

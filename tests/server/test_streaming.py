@@ -85,3 +85,20 @@ def test_predict_stream_through_the_client(server):
         policy = list(client.predict_stream([smooth_images(1)], policy="nope"))  # ids default to the index
         assert policy[0].id == "0" and policy[0].code == "INVALID_ARGUMENT" and "nope" in policy[0].error
         assert client.predict(smooth_images(1)).labels.shape == (1,)  # the server is fine after both
+
+
+def test_predict_stream_answers_a_request_it_cannot_send_in_its_place(server):
+    """Mutants: images the client cannot encode (int64, a list of ints) raised inside gRPC's request
+    iterator (the whole stream failed with "Exception iterating requests!"); or sent as FP32, so that the
+    error names a dtype the caller never sent."""
+    ints = smooth_images(1).astype(np.int64)
+    requests = [("a", smooth_images(1)), ("ints", ints), ("b", noisy_images(1)), ("list", ints.tolist()),
+                ("c", smooth_images(1)), ("last", ints)]  # fmt: skip
+    with CardDeckClient(server.address) as client:
+        answers = list(client.predict_stream(requests))
+    assert [a.id for a in answers] == [rid for rid, _ in requests]
+    for (rid, _), answer in zip(requests, answers, strict=True):
+        if rid in ("ints", "list", "last"):
+            assert not answer.ok and answer.code == "INVALID_ARGUMENT" and "dtype int64" in answer.error, answer
+        else:
+            assert answer.ok, answer
