@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated
+from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated, shown
 from carddeck.http.connections import CUT_KEY, Limits, connection_cap, guarded_protocol
 from carddeck.http.errors import status_for
 from carddeck.http.routes import Call, Reply, Routes
@@ -93,7 +93,9 @@ async def read_body(request: Request, limit: int, json_limit: int | None = None)
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise InvalidInput(f"header Content-Encoding: {encoding!r} is not accepted; send identity, gzip or deflate")
+        raise InvalidInput(
+            f"header Content-Encoding: {shown(encoding)} is not accepted; send identity, gzip or deflate"
+        )
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         out = inflater.decompress(bytes(body), limit + 1)

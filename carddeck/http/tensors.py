@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, shown
 from carddeck.serving.codec import InferRequest, InferResult, Tensor, check_output_parameters, raw_output
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -55,7 +55,7 @@ def parse_infer_body(body: bytes | bytearray, header_length: str | None) -> Infe
         n = -1
     if not 0 <= n <= len(view):
         raise InvalidInput(
-            f"header Inference-Header-Content-Length: {header_length!r} is not a length within the "
+            f"header Inference-Header-Content-Length: {shown(header_length)} is not a length within the "
             f"{len(view)}-byte body (the JSON part's length in bytes)"
         )
     return InferBody(json_object(bytes(view[:n]), "request body (JSON part)"), view[n:])
@@ -87,14 +87,14 @@ def requested_outputs(body: InferBody) -> tuple[dict[str, bool], bool]:
         raise InvalidInput("outputs: expected a list of objects {name, parameters: {binary_data}}")
     default = request_parameters(body).get("binary_data_output", False)
     if not isinstance(default, bool):
-        raise InvalidInput(f"parameters['binary_data_output']: must be a bool, got {default!r}")
+        raise InvalidInput(f"parameters['binary_data_output']: must be a bool, got {shown(default)}")
     wanted = {}
     for i, output in enumerate(outputs):
         params = _mapping(output.get("parameters"), f"outputs[{i}].parameters")
         check_output_parameters(i, list(params))
         binary = params.get("binary_data", default)
         if not isinstance(binary, bool):
-            raise InvalidInput(f"outputs[{i}].parameters['binary_data']: must be a bool, got {binary!r}")
+            raise InvalidInput(f"outputs[{i}].parameters['binary_data']: must be a bool, got {shown(binary)}")
         wanted[str(output.get("name", ""))] = binary
     return wanted, default
 
@@ -111,7 +111,7 @@ def infer_request(model: str, version: str, body: InferBody) -> tuple[InferReque
     for i, t in enumerate(inputs):
         shape = t.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise InvalidInput(f"inputs[{i}].shape: expected a list of integers, got {shape!r}")
+            raise InvalidInput(f"inputs[{i}].shape: expected a list of integers, got {shown(shape)}")
         tensors.append((str(t.get("name", "")), str(t.get("datatype", "")), shape))
     data, where = _input_data(body, inputs[0]) if len(inputs) == 1 else (None, "inputs[0].data")
     fields = ("inputs[0].datatype", "inputs[0].shape", where)
@@ -131,7 +131,7 @@ def _input_data(body: InferBody, tensor: Mapping[str, Any]) -> tuple[Any, str]:
     size = _mapping(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidInput(f"inputs[0].parameters.binary_data_size: expected a byte count, got {size!r}")
+            raise InvalidInput(f"inputs[0].parameters.binary_data_size: expected a byte count, got {shown(size)}")
         if "data" in tensor:
             raise InvalidInput("inputs[0]: send either 'data' or parameters.binary_data_size, not both")
         if size != len(body.binary):
@@ -183,11 +183,11 @@ def load_files(body: Mapping[str, Any]) -> dict[str, bytes]:
         if not key.startswith("file:"):
             continue
         if not isinstance(value, str):
-            raise InvalidInput(f"parameters[{key!r}]: expected the file's bytes as a base64 string")
+            raise InvalidInput(f"parameters[{shown(key)}]: expected the file's bytes as a base64 string")
         try:
             files[key] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidInput(f"parameters[{key!r}]: not valid base64") from None
+            raise InvalidInput(f"parameters[{shown(key)}]: not valid base64") from None
     return files
 
 

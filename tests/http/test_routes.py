@@ -270,6 +270,30 @@ def test_every_error_is_json_with_its_status(server, method, path, body, headers
     assert needle in answer.error and "Traceback" not in answer.error
 
 
+LONG = "x" * 3000
+ECHOES = [
+    # (path, body, headers): a long value sent where an error message repeats it
+    ("/v2/models/carddeck/infer", {"inputs": [{**GOOD["inputs"][0], "shape": [LONG]}]}, {}),
+    ("/v2/models/carddeck/infer", b"{}", {"Inference-Header-Content-Length": LONG}),
+    ("/v2/models/carddeck/infer", b"{}", {"Content-Encoding": LONG}),
+    ("/v2/models/carddeck/infer", {**GOOD, "parameters": {"binary_data_output": LONG}}, {}),
+    ("/v2/models/carddeck/infer", {**GOOD, "outputs": [{"name": "labels", "parameters": {"binary_data": LONG}}]}, {}),
+    ("/v2/models/carddeck/infer", _with(data=None, parameters={"binary_data_size": LONG}), {}),
+    ("/v2/repository/models/h2/load", {"parameters": {f"file:{LONG}": 1}}, ADMIN),
+    ("/v2/repository/models/h2/load", {"parameters": {f"file:{LONG}": "%%%"}}, ADMIN),
+    ("/v2/repository/index", {"ready": LONG}, {}),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "headers"), ECHOES)
+def test_errors_echo_at_most_80_characters_of_a_value(server, path, body, headers):
+    """Mutant: a message that repeats what was sent with repr() rather than errors.shown() (the README promises
+    at most 80 characters of any value sent; a header value echoed whole can be kilobytes)."""
+    answer = request(server, "POST", path, body, headers)
+    assert answer.status == 400, answer.body[:500]
+    assert "x" * 70 in answer.error and "x" * 81 not in answer.error, answer.error[:300]
+
+
 def _rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
