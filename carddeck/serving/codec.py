@@ -148,12 +148,18 @@ def array_from_bytes(
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
+# what a JSON array that numpy cannot read as numbers holds, in the caller's words
+_KINDS = {"U": "strings", "b": "booleans", "f": "fractional numbers", "O": "values of mixed types"}
+
+
 def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field: str) -> np.ndarray:
     """Numbers (flat row-major, or nested like the shape) as an array of ``shape``."""
     try:
         arr = np.asarray(values)
     except ValueError:  # ragged nesting
         raise InvalidInput(f"{field}: not a rectangular array of numbers (shape {shown(shape)} expected)") from None
+    if arr.ndim == 0:  # a string, null or single number where a list belongs
+        raise InvalidInput(f"{field}: expected a list of numbers (flat, or nested like the shape), got {shown(values)}")
     count = math.prod(shape)
     if arr.size != count:
         raise InvalidInput(f"{field}: {arr.size} values do not match shape {shown(shape)} ({count} expected)")
@@ -161,7 +167,8 @@ def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field
     if arr.dtype.kind not in ("iu" if integral else "iuf"):
         kind = "integers" if integral else "numbers"
         name = DATATYPE_NAMES[dtype.newbyteorder("<")]
-        raise InvalidInput(f"{field}: expected {kind} for {name}, got {arr.dtype.name} values")
+        got = _KINDS.get(arr.dtype.kind, f"{arr.dtype.name} values")
+        raise InvalidInput(f"{field}: expected {kind} for {name}, got {got}")
     if dtype == np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
         raise InvalidInput(f"{field}: UINT8 values must be in 0..255, got {int(arr.min())}..{int(arr.max())}")
     return arr.astype(dtype.newbyteorder("=")).reshape(shape)
