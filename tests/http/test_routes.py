@@ -150,6 +150,12 @@ def test_bodies_over_the_limit_are_413(server):
     bomb = gzip.compress(b" " * (8 << 20))  # 8 MiB of JSON whitespace in 8 KiB
     answer = request(server, "POST", "/v2/models/carddeck/infer", bomb, {"Content-Encoding": "gzip"})
     assert answer.status == 413 and "inflates past" in answer.error
+    # each limit names the flag that sets it (mutant: the bare byte count, or one flag for every route)
+    headers = {"Inference-Header-Content-Length": "2"}
+    binary = request(server, "POST", "/v2/models/carddeck/infer", b"{}" + bytes(1_100_000), headers)
+    assert binary.status == 413 and "limit of 1048576 bytes (--max-message-mb)" in binary.error, binary.error
+    upload = request(server, "POST", "/v2/repository/models/h2/load", b" " * 3_000_000, ADMIN)
+    assert upload.status == 413 and "(--max-card-mb)" in upload.error, upload.error
     assert request(server, "GET", "/v2/health/live").status == 200  # the server is fine
 
 
