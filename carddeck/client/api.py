@@ -18,7 +18,7 @@ import numpy as np
 
 from carddeck.card import CardMeta
 from carddeck.client.results import Added, Card, CardListing, Removed, error_from_rpc, listing
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, shown
 from carddeck.wire import arrays
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
@@ -33,7 +33,14 @@ TOKEN_ENV_ALIASES = {INFERENCE_TOKEN_ENV: ("CARDDECK_TOKEN",)}
 
 
 def with_default_port(address: str) -> str:
-    """``host`` or ``[v6]`` -> ``host:8001``: gRPC itself would pick 443 for a bare host name."""
+    """``host`` or ``[v6]`` -> ``host:8001``: gRPC itself would pick 443 for a bare host name. An HTTP URL
+    (what tritonclient.http takes) is refused here: gRPC would answer "Misformatted domain name"."""
+    if address.lower().startswith(("http://", "https://")):
+        host = address.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0] or "127.0.0.1"
+        raise InvalidInput(
+            f"server address {shown(address)} is an HTTP URL; this client speaks gRPC: give HOST[:PORT] "
+            f"(port {DEFAULT_PORT} when omitted), e.g. {shown(f'{host}:{DEFAULT_PORT}')[1:-1]}"
+        )
     if "://" in address or address.startswith("unix:"):
         return address  # a gRPC target URI says what it means
     if address.startswith("["):
@@ -314,7 +321,9 @@ def rpc_error_message(exc: grpc.RpcError) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     hint = ""
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
+    if code == grpc.StatusCode.UNAVAILABLE and "http1.x server" in (details or ""):
+        hint = f" (that port answers HTTP/1.1: --server takes the gRPC port, {DEFAULT_PORT} by default, not HTTP's)"
+    elif code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
         hint = " (is `carddeck serve` running there? --server HOST[:PORT] names another server)"
     return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}{hint}"
 

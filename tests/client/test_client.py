@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -343,3 +344,17 @@ def test_deck_remove_takes_every_version_unless_told_one(server, tmp_path):
         with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
             if "rcard" in [c.name for c in client.list_cards().cards]:
                 client.remove_card("rcard")
+
+
+def test_the_http_port_or_an_http_url_as_server_says_which_address_to_give(server, tmp_path):
+    """Mutants: an HTTP URL handed to gRPC ("Misformatted domain name"); the HTTP port answered with the
+    generic "is `carddeck serve` running there?" although it is, on another port."""
+    http_port = re.search(r"HTTP \(Open Inference Protocol, /v2\) on \S+:(\d+)", server.log()).group(1)
+    images = tmp_path / "a.npy"
+    np.save(images, smooth_images(1))
+    out = carddeck("predict", "--server", f"127.0.0.1:{http_port}", "--timeout", "20", str(images))
+    assert out.returncode == 1 and "--server takes the gRPC port, 8001 by default" in out.stderr, out.stderr
+    url = carddeck("deck", "list", "--server", f"http://127.0.0.1:{http_port}/v2")
+    assert url.returncode == 2 and "is an HTTP URL" in url.stderr and "e.g. 127.0.0.1:8001" in url.stderr, url.stderr
+    with pytest.raises(InvalidInput, match="HTTP URL"):
+        CardDeckClient("https://example.org")
