@@ -21,7 +21,7 @@ from carddeck.client.api import (
     to_json,
 )
 from carddeck.client.results import RemoteError
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, NotReady, Unauthenticated
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -141,11 +141,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         with client_from_args(args) as client:
             if args.deck_command == "add":
-                for path in args.cards:
-                    r = client.add_card(card_bytes(path, args.version, client))
+                failed = 0
+                for path in args.cards:  # each card is tried; a refused one is named and the rest still go
+                    try:
+                        r = client.add_card(card_bytes(path, args.version, client))
+                    except RemoteError as exc:
+                        if isinstance(exc, NotReady | Unauthenticated):
+                            raise  # the server, not the card: the others would fail the same way
+                        failed += 1
+                        print(f"{rpc_error_message(exc)} ({path})", file=sys.stderr, flush=True)
+                        continue
                     done = "already present (same bytes)" if r.already_present else "added"
                     card = f"{r.card.name}/{r.card.version} (domain {r.card.domain})"
-                    print(f"{done} {card}; deck version {r.deck_version}")
+                    print(f"{done} {card}; deck version {r.deck_version}", flush=True)
+                if failed:
+                    print(f"carddeck: {failed} of {len(args.cards)} cards failed", file=sys.stderr)
+                    return 1
             elif args.deck_command == "remove":
                 removed = client.remove_card(args.name, args.version)
                 which = f"{args.name}/{args.version}" if args.version else f"{args.name} (every version)"

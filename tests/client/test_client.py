@@ -358,3 +358,23 @@ def test_the_http_port_or_an_http_url_as_server_says_which_address_to_give(serve
     assert url.returncode == 2 and "is an HTTP URL" in url.stderr and "e.g. 127.0.0.1:8001" in url.stderr, url.stderr
     with pytest.raises(InvalidInput, match="HTTP URL"):
         CardDeckClient("https://example.org")
+
+
+def test_deck_add_names_a_refused_card_and_still_adds_the_others(server, tmp_path):
+    """Mutant: the first refused card ending the command, its error naming no file (with several cards,
+    which one?), so that the good cards after it were never sent."""
+    admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+    broken, good = tmp_path / "broken.onnx", tmp_path / "good.onnx"
+    broken.write_bytes(b"not an onnx model")
+    good.write_bytes(card("gcard", "augmix", seed=11))
+    try:
+        out = carddeck("deck", "add", "--server", server.address, str(broken), str(good), env=admin)
+        assert out.returncode == 1, out.stderr
+        assert "added gcard/1" in out.stdout, out.stdout
+        first, last = out.stderr.strip().splitlines()
+        assert "INVALID_ARGUMENT" in first and str(broken) in first, first
+        assert last == "carddeck: 1 of 2 cards failed"
+    finally:
+        with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
+            if "gcard" in [c.name for c in client.list_cards().cards]:
+                client.remove_card("gcard")
