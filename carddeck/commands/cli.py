@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from carddeck import __version__
-from carddeck.errors import CarddeckError
+from carddeck.errors import CarddeckError, install_hint
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,7 +81,7 @@ def _missing_extra(exc: ModuleNotFoundError, command: str | None) -> str | None:
         return None
     return (
         f"carddeck: error: `carddeck {command}` needs the [{extra}] extra (module {top!r} is not installed): "
-        f'pip install -c constraints.txt "carddeck[{extra}]"  (or -e ".[{extra}]" in a clone)'
+        f"{install_hint(extra)}"
     )
 
 
