@@ -270,6 +270,16 @@ def _read_pem(path: str | Path | None, name: str) -> bytes | None:
 
 
 # -- shared CLI plumbing -----------------------------------------------------------------------
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:  # 0 or less (or inf, to gRPC): DEADLINE_EXCEEDED before the call is sent
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def add_client_arguments(parser: argparse.ArgumentParser, *, token_env: str = INFERENCE_TOKEN_ENV) -> None:
     env = os.environ.get
     parser.add_argument(
@@ -291,7 +301,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, token_env: str = IN
         "--client-key", default=env("CARDDECK_CLIENT_KEY"),
         help="PEM private key of --client-cert [env CARDDECK_CLIENT_KEY]",
     )  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per call")
     parser.set_defaults(token_env=token_env)
 
 

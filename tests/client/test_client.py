@@ -281,7 +281,8 @@ def test_predict_reads_16_bit_and_palette_pngs_as_their_8_bit_rgb_twins(server, 
 
 def test_predict_names_the_file_the_server_refused_and_checks_its_own_flags(server, tmp_path):
     """Mutants: the server's INVALID_ARGUMENT printed without the file it was about; an empty .npy passing
-    silently (no line, exit 0); --batch-size 0 or a risk bound of 2 sent to the server once per file."""
+    silently (no line, exit 0); --batch-size 0 or a risk bound of 2 sent to the server once per file; a
+    --timeout of 0 or inf, which gRPC turns into DEADLINE_EXCEEDED for every call."""
     bright = tmp_path / "bright.npy"
     np.save(bright, np.full((1, 3, 32, 32), 2.0, np.float32))  # float32 outside [0, 1]: the server refuses it
     empty = tmp_path / "empty.npy"
@@ -296,7 +297,7 @@ def test_predict_names_the_file_the_server_refused_and_checks_its_own_flags(serv
     assert errors[-1] == "carddeck: 2 of 3 files failed"
     assert out.stdout.startswith(f"{good}: "), out.stdout
     for flag, value in (("--batch-size", "0"), ("--batch-size", "-3"), ("--abstain-above-risk", "2"),
-                        ("--abstain-above-risk", "nan")):  # fmt: skip
+                        ("--abstain-above-risk", "nan"), ("--timeout", "0"), ("--timeout", "inf")):  # fmt: skip
         bad = carddeck("predict", "--server", server.address, flag, value, str(good), str(good))
         assert bad.returncode == 2 and flag in bad.stderr and "files failed" not in bad.stderr, bad.stderr
 
