@@ -341,6 +341,9 @@ def test_deck_remove_takes_every_version_unless_told_one(server, tmp_path):
                 admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
                 stub.RemoveCard(pb.RemoveCardRequest(name="a1", version=-1), metadata=admin_md, timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetCard(pb.GetCardRequest(name="a1", version=-1), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version" in info.value.details()
     finally:
         with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
             if "rcard" in [c.name for c in client.list_cards().cards]:
