@@ -50,8 +50,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="upload under this card version instead of the file's own; `next`: one above the version the "
         "server holds (to replace a card already in the deck)",
     )
-    what = "remove a card: every version of it, or one with --version"
-    remove = sub.add_parser("remove", help=what, description=what)
+    remove = sub.add_parser("remove", help="remove a card: every version of it, or one with --version")
     remove.add_argument("name", help="the card's name (as `carddeck deck list` shows it)")
     remove.add_argument(
         "--version", type=card_version, default=0, metavar="N", help="remove only this version (default: every version)"
@@ -60,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     lst.add_argument("--json", action="store_true", help="print every card's full CardMeta as JSON")
     for p in (add, remove, lst):
         add_client_arguments(p, token_env=ADMIN_TOKEN_ENV)
+    for action in sub._choices_actions:  # `carddeck deck ACTION --help` opens with what ACTION does
+        sub.choices[action.dest].description = action.help
 
 
 def card_version(text: str) -> int:
