@@ -13,9 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from carddeck.errors import InvalidInput, shown
 from carddeck.serving.codec import InferRequest, InferResult, Tensor, check_output_parameters, raw_output
@@ -150,6 +153,15 @@ def _input_data(body: InferBody, tensor: Mapping[str, Any]) -> tuple[Any, str]:
     return tensor["data"], "inputs[0].data"
 
 
+def json_values(arr: np.ndarray) -> list[Any]:
+    """A tensor's values for JSON ``data``: NaN and infinities (an out-of-scope score the verdict does not
+    know) as null, which JSON has and strict parsers accept; tritonclient.http reads null back as NaN."""
+    values = arr.ravel().tolist()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        return [v if math.isfinite(v) else None for v in values]
+    return values
+
+
 def encode_result(
     result: InferResult, wanted: Mapping[str, bool], binary_default: bool, rid: str
 ) -> tuple[bytes, int | None]:
@@ -162,14 +174,14 @@ def encode_result(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = json_values(arr)
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
     if rid:
         doc["id"] = rid
     doc["parameters"] = result.parameters
     doc["outputs"] = outputs
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
