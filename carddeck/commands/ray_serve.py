@@ -40,6 +40,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often to look for store changes")
     parser.add_argument("--drain-s", type=float, default=10.0,
                         help="a removed card's deployment outlives the ingress's last use of it this long")  # fmt: skip
+    parser.add_argument("--max-request-images", type=int, default=None,
+                        help="most images in one request (default: carddeck serve's, from its settings)")  # fmt: skip
+    parser.add_argument("--max-inflight-images", type=int, default=None,
+                        help="most images each ingress replica works on at once; past it RESOURCE_EXHAUSTED / "
+                             "429 (default: carddeck serve's, from its settings)")  # fmt: skip
     parser.add_argument("--allow-unauthenticated-admin", action="store_true",
                         help="serve repository load/unload without a token (local experiments only); the token is "
                              "carddeck serve's: env CARDDECK_ADMIN_TOKEN or CARDDECK_ADMIN_TOKEN_FILE")  # fmt: skip
@@ -64,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests,
+        max_request_images=args.max_request_images,
+        max_inflight_images=args.max_inflight_images,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin,
         admin_token=load_settings({}).resolved_admin_token(),  # from the environment, never a flag (ps shows flags)
     )
+    config.settings()  # limits that do not fit together are refused here, before a cluster starts
     local: dict[str, Any] = {} if args.address else {"_metrics_export_port": args.metrics_port or None}
     ray.init(address=args.address or None, num_cpus=args.num_cpus, include_dashboard=False, **local)
     here = ray.util.get_node_ip_address()

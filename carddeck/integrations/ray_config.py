@@ -38,6 +38,8 @@ class RayDeckConfig:
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 10.0
     max_ongoing_requests: int = 64
+    max_request_images: int | None = None  # most images in one request (None: carddeck serve's default)
+    max_inflight_images: int | None = None  # most images each ingress replica works on at once (None: as above)
     allow_unauthenticated_admin: bool = False  # HTTP repository load/unload without a token
     admin_token: str = field(default="", repr=False)
 
@@ -55,6 +57,8 @@ class RayDeckConfig:
     def settings(self) -> Any:
         from carddeck.serving.settings import Settings
 
+        limits = {"max_request_images": self.max_request_images, "max_inflight_images": self.max_inflight_images}
+        given: dict[str, Any] = {k: v for k, v in limits.items() if v is not None}  # the others: Settings' own
         return Settings(
             deck=self.deck,
             deck_model_name=self.deck_model_name,
@@ -62,6 +66,7 @@ class RayDeckConfig:
             allow_unauthenticated_admin=self.allow_unauthenticated_admin,
             http_port=-1,
             metrics_port=-1,
+            **given,
         )
 
 

@@ -217,9 +217,8 @@ class RayDataplane:
         timeout_s: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> tuple[Prediction, Deck]:
-        model = model or self.resolve()
         with self.budget.hold(len(images)):  # past --max-inflight-images: Overloaded, as on carddeck serve
-            return self._predict(model, images, policy, per_sample, is_cancelled)
+            return self._predict(model or self.resolve(), images, policy, per_sample, is_cancelled)
 
     def _predict(
         self,

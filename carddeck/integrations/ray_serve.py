@@ -69,7 +69,9 @@ def app_builder(args: dict[str, Any]) -> Any:
     unknown = sorted(set(args) - known)
     if unknown:
         raise InvalidInput(f"args: unknown {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
-    return application(RayDeckConfig(**{"deck": str(default_deck_path()), **args}))
+    config = RayDeckConfig(**{"deck": str(default_deck_path()), **args})
+    config.settings()  # limits that do not fit together are named here, not in every replica's constructor
+    return application(config)
 
 
 def deploy(config: RayDeckConfig, *, wait_s: float = 300.0) -> DeploymentHandle:

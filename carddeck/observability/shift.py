@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +31,16 @@ if TYPE_CHECKING:
     from carddeck.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class Observed(NamedTuple):
+    """One request as the monitor reads it: its prepared images, the deck's probabilities, the gate's features
+    (None: computed here) and the cards' agreement per image (None: unknown; the detector judges without it)."""
+
+    x: np.ndarray
+    probabilities: np.ndarray
+    gate_features: np.ndarray | None = None
+    agreement: np.ndarray | None = None
 
 
 class ShiftMonitor:
@@ -75,7 +85,7 @@ class ShiftMonitor:
         for i, (model, *_) in enumerate(rows):
             by_model.setdefault(model, []).append(i)
         for model, idx in by_model.items():
-            requests = [(rows[i][1], rows[i][3], getattr(rows[i][2], "features", None), *rows[i][4:5]) for i in idx]
+            requests = [Observed(r[1], r[3], getattr(r[2], "features", None), *r[4:5]) for r in (rows[i] for i in idx)]
             try:
                 for i, trust in zip(idx, self._judge_model(model, requests, cards=cards)):
                     out[i] = trust
@@ -92,26 +102,26 @@ class ShiftMonitor:
         agreement: np.ndarray | None = None,
     ) -> list[Verdict]:
         """One request's prepared images and probabilities; returns the verdicts (tests) it caused."""
-        return self.observe_many(model, [(x, probabilities, gate_features, agreement)])
+        return self.observe_many(model, [Observed(x, probabilities, gate_features, agreement)])
 
-    def observe_many(self, model: str, requests: Sequence[tuple[Any, ...]]) -> list[Verdict]:
-        """Several requests of ``model`` in order (a micro-batch), each ``(x, probabilities, gate features[,
-        agreement])`` -> the batch and window tests they caused."""
+    def observe_many(self, model: str, requests: Sequence[Sequence[Any]]) -> list[Verdict]:
+        """Several requests of ``model`` in order (a micro-batch), each an :class:`Observed` or a tuple of its
+        fields -> the batch and window tests they caused."""
         tested: list[Verdict] = []
-        self._judge_model(model, requests, tested)
+        self._judge_model(model, [Observed(*r) for r in requests], tested)
         return tested
 
     def _judge_model(
         self,
         model: str,
-        requests: Sequence[tuple[Any, ...]],
+        requests: Sequence[Observed],
         tested: list[Verdict] | None = None,
         cards: Collection[str] | None = None,
     ) -> list[Trust]:
         detector = self.detector  # read once: a swap meanwhile does not mix two detectors in one verdict
         if detector is None or (cards is not None and not fits(detector, cards)):
-            return [Trust.unknown(len(r[0]), r[1]) for r in requests]
-        xs, ps, gates = zip(*(r[:3] for r in requests))
+            return [Trust.unknown(len(r.x), r.probabilities) for r in requests]
+        xs, ps, gates, agrees = zip(*requests)
         one = len(requests) == 1  # the common case of a lone request: no copies
         bounds = [0]
         for x in xs:
@@ -137,8 +147,8 @@ class ShiftMonitor:
         risks = image_risk(probabilities, scores)
         # the cards' agreement per image (NaN: unknown, e.g. a caller that does not pass it: the detector then
         # judges without it)
-        agrees = [r[3] if len(r) > 3 and r[3] is not None else np.full(len(r[0]), np.nan, np.float32) for r in requests]
-        agreement = agrees[0] if one else np.concatenate(agrees)
+        known = [np.full(len(x), np.nan, np.float32) if a is None else a for x, a in zip(xs, agrees)]
+        agreement = known[0] if one else np.concatenate(known)
         units: list[str] = []
         due: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (request, features, scores, agreement)
         with self._lock:
@@ -152,7 +162,7 @@ class ShiftMonitor:
                 window = self._windows.setdefault(model, deque(maxlen=self.window))
                 mine = slice(bounds[j], bounds[j + 1])
                 window.extend(zip(features[mine], scores[mine], agreement[mine]))
-                self._pending[model] = self._pending.get(model, 0) + len(request[0])
+                self._pending[model] = self._pending.get(model, 0) + len(request.x)
                 if len(window) == self.window and self._pending[model] >= self.stride:
                     self._pending[model] = 0
                     f, s, a = zip(*window)

@@ -219,12 +219,16 @@ def ingress_states(live: LiveDeck) -> dict[str, dict[str, Any]]:
     return states
 
 
-def replica_log(deployment: str) -> str:
-    """What the carddeck application's replicas of ``deployment`` logged (Serve's replica log files)."""
+def replica_log(deployment: str, live: bool = False) -> str:
+    """What the carddeck application's replicas of ``deployment`` logged (Serve's replica log files); ``live``:
+    only its replicas running now (not those of an application this module replaced, whose deck versions may
+    read alike)."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob(f"replica_carddeck_{deployment}_*.log")))
+    ids = replica_ids(deployment, "carddeck") if live else ["*"]
+    return "".join(p.read_text(errors="replace") for i in ids
+                   for p in sorted(logs.glob(f"replica_carddeck_{deployment}_{i}.log")))  # fmt: skip
 
 
 def replica_ids(deployment: str, app: str) -> list[str]:
@@ -812,6 +816,40 @@ def test_the_serve_config_file_builds_the_application_and_bad_args_are_named() -
         app_builder({"deck": "models", "replicas": 3})
 
 
+def test_image_limits_reach_the_ingress_and_limits_that_do_not_fit_are_refused_before_a_cluster_starts(
+    tmp_path: Path,
+) -> None:
+    """``max_inflight_images`` bounds each ingress replica as ``--max-inflight-images`` bounds carddeck serve
+    (kills a config field not passed to the replica's settings); limits that contradict each other are named
+    by the config file's builder and by ``carddeck ray-serve`` before any cluster starts."""
+    import subprocess
+    import sys
+
+    from carddeck.errors import InvalidInput, NotReady, Overloaded
+    from carddeck.integrations.ray_plane import RayDataplane
+    from carddeck.integrations.ray_serve import RayDeckConfig, app_builder
+
+    deck = make_deck(tmp_path / "deck")
+    plane = RayDataplane(RayDeckConfig(deck=str(deck), max_request_images=4, max_inflight_images=6), None)  # type: ignore[arg-type]
+    try:
+        x = smooth_images(4, seed=1)
+        with pytest.raises(NotReady):  # within the budget: on to the deck (not deployed here)
+            plane.predict(x)
+        with plane.budget.hold(3), pytest.raises(Overloaded, match="at most 6 at once"):
+            plane.predict(x)  # 3 + 4 images do not fit
+        assert plane.budget.used == 0
+    finally:
+        plane.close()
+    with pytest.raises(InvalidInput, match="max_inflight_images.*at least max_request_images"):
+        app_builder({"deck": str(deck), "max_request_images": 40, "max_inflight_images": 8})
+    cli = subprocess.run(
+        [sys.executable, "-m", "carddeck", "ray-serve", "--deck", str(deck), "--max-request-images", "40",
+         "--max-inflight-images", "8"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode != 0 and "max_inflight_images" in cli.stderr, cli.stderr[-2000:]
+    assert "Traceback" not in cli.stderr and "Started a local Ray instance" not in cli.stderr
+
+
 # -- the S3 group: `carddeck ray-serve --ingress-replicas 2` on an S3 deck -----------------------------------------
 @pytest.fixture(scope="class")
 def s3_ray_deck(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeck]:
@@ -902,7 +940,7 @@ class TestTwoIngressReplicasOnAnS3Deck:
         for out in answers.values():
             assert out["version"] == version
             assert_same_verdict(out["verdict"], want)
-        log = replica_log("reconciler")
+        log = replica_log("reconciler", live=True)
         assert f"refitted shift detector stored as deck version {version}" in log, log[-3000:]
 
     def test_a_card_added_through_one_of_two_ingress_replicas_is_judged_by_the_refit_on_both(
@@ -969,8 +1007,8 @@ class TestTwoIngressReplicasOnAnS3Deck:
                 for a in mine[judged:]:
                     assert_same_verdict(a["verdict"], want)
                 assert all(a["verdict"].state != "unknown" for a in mine if a["version"] >= refitted)
-            assert "state unknown until" in replica_log("ingress")
-            log = replica_log("reconciler")
+            assert "state unknown until" in replica_log("ingress", live=True)
+            log = replica_log("reconciler", live=True)
             assert "refitting the shift detector from the deck's calibration images" in log, log[-3000:]
             assert f"refitted shift detector stored as deck version {refitted}" in log, log[-3000:]
             out = live.predict(x, "soft")
