@@ -102,3 +102,29 @@ def test_predict_stream_answers_a_request_it_cannot_send_in_its_place(server):
             assert not answer.ok and answer.code == "INVALID_ARGUMENT" and "dtype int64" in answer.error, answer
         else:
             assert answer.ok, answer
+
+
+def test_a_stream_request_that_asks_for_the_final_flag_gets_it(server):
+    """Mutant: tritonclient's enable_empty_final_response accepted and ignored: a client waiting for each
+    request's `triton_final_response` (Triton sets it on the last response of a request) would wait forever."""
+    import queue
+
+    import tritonclient.grpc as tc
+
+    answers: queue.Queue = queue.Queue()
+    client = tc.InferenceServerClient(server.address)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for rid, flag in (("flagged", True), ("plain", False)):
+            client.async_stream_infer("carddeck", [_infer_input(tc, smooth_images(1))], request_id=rid,
+                                      enable_empty_final_response=flag)  # fmt: skip
+        got = {}
+        for _ in range(2):
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            got[result.get_response().id] = result.get_response().parameters
+    finally:
+        client.stop_stream()
+        client.close()
+    assert got["flagged"]["triton_final_response"].bool_param is True
+    assert "triton_final_response" not in got["plain"]  # only when asked, as Triton does for a plain model
