@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from carddeck.errors import InvalidInput, shown
-from carddeck.serving.codec import InferRequest, InferResult, Tensor, check_output_parameters, raw_output
+from carddeck.serving.codec import (
+    InferRequest,
+    InferResult,
+    Tensor,
+    check_input_parameters,
+    check_output_parameters,
+    raw_output,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 TENSOR_FIELDS = "{name, datatype, shape, data | parameters.binary_data_size}"
@@ -112,6 +119,7 @@ def infer_request(model: str, version: str, body: InferBody) -> tuple[InferReque
         raise InvalidInput(f"inputs: expected a list of tensor objects {TENSOR_FIELDS}")
     tensors = []
     for i, t in enumerate(inputs):
+        check_input_parameters(i, list(_mapping(t.get("parameters"), f"inputs[{i}].parameters")))
         shape = t.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidInput(f"inputs[{i}].shape: expected a list of integers, got {shown(shape)}")

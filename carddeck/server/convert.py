@@ -13,7 +13,14 @@ from carddeck.deck import Deck, Prediction
 from carddeck.errors import InvalidInput
 from carddeck.gating import Routing
 from carddeck.gating.shift import Trust
-from carddeck.serving.codec import InferRequest, InferResult, Tensor, check_output_parameters, raw_output
+from carddeck.serving.codec import (
+    InferRequest,
+    InferResult,
+    Tensor,
+    check_input_parameters,
+    check_output_parameters,
+    raw_output,
+)
 from carddeck.wire.arrays import from_matrix, matrix, tensor_from_images
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
@@ -81,6 +88,7 @@ def infer_request(request: oip.ModelInferRequest) -> InferRequest:
         raise InvalidInput(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}")
     inputs = []
     for i, t in enumerate(request.inputs):
+        check_input_parameters(i, list(t.parameters))
         if raw and t.contents.ByteSize():
             raise InvalidInput(f"inputs[{i}].contents: send the data in contents or in raw_input_contents, not both")
         contents = _CONTENTS.get(t.datatype, "uint_contents")

@@ -33,6 +33,17 @@ OPTIONAL_OUTPUTS = ("out_of_scope",)
 OUTPUT_PARAMETERS = ("binary_data",)
 
 
+def check_input_parameters(i: int, keys: Sequence[str]) -> None:
+    """Refuse Triton's shared-memory inputs by name (the data is not in the request: without this the caller
+    would read that its tensor holds 0 values), the same over every transport (sorted: gRPC's map has no order)."""
+    for key in sorted(keys):
+        if key.startswith("shared_memory"):
+            raise InvalidInput(
+                f"inputs[{i}].parameters[{shown(key)}]: shared memory is not supported; send the tensor's data "
+                "in the request"
+            )
+
+
 def check_output_parameters(i: int, keys: Sequence[str]) -> None:
     """Refuse an output parameter CARD-Deck would ignore (``classification``: the caller would get
     probabilities where it asked for class strings), the same over every transport."""
