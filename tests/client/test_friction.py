@@ -49,11 +49,12 @@ def test_a_second_server_names_every_taken_port_at_once(tmp_path):
         assert f"port {port} (" in line and flag in line, line
 
 
-@pytest.mark.parametrize("flag, host", [("--host", "999.1.1.1"), ("--host", "203.0.113.7"),
-                                        ("--metrics-host", "203.0.113.7")])  # fmt: skip
-def test_a_host_that_is_not_this_machine_is_named_not_blamed_on_a_port(flag, host):
+@pytest.mark.parametrize("flag", ["--host", "--metrics-host"])
+def test_a_host_that_is_not_this_machine_is_named_not_blamed_on_a_port(flag):
     """Mutant: no check of the host first (the metrics endpoint's bind failed first and said "stop the other
-    server or choose another port" for a host that does not resolve, or is another machine's: TEST-NET-3)."""
+    server or choose another port" for an address of another machine, TEST-NET-3; an unresolvable name,
+    which would ask DNS, went the same way)."""
+    host = "203.0.113.7"
     proc = carddeck("serve", flag, host, "--port", "0", "--http-port", "0", "--metrics-port", "0")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
