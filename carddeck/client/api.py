@@ -331,10 +331,19 @@ def rpc_error_message(exc: grpc.RpcError) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     hint = ""
-    if code == grpc.StatusCode.UNAVAILABLE and "http1.x server" in (details or ""):
+    unavailable = code == grpc.StatusCode.UNAVAILABLE
+    if unavailable and "http1.x server" in (details or ""):
         hint = f" (that port answers HTTP/1.1: --server takes the gRPC port, {DEFAULT_PORT} by default, not HTTP's)"
-    elif code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
-        hint = " (is `carddeck serve` running there? --server HOST[:PORT] names another server)"
+    elif unavailable and "handshake failed" in (details or "").lower():
+        hint = (
+            " (TLS failed: a server started without --tls-cert speaks plain gRPC, so drop --tls/--tls-ca; "
+            "else --tls-ca must name the CA that signed its certificate)"
+        )
+    elif unavailable and "connect" in (details or ""):
+        hint = (
+            " (is `carddeck serve` running there? --server HOST[:PORT] names another server; "
+            "a server with --tls-cert needs --tls-ca or --tls)"
+        )
     return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}{hint}"
 
 

@@ -86,6 +86,10 @@ def _missing_extra(exc: ModuleNotFoundError, command: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core writes its own INFO lines to stderr (a failed TLS handshake, client or server side):
+    # noise under a one-line error, and a line that is not JSON in `serve --log-format json`. Its errors
+    # still show; GRPC_VERBOSITY set by the user wins. Before any command imports grpc.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:

@@ -382,3 +382,27 @@ def test_deck_add_names_a_refused_card_and_still_adds_the_others(server, tmp_pat
         with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
             if "gcard" in [c.name for c in client.list_cards().cards]:
                 client.remove_card("gcard")
+
+
+def test_a_tls_mismatch_is_one_line_with_its_hint_and_json_logs_stay_json(server, tmp_path):
+    """Mutants: gRPC's C core left at its own verbosity (a failed TLS handshake writes an INFO line of its own
+    to stderr: a second line under the client's error, a line that is not JSON in the server's
+    `--log-format json`); the TLS client to a plain server told only "is `carddeck serve` running there?"."""
+    images = tmp_path / "a.npy"
+    np.save(images, smooth_images(1))
+    out = carddeck("predict", "--server", server.address, "--tls", "--timeout", "20", str(images))
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()  # no "I1207 ... Handshake failed" from gRPC's core
+    assert "UNAVAILABLE" in line and "TLS failed" in line and "drop --tls" in line, line
+    pki = _pki(tmp_path)
+    srv = start_server(make_deck(tmp_path / "deck"), tmp_path, "--tls-cert", str(pki["server"]), "--tls-key",
+                       str(pki["server_key"]), "--log-format", "json")  # fmt: skip
+    try:
+        plain = carddeck("deck", "list", "--server", srv.address, "--timeout", "10")  # a plain client: refused
+        assert plain.returncode == 1 and "--tls-ca or --tls" in plain.stderr, plain.stderr
+        with CardDeckClient(srv.address, tls_ca=pki["ca"]) as client:  # and the server still serves
+            assert client.list_cards().cards
+    finally:
+        assert srv.terminate() == 0
+    for entry in srv.log().splitlines():
+        json.loads(entry)  # one JSON object per line, as --log-format json promises
