@@ -2,12 +2,14 @@
 
     carddeck shift --deck models --data digits32 --fit                 # calibrate on val, store in the deck
     carddeck shift --deck models --data digits32 --foreign noise,black --out models/report
+    carddeck shift --deck models --unseen [--split val]                # families outside the catalog
 
 Fitting uses the validation split (clean, each card domain's augmentation, every benchmark
 corruption x severity, seed 1), like ``carddeck calibrate``. Scoring uses the test split (seed 0):
 for each condition, the share of random 16-image batches per state, 32-image sliding windows of
 single-image requests for clean and foreign data, and the expected-accuracy error against the true
 accuracy, with each corruption held out of the detector's conditions when its own error is measured.
+``--unseen`` scores the detector as fitted on shift families no fit sees (:mod:`carddeck.commands.shift_unseen`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--corruptions", default=None, help="comma-separated (default: the 15 benchmark ones)")
     parser.add_argument(
-        "--foreign", default="noise,black", help="foreign sets: dataset specs, or noise / black (default both)"
+        "--foreign",
+        default="noise,black",
+        help="foreign sets: dataset specs, noise, black, or an image file (random crops of it; default noise,black)",
     )
     parser.add_argument("--batch", type=int, default=16, help="images per request when scoring batches")
     parser.add_argument("--draws", type=int, default=200, help="random batches per condition (clean: 10x)")
@@ -59,6 +63,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=8, help="test the window every this many images")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
     parser.add_argument("--out", default=None, help="write shift.json, shift.md and shift.png here")
+    parser.add_argument(
+        "--unseen",
+        nargs="?",
+        const="colour,geometry,occlusion",
+        default=None,
+        help="score the detector as fitted on shift families outside the corruption catalog, which no fit sees "
+        "(carddeck/data/corruptions/unseen.py; default all three: colour,geometry,occlusion); "
+        "with --out: unseen.json, unseen.md",
+    )
+    parser.add_argument(
+        "--split", choices=("val", "test"), default="test", help="the split --unseen scores (val: to choose a rule)"
+    )
+
+
+def foreign_sets(specs: str) -> dict[str, str]:
+    """Row name -> spec of each foreign set in ``--foreign`` (an image file is named by its file name)."""
+    return {f"foreign:{Path(f).name if _is_photo(f) else f}": f for f in specs.split(",") if f}
+
+
+def _is_photo(spec: str) -> bool:
+    return Path(spec).suffix.lower() in (".jpg", ".jpeg", ".png") and Path(spec).is_file()
 
 
 def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -67,6 +92,8 @@ def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator)
         return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     if spec == "black":
         return np.zeros((n, h, w, 3), np.uint8)
+    if _is_photo(spec):
+        return photo_crops(Path(spec), n, (h, w), rng)
     from carddeck.data.datasets import load_dataset
     from carddeck.errors import InvalidInput
 
@@ -74,6 +101,24 @@ def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator)
     if images.shape[1:3] != (h, w):
         raise InvalidInput(f"foreign set {spec}: images are {images.shape[1:3]}, the deck takes {(h, w)}")
     return images
+
+
+def photo_crops(path: Path, n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """n random square crops of a photograph (side 1/8 to 1/2 of its shorter side), box-resized to ``shape``."""
+    from PIL import Image
+
+    from carddeck.data.corruptions._common import box_resample_matrix, separable
+
+    photo = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    side = min(photo.shape[:2])
+    out = np.empty((n, *shape, 3), np.uint8)
+    for i in range(n):
+        s = int(rng.integers(side // 8, side // 2 + 1))
+        top, left = (int(rng.integers(0, d - s + 1)) for d in photo.shape[:2])
+        crop = photo[None, top : top + s, left : left + s]
+        small = separable(crop, box_resample_matrix(s, shape[0]), box_resample_matrix(s, shape[1]))[0]
+        out[i] = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
                                ("draws", args.draws, 1)):  # fmt: skip
         if value < least:
             raise InvalidInput(f"--{name} must be at least {least}, got {value}")
+    if args.unseen is not None:  # a bad family is refused before any work
+        from carddeck.data.corruptions.unseen import unseen_conditions
+
+        unseen_conditions(tuple(f for f in args.unseen.split(",") if f))
     deck = Deck.open(args.deck)
     if not deck.cards:
         raise InvalidInput(f"deck {args.deck} has no cards")
@@ -121,9 +170,11 @@ def run(args: argparse.Namespace) -> int:
     rel = dict(deck.manifest.gate).get("shift")
     if not rel:
         raise InvalidInput(f"deck {args.deck} has no shift detector: run `carddeck shift --deck {args.deck} --fit`")
-    if args.out is None:
+    if args.out is None and args.unseen is None:
         return 0
     detector = ShiftDetector.load(io.BytesIO(deck.store.read_file(rel)), name=rel)
+    if args.unseen is not None:
+        return _run_unseen(deck, detector, args, progress)
     result = evaluate(deck, detector, args, corruptions, progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +183,20 @@ def run(args: argparse.Namespace) -> int:
     plot(result, out / "shift.png")
     print(markdown(result))
     print(f"wrote {out / 'shift.json'}, {out / 'shift.md'}, {out / 'shift.png'}")
+    return 0
+
+
+def _run_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress: Any) -> int:
+    from carddeck.commands.shift_unseen import evaluate_unseen, unseen_markdown
+
+    result = evaluate_unseen(deck, detector, args, progress)
+    text = unseen_markdown(result)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "unseen.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "unseen.md").write_text(text)
+    print(text)
     return 0
 
 
@@ -158,10 +223,10 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
     rows: list[dict[str, Any]] = []
     image_scores: dict[str, dict[str, np.ndarray]] = {}
     names = ["clean", *(f"{c}/{s}" for c in corruptions for s in range(1, 6))]
-    foreign = [f for f in args.foreign.split(",") if f]
-    for name in progress([*names, *(f"foreign:{f}" for f in foreign)], "shift (score, test)"):
-        if name.startswith("foreign:"):
-            x, y = _images(name.split(":", 1)[1], len(images), (spec.height, spec.width), rng), None
+    foreign = foreign_sets(args.foreign)
+    for name in progress([*names, *foreign], "shift (score, test)"):
+        if name in foreign:
+            x, y = _images(foreign[name], len(images), (spec.height, spec.width), rng), None
         elif name == "clean":
             x, y = images, labels
         else:
@@ -170,7 +235,7 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
         features, predicted, agreement = deck_outputs(deck, x, batch_size=args.batch)
         hits = predicted == y if y is not None else np.zeros(len(x), bool)
         draws = args.draws * (10 if name == "clean" else 1)
-        family = family_of(name.rsplit("/", 1)[0]) if "/" in name else ""
+        family = family_of(name.rsplit("/", 1)[0]) if "/" in name and name not in foreign else ""
         members = FAMILIES.get(family, (family,))
         # strict: the family out of the conditions and of the per-image scope; "scope_kept": of the conditions only
         held = {
@@ -199,14 +264,7 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
             clean_acc = float(hits.mean())
         rows.append(row)
     for row in rows:
-        acc = row["accuracy"]
-        row["kind"] = (
-            "foreign" if acc is None
-            else "clean" if row["condition"] == "clean"
-            else "harmful" if acc < clean_acc - 0.05
-            else "benign" if acc >= clean_acc - 0.02
-            else "between"
-        )  # fmt: skip
+        row["kind"] = kind_of(row, clean_acc)
     per_image = {f: {k: auroc(image_scores["clean"][k], image_scores[f][k]) for k in ("scope", "msp")}
                  for f in image_scores if f.startswith("foreign:")}  # fmt: skip
     return {"deck": str(deck.root), "data": args.data, "per_image": per_image, "detector": detector.notes,
@@ -215,23 +273,41 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
             "conditions": rows, "targets": targets(rows)}  # fmt: skip
 
 
+def kind_of(row: dict[str, Any], clean_acc: float) -> str:
+    """harmful: accuracy more than 5 points under clean; benign: within 2 (issue #21)."""
+    acc = row["accuracy"]
+    return (
+        "foreign" if acc is None
+        else "clean" if row["condition"] == "clean"
+        else "harmful" if acc < clean_acc - 0.05
+        else "benign" if acc >= clean_acc - 0.02
+        else "between"
+    )  # fmt: skip
+
+
 def scored(
     detector: Any, features: np.ndarray, hits: np.ndarray | None, batch: int, draws: int, agreement: np.ndarray
 ) -> dict[str, Any]:
-    """States of random batches, and the expected accuracy of consecutive batches against the truth."""
-    from carddeck.gating.shift import STATES
+    """States of random batches (and by which path covered ones were), and the expected accuracy of consecutive
+    batches against the truth."""
+    from carddeck.gating.shift import COVERED_BY, STATES
 
     counts = dict.fromkeys(STATES, 0)
+    paths = dict.fromkeys(COVERED_BY, 0)
     r = np.random.default_rng(1)
     for _ in range(draws):
         pick = r.choice(len(features), batch, replace=False)
-        counts[detector.test(features[pick], agreement=agreement[pick]).state] += 1
+        verdict = detector.test(features[pick], agreement=agreement[pick])
+        counts[verdict.state] += 1
+        if verdict.covered_by:
+            paths[verdict.covered_by] += 1
     estimates = [detector.test(features[i : i + batch], agreement=agreement[i : i + batch])
                  for i in range(0, len(features) - batch + 1, batch)]  # fmt: skip
     known = [v.expected_accuracy for v in estimates if np.isfinite(v.expected_accuracy)]
     expected = float(np.mean(known)) if known else None
     return {
         "batches": {k: v / draws for k, v in counts.items()},
+        "covered_by": {k: v / draws for k, v in paths.items()},
         "expected_accuracy": expected,
         "expected_unknown": 1 - len(known) / max(len(estimates), 1),
         "expected_accuracy_error": None if hits is None or expected is None else expected - float(hits.mean()),
@@ -294,6 +370,8 @@ def family_targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "harmful": len(harmful),
             "harmful_min_flagged": min((1 - r["batches"]["in_distribution"] for r in harmful), default=None),
             "harmful_flagged_90": sum(1 - r["batches"]["in_distribution"] >= 0.9 for r in harmful),
+            # flagged counts covered batches too: a harmful condition covered is flagged and yet vouched for
+            "harmful_max_covered": max((r["batches"]["covered"] for r in harmful), default=None),
             "benign_max_uncovered": max((r["batches"]["uncovered"] for r in benign), default=None),
             "expected_accuracy_mae": float(np.mean(errors)) if errors else None,
             "harmful_max_error": max(harm_err, default=None),
@@ -336,16 +414,17 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {k.replace('_', ' ')} | {_pct(v)} |")
     lines += [
         "",
-        "| family held out | harmful | least flagged (>= 90%) | benign most uncovered (<= 10%) | "
-        "expected-accuracy MAE (<= 5) | harmful worst error (<= 12) |",
-        "|---|---|---|---|---|---|",
+        "| family held out | harmful | least flagged (>= 90%) | harmful most covered | benign most uncovered "
+        "(<= 10%) | expected-accuracy MAE (<= 5) | harmful worst error (<= 12) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for regime, label in (("families", "strict: out of conditions and scope"), ("families_scope_kept", "scope kept")):
         for fam, f in t[regime].items():
             mae = "n/a" if f["expected_accuracy_mae"] is None else f"{100 * f['expected_accuracy_mae']:.2f}"
             worst = "n/a" if f["harmful_max_error"] is None else f"{100 * f['harmful_max_error']:.1f}"
             mae += f" ({f['estimated']} estimated)"
-            lines.append(f"| {fam} ({label}) | {f['harmful']} | {_pct(f['harmful_min_flagged'])} | "
+            covered = _pct(f["harmful_max_covered"])
+            lines.append(f"| {fam} ({label}) | {f['harmful']} | {_pct(f['harmful_min_flagged'])} | {covered} | "
                          f"{_pct(f['benign_max_uncovered'])} | {mae} | {worst} |")  # fmt: skip
     lines += [
         "",

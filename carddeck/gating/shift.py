@@ -23,8 +23,8 @@ false alarm with probability <= alpha: the expected run time between false alarm
 reference condition on which the deck lost at most ``tolerance``; or a new shift whose own evidence says
 the deck holds: most images in scope and the expected accuracy near clean, or most out of scope, near no
 known condition, and either few foreign images with the deck's confidences within ``tolerance`` of clean's
-(DoC), or the cards' agreement within ``tolerance`` of clean's (DoA) with the confidences within twice it;
-FAR_TOLERANCES times that reach where more than FOREIGN_SHARE of the images look foreign), *uncovered* (otherwise).
+(DoC), or the cards' agreement within ``tolerance`` of clean's (DoA) with the confidences within twice it),
+*uncovered* (otherwise).
 
 **Agreement** (:func:`carddeck.deck.deck.agreement_of`, per image: the share of its routing weight on cards
 whose top label is the deck's; DoA: the clean accuracy minus its drop from clean). Cards trained on different
@@ -70,6 +70,7 @@ from carddeck.gating.signature import FEATURE_DIM, ORIENTATIONS, SIGNATURE_DIM, 
 FORMAT = "carddeck-shift/5"
 READABLE = ("carddeck-shift/3", "carddeck-shift/4", FORMAT)  # 3: ATC in place of DoC; 3 and 4: scope on every feature
 STATES = ("in_distribution", "covered", "uncovered")
+COVERED_BY = ("known", "in_scope", "confidence", "agreement")  # the paths to "covered" (Verdict.covered_by)
 UNKNOWN = "unknown"  # no detector fitted to the deck's cards (yet): served, never silently off
 ALPHA = 0.005  # false alarms per in-distribution batch: ERT 200 batches
 TOLERANCE = 0.05  # accuracy a condition may lose against clean and still count as covered
@@ -88,11 +89,6 @@ FOREIGN = 3.0
 FOREIGN_SHARE = 0.1
 # The cards' agreement speaks for a batch only where at least this share of its images had a second card.
 AGREEMENT_SHARE = 0.5
-# On a batch with more than FOREIGN_SHARE foreign-looking images, agreement is the only witness, and a clear one:
-# foreign sets read DoA 30-68 on both decks, the benign weather of digits32 (val, weather held out) 92-99. There
-# it vouches within this many tolerances (the confidences within twice as many); on a batch nearer scope it keeps
-# one, for there the cards agree on what they get wrong (digits32 fog/4: 88% true, DoA 89, never far).
-FAR_TOLERANCES = 2.5
 
 _STD_FLOOR = 0.02  # features constant on clean data (e.g. saturation of grey digits) still get a scale
 
@@ -349,6 +345,9 @@ class Verdict:
     size: int
     expected_kind: str = "estimate"  # "estimate", "upper_bound" (uncovered) or "unknown"
     out_of_scope: float = 0.0  # share of the batch's images out of scope
+    # why a covered batch is covered: "known" (near a condition the deck handles), "in_scope" (a new shift,
+    # images in scope, estimate near clean), "confidence" (out of scope, DoC near clean) or "agreement" (DoA)
+    covered_by: str = ""  # one of COVERED_BY; "" when not covered
 
 
 @dataclass(frozen=True)
@@ -444,23 +443,23 @@ class ShiftDetector:
         # agree on it as on clean images (DoA), the confidences within twice the tolerance: images as far out
         # of scope as foreign ones are then a shift the cards read alike, not another kind of image (foreign
         # sets: DoA 30-68 on both decks; digits32 val, each family held out: 15 of the 23 benign conditions
-        # over 10% uncovered come under 10%; fog/4, 88% true, stays 83% uncovered). Where foreign-looking images
-        # are many, the agreement reaches FAR_TOLERANCES further: foreign sets stay 20+ points under it, while
-        # digits32's benign snow/1-4 and frost/1-2 (val, weather held out) read DoA 95-99 and DoC 90-99. Chosen
-        # on val, families held out: benign conditions over 10% uncovered 8 -> 0, fog/4 covered 17%, unchanged.
+        # over 10% uncovered come under 10%; fog/4, 88% true, stays 83% uncovered).
         in_scope = outside <= 0.5
         foreign = float((scores > FOREIGN).mean()) > FOREIGN_SHARE  # no estimate can vouch for those images
         doa = self._doa(agreement)
-        reach = self.tolerance * (FAR_TOLERANCES if foreign else 1.0)
-        agree = doa >= clean - reach and doc >= clean - 2 * reach
+        agree = doa >= clean - self.tolerance and doc >= clean - 2 * self.tolerance
         if in_scope:
             holds = expected >= clean - self.tolerance - 0.25 / np.sqrt(len(features)) and not foreign
+            path = "in_scope"
         else:
-            holds = distance > 1.0 and ((doc >= clean - self.tolerance and not foreign) or agree)
+            confident = doc >= clean - self.tolerance and not foreign
+            holds = distance > 1.0 and (confident or agree)
+            path = "confidence" if confident else "agreement"
+        covered_by = ""
         if ratio[0] <= 1.0:
             state = "in_distribution"
         elif (near_known and not foreign) or holds:
-            state = "covered"
+            state, covered_by = "covered", "known" if near_known and not foreign else path
         else:
             state = "uncovered"
         if state == "uncovered" and outside > 0.5 and not ratio.min() <= 3.0:  # mostly foreign, far from all
@@ -470,7 +469,7 @@ class ShiftDetector:
         elif state == "covered" and not (near_known or in_scope):  # vouched for by confidences: no more than clean
             expected = min(expected, clean)
         name = self.conditions[k] if k else ""
-        return Verdict(state, float(ratio[0]), distance, name, expected, len(features), kind, outside)
+        return Verdict(state, float(ratio[0]), distance, name, expected, len(features), kind, outside, covered_by)
 
     def _doc(self, features: np.ndarray) -> float:
         """DoC: the clean accuracy minus the drop of the batch's mean confidence from clean (ATC for format 3)."""
@@ -641,6 +640,7 @@ def image_risk(probabilities: np.ndarray, out_of_scope: np.ndarray) -> np.ndarra
 
 __all__ = [
     "ALPHA",
+    "COVERED_BY",
     "FEATURE_NAMES",
     "GROUPS",
     "SCOPE_FEATURE_SETS",

@@ -16,6 +16,8 @@ valid) noise than corrupting it at once.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +79,12 @@ def check_severity(severity: object) -> int:
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
     """Corrupt uint8 [N, H, W, 3] images with corruption ``name`` at ``severity`` (1..5)."""
     fn: CorruptionFn = CORRUPTIONS.get(name)
-    severity = check_severity(severity)
+    return apply(fn, name, images, check_severity(severity), seed)
+
+
+def apply(fn: Callable[..., np.ndarray], name: str, images: np.ndarray, level: Any, seed: int) -> np.ndarray:
+    """Run ``fn(float32 images in [0, 1], level, corruption_rng(name, seed))`` on checked uint8 [N, H, W, 3]
+    images and round the result back to uint8 (shared by the catalog and the unseen shifts)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InvalidInput(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
@@ -89,7 +96,7 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
     if len(images) == 0:
         return images.copy()
     x = images.astype(np.float32) / 255
-    out = fn(x, severity, corruption_rng(name, int(seed)))
+    out = fn(x, level, corruption_rng(name, int(seed)))
     return np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
@@ -100,5 +107,6 @@ __all__ = [
     "FAMILIES",
     "SEVERITIES",
     "SHIFT_FAMILIES",
+    "apply",
     "corrupt",
 ]

@@ -161,3 +161,28 @@ def box_resample_matrix(n_in: int, n_out: int) -> np.ndarray:
         pos = (np.arange(lo, hi) - center + 0.5) / filterscale
         weights[i, lo:hi] = (pos >= -0.5) & (pos < 0.5)
     return weights / np.maximum(weights.sum(1, keepdims=True), 1e-12)
+
+
+def fold_index(i: np.ndarray, n: int, mode: str) -> np.ndarray:
+    """Map integer indices outside 0..n-1 back inside: 'mirror' (d c b | a b c d | c b a, OpenCV's
+    BORDER_REFLECT_101) or 'reflect' (b a | a b c d | d c), as scipy.ndimage extends the input."""
+    if mode == "mirror":
+        i = np.abs(i) % (2 * n - 2)
+        return np.where(i >= n, 2 * n - 2 - i, i)
+    i = i % (2 * n)
+    return np.where(i >= n, 2 * n - 1 - i, i)
+
+
+def bilinear_sample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: str) -> np.ndarray:
+    """Bilinear sample of [N, H, W, C] at per-image coordinates [N, H, W] (what
+    scipy.ndimage.map_coordinates(order=1) gives, without interpolating across images and channels)."""
+    n, h, w, _ = x.shape
+    r0, c0 = np.floor(rows), np.floor(cols)
+    fr, fc = (rows - r0)[..., None].astype(np.float32), (cols - c0)[..., None].astype(np.float32)
+    r0, c0 = r0.astype(np.int64), c0.astype(np.int64)
+    ra, rb = fold_index(r0, h, mode), fold_index(r0 + 1, h, mode)
+    ca, cb = fold_index(c0, w, mode), fold_index(c0 + 1, w, mode)
+    b = np.arange(n)[:, None, None]
+    top = x[b, ra, ca] * (1 - fc) + x[b, ra, cb] * fc
+    bottom = x[b, rb, ca] * (1 - fc) + x[b, rb, cb] * fc
+    return (top * (1 - fr) + bottom * fr).astype(np.float32)

@@ -10,7 +10,14 @@ import io
 
 import numpy as np
 
-from carddeck.data.corruptions._common import box_resample_matrix, gaussian, hsv_to_rgb, rgb_to_hsv, separable
+from carddeck.data.corruptions._common import (
+    bilinear_sample,
+    box_resample_matrix,
+    gaussian,
+    hsv_to_rgb,
+    rgb_to_hsv,
+    separable,
+)
 from carddeck.data.corruptions.registry import register
 from carddeck.errors import InvalidInput
 
@@ -68,35 +75,10 @@ def elastic_transform(x: np.ndarray, severity: int, rng: np.random.Generator) ->
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     grid = np.stack([rows, cols, np.ones_like(rows)], 0).reshape(3, -1).astype(np.float64)
     src = (inverse @ grid).reshape(n, 2, h, w)  # cv2.warpAffine samples the source at M^-1 (output)
-    x = _sample(x, src[:, 0], src[:, 1], mode="mirror")
+    x = bilinear_sample(x, src[:, 0], src[:, 1], mode="mirror")
     dy = gaussian(rng.uniform(-1, 1, size=(n, h, w)), sigma, mode="reflect", truncate=3) * alpha
     dx = gaussian(rng.uniform(-1, 1, size=(n, h, w)), sigma, mode="reflect", truncate=3) * alpha
-    return _sample(x, rows[None] + dy, cols[None] + dx, mode="reflect")
-
-
-def _fold(i: np.ndarray, n: int, mode: str) -> np.ndarray:
-    """Map integer indices outside 0..n-1 back inside: 'mirror' (d c b | a b c d | c b a, OpenCV's
-    BORDER_REFLECT_101) or 'reflect' (b a | a b c d | d c), as scipy.ndimage extends the input."""
-    if mode == "mirror":
-        i = np.abs(i) % (2 * n - 2)
-        return np.where(i >= n, 2 * n - 2 - i, i)
-    i = i % (2 * n)
-    return np.where(i >= n, 2 * n - 1 - i, i)
-
-
-def _sample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: str) -> np.ndarray:
-    """Bilinear sample of [N, H, W, C] at per-image coordinates [N, H, W] (what
-    scipy.ndimage.map_coordinates(order=1) gives, without interpolating across images and channels)."""
-    n, h, w, _ = x.shape
-    r0, c0 = np.floor(rows), np.floor(cols)
-    fr, fc = (rows - r0)[..., None].astype(np.float32), (cols - c0)[..., None].astype(np.float32)
-    r0, c0 = r0.astype(np.int64), c0.astype(np.int64)
-    ra, rb = _fold(r0, h, mode), _fold(r0 + 1, h, mode)
-    ca, cb = _fold(c0, w, mode), _fold(c0 + 1, w, mode)
-    b = np.arange(n)[:, None, None]
-    top = x[b, ra, ca] * (1 - fc) + x[b, ra, cb] * fc
-    bottom = x[b, rb, ca] * (1 - fc) + x[b, rb, cb] * fc
-    return (top * (1 - fr) + bottom * fr).astype(np.float32)
+    return bilinear_sample(x, rows[None] + dy, cols[None] + dx, mode="reflect")
 
 
 @register("pixelate")
