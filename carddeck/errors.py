@@ -22,6 +22,11 @@ def shown(value: object, limit: int = ECHO_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def install_hint(extra: str) -> str:
+    """How to install an extra: pinned by constraints.txt (an unpinned torch pulls GBs of CUDA wheels)."""
+    return f'pip install -c constraints.txt "carddeck[{extra}]"  (or -e ".[{extra}]" in a clone)'
+
+
 class CarddeckError(Exception):
     """Base of every error CARD-Deck raises on purpose."""
 

@@ -134,3 +134,13 @@ def test_no_server_there_is_one_line_with_the_hint_and_exit_1_for_predict_too():
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("carddeck: error: UNAVAILABLE: "), lines
     assert "is `carddeck serve` running there?" in lines[0]
+
+
+def test_a_dataset_that_needs_the_train_extra_says_to_install_it_pinned():
+    """Mutant: the advice without constraints.txt (an unpinned torch pulls several GB of CUDA wheels), unlike
+    the same advice for a command that needs torch."""
+    out = run_cli("corrupt", "--data", "digits32", "--split", "test", "--out", "x",
+                  code="sys.modules['sklearn'] = None  # as if scikit-learn were not installed")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert "needs scikit-learn" in line and 'pip install -c constraints.txt "carddeck[train]"' in line, line

@@ -50,6 +50,21 @@ def _observability(settings: Settings) -> tuple[Metrics, Sequence[grpc.ServerInt
     return metrics, (ObservabilityInterceptor(metrics),), endpoint
 
 
+def check_hosts(settings: Settings) -> None:
+    from carddeck.server.app import host_problem
+
+    hosts = {settings.host: "--host"}
+    if settings.metrics_port >= 0:
+        hosts.setdefault(settings.metrics_address, "--metrics-host")
+    for host, flag in hosts.items():
+        problem = host_problem(host)
+        if problem:
+            raise InvalidInput(
+                f"cannot listen on {host} ({problem}): {flag} takes an address of this machine "
+                "(127.0.0.1; 0.0.0.0 for every interface)"
+            )
+
+
 def taken_ports(settings: Settings) -> list[str]:
     """Every configured port another process holds, with its flag: all at once, not one per attempt."""
     from carddeck.server.app import port_free
@@ -75,6 +90,7 @@ def serve(settings: Settings, *, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
     log.info("settings: %s", settings.public_dict())
     log.info("%s", one_blas_thread())
+    check_hosts(settings)
     taken = taken_ports(settings)
     if taken:
         raise InvalidInput(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 
 from carddeck.card import CardMeta
 from carddeck.client.results import Added, Card, CardListing, Removed, error_from_rpc, listing
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, shown
 from carddeck.wire import arrays
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
@@ -31,7 +33,14 @@ TOKEN_ENV_ALIASES = {INFERENCE_TOKEN_ENV: ("CARDDECK_TOKEN",)}
 
 
 def with_default_port(address: str) -> str:
-    """``host`` or ``[v6]`` -> ``host:8001``: gRPC itself would pick 443 for a bare host name."""
+    """``host`` or ``[v6]`` -> ``host:8001``: gRPC itself would pick 443 for a bare host name. An HTTP URL
+    (what tritonclient.http takes) is refused here: gRPC would answer "Misformatted domain name"."""
+    if address.lower().startswith(("http://", "https://")):
+        host = address.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0] or "127.0.0.1"
+        raise InvalidInput(
+            f"server address {shown(address)} is an HTTP URL; this client speaks gRPC: give HOST[:PORT] "
+            f"(port {DEFAULT_PORT} when omitted), e.g. {shown(f'{host}:{DEFAULT_PORT}')[1:-1]}"
+        )
     if "://" in address or address.startswith("unix:"):
         return address  # a gRPC target URI says what it means
     if address.startswith("["):
@@ -187,22 +196,42 @@ class CardDeckClient:
         failing raises (its :mod:`carddeck.errors` class, a ``grpc.RpcError`` too). Requests are sent as
         the server takes them, while answers arrive."""
 
+        # Every request in order, with the error of one that could not be sent (images no tensor can carry):
+        # answered here, in its place among the server's answers, and the stream goes on.
+        order: deque[tuple[str, InvalidInput | None]] = deque()
+
         def messages() -> Iterator[pb.PredictStreamRequest]:
             for i, item in enumerate(requests):
                 rid, images = item if isinstance(item, tuple) else (str(i), item)
-                request = pb.PredictRequest(
-                    images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample
+                try:
+                    tensor = arrays.tensor_from_images(images)
+                except InvalidInput as exc:
+                    order.append((rid, exc))
+                    continue
+                order.append((rid, None))
+                yield pb.PredictStreamRequest(
+                    id=rid, request=pb.PredictRequest(images=tensor, policy=policy, per_sample=per_sample)
                 )
-                yield pb.PredictStreamRequest(id=rid, request=request)
+
+        def unsent(upto_sent: bool) -> Iterator[StreamAnswer]:
+            while order:
+                rid, exc = order.popleft()
+                if exc is None:
+                    if upto_sent:
+                        return
+                    continue
+                yield StreamAnswer(rid, code=grpc.StatusCode.INVALID_ARGUMENT.name, error=str(exc))
 
         try:
             for answer in self.stub.PredictStream(messages(), metadata=self.metadata):  # no deadline: streams last
+                yield from unsent(upto_sent=True)
                 if answer.HasField("error"):
                     yield StreamAnswer(answer.id, code=answer.error.code, error=answer.error.message)
                 else:
                     yield StreamAnswer(answer.id, _result(answer.response))
         except grpc.RpcError as exc:  # the stream itself failed: its typed error, as every other call raises
             raise error_from_rpc(exc) from None
+        yield from unsent(upto_sent=False)
 
     def route(self, images: np.ndarray, *, policy: str = "", per_sample: bool = False) -> dict[str, Any]:
         request = pb.RouteRequest(images=arrays.tensor_from_images(images), policy=policy, per_sample=per_sample)
@@ -241,6 +270,16 @@ def _read_pem(path: str | Path | None, name: str) -> bytes | None:
 
 
 # -- shared CLI plumbing -----------------------------------------------------------------------
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:  # 0 or less (or inf, to gRPC): DEADLINE_EXCEEDED before the call is sent
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def add_client_arguments(parser: argparse.ArgumentParser, *, token_env: str = INFERENCE_TOKEN_ENV) -> None:
     env = os.environ.get
     parser.add_argument(
@@ -262,7 +301,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, token_env: str = IN
         "--client-key", default=env("CARDDECK_CLIENT_KEY"),
         help="PEM private key of --client-cert [env CARDDECK_CLIENT_KEY]",
     )  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per call")
     parser.set_defaults(token_env=token_env)
 
 
@@ -292,20 +331,38 @@ def rpc_error_message(exc: grpc.RpcError) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     hint = ""
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or ""):
-        hint = " (is `carddeck serve` running there? --server HOST[:PORT] names another server)"
+    unavailable = code == grpc.StatusCode.UNAVAILABLE
+    if unavailable and "http1.x server" in (details or ""):
+        hint = f" (that port answers HTTP/1.1: --server takes the gRPC port, {DEFAULT_PORT} by default, not HTTP's)"
+    elif unavailable and "handshake failed" in (details or "").lower():
+        hint = (
+            " (TLS failed: a server started without --tls-cert speaks plain gRPC, so drop --tls/--tls-ca; "
+            "else --tls-ca must name the CA that signed its certificate)"
+        )
+    elif unavailable and "connect" in (details or ""):
+        hint = (
+            " (is `carddeck serve` running there? --server HOST[:PORT] names another server; "
+            "a server with --tls-cert needs --tls-ca or --tls)"
+        )
     return f"carddeck: error: {code.name if code else 'RPC failed'}: {details}{hint}"
 
 
 def _plain(o: Any) -> Any:
-    """numpy arrays and scalars as JSON numbers and lists (a float32 distance must not become a string)."""
+    """numpy arrays and scalars as JSON numbers and lists (a float32 distance must not become a string);
+    NaN and infinities as null (JSON has no such numbers: strict parsers refuse ``NaN``)."""
     if isinstance(o, np.ndarray | np.generic):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+        o = o.tolist()
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_plain(v) for v in o]
+    return o
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, default=_plain, indent=2)
+    return json.dumps(_plain(obj), indent=2, allow_nan=False)
 
 
 __all__ = [

@@ -15,14 +15,14 @@ import sys
 from collections.abc import Sequence
 
 from carddeck import __version__
-from carddeck.errors import CarddeckError
+from carddeck.errors import CarddeckError, install_hint
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("carddeck.commands.serve", "serve a deck over gRPC (own API + Open Inference Protocol) and HTTP/REST"),
     "ray-serve": ("carddeck.commands.ray_serve", "serve a deck on Ray Serve: one autoscaled deployment per card"),
     "predict": ("carddeck.commands.predict", "classify image files with a running server"),
-    "deck": ("carddeck.commands.deck", "add, remove or list the cards of a running server"),
+    "deck": ("carddeck.commands.deck", "make a deck or set its batching; add, remove or list a running server's cards"),
     "corrupt": ("carddeck.commands.corrupt", "write a CIFAR-10-C-style corrupted copy of a dataset"),
     "compress": ("carddeck.commands.compress", "train and compress a CARD (lrr, biprop, filter, lobs, dsa, dipgo)"),
     "export": ("carddeck.commands.export", "export a CARD checkpoint to compact ONNX with parity checks"),
@@ -81,11 +81,15 @@ def _missing_extra(exc: ModuleNotFoundError, command: str | None) -> str | None:
         return None
     return (
         f"carddeck: error: `carddeck {command}` needs the [{extra}] extra (module {top!r} is not installed): "
-        f'pip install -c constraints.txt "carddeck[{extra}]"  (or -e ".[{extra}]" in a clone)'
+        f"{install_hint(extra)}"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core writes its own INFO lines to stderr (a failed TLS handshake, client or server side):
+    # noise under a one-line error, and a line that is not JSON in `serve --log-format json`. Its errors
+    # still show; GRPC_VERBOSITY set by the user wins. Before any command imports grpc.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:

@@ -21,7 +21,7 @@ from carddeck.client.api import (
     to_json,
 )
 from carddeck.client.results import RemoteError
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, NotReady, Unauthenticated
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +50,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="upload under this card version instead of the file's own; `next`: one above the version the "
         "server holds (to replace a card already in the deck)",
     )
-    remove = sub.add_parser("remove", help="remove a card")
-    remove.add_argument("name")
-    remove.add_argument("--version", type=int, default=0, help="one version (0: the served one)")
+    remove = sub.add_parser("remove", help="remove a card: every version of it, or one with --version")
+    remove.add_argument("name", help="the card's name (as `carddeck deck list` shows it)")
+    remove.add_argument(
+        "--version", type=card_version, default=0, metavar="N", help="remove only this version (default: every version)"
+    )
     lst = sub.add_parser("list", help="list the served cards")
     lst.add_argument("--json", action="store_true", help="print every card's full CardMeta as JSON")
     for p in (add, remove, lst):
         add_client_arguments(p, token_env=ADMIN_TOKEN_ENV)
+    for action in sub._choices_actions:  # `carddeck deck ACTION --help` opens with what ACTION does
+        sub.choices[action.dest].description = action.help
+
+
+def card_version(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a card version (an integer >= 1), got {text!r}")
+    return int(text)
 
 
 def card_bytes(path: Path, version: str, client: CardDeckClient) -> bytes:
@@ -132,14 +142,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         with client_from_args(args) as client:
             if args.deck_command == "add":
-                for path in args.cards:
-                    r = client.add_card(card_bytes(path, args.version, client))
+                failed = 0
+                for path in args.cards:  # each card is tried; a refused one is named and the rest still go
+                    try:
+                        r = client.add_card(card_bytes(path, args.version, client))
+                    except RemoteError as exc:
+                        if isinstance(exc, NotReady | Unauthenticated):
+                            raise  # the server, not the card: the others would fail the same way
+                        failed += 1
+                        print(f"{rpc_error_message(exc)} ({path})", file=sys.stderr, flush=True)
+                        continue
                     done = "already present (same bytes)" if r.already_present else "added"
                     card = f"{r.card.name}/{r.card.version} (domain {r.card.domain})"
-                    print(f"{done} {card}; deck version {r.deck_version}")
+                    print(f"{done} {card}; deck version {r.deck_version}", flush=True)
+                if failed:
+                    print(f"carddeck: {failed} of {len(args.cards)} cards failed", file=sys.stderr)
+                    return 1
             elif args.deck_command == "remove":
                 removed = client.remove_card(args.name, args.version)
-                print(f"removed {args.name}; deck version {removed.deck_version}")
+                which = f"{args.name}/{args.version}" if args.version else f"{args.name} (every version)"
+                print(f"removed {which}; deck version {removed.deck_version}")
                 if removed.default_policy_note:  # the removal changed the default policy: say so, and why
                     print(f"note: {removed.default_policy_note}")
             else:

@@ -7,11 +7,13 @@ PNG/JPEG files are read with Pillow (a core dependency) and resized to the deck'
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from carddeck.card import CardMeta
 from carddeck.client.api import (
@@ -32,13 +34,45 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, help="image files: .png, .jpg/.jpeg or .npy")
     parser.add_argument("--policy", default="", help="gate policy (default: the deck's)")
     parser.add_argument("--per-sample", action="store_true", help="route each image on its own")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per request")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per request")
     parser.add_argument("--json", action="store_true", help="print JSON (probabilities and routing) instead of lines")
     parser.add_argument(
-        "--abstain-above-risk", type=float, default=None, metavar="P",
+        "--abstain-above-risk", type=probability, default=None, metavar="P",
         help="mark images whose estimated error probability exceeds P (0-1) as abstained",
     )  # fmt: skip
     add_client_arguments(parser)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (an error probability), got {text!r}")
+    return value
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB (alpha dropped). 16-bit greyscale (PNG: modes I;16*, I) is scaled
+    0..65535 -> 0..255: Pillow's convert would clip it at 255, turning most of the image white. A palette
+    with transparency goes through RGBA, which Pillow otherwise asks for with a warning on stderr."""
+    if im.mode.startswith("I"):
+        grey = np.rint(np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 def load_file(path: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarray]:
@@ -57,15 +91,15 @@ def load_file(path: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarray]
             raise InvalidInput(
                 f"{path}: .npy must hold uint8 [N,H,W,3] or float32 [N,3,H,W], got {arr.dtype} {arr.shape}"
             )
+        if len(arr) == 0:
+            raise InvalidInput(f"{path}: holds no images (shape {arr.shape}); send at least one")
         return ([str(path)] if len(arr) == 1 else [f"{path}[{i}]" for i in range(len(arr))], arr)
     if suffix in IMAGE_SUFFIXES:
-        from PIL import Image
-
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge images: refuse, don't thrash
                 with Image.open(path) as im:
-                    rgb = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                    rgb = _rgb(im).resize((size[1], size[0]), Image.Resampling.BILINEAR)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InvalidInput(f"{path}: image too large to decode safely ({exc})") from None
         except (OSError, ValueError) as exc:
@@ -165,15 +199,16 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     names, arr = load_file(path, size)
                     done = _predict_file(client, args, names, arr)
-                except InvalidInput as exc:
-                    failed += 1
-                    print(f"carddeck: error: {exc}", file=sys.stderr, flush=True)
-                    continue
-                except RemoteError as exc:
+                except RemoteError as exc:  # before InvalidInput: the server's InvalidInput is both
                     if isinstance(exc, NotReady | Unauthenticated):
                         raise  # the server, not the file: the other files would fail the same way
                     failed += 1
                     print(f"{rpc_error_message(exc)} ({path})", file=sys.stderr, flush=True)
+                    continue
+                except InvalidInput as exc:
+                    failed += 1
+                    message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+                    print(f"carddeck: error: {message}", file=sys.stderr, flush=True)
                     continue
                 results.extend(done)
                 if not args.json:

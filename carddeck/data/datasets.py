@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from carddeck.errors import InvalidInput
+from carddeck.errors import InvalidInput, install_hint
 from carddeck.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -127,7 +127,7 @@ def load_digits32(arg: str | None, split: str) -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - depends on the install
-        raise InvalidInput("dataset 'digits32' needs scikit-learn: pip install 'carddeck[train]'") from None
+        raise InvalidInput(f"dataset 'digits32' needs scikit-learn: {install_hint('train')}") from None
     digits = load_digits()
     small = digits.images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
     big = zoom(small, (1, 4, 4), order=1, mode="nearest", grid_mode=True)
@@ -153,7 +153,7 @@ def load_leaves32(arg: str | None, split: str) -> Dataset:
 
         images, labels = generate()
     except ImportError:  # pragma: no cover - depends on the install
-        raise InvalidInput("dataset 'leaves32' needs scikit-learn: pip install 'carddeck[train]'") from None
+        raise InvalidInput(f"dataset 'leaves32' needs scikit-learn: {install_hint('train')}") from None
     idx = split_indices(labels, LEAVES_SPLIT, LEAVES_SEED)[split]
     return Dataset(f"leaves32:{split}", images[idx], labels[idx], CLASS_NAMES)
 

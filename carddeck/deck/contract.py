@@ -91,7 +91,8 @@ def prepare_images(images: object, spec: InputSpec) -> np.ndarray:
         raise InvalidInput(f"images: NaN or infinite values; send {accepted(spec)}")
     vmin, vmax = float(images.min()), float(images.max())
     if vmin < lo or vmax > hi:
-        raise InvalidInput(f"images: values in [{vmin:g}, {vmax:g}] are out of range; send {accepted(spec)}")
+        # float32 digits, so that 1 + 1 ulp does not read as [1, 1]
+        raise InvalidInput(f"images: values in [{vmin:.9g}, {vmax:.9g}] are out of range; send {accepted(spec)}")
     return np.ascontiguousarray(images)
 
 

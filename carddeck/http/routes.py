@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from carddeck.errors import InvalidInput, NotReady
+from carddeck.errors import InvalidInput, NotReady, shown
 from carddeck.http import tensors
 from carddeck.serving.access import Access
 from carddeck.serving.oip import OipModels, TensorInfo, server_metadata
@@ -138,7 +138,7 @@ class Routes:
     def repository_index(self, call: Call) -> Reply:
         ready_only = tensors.json_object(call.body, "request body").get("ready", False)
         if not isinstance(ready_only, bool):
-            raise InvalidInput(f"ready: must be a bool, got {ready_only!r}")
+            raise InvalidInput(f"ready: must be a bool, got {shown(ready_only)}")
         return json_reply(
             [
                 {"name": name, "version": version, "state": state}

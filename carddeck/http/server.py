@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated
+from carddeck.errors import CarddeckError, InvalidInput, TooLarge, Unauthenticated, shown
 from carddeck.http.connections import CUT_KEY, Limits, connection_cap, guarded_protocol
 from carddeck.http.errors import status_for
 from carddeck.http.routes import Call, Reply, Routes
@@ -63,17 +63,19 @@ def _json_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _too_large(problem: str, limit: int, json_only: bool) -> TooLarge:
+def _too_large(problem: str, limit: int, json_only: bool, flag: str) -> TooLarge:
     if json_only:  # parsing JSON costs the whole process time and many times its size in memory
         return TooLarge(
             f"JSON request body {problem} the server's limit of {limit} bytes for JSON (--max-json-mb); send "
             "large tensors with the binary tensor data extension (header Inference-Header-Content-Length, "
             "inputs[i].parameters.binary_data_size; tritonclient.http does so by default)"
         )
-    return TooLarge(f"request body {problem} the server's limit of {limit} bytes")
+    return TooLarge(f"request body {problem} the server's limit of {limit} bytes ({flag})")
 
 
-async def read_body(request: Request, limit: int, json_limit: int | None = None) -> bytes | bytearray:
+async def read_body(
+    request: Request, limit: int, json_limit: int | None = None, flag: str = "--max-message-mb"
+) -> bytes | bytearray:
     """The body, refused (413) as soon as it passes ``limit`` bytes, inflated when gzip/deflate-encoded.
 
     ``json_limit``: the tighter limit of a body that is all JSON (no binary tensor part after a JSON header)."""
@@ -83,24 +85,26 @@ async def read_body(request: Request, limit: int, json_limit: int | None = None)
         json_only = False
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(f"of {int(declared)} bytes exceeds", limit, json_only)
+        raise _too_large(f"of {int(declared)} bytes exceeds", limit, json_only, flag)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise _too_large("exceeds", limit, json_only)
+            raise _too_large("exceeds", limit, json_only, flag)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise InvalidInput(f"header Content-Encoding: {encoding!r} is not accepted; send identity, gzip or deflate")
+        raise InvalidInput(
+            f"header Content-Encoding: {shown(encoding)} is not accepted; send identity, gzip or deflate"
+        )
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         out = inflater.decompress(bytes(body), limit + 1)
     except zlib.error as exc:
         raise InvalidInput(f"request body: not valid {encoding} data ({exc})") from None
     if len(out) > limit:
-        raise _too_large("inflates past", limit, json_only)
+        raise _too_large("inflates past", limit, json_only, flag)
     if not inflater.eof:
         raise InvalidInput(f"request body: truncated {encoding} data")
     return out
@@ -115,6 +119,7 @@ def _endpoint(
     limit: int,
     json_limit: int | None,
     admit: Callable[[], AbstractContextManager[Any]],
+    flag: str,
 ) -> Callable[[Request], Any]:
     work = getattr(handler, "work", False)  # counted in flight and refused once draining (routes.work)
 
@@ -129,7 +134,7 @@ def _endpoint(
             refusal = tokens.refusal(access, bearer_token(request.headers.items()))
             if refusal is not None:
                 raise Unauthenticated(refusal)
-            body = await read_body(request, limit, json_limit) if request.method == "POST" else b""
+            body = await read_body(request, limit, json_limit, flag) if request.method == "POST" else b""
             with admit() if work else contextlib.nullcontext():
                 reply = await run_in_threadpool(handler, Call(request.path_params, body, request.headers))
             response = Response(reply.body, reply.status, reply.headers, reply.media_type)
@@ -177,8 +182,10 @@ def build_app(settings: Settings, dataplane: Plane, *, metrics: Metrics | None =
     card_limit = settings.max_card_mb * MiB * 4 // 3 + MiB  # a card travels base64-encoded in JSON: one string
     routes = []
     for method, path, rpc, access, handler in Routes(dataplane, models).table():
-        limit, json_only = (card_limit, None) if rpc == "RepositoryModelLoad" else (message_limit, json_limit)
-        endpoint = _endpoint(handler, path, access, tokens, metrics, limit, json_only, dataplane.request)
+        load = rpc == "RepositoryModelLoad"
+        limit, json_only = (card_limit, None) if load else (message_limit, json_limit)
+        flag = "--max-card-mb" if load else "--max-message-mb"
+        endpoint = _endpoint(handler, path, access, tokens, metrics, limit, json_only, dataplane.request, flag)
         routes.append(Route(path, endpoint, methods=[method]))
 
     @contextlib.asynccontextmanager

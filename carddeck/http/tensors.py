@@ -13,12 +13,22 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from carddeck.errors import InvalidInput
-from carddeck.serving.codec import InferRequest, InferResult, Tensor, raw_output
+import numpy as np
+
+from carddeck.errors import InvalidInput, shown
+from carddeck.serving.codec import (
+    InferRequest,
+    InferResult,
+    Tensor,
+    check_input_parameters,
+    check_output_parameters,
+    raw_output,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 TENSOR_FIELDS = "{name, datatype, shape, data | parameters.binary_data_size}"
@@ -55,7 +65,7 @@ def parse_infer_body(body: bytes | bytearray, header_length: str | None) -> Infe
         n = -1
     if not 0 <= n <= len(view):
         raise InvalidInput(
-            f"header Inference-Header-Content-Length: {header_length!r} is not a length within the "
+            f"header Inference-Header-Content-Length: {shown(header_length)} is not a length within the "
             f"{len(view)}-byte body (the JSON part's length in bytes)"
         )
     return InferBody(json_object(bytes(view[:n]), "request body (JSON part)"), view[n:])
@@ -87,16 +97,14 @@ def requested_outputs(body: InferBody) -> tuple[dict[str, bool], bool]:
         raise InvalidInput("outputs: expected a list of objects {name, parameters: {binary_data}}")
     default = request_parameters(body).get("binary_data_output", False)
     if not isinstance(default, bool):
-        raise InvalidInput(f"parameters['binary_data_output']: must be a bool, got {default!r}")
+        raise InvalidInput(f"parameters['binary_data_output']: must be a bool, got {shown(default)}")
     wanted = {}
     for i, output in enumerate(outputs):
         params = _mapping(output.get("parameters"), f"outputs[{i}].parameters")
-        for key in params:
-            if key != "binary_data":
-                raise InvalidInput(f"outputs[{i}].parameters[{key!r}]: not supported; CARD-Deck reads binary_data")
+        check_output_parameters(i, list(params))
         binary = params.get("binary_data", default)
         if not isinstance(binary, bool):
-            raise InvalidInput(f"outputs[{i}].parameters['binary_data']: must be a bool, got {binary!r}")
+            raise InvalidInput(f"outputs[{i}].parameters['binary_data']: must be a bool, got {shown(binary)}")
         wanted[str(output.get("name", ""))] = binary
     return wanted, default
 
@@ -111,9 +119,10 @@ def infer_request(model: str, version: str, body: InferBody) -> tuple[InferReque
         raise InvalidInput(f"inputs: expected a list of tensor objects {TENSOR_FIELDS}")
     tensors = []
     for i, t in enumerate(inputs):
+        check_input_parameters(i, list(_mapping(t.get("parameters"), f"inputs[{i}].parameters")))
         shape = t.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise InvalidInput(f"inputs[{i}].shape: expected a list of integers, got {shape!r}")
+            raise InvalidInput(f"inputs[{i}].shape: expected a list of integers, got {shown(shape)}")
         tensors.append((str(t.get("name", "")), str(t.get("datatype", "")), shape))
     data, where = _input_data(body, inputs[0]) if len(inputs) == 1 else (None, "inputs[0].data")
     fields = ("inputs[0].datatype", "inputs[0].shape", where)
@@ -133,7 +142,7 @@ def _input_data(body: InferBody, tensor: Mapping[str, Any]) -> tuple[Any, str]:
     size = _mapping(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidInput(f"inputs[0].parameters.binary_data_size: expected a byte count, got {size!r}")
+            raise InvalidInput(f"inputs[0].parameters.binary_data_size: expected a byte count, got {shown(size)}")
         if "data" in tensor:
             raise InvalidInput("inputs[0]: send either 'data' or parameters.binary_data_size, not both")
         if size != len(body.binary):
@@ -152,6 +161,15 @@ def _input_data(body: InferBody, tensor: Mapping[str, Any]) -> tuple[Any, str]:
     return tensor["data"], "inputs[0].data"
 
 
+def json_values(arr: np.ndarray) -> list[Any]:
+    """A tensor's values for JSON ``data``: NaN and infinities (an out-of-scope score the verdict does not
+    know) as null, which JSON has and strict parsers accept; tritonclient.http reads null back as NaN."""
+    values = arr.ravel().tolist()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        return [v if math.isfinite(v) else None for v in values]
+    return values
+
+
 def encode_result(
     result: InferResult, wanted: Mapping[str, bool], binary_default: bool, rid: str
 ) -> tuple[bytes, int | None]:
@@ -164,14 +182,14 @@ def encode_result(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = json_values(arr)
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
     if rid:
         doc["id"] = rid
     doc["parameters"] = result.parameters
     doc["outputs"] = outputs
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
@@ -185,11 +203,11 @@ def load_files(body: Mapping[str, Any]) -> dict[str, bytes]:
         if not key.startswith("file:"):
             continue
         if not isinstance(value, str):
-            raise InvalidInput(f"parameters[{key!r}]: expected the file's bytes as a base64 string")
+            raise InvalidInput(f"parameters[{shown(key)}]: expected the file's bytes as a base64 string")
         try:
             files[key] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidInput(f"parameters[{key!r}]: not valid base64") from None
+            raise InvalidInput(f"parameters[{shown(key)}]: not valid base64") from None
     return files
 
 

@@ -148,6 +148,25 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def host_problem(host: str) -> str | None:
+    """Why nothing can listen on ``host`` (not resolvable, not an address of this machine), else None:
+    said before any port is tried, so that no message blames a port for a wrong host. One address that
+    binds is enough (``localhost`` may also name a ::1 that a machine without IPv6 lacks)."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    problem = "no address"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind(address)
+                return None
+            except OSError as exc:
+                problem = exc.strerror or str(exc)
+    return problem
+
+
 def _port_in_use(settings: Settings) -> str:
     return (
         f"cannot listen for gRPC on {settings.address}: port {settings.port} is in use (or {settings.host} is not "

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from carddeck.errors import InvalidInput
 from carddeck.server import convert
 from carddeck.server.auth import ADMIN, INFERENCE, rpc
 from carddeck.server.streams import answer_in_order, error_of
@@ -101,7 +102,7 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     def GetCard(self, request: pb.GetCardRequest, context: grpc.ServicerContext) -> pb.Card:
         """The served card, or any stored version of it (``version``)."""
         name = check_card_name(request.name)
-        return convert.card_to_proto(self.dp.deck.card(name, request.version or None))
+        return convert.card_to_proto(self.dp.deck.card(name, card_version(request.version) or None))
 
     @rpc(ADMIN, work=True)
     def AddCard(self, request_iterator: Iterator[pb.AddCardChunk], context: grpc.ServicerContext) -> pb.AddCardResponse:
@@ -116,11 +117,17 @@ class CardDeckServicer(carddeck_pb2_grpc.CardDeckServicer):
     @rpc(ADMIN, work=True)
     def RemoveCard(self, request: pb.RemoveCardRequest, context: grpc.ServicerContext) -> pb.RemoveCardResponse:
         name = check_card_name(request.name)
-        _, note = self.dp.remove_card(name, request.version or None)
+        _, note = self.dp.remove_card(name, card_version(request.version, "every version") or None)
         deck = self.dp.deck
         return pb.RemoveCardResponse(
             deck_version=deck.version, default_policy=deck.default_policy, default_policy_note=note
         )
+
+
+def card_version(version: int, zero: str = "the served one") -> int:
+    if version < 0:
+        raise InvalidInput(f"version: expected a card version (>= 1; 0: {zero}), got {version}")
+    return version
 
 
 def _bound_of(request: pb.PredictRequest) -> float | None:

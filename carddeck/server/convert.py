@@ -5,7 +5,7 @@ every transport, naming the field as this protocol calls it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from carddeck.card import CardMeta
@@ -13,7 +13,14 @@ from carddeck.deck import Deck, Prediction
 from carddeck.errors import InvalidInput
 from carddeck.gating import Routing
 from carddeck.gating.shift import Trust
-from carddeck.serving.codec import InferRequest, InferResult, Tensor, raw_output
+from carddeck.serving.codec import (
+    InferRequest,
+    InferResult,
+    Tensor,
+    check_input_parameters,
+    check_output_parameters,
+    raw_output,
+)
 from carddeck.wire.arrays import from_matrix, matrix, tensor_from_images
 from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
 from carddeck.wire.proto_gen.inference import grpc_service_pb2 as oip
@@ -81,6 +88,9 @@ def infer_request(request: oip.ModelInferRequest) -> InferRequest:
         raise InvalidInput(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}")
     inputs = []
     for i, t in enumerate(request.inputs):
+        check_input_parameters(i, list(t.parameters))
+        if raw and t.contents.ByteSize():
+            raise InvalidInput(f"inputs[{i}].contents: send the data in contents or in raw_input_contents, not both")
         contents = _CONTENTS.get(t.datatype, "uint_contents")
         data, where = (
             (raw[i], f"raw_input_contents[{i}]")
@@ -96,8 +106,14 @@ def infer_request(request: oip.ModelInferRequest) -> InferRequest:
         request.id,
         tuple(inputs),
         oip_plain_parameters(request.parameters),
-        tuple([o.name for o in request.outputs]),
+        requested_outputs(request.outputs),
     )
+
+
+def requested_outputs(outputs: Sequence[oip.ModelInferRequest.InferRequestedOutputTensor]) -> tuple[str, ...]:
+    for i, o in enumerate(outputs):
+        check_output_parameters(i, list(o.parameters))
+    return tuple([o.name for o in outputs])
 
 
 def oip_outputs(

@@ -28,6 +28,7 @@ from carddeck.wire.proto_gen.inference import model_config_pb2 as mc
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 StreamAnswer = oip.ModelStreamInferResponse
+FINAL_ASKED, FINAL, FALSE = "triton_enable_empty_final_response", "triton_final_response", oip.InferParameter()
 Tensor = oip.ModelMetadataResponse.TensorMetadata
 
 
@@ -108,8 +109,14 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         def respond(request: oip.ModelInferRequest, future: Future[InferResult]) -> StreamAnswer:
             error = error_of(future)
             if error is not None:  # Triton's stream carries the message only
-                return StreamAnswer(error_message=error[1], infer_response=oip.ModelInferResponse(id=request.id))
-            return StreamAnswer(infer_response=convert.oip_infer_response(request, future.result()))
+                answer = StreamAnswer(error_message=error[1], infer_response=oip.ModelInferResponse(id=request.id))
+            else:
+                answer = StreamAnswer(infer_response=convert.oip_infer_response(request, future.result()))
+            if request.parameters.get(FINAL_ASKED, FALSE).bool_param:
+                # Triton's flag for clients that wait for each request's last response (tritonclient's
+                # enable_empty_final_response): one answer per request here, so each is the last
+                answer.infer_response.parameters[FINAL].bool_param = True
+            return answer
 
         coming = (self.dp.announce, self.dp.withdraw)
         yield from answer_in_order(request_iterator, context, start, respond, coming=coming, name="stream-infer")

@@ -29,6 +29,29 @@ INFER_PARAMETERS = ("policy", "per_sample", "abstain_above_risk")
 PASSED_PARAMETERS = ("triton_", "sequence_", "priority", "timeout", "binary_data")
 # Outputs of the deck model sent only when asked for by name (the default answer stays as it was).
 OPTIONAL_OUTPUTS = ("out_of_scope",)
+# What a requested output may carry: the binary extension's flag (Triton's classification is not served).
+OUTPUT_PARAMETERS = ("binary_data",)
+
+
+def check_input_parameters(i: int, keys: Sequence[str]) -> None:
+    """Refuse Triton's shared-memory inputs by name (the data is not in the request: without this the caller
+    would read that its tensor holds 0 values), the same over every transport (sorted: gRPC's map has no order)."""
+    for key in sorted(keys):
+        if key.startswith("shared_memory"):
+            raise InvalidInput(
+                f"inputs[{i}].parameters[{shown(key)}]: shared memory is not supported; send the tensor's data "
+                "in the request"
+            )
+
+
+def check_output_parameters(i: int, keys: Sequence[str]) -> None:
+    """Refuse an output parameter CARD-Deck would ignore (``classification``: the caller would get
+    probabilities where it asked for class strings), the same over every transport."""
+    for key in keys:
+        if key not in OUTPUT_PARAMETERS:
+            raise InvalidInput(
+                f"outputs[{i}].parameters[{shown(key)}]: not supported; CARD-Deck reads {', '.join(OUTPUT_PARAMETERS)}"
+            )
 
 
 @dataclass(slots=True)  # not frozen: made per request, and frozen init costs 1.2 us to 0.33 (5 fields)
@@ -136,12 +159,18 @@ def array_from_bytes(
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
+# what a JSON array that numpy cannot read as numbers holds, in the caller's words
+_KINDS = {"U": "strings", "b": "booleans", "f": "fractional numbers", "O": "values of mixed types"}
+
+
 def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field: str) -> np.ndarray:
     """Numbers (flat row-major, or nested like the shape) as an array of ``shape``."""
     try:
         arr = np.asarray(values)
     except ValueError:  # ragged nesting
         raise InvalidInput(f"{field}: not a rectangular array of numbers (shape {shown(shape)} expected)") from None
+    if arr.ndim == 0:  # a string, null or single number where a list belongs
+        raise InvalidInput(f"{field}: expected a list of numbers (flat, or nested like the shape), got {shown(values)}")
     count = math.prod(shape)
     if arr.size != count:
         raise InvalidInput(f"{field}: {arr.size} values do not match shape {shown(shape)} ({count} expected)")
@@ -149,7 +178,8 @@ def array_from_values(values: Any, dtype: np.dtype[Any], shape: list[int], field
     if arr.dtype.kind not in ("iu" if integral else "iuf"):
         kind = "integers" if integral else "numbers"
         name = DATATYPE_NAMES[dtype.newbyteorder("<")]
-        raise InvalidInput(f"{field}: expected {kind} for {name}, got {arr.dtype.name} values")
+        got = _KINDS.get(arr.dtype.kind, f"{arr.dtype.name} values")
+        raise InvalidInput(f"{field}: expected {kind} for {name}, got {got}")
     if dtype == np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
         raise InvalidInput(f"{field}: UINT8 values must be in 0..255, got {int(arr.min())}..{int(arr.max())}")
     return arr.astype(dtype.newbyteorder("=")).reshape(shape)

@@ -56,7 +56,7 @@ class Settings:
         "ones; 0: one per CPU core)",
     )
     max_request_images: int = _opt(4096, "most images in one request (more: RESOURCE_EXHAUSTED)")
-    max_message_mb: int = _opt(64, "largest gRPC message received (MiB)")
+    max_message_mb: int = _opt(64, "largest gRPC message or HTTP body received (MiB)")
     max_json_mb: int = _opt(4, "largest all-JSON HTTP body (MiB): larger tensors go binary (binary_tensor_data)")
     max_inflight_images: int = _opt(16384, "most images being served at once (more: RESOURCE_EXHAUSTED / 429)")
     http_request_timeout_s: float = _opt(30.0, "longest an HTTP client may take to send a request, headers and body")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -15,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carddeck.client.api import CardDeckClient, with_default_port
+from carddeck.client.api import CardDeckClient, to_json, with_default_port
 from carddeck.deck import DeckStore
 from carddeck.errors import InvalidInput
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2 as pb
+from carddeck.wire.proto_gen.carddeck.v1 import carddeck_pb2_grpc
 from tests.servers import ADMIN_TOKEN, ROOT, card, make_deck, smooth_images, start_server
 
 
@@ -252,3 +255,154 @@ def test_deck_add_with_a_version(server, tmp_path):
         with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
             if "vcard" in [c.name for c in client.list_cards().cards]:
                 client.remove_card("vcard")  # every version
+
+
+# -- what a new user met (session 10's audit) --------------------------------------------------------------
+def test_predict_reads_16_bit_and_palette_pngs_as_their_8_bit_rgb_twins(server, tmp_path):
+    """Mutants: Pillow's plain convert("RGB") on a 16-bit greyscale PNG, which clips every value above 255
+    (the image turns white and the deck answers for another image); on a palette PNG with transparency,
+    where Pillow prints a UserWarning to the user's terminal."""
+    grey = smooth_images(1)[0].mean(axis=2).round().astype(np.uint8)
+    eight, sixteen = tmp_path / "grey8.png", tmp_path / "grey16.png"
+    Image.fromarray(grey).save(eight)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(sixteen)  # 0..255 -> 0..65535
+    assert Image.open(sixteen).mode.startswith("I")  # what Pillow makes of it
+    palette = Image.fromarray(smooth_images(1, seed=3)[0]).convert("P")
+    paletted, rgb = tmp_path / "palette.png", tmp_path / "rgb.png"
+    palette.save(paletted, transparency=bytes([0, 64, 128] + [255] * 253))  # alpha per entry: Pillow warns
+    palette.convert("RGB").save(rgb)
+    out = carddeck("predict", "--server", server.address, "--json", *map(str, (eight, sixteen, paletted, rgb)))
+    assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
+    rows = json.loads(out.stdout)
+    for a, b in zip(rows[::2], rows[1::2], strict=True):
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-6)
+
+
+def test_predict_names_the_file_the_server_refused_and_checks_its_own_flags(server, tmp_path):
+    """Mutants: the server's INVALID_ARGUMENT printed without the file it was about; an empty .npy passing
+    silently (no line, exit 0); --batch-size 0 or a risk bound of 2 sent to the server once per file; a
+    --timeout of 0 or inf, which gRPC turns into DEADLINE_EXCEEDED for every call."""
+    bright = tmp_path / "bright.npy"
+    np.save(bright, np.full((1, 3, 32, 32), 2.0, np.float32))  # float32 outside [0, 1]: the server refuses it
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 32, 32, 3), np.uint8))
+    good = tmp_path / "good.npy"
+    np.save(good, smooth_images(1))
+    out = carddeck("predict", "--server", server.address, str(bright), str(empty), str(good))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    errors = out.stderr.strip().splitlines()
+    assert any("INVALID_ARGUMENT" in e and "out of range" in e and str(bright) in e for e in errors), errors
+    assert any(str(empty) in e and "no images" in e for e in errors), errors
+    assert errors[-1] == "carddeck: 2 of 3 files failed"
+    assert out.stdout.startswith(f"{good}: "), out.stdout
+    for flag, value in (("--batch-size", "0"), ("--batch-size", "-3"), ("--abstain-above-risk", "2"),
+                        ("--abstain-above-risk", "nan"), ("--timeout", "0"), ("--timeout", "inf")):  # fmt: skip
+        bad = carddeck("predict", "--server", server.address, flag, value, str(good), str(good))
+        assert bad.returncode == 2 and flag in bad.stderr and "files failed" not in bad.stderr, bad.stderr
+
+
+def test_json_output_is_strict_json():
+    """Mutant: NaN (an unknown score) printed as the bare word NaN, which JSON has no place for."""
+
+    def refuse(word: str) -> None:
+        raise AssertionError(f"{word} in JSON output")
+
+    text = to_json([{"out_of_scope": float("nan"), "scores": np.array([np.inf, 0.5], np.float32), "n": np.int64(3)}])
+    assert json.loads(text, parse_constant=refuse) == [{"out_of_scope": None, "scores": [None, 0.5], "n": 3}]
+
+
+def test_deck_remove_takes_every_version_unless_told_one(server, tmp_path):
+    """Mutants: `deck remove NAME` without --version removing only the served version (what its help
+    said); a negative version answered NOT_FOUND rather than refused."""
+    admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+    path = tmp_path / "r.onnx"
+    path.write_bytes(card("rcard", "augmix", seed=9))
+    try:
+        for version in ("1", "2", "3"):
+            added = carddeck("deck", "add", "--server", server.address, "--version", version, str(path), env=admin)
+            assert added.returncode == 0, added.stderr
+
+        def versions() -> list[int]:
+            return sorted(m.version for m in DeckStore(server.deck).list_cards(all_versions=True) if m.name == "rcard")
+
+        one = carddeck("deck", "remove", "--server", server.address, "--version", "2", "rcard", env=admin)
+        assert one.returncode == 0 and "removed rcard/2;" in one.stdout, one.stderr
+        assert versions() == [1, 3]
+        negative = carddeck("deck", "remove", "--server", server.address, "--version", "-1", "rcard", env=admin)
+        assert negative.returncode == 2 and "--version" in negative.stderr, negative.stderr
+        every = carddeck("deck", "remove", "--server", server.address, "rcard", env=admin)
+        assert every.returncode == 0 and "removed rcard (every version);" in every.stdout, every.stderr
+        assert versions() == []
+        assert "every version" in carddeck("deck", "remove", "--help").stdout
+        with grpc.insecure_channel(server.address) as channel:
+            stub = carddeck_pb2_grpc.CardDeckStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+                stub.RemoveCard(pb.RemoveCardRequest(name="a1", version=-1), metadata=admin_md, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetCard(pb.GetCardRequest(name="a1", version=-1), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version" in info.value.details()
+    finally:
+        with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
+            if "rcard" in [c.name for c in client.list_cards().cards]:
+                client.remove_card("rcard")
+
+
+def test_the_http_port_or_an_http_url_as_server_says_which_address_to_give(server, tmp_path):
+    """Mutants: an HTTP URL handed to gRPC ("Misformatted domain name"); the HTTP port answered with the
+    generic "is `carddeck serve` running there?" although it is, on another port."""
+    http_port = re.search(r"HTTP \(Open Inference Protocol, /v2\) on \S+:(\d+)", server.log()).group(1)
+    images = tmp_path / "a.npy"
+    np.save(images, smooth_images(1))
+    out = carddeck("predict", "--server", f"127.0.0.1:{http_port}", "--timeout", "20", str(images))
+    assert out.returncode == 1 and "--server takes the gRPC port, 8001 by default" in out.stderr, out.stderr
+    url = carddeck("deck", "list", "--server", f"http://127.0.0.1:{http_port}/v2")
+    assert url.returncode == 2 and "is an HTTP URL" in url.stderr and "e.g. 127.0.0.1:8001" in url.stderr, url.stderr
+    with pytest.raises(InvalidInput, match="HTTP URL"):
+        CardDeckClient("https://example.org")
+
+
+def test_deck_add_names_a_refused_card_and_still_adds_the_others(server, tmp_path):
+    """Mutant: the first refused card ending the command, its error naming no file (with several cards,
+    which one?), so that the good cards after it were never sent."""
+    admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+    broken, good = tmp_path / "broken.onnx", tmp_path / "good.onnx"
+    broken.write_bytes(b"not an onnx model")
+    good.write_bytes(card("gcard", "augmix", seed=11))
+    try:
+        out = carddeck("deck", "add", "--server", server.address, str(broken), str(good), env=admin)
+        assert out.returncode == 1, out.stderr
+        assert "added gcard/1" in out.stdout, out.stdout
+        first, last = out.stderr.strip().splitlines()
+        assert "INVALID_ARGUMENT" in first and str(broken) in first, first
+        assert last == "carddeck: 1 of 2 cards failed"
+    finally:
+        with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
+            if "gcard" in [c.name for c in client.list_cards().cards]:
+                client.remove_card("gcard")
+
+
+def test_a_tls_mismatch_is_one_line_with_its_hint_and_json_logs_stay_json(server, tmp_path):
+    """Mutants: gRPC's C core left at its own verbosity (a failed TLS handshake writes an INFO line of its own
+    to stderr: a second line under the client's error, a line that is not JSON in the server's
+    `--log-format json`); the TLS client to a plain server told only "is `carddeck serve` running there?"."""
+    images = tmp_path / "a.npy"
+    np.save(images, smooth_images(1))
+    out = carddeck("predict", "--server", server.address, "--tls", "--timeout", "20", str(images))
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()  # no "I1207 ... Handshake failed" from gRPC's core
+    assert "UNAVAILABLE" in line and "TLS failed" in line and "drop --tls" in line, line
+    pki = _pki(tmp_path)
+    srv = start_server(make_deck(tmp_path / "deck"), tmp_path, "--tls-cert", str(pki["server"]), "--tls-key",
+                       str(pki["server_key"]), "--log-format", "json")  # fmt: skip
+    try:
+        plain = carddeck("deck", "list", "--server", srv.address, "--timeout", "10")  # a plain client: refused
+        assert plain.returncode == 1 and "--tls-ca or --tls" in plain.stderr, plain.stderr
+        with CardDeckClient(srv.address, tls_ca=pki["ca"]) as client:  # and the server still serves
+            assert client.list_cards().cards
+    finally:
+        assert srv.terminate() == 0
+    for entry in srv.log().splitlines():
+        json.loads(entry)  # one JSON object per line, as --log-format json promises

@@ -49,6 +49,20 @@ def test_a_second_server_names_every_taken_port_at_once(tmp_path):
         assert f"port {port} (" in line and flag in line, line
 
 
+@pytest.mark.parametrize("flag", ["--host", "--metrics-host"])
+def test_a_host_that_is_not_this_machine_is_named_not_blamed_on_a_port(flag):
+    """Mutant: no check of the host first (the metrics endpoint's bind failed first and said "stop the other
+    server or choose another port" for an address of another machine, TEST-NET-3; an unresolvable name,
+    which would ask DNS, went the same way)."""
+    host = "203.0.113.7"
+    proc = carddeck("serve", flag, host, "--port", "0", "--http-port", "0", "--metrics-port", "0")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    (line,) = [x for x in err.splitlines() if x.startswith("carddeck: error:")]
+    assert f"cannot listen on {host}" in line and f"{flag} takes an address of this machine" in line, line
+    assert "port" not in line, line
+
+
 def test_predict_into_head_ends_quietly(server, tmp_path):
     paths = []
     for i in range(40):
@@ -72,6 +86,10 @@ def test_the_client_returns_plain_results_and_raises_carddeck_errors(server):
         assert "no-such-card" in str(missing.value) and missing.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(errors.InvalidInput, match="images"):
             client.predict(np.zeros((1, 5, 5, 3), np.uint8))
+        # refused by the dtype the caller sent (not as the FP32 it would have become), a list too (no AttributeError)
+        for images in (np.zeros((1, 32, 32, 3), np.int64), np.zeros((1, 32, 32, 3), np.uint8).tolist()):
+            with pytest.raises(errors.InvalidInput, match="dtype int64 is not accepted"):
+                client.predict(images)
         with pytest.raises(errors.Unauthenticated):
             client.remove_card("g1")  # no admin token
         with pytest.raises(grpc.RpcError):  # code written against raw gRPC errors still catches them

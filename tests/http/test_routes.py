@@ -150,6 +150,12 @@ def test_bodies_over_the_limit_are_413(server):
     bomb = gzip.compress(b" " * (8 << 20))  # 8 MiB of JSON whitespace in 8 KiB
     answer = request(server, "POST", "/v2/models/carddeck/infer", bomb, {"Content-Encoding": "gzip"})
     assert answer.status == 413 and "inflates past" in answer.error
+    # each limit names the flag that sets it (mutant: the bare byte count, or one flag for every route)
+    headers = {"Inference-Header-Content-Length": "2"}
+    binary = request(server, "POST", "/v2/models/carddeck/infer", b"{}" + bytes(1_100_000), headers)
+    assert binary.status == 413 and "limit of 1048576 bytes (--max-message-mb)" in binary.error, binary.error
+    upload = request(server, "POST", "/v2/repository/models/h2/load", b" " * 3_000_000, ADMIN)
+    assert upload.status == 413 and "(--max-card-mb)" in upload.error, upload.error
     assert request(server, "GET", "/v2/health/live").status == 200  # the server is fine
 
 
@@ -268,6 +274,30 @@ def test_every_error_is_json_with_its_status(server, method, path, body, headers
     assert answer.status == status, answer.body[:500]
     assert answer.headers["content-type"] == "application/json"
     assert needle in answer.error and "Traceback" not in answer.error
+
+
+LONG = "x" * 3000
+ECHOES = [
+    # (path, body, headers): a long value sent where an error message repeats it
+    ("/v2/models/carddeck/infer", {"inputs": [{**GOOD["inputs"][0], "shape": [LONG]}]}, {}),
+    ("/v2/models/carddeck/infer", b"{}", {"Inference-Header-Content-Length": LONG}),
+    ("/v2/models/carddeck/infer", b"{}", {"Content-Encoding": LONG}),
+    ("/v2/models/carddeck/infer", {**GOOD, "parameters": {"binary_data_output": LONG}}, {}),
+    ("/v2/models/carddeck/infer", {**GOOD, "outputs": [{"name": "labels", "parameters": {"binary_data": LONG}}]}, {}),
+    ("/v2/models/carddeck/infer", _with(data=None, parameters={"binary_data_size": LONG}), {}),
+    ("/v2/repository/models/h2/load", {"parameters": {f"file:{LONG}": 1}}, ADMIN),
+    ("/v2/repository/models/h2/load", {"parameters": {f"file:{LONG}": "%%%"}}, ADMIN),
+    ("/v2/repository/index", {"ready": LONG}, {}),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "headers"), ECHOES)
+def test_errors_echo_at_most_80_characters_of_a_value(server, path, body, headers):
+    """Mutant: a message that repeats what was sent with repr() rather than errors.shown() (the README promises
+    at most 80 characters of any value sent; a header value echoed whole can be kilobytes)."""
+    answer = request(server, "POST", path, body, headers)
+    assert answer.status == 400, answer.body[:500]
+    assert "x" * 70 in answer.error and "x" * 81 not in answer.error, answer.error[:300]
 
 
 def _rss_kib(pid: int) -> int:

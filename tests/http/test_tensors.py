@@ -91,6 +91,24 @@ def test_outputs_come_back_binary_as_asked_after_the_json_part():
     assert none is None and "id" not in json.loads(all_json)
 
 
+def test_json_outputs_are_strict_json_and_tritonclient_reads_null_as_nan():
+    """Mutant: an unknown out-of-scope score (NaN) written as the bare word NaN, which JSON does not have
+    (JavaScript's, Go's and Java's parsers refuse the whole answer)."""
+    import tritonclient.http as th
+
+    scores = np.array([np.nan, 0.5, np.inf], np.float32)
+    result = InferResult("m", "3", {"out_of_scope": scores, "labels": np.array([1, 2, 3])}, {})
+    data, length = tensors.encode_result(result, {"out_of_scope": False, "labels": False}, False, "")
+
+    def refuse(word: str) -> None:
+        raise AssertionError(f"{word} in a JSON answer")
+
+    assert length is None
+    assert json.loads(data, parse_constant=refuse)["outputs"][0]["data"] == [None, 0.5, None]
+    parsed = th.InferResult.from_response_body(data).as_numpy("out_of_scope")
+    assert parsed.dtype == np.float32 and np.isnan(parsed[0]) and parsed[1] == 0.5
+
+
 def test_output_parameters_other_than_binary_data_are_refused():
     """Mutant: Triton's 'classification' output parameter silently ignored (the client would get probabilities)."""
     with pytest.raises(InvalidInput, match=r"outputs\[0\].parameters\['classification'\]: not supported"):

@@ -431,3 +431,45 @@ def test_tls_and_inference_token(tmp_path):
             plaintext.list_cards()  # a plaintext client cannot talk to a TLS server
     finally:
         assert srv.terminate() == 0
+
+
+def test_oip_grpc_refuses_what_it_would_ignore_as_http_does(server):
+    """Mutants: Triton's `classification` output parameter ignored over gRPC (the caller gets probabilities
+    where it asked for class strings; HTTP refuses it); a shared-memory input read as an empty tensor;
+    contents sent beside raw_input_contents silently dropped (Triton refuses the pair)."""
+    import tritonclient.grpc as tc
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    images = smooth_images(1)
+    http_port = re.search(r"HTTP \(Open Inference Protocol, /v2\) on \S+:(\d+)", server.log()).group(1)
+    messages = []
+    for module, url in ((tc, server.address), (th, f"127.0.0.1:{http_port}")):
+        client = module.InferenceServerClient(url)
+        inp = module.InferInput("images", list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("carddeck", [inp], outputs=[module.InferRequestedOutput("probabilities", class_count=2)])
+        assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400"), info.value.status()
+        messages.append(info.value.message())
+        client.close()
+    assert "parameters['classification']: not supported" in messages[0] and messages[0] in messages[1], messages
+    messages = []  # an input in Triton's shared memory: the data is not in the request (was: "0 values do not match")
+    for module, url in ((tc, server.address), (th, f"127.0.0.1:{http_port}")):
+        client = module.InferenceServerClient(url)
+        inp = module.InferInput("images", list(images.shape), "UINT8")
+        inp.set_shared_memory("region0", images.nbytes)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("carddeck", [inp])
+        assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400"), info.value.status()
+        messages.append(info.value.message())
+        client.close()
+    assert "shared memory is not supported" in messages[0] and messages[0] in messages[1], messages
+    channel, _, stub = stubs(server.address)
+    with channel:
+        both = _oip_request("carddeck", images)
+        both.inputs[0].contents.uint_contents.extend(images.ravel().tolist())
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(both, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" in info.value.details()
+        assert stub.ModelInfer(_oip_request("carddeck", images), timeout=10).outputs  # either alone is fine

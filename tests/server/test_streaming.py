@@ -85,3 +85,46 @@ def test_predict_stream_through_the_client(server):
         policy = list(client.predict_stream([smooth_images(1)], policy="nope"))  # ids default to the index
         assert policy[0].id == "0" and policy[0].code == "INVALID_ARGUMENT" and "nope" in policy[0].error
         assert client.predict(smooth_images(1)).labels.shape == (1,)  # the server is fine after both
+
+
+def test_predict_stream_answers_a_request_it_cannot_send_in_its_place(server):
+    """Mutants: images the client cannot encode (int64, a list of ints) raised inside gRPC's request
+    iterator (the whole stream failed with "Exception iterating requests!"); or sent as FP32, so that the
+    error names a dtype the caller never sent."""
+    ints = smooth_images(1).astype(np.int64)
+    requests = [("a", smooth_images(1)), ("ints", ints), ("b", noisy_images(1)), ("list", ints.tolist()),
+                ("c", smooth_images(1)), ("last", ints)]  # fmt: skip
+    with CardDeckClient(server.address) as client:
+        answers = list(client.predict_stream(requests))
+    assert [a.id for a in answers] == [rid for rid, _ in requests]
+    for (rid, _), answer in zip(requests, answers, strict=True):
+        if rid in ("ints", "list", "last"):
+            assert not answer.ok and answer.code == "INVALID_ARGUMENT" and "dtype int64" in answer.error, answer
+        else:
+            assert answer.ok, answer
+
+
+def test_a_stream_request_that_asks_for_the_final_flag_gets_it(server):
+    """Mutant: tritonclient's enable_empty_final_response accepted and ignored: a client waiting for each
+    request's `triton_final_response` (Triton sets it on the last response of a request) would wait forever."""
+    import queue
+
+    import tritonclient.grpc as tc
+
+    answers: queue.Queue = queue.Queue()
+    client = tc.InferenceServerClient(server.address)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for rid, flag in (("flagged", True), ("plain", False)):
+            client.async_stream_infer("carddeck", [_infer_input(tc, smooth_images(1))], request_id=rid,
+                                      enable_empty_final_response=flag)  # fmt: skip
+        got = {}
+        for _ in range(2):
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            got[result.get_response().id] = result.get_response().parameters
+    finally:
+        client.stop_stream()
+        client.close()
+    assert got["flagged"]["triton_final_response"].bool_param is True
+    assert "triton_final_response" not in got["plain"]  # only when asked, as Triton does for a plain model

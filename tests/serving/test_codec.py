@@ -98,10 +98,14 @@ def test_too_many_images_is_too_large_at_exactly_one_past_the_limit():
         ("FP32", b"\0" * 18, "(72 bytes expected)"),
         ("UINT8", [[1, 2], [3]], "not a rectangular array"),
         ("UINT8", [1] * 17, "17 values do not match shape"),
-        ("UINT8", [0.5] * 18, "expected integers for UINT8, got float64 values"),
+        ("UINT8", [0.5] * 18, "expected integers for UINT8, got fractional numbers"),
         ("UINT8", [256] + [0] * 17, "UINT8 values must be in 0..255, got 0..256"),
         ("UINT8", [-1] + [0] * 17, "UINT8 values must be in 0..255, got -1..0"),
-        ("FP32", ["a"] * 18, "expected numbers for FP32"),
+        ("FP32", ["a"] * 18, "expected numbers for FP32, got strings"),  # numpy would say str32
+        ("FP32", ["NaN"] * 18, "got strings"),
+        ("FP32", [True] * 18, "got booleans"),
+        ("FP32", "abc", "expected a list of numbers (flat, or nested like the shape), got 'abc'"),  # not "1 values"
+        ("FP32", None, "expected a list of numbers (flat, or nested like the shape), got None"),
     ],
 )
 def test_data_that_does_not_fit_its_declared_tensor_is_named(datatype, data, needle):
