@@ -71,6 +71,7 @@ class Verdict:
     in_scope: np.ndarray  # [N] bool
     risk: np.ndarray  # [N] float32 estimated error probability
     abstained: np.ndarray  # [N] bool
+    covered_by: str = ""  # why covered: known | in_scope | confidence | agreement ("" when not covered)
 
     @classmethod
     def from_proto(cls, v: pb.Verdict) -> Verdict:
@@ -78,7 +79,7 @@ class Verdict:
         return cls(v.shift_state or "unknown", v.scope, None if np.isnan(acc) or v.expected_accuracy_kind == "unknown"
                    else acc, v.expected_accuracy_kind, np.asarray(v.out_of_scope, np.float32),
                    np.asarray(v.in_scope, bool), np.asarray(v.risk, np.float32),
-                   np.asarray(v.abstained, bool))  # fmt: skip
+                   np.asarray(v.abstained, bool), v.covered_by)  # fmt: skip
 
 
 @dataclass(frozen=True)

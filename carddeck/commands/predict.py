@@ -154,6 +154,7 @@ def _verdict_of(v: Verdict, j: int) -> dict:
         "shift_scope": v.scope,
         "expected_accuracy": v.expected_accuracy,
         "expected_accuracy_kind": v.expected_accuracy_kind,
+        "shift_covered_by": v.covered_by,
         "out_of_scope": float(v.out_of_scope[j]),
         "in_scope": bool(v.in_scope[j]),
         "risk": float(v.risk[j]),

@@ -606,6 +606,7 @@ class Trust:
     expected_kind: str  # "estimate", "upper_bound" or "unknown"
     out_of_scope: np.ndarray  # [n] float32 per-image scores in threshold units (NaN: no detector)
     risk: np.ndarray  # [n] float32 estimated error probability per image
+    covered_by: str = ""  # Verdict.covered_by of the batch or window: why "covered" (one of COVERED_BY)
 
     @property
     def in_scope(self) -> np.ndarray:

@@ -185,7 +185,9 @@ class ShiftMonitor:
             if v is None:
                 trusts.append(Trust(UNKNOWN, "none", float("nan"), "unknown", scores[mine], risks[mine]))
             else:
-                trusts.append(Trust(v.state, unit, v.expected_accuracy, v.expected_kind, scores[mine], risks[mine]))
+                trusts.append(
+                    Trust(v.state, unit, v.expected_accuracy, v.expected_kind, scores[mine], risks[mine], v.covered_by)
+                )
         return trusts
 
 

@@ -154,6 +154,7 @@ def verdict_to_proto(trust: Trust | None, n: int, abstain_above_risk: float | No
         in_scope=trust.in_scope.tolist(),
         risk=trust.risk.tolist(),
         abstained=trust.abstained(abstain_above_risk).tolist(),
+        covered_by=trust.covered_by,
     )
 
 

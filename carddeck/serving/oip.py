@@ -7,9 +7,9 @@ under its own name (version = card version) with ``probabilities`` and ``labels`
 ``images``, FP32 [N, C, H, W] in the deck's value range or UINT8 [N, H, W, C] (the deck's
 :class:`~carddeck.card.InputSpec`). Request parameters: ``policy`` (string), ``per_sample`` (bool),
 ``abstain_above_risk`` (number in [0, 1]). The deck model's answer carries its verdict as parameters
-(``shift_state``, ``shift_scope``, ``expected_accuracy``, ``expected_accuracy_kind``, ``out_of_scope_images``,
-``abstained_images``) and, when requested by name, the output ``out_of_scope`` FP32 [N] (per-image scores,
-> 1: out of scope).
+(``shift_state``, ``shift_scope``, ``expected_accuracy``, ``expected_accuracy_kind``, ``shift_covered_by``,
+``out_of_scope_images``, ``abstained_images``) and, when requested by name, the output ``out_of_scope``
+FP32 [N] (per-image scores, > 1: out of scope).
 
 The gRPC servicer (:mod:`carddeck.server.oip_servicer`) and the HTTP routes (:mod:`carddeck.http`)
 only convert their wire formats to an :class:`~carddeck.serving.codec.InferRequest` and back, so both
@@ -69,6 +69,7 @@ def verdict_parameters(trust: Trust | None, n: int, abstain_above_risk: float | 
         "shift_scope": trust.scope,
         "expected_accuracy": "unknown" if math.isnan(acc) else f"{acc:.4f}",
         "expected_accuracy_kind": trust.expected_kind,
+        "shift_covered_by": trust.covered_by,  # why "covered" (empty otherwise)
         "out_of_scope_images": ",".join(str(i) for i in np.flatnonzero(~trust.in_scope)),
     }
     if abstain_above_risk is not None:

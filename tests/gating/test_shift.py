@@ -231,7 +231,8 @@ def test_the_deck_reports_the_weight_of_the_cards_that_side_with_its_answer(deck
 
 def test_the_monitor_judges_with_the_cards_agreement(detector, deck, digits):
     """A request's agreement reaches the test, as a batch and through the window of single-image requests: an
-    impulse-noise request is covered with it and uncovered without it."""
+    impulse-noise request is covered with it (and its answer says so: covered_by "agreement") and uncovered
+    without it."""
     images = corrupt(digits[1].images[:16], "impulse_noise", 3, seed=0)
     p, x = deck.predict(images), deck.prepare(images)
     states = {}
@@ -243,8 +244,8 @@ def test_the_monitor_judges_with_the_cards_agreement(detector, deck, digits):
         one = [("w", x[i : i + 1], SimpleNamespace(features=p.routing.features[i : i + 1]), p.probabilities[i : i + 1],
                 agreement[i : i + 1]) for i in range(16)]  # fmt: skip
         singles = [monitor.judge([request])[0] for request in one]
-        states[given] = batch.state, singles[-1].state
-    assert states == {True: ("covered", "covered"), False: ("uncovered", "uncovered")}
+        states[given] = batch.state, singles[-1].state, batch.covered_by, singles[-1].covered_by
+    assert states == {True: ("covered", "covered", "agreement", "agreement"), False: ("uncovered", "uncovered", "", "")}
 
 
 def test_save_and_load_round_trip(detector):

@@ -84,6 +84,39 @@ def test_oip_grpc_and_http_return_the_verdict_and_the_scores_tensor(default_serv
     assert answers[0] == pytest.approx(answers[1])
 
 
+def test_every_transport_says_why_a_batch_is_covered(default_server):
+    """Our API, OIP gRPC and OIP HTTP carry the same ``covered_by``: a covered 16-image batch (noisy digits,
+    near a condition the deck was calibrated on) says which path covered it, as the detector itself does on
+    those images; an uncovered one (black images) says nothing. Kills the field dropped by a transport, or a
+    path other than the detector's."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    from carddeck.data.corruptions import corrupt
+    from carddeck.gating.shift import COVERED_BY
+    from carddeck.observability.shift import ShiftLoader, ShiftMonitor
+    from carddeck.serving.verdicts import RoutedRequest
+
+    deck = Deck.open(ROOT / "models")
+    monitor = ShiftMonitor()
+    ShiftLoader(monitor, refit=False)(deck)
+    for images, covered in ((corrupt(_digits(16), "gaussian_noise", 3, seed=0), True),
+                            (np.zeros((16, 32, 32, 3), np.uint8), False)):  # fmt: skip
+        p = deck.predict(images)
+        (want,) = monitor.judge([RoutedRequest("carddeck", deck.prepare(images), p.routing, p.probabilities,
+                                               p.agreement)])  # fmt: skip
+        assert (want.state == "covered") is covered and (want.covered_by in COVERED_BY) is covered
+        with CardDeckClient(default_server.process.address) as client:
+            got = [client.predict(images).verdict.covered_by]
+        for mod, url in ((tg, default_server.process.address), (th, f"127.0.0.1:{default_server.port}")):
+            tensor = mod.InferInput("images", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images)
+            response = mod.InferenceServerClient(url).infer("carddeck", [tensor]).get_response()
+            params = response.parameters if mod is tg else response["parameters"]
+            got.append(params["shift_covered_by"].string_param if mod is tg else params["shift_covered_by"])
+        assert got == [want.covered_by] * 3, (got, want)
+
+
 def _blocked_torch(tmp: Path) -> dict[str, str]:
     """PYTHONPATH with a `torch` that cannot be imported: the server runs as without the train extra."""
     blocker = tmp / "no-torch" / "torch"

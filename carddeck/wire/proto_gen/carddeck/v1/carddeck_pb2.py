@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rddeck/v1/carddeck.proto\x12\x0b\x63\x61rddeck.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.carddeck.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x91\x01\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\x12\x1f\n\x12\x61\x62stain_above_risk\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_abstain_above_risk\"\xcb\x01\n\x07Routing\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\nper_sample\x18\x02 \x01(\x08\x12\x12\n\ncard_names\x18\x03 \x03(\t\x12$\n\x07weights\x18\x04 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0f\n\x07\x64omains\x18\x05 \x03(\t\x12&\n\tdistances\x18\x06 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x10\n\x08selected\x18\x07 \x03(\t\x12\x17\n\x0f\x63\x61rds_per_image\x18\x08 \x01(\x01\"\xec\x01\n\x0fPredictResponse\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0e\n\x06labels\x18\x02 \x03(\x03\x12\x13\n\x0blabel_names\x18\x03 \x03(\t\x12%\n\x07routing\x18\x04 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x05 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12%\n\x07verdict\x18\x07 \x01(\x0b\x32\x14.carddeck.v1.Verdict\x12\x0f\n\x07\x61\x64\x61pted\x18\x08 \x01(\x08\"\xb1\x01\n\x07Verdict\x12\x13\n\x0bshift_state\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_accuracy\x18\x03 \x01(\x01\x12\x1e\n\x16\x65xpected_accuracy_kind\x18\x04 \x01(\t\x12\x14\n\x0cout_of_scope\x18\x05 \x03(\x02\x12\x10\n\x08in_scope\x18\x06 \x03(\x08\x12\x0c\n\x04risk\x18\x07 \x03(\x02\x12\x11\n\tabstained\x18\x08 \x03(\x08\"P\n\x14PredictStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.carddeck.v1.PredictRequest\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"|\n\x15PredictStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.carddeck.v1.PredictResponse\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.carddeck.v1.StreamError\"W\n\x0cRouteRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\"L\n\rRouteResponse\x12%\n\x07routing\x18\x01 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\"\xb4\x01\n\x04\x43\x61rd\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x1a\n\x12\x63ompression_method\x18\x05 \x01(\t\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x13\n\x0bweight_bits\x18\x07 \x01(\x05\x12\x11\n\tsignature\x18\x08 \x03(\x01\x12\x11\n\tmeta_json\x18\t \x01(\t\"\x12\n\x10ListCardsRequest\"\x95\x01\n\x11ListCardsResponse\x12 \n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x05 \x01(\t\"/\n\x0eGetCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\",\n\x0c\x41\x64\x64\x43\x61rdChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"a\n\x0f\x41\x64\x64\x43\x61rdResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"2\n\x11RemoveCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"_\n\x12RemoveCardResponse\x12\x14\n\x0c\x64\x65\x63k_version\x18\x01 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x03 \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x32\x88\x04\n\x08\x43\x61rdDeck\x12\x44\n\x07Predict\x12\x1b.carddeck.v1.PredictRequest\x1a\x1c.carddeck.v1.PredictResponse\x12Z\n\rPredictStream\x12!.carddeck.v1.PredictStreamRequest\x1a\".carddeck.v1.PredictStreamResponse(\x01\x30\x01\x12>\n\x05Route\x12\x19.carddeck.v1.RouteRequest\x1a\x1a.carddeck.v1.RouteResponse\x12J\n\tListCards\x12\x1d.carddeck.v1.ListCardsRequest\x1a\x1e.carddeck.v1.ListCardsResponse\x12\x39\n\x07GetCard\x12\x1b.carddeck.v1.GetCardRequest\x1a\x11.carddeck.v1.Card\x12\x44\n\x07\x41\x64\x64\x43\x61rd\x12\x19.carddeck.v1.AddCardChunk\x1a\x1c.carddeck.v1.AddCardResponse(\x01\x12M\n\nRemoveCard\x12\x1e.carddeck.v1.RemoveCardRequest\x1a\x1f.carddeck.v1.RemoveCardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rddeck/v1/carddeck.proto\x12\x0b\x63\x61rddeck.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.carddeck.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x91\x01\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\x12\x1f\n\x12\x61\x62stain_above_risk\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_abstain_above_risk\"\xcb\x01\n\x07Routing\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\nper_sample\x18\x02 \x01(\x08\x12\x12\n\ncard_names\x18\x03 \x03(\t\x12$\n\x07weights\x18\x04 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0f\n\x07\x64omains\x18\x05 \x03(\t\x12&\n\tdistances\x18\x06 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x10\n\x08selected\x18\x07 \x03(\t\x12\x17\n\x0f\x63\x61rds_per_image\x18\x08 \x01(\x01\"\xec\x01\n\x0fPredictResponse\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Matrix\x12\x0e\n\x06labels\x18\x02 \x03(\x03\x12\x13\n\x0blabel_names\x18\x03 \x03(\t\x12%\n\x07routing\x18\x04 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x05 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12%\n\x07verdict\x18\x07 \x01(\x0b\x32\x14.carddeck.v1.Verdict\x12\x0f\n\x07\x61\x64\x61pted\x18\x08 \x01(\x08\"\xc5\x01\n\x07Verdict\x12\x13\n\x0bshift_state\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_accuracy\x18\x03 \x01(\x01\x12\x1e\n\x16\x65xpected_accuracy_kind\x18\x04 \x01(\t\x12\x14\n\x0cout_of_scope\x18\x05 \x03(\x02\x12\x10\n\x08in_scope\x18\x06 \x03(\x08\x12\x0c\n\x04risk\x18\x07 \x03(\x02\x12\x11\n\tabstained\x18\x08 \x03(\x08\x12\x12\n\ncovered_by\x18\t \x01(\t\"P\n\x14PredictStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.carddeck.v1.PredictRequest\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"|\n\x15PredictStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.carddeck.v1.PredictResponse\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.carddeck.v1.StreamError\"W\n\x0cRouteRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.carddeck.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nper_sample\x18\x03 \x01(\x08\"L\n\rRouteResponse\x12%\n\x07routing\x18\x01 \x01(\x0b\x32\x14.carddeck.v1.Routing\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\"\xb4\x01\n\x04\x43\x61rd\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x1a\n\x12\x63ompression_method\x18\x05 \x01(\t\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x13\n\x0bweight_bits\x18\x07 \x01(\x05\x12\x11\n\tsignature\x18\x08 \x03(\x01\x12\x11\n\tmeta_json\x18\t \x01(\t\"\x12\n\x10ListCardsRequest\"\x95\x01\n\x11ListCardsResponse\x12 \n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x05 \x01(\t\"/\n\x0eGetCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\",\n\x0c\x41\x64\x64\x43\x61rdChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"a\n\x0f\x41\x64\x64\x43\x61rdResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.carddeck.v1.Card\x12\x14\n\x0c\x64\x65\x63k_version\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"2\n\x11RemoveCardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"_\n\x12RemoveCardResponse\x12\x14\n\x0c\x64\x65\x63k_version\x18\x01 \x01(\x03\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_policy_note\x18\x03 \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x32\x88\x04\n\x08\x43\x61rdDeck\x12\x44\n\x07Predict\x12\x1b.carddeck.v1.PredictRequest\x1a\x1c.carddeck.v1.PredictResponse\x12Z\n\rPredictStream\x12!.carddeck.v1.PredictStreamRequest\x1a\".carddeck.v1.PredictStreamResponse(\x01\x30\x01\x12>\n\x05Route\x12\x19.carddeck.v1.RouteRequest\x1a\x1a.carddeck.v1.RouteResponse\x12J\n\tListCards\x12\x1d.carddeck.v1.ListCardsRequest\x1a\x1e.carddeck.v1.ListCardsResponse\x12\x39\n\x07GetCard\x12\x1b.carddeck.v1.GetCardRequest\x1a\x11.carddeck.v1.Card\x12\x44\n\x07\x41\x64\x64\x43\x61rd\x12\x19.carddeck.v1.AddCardChunk\x1a\x1c.carddeck.v1.AddCardResponse(\x01\x12M\n\nRemoveCard\x12\x1e.carddeck.v1.RemoveCardRequest\x1a\x1f.carddeck.v1.RemoveCardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carddeck.v1.carddeck_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2061
-  _globals['_DTYPE']._serialized_end=2127
+  _globals['_DTYPE']._serialized_start=2081
+  _globals['_DTYPE']._serialized_end=2147
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=115
   _globals['_MATRIX']._serialized_start=117
@@ -44,33 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE']._serialized_start=524
   _globals['_PREDICTRESPONSE']._serialized_end=760
   _globals['_VERDICT']._serialized_start=763
-  _globals['_VERDICT']._serialized_end=940
-  _globals['_PREDICTSTREAMREQUEST']._serialized_start=942
-  _globals['_PREDICTSTREAMREQUEST']._serialized_end=1022
-  _globals['_STREAMERROR']._serialized_start=1024
-  _globals['_STREAMERROR']._serialized_end=1068
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=1070
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1194
-  _globals['_ROUTEREQUEST']._serialized_start=1196
-  _globals['_ROUTEREQUEST']._serialized_end=1283
-  _globals['_ROUTERESPONSE']._serialized_start=1285
-  _globals['_ROUTERESPONSE']._serialized_end=1361
-  _globals['_CARD']._serialized_start=1364
-  _globals['_CARD']._serialized_end=1544
-  _globals['_LISTCARDSREQUEST']._serialized_start=1546
-  _globals['_LISTCARDSREQUEST']._serialized_end=1564
-  _globals['_LISTCARDSRESPONSE']._serialized_start=1567
-  _globals['_LISTCARDSRESPONSE']._serialized_end=1716
-  _globals['_GETCARDREQUEST']._serialized_start=1718
-  _globals['_GETCARDREQUEST']._serialized_end=1765
-  _globals['_ADDCARDCHUNK']._serialized_start=1767
-  _globals['_ADDCARDCHUNK']._serialized_end=1811
-  _globals['_ADDCARDRESPONSE']._serialized_start=1813
-  _globals['_ADDCARDRESPONSE']._serialized_end=1910
-  _globals['_REMOVECARDREQUEST']._serialized_start=1912
-  _globals['_REMOVECARDREQUEST']._serialized_end=1962
-  _globals['_REMOVECARDRESPONSE']._serialized_start=1964
-  _globals['_REMOVECARDRESPONSE']._serialized_end=2059
-  _globals['_CARDDECK']._serialized_start=2130
-  _globals['_CARDDECK']._serialized_end=2650
+  _globals['_VERDICT']._serialized_end=960
+  _globals['_PREDICTSTREAMREQUEST']._serialized_start=962
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=1042
+  _globals['_STREAMERROR']._serialized_start=1044
+  _globals['_STREAMERROR']._serialized_end=1088
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=1090
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1214
+  _globals['_ROUTEREQUEST']._serialized_start=1216
+  _globals['_ROUTEREQUEST']._serialized_end=1303
+  _globals['_ROUTERESPONSE']._serialized_start=1305
+  _globals['_ROUTERESPONSE']._serialized_end=1381
+  _globals['_CARD']._serialized_start=1384
+  _globals['_CARD']._serialized_end=1564
+  _globals['_LISTCARDSREQUEST']._serialized_start=1566
+  _globals['_LISTCARDSREQUEST']._serialized_end=1584
+  _globals['_LISTCARDSRESPONSE']._serialized_start=1587
+  _globals['_LISTCARDSRESPONSE']._serialized_end=1736
+  _globals['_GETCARDREQUEST']._serialized_start=1738
+  _globals['_GETCARDREQUEST']._serialized_end=1785
+  _globals['_ADDCARDCHUNK']._serialized_start=1787
+  _globals['_ADDCARDCHUNK']._serialized_end=1831
+  _globals['_ADDCARDRESPONSE']._serialized_start=1833
+  _globals['_ADDCARDRESPONSE']._serialized_end=1930
+  _globals['_REMOVECARDREQUEST']._serialized_start=1932
+  _globals['_REMOVECARDREQUEST']._serialized_end=1982
+  _globals['_REMOVECARDRESPONSE']._serialized_start=1984
+  _globals['_REMOVECARDRESPONSE']._serialized_end=2079
+  _globals['_CARDDECK']._serialized_start=2150
+  _globals['_CARDDECK']._serialized_end=2670
 # @@protoc_insertion_point(module_scope)

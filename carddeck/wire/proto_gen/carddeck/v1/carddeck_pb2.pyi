@@ -89,7 +89,7 @@ class PredictResponse(_message.Message):
     def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., label_names: _Optional[_Iterable[str]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., deck_version: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., adapted: bool = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("shift_state", "scope", "expected_accuracy", "expected_accuracy_kind", "out_of_scope", "in_scope", "risk", "abstained")
+    __slots__ = ("shift_state", "scope", "expected_accuracy", "expected_accuracy_kind", "out_of_scope", "in_scope", "risk", "abstained", "covered_by")
     SHIFT_STATE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class Verdict(_message.Message):
     IN_SCOPE_FIELD_NUMBER: _ClassVar[int]
     RISK_FIELD_NUMBER: _ClassVar[int]
     ABSTAINED_FIELD_NUMBER: _ClassVar[int]
+    COVERED_BY_FIELD_NUMBER: _ClassVar[int]
     shift_state: str
     scope: str
     expected_accuracy: float
@@ -106,7 +107,8 @@ class Verdict(_message.Message):
     in_scope: _containers.RepeatedScalarFieldContainer[bool]
     risk: _containers.RepeatedScalarFieldContainer[float]
     abstained: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, shift_state: _Optional[str] = ..., scope: _Optional[str] = ..., expected_accuracy: _Optional[float] = ..., expected_accuracy_kind: _Optional[str] = ..., out_of_scope: _Optional[_Iterable[float]] = ..., in_scope: _Optional[_Iterable[bool]] = ..., risk: _Optional[_Iterable[float]] = ..., abstained: _Optional[_Iterable[bool]] = ...) -> None: ...
+    covered_by: str
+    def __init__(self, shift_state: _Optional[str] = ..., scope: _Optional[str] = ..., expected_accuracy: _Optional[float] = ..., expected_accuracy_kind: _Optional[str] = ..., out_of_scope: _Optional[_Iterable[float]] = ..., in_scope: _Optional[_Iterable[bool]] = ..., risk: _Optional[_Iterable[float]] = ..., abstained: _Optional[_Iterable[bool]] = ..., covered_by: _Optional[str] = ...) -> None: ...
 
 class PredictStreamRequest(_message.Message):
     __slots__ = ("id", "request")
