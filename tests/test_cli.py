@@ -106,9 +106,11 @@ def test_a_port_clash_is_one_line_naming_the_port_and_the_flag(tmp_path, flag, o
 
 
 def test_an_unreadable_file_is_one_line(tmp_path):
-    out = run_cli("deck", "init", str(tmp_path / "file" / "deck"), code=f"open({str(tmp_path / 'file')!r}, 'w')")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.startswith("carddeck: error: ") and len(out.stderr.strip().splitlines()) == 1
+    for dest in (tmp_path / "file" / "deck", tmp_path / "file"):  # a file on the path, or in the deck's place
+        out = run_cli("deck", "init", str(dest), code=f"open({str(tmp_path / 'file')!r}, 'w')")
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert out.stderr.startswith("carddeck: error: ") and len(out.stderr.strip().splitlines()) == 1
+        assert "[Errno" not in out.stderr and f"deck directory {dest}" in out.stderr, out.stderr
 
 
 def test_calibrate_refuses_a_read_only_deck_before_working(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from carddeck.deck.cardfile import atomic_write
 from carddeck.deck.store import GATE_FILES, MANIFEST, DeckStore
-from carddeck.errors import DeckConflict
+from carddeck.errors import DeckConflict, InvalidInput
 
 
 def default_deck_path() -> Path:
@@ -35,11 +35,16 @@ def init_deck(dest: Path | str, *, empty: bool = False, source: Path | str | Non
     dest = Path(dest).expanduser()
     if (dest / MANIFEST).exists():
         raise DeckConflict(f"{dest} already holds a deck; choose another directory")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in its place or on its path, no permission: named, not Python's errno text
+        raise InvalidInput(
+            f"cannot make the deck directory {dest} ({exc.strerror or exc}); give a new directory or an empty one"
+        ) from None
     if empty:
         return DeckStore.create(dest)
     src = DeckStore(source if source is not None else default_deck_path())
     manifest = src.manifest()
-    dest.mkdir(parents=True, exist_ok=True)
     extras = (*(manifest.gate.get(k) for k in GATE_FILES), manifest.calibration)
     referenced = [c.path for c in manifest.cards] + [p for p in extras if p]
     root = Path(src.root)  # the packaged deck (or another local one)

@@ -121,6 +121,12 @@ class Settings:
             ("batch_workers", self.batch_workers >= 0, "must be >= 0"),
             ("preferred_batch_sizes", self._preferred_ok(), "must be comma-separated integers in 1..max_batch_size"),
             ("max_request_images", self.max_request_images >= 1, "must be at least 1"),
+            (
+                "deck_model_name",
+                bool(self.deck_model_name) and not set(self.deck_model_name) & set("/?#% \t\n"),
+                "must be a non-empty name without '/', '?', '#', '%' or spaces (it is a path segment of "
+                "/v2/models/NAME)",
+            ),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
             ("max_json_mb", self.max_json_mb >= 1, "must be at least 1"),
             (

@@ -72,6 +72,8 @@ def test_json_config_and_boolean_flags(tmp_path):
         ({"CARDDECK_PORT": "70000"}, "'port'"),
         ({"CARDDECK_BATCHING": "maybe"}, "true or false"),
         ({"CARDDECK_TLS_CERT": "/x.pem"}, "tls_key"),
+        ({"CARDDECK_DECK_MODEL_NAME": "team/deck"}, "deck_model_name.*path segment"),
+        ({"CARDDECK_DECK_MODEL_NAME": ""}, "deck_model_name"),
     ],
 )
 def test_bad_values_name_the_setting(env, needle):
