@@ -73,15 +73,13 @@ def unseen_targets(rows: list[dict[str, Any]], family_targets: Any) -> dict[str,
     return out
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
 def _points(v: float | None, signed: bool = False) -> str:
     return "n/a" if v is None else f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
 
 
 def unseen_markdown(result: dict[str, Any]) -> str:
+    from carddeck.commands.shift import _pct
+
     t = result["targets"]
     lines = [
         f"## Shift verdict on unseen families ({result['split']} split)",
