@@ -1,6 +1,7 @@
 """``carddeck predict --server ADDR IMAGES...``: classify png/jpg/npy files with a running server.
 
-PNG/JPEG files are read with Pillow (a core dependency) and resized to the deck's input size;
+PNG/JPEG files are read with Pillow (a core dependency; carddeck.client.images turns them upright by their EXIF
+orientation) and resized to the deck's input size;
 .npy files must hold uint8 [H, W, 3] / [N, H, W, 3] or float32 [3, H, W] / [N, 3, H, W] in [0, 1].
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from carddeck.client.api import (
     rpc_error_message,
     to_json,
 )
+from carddeck.client.images import read_rgb
 from carddeck.client.results import RemoteError
 from carddeck.errors import InvalidInput, NotReady, Unauthenticated
 
@@ -63,18 +64,6 @@ def probability(text: str) -> float:
     return value
 
 
-def _rgb(im: Image.Image) -> Image.Image:
-    """The image as 8-bit RGB (alpha dropped). 16-bit greyscale (PNG: modes I;16*, I) is scaled
-    0..65535 -> 0..255: Pillow's convert would clip it at 255, turning most of the image white. A palette
-    with transparency goes through RGBA, which Pillow otherwise asks for with a warning on stderr."""
-    if im.mode.startswith("I"):
-        grey = np.rint(np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im.convert("RGB")
-
-
 def load_file(path: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarray]:
     """The names of a file's images and one uint8 NHWC or float32 NCHW array; InvalidInput says what is wrong."""
     suffix = path.suffix.lower()
@@ -95,15 +84,7 @@ def load_file(path: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarray]
             raise InvalidInput(f"{path}: holds no images (shape {arr.shape}); send at least one")
         return ([str(path)] if len(arr) == 1 else [f"{path}[{i}]" for i in range(len(arr))], arr)
     if suffix in IMAGE_SUFFIXES:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge images: refuse, don't thrash
-                with Image.open(path) as im:
-                    rgb = _rgb(im).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InvalidInput(f"{path}: image too large to decode safely ({exc})") from None
-        except (OSError, ValueError) as exc:
-            raise InvalidInput(f"{path}: not a readable image ({exc})") from None
+        rgb = read_rgb(path).resize((size[1], size[0]), Image.Resampling.BILINEAR)
         return ([str(path)], np.asarray(rgb, np.uint8)[None])
     raise InvalidInput(f"{path}: unsupported file type {suffix!r}; accepted: .png, .jpg, .jpeg, .npy")
 

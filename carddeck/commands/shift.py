@@ -105,11 +105,10 @@ def _images(spec: str, n: int, shape: tuple[int, int], rng: np.random.Generator)
 
 def photo_crops(path: Path, n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """n random square crops of a photograph (side 1/8 to 1/2 of its shorter side), box-resized to ``shape``."""
-    from PIL import Image
-
+    from carddeck.client.images import read_rgb
     from carddeck.data.corruptions._common import box_resample_matrix, separable
 
-    photo = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    photo = np.asarray(read_rgb(path), np.float32)
     side = min(photo.shape[:2])
     out = np.empty((n, *shape, 3), np.uint8)
     for i in range(n):
