@@ -29,6 +29,9 @@ from carddeck.client.results import RemoteError
 from carddeck.errors import InvalidInput, NotReady, Unauthenticated
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Verdict.covered_by's paths that rest on the cards' own outputs (carddeck.gating.shift.COVERED_BY less "known",
+# not imported: it would load scipy into the client)
+CARDS_WORD = ("in_scope", "confidence", "agreement")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +148,7 @@ def _verdict_of(v: Verdict, j: int) -> dict:
 
 def warnings_of(line: dict, *, first_of_request: bool = True) -> list[str]:
     """The warning lines ``carddeck predict`` prints for one image (none when the deck can be believed);
-    the request's shift warning only with its first image."""
+    the request's shift warning (uncovered, or covered only on the cards' word) only with its first image."""
     out = []
     if line.get("in_scope") is False:
         out.append(f"out of scope (score {line['out_of_scope']:.1f} > 1): unlike anything the deck was made for")
@@ -153,6 +156,13 @@ def warnings_of(line: dict, *, first_of_request: bool = True) -> list[str]:
         acc = line["expected_accuracy"]
         bound = "unknown" if acc is None else f"at most {100 * acc:.0f}%"
         out.append(f"its {line['shift_scope']} is under a shift the deck does not cover (expected accuracy {bound})")
+    if first_of_request and line.get("shift_covered_by") in CARDS_WORD:  # not near a known condition: say so
+        acc = line["expected_accuracy"]
+        expected = "unknown" if acc is None else f"{100 * acc:.0f}%"
+        out.append(
+            f"its {line['shift_scope']} is under a new shift, covered on the cards' own word "
+            f"({line['shift_covered_by']}), which a shift can fool (expected accuracy {expected})"
+        )
     if line.get("abstained"):
         out.append(f"abstained: estimated risk {line['risk']:.2f} above the bound")
     return out

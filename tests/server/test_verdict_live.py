@@ -58,6 +58,43 @@ def test_a_foreign_photo_through_carddeck_predict_prints_the_warning(default_ser
     assert not any("warning" in line and "digit.npy" in line for line in lines), out.stdout  # a digit is in scope
 
 
+def test_carddeck_predict_says_when_a_cover_rests_on_the_cards_word(default_server, tmp_path):
+    """Plain lines name the path of a batch covered on the cards' own outputs (spatter/3: their confidence;
+    saturate/5: in scope), as --json does, and say nothing for one near a known condition (gaussian noise/3)
+    or a clean one. Kills a plain output without covered_by, and one that flags the "known" path too."""
+    from carddeck.data.corruptions import corrupt
+
+    digits = _digits(16)
+    files = {}
+    for name, images in (("clean", digits), ("noise3", corrupt(digits, "gaussian_noise", 3, seed=0)),
+                         ("spatter3", corrupt(digits, "spatter", 3, seed=0)),
+                         ("saturate5", corrupt(digits, "saturate", 5, seed=0))):  # fmt: skip
+        files[name] = tmp_path / f"{name}.npy"
+        np.save(files[name], images)
+
+    def predict(*flags: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "carddeck", "predict", "--server", default_server.process.address, *flags,
+             *map(str, files.values())],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        return out.stdout
+
+    import json
+
+    paths = {Path(r["image"].split("[")[0]).stem: r["shift_covered_by"] for r in json.loads(predict("--json"))}
+    assert paths["clean"] == "" and paths["noise3"] == "known", paths
+    assert {paths["spatter3"], paths["saturate5"]} <= {"in_scope", "confidence", "agreement"}, paths
+    lines = predict().splitlines()
+    for name, path in files.items():
+        said = [line for line in lines if line.startswith(f"  warning: {path}[0]: ") and "cards' own word" in line]
+        if name in ("spatter3", "saturate5"):
+            assert len(said) == 1 and f"({paths[name]})" in said[0] and "expected accuracy" in said[0], lines
+        else:
+            assert not said, lines
+
+
 def test_oip_grpc_and_http_return_the_verdict_and_the_scores_tensor(default_server):
     import tritonclient.grpc as tg
     import tritonclient.http as th
