@@ -118,10 +118,9 @@ class OipModels:
         return self.dp.resolve(name, version)
 
     def is_ready(self, name: str, version: str = "") -> bool:
-        try:
-            self.resolve(name, version)
-        except CardNotFound:
-            return False
+        """Whether the model serves now. An unknown model or version raises CardNotFound: Triton answers
+        ModelReady for one with NOT_FOUND over gRPC and 404 over HTTP, not with "not ready"."""
+        self.resolve(name, version)
         return self.dp.ready
 
     def metadata(self, model: Model) -> ModelInfo:

@@ -96,7 +96,8 @@ def test_oip_model_infer_round_trips_fp32_and_uint8(server):
         assert stub.ServerLive(oip.ServerLiveRequest()).live
         assert stub.ServerReady(oip.ServerReadyRequest()).ready
         assert stub.ModelReady(oip.ModelReadyRequest(name="g1")).ready
-        assert not stub.ModelReady(oip.ModelReadyRequest(name="nope")).ready
+        for unknown in (oip.ModelReadyRequest(name="nope"), oip.ModelReadyRequest(name="g1", version="7")):
+            assert code_of(stub.ModelReady, unknown) == grpc.StatusCode.NOT_FOUND  # as Triton, and HTTP's 404
         index = {m.name for m in stub.RepositoryIndex(oip.RepositoryIndexRequest()).models}
         assert {"carddeck", "g1", "a1"} <= index
         stats = stub.ModelStatistics(oip.ModelStatisticsRequest(name="carddeck")).model_stats[0]
@@ -109,6 +110,9 @@ def test_tritonclient_talks_to_the_server(server):
     deck = Deck.open(server.deck)
     client = tc.InferenceServerClient(server.address)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("carddeck")
+    with pytest.raises(tc.InferenceServerException, match="nope") as unknown:  # what Triton's own server does
+        client.is_model_ready("nope")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
     assert "statistics" in client.get_server_metadata().extensions
     assert client.get_model_config("carddeck").config.input[0].dims == [3, 32, 32]
     images = smooth_images(4)
@@ -248,7 +252,7 @@ def test_oip_repository_load_and_unload_change_the_deck(server):
         mismatch.parameters["file:model.onnx"].bytes_param = card("g5", "gaussian")
         assert code_of(stub.RepositoryModelLoad, mismatch, metadata=ADMIN) == grpc.StatusCode.INVALID_ARGUMENT
         stub.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name="g4"), metadata=ADMIN, timeout=30)
-        assert not stub.ModelReady(oip.ModelReadyRequest(name="g4")).ready
+        assert code_of(stub.ModelReady, oip.ModelReadyRequest(name="g4")) == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_manifest_from_another_replica_is_served(server):
