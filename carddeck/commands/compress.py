@@ -37,7 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     a = parser.add_argument
     a("--arch", required=True, help=f"architecture: {', '.join(ARCHS)}")
-    a("--data", default="digits32", help="dataset spec (digits32, cifar10:PATH, npz:PATH, ...)")
+    a("--data", default=None,
+      help="dataset: digits32, cifar10:PATH, npz:PATH, ... (default: the --init card's, else digits32)")  # fmt: skip
     a("--domain", default="clean", help=f"augmentation domain: {', '.join(DOMAIN_NAMES)}")
     a("--method", default="dense", help=f"compression method: {', '.join(METHOD_NAMES)}")
     a("--sparsity", type=float, default=0.0, help="target: fraction of weights removed (filter: of filters), [0, 1)")
@@ -86,8 +87,15 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from carddeck.compress.checkpoint import CARD_FILE, TRAIN_FILE
     from carddeck.compress.pipeline import CompressConfig, compress
 
+    held = [f for f in (CARD_FILE, TRAIN_FILE) if (args.out / f).is_file()]
+    if held and not args.resume:  # a rerun would overwrite a finished card, or an interrupted run's epochs
+        raise InvalidInput(
+            f"--out {args.out} already holds a run ({', '.join(held)}): pass --resume to continue it (same "
+            "settings), or give a new --out; nothing was overwritten"
+        )
     if args.threads < 0:
         raise InvalidInput(f"--threads must be >= 0, got {args.threads}")
     if args.threads:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from carddeck.card import CardMeta
-from carddeck.errors import InvalidInput
+from carddeck.errors import CardRejected, InvalidInput
 from carddeck.nets import build_net
 
 CARD_FORMAT = "carddeck-card/1"
@@ -50,18 +50,33 @@ def save_card(out: Path, arch: str, arch_kwargs: dict[str, Any], model: nn.Modul
 
 
 def load_card(path: Path | str) -> tuple[nn.Module, CardMeta, dict[str, Any]]:
-    """Rebuild a card's model (eval mode, CPU) from ``card.pt``: (model, meta, raw checkpoint dict)."""
+    """Rebuild a card's model (eval mode, CPU) from ``card.pt`` (or its directory): (model, meta, raw
+    checkpoint dict). The one reader of card.pt (``--init`` and ``carddeck export``): a missing file is
+    InvalidInput, anything else wrong with it CardRejected naming what."""
     path = Path(path)
     if path.is_dir():
         path = path / CARD_FILE
     if not path.is_file():
-        raise InvalidInput(f"no CARD checkpoint at {path}")
-    card = torch.load(path, map_location="cpu", weights_only=True)
+        raise InvalidInput(f"checkpoint {path} not found; expected a {CARD_FILE} written by `carddeck compress`")
+    try:
+        card = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for bad files
+        raise CardRejected(f"checkpoint {path}: unreadable ({str(exc).splitlines()[0]})") from None
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise InvalidInput(f"{path} is not a {CARD_FORMAT} checkpoint")
-    meta = CardMeta.from_dict(card["meta"], source=str(path))
-    model = build_net(card["arch"], meta.num_classes, **card["arch_kwargs"])
-    model.load_state_dict(card["state_dict"])
+        found = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise CardRejected(f"checkpoint {path}: format {found!r}, expected {CARD_FORMAT!r}")
+    missing = [k for k in ("arch", "arch_kwargs", "state_dict", "meta") if k not in card]
+    if missing:
+        raise CardRejected(f"checkpoint {path}: missing {', '.join(missing)}")
+    try:
+        meta = CardMeta.from_dict(card["meta"], source=f"{path}:meta")
+    except InvalidInput as exc:
+        raise CardRejected(str(exc)) from None
+    model = build_net(card["arch"], meta.num_classes, **dict(card["arch_kwargs"]))
+    try:
+        model.load_state_dict(card["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CardRejected(f"checkpoint {path}: state_dict does not fit {card['arch']}: {exc}") from None
     model.eval()
     return model, meta, card
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import logging
+import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from carddeck.compress.checkpoint import load_card, load_training, save_card, sa
 from carddeck.compress.methods import METHODS, Method, MethodConfig
 from carddeck.compress.schedules import LR_SCHEDULES
 from carddeck.compress.train import Position, TrainConfig, accuracy, steps_per_epoch, train
-from carddeck.data.datasets import Dataset, load_dataset
+from carddeck.data.datasets import Dataset, data_for_cards, load_dataset
 from carddeck.data.domains import DOMAINS
 from carddeck.errors import InvalidInput
 from carddeck.nets import NETS, build_net, count_flops, count_params
@@ -37,6 +38,7 @@ for _module in sorted({s.module for s in method_specs().values()}):  # each modu
     importlib.import_module(f"carddeck.compress.{_module}")
 
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_DATA = "digits32"  # of a card trained from scratch; one pruned from --init takes the init card's
 MIN_CALIB_IMAGES = 32
 DEFAULT_CALIB_IMAGES = 1024  # or the whole training set, when smaller
 # Methods that prune a trained card (lobs, dsa, dipgo) retrain at this fraction of --lr (the dense
@@ -50,7 +52,7 @@ FINETUNE_LR_FRACTION = 0.1
 class CompressConfig:
     arch: str
     out: Path
-    data: str = "digits32"
+    data: str | None = None  # None: the --init card's dataset (its CardMeta), else DEFAULT_DATA
     domain: str = "clean"
     method: str = "dense"
     sparsity: float = 0.0
@@ -191,6 +193,13 @@ def plan(config: CompressConfig) -> Plan:
         raise InvalidInput(f"severities must be a non-empty subset of 1, 2, 3, 4, 5; got {list(config.severities)}")
     corruptions = _resolve_corruptions(config.corruptions)
     device = _resolve_device(config.device)
+    _check_out(Path(config.out))
+    if config.data is None:  # the --init card's own dataset, else DEFAULT_DATA
+        data = DEFAULT_DATA
+        if config.init is not None:
+            data = data_for_cards(None, [load_card(config.init)[1].provenance.dataset], f"--init {config.init}")
+        config = replace(config, data=data)
+    assert config.data is not None
 
     train_set = load_dataset(config.data, "train")
     val_set = load_dataset(config.data, "val")
@@ -240,6 +249,7 @@ def plan(config: CompressConfig) -> Plan:
         if not method.uses_init:
             raise InvalidInput(f"method {config.method!r} does not start from --init weights")
         _, init_meta, init_card = load_card(config.init)
+        data_for_cards(config.data, [init_meta.provenance.dataset], f"--init {config.init}")  # says so if not its data
         if init_card["arch"] != config.arch or init_meta.num_classes != train_set.num_classes:
             raise InvalidInput(
                 f"--init {config.init} holds a {init_card['arch']} for {init_meta.num_classes} classes; "
@@ -247,6 +257,15 @@ def plan(config: CompressConfig) -> Plan:
             )
         arch_kwargs = dict(init_card["arch_kwargs"])
     return Plan(config, device, train_set, val_set, method, arch_kwargs, corruptions, calib, lr)
+
+
+def _check_out(out: Path) -> None:
+    """--out must be (or become) a writable directory: said now, not after the first epoch."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise InvalidInput(f"--out {out}: {existing} is a file, not a directory; give a directory (made if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInput(f"--out {out}: cannot write in {existing}; give a directory you can write to")
 
 
 def _resolve_corruptions(names: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -297,6 +316,7 @@ def compress(
 ) -> CompressResult:
     """Train, compress, measure and write one CARD to ``config.out``."""
     p = plan(config)
+    config = p.config  # with its dataset resolved
     name = config.name or default_name(config)
     # Name problems surface now, not after training: build a throwaway CardMeta.
     _meta(p, name, 0.0, None, None)

@@ -173,35 +173,10 @@ def export_model(
 
 def load_checkpoint(checkpoint: Path) -> tuple[Any, CardMeta]:
     """Rebuild the torch model of ``DIR/card.pt`` (format carddeck-card/1) and its CardMeta."""
-    import torch
+    from carddeck.compress.checkpoint import load_card  # the one reader of what compress writes
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "card.pt"
-    if not path.is_file():
-        raise InvalidInput(f"checkpoint {path} not found; expected a card.pt written by `carddeck compress`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors for bad files
-        raise CardRejected(f"checkpoint {path}: unreadable ({str(exc).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CardRejected(f"checkpoint {path}: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
-    missing = [k for k in ("arch", "arch_kwargs", "state_dict", "meta") if k not in ckpt]
-    if missing:
-        raise CardRejected(f"checkpoint {path}: missing {', '.join(missing)}")
-    try:
-        meta = CardMeta.from_dict(ckpt["meta"], source=f"{path}:meta")
-    except InvalidInput as exc:
-        raise CardRejected(str(exc)) from None
-    from carddeck.nets import build_net
-
-    model = build_net(ckpt["arch"], meta.num_classes, **dict(ckpt["arch_kwargs"]))
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise CardRejected(f"checkpoint {path}: state_dict does not fit {ckpt['arch']}: {exc}") from None
-    return model.eval(), meta
+    model, meta, _ = load_card(checkpoint)
+    return model, meta
 
 
 NEAR_CHANCE = 2.0  # refuse below this multiple of chance accuracy (20% for 10 classes)

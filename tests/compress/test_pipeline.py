@@ -8,7 +8,7 @@ import torch
 
 from carddeck.card import CardMeta
 from carddeck.commands.cli import main
-from carddeck.compress import CARD_FORMAT, CompressConfig, compress, load_card
+from carddeck.compress import CARD_FORMAT, CompressConfig, compress, load_card, plan
 from carddeck.data.datasets import load_dataset
 from carddeck.errors import InvalidInput
 from carddeck.nets import build_net, count_flops, prunable_modules
@@ -195,3 +195,55 @@ def test_cli_lobs_with_a_searched_allocation_and_no_retraining(tmp_path, tiny_da
     sizes = [m.weight.numel() for m in prunable_modules(_model).values()]
     pruned = sum(s * n for s, n in zip(layers, sizes))
     assert abs(pruned - 0.9 * sum(sizes)) <= 1
+
+
+# -- what a new user gets wrong (session 11) -------------------------------------------------------------
+def test_a_rerun_into_a_finished_or_interrupted_run_is_refused_unless_resumed(tmp_path, tiny_data, capsys):
+    """Mutant: the CLI trains again over --out without --resume (as before), overwriting an interrupted run's
+    epochs after its first epoch and a finished card at its end."""
+    argv = ["compress", *TINY, "--data", tiny_data, "--method", "dense", "--corruptions", "none"]
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 0
+    card = (out / "card.pt").read_bytes()
+    first = torch.load(out / "card.pt", weights_only=True)["state_dict"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a run (card.pt, checkpoint.pt): pass --resume" in err, err
+    assert (out / "card.pt").read_bytes() == card
+    (out / "card.pt").unlink()  # as a run interrupted before its end leaves it: the checkpoint only
+    assert main([*argv, "--out", str(out)]) == 2 and "(checkpoint.pt)" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--resume"]) == 0  # the same card again (but for its creation time)
+    resumed = torch.load(out / "card.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, first[k]) for k, v in resumed.items())
+
+
+def test_a_bad_init_or_out_is_named_before_training(tmp_path, tiny_data, capsys):
+    """Mutants: torch.load's own error for a file that is no card (a traceback before); an --out under a
+    file found only when the first epoch's checkpoint is written (after training)."""
+    garbage = tmp_path / "card.pt"
+    garbage.write_text("not a checkpoint\n")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    argv = ["compress", *TINY, "--data", tiny_data, "--corruptions", "none"]
+    for args, message in (
+        (["--method", "lrr", "--sparsity", "0.5", "--init", str(garbage), "--out", str(tmp_path / "o")],
+         f"checkpoint {garbage}: unreadable"),
+        (["--out", str(afile / "sub")], f"--out {afile / 'sub'}: {afile} is a file, not a directory"),
+    ):  # fmt: skip
+        assert main([*argv, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert "epoch" not in err  # nothing trained
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_card_pruned_from_init_takes_the_init_cards_dataset(tmp_path, tiny_data, capsys):
+    """--data defaults to the --init card's own dataset (CardMeta provenance), not to digits32; other data
+    given explicitly is announced. Mutant: the constant default (digits32) with a card trained on other data."""
+    dense = compress(_config(tmp_path / "dense", tiny_data, method="dense", sparsity=0.0, epochs=1))
+    lrr = compress(_config(tmp_path / "lrr", None, init=dense.card, epochs=1))
+    assert lrr.meta.provenance.dataset == tiny_data and lrr.meta.accuracy.split.startswith(f"{tiny_data}:val")
+    capsys.readouterr()
+    assert plan(_config(tmp_path / "other", "digits32", init=dense.card)).config.data == "digits32"
+    assert f"WARNING: --init {dense.card} was trained on {tiny_data}, but --data digits32" in capsys.readouterr().err
