@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,14 @@ def run(args: argparse.Namespace) -> int:
         **{k: v for k, v in declared.items() if k in own},
         options={k: v for k, v in declared.items() if k not in own},
     )
-    result = compress(config)
+    try:
+        result = compress(config)
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on (the CLI exits 130)
+        saved = args.out / TRAIN_FILE
+        kept = f"{saved} holds the last finished epoch; rerun with --resume to continue" if saved.is_file() else (
+            "no epoch had finished, nothing was kept")  # fmt: skip
+        print(f"carddeck: interrupted: {kept}", file=sys.stderr)
+        raise
     acc = result.meta.accuracy
     corrupted = "n/a" if acc.corrupted is None else f"{acc.corrupted:.4f}"
     print(
