@@ -131,7 +131,7 @@ class OneShotPruning(MagnitudePruning):
     def calibrate(self, model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
                   progress: bool = False) -> None:  # fmt: skip
         counts = self.allocate(model, images, labels, device, progress)
-        self.prune(model, counts, images, device)
+        self.prune(model, counts, images, device, progress)
         # the dense statistics no longer fit the pruned layers; retraining from them at full LR can
         # collapse (magnitude pruning to 90% + 1 epoch fell to chance in the first benchmark run)
         recalibrate_batchnorm(model, images, device)
@@ -165,13 +165,19 @@ class OneShotPruning(MagnitudePruning):
         return result.counts
 
     @torch.no_grad()
-    def prune(self, model: nn.Module, counts: dict[str, int], images: np.ndarray, device: torch.device) -> None:
+    def prune(self, model: nn.Module, counts: dict[str, int], images: np.ndarray, device: torch.device,
+              progress: bool = False) -> None:  # fmt: skip
         if self.pruner == "magnitude":
             self.masks = prune_counts_by_magnitude(model, counts)
             return
         modules = prunable_modules(model)
         hessians = layer_hessians(model, list(modules), images, device)
-        for name, m in modules.items():
+        layers: Any = modules.items()
+        if progress:  # minutes on CPU: the OBS solves grow with the cube of a layer's fan-in
+            from tqdm import tqdm
+
+            layers = tqdm(layers, total=len(modules), desc=f"{self.name} layers", unit="layer", leave=False)
+        for name, m in layers:
             w, keep = obs_prune(m.weight, hessians[name], counts[name], steps=OBS_STEPS)  # type: ignore[arg-type]
             m.weight.copy_(w)  # type: ignore[operator]
             self.masks[f"{name}.weight"] = keep

@@ -287,19 +287,24 @@ def corrupted_accuracy(
     severities: tuple[int, ...],
     device: torch.device,
     cache: dict[tuple[str, int], np.ndarray] | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Accuracy on each corrupted copy of ``data`` (seed 0); keys ``name/severity``."""
     from carddeck.data.corruptions import corrupt
 
     out = {}
-    for name in corruptions:
-        for sev in severities:
-            images = cache.get((name, sev)) if cache is not None else None
-            if images is None:
-                images = corrupt(data.images, name, sev, seed=0)
-                if cache is not None:
-                    cache[(name, sev)] = images
-            out[f"{name}/{sev}"] = accuracy(model, images, data.labels, device)
+    conditions: Any = [(name, sev) for name in corruptions for sev in severities]
+    if progress:  # 75 conditions by default: about a minute on digits32, far more on CIFAR
+        from tqdm import tqdm
+
+        conditions = tqdm(conditions, desc="corrupted accuracy", unit="condition", leave=False)
+    for name, sev in conditions:
+        images = cache.get((name, sev)) if cache is not None else None
+        if images is None:
+            images = corrupt(data.images, name, sev, seed=0)
+            if cache is not None:
+                cache[(name, sev)] = images
+        out[f"{name}/{sev}"] = accuracy(model, images, data.labels, device)
     return out
 
 
@@ -384,7 +389,9 @@ def compress(
     final = p.method.finalize(model, config.arch, p.arch_kwargs)
     net = final.model.to(p.device).eval()
     clean = accuracy(net, p.val_set.images, p.val_set.labels, p.device)
-    corrupted = corrupted_accuracy(net, p.val_set, p.corruptions, config.severities, p.device, corruption_cache)
+    corrupted = corrupted_accuracy(
+        net, p.val_set, p.corruptions, config.severities, p.device, corruption_cache, config.progress
+    )
     mean_corrupted = float(np.mean(list(corrupted.values()))) if corrupted else None
     meta = _meta(p, name, final.sparsity, clean, mean_corrupted)
     card = save_card(config.out, config.arch, final.arch_kwargs, net, meta)

@@ -275,3 +275,18 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_go_on(tmp_path, tiny_data):
     done = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and (out / "card.pt").exists(), done.stderr
     assert "resuming from round 0" in done.stderr
+
+
+def test_the_long_steps_show_progress(tmp_path, tiny_data, capsys):
+    """L-OBS's layer solves (minutes on CPU, silent before) and the corrupted-accuracy sweep (75 conditions by
+    default, about a minute on digits32, silent before) show bars unless --no-progress. Mutant: either bar gone."""
+    dense = compress(_config(tmp_path / "dense", tiny_data, method="dense", sparsity=0.0, epochs=1))
+    argv = ["compress", *TINY[:4], "--epochs", "0", "--batch-size", "32", "--method", "lobs", "--sparsity", "0.5",
+            "--init", str(dense.card), "--calib-images", "32", *FAST_EVAL]  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "shown")]) == 0
+    err = capsys.readouterr().err
+    assert "lobs layers" in err and "corrupted accuracy:   0%|          | 0/4 " in err, err  # 2 x 2 conditions
+    assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "lobs layers" not in err and "corrupted accuracy" not in err
