@@ -189,10 +189,14 @@ def _refuse_near_chance(model: Any, meta: CardMeta, val: Any, data: str) -> None
     accuracy = float((torch_logits(model, x).argmax(axis=1) == val.labels).mean())
     chance = 1.0 / meta.num_classes
     if accuracy < NEAR_CHANCE * chance:
+        why = (
+            "the card has not learned its own data: train it longer (carddeck compress --epochs)"
+            if data == meta.provenance.dataset
+            else f"this is not the data it was trained for (its CardMeta says {meta.provenance.dataset or 'nothing'})"
+        )
         raise CardRejected(
             f"card {meta.key} scores {100 * accuracy:.2f}% on {data} val ({len(x)} images), near chance "
-            f"({100 * chance:.1f}%): this is not the data it was trained for (its CardMeta says "
-            f"{meta.provenance.dataset or 'nothing'}), so a parity check on it would prove nothing"
+            f"({100 * chance:.1f}%): {why}, so a parity check on it would prove nothing"
         )
 
 

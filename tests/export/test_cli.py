@@ -108,3 +108,18 @@ def test_export_of_a_card_without_a_recorded_dataset_asks_for_one(lrr_checkpoint
     torch.save(ckpt, tmp_path / "card.pt")
     assert main(["export", str(tmp_path / "card.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "records no training dataset; name one with --data" in capsys.readouterr().err
+
+
+def test_a_card_near_chance_on_its_own_data_is_told_to_train_longer(lrr_checkpoint, tmp_path, capsys):
+    """A card that never learned (weights scrambled) scores near chance on its own dataset: the refusal says
+    to train it longer, not that the data is the wrong one (which it is not). Mutant: the wrong-data text for
+    both, as before (a new user's one-epoch card was told digits32 was not its data, while its CardMeta said
+    digits32)."""
+    ckpt = torch.load(lrr_checkpoint / "card.pt", weights_only=True)
+    ckpt["state_dict"] = {k: torch.zeros_like(v) if k.endswith("weight") else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "card.pt")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(tmp_path / "card.pt"), "--out", str(out), "--parity-images", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "near chance" in err and "not learned its own data: train it longer" in err, err
+    assert "not the data it was trained for" not in err and not out.exists()
