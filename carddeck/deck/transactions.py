@@ -75,8 +75,9 @@ class Transactions:
         """ReadOnlyDeck (naming the way out) when the deck may not be changed."""
         if self.read_only:
             raise ReadOnlyDeck(
-                f"the deck {self.root} is read-only (the packaged default deck): make a copy you can change with "
-                "`carddeck deck init DIR` and serve that with `carddeck serve --deck DIR`"
+                f"the deck {self.root} is read-only (it holds the {READ_ONLY} marker of the packaged default deck, "
+                "which a plain copy keeps): make a copy you can change with `carddeck deck init DIR` and serve that "
+                "with `carddeck serve --deck DIR`"
             )
 
     @contextlib.contextmanager

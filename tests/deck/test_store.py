@@ -181,6 +181,8 @@ def test_created_files_follow_the_umask(tmp_path, umask):
 
 
 def test_a_read_only_deck_refuses_every_change_and_writes_nothing(store, images):
+    """A deck holding the marker (the default deck, or a `cp -r` of it) names the marker, so the owner of a
+    plain copy sees why (mutant: the message said "the packaged default deck" of any such copy)."""
     (store.root / "READ-ONLY").write_text("shipped")
     (store.root / ".lock").unlink()
     before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
@@ -190,7 +192,7 @@ def test_a_read_only_deck_refuses_every_change_and_writes_nothing(store, images)
         lambda: store.set_gate(policy="uniform"),
         lambda: store.set_calibration(images),
     ):
-        with pytest.raises(ReadOnlyDeck, match=r"read-only.*carddeck deck init DIR") as info:
+        with pytest.raises(ReadOnlyDeck, match=r"read-only \(it holds the READ-ONLY marker.*deck init DIR") as info:
             change()
         assert isinstance(info.value, DeckConflict)  # -> FAILED_PRECONDITION through the status table
     assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before
