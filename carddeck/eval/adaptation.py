@@ -142,11 +142,12 @@ def held_out_gate(gate: Gate, routers: dict[str, CalibratedRouter], key: str) ->
 
 
 def deck_detector(deck: Deck) -> ShiftDetector | None:
-    """The deck's shift detector, as the server loads it (None: the deck has none for its cards)."""
+    """The deck's shift detector, as the server loads it (None: the deck has none for its cards). No
+    background refit, as a server starts: its result would come after the eval, in a warning at exit."""
     from carddeck.observability.shift import ShiftLoader, ShiftMonitor
 
     monitor = ShiftMonitor()
-    ShiftLoader(monitor)(deck)
+    ShiftLoader(monitor, refit=False)(deck)
     return monitor.detector
 
 
@@ -200,7 +201,12 @@ def add_adaptive_rows(
         f"(prior N={prior:g}) on batches of at least {trigger.min_batch} that the shift signal calls "
         f"{' or '.join(trigger.states or ('anything',))}; adapted {100 * adapted.get(CLEAN, 0.0):.1f}% of clean "
         f"and {100 * np.mean([adapted[c] for c in shifted]):.1f}% of corrupted test batches"
-        + ("" if detector is not None else " (the deck has no shift detector: nothing was adapted)")
+        + (
+            ""
+            if detector is not None
+            else " (the deck has no shift detector for its cards: nothing was adapted; fit one with "
+            "`carddeck shift --deck DIR --fit`)"
+        )
     )
 
 
