@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints
+from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="recompute each domain's reference signature from the training split (default: on)",
     )
-    parser.add_argument("--train-images", type=int, default=2000, help="training images per reference signature")
+    parser.add_argument(
+        "--train-images", type=positive_int, default=2000, help="training images per reference signature"
+    )
     parser.add_argument(
         "--router",
         action=argparse.BooleanOptionalAction,
@@ -40,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--severities", type=comma_ints, default=[1, 2, 3, 4, 5], help="comma-separated, default 1,2,3,4,5"
     )
-    parser.add_argument("--val-images", type=int, default=None, help="limit validation images (default: all)")
+    parser.add_argument("--val-images", type=positive_int, default=None, help="limit validation images (default: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="calibration batch = serving batch size")
     parser.add_argument(
         "--max-cards", type=int, default=None, help="largest card set the router may pick (default K/2)"

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from carddeck import __version__
 from carddeck.errors import CarddeckError, install_hint
@@ -38,6 +39,29 @@ DECK_LOCATION_HELP = "deck: a directory (manifest.json + cards/), file://DIR or 
 
 def comma_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
+
+
+# argparse types: a bad value is named with what is accepted, before any work starts
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def out_dir(text: str) -> Path:
+    """A directory the command may write into (made if missing): a file in its place or on its path, or a
+    folder it cannot write in, is said now, not after minutes of work."""
+    out = Path(text)
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a directory; give a directory (made if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {existing}; give a directory you can write to")
+    return out
 
 
 # the optional modules a command may import -> the extra that installs them

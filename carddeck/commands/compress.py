@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from carddeck.catalog import OPTION_TYPES, method_options, method_specs
+from carddeck.commands.cli import out_dir
 from carddeck.errors import InvalidInput
 
 ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
@@ -43,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--domain", default="clean", help=f"augmentation domain: {', '.join(DOMAIN_NAMES)}")
     a("--method", default="dense", help=f"compression method: {', '.join(METHOD_NAMES)}")
     a("--sparsity", type=float, default=0.0, help="target: fraction of weights removed (filter: of filters), [0, 1)")
-    a("--out", type=Path, required=True, help="output directory (card.pt, card.json, checkpoint.pt)")
+    a("--out", type=out_dir, required=True, help="output directory (card.pt, card.json, checkpoint.pt)")
     a("--epochs", type=int, default=10,
       help="epochs per training round (LRR replays them each round; lobs, dsa, dipgo: 0 allowed)")  # fmt: skip
     a("--batch-size", type=int, default=128)

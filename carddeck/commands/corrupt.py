@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from carddeck.commands.cli import out_dir
 from carddeck.data.corrupted import SUITE_FORMAT, SUITE_META
 from carddeck.data.corruptions import (
     BENCHMARK_CORRUPTIONS,
@@ -43,7 +44,7 @@ GROUPS = {
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset to corrupt (digits32, cifar10:PATH, npz:PATH, ...)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to corrupt (default: test)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
+    parser.add_argument("--out", required=True, type=out_dir, help="output directory (created if missing)")
     parser.add_argument(
         "--corruptions",
         default="all",

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints
+from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints, out_dir, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated (default: 1,2,3,4,5, or those the suite holds)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N test images per condition")
-    parser.add_argument("--batch-size", type=int, default=64, help="serving batch size the gate routes (default 64)")
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="use only the first N test images per condition"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="serving batch size the gate routes (default 64)"
+    )
     parser.add_argument(
         "--order",
         choices=("dataset", "shuffled"),
@@ -68,13 +72,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also score the served path with test-time adaptation ('adaptive', 'adaptive/held-out', "
         "'adaptive/held-out-family'; needs the deck's shift detector and calibration images; default: on)",
     )
-    parser.add_argument("--val-images", type=int, default=None, help="limit validation images when fitting")
-    parser.add_argument("--max-cards", type=int, default=None, help="router: largest card set (default K/2)")
+    parser.add_argument("--val-images", type=positive_int, default=None, help="limit validation images when fitting")
+    parser.add_argument("--max-cards", type=positive_int, default=None, help="router: largest card set (default K/2)")
     parser.add_argument("--cost", type=float, default=0.0, help="router: accuracy given up per extra card")
     parser.add_argument("--metric", choices=("l2", "l1", "cosine"), default=None, help="override the gate's distance")
     parser.add_argument("--no-per-sample", action="store_true", help="skip the per-sample routing variants")
     parser.add_argument("--seed", type=int, default=0, help="corruption seed for generated test data")
-    parser.add_argument("--out", required=True, help="output directory for eval.json, eval.md, eval.png")
+    parser.add_argument("--out", type=out_dir, required=True, help="output directory for eval.json, eval.md, eval.png")
 
 
 def run(args: argparse.Namespace) -> int:

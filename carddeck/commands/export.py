@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from carddeck.commands.cli import positive_int
 from carddeck.export.formats import CALIBRATION_METHODS, FORMATS, SPARSE_ENCODINGS
 from carddeck.export.parity import MAX_ACCURACY_DROP_POINTS, MAX_PROB_DIFF, MIN_AGREEMENT
 
@@ -33,8 +34,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=MAX_ACCURACY_DROP_POINTS,
         help="quantized formats: refuse when accuracy drops more than this many points (default 0.5)",
     )
-    parser.add_argument("--parity-images", type=int, default=None, help="use at most this many val images")
-    parser.add_argument("--calibration-images", type=int, default=256, help="train images for int8 calibration")
+    parser.add_argument("--parity-images", type=positive_int, default=None, help="use at most this many val images")
+    parser.add_argument(
+        "--calibration-images", type=positive_int, default=256, help="train images for int8 calibration"
+    )
     parser.add_argument(
         "--calibration-method", default="minmax", choices=CALIBRATION_METHODS, help="int8 activation ranges"
     )

@@ -26,6 +26,7 @@ from carddeck.client.api import (
 )
 from carddeck.client.images import read_rgb
 from carddeck.client.results import RemoteError
+from carddeck.commands.cli import positive_int
 from carddeck.errors import InvalidInput, NotReady, Unauthenticated
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -45,16 +46,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="mark images whose estimated error probability exceeds P (0-1) as abstained",
     )  # fmt: skip
     add_client_arguments(parser)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def probability(text: str) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from carddeck.commands.cli import positive_int
 from carddeck.data.corruptions import SHIFT_FAMILIES
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draws", type=int, default=200, help="random batches per condition (clean: 10x)")
     parser.add_argument("--window", type=int, default=32, help="sliding window of single-image requests")
     parser.add_argument("--stride", type=int, default=8, help="test the window every this many images")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N images per split")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N images per split")
     parser.add_argument("--out", default=None, help="write shift.json, shift.md and shift.png here")
     parser.add_argument(
         "--unseen",

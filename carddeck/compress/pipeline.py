@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -193,7 +192,6 @@ def plan(config: CompressConfig) -> Plan:
         raise InvalidInput(f"severities must be a non-empty subset of 1, 2, 3, 4, 5; got {list(config.severities)}")
     corruptions = _resolve_corruptions(config.corruptions)
     device = _resolve_device(config.device)
-    _check_out(Path(config.out))
     if config.data is None:  # the --init card's own dataset, else DEFAULT_DATA
         data = DEFAULT_DATA
         if config.init is not None:
@@ -257,15 +255,6 @@ def plan(config: CompressConfig) -> Plan:
             )
         arch_kwargs = dict(init_card["arch_kwargs"])
     return Plan(config, device, train_set, val_set, method, arch_kwargs, corruptions, calib, lr)
-
-
-def _check_out(out: Path) -> None:
-    """--out must be (or become) a writable directory: said now, not after the first epoch."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise InvalidInput(f"--out {out}: {existing} is a file, not a directory; give a directory (made if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InvalidInput(f"--out {out}: cannot write in {existing}; give a directory you can write to")
 
 
 def _resolve_corruptions(names: tuple[str, ...] | None) -> tuple[str, ...]:

@@ -130,3 +130,27 @@ def test_eval_reads_a_stored_suite_written_by_carddeck_corrupt(tmp_path):
     assert data["conditions"] == ["clean/0", "fog/2", "fog/4", "contrast/2", "contrast/4"]
     assert data["notes"]["corrupted"] == f"c:{suite}" and "calibrated" not in data["methods"]
     assert main([*args[:-2], "--severities", "5", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize(
+    "flag, value, said",
+    [
+        ("--limit", "0", "argument --limit: expected a whole number >= 1, got '0'"),  # was a traceback
+        ("--limit", "-5", "argument --limit: expected a whole number >= 1, got '-5'"),  # was [:-5]: nearly all
+        ("--batch-size", "0", "argument --batch-size: expected a whole number >= 1"),  # was a traceback
+        ("--val-images", "0", "argument --val-images: expected a whole number >= 1"),  # was a traceback
+        ("--out", "FILE/report", "argument --out: FILE is a file, not a directory"),  # was said after the eval
+    ],
+)
+def test_bad_numbers_and_an_out_under_a_file_are_named_before_any_work(tmp_path, capsys, flag, value, said):
+    """Mutants: the plain int / str types these flags had (a traceback, a silently negative slice, or an --out
+    found unusable only when the report is written, after the whole evaluation)."""
+    store = tiny_deck(tmp_path)
+    (tmp_path / "FILE").write_text("")
+    value, said = value.replace("FILE", str(tmp_path / "FILE")), said.replace("FILE", str(tmp_path / "FILE"))
+    args = ["eval", "--deck", str(store.root), *FAST, "--out", str(tmp_path / "r"), flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
