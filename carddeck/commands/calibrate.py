@@ -72,6 +72,17 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"deck {args.deck} has no cards to calibrate")
     if args.batch_size < 1:
         raise InvalidInput(f"--batch-size must be positive, got {args.batch_size}")
+    # every name checked before the first write: a failed calibration leaves the deck as it was
+    from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS
+    from carddeck.gating.policies import POLICIES
+
+    corruptions = args.corruptions.split(",") if args.corruptions else list(BENCHMARK_CORRUPTIONS)
+    for name in corruptions:
+        CORRUPTIONS.get(name)  # InvalidInput listing the valid names
+    if any(s not in range(1, 6) for s in args.severities):
+        raise InvalidInput(f"--severities must be among 1..5, got {args.severities}")
+    if args.policy:
+        POLICIES.get(args.policy)
     args.data = data_for_cards(args.data, [c.provenance.dataset for c in cards], f"deck {args.deck}")
     if args.signatures or args.store_calibration:
         train = load_dataset(args.data, "train")
@@ -88,14 +99,10 @@ def run(args: argparse.Namespace) -> int:
             # gave one class, and the adaptive cards' reference statistics came from it
             store.set_calibration(train.images[np.sort(order[: args.store_calibration])])
     if args.router:
-        from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
         from carddeck.eval.robustness import collect_runs, conditions_for, fit_router_on, generated_source
 
         val = load_dataset(args.data, "val")
         images, labels = val.images[: args.val_images], val.labels[: args.val_images]
-        corruptions = args.corruptions.split(",") if args.corruptions else list(BENCHMARK_CORRUPTIONS)
-        if any(s not in range(1, 6) for s in args.severities):
-            raise InvalidInput(f"--severities must be among 1..5, got {args.severities}")
         deck = Deck.open(store.root)
         runs = collect_runs(
             deck,

@@ -154,3 +154,22 @@ def test_bad_numbers_and_an_out_under_a_file_are_named_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and said in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, said",
+    [
+        (["--corruptions", "fogg"], "unknown corruption 'fogg'; valid choices: brightness"),
+        (["--severities", "9"], "--severities must be among 1..5, got [9]"),
+        (["--policy", "nearest"], "valid choices:"),  # was found only after the router's fit
+    ],
+)
+def test_a_calibration_refused_for_a_bad_name_leaves_the_deck_as_it_was(tmp_path, capsys, bad, said):
+    """Mutant: the names checked only where they are used (as before), after the domain signatures were
+    already stored: the deck went up a version, half calibrated, on a run that ended in an error."""
+    store = tiny_deck(tmp_path)
+    before = store.manifest()
+    args = ["calibrate", "--deck", str(store.root), "--train-images", "32", "--val-images", "32", "--data", "digits32"]
+    assert main([*args, *bad]) == 2
+    assert said in capsys.readouterr().err
+    assert DeckStore(store.root).manifest() == before
