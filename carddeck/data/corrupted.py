@@ -215,7 +215,14 @@ def open_suite(name: str, root: Path, class_names: tuple[str, ...] | None) -> Co
         raise InvalidInput(
             f"{labels_path}: {len(labels)} labels do not split into {len(severities)} equal severity blocks"
         )
-    known = [c for c in (*BENCHMARK_CORRUPTIONS, *EXTRA_CORRUPTIONS) if (root / f"{c}.npy").is_file()]
+    # the corruptions its carddeck-c.json names (files of an earlier suite written to the same directory are
+    # not this suite's), else every corruption file there (a suite from elsewhere)
+    listed = meta.get("corruptions")
+    every = (*BENCHMARK_CORRUPTIONS, *EXTRA_CORRUPTIONS)
+    known = [c for c in every if (c in listed if listed else (root / f"{c}.npy").is_file())]
+    absent = [c for c in listed or () if c not in known or not (root / f"{c}.npy").is_file()]
+    if absent:
+        raise InvalidInput(f"{root / SUITE_META}: names {', '.join(map(str, absent))}, but {root} has no such file")
     if not known:
         raise InvalidInput(f"{root}: no corruption files; expected some of {', '.join(CORRUPTIONS.names())} (.npy)")
     shape: tuple[int, ...] | None = None

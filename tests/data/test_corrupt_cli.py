@@ -1,12 +1,14 @@
 """``carddeck corrupt`` writes a suite that load_corrupted reads back."""
 
 import numpy as np
+import pytest
 
 from carddeck.commands.cli import main
 from carddeck.commands.corrupt import chunk_seed
 from carddeck.data import load_dataset
 from carddeck.data.corrupted import load_corrupted
 from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt
+from carddeck.errors import InvalidInput
 
 
 def test_corrupt_round_trips_through_load_corrupted(tmp_path, capsys):
@@ -76,3 +78,20 @@ def test_rewriting_replaces_files_and_leaves_no_temporaries(tmp_path):
     assert np.array_equal(load_corrupted(f"c:{out}").get("impulse_noise", 1).images,
                           corrupt(images, "impulse_noise", 1, seed=1))  # fmt: skip
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_smaller_suite_written_over_a_larger_one_reads_as_itself(tmp_path):
+    """A rerun into the same --out with fewer corruptions and severities (after an interrupted or earlier run)
+    leaves the earlier files beside the new ones: the suite is what its carddeck-c.json names. Mutant: every
+    .npy file read as part of the suite (before: refused, 720 images against 360 labels)."""
+    out = tmp_path / "again"
+    assert main(["corrupt", "--data", "digits32", "--out", str(out), "--corruptions", "fog,impulse_noise",
+                 "--severities", "1,2"]) == 0  # fmt: skip
+    assert main(["corrupt", "--data", "digits32", "--out", str(out), "--corruptions", "fog", "--severities", "3"]) == 0
+    suite = load_corrupted(f"c:{out}")
+    assert suite.corruptions == ("fog",) and suite.severities == (3,)
+    images = load_dataset("digits32", "test").images
+    assert np.array_equal(suite.get("fog", 3).images, corrupt(images, "fog", 3, seed=0))
+    (out / "fog.npy").unlink()
+    with pytest.raises(InvalidInput, match="names fog, but .* has no such file"):
+        load_corrupted(f"c:{out}")
