@@ -71,6 +71,11 @@ def card_version(text: str) -> int:
 
 def card_bytes(path: Path, version: str, client: CardDeckClient) -> bytes:
     """The card file's bytes, with its CardMeta version replaced when ``version`` asks for it."""
+    if path.suffix == ".pt" or (path / "card.pt").is_file():  # compress's output: one step short of a card
+        raise InvalidInput(
+            f"{path}: a training checkpoint from `carddeck compress`, not an ONNX card; export it first: "
+            f"carddeck export {path} --out DIR/model.onnx, then add DIR/model.onnx"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -145,7 +150,13 @@ def run(args: argparse.Namespace) -> int:
                 failed = 0
                 for path in args.cards:  # each card is tried; a refused one is named and the rest still go
                     try:
-                        r = client.add_card(card_bytes(path, args.version, client))
+                        data = card_bytes(path, args.version, client)
+                    except InvalidInput as exc:  # this file (unreadable, not a card): the others still go
+                        failed += 1
+                        print(f"carddeck: error: {exc}", file=sys.stderr, flush=True)
+                        continue
+                    try:
+                        r = client.add_card(data)
                     except RemoteError as exc:
                         if isinstance(exc, NotReady | Unauthenticated):
                             raise  # the server, not the card: the others would fail the same way

@@ -384,6 +384,32 @@ def test_deck_add_names_a_refused_card_and_still_adds_the_others(server, tmp_pat
                 client.remove_card("gcard")
 
 
+def test_deck_add_of_a_training_checkpoint_or_a_missing_file_names_it_and_adds_the_rest(server, tmp_path):
+    """A new user's card.pt (or its directory) is told to go through `carddeck export`; a missing file is named;
+    the good card after them is still added. Mutants: a card.pt sent to the server (answered "not an ONNX
+    model"), and a local error ending the command before the other cards (as before)."""
+    admin = {"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "card.pt").write_bytes(b"PK torch checkpoint")
+    good = tmp_path / "good.onnx"
+    good.write_bytes(card("pcard", "augmix", seed=12))
+    files = [run / "card.pt", run, tmp_path / "missing.onnx", good]
+    try:
+        out = carddeck("deck", "add", "--server", server.address, *map(str, files), env=admin)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "added pcard/1" in out.stdout, out.stdout
+        errors = out.stderr.strip().splitlines()
+        for path in files[:2]:
+            assert any(f"{path}: a training checkpoint" in e and "carddeck export" in e for e in errors), errors
+        assert any(f"{files[2]}: cannot read the card file" in e for e in errors), errors
+        assert errors[-1] == "carddeck: 3 of 4 cards failed"
+    finally:
+        with CardDeckClient(server.address, token=ADMIN_TOKEN) as client:
+            if "pcard" in [c.name for c in client.list_cards().cards]:
+                client.remove_card("pcard")
+
+
 def test_a_tls_mismatch_is_one_line_with_its_hint_and_json_logs_stay_json(server, tmp_path):
     """Mutants: gRPC's C core left at its own verbosity (a failed TLS handshake writes an INFO line of its own
     to stderr: a second line under the client's error, a line that is not JSON in the server's
