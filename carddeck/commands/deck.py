@@ -45,6 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add.add_argument("cards", nargs="+", type=Path, help="ONNX card files")
     add.add_argument(
         "--version",
+        type=version_or_next,
         default="",
         metavar="N|next",
         help="upload under this card version instead of the file's own; `next`: one above the version the "
@@ -69,6 +70,12 @@ def card_version(text: str) -> int:
     return int(text)
 
 
+def version_or_next(text: str) -> str:
+    if text not in ("", "next") and not (text.isdigit() and int(text) >= 1):  # "": the file's own
+        raise argparse.ArgumentTypeError(f"expected a card version (an integer >= 1) or `next`, got {text!r}")
+    return text
+
+
 def card_bytes(path: Path, version: str, client: CardDeckClient) -> bytes:
     """The card file's bytes, with its CardMeta version replaced when ``version`` asks for it."""
     if path.suffix == ".pt" or (path / "card.pt").is_file():  # compress's output: one step short of a card
@@ -88,10 +95,8 @@ def card_bytes(path: Path, version: str, client: CardDeckClient) -> bytes:
     if version == "next":
         served = {c.name: c.version for c in client.list_cards().cards}
         new = served[meta.name] + 1 if meta.name in served else meta.version
-    elif version.isdigit() and int(version) >= 1:
+    else:  # checked by version_or_next
         new = int(version)
-    else:
-        raise InvalidInput(f"--version: expected a card version (an integer >= 1) or `next`, got {version!r}")
     set_card_meta(model, meta.replace(version=new))
     return model.SerializeToString()
 
