@@ -72,6 +72,7 @@ def data_for_cards(requested: str | None, recorded: Iterable[str], what: str) ->
         if not datasets:
             raise InvalidInput(f"{what} records no training dataset; name one with --data (e.g. digits32)")
         raise InvalidInput(f"{what} was trained on several datasets ({', '.join(datasets)}); choose one with --data")
+    DATASETS.get(requested.partition(":")[0])  # a name no loader knows is the error, not a different dataset
     if datasets and requested not in datasets:
         msg = (
             f"WARNING: {what} was trained on {', '.join(datasets)}, but --data {requested} was given: "

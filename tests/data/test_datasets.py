@@ -82,3 +82,15 @@ def test_leaves32_objects_carry_their_class_hue_and_clutter_is_muted():
         family = np.argmin(np.abs((angle - centres + 0.5) % 1.0 - 0.5))
         right.append(family == label // len(leaves.OBJECT_SHAPES))
     assert np.mean(right) > 0.95
+
+
+def test_a_mistyped_data_name_is_the_error_not_a_warning_about_other_data(capsys):
+    """--data digit32 for a digits32 card: before, a WARNING that the figures would describe digit32 came first,
+    then the unknown-dataset error. Mutant: the name checked only when loading (as before)."""
+    from carddeck.data.datasets import data_for_cards
+
+    with pytest.raises(InvalidInput, match="unknown dataset 'digit32'; valid choices: cifar10, cifar100, digits32"):
+        data_for_cards("digit32", ["digits32"], "card x/1")
+    assert "WARNING" not in capsys.readouterr().err
+    assert data_for_cards("leaves32", ["digits32"], "card x/1") == "leaves32"  # a real other dataset: announced
+    assert "WARNING: card x/1 was trained on digits32, but --data leaves32" in capsys.readouterr().err
