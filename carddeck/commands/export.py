@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from carddeck.commands.cli import positive_int
+from carddeck.commands.cli import out_dir, positive_int
 from carddeck.export.formats import CALIBRATION_METHODS, FORMATS, SPARSE_ENCODINGS
 from carddeck.export.parity import MAX_ACCURACY_DROP_POINTS, MAX_PROB_DIFF, MIN_AGREEMENT
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="card.pt written by `carddeck compress` (or its directory)")
-    parser.add_argument("--out", type=Path, required=True, help="ONNX file to write (card.json goes next to it)")
+    parser.add_argument("--out", type=onnx_out, required=True, help="ONNX file to write (card.json goes next to it)")
     parser.add_argument(
         "--data",
         default=None,
@@ -43,6 +43,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def onnx_out(text: str) -> Path:
+    """The ONNX file to write: its folder must be (or become) a directory, said before the export's work."""
+    path = Path(text)
+    out_dir(str(path.parent))
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

@@ -123,3 +123,12 @@ def test_a_card_near_chance_on_its_own_data_is_told_to_train_longer(lrr_checkpoi
     err = capsys.readouterr().err
     assert "near chance" in err and "not learned its own data: train it longer" in err, err
     assert "not the data it was trained for" not in err and not out.exists()
+
+
+def test_an_out_under_a_file_is_named_before_the_export(tmp_path, capsys):
+    """Mutant: the plain Path type (before): Python's "[Errno 17] File exists: 'afile'" after the export's work."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tmp_path / "nothere"), "--out", str(tmp_path / "afile" / "model.onnx")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --out: {tmp_path / 'afile'} is a file, not a directory" in err, err
