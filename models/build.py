@@ -94,7 +94,7 @@ def write_report(out: Path, data: str, report_path: Path) -> None:
              "--out", os.path.join(deck, "report"))  # fmt: skip
     # The shift signal on the same test split; the other development set is the foreign distribution.
     foreign = "leaves32" if data == "digits32" else "digits32"
-    carddeck("shift", "--deck", deck, "--data", data, "--foreign", f"{foreign},noise,black",
+    carddeck("shift", "--deck", deck, "--data", data, "--foreign", f"{foreign},noise,black", "--order", order,
              "--out", os.path.join(deck, "report"))  # fmt: skip
     report = (out / "report" / "eval.md").read_text()
     notes = out / "report" / "build-notes.md"

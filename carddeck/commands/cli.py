@@ -40,6 +40,17 @@ def comma_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def add_order_argument(parser: argparse.ArgumentParser, shuffled_by: str) -> None:
+    """``--order``: what a serving batch of the test split holds (eval and shift batch alike)."""
+    parser.add_argument(
+        "--order",
+        choices=("dataset", "shuffled"),
+        default="dataset",
+        help="what a serving batch holds: the test split in its stored order (leaves32's is class by class: "
+        f"one or two classes per batch) or shuffled {shuffled_by} (every class mixed); default dataset",
+    )
+
+
 # the optional modules a command may import -> the extra that installs them
 EXTRAS = {"torch": "train", "tqdm": "train", "matplotlib": "train", "sklearn": "train", "ray": "ray"}
 

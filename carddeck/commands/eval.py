@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints
+from carddeck.commands.cli import DECK_LOCATION_HELP, add_order_argument, comma_ints
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images per condition")
     parser.add_argument("--batch-size", type=int, default=64, help="serving batch size the gate routes (default 64)")
-    parser.add_argument(
-        "--order",
-        choices=("dataset", "shuffled"),
-        default="dataset",
-        help="what a serving batch holds: the test split in its stored order (leaves32's is class by class: "
-        "one or two classes per batch) or shuffled with --seed (every class mixed); default dataset",
-    )
+    add_order_argument(parser, "with --seed")
     parser.add_argument(
         "--router",
         choices=("auto", "deck", "fit", "none"),

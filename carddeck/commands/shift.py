@@ -19,11 +19,15 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carddeck.commands.cli import add_order_argument
 from carddeck.data.corruptions import SHIFT_FAMILIES
+
+if TYPE_CHECKING:
+    from carddeck.gating.shift_fit import DeckOutputs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="foreign sets: dataset specs, noise, black, or an image file (random crops of it; default noise,black)",
     )
     parser.add_argument("--batch", type=int, default=16, help="images per request when scoring batches")
+    add_order_argument(parser, "(seed 0)")
     parser.add_argument("--draws", type=int, default=200, help="random batches per condition (clean: 10x)")
     parser.add_argument("--window", type=int, default=32, help="sliding window of single-image requests")
     parser.add_argument("--stride", type=int, default=8, help="test the window every this many images")
@@ -215,8 +220,7 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
     from carddeck.gating.shift import CONFIDENCE
     from carddeck.gating.shift_fit import deck_outputs
 
-    test = load_dataset(args.data, "test")
-    images, labels = test.images[: args.limit], test.labels[: args.limit]
+    images, labels = served(load_dataset(args.data, "test"), args)
     rng = np.random.default_rng(0)
     spec = deck.input
     clean_acc = 1.0  # set from the clean condition, which comes first
@@ -232,8 +236,9 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
         else:
             c, s = name.rsplit("/", 1)
             x, y = corrupt(images, c, int(s), seed=0), labels
-        features, predicted, agreement = deck_outputs(deck, x, batch_size=args.batch)
-        hits = predicted == y if y is not None else np.zeros(len(x), bool)
+        outputs = deck_outputs(deck, x, batch_size=args.batch)
+        features = outputs.features
+        hits = outputs.labels == y if y is not None else np.zeros(len(x), bool)
         draws = args.draws * (10 if name == "clean" else 1)
         family = family_of(name.rsplit("/", 1)[0]) if "/" in name and name not in foreign else ""
         members = FAMILIES.get(family, (family,))
@@ -251,15 +256,15 @@ def evaluate(deck: Any, detector: Any, args: argparse.Namespace, corruptions: li
             "out_of_scope": float((scores > 1).mean()),
         }
         for regime, held_out in held.items():
-            part = scored(held_out, features, hits if y is not None else None, args.batch, draws, agreement)
+            part = scored(held_out, outputs, hits if y is not None else None, args.batch, draws)
             if regime == "strict":
                 row.update(part)
             else:
                 row[regime] = part
         image_scores[name] = {"scope": scores, "msp": 1 - features[:, CONFIDENCE]}
         if name == "clean" or name.startswith("foreign:"):
-            single, _, alone = deck_outputs(deck, x, batch_size=1)
-            row["windows"] = windows(detector, single, args.window, args.stride, np.random.default_rng(2), alone)
+            single = deck_outputs(deck, x, batch_size=1)
+            row["windows"] = windows(detector, single, args.window, args.stride, np.random.default_rng(2))
         if name == "clean":
             clean_acc = float(hits.mean())
         rows.append(row)
@@ -285,24 +290,30 @@ def kind_of(row: dict[str, Any], clean_acc: float) -> str:
     )  # fmt: skip
 
 
-def scored(
-    detector: Any, features: np.ndarray, hits: np.ndarray | None, batch: int, draws: int, agreement: np.ndarray
-) -> dict[str, Any]:
+def served(data: Any, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The split's images and labels in ``--order`` (the answers' class mix is part of the verdict: a batch of
+    leaves32's stored order holds one class), the first ``--limit``."""
+    order = np.random.default_rng(0).permutation(len(data.labels)) if args.order == "shuffled" else slice(None)
+    return data.images[order][: args.limit], data.labels[order][: args.limit]
+
+
+def scored(detector: Any, outputs: DeckOutputs, hits: np.ndarray | None, batch: int, draws: int) -> dict[str, Any]:
     """States of random batches (and by which path covered ones were), and the expected accuracy of consecutive
     batches against the truth."""
     from carddeck.gating.shift import COVERED_BY, STATES
 
+    features, labels, agreement = outputs
     counts = dict.fromkeys(STATES, 0)
     paths = dict.fromkeys(COVERED_BY, 0)
     r = np.random.default_rng(1)
     for _ in range(draws):
         pick = r.choice(len(features), batch, replace=False)
-        verdict = detector.test(features[pick], agreement=agreement[pick])
+        verdict = detector.test(features[pick], agreement=agreement[pick], labels=labels[pick])
         counts[verdict.state] += 1
         if verdict.covered_by:
             paths[verdict.covered_by] += 1
-    estimates = [detector.test(features[i : i + batch], agreement=agreement[i : i + batch])
-                 for i in range(0, len(features) - batch + 1, batch)]  # fmt: skip
+    rows = [slice(i, i + batch) for i in range(0, len(features) - batch + 1, batch)]
+    estimates = [detector.test(features[r], agreement=agreement[r], labels=labels[r]) for r in rows]
     known = [v.expected_accuracy for v in estimates if np.isfinite(v.expected_accuracy)]
     expected = float(np.mean(known)) if known else None
     return {
@@ -314,19 +325,19 @@ def scored(
     }
 
 
-def windows(
-    detector: Any, features: np.ndarray, window: int, stride: int, rng: np.random.Generator, agreement: np.ndarray
-) -> dict:
+def windows(detector: Any, outputs: DeckOutputs, window: int, stride: int, rng: np.random.Generator) -> dict:
     """Share of sliding windows per state over shuffled streams of single-image requests."""
     from carddeck.gating.shift import STATES
 
     counts = dict.fromkeys(STATES, 0)
     total = 0
+    features, labels, agreement = outputs
     for _ in range(10):
         order = rng.permutation(len(features))
-        stream, agrees = features[order], agreement[order]
+        stream, answers, agrees = features[order], labels[order], agreement[order]
         for end in range(window, len(stream) + 1, stride):
-            counts[detector.test(stream[end - window : end], agreement=agrees[end - window : end]).state] += 1
+            last = slice(end - window, end)
+            counts[detector.test(stream[last], agreement=agrees[last], labels=answers[last]).state] += 1
             total += 1
     return {k: v / max(total, 1) for k, v in counts.items()}
 

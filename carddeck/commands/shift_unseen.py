@@ -17,14 +17,13 @@ import numpy as np
 
 
 def evaluate_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress: Any) -> dict[str, Any]:
-    from carddeck.commands.shift import _images, family_targets, foreign_sets, kind_of, scored
+    from carddeck.commands.shift import _images, family_targets, foreign_sets, kind_of, scored, served
     from carddeck.data.corruptions.unseen import family_of, unseen_conditions, unseen_shift
     from carddeck.data.datasets import load_dataset
     from carddeck.gating.shift import CONFIDENCE
     from carddeck.gating.shift_fit import deck_outputs
 
-    data = load_dataset(args.data, args.split)
-    images, labels = data.images[: args.limit], data.labels[: args.limit]
+    images, labels = served(load_dataset(args.data, args.split), args)
     seed = 1 if args.split == "val" else 0  # as the catalog: val conditions drawn with seed 1, test with 0
     rng = np.random.default_rng(seed)
     spec = deck.input
@@ -40,8 +39,9 @@ def evaluate_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress
         else:
             c, s = name.rsplit("/", 1)
             x, y, family = unseen_shift(images, c, int(s), seed=seed), labels, family_of(c)
-        features, predicted, agreement = deck_outputs(deck, x, batch_size=args.batch)
-        hits = predicted == y if y is not None else None
+        outputs = deck_outputs(deck, x, batch_size=args.batch)
+        features = outputs.features
+        hits = outputs.labels == y if y is not None else None
         draws = args.draws * (10 if name == "clean" else 1)
         rows.append({
             "condition": name,
@@ -49,7 +49,7 @@ def evaluate_unseen(deck: Any, detector: Any, args: argparse.Namespace, progress
             "accuracy": None if hits is None else float(hits.mean()),
             "confidence": float(features[:, CONFIDENCE].mean()),
             "out_of_scope": float((detector.image_scores(features) > 1).mean()),
-            **scored(detector, features, hits, args.batch, draws, agreement),
+            **scored(detector, outputs, hits, args.batch, draws),
         })  # fmt: skip
     clean_acc = rows[0]["accuracy"]
     for row in rows:

@@ -89,6 +89,7 @@ FOREIGN = 3.0
 FOREIGN_SHARE = 0.1
 # The cards' agreement speaks for a batch only where at least this share of its images had a second card.
 AGREEMENT_SHARE = 0.5
+COLLAPSE_DRAWS = 4000  # clean batches simulated per size for the threshold of the answers' class mix
 
 _STD_FLOOR = 0.02  # features constant on clean data (e.g. saturation of grey digits) still get a scale
 
@@ -368,6 +369,8 @@ class ShiftDetector:
     notes: dict[str, Any] = field(default_factory=dict)
     confidence: np.ndarray | None = None  # [R] the deck's mean confidence on each condition (None: format 3)
     agreement: np.ndarray | None = None  # [R] the cards' mean agreement on each condition (None: fitted before it)
+    label_share: np.ndarray | None = None  # [C] each class's share of the deck's clean answers (None: fitted before)
+    _collapse: dict[int, float] = field(init=False, repr=False, compare=False)  # threshold per size, computed once
     _means64: np.ndarray = field(init=False, repr=False, compare=False)  # what every test reads
 
     def __post_init__(self) -> None:
@@ -384,7 +387,10 @@ class ShiftDetector:
             raise InvalidInput("shift detector: conditions and mean agreements disagree in size")
         if not 0 < self.alpha < 1:
             raise InvalidInput(f"shift detector: alpha must be in (0, 1), got {self.alpha}")
+        if self.label_share is not None and (self.label_share.ndim != 1 or not np.isclose(self.label_share.sum(), 1)):
+            raise InvalidInput("shift detector: the clean answers' class shares must be one vector summing to 1")
         object.__setattr__(self, "_means64", self.means.astype(np.float64))
+        object.__setattr__(self, "_collapse", {})
 
     @property
     def ert(self) -> float:
@@ -418,10 +424,15 @@ class ShiftDetector:
         return self.scope.scores(features, self.embedding)
 
     def test(
-        self, features: np.ndarray, scores: np.ndarray | None = None, agreement: np.ndarray | None = None
+        self,
+        features: np.ndarray,
+        scores: np.ndarray | None = None,
+        agreement: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
     ) -> Verdict:
         """The batch's verdict. ``scores``: its images' out-of-scope scores (computed when None); ``agreement``:
-        its images' card agreement (:func:`carddeck.deck.deck.agreement_of`; None or NaN: unknown)."""
+        its images' card agreement (:func:`carddeck.deck.deck.agreement_of`; None or NaN: unknown); ``labels``:
+        the deck's answers to the request (all its images, or the window's; None: unknown)."""
         ratio = self.statistics(features)
         shifted = ratio[1:]
         k = int(np.argmin(shifted)) + 1 if len(shifted) else 0
@@ -452,8 +463,12 @@ class ShiftDetector:
             holds = expected >= clean - self.tolerance - 0.25 / np.sqrt(len(features)) and not foreign
             path = "in_scope"
         else:
+            # the cards' own outputs vouch for images unlike every reference, unless their answers pile onto
+            # a few classes as no clean request's do: confidently wrong the same way (leaves32 val, colour
+            # cast/4: 11% true, DoC near clean in every batch, answers a different class mix from clean's).
+            # Not in scope, where a request of one class (label shift, not harm) is an ordinary thing.
             confident = doc >= clean - self.tolerance and not foreign
-            holds = distance > 1.0 and (confident or agree)
+            holds = distance > 1.0 and (confident or agree) and not self.collapsed(labels)
             path = "confidence" if confident else "agreement"
         covered_by = ""
         if ratio[0] <= 1.0:
@@ -470,6 +485,23 @@ class ShiftDetector:
             expected = min(expected, clean)
         name = self.conditions[k] if k else ""
         return Verdict(state, float(ratio[0]), distance, name, expected, len(features), kind, outside, covered_by)
+
+    def collapsed(self, labels: np.ndarray | None) -> bool:
+        """Whether the answers' class mix is farther from clean's (total variation) than a clean request of
+        that size is with probability 1 - alpha (False when either is unknown)."""
+        q = self.label_share
+        if q is None or labels is None or len(labels) < self.sizes[0]:
+            return False
+        counts = np.bincount(np.asarray(labels, np.int64), minlength=len(q))
+        mix = np.zeros(len(counts))
+        mix[: len(q)] = q  # a class the clean answers never gave counts wholly against the batch
+        size = self.sizes[int(np.searchsorted(np.asarray(self.sizes), len(labels), side="right") - 1)]
+        threshold = self._collapse.get(size)
+        if threshold is None:  # a smaller size's threshold errs high for a bigger request: never more alarms
+            draws = np.random.default_rng(0).multinomial(size, q, size=COLLAPSE_DRAWS) / size
+            threshold = float(np.quantile(0.5 * np.abs(draws - q).sum(axis=1), 1.0 - self.alpha))
+            self._collapse[size] = threshold
+        return bool(0.5 * np.abs(counts / len(labels) - mix).sum() > threshold)
 
     def _doc(self, features: np.ndarray) -> float:
         """DoC: the clean accuracy minus the drop of the batch's mean confidence from clean (ATC for format 3)."""
@@ -556,7 +588,8 @@ class ShiftDetector:
                   "center": e.center, "scale": e.scale, "weights": e.weights, "offsets": e.offsets,
                   "scope_means": s.means, "scope_precisions": s.precisions,
                   **({} if self.confidence is None else {"confidence": self.confidence}),
-                  **({} if self.agreement is None else {"agreement": self.agreement})}  # fmt: skip
+                  **({} if self.agreement is None else {"agreement": self.agreement}),
+                  **({} if self.label_share is None else {"label_share": self.label_share})}  # fmt: skip
         np.savez(path, header=np.array(json.dumps(header)), **arrays)  # type: ignore[arg-type]
 
     @classmethod
@@ -585,7 +618,7 @@ class ShiftDetector:
                       float(sc["fpr"]), tuple(sc.get("features", FEATURE_NAMES))),
                 tuple(int(s) for s in header["sizes"]), float(header["alpha"]), float(header["tolerance"]),
                 float(header["confidence_threshold"]), dict(header.get("notes", {})), a.get("confidence"),
-                a.get("agreement"),
+                a.get("agreement"), a.get("label_share"),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"{name}: malformed shift detector ({type(exc).__name__}: {exc})") from None

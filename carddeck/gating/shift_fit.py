@@ -75,6 +75,7 @@ class Reference:
     features: np.ndarray  # [n, F]
     correct: np.ndarray  # [n] bool (or the agreement with clean predictions, for label-free refits)
     agreement: np.ndarray | None = None  # [n] the cards' agreement per image (carddeck.deck.deck.agreement_of)
+    labels: np.ndarray | None = None  # [n] the deck's answers (clean's give the class mix of clean requests)
 
 
 def fit_detector(
@@ -148,6 +149,7 @@ def fit_detector(
         },
         np.array([r.features[:, CONFIDENCE].mean() for r in references], np.float32),
         _mean_agreement(references),
+        None if clean.labels is None else np.bincount(clean.labels) / len(clean.labels),
     )
     if scope_features is None:
         scope_features, checked = select_scope(detector, references, pooled, seed=seed)
@@ -195,14 +197,15 @@ def select_scope(
                 if acc >= clean - 0.02:
                     rng = np.random.default_rng(seed)
                     picks = [rng.choice(len(ref.features), batch, replace=False) for _ in range(SCOPE_CHECK_DRAWS)]
-                    share = np.mean([held.test(ref.features[p], agreement=_rows(ref.agreement, p)).state == "uncovered"
+                    share = np.mean([held.test(ref.features[p], agreement=_rows(ref.agreement, p),
+                                               labels=_rows(ref.labels, p)).state == "uncovered"
                                      for p in picks])  # fmt: skip
                     benign = max(benign, float(share))
                 elif acc < clean - detector.tolerance:
-                    f, a = ref.features, ref.agreement
-                    known = [e for i in range(0, len(f) - batch + 1, batch)
-                             if np.isfinite(e := held.test(f[i : i + batch], agreement=_rows(a, slice(i, i + batch)))
-                                            .expected_accuracy)]  # fmt: skip
+                    rows = [slice(i, i + batch) for i in range(0, len(ref.features) - batch + 1, batch)]
+                    known = [e for r in rows
+                             if np.isfinite(e := held.test(ref.features[r], agreement=_rows(ref.agreement, r),
+                                                           labels=_rows(ref.labels, r)).expected_accuracy)]  # fmt: skip
                     if known:
                         harmful = max(harmful, abs(float(np.mean(known)) - float(acc)))
         checked[name] = {"benign_uncovered": benign, "harmful_error": harmful, "conditions": seen}
@@ -251,7 +254,7 @@ def deck_references(
         out = deck_outputs(deck, condition_images(images, name, seed), batch_size=batch_size)
         if truth is None:  # label-free: the clean predictions (the first condition) are the reference
             truth = out.labels
-        references.append(Reference(name, out.features, out.labels == truth, out.agreement))
+        references.append(Reference(name, out.features, out.labels == truth, out.agreement, out.labels))
     return references
 
 

@@ -56,7 +56,8 @@ class ShiftMonitor:
         self.metrics = metrics
         self.window, self.stride, self.min_batch = window, stride, min_batch
         self.detector: ShiftDetector | None = None
-        self._windows: dict[str, deque[tuple[np.ndarray, float, float]]] = {}  # (features, score, agreement)
+        # (features, score, agreement, answer) per image
+        self._windows: dict[str, deque[tuple[np.ndarray, float, float, int]]] = {}
         self._pending: dict[str, int] = {}
         self._last: dict[str, Verdict] = {}  # latest window verdict per model
         self._lock = threading.Lock()
@@ -149,25 +150,27 @@ class ShiftMonitor:
         # judges without it)
         known = [np.full(len(x), np.nan, np.float32) if a is None else a for x, a in zip(xs, agrees)]
         agreement = known[0] if one else np.concatenate(known)
+        answers = probabilities.argmax(axis=1)  # the class mix reads every image of a request, not a sample
         units: list[str] = []
-        due: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (request, features, scores, agreement)
+        # (request, features, scores, agreement, answers)
+        due: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         with self._lock:
             for j, request in enumerate(requests):
                 pick = picks.get(j)
+                mine = slice(bounds[j], bounds[j + 1])
                 if pick is not None:
                     units.append("batch")
-                    due.append((j, features[pick], scores[pick], agreement[pick]))
+                    due.append((j, features[pick], scores[pick], agreement[pick], answers[mine]))
                     continue
                 units.append("window")
                 window = self._windows.setdefault(model, deque(maxlen=self.window))
-                mine = slice(bounds[j], bounds[j + 1])
-                window.extend(zip(features[mine], scores[mine], agreement[mine]))
+                window.extend(zip(features[mine], scores[mine], agreement[mine], answers[mine]))
                 self._pending[model] = self._pending.get(model, 0) + len(request.x)
                 if len(window) == self.window and self._pending[model] >= self.stride:
                     self._pending[model] = 0
-                    f, s, a = zip(*window)
-                    due.append((j, np.stack(f), np.array(s), np.array(a, np.float32)))
-        results = {j: detector.test(f, s, a) for j, f, s, a in due}
+                    f, s, a, y = zip(*window)
+                    due.append((j, np.stack(f), np.array(s), np.array(a, np.float32), np.array(y)))
+        results = {j: detector.test(f, s, a, y) for j, f, s, a, y in due}
         trusts = []
         for j, unit in enumerate(units):
             v = results.get(j)

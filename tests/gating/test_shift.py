@@ -183,6 +183,50 @@ def test_the_cards_agreement_vouches_for_a_new_shift_they_read_alike(detector, d
         assert doubtful.test(features, agreement=agreement).state == "uncovered"
 
 
+def _piled(probabilities: np.ndarray, onto: int) -> np.ndarray:
+    """Each row rolled so that its largest probability lands on class ``onto``: the confidences and entropies
+    are unchanged, every answer is ``onto``."""
+    shift = onto - probabilities.argmax(axis=1)
+    return np.stack([np.roll(row, k) for row, k in zip(probabilities, shift)])
+
+
+def test_answers_piled_onto_one_class_take_the_cards_word_away(detector, deck, digits):
+    """A new shift out of scope that the cards vouch for (shot noise/5 on their confidences, impulse noise/3 on
+    their agreement) stays covered while its answers mix classes as clean requests do, and is uncovered (never
+    estimated above clean) once every answer is one class (confidently wrong alike: leaves32 colour cast/4, 11% true).
+    In scope, a request of one class is label shift, not harm: gaussian noise/5 stays covered. Kills a veto that
+    is never applied, one applied on the in-scope path, and one that ignores the answers."""
+    for corruption, severity, path in (("shot_noise", 5, "confidence"), ("impulse_noise", 3, "agreement"),
+                                       ("gaussian_noise", 5, "in_scope")):  # fmt: skip
+        out = deck_outputs(deck, corrupt(digits[1].images[:16], corruption, severity, seed=0))
+        mixed = detector.test(out.features, agreement=out.agreement, labels=out.labels)
+        assert mixed.state == "covered" and mixed.covered_by == path, (corruption, mixed)
+        assert len(set(out.labels.tolist())) >= 6  # the test digits' answers mix classes
+        piled = detector.test(out.features, agreement=out.agreement, labels=np.full(16, 3))
+        if path == "in_scope":
+            assert piled.state == "covered" and piled.covered_by == "in_scope"
+        else:
+            assert piled.state == "uncovered" and piled.covered_by == "", (corruption, piled)
+            assert not piled.expected_accuracy > detector.clean_accuracy  # a bound, or unknown (NaN) far out
+
+
+def test_the_class_mix_threshold_keeps_its_false_alarm_rate(detector):
+    """Requests drawn from the clean answers' class mix are called piled at most at about alpha, at every size
+    (a request larger than the largest calibrated size uses that size's threshold, which errs high); a request
+    of one class always is; without a class mix (a detector fitted before it) or answers, never."""
+    q = detector.label_share
+    assert q is not None and q.sum() == pytest.approx(1) and len(q) == 10
+    rng = np.random.default_rng(7)
+    for n in (16, 32, 64, 300):
+        alarms = np.mean([detector.collapsed(rng.choice(len(q), n, p=q)) for _ in range(3000)])
+        assert alarms <= 2 * detector.alpha, (n, alarms)
+        assert detector.collapsed(np.full(n, int(np.argmax(q))))
+    assert not replace(detector, label_share=None).collapsed(np.full(16, 3))
+    assert not detector.collapsed(None)
+    with pytest.raises(InvalidInput, match="class shares"):
+        replace(detector, label_share=q * 2)
+
+
 def test_each_covered_batch_names_the_path_that_covered_it(detector, deck, digits):
     """Gaussian noise/3, one of the detector's conditions: covered as "known" (near it); gaussian noise/5, none of
     them, far from every condition yet in scope, the deck accurate on it: "in_scope". (The confidences' and the
@@ -248,6 +292,25 @@ def test_the_monitor_judges_with_the_cards_agreement(detector, deck, digits):
     assert states == {True: ("covered", "covered", "agreement", "agreement"), False: ("uncovered", "uncovered", "", "")}
 
 
+def test_the_monitor_judges_with_the_requests_answers(detector, deck, digits):
+    """The served answers reach the test, as a batch (all its images) and through the window of single-image
+    requests: shot noise/5, covered on the cards' confidences, is uncovered once every answer is one class
+    (probabilities rolled: confidences unchanged). Kills a monitor that drops the answers."""
+    images = corrupt(digits[1].images[:16], "shot_noise", 5, seed=0)
+    p, x = deck.predict(images), deck.prepare(images)
+    states = {}
+    for piled in (False, True):
+        probabilities = _piled(p.probabilities, 3) if piled else p.probabilities
+        monitor = ShiftMonitor(window=16, stride=16, min_batch=16)
+        monitor.set_detector(detector)
+        batch = monitor.judge([RoutedRequest("m", x, p.routing, probabilities, p.agreement)])[0]
+        one = [("w", x[i : i + 1], SimpleNamespace(features=p.routing.features[i : i + 1]),
+                probabilities[i : i + 1], p.agreement[i : i + 1]) for i in range(16)]  # fmt: skip
+        singles = [monitor.judge([request])[0] for request in one]
+        states[piled] = batch.state, singles[-1].state
+    assert states == {False: ("covered", "covered"), True: ("uncovered", "uncovered")}
+
+
 def test_save_and_load_round_trip(detector):
     buf = io.BytesIO()
     detector.save(buf)
@@ -257,6 +320,13 @@ def test_save_and_load_round_trip(detector):
     np.testing.assert_array_equal(back.thresholds, detector.thresholds)
     assert detector.agreement is not None
     np.testing.assert_array_equal(back.agreement, detector.agreement)
+    np.testing.assert_array_equal(back.label_share, detector.label_share)
+
+
+def test_the_fit_keeps_the_class_mix_of_the_decks_clean_answers(detector, references):
+    clean = references[0]
+    assert clean.name == "clean" and clean.labels is not None
+    np.testing.assert_allclose(detector.label_share, np.bincount(clean.labels, minlength=10) / len(clean.labels))
 
 
 def test_trust_marks_abstentions_and_the_shifted_question():
@@ -307,6 +377,7 @@ def test_refit_from_the_deck_alone_serves_a_detector_for_the_new_cards(tiny_deck
         assert loader.wait(120)
     assert outcomes == ["ok"] and sorted(monitor.detector.notes["cards"]) == sorted(c.key for c in deck.cards)
     assert monitor.detector.notes["scope_features"] == "all"  # a label-free check is too thin to vouch for coarse
+    assert monitor.detector.label_share is not None  # the class mix needs no labels: the deck's own answers
     assert "refitting the shift detector" in caplog.text and "refitted" in caplog.text
 
 

@@ -449,6 +449,23 @@ def test_shift_command_fits_scores_and_reports(tmp_path):
     assert "clean false alarms, batches" in md
 
 
+def test_shift_command_batches_the_split_in_the_order_asked():
+    """leaves32's test split is stored class by class: in that order a 16-image request holds one class, whose
+    answers the verdict reads as piled up; ``--order shuffled`` mixes every class, as clients' traffic does (and
+    as the report's eval batches it), the same images. Kills a shuffle applied after --limit or not at all."""
+    import argparse
+
+    from carddeck.commands.shift import served
+
+    data = load_dataset("leaves32", "test")
+    stored = served(data, argparse.Namespace(order="dataset", limit=64))
+    mixed = served(data, argparse.Namespace(order="shuffled", limit=64))
+    assert len(set(stored[1][:16].tolist())) == 1 and len(set(mixed[1][:16].tolist())) >= 5
+    everything = served(data, argparse.Namespace(order="shuffled", limit=None))
+    assert sorted(everything[1].tolist()) == sorted(data.labels.tolist()) and len(mixed[0]) == 64
+    np.testing.assert_array_equal(everything[0][:64], mixed[0])
+
+
 def test_shift_command_without_a_detector_says_how_to_fit(tmp_path):
     from carddeck.deck import DeckStore
     from tests.cards import tiny_card_bytes, tiny_meta
