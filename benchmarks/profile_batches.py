@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,7 @@ def main() -> int:
     finally:
         pool.shutdown()
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # perf's data runs to hundreds of MB
     report(args, r, window, trace)
     return 0
 
