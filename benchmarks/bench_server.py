@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -277,12 +277,13 @@ def cli_module(root: Path) -> str:
 
 
 class Server:
-    def __init__(self, deck: Path, *args: str, root: Path = ROOT) -> None:
-        """``carddeck serve`` of the source tree ``root`` (another checkout: its before figures, same run)."""
+    def __init__(self, deck: Path, *args: str, root: Path = ROOT, entry: Sequence[str] = ()) -> None:
+        """``carddeck serve`` of the source tree ``root`` (another checkout: its before figures, same run);
+        ``entry``: what runs the ``carddeck`` command instead of ``python -m carddeck`` (a profiler's wrapper)."""
         self.counts_batches = root == ROOT  # before #23, ModelStatistics counted one execution per request
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)  # noqa: SIM115 - lives with the server
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDECK_")}
-        cmd = [sys.executable, "-m", cli_module(root), "serve", "--deck", str(deck), "--port", "0"]
+        cmd = [*(entry or (sys.executable, "-m", cli_module(root))), "serve", "--deck", str(deck), "--port", "0"]
         self.proc = subprocess.Popen(
             [*cmd, "--metrics-port", "-1", "--http-port", "0", "--poll-interval-s", "0", *args],
             cwd=root, env={**env, "PYTHONPATH": str(root)}, stdout=self.log, stderr=subprocess.STDOUT,

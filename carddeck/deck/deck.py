@@ -290,9 +290,24 @@ def routed_rows(weights: np.ndarray, card_names: Sequence[str]) -> list[tuple[in
     """(column, card name, rows) of each card ``weights`` [N, K] give at least one row: each runs once, on those."""
     routed = weights > 0
     if routed.all():  # every card on every row (the usual per-batch routing): no search
-        every = np.arange(len(weights))
+        every = all_rows(len(weights))
         return [(k, name, every) for k, name in enumerate(card_names)]
     return [(k, card_names[k], np.flatnonzero(routed[:, k])) for k in np.flatnonzero(routed.any(axis=0)).tolist()]
+
+
+_rows = np.arange(64)
+_rows.flags.writeable = False
+
+
+def all_rows(n: int) -> np.ndarray:
+    """``np.arange(n)``, read-only, from a cached array: ``np.arange`` releases the GIL to fill its array, and on the
+    batch thread of a busy server every release is a wait to take it back while no card runs (session 11)."""
+    global _rows
+    if n > len(_rows):
+        grown = np.arange(max(n, 2 * len(_rows)))
+        grown.flags.writeable = False
+        _rows = grown
+    return _rows[:n]
 
 
 def mix(
@@ -332,6 +347,8 @@ def agreement_of(
     domains agree on a shifted image as on clean ones while it still shows what they learnt; on foreign images
     (another kind of image, noise, black) each extrapolates its own way."""
     n = len(mixed)
+    if len(jobs) < 2:  # one card: no image has two voices (and argmax releases the GIL, a wait on a busy server)
+        return np.full(n, np.nan, np.float32)
     if n == 1:  # a one-image request, the verdict's tightest budget: plain Python over its cards, 6x cheaper
         top, siding, weight = mixed[0].argmax(), 0.0, 0.0
         for (k, _), p in zip(jobs, probabilities):

@@ -163,6 +163,35 @@ def test_mixing_one_card_on_every_row_equals_the_scatter_of_many():
     np.testing.assert_allclose(out[[1, 2, 4]], probs[2][[1, 2, 4]])
 
 
+def test_rows_of_every_card_reach_past_the_cached_range_and_cannot_be_written():
+    """routed_rows gives each card of an every-row routing the rows 0..n-1, for batches larger than its cache too
+    (a 4,096-image request), as a read-only array that no caller can change for the next batch."""
+    import numpy as np
+
+    from carddeck.deck.deck import routed_rows
+
+    for n in (1, 64, 65, 300):
+        routed = routed_rows(np.ones((n, 2), np.float32), ["a", "b"])
+        for _, _, rows in routed:
+            np.testing.assert_array_equal(rows, np.arange(n))
+            assert not rows.flags.writeable
+
+
+def test_one_card_gives_no_agreement_on_any_row():
+    """One card on every row of a batch: each image had one voice, so its agreement is NaN (as for a lone image)."""
+    import numpy as np
+
+    from carddeck.deck.deck import agreement_of, mix
+
+    probs = np.random.default_rng(0).random((5, 4)).astype(np.float32)
+    w = np.zeros((5, 3), np.float32)
+    w[:, 1] = 1.0
+    filled = np.zeros(5, np.float32)
+    mixed = mix(w, [(1, np.arange(5))], [probs], 4, agreement=filled)
+    assert np.isnan(filled).all()
+    assert np.isnan(agreement_of(w, [(1, np.arange(5))], [probs], mixed)).all()
+
+
 def test_agreement_is_the_routing_weight_of_the_cards_that_side_with_the_mix():
     """Per image: the weight of the cards whose top label is the mixed one's over the image's routed weight;
     NaN where one card answered alone (it always agrees with itself). ``mix`` fills it when asked."""

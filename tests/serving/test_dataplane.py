@@ -146,6 +146,22 @@ def test_a_request_is_routed_and_answered_alike_whatever_shares_its_micro_batch(
         dp.close()
 
 
+def test_merging_requests_rows_copies_them_as_concatenate_does():
+    """merge_rows (the micro-batch's merge, copied under the GIL) gives np.concatenate's array: rows in order,
+    parts of no rows, a part that is a strided view; parts of other dtypes go to numpy's own rules."""
+    from carddeck.serving.microbatch import merge_rows
+
+    rng = np.random.default_rng(0)
+    parts = [rng.random((k, 3, 4, 4), dtype=np.float32) for k in (1, 2, 0, 3)]
+    parts.append(rng.random((2, 3, 4, 8), dtype=np.float32)[..., ::2])  # not contiguous
+    merged = merge_rows(parts)
+    assert merged.dtype == np.float32 and merged.flags.c_contiguous and merged.flags.writeable
+    np.testing.assert_array_equal(merged, np.concatenate(parts))
+    assert merge_rows([np.zeros((0, 5), np.float32)] * 2).shape == (0, 5)
+    mixed = merge_rows([np.ones((1, 2), np.float64), np.full((1, 2), 2, np.float32)])
+    assert mixed.dtype == np.float64 and mixed.tolist() == [[1.0, 1.0], [2.0, 2.0]]
+
+
 def test_a_bad_policy_name_fails_its_own_request_before_any_batch(deck_path):
     """Checked in the caller's thread: InvalidInput naming the choices, and no batch is run or counted
     for it (a merged batch would fail for everyone in it and be rerun one by one)."""
