@@ -41,6 +41,7 @@ from carddeck.gating.shift import (
     Scope,
     ShiftDetector,
     calibrated_thresholds,
+    clean_draws,
     image_features,
     mean_embedding,
 )
@@ -84,7 +85,8 @@ def fit_detector(
     alpha: float = ALPHA,
     tolerance: float = TOLERANCE,
     sizes: Sequence[int] = SIZES,
-    draws: int = BOOTSTRAP,
+    draws: int | None = None,
+    condition_draws: int | None = None,
     seed: int = 0,
     dim: int = EMBED_DIM,
     scope_fpr: float = SCOPE_FPR,
@@ -95,7 +97,9 @@ def fit_detector(
     """Calibrate on reference conditions (the first must be clean). ``cards``: the keys of the cards whose
     predictions the features hold (a deck with other cards does not use the detector). ``clean_accuracy``:
     when the hits are agreements with clean predictions, the clean estimate they scale. ``scope_features``:
-    a key of SCOPE_FEATURE_SETS, or None to choose by :func:`select_scope`."""
+    a key of SCOPE_FEATURE_SETS, or None to choose by :func:`select_scope`. ``draws``: null batches per size
+    for clean (None: :func:`~carddeck.gating.shift.clean_draws`, which sets the false alarm rate);
+    ``condition_draws`` for each other condition (None: a quarter of ``draws``)."""
     if scope_features is not None and scope_features not in SCOPE_FEATURE_SETS:
         raise InvalidInput(f"scope features {scope_features!r}: expected one of {', '.join(SCOPE_FEATURE_SETS)}")
     if not references or references[0].name != "clean":
@@ -108,13 +112,14 @@ def fit_detector(
     clean = references[0]
     embedding = Embedding.fit(clean.features, dim=dim, seed=seed)
     groups = embedding.groups
+    null_draws = draws or clean_draws(alpha, groups)
     means, norms, thresholds = [], [], []
     for i, ref in enumerate(references):
         phi = embedding(ref.features)
         mean, norm = mean_embedding(phi, groups)
         means.append(mean)
         norms.append(norm)
-        n = draws if i == 0 else draws // 4
+        n = null_draws if i == 0 else condition_draws or null_draws // 4
         thresholds.append(calibrated_thresholds(phi, groups, tuple(sizes), alpha / groups, n, rng))
     accuracy = np.array([r.correct.mean() for r in references], np.float32)
     if clean_accuracy is not None:
@@ -289,11 +294,14 @@ def clean_estimate(deck: Deck) -> float | None:
     return float(np.mean(recorded)) if recorded else None
 
 
-def refit_from_deck(deck: Deck, *, seed: int = 1, draws: int = BOOTSTRAP // 2) -> ShiftDetector:
+def refit_from_deck(deck: Deck, *, seed: int = 1, condition_draws: int = BOOTSTRAP // 8) -> ShiftDetector:
     """A detector for the deck's current cards from the calibration images it stores (no labels, no
     dataset, no train extra). InvalidInput when the deck stores no calibration images. Its scope reads every
     feature: two severities of agreement with clean predictions are too thin a check to vouch for the coarse
-    set (on digits32 it passed, where the labelled check on val, with fog/5, rejects it)."""
+    set (on digits32 it passed, where the labelled check on val, with fog/5, rejects it). It runs in the
+    background of a serving process: the clean thresholds get their full draws (they set the false alarm
+    rate), the other conditions ``condition_draws`` (the default deck: 63 s before, 141 s with a quarter of
+    the clean draws each, on a loaded machine)."""
     from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
 
     images = deck.store.calibration_images() if deck.store is not None else None
@@ -305,7 +313,7 @@ def refit_from_deck(deck: Deck, *, seed: int = 1, draws: int = BOOTSTRAP // 2) -
     refs = deck_references(deck, images, None, conditions, domains=domains, seed=seed)
     detector = fit_detector(
         refs,
-        draws=draws,
+        condition_draws=condition_draws,
         cards=[c.key for c in deck.cards],
         clean_accuracy=1.0 if clean is None else clean,
         scope_features="all",

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import carddeck.gating.shift as shift_mod
 import carddeck.gating.shift_fit as shift_fit
 from carddeck.data.corruptions import corrupt
 from carddeck.data.datasets import load_dataset
@@ -28,8 +29,12 @@ from carddeck.gating.shift import (
     Scope,
     ShiftDetector,
     Trust,
+    calibrated_thresholds,
+    clean_draws,
     image_features,
     image_risk,
+    mean_embedding,
+    mmd2,
     photometric_features,
 )
 from carddeck.gating.shift_fit import deck_features, deck_outputs, deck_references, fit_detector, refit_from_deck
@@ -225,6 +230,38 @@ def test_the_class_mix_threshold_keeps_its_false_alarm_rate(detector):
     assert not detector.collapsed(None)
     with pytest.raises(InvalidInput, match="class shares"):
         replace(detector, label_share=q * 2)
+
+
+def test_a_null_threshold_is_the_statistic_of_random_batches_against_the_rest(monkeypatch):
+    """One draw's threshold is that batch's MMD^2 against the mean embedding of the other images (mmd2, as
+    served); drawn in chunks of any size, the same draws give the same thresholds."""
+    phi = np.random.default_rng(3).standard_normal((60, 12)).astype(np.float32)
+    one = calibrated_thresholds(phi, 3, (8,), 0.5, 1, np.random.default_rng(5))[:, 0]
+    pick = np.argpartition(np.random.default_rng(5).random((1, 60)), 7, axis=1)[0, :8]
+    rest = np.setdiff1d(np.arange(60), pick)
+    mean, norm = mean_embedding(phi[rest], 3)
+    np.testing.assert_allclose(one, mmd2(phi[pick], mean[None], norm[None], 3)[0], rtol=1e-6, atol=1e-9)
+    whole = calibrated_thresholds(phi, 3, (4, 8), 0.01, 50, np.random.default_rng(9))
+    monkeypatch.setattr(shift_mod, "CHUNK", 7)
+    np.testing.assert_array_equal(calibrated_thresholds(phi, 3, (4, 8), 0.01, 50, np.random.default_rng(9)), whole)
+
+
+def test_clean_thresholds_rest_on_enough_null_batches(references):
+    """By default the clean thresholds are quantiles of clean_draws(alpha, G) null batches, at least 30 of them
+    beyond each group's quantile (2,000 left 3 at alpha 0.005: a lottery of the seed), a quarter of that for
+    the other conditions; an explicit count wins."""
+    assert clean_draws(0.005, 3) == 18000 and clean_draws(0.5, 3) == shift_mod.BOOTSTRAP
+    fitted = fit_detector(references, alpha=0.01, seed=4, scope_features="all")
+    phi = fitted.embedding(references[0].features)
+    g = fitted.embedding.groups
+    rng, n = np.random.default_rng(4), clean_draws(0.01, g)
+    np.testing.assert_array_equal(fitted.thresholds[0], calibrated_thresholds(phi, g, fitted.sizes, 0.01 / g, n, rng))
+    second = fitted.embedding(references[1].features)
+    expect = calibrated_thresholds(second, g, fitted.sizes, 0.01 / g, n // 4, rng)
+    np.testing.assert_array_equal(fitted.thresholds[1], expect)
+    few = fit_detector(references, alpha=0.01, seed=4, draws=100, scope_features="all")
+    expect = calibrated_thresholds(phi, g, fitted.sizes, 0.01 / g, 100, np.random.default_rng(4))
+    np.testing.assert_array_equal(few.thresholds[0], expect)
 
 
 def test_each_covered_batch_names_the_path_that_covered_it(detector, deck, digits):
