@@ -64,7 +64,8 @@ class RayMetricsExport:
                 gauge = self._gauges.get(sample.name)
                 if gauge is None:
                     keys = tuple(sorted(sample.labels))
-                    gauge = Gauge(sample.name, family.documentation, tag_keys=keys)  # type: ignore[arg-type]
+                    # Ray's stubs want a tuple of str; without Ray installed Gauge is Any and the ignore unused
+                    gauge = Gauge(sample.name, family.documentation, tag_keys=keys)  # type: ignore[arg-type, unused-ignore]
                     self._gauges[sample.name] = gauge
                 value = max(-sys.float_info.max, min(sample.value, sys.float_info.max))
                 gauge.set(value, dict(sample.labels))

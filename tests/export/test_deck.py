@@ -27,7 +27,7 @@ def test_deck_accepts_and_runs_each_format(dense_net, sparse_net, binary_net, fi
             out,
             images=np.concatenate([val.images, test.images]),  # finer steps for the int8 accuracy drop
             labels=np.concatenate([val.labels, test.labels]),
-            calibration=train.images[:256],
+            calibration=train.images[:1024],  # 256 images: minmax clipped the binary card (0.56 points)
             signature_images=train.images[:128],
         )
         added = store.add_card(out)  # the signature was filled at export: no calibration images needed

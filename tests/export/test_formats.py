@@ -110,8 +110,10 @@ def test_binary_card_is_exactly_ternary_int8(binary_net, digits, tmp_path):
     val, train, test = digits["val"], digits["train"], digits["test"]
     # val + test: on a 16-channel net a single flipped image is 0.28 points of 359
     images, labels = np.concatenate([val.images, test.images]), np.concatenate([val.labels, test.labels])
+    # 1024 calibration images: minmax ranges of 256 clipped enough of the parity images to drop 0.56 points on a
+    # CPU whose float kernels trained this fixture differently (limit 0.5)
     report = export_model(
-        binary_net, meta, tmp_path / "b.onnx", images=images, labels=labels, calibration=train.images[:256]
+        binary_net, meta, tmp_path / "b.onnx", images=images, labels=labels, calibration=train.images[:1024]
     )
     assert report.format == "binary" and report.parity.quantized and report.parity.passed
     assert report.parity.accuracy_delta_points >= -0.5
