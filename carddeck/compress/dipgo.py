@@ -313,5 +313,6 @@ SPEC = MethodSpec(
     summary="learned channel gates under a MACs budget",
     export_format="dense",  # physically smaller, like filter
     options=(Option("gate_steps", "int", 200, "optimization steps of the gates"),),
+    epochs=1,  # light fine-tuning after the one-shot removal
 )
 METHODS.register("dipgo")(DiPGO)

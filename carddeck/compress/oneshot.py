@@ -224,6 +224,7 @@ LOBS_SPEC = MethodSpec(
     summary="layer-wise OBS, one shot + short retraining",
     export_format="sparse",
     options=(Option("allocation", "str", None, "per-layer targets from uniform, global (default) or dsa"),),
+    epochs=1,  # light retraining after the one-shot prune (more undoes the OBS compensation)
 )
 DSA_SPEC = MethodSpec(
     name="dsa",
@@ -234,6 +235,7 @@ DSA_SPEC = MethodSpec(
         Option("population", "int", 8, "allocation functions per generation"),
         Option("generations", "int", 4, "generations of the search"),
     ),
+    epochs=1,  # light retraining after the one-shot prune
 )
 METHODS.register("lobs")(LOBS)
 METHODS.register("dsa")(DSA)
