@@ -27,7 +27,7 @@ from carddeck.compress.methods import METHODS, Method, MethodConfig
 from carddeck.compress.schedules import LR_SCHEDULES
 from carddeck.compress.train import Position, TrainConfig, accuracy, steps_per_epoch, train
 from carddeck.data.datasets import Dataset, data_for_cards, load_dataset
-from carddeck.data.domains import DOMAINS
+from carddeck.data.domains import DOMAINS, augment
 from carddeck.errors import InvalidInput
 from carddeck.nets import NETS, build_net, count_flops, count_params
 
@@ -370,8 +370,10 @@ def compress(
             on_epoch_end(pos, record)
 
     t0 = time.perf_counter()
+    idx = np.sort(np.random.default_rng([config.seed, 5]).choice(len(p.train_set), p.calib_images, replace=False))
+    views = augment(p.train_set.images[idx], config.domain, np.random.default_rng([config.seed, 7]))
+    p.method.bn_images = (views * 255 + 0.5).astype(np.uint8)  # BatchNorm re-estimation (filter) reads these
     if resume_state is None:
-        idx = np.sort(np.random.default_rng([config.seed, 5]).choice(len(p.train_set), p.calib_images, replace=False))
         p.method.calibrate(model, p.train_set.images[idx], p.train_set.labels[idx], p.device, config.progress)
     train(model, p.method, train_cfg, p.train_set, p.val_set, p.device, start=start,
           resume_state=resume_state, on_epoch_end=checkpoint)  # fmt: skip
