@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from carddeck.catalog import OPTION_TYPES, method_options, method_specs
-from carddeck.commands.cli import out_dir
+from carddeck.commands.cli import interrupted, out_dir
 from carddeck.errors import InvalidInput
 
 ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
@@ -155,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         saved = args.out / TRAIN_FILE
         kept = f"{saved} holds the last finished epoch; rerun with --resume to continue" if saved.is_file() else (
             "no epoch had finished, nothing was kept")  # fmt: skip
-        print(f"carddeck: interrupted: {kept}", file=sys.stderr)
+        interrupted(kept)
         raise
     acc = result.meta.accuracy
     corrupted = "n/a" if acc.corrupted is None else f"{acc.corrupted:.4f}"

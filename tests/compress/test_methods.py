@@ -120,6 +120,7 @@ def test_a_pruned_net_is_evaluated_with_batchnorm_re_estimated_on_the_training_i
 
     images = torch.randint(0, 256, (40, 32, 32, 3), generator=torch.Generator().manual_seed(3)).to(torch.uint8).numpy()
     net, ref = _filter_net(), _filter_net()
+
     def bns(model):
         return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
