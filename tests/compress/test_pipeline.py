@@ -320,3 +320,23 @@ def test_epochs_default_to_the_methods_own(tmp_path, tiny_data, capsys, caplog):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "default: the method's, 1 for dipgo, dsa, lobs (" in text and "10 for biprop, dense, filter, lrr" in text
+
+
+def test_a_filter_card_is_stored_with_its_batchnorm_statistics_re_estimated(tmp_path, tiny_data):
+    """The pipeline hands the method training images, so the card's BatchNorm statistics are the pruned net's
+    own even after one short epoch: from an --init card whose running variances are garbage (1e6), the filter
+    card's are ordinary. Mutant: the pipeline leaves Method.bn_images unset (the statistics then are 0.9^3 of
+    the garbage after 3 steps)."""
+    from carddeck.compress.checkpoint import save_card
+
+    dense = compress(_config(tmp_path / "dense", tiny_data, method="dense", sparsity=0.0, epochs=1))
+    model, meta, raw = load_card(dense.card)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(1e6)
+    garbled = save_card(tmp_path / "garbled", raw["arch"], raw["arch_kwargs"], model, meta)
+    card = compress(_config(tmp_path / "filter", tiny_data, method="filter", sparsity=0.5, init=garbled, epochs=1))
+    net, _, _ = load_card(card.card)
+    variances = torch.cat([m.running_var for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    assert float(variances.max()) < 1e3, float(variances.max())

@@ -223,3 +223,12 @@ def test_ctrl_c_in_eval_says_no_report_was_written(tmp_path):
     assert code == 130 and "Traceback" not in err, err
     assert f"carddeck: interrupted: eval of {store.root} before its report: nothing was written to {out}" in err
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_max_cards_below_one_is_named_before_any_work(tmp_path, capsys):
+    """Mutant: --max-cards an int of any value (as before: 0 ran every condition, then the router's fit died in
+    numpy, 'need at least one array to stack', with a traceback)."""
+    store = tiny_deck(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--deck", str(store.root), "--max-cards", "0"])
+    assert exc.value.code == 2 and "--max-cards: expected a whole number >= 1, got '0'" in capsys.readouterr().err
