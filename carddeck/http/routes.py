@@ -52,8 +52,10 @@ def json_reply(value: Any) -> Reply:
 
 def not_ready(exc: NotReady) -> Reply:
     """The health routes' "false": 400 with the reason, not the 503 of refused work. The Open Inference
-    Protocol answers ServerReady and ModelReady with 200 for true and a 4xx for false, and Triton answers 400
-    (its HandleServerHealth and HandleModelReady); load balancers and Kubernetes probes fail on either."""
+    Protocol answers ServerReady and ModelReady with 200 for true and a 4xx for false; Triton answers 400 for
+    both (HandleServerHealth, HandleModelReady), except ModelReady while the server itself is not ready (503,
+    from its core's UNAVAILABLE), the only way a model of ours is not ready: we follow the protocol there.
+    KServe's Python server answers 503. Load balancers and Kubernetes probes fail on any of them."""
     return Reply(json.dumps({"error": str(exc)}).encode(), status=400, media_type="application/json")
 
 
