@@ -52,6 +52,7 @@ class MethodSpec:
     summary: str  # one line for the command's help
     export_format: str  # how its cards are stored: dense, sparse or binary (carddeck.export.formats)
     options: tuple[Option, ...] = ()
+    epochs: int = 10  # the default of --epochs: training methods train; one-shot methods retrain briefly (1)
     module: str = ""  # filled by the reader: the module that declares it
 
 

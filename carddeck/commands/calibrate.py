@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 import numpy as np
 
-from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints, positive_int
+from carddeck.commands.cli import DECK_LOCATION_HELP, comma_ints, interrupted, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-images", type=positive_int, default=None, help="limit validation images (default: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="calibration batch = serving batch size")
     parser.add_argument(
-        "--max-cards", type=int, default=None, help="largest card set the router may pick (default K/2)"
+        "--max-cards", type=positive_int, default=None, help="largest card set the router may pick (default K/2)"
     )
     parser.add_argument("--cost", type=float, default=0.0, help="accuracy the router gives up per extra card")
     parser.add_argument("--seed", type=int, default=1, help="corruption seed for validation data (eval uses 0)")
@@ -60,10 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from carddeck.data.datasets import data_for_cards, load_dataset
-    from carddeck.deck import Deck, DeckStore
+    from carddeck.data.datasets import data_for_cards
+    from carddeck.deck import DeckStore
     from carddeck.errors import InvalidInput
-    from carddeck.gating.signature import domain_signature
 
     store = DeckStore(args.deck)
     store.check_writable()  # before minutes of work that could not be saved
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"deck {args.deck} has no cards to calibrate")
     if args.batch_size < 1:
         raise InvalidInput(f"--batch-size must be positive, got {args.batch_size}")
-    # every name checked before the first write: a failed calibration leaves the deck as it was
+    # every name checked before the work: a refused calibration leaves the deck as it was
     from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS
     from carddeck.gating.policies import POLICIES
 
@@ -84,6 +84,32 @@ def run(args: argparse.Namespace) -> int:
     if args.policy:
         POLICIES.get(args.policy)
     args.data = data_for_cards(args.data, [c.provenance.dataset for c in cards], f"deck {args.deck}")
+    version = store.version
+    try:
+        change = _calibration(args, store, cards, corruptions)
+        # One transaction: the references, the calibration images, the router and the policy land together or
+        # not at all (each was a commit of its own: an error or Ctrl-C in the router's fit, minutes after the
+        # references were committed, left the deck half calibrated, a version up).
+        if change:
+            store.set_gate(**change)
+    except KeyboardInterrupt:
+        now = store.manifest().version
+        kept = (f"nothing was written: the deck is as it was (version {version})" if now == version else
+                f"the deck is at version {now} (it was {version})")  # fmt: skip
+        interrupted(f"calibrate of {args.deck}: {kept}")
+        raise
+    m = store.manifest()
+    print(f"deck {store.root}: version {m.version}, gate {dict(m.gate).get('policy', 'nearest-domain')}")
+    return 0
+
+
+def _calibration(args: argparse.Namespace, store: Any, cards: list[Any], corruptions: list[str]) -> dict[str, Any]:
+    """What calibrate changes (set_gate's arguments), computed without writing anything."""
+    from carddeck.data.datasets import load_dataset
+    from carddeck.deck import Deck
+    from carddeck.gating.signature import domain_signature
+
+    change: dict[str, Any] = {}
     if args.signatures or args.store_calibration:
         train = load_dataset(args.data, "train")
         order = np.random.default_rng(0).permutation(len(train))
@@ -93,17 +119,17 @@ def run(args: argparse.Namespace) -> int:
             for domain in dict.fromkeys(c.domain for c in cards):
                 references[domain] = domain_signature(domain, train.images[index], seed=0)
                 log.info("reference signature of domain %s from %d training images", domain, len(index))
-            store.set_gate(references=references)
+            change["references"] = references
         if args.store_calibration:
             # a random draw, not the first of the sorted index: a split stored class by class (leaves32)
             # gave one class, and the adaptive cards' reference statistics came from it
-            store.set_calibration(train.images[np.sort(order[: args.store_calibration])])
+            change["calibration"] = train.images[np.sort(order[: args.store_calibration])]
     if args.router:
         from carddeck.eval.robustness import collect_runs, conditions_for, fit_router_on, generated_source
 
         val = load_dataset(args.data, "val")
         images, labels = val.images[: args.val_images], val.labels[: args.val_images]
-        deck = Deck.open(store.root)
+        deck = Deck.open(store.root)  # the router reads the cards' outputs only: the new references do not matter
         runs = collect_runs(
             deck,
             conditions_for(corruptions, args.severities),
@@ -111,14 +137,12 @@ def run(args: argparse.Namespace) -> int:
             desc="calibrate",
         )
         router = fit_router_on(deck, runs, batch_size=args.batch_size, max_cards=args.max_cards, cost=args.cost)
-        store.set_gate(router=router)
+        change["router"] = router
         log.info(
             "calibrated router: %d calibration batches, %d candidate card sets",
             len(router.signatures),
             len(router.subsets),
         )
     if args.policy:
-        store.set_gate(policy=args.policy)
-    m = store.manifest()
-    print(f"deck {store.root}: version {m.version}, gate {dict(m.gate).get('policy', 'nearest-domain')}")
-    return 0
+        change["policy"] = args.policy
+    return change

@@ -64,6 +64,12 @@ def out_dir(text: str) -> Path:
     return out
 
 
+def interrupted(what: str) -> None:
+    """Ctrl-C in a command: one line saying what was interrupted and what was kept or not written (``main``
+    then exits 130). The command calls it in its ``except KeyboardInterrupt`` and raises again."""
+    print(f"carddeck: interrupted: {what}", file=sys.stderr)
+
+
 def add_order_argument(parser: argparse.ArgumentParser, shuffled_by: str) -> None:
     """``--order``: what a serving batch of the test split holds (eval and shift batch alike)."""
     parser.add_argument(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from carddeck.catalog import OPTION_TYPES, method_options, method_specs
-from carddeck.commands.cli import out_dir
+from carddeck.commands.cli import interrupted, out_dir
 from carddeck.errors import InvalidInput
 
 ARCHS = ("resnet20", "resnet18", "preact-wrn18")  # kept in step with carddeck.nets.NETS (tested)
@@ -31,6 +30,15 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t for t in (s.strip() for s in text.split(",")) if t)
 
 
+def _epoch_defaults() -> str:
+    """Each method's default --epochs, as its MethodSpec declares it: 'N for a, b; M for c (...)'."""
+    by: dict[int, list[str]] = {}
+    for spec in method_specs().values():
+        by.setdefault(spec.epochs, []).append(spec.name)
+    short = " (a short retraining after the one-shot prune; 0 allowed)"
+    return "; ".join(f"{n} for {', '.join(names)}" + (short if n < 2 else "") for n, names in sorted(by.items()))
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     methods = ", ".join(f"{s.name} ({s.summary})" for s in method_specs().values())
     parser.epilog = (
@@ -45,8 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--method", default="dense", help=f"compression method: {', '.join(METHOD_NAMES)}")
     a("--sparsity", type=float, default=0.0, help="target: fraction of weights removed (filter: of filters), [0, 1)")
     a("--out", type=out_dir, required=True, help="output directory (card.pt, card.json, checkpoint.pt)")
-    a("--epochs", type=int, default=10,
-      help="epochs per training round (LRR replays them each round; lobs, dsa, dipgo: 0 allowed)")  # fmt: skip
+    a("--epochs", type=int, default=None, help=f"epochs per training round (LRR replays them each round); default: "
+      f"the method's, {_epoch_defaults()}")  # fmt: skip
     a("--batch-size", type=int, default=128)
     a("--lr", type=float, default=0.1, help="base learning rate (SGD, momentum 0.9)")
     a("--weight-decay", type=float, default=5e-4)
@@ -146,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         saved = args.out / TRAIN_FILE
         kept = f"{saved} holds the last finished epoch; rerun with --resume to continue" if saved.is_file() else (
             "no epoch had finished, nothing was kept")  # fmt: skip
-        print(f"carddeck: interrupted: {kept}", file=sys.stderr)
+        interrupted(kept)
         raise
     acc = result.meta.accuracy
     corrupted = "n/a" if acc.corrupted is None else f"{acc.corrupted:.4f}"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from carddeck.commands.cli import out_dir
+from carddeck.commands.cli import interrupted, out_dir
 from carddeck.data.corrupted import SUITE_FORMAT, SUITE_META
 from carddeck.data.corruptions import (
     BENCHMARK_CORRUPTIONS,
@@ -129,6 +129,11 @@ def write_suite(
     if len(images) == 0:
         raise InvalidInput("nothing to corrupt: the dataset split is empty")
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier suite's JSON and labels go first: until the new ones are written, OUT is no suite (a rerun
+    # interrupted midway read as the old suite, some of its arrays already replaced; without the JSON, as a
+    # CIFAR-10-C-style directory of them)
+    for name in (SUITE_META, "labels.npy"):
+        (out / name).unlink(missing_ok=True)
     n = len(images)
     steps = list(_chunks(n, chunk))
     bar = _progress(len(corruptions) * len(severities) * len(steps), "corrupt")
@@ -170,9 +175,16 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--seed must be a non-negative integer, got {args.seed}")
     data = load_dataset(args.data, args.split)
     meta = {"source": f"{args.data}:{args.split}", "class_names": list(data.class_names)}
-    write_suite(
-        data.images, data.labels, args.out, corruptions, severities, seed=args.seed, chunk=args.chunk, meta=meta
-    )
+    try:
+        write_suite(
+            data.images, data.labels, args.out, corruptions, severities, seed=args.seed, chunk=args.chunk, meta=meta
+        )
+    except KeyboardInterrupt:
+        interrupted(
+            f"corrupt into {args.out}: the corruption files finished so far are kept, but labels.npy and {SUITE_META} "
+            "(written last) are not there, so it is not a suite yet; run the command again to write it whole"
+        )
+        raise
     print(
         f"wrote {args.out}: {len(corruptions)} corruptions x {len(severities)} severities x {len(data)} images "
         f"of {args.data}:{args.split}; read it with --data c:{args.out}"

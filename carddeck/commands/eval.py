@@ -13,7 +13,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from carddeck.commands.cli import DECK_LOCATION_HELP, add_order_argument, comma_ints, out_dir, positive_int
+from carddeck.commands.cli import (
+    DECK_LOCATION_HELP,
+    add_order_argument,
+    comma_ints,
+    interrupted,
+    out_dir,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +83,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from carddeck.eval.report import write_report
+
+    try:
+        result = _evaluate(args)
+    except KeyboardInterrupt:
+        interrupted(f"eval of {args.deck} before its report: nothing was written to {args.out}")
+        raise
+    try:
+        paths = write_report(result, Path(args.out))
+    except KeyboardInterrupt:
+        interrupted(f"eval of {args.deck} while writing its report: {args.out} may hold part of it; run it again")
+        raise
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> Any:
+    """The evaluation (an EvalResult with its notes), nothing written."""
     import numpy as np
 
     from carddeck.data.corruptions import FAMILIES
     from carddeck.data.datasets import data_for_cards, load_dataset
     from carddeck.deck import Deck
     from carddeck.errors import InvalidInput
-    from carddeck.eval.report import write_report
     from carddeck.eval.robustness import (
         collect_runs,
         conditions_for,
@@ -203,10 +228,7 @@ def run(args: argparse.Namespace) -> int:
         )
     result.notes.update(notes)
     result.notes["verdict"] = verdict(result)
-    paths = write_report(result, Path(args.out))
-    print(Path(paths["markdown"]).read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return result
 
 
 def verdict(result: object) -> str:

@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--format",
         default="auto",
         choices=("auto", *FORMATS),
-        help="weight format; auto: lrr -> sparse, biprop -> binary (int8), filter/dense -> dense",
+        help="weight format; auto: the card's own (lrr, lobs, dsa -> sparse; biprop -> binary (int8); dense, "
+        "filter, dipgo -> dense); dense and sparse apply to any card, binary to biprop cards only",
     )
     parser.add_argument("--sparse-encoding", default="bitmask", choices=SPARSE_ENCODINGS, help="lossless sparse form")
     parser.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT, help="float formats: min top-1 agreement")

@@ -44,8 +44,7 @@ from torch import nn
 from carddeck.catalog import MethodSpec, Option
 from carddeck.compress.filters import FilterPruning
 from carddeck.compress.methods import METHODS
-from carddeck.compress.oneshot import recalibrate_batchnorm
-from carddeck.compress.train import to_nchw
+from carddeck.compress.train import recalibrate_batchnorm, to_nchw
 from carddeck.errors import InvalidInput
 from carddeck.nets import ChannelGroup, prunable_modules
 
@@ -313,5 +312,6 @@ SPEC = MethodSpec(
     summary="learned channel gates under a MACs budget",
     export_format="dense",  # physically smaller, like filter
     options=(Option("gate_steps", "int", 200, "optimization steps of the gates"),),
+    epochs=1,  # light fine-tuning after the one-shot removal
 )
 METHODS.register("dipgo")(DiPGO)

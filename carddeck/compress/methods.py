@@ -54,6 +54,9 @@ class Method:
     weight_bits = 32
     structured = False
     uses_init = True  # whether --init (pretrained dense weights) makes sense
+    # uint8 NHWC training images as training sees them (the calibration draw, in the card's augmentation
+    # domain), to re-estimate BatchNorm statistics on (filter's refresh); set by the pipeline, resumed runs too
+    bn_images: np.ndarray | None = None
     needs_init = False  # whether it only prunes a trained dense card (--init required; --epochs 0 allowed)
 
     def __init__(self, config: MethodConfig) -> None:

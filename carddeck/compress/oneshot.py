@@ -52,7 +52,7 @@ from carddeck.compress.lrr import MagnitudePruning
 from carddeck.compress.masks import apply_masks
 from carddeck.compress.methods import METHODS, Method
 from carddeck.compress.obs import layer_hessians, obs_prune
-from carddeck.compress.train import accuracy
+from carddeck.compress.train import accuracy, recalibrate_batchnorm
 from carddeck.errors import InvalidInput
 from carddeck.nets import prunable_modules
 
@@ -72,28 +72,6 @@ def robust_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, de
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64) -> None:
-    """Re-estimate every BatchNorm's running statistics on ``images`` (a cumulative average); weights untouched."""
-    from carddeck.compress.train import to_nchw
-
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(m, m.momentum) for m in bns]
-    was_training = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for i in range(0, len(images) - 1, batch_size):  # no batch of one image (BatchNorm needs two)
-            batch = images[i : i + batch_size]
-            if len(batch) > 1:
-                model(to_nchw(batch.astype(np.float32) / np.float32(255.0), device))
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.train(was_training)
-
-
 def fitness_corruptions(images: np.ndarray) -> list[np.ndarray]:
     from carddeck.data.corruptions import corrupt
 
@@ -224,6 +202,7 @@ LOBS_SPEC = MethodSpec(
     summary="layer-wise OBS, one shot + short retraining",
     export_format="sparse",
     options=(Option("allocation", "str", None, "per-layer targets from uniform, global (default) or dsa"),),
+    epochs=1,  # light retraining after the one-shot prune (more undoes the OBS compensation)
 )
 DSA_SPEC = MethodSpec(
     name="dsa",
@@ -234,6 +213,7 @@ DSA_SPEC = MethodSpec(
         Option("population", "int", 8, "allocation functions per generation"),
         Option("generations", "int", 4, "generations of the search"),
     ),
+    epochs=1,  # light retraining after the one-shot prune
 )
 METHODS.register("lobs")(LOBS)
 METHODS.register("dsa")(DSA)

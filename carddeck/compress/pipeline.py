@@ -21,13 +21,13 @@ from torch import nn
 
 import carddeck
 from carddeck.card import Accuracy, CardMeta, Compression, InputSpec, Provenance
-from carddeck.catalog import method_options, method_specs
+from carddeck.catalog import method_options, method_spec, method_specs
 from carddeck.compress.checkpoint import load_card, load_training, save_card, save_training
 from carddeck.compress.methods import METHODS, Method, MethodConfig
 from carddeck.compress.schedules import LR_SCHEDULES
 from carddeck.compress.train import Position, TrainConfig, accuracy, steps_per_epoch, train
 from carddeck.data.datasets import Dataset, data_for_cards, load_dataset
-from carddeck.data.domains import DOMAINS
+from carddeck.data.domains import DOMAINS, augment
 from carddeck.errors import InvalidInput
 from carddeck.nets import NETS, build_net, count_flops, count_params
 
@@ -55,7 +55,7 @@ class CompressConfig:
     domain: str = "clean"
     method: str = "dense"
     sparsity: float = 0.0
-    epochs: int = 10
+    epochs: int | None = None  # None: the method's default (its MethodSpec: 1 for lobs, dsa, dipgo; else 10)
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -149,6 +149,8 @@ def plan(config: CompressConfig) -> Plan:
     _check_range("sparsity", config.sparsity, 0.0, 1.0)
     if config.schedule not in LR_SCHEDULES:
         raise InvalidInput(f"unknown lr schedule {config.schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}")
+    if config.epochs is None:  # in the config from here on, so --resume compares the number trained with
+        config = replace(config, epochs=method_spec(config.method).epochs)
     if config.epochs < (0 if method_cls.needs_init else 1):
         raise InvalidInput(f"--epochs must be at least {0 if method_cls.needs_init else 1}, got {config.epochs}")
     if method_cls.needs_init and config.init is None:
@@ -368,8 +370,10 @@ def compress(
             on_epoch_end(pos, record)
 
     t0 = time.perf_counter()
+    idx = np.sort(np.random.default_rng([config.seed, 5]).choice(len(p.train_set), p.calib_images, replace=False))
+    views = augment(p.train_set.images[idx], config.domain, np.random.default_rng([config.seed, 7]))
+    p.method.bn_images = (views * 255 + 0.5).astype(np.uint8)  # BatchNorm re-estimation (filter) reads these
     if resume_state is None:
-        idx = np.sort(np.random.default_rng([config.seed, 5]).choice(len(p.train_set), p.calib_images, replace=False))
         p.method.calibrate(model, p.train_set.images[idx], p.train_set.labels[idx], p.device, config.progress)
     train(model, p.method, train_cfg, p.train_set, p.val_set, p.device, start=start,
           resume_state=resume_state, on_epoch_end=checkpoint)  # fmt: skip

@@ -77,6 +77,28 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: t
     return float((predict(model, images, device) == labels).mean())
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64) -> None:
+    """Re-estimate every BatchNorm's running statistics on uint8 NHWC ``images`` (a cumulative average); weights
+    untouched. After a prune (lobs, dsa, dipgo, filter) the statistics describe the net before it."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m, m.momentum) for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for i in range(0, len(images) - 1, batch_size):  # no batch of one image (BatchNorm needs two)
+            batch = images[i : i + batch_size]
+            if len(batch) > 1:
+                model(to_nchw(batch.astype(np.float32) / np.float32(255.0), device))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+
+
 def jsd_consistency(logits_clean: torch.Tensor, logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
     """AugMix's Jensen-Shannon divergence between the clean and two augmented predictions."""
     p = [F.softmax(z, dim=1) for z in (logits_clean, logits_a, logits_b)]

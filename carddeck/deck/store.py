@@ -244,16 +244,23 @@ class DeckStore(Transactions):
         references: Mapping[str, tuple[float, ...]] | None = None,
         router: Any | None = None,
         shift: Any | None = None,
+        calibration: np.ndarray | None = None,
     ) -> Manifest:
-        """Change the default gate policy, its parameters, the domain references, the router or the
-        shift detector (``carddeck.observability.shift.ShiftDetector``, saved beside the router)."""
+        """Change the default gate policy, its parameters, the domain references, the router, the
+        shift detector (``carddeck.observability.shift.ShiftDetector``, saved beside the router) or the
+        calibration images (see :meth:`set_calibration`): whatever is given, in one transaction."""
         from carddeck.gating.policies import POLICIES, GateParams
 
         if policy is not None:
             POLICIES.get(policy)  # InvalidInput listing the valid names
         if params is not None:
             GateParams.from_dict(params)
+        images = None if calibration is None else _calibration_npz(calibration)
         with self._locked() as m:
+            extra: dict[str, Any] = {}
+            if images is not None:
+                extra["calibration"] = self.backend.fresh(CALIBRATION)
+                self._write(extra["calibration"], images)
             gate = dict(m.gate)
             if policy is not None:
                 gate["policy"] = policy
@@ -272,7 +279,7 @@ class DeckStore(Transactions):
                 fitted.save(buf)
                 self._write(rel, buf.getvalue())
                 gate[key] = rel
-            return self._commit(replace(m, version=m.version + 1, gate=gate, updated=now()))
+            return self._commit(replace(m, version=m.version + 1, gate=gate, updated=now(), **extra))
 
     def set_batching(self, config: Mapping[str, Any]) -> Manifest:
         """Replace the deck's batching settings (:func:`batching_config`); replicas take them with the next snapshot."""
@@ -282,17 +289,16 @@ class DeckStore(Transactions):
 
     def set_calibration(self, images: np.ndarray) -> Manifest:
         """Store clean uint8 [N,H,W,3] images used to sign cards that arrive without a signature."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
-            raise InvalidInput(
-                f"calibration images must be uint8 [N,H,W,3] with N > 0, got {images.dtype} {images.shape}"
-            )
-        buf = io.BytesIO()
-        np.savez(buf, images=images)
-        with self._locked() as m:
-            rel = self.backend.fresh(CALIBRATION)
-            self._write(rel, buf.getvalue())
-            return self._commit(replace(m, version=m.version + 1, calibration=rel, updated=now()))
+        return self.set_gate(calibration=images)
+
+
+def _calibration_npz(images: np.ndarray) -> bytes:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+        raise InvalidInput(f"calibration images must be uint8 [N,H,W,3] with N > 0, got {images.dtype} {images.shape}")
+    buf = io.BytesIO()
+    np.savez(buf, images=images)
+    return buf.getvalue()
 
 
 __all__ = [

@@ -38,16 +38,32 @@ SPARSE_ENCODINGS = ("bitmask", "sparse-initializer")
 QUANTIZED_FORMATS = ("binary",)
 
 
-def format_for(method: str, requested: str | None = None) -> str:
-    """The format to write: ``requested`` when given (validated), else the one matching ``method``."""
-    if requested not in (None, "auto"):
-        if requested not in FORMATS:
-            raise InvalidInput(f"unknown export format {requested!r}; valid formats: auto, {', '.join(FORMATS)}")
-        return requested
+def formats_for(method: str) -> tuple[str, ...]:
+    """The formats a card of ``method`` may be written in, its own first. Dense and sparse are lossless for any
+    card (sparse stores only what is sparse enough); binary rewrites ternary weights exactly and quantizes the
+    rest to int8, so it belongs to the methods whose weights are binary: on others it is plain int8
+    quantization under a CardMeta that says 32-bit weights."""
     specs = method_specs()  # each method declares how its cards are stored
     if method not in specs:
         raise InvalidInput(f"no export format for compression method {method!r}; known: {', '.join(specs)}")
-    return specs[method].export_format
+    own = specs[method].export_format
+    return (own, *(f for f in FORMATS if f != own and f not in QUANTIZED_FORMATS))
+
+
+def format_for(method: str, requested: str | None = None) -> str:
+    """The format to write: ``requested`` when given (checked against what applies to ``method``), else the
+    one ``method`` declares."""
+    if requested in (None, "auto"):
+        return formats_for(method)[0]
+    if requested not in FORMATS:
+        raise InvalidInput(f"unknown export format {requested!r}; valid formats: auto, {', '.join(FORMATS)}")
+    applicable = formats_for(method)
+    if requested not in applicable:
+        raise InvalidInput(
+            f"--format {requested} does not apply to a {method!r} card (its weights are not binary); "
+            f"formats for it: auto ({applicable[0]}), {', '.join(applicable)}"
+        )
+    return requested
 
 
 # -- sparse ------------------------------------------------------------------------------------------
@@ -378,6 +394,7 @@ __all__ = [
     "BinaryStats",
     "SparseStats",
     "format_for",
+    "formats_for",
     "int8_weights",
     "shorten_names",
     "ternary_scales",

@@ -15,7 +15,7 @@ HTTP_STATUS: dict[type[BaseException], int] = {
     errors.Unauthenticated: 401,
     errors.CardNotFound: 404,
     errors.DeckConflict: 409,
-    errors.NotReady: 503,
+    errors.NotReady: 503,  # work refused; the health routes answer their "false" with 400 (routes.not_ready)
     errors.Overloaded: 429,
     errors.Cancelled: 503,  # HTTP has no deadline to miss; only a drain cancels, and a retry elsewhere helps
 }

@@ -50,6 +50,15 @@ def json_reply(value: Any) -> Reply:
     return Reply(json.dumps(value, separators=(",", ":")).encode(), media_type="application/json")
 
 
+def not_ready(exc: NotReady) -> Reply:
+    """The health routes' "false": 400 with the reason, not the 503 of refused work. The Open Inference
+    Protocol answers ServerReady and ModelReady with 200 for true and a 4xx for false; Triton answers 400 for
+    both (HandleServerHealth, HandleModelReady), except ModelReady while the server itself is not ready (503,
+    from its core's UNAVAILABLE), the only way a model of ours is not ready: we follow the protocol there.
+    KServe's Python server answers 503. Load balancers and Kubernetes probes fail on any of them."""
+    return Reply(json.dumps({"error": str(exc)}).encode(), status=400, media_type="application/json")
+
+
 def _tensor(t: TensorInfo) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
 
@@ -85,12 +94,18 @@ class Routes:
         return Reply()
 
     def ready(self, call: Call) -> Reply:
+        try:
+            self._check_ready()
+        except NotReady as exc:
+            return not_ready(exc)
+        return Reply(headers={STORE_KEY: self.dp.store_state.describe()})
+
+    def _check_ready(self) -> None:
         if not self.dp.ready:
             deck = self.dp.deck  # NotReady while no deck is loaded
             if not deck.cards:
                 raise NotReady(f"not ready: deck version {deck.version} has no cards; add one")
             raise NotReady("not ready: the server is shutting down")
-        return Reply(headers={STORE_KEY: self.dp.store_state.describe()})
 
     def server_metadata(self, call: Call) -> Reply:
         return json_reply(server_metadata(EXTENSIONS))
@@ -108,7 +123,10 @@ class Routes:
         )
 
     def model_ready(self, call: Call) -> Reply:
-        self._model(call)  # an unknown model is 404, not merely "not ready"
+        try:
+            self._model(call)  # an unknown model is 404 (CardNotFound), not merely "not ready"
+        except NotReady as exc:  # no deck loaded yet: nothing is ready
+            return not_ready(exc)
         return self.ready(call)
 
     def model_config(self, call: Call) -> Reply:
@@ -160,4 +178,4 @@ class Routes:
         return Reply()
 
 
-__all__ = ["EXTENSIONS", "Call", "Reply", "Routes", "work"]
+__all__ = ["EXTENSIONS", "Call", "Reply", "Routes", "not_ready", "work"]

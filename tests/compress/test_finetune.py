@@ -49,14 +49,17 @@ def dipgo_before(trained_dense, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_light_finetune_repairs_a_pruned_card_that_the_dense_peak_rate_wrecks(tmp_path, trained_dense, dipgo_before):
-    """One epoch after DiP-GO's removal: at the default rate (0.01) vs at the dense schedule's peak (0.1)."""
+def test_one_epoch_repairs_a_pruned_card_at_either_rate(tmp_path, trained_dense, dipgo_before):
+    """One epoch after DiP-GO's removal, at the default rate (0.01) and at the dense schedule's peak (0.1), with the
+    card's BatchNorm statistics re-estimated after it. Measured here (session 12): before 0.825, light 0.905, peak
+    0.922; without the re-estimation (the statistics a 16-step fine-tune leaves) light 0.841, peak 0.334: the
+    peak's "wreck" was mostly stale statistics. Mutant: no re-estimation after the fine-tune."""
     kw = dict(method="dipgo", sparsity=0.5, epochs=1, gate_steps=150)
     light = compress(_config(tmp_path / "light", trained_dense.card, **kw)).meta.accuracy.clean
     peak = compress(_config(tmp_path / "peak", trained_dense.card, finetune_lr=0.1, **kw)).meta.accuracy.clean
     before = dipgo_before.meta.accuracy.clean
-    print(f"before {before:.3f}, light {light:.3f}, peak {peak:.3f}")  # measured: 0.696, 0.858, 0.563
-    assert light > before + 0.05 and light > peak + 0.1
+    print(f"before {before:.3f}, light {light:.3f}, peak {peak:.3f}")
+    assert light > before + 0.05 and peak > before + 0.05
 
 
 def _gated_accuracy(net, logits, calib, val):

@@ -112,6 +112,38 @@ def test_filter_pruned_net_is_smaller_and_computes_what_the_masked_net_did():
     assert final.sparsity == 0.5
 
 
+def test_a_pruned_net_is_evaluated_with_batchnorm_re_estimated_on_the_training_images():
+    """Before an evaluation (refresh) of the pruned net, every BatchNorm holds its statistics on ``bn_images``
+    (what recalibrate_batchnorm measures on a net pruned the same way), not the unpruned net's. Mutant: no
+    re-estimation (as before: a 1-epoch fine-tune left them mostly the unpruned net's, a card at chance)."""
+    from carddeck.compress.train import recalibrate_batchnorm
+
+    images = torch.randint(0, 256, (40, 32, 32, 3), generator=torch.Generator().manual_seed(3)).to(torch.uint8).numpy()
+    net, ref = _filter_net(), _filter_net()
+
+    def bns(model):
+        return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    stale = [m.running_var.clone() for m in bns(net)]
+    method, same = FilterPruning(MethodConfig(sparsity=0.5)), FilterPruning(MethodConfig(sparsity=0.5))
+    method.prepare(net)
+    same.prepare(ref)
+    method.bn_images = images
+    method.refresh(net)  # nothing pruned yet: the statistics stay
+    assert all(torch.equal(m.running_var, v) for m, v in zip(bns(net), stale))
+    method.start_round(net, 1, steps=1)
+    method.refresh(net)
+    same.prune_to(ref, 0.5)
+    recalibrate_batchnorm(ref, images, torch.device("cpu"))
+    for got, want in zip(bns(net), bns(ref)):
+        torch.testing.assert_close(got.running_mean, want.running_mean)
+        torch.testing.assert_close(got.running_var, want.running_var)
+    assert not any(torch.allclose(m.running_var, v) for m, v in zip(bns(net), stale))
+    for g in method.groups:  # pruned channels still output exactly zero: the masks hold after the re-estimation
+        assert all(bool((dict(net.named_modules())[bn].running_mean[~method.keep[g.name]] == 0).all())
+                   for _conv, bn in g.producers)  # fmt: skip
+
+
 def test_filter_pruning_keeps_the_highest_l1_filters():
     net = _filter_net()
     w = net.stages[0][0].conv1.weight

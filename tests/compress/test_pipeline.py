@@ -1,6 +1,7 @@
 """`carddeck compress` end to end on a tiny slice of digits32: card.pt format, resume, bad input."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,48 @@ def test_the_long_steps_show_progress(tmp_path, tiny_data, capsys):
     assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "lobs layers" not in err and "corrupted accuracy" not in err
+
+
+def test_epochs_default_to_the_methods_own(tmp_path, tiny_data, capsys, caplog):
+    """--epochs left out: 1 for the methods that prune a trained card (lobs, dsa, dipgo: the short retraining the
+    README advises), 10 for those that train; an explicit --epochs wins, and --help says each default. Mutant: 10
+    for every method (as before: a one-shot prune retrained 10 epochs at its fine-tune rate)."""
+    dense = compress(_config(tmp_path / "dense", tiny_data, method="dense", sparsity=0.0, epochs=1))
+    base = dict(arch="resnet20", data=tiny_data, batch_size=32, corruptions=(), progress=False)
+    for method, sparsity, want in (("lobs", 0.5, 1), ("dsa", 0.5, 1), ("dipgo", 0.5, 1), ("lrr", 0.5, 10),
+                                   ("filter", 0.5, 10), ("dense", 0.0, 10)):  # fmt: skip
+        init = dense.card if method != "dense" else None
+        config = CompressConfig(out=tmp_path / method, method=method, sparsity=sparsity, init=init, **base)
+        assert plan(config).config.epochs == want, method
+        assert plan(config).config.training_key()["epochs"] == want  # a --resume compares the number trained
+    explicit = CompressConfig(out=tmp_path / "x", method="lobs", sparsity=0.5, init=dense.card, epochs=3, **base)
+    assert plan(explicit).config.epochs == 3
+    caplog.set_level(logging.INFO, "carddeck.compress.train")
+    argv = ["compress", "--arch", "resnet20", "--batch-size", "32", "--no-progress", "--method", "lobs", "--sparsity",
+            "0.5", "--init", str(dense.card), "--calib-images", "32", "--corruptions", "none"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0  # the command, not only the library, leaves it to lobs
+    assert "round 1 epoch 1/1:" in caplog.text and "epoch 2/" not in caplog.text
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the method's, 1 for dipgo, dsa, lobs (" in text and "10 for biprop, dense, filter, lrr" in text
+
+
+def test_a_filter_card_is_stored_with_its_batchnorm_statistics_re_estimated(tmp_path, tiny_data):
+    """The pipeline hands the method training images, so the card's BatchNorm statistics are the pruned net's
+    own even after one short epoch: from an --init card whose running variances are garbage (1e6), the filter
+    card's are ordinary. Mutant: the pipeline leaves Method.bn_images unset (the statistics then are 0.9^3 of
+    the garbage after 3 steps)."""
+    from carddeck.compress.checkpoint import save_card
+
+    dense = compress(_config(tmp_path / "dense", tiny_data, method="dense", sparsity=0.0, epochs=1))
+    model, meta, raw = load_card(dense.card)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(1e6)
+    garbled = save_card(tmp_path / "garbled", raw["arch"], raw["arch_kwargs"], model, meta)
+    card = compress(_config(tmp_path / "filter", tiny_data, method="filter", sparsity=0.5, init=garbled, epochs=1))
+    net, _, _ = load_card(card.card)
+    variances = torch.cat([m.running_var for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    assert float(variances.max()) < 1e3, float(variances.max())

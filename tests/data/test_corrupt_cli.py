@@ -95,3 +95,27 @@ def test_a_smaller_suite_written_over_a_larger_one_reads_as_itself(tmp_path):
     (out / "fog.npy").unlink()
     with pytest.raises(InvalidInput, match="names fog, but .* has no such file"):
         load_corrupted(f"c:{out}")
+
+
+def test_ctrl_c_says_what_is_kept_and_an_interrupted_rewrite_is_no_suite(tmp_path):
+    """A real SIGINT to a rewrite of a suite (other seed) once its first file is written: exit 130, one line saying
+    the finished files stay and the suite's labels and JSON are not there; the earlier suite's are gone, so the mix
+    of old and new arrays does not read as a suite. Mutants: the interrupt silent, or the old JSON and labels kept
+    (as before: the interrupted rerun read as the earlier suite, gaussian_noise already the new seed's)."""
+    from carddeck.data.corrupted import SUITE_META
+    from tests.cli_process import interrupt
+
+    out = tmp_path / "suite"
+    assert main(["corrupt", "--data", "digits32", "--out", str(out), "--corruptions", "benchmark",
+                 "--severities", "1"]) == 0  # fmt: skip
+    first = (out / "gaussian_noise.npy").stat().st_mtime_ns
+    # once shot_noise starts, gaussian_noise.npy is the new seed's
+    code, err = interrupt(["corrupt", "--data", "digits32", "--out", str(out), "--seed", "5"], "shot_noise]",
+                          tmp_path / "err.txt")  # fmt: skip
+    assert code == 130 and "Traceback" not in err, err
+    assert f"carddeck: interrupted: corrupt into {out}: the corruption files finished so far are kept, but " \
+           f"labels.npy and {SUITE_META} (written last) are not there" in err  # fmt: skip
+    assert (out / "gaussian_noise.npy").stat().st_mtime_ns > first  # rewritten: old and new arrays side by side
+    assert not (out / SUITE_META).exists()
+    with pytest.raises(InvalidInput, match="labels.npy: file not found"):
+        load_corrupted(f"c:{out}")

@@ -6,6 +6,7 @@ import pytest
 from carddeck.commands.cli import main
 from carddeck.deck import Deck, DeckStore
 from carddeck.gating import CalibratedRouter
+from tests.cli_process import interrupt
 from tests.deck.conftest import card
 
 # The tiny cards record the dataset "synthetic"; their inputs are digits32-shaped.
@@ -173,3 +174,61 @@ def test_a_calibration_refused_for_a_bad_name_leaves_the_deck_as_it_was(tmp_path
     assert main([*args, *bad]) == 2
     assert said in capsys.readouterr().err
     assert DeckStore(store.root).manifest() == before
+
+
+def test_a_calibration_that_fails_at_its_last_write_leaves_the_deck_as_it_was(tmp_path, capsys):
+    """A real failure at the boundary: the router's file cannot be written (a file named ``gate`` stands where its
+    folder goes), after the references, calibration images and router were computed. The deck is as it was and
+    still loads. Mutant: each part committed on its own (as before: the references and the calibration images
+    landed, a version up each, and the router did not)."""
+    store = tiny_deck(tmp_path)
+    before = store.manifest()
+    (store.root / "gate").write_text("in the way")
+    args = ["calibrate", "--deck", str(store.root), "--train-images", "32", "--val-images", "32",
+            "--store-calibration", "8", "--policy", "calibrated", *FAST]  # fmt: skip
+    assert main(args) == 2
+    assert f"File exists: '{store.root / 'gate'}'" in capsys.readouterr().err
+    assert DeckStore(store.root).manifest() == before
+    (store.root / "gate").unlink()
+    deck = Deck.open(store.root)
+    assert deck.version == before.version and deck.gate.router is None and deck.default_policy != "calibrated"
+    assert DeckStore(store.root).calibration_images() is None
+    assert main(args) == 0  # the same run, with room for its files: all of it lands, in one version
+    after = DeckStore(store.root).manifest()
+    assert after.version == before.version + 1 and after.gate["policy"] == "calibrated" and after.gate["router"]
+    assert DeckStore(store.root).calibration_images().shape == (8, 32, 32, 3)
+
+
+def test_ctrl_c_in_calibrate_says_the_deck_is_unchanged_and_leaves_it_so(tmp_path):
+    """A real SIGINT while the router's runs are collected (after the references were computed): exit 130, one
+    line saying nothing was written, the deck as it was. Mutants: the interrupt silent (as before), or the
+    references committed before the router's fit (as before: the deck a version up, half calibrated)."""
+    store = tiny_deck(tmp_path)
+    before = store.manifest()
+    code, err = interrupt(["calibrate", "--deck", str(store.root), "--data", "digits32", "--store-calibration", "8"],
+                          "calibrate:", tmp_path / "err.txt")  # fmt: skip
+    assert code == 130 and "Traceback" not in err, err
+    assert f"carddeck: interrupted: calibrate of {store.root}: nothing was written: the deck is as it was " \
+           f"(version {before.version})" in err  # fmt: skip
+    assert DeckStore(store.root).manifest() == before
+    assert Deck.open(store.root).version == before.version
+
+
+def test_ctrl_c_in_eval_says_no_report_was_written(tmp_path):
+    """A real SIGINT while the test conditions run: exit 130 and one line naming the deck and that nothing was
+    written to --out. Mutant: the interrupt silent (as before)."""
+    store, out = tiny_deck(tmp_path), tmp_path / "report"
+    code, err = interrupt(["eval", "--deck", str(store.root), "--data", "digits32", "--out", str(out)], "eval (test)",
+                          tmp_path / "err.txt")  # fmt: skip
+    assert code == 130 and "Traceback" not in err, err
+    assert f"carddeck: interrupted: eval of {store.root} before its report: nothing was written to {out}" in err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_max_cards_below_one_is_named_before_any_work(tmp_path, capsys):
+    """Mutant: --max-cards an int of any value (as before: 0 ran every condition, then the router's fit died in
+    numpy, 'need at least one array to stack', with a traceback)."""
+    store = tiny_deck(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--deck", str(store.root), "--max-cards", "0"])
+    assert exc.value.code == 2 and "--max-cards: expected a whole number >= 1, got '0'" in capsys.readouterr().err

@@ -50,6 +50,16 @@ def lrr_checkpoint(tmp_path_factory, digits):
     return out
 
 
+def test_binary_format_of_a_card_that_is_not_binary_is_refused_before_any_work(lrr_checkpoint, tmp_path, capsys):
+    """Mutant: --format binary accepted for any card (as before: the lrr card was quantized to int8 and written)."""
+    out = tmp_path / "card.onnx"
+    assert main(["export", str(lrr_checkpoint / "card.pt"), "--out", str(out), "--format", "binary"]) == 2
+    err = capsys.readouterr().err
+    assert "--format binary does not apply to a 'lrr' card" in err
+    assert "formats for it: auto (sparse), sparse, dense" in err
+    assert not out.exists()
+
+
 def test_export_command(lrr_checkpoint, tmp_path, capsys):
     out = tmp_path / "deck" / "model.onnx"
     umask = os.umask(0o022)

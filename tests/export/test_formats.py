@@ -76,6 +76,18 @@ def test_format_follows_the_compression_method():
         format_for("lrr", "int4")
 
 
+@pytest.mark.parametrize("method", ["dense", "filter", "lrr", "dipgo"])
+def test_binary_is_refused_for_a_card_whose_weights_are_not_binary(method):
+    """Mutant: any format accepted for any card (as before: a dense card came out int8-quantized under a CardMeta
+    that says 32-bit weights)."""
+    own = format_for(method)
+    with pytest.raises(ValueError, match=rf"--format binary does not apply to a '{method}' card .* formats for it: "
+                                         rf"auto \({own}\), {own}, "):  # fmt: skip
+        format_for(method, "binary")
+    assert format_for(method, "dense") == "dense" and format_for(method, "sparse") == "sparse"  # lossless: any card
+    assert format_for("biprop", "binary") == "binary" and format_for("biprop", "dense") == "dense"
+
+
 def test_sparse_card_is_lossless_and_matches_torch(sparse_net, digits, tmp_path):
     meta = card_meta("lrr-card", "lrr", sparsity=0.9)
     val = digits["val"]

@@ -327,7 +327,9 @@ def test_malformed_bodies_give_their_memory_back(server):
 
 
 def test_not_ready_inference_token_and_metrics(tmp_path):
-    """An empty deck answers 503; an inference token guards inference; metrics label the route."""
+    """An empty deck: readiness answers 400 (the health routes' "false": OIP says 4xx, Triton answers 400), work
+    503; an inference token guards inference; metrics label the route. Mutant: ModelReady of a known model that
+    is not ready answered 503 (as before), or 404 like an unknown one."""
     DeckStore.create(tmp_path / "empty")
     metrics_port = free_port()
     srv = http_server(
@@ -338,7 +340,11 @@ def test_not_ready_inference_token_and_metrics(tmp_path):
     try:
         assert request(srv, "GET", "/v2/health/live").status == 200  # probes are open
         ready = request(srv, "GET", "/v2/health/ready")
-        assert ready.status == 503 and "has no cards" in ready.error
+        assert ready.status == 400 and "has no cards" in ready.error
+        model = request(srv, "GET", "/v2/models/carddeck/ready", None, token)  # known (the deck), not ready
+        assert model.status == 400 and "has no cards" in model.error
+        unknown = request(srv, "GET", "/v2/models/nope/ready", None, token)
+        assert unknown.status == 404 and "no model 'nope'" in unknown.error
         assert request(srv, "GET", "/v2").status == 401
         assert request(srv, "POST", "/v2/models/carddeck/infer", GOOD, {"Authorization": "Bearer nope"}).status == 401
         answer = request(srv, "POST", "/v2/models/carddeck/infer", GOOD, token)
@@ -348,6 +354,7 @@ def test_not_ready_inference_token_and_metrics(tmp_path):
         assert request(srv, "POST", "/v2/repository/models/n1/load", load, token).status == 401  # not an admin
         assert request(srv, "POST", "/v2/repository/models/n1/load", load, ADMIN).status == 200
         assert request(srv, "GET", "/v2/health/ready").status == 200
+        assert request(srv, "GET", "/v2/models/carddeck/ready", None, token).status == 200
         assert request(srv, "POST", "/v2/models/carddeck/infer", GOOD, token).status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
@@ -373,8 +380,8 @@ def test_http_port_flag(tmp_path, server):
 
 
 def test_drain_refuses_new_http_work(tmp_path):
-    """SIGTERM: readiness is 503 at once, work is still served during the shutdown delay, and once the
-    drain begins (an AddCard held open keeps it waiting) new HTTP work is refused with 503."""
+    """SIGTERM: readiness (server and model) is 400 at once, work is still served during the shutdown delay, and
+    once the drain begins (an AddCard held open keeps it waiting) new HTTP work is refused with 503."""
     srv = http_server(make_deck(tmp_path / "deck"), tmp_path, "--shutdown-delay-s", "3", "--drain-timeout-s", "120",
                       "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                       env={"CARDDECK_ADMIN_TOKEN": ADMIN_TOKEN})  # fmt: skip
@@ -384,8 +391,10 @@ def test_drain_refuses_new_http_work(tmp_path):
         wait_for(lambda: value(scrape(port), "carddeck_requests_in_flight", service="carddeck.v1.CardDeck",
                                rpc="AddCard"), "the held AddCard to be in flight")  # fmt: skip
         srv.process.proc.send_signal(15)
-        ready = wait_for(lambda: (r := request(srv, "GET", "/v2/health/ready")).status == 503 and r, "readiness 503")
-        assert "shutting down" in ready.error
+        ready = wait_for(lambda: (r := request(srv, "GET", "/v2/health/ready")).status != 200 and r, "not ready")
+        assert ready.status == 400 and "shutting down" in ready.error
+        model = request(srv, "GET", "/v2/models/g1/ready")
+        assert model.status == 400 and "shutting down" in model.error
         assert request(srv, "POST", "/v2/models/carddeck/infer", GOOD).status == 200  # within the 3 s delay
         refused = wait_for(lambda: (r := request(srv, "POST", "/v2/models/carddeck/infer", GOOD)).status != 200 and r,
                            "HTTP infer to be refused once the drain began", timeout=30)  # fmt: skip
