@@ -15,12 +15,6 @@ by themselves: under closed-loop load the batch grows with the number of clients
 
 Requests are never split: a batch's requests all finish together. A failing merged batch is
 retried one request at a time, so one poisoned request cannot fail the others.
-
-Pipelined (``stages=(prepare, finish)``, ``run(items) == finish(prepare(items))``): each worker forms a
-batch and runs ``prepare`` on it (the deck's gate), then hands it to a finisher thread of its own that runs
-``finish`` (the cards, the verdict) and sets the answers; the worker then forms and prepares the next batch
-while this one finishes. At most two batches per worker are in flight, one in each stage, and each batch is
-still prepared and finished as one, exactly as ``run`` would.
 """
 
 from __future__ import annotations
@@ -176,48 +170,6 @@ class _Entry(Generic[T, R]):
     is_cancelled: Callable[[], bool] | None = None
 
 
-_PACE = 0.25  # weight of the latest batch in a stage's moving average of its duration
-
-
-class _Handoff(Generic[T]):
-    """A rendezvous between a worker and its finisher: ``put`` returns once the finisher has taken the item,
-    so the worker forms its next batch only while the finisher runs this one (two in flight, not three)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._item: T | None = None
-        self._closed = False
-        # the pace of the two stages (moving averages, s) and when the finisher took its batch: the worker forms
-        # the next batch so that its preparation ends as the finisher frees, not at once (_work_pipelined)
-        self.prepare_s = 0.0
-        self.finish_s = 0.0
-        self.taken_at = 0.0
-        self.busy = False  # the finisher has a batch (cleared under the batcher's condition, which it notifies)
-
-    def put(self, item: T) -> None:
-        with self._cond:
-            self._item = item
-            self.busy = True  # from now until the finisher has run it
-            self._cond.notify_all()
-            while self._item is item:
-                self._cond.wait()
-
-    def take(self) -> T | None:
-        """The next item; None once closed and empty."""
-        with self._cond:
-            while self._item is None and not self._closed:
-                self._cond.wait()
-            item, self._item = self._item, None
-            self.taken_at = time.monotonic()
-            self._cond.notify_all()
-            return item
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
 class MicroBatcher(Generic[T, R]):
     """Merge submitted items into batches and run ``run(items) -> results`` (one result per item)."""
 
@@ -231,12 +183,10 @@ class MicroBatcher(Generic[T, R]):
         workers: int = 1,
         on_batch: Callable[[int, list[float]], None] | None = None,
         name: str = "batcher",
-        stages: tuple[Callable[[list[T]], object], Callable[[object], Sequence[R]]] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self._run = run
-        self._stages = stages
         # the policy of requests submitted without one of their own
         self.policy = BatchPolicy(max_batch_size, max_wait_s, tuple(preferred_batch_sizes))
         self.max_batch_size = max_batch_size
@@ -247,23 +197,9 @@ class MicroBatcher(Generic[T, R]):
         self._closed = False
         # each worker forms a batch when it is free and runs it itself: handing the batch from a collector
         # to a pool thread cost two thread wake-ups per micro-batch and bought no parallelism
-        self._workers: list[threading.Thread] = []
-        self._pairs: list[tuple[threading.Thread, ...]] = []  # a worker, and its finisher when pipelined
-        for i in range(workers):
-            if stages is None:
-                pair: tuple[threading.Thread, ...] = (
-                    threading.Thread(target=self._work, name=f"{name}-run_{i}", daemon=True),
-                )
-            else:
-                handoff: _Handoff[tuple[list[_Entry[T, R]], object]] = _Handoff()
-                pair = (
-                    threading.Thread(
-                        target=self._work_pipelined, args=(handoff,), name=f"{name}-gate_{i}", daemon=True
-                    ),
-                    threading.Thread(target=self._finish_all, args=(handoff,), name=f"{name}-run_{i}", daemon=True),
-                )
-            self._pairs.append(pair)
-            self._workers.extend(pair)
+        self._workers = [
+            threading.Thread(target=self._work, name=f"{name}-run_{i}", daemon=True) for i in range(workers)
+        ]
         for worker in self._workers:
             worker.start()
 
@@ -309,17 +245,12 @@ class MicroBatcher(Generic[T, R]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        me = threading.current_thread()
-        for pair in self._pairs:
-            if me in pair:  # closed from a batch's own callback: its pair's worker may be handing it the next
-                continue
-            for worker in pair:
+        for worker in self._workers:
+            if worker is not threading.current_thread():  # closed from a batch's own callback
                 worker.join(timeout=None if wait else 0.1 / len(self._workers))
 
     # -- the workers --------------------------------------------------------------------------
-    def _next_batch(self, handoff: _Handoff | None = None) -> list[_Entry[T, R]] | None:
-        """``handoff``: a pipelined worker's: while its finisher is busy, form no batch (unless one is full)
-        until the one formed would be prepared as the finisher frees; what arrives meanwhile still joins."""
+    def _next_batch(self) -> list[_Entry[T, R]] | None:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -328,11 +259,6 @@ class MicroBatcher(Generic[T, R]):
             while True:
                 head = self._queue[0]  # the oldest request's model decides (Triton: per model)
                 count, ready = head.policy.plan([e.size for e in self._queue])
-                if handoff is not None and handoff.busy and not self._closed:
-                    early = handoff.taken_at + handoff.finish_s - handoff.prepare_s - time.monotonic()
-                    if early > 0 and sum(e.size for e in self._queue) < head.policy.max_batch_size:
-                        self._cond.wait(early)
-                        continue
                 if ready or self._closed or self._expected <= 0:
                     break
                 remaining = head.enqueued + head.policy.max_queue_delay_s - time.monotonic()
@@ -345,77 +271,13 @@ class MicroBatcher(Generic[T, R]):
         while (batch := self._next_batch()) is not None:
             try:
                 self._execute(batch)
-            except BaseException as exc:
-                self._fail(batch, exc)
-
-    def _work_pipelined(self, handoff: _Handoff[tuple[list[_Entry[T, R]], object]]) -> None:
-        try:
-            while (batch := self._next_batch(handoff)) is not None:
-                try:
-                    live = self._start(batch)
-                    if live:
-                        self._prepare(live, handoff)
-                except BaseException as exc:
-                    self._fail(batch, exc)
-        finally:
-            handoff.close()  # its finisher ends once it has run what it was handed
-
-    def _prepare(self, live: list[_Entry[T, R]], handoff: _Handoff[tuple[list[_Entry[T, R]], object]]) -> None:
-        assert self._stages is not None
-        try:
-            t0 = time.monotonic()
-            prepared = self._stages[0]([e.item for e in live])
-            handoff.prepare_s += _PACE * (time.monotonic() - t0 - handoff.prepare_s)
-        except BaseException as exc:
-            if len(live) == 1:
-                live[0].future.set_exception(exc)
-                return
-            log.warning("preparing a merged batch of %d requests failed (%s); running them one by one", len(live), exc)
-            for entry in live:
-                self._run_entries([entry])
-            return
-        handoff.put((live, prepared))
-
-    def _finish_all(self, handoff: _Handoff[tuple[list[_Entry[T, R]], object]]) -> None:
-        while (got := handoff.take()) is not None:
-            try:
-                self._finish_batch(*got)
-            except BaseException as exc:
-                self._fail(got[0], exc)
-            handoff.finish_s += _PACE * (time.monotonic() - handoff.taken_at - handoff.finish_s)
-            with self._cond:  # a worker holding its next batch back for this one forms it now
-                handoff.busy = False
-                self._cond.notify_all()
-
-    def _finish_batch(self, live: list[_Entry[T, R]], prepared: object) -> None:
-        assert self._stages is not None
-        try:
-            results = self._stages[1](prepared)
-        except BaseException as exc:
-            if len(live) == 1:
-                live[0].future.set_exception(exc)
-                return
-            log.warning("merged batch of %d requests failed (%s); running them one by one", len(live), exc)
-            for entry in live:
-                self._run_entries([entry])
-            return
-        for entry, result in zip(live, results):
-            entry.future.set_result(result)
-
-    def _fail(self, batch: list[_Entry[T, R]], exc: BaseException) -> None:
-        """A worker that died would leave its model's queue unserved: fail the batch, go on."""
-        log.exception("batch of %d requests failed outside its run", len(batch))
-        for entry in batch:
-            if not entry.future.done():
-                entry.future.set_exception(exc)
+            except BaseException as exc:  # a worker that died would leave its model's queue unserved
+                log.exception("batch of %d requests failed outside its run", len(batch))
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
 
     def _execute(self, batch: list[_Entry[T, R]]) -> None:
-        live = self._start(batch)
-        if live:
-            self._run_entries(live)
-
-    def _start(self, batch: list[_Entry[T, R]]) -> list[_Entry[T, R]]:
-        """The batch's requests still wanted (the others told they were cancelled), counted as one batch."""
         now = time.monotonic()
         live = []
         for entry in batch:
@@ -423,12 +285,14 @@ class MicroBatcher(Generic[T, R]):
                 entry.future.set_exception(Cancelled("request cancelled before it ran"))
             elif entry.future.set_running_or_notify_cancel():
                 live.append(entry)
-        if live and self._on_batch is not None:
+        if not live:
+            return
+        if self._on_batch is not None:
             try:
                 self._on_batch(sum(e.size for e in live), [now - e.enqueued for e in live])
             except Exception:  # metrics must never fail a batch
                 log.exception("batch observer failed")
-        return live
+        self._run_entries(live)
 
     def _run_entries(self, live: list[_Entry[T, R]]) -> None:
         try:

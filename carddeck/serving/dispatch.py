@@ -37,7 +37,6 @@ class Dispatch:
         metrics: Any = None,  # observe_batch, track_queue_depth (MetricsHook), or None
         batching: bool = True,  # with the server's batch flags (``policies.flags``)
         workers: int = 1,  # batches in flight
-        pipelined: bool = True,  # gate the next micro-batch while this one's cards run (MicroBatcher's stages)
     ) -> None:
         self.run = run
         self.statistics = statistics
@@ -57,7 +56,6 @@ class Dispatch:
                 workers=workers,
                 on_batch=self.observe_batch,
                 name="carddeck-batch",
-                stages=_stages(run) if pipelined else None,
             )
             if metrics is not None:  # read at scrape time, so the gauge also goes back down
                 batcher = self.batcher
@@ -223,18 +221,6 @@ class Dispatch:
     ) -> None:
         """The request in ``model``'s statistics (OIP ModelStatistics)."""
         self.statistics.record(model, n, time.monotonic() - start, ok=ok, queued_s=queued_s, compute_s=compute_s)
-
-
-def _stages(run: MicroBatchRun) -> tuple[Callable[[list[Work]], Any], Callable[[Any], list[Done]]] | None:
-    """EXPERIMENT (session 12, reverted): where a micro-batch is cut in two, from the environment (bench_server's
-    servers keep OVERLAP_SPLIT; they drop CARDDECK_*): ``gate`` (default): the next batch's gate runs while this
-    one's cards do; ``verdict``: this batch's verdict runs while the next one is gated and run; ``none``: off."""
-    import os
-
-    split = os.environ.get("OVERLAP_SPLIT", "gate")
-    if split == "none":
-        return None
-    return (run.route, run.finish) if split == "gate" else (run.route_and_run, run.judge)
 
 
 class _Inferring:
