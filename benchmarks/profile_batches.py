@@ -15,7 +15,8 @@ and thread CPU times; the wrappers change no answer. Drives it from client proce
 * the batch worker: batch sizes, the share of the window it spends forming batches, running them, and inside
   ONNX Runtime; per batch, its wall time outside ONNX Runtime against its CPU time there (the difference is
   waiting: for the GIL, for a lock, for a core); how long the card pool's helper takes to start and how long
-  the worker then waits for it; how much of the window has 0, 1 or 2 ONNX Runtime runs going;
+  the worker then waits for it; how much of the window has 0, 1 or 2 ONNX Runtime runs going; per batch, the wall
+  and CPU time of the gate (``sample_features`` and routing), the verdict (shift monitor) and the listeners;
 * with ``--perf`` (Linux ``perf``, tracepoints allowed): every voluntary context switch of the server for 2 s,
   classified from its native stack: waiting for the GIL (and after what: ONNX Runtime, a numpy call that
   released it, gRPC's core, a lock wait) or waiting on a lock or condition, gRPC's completion queue.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -48,7 +50,7 @@ def serve_traced(out: str, argv: list[str]) -> int:
     """Run the ``carddeck`` command with the batch worker's steps timed; SIGUSR1 writes the log to ``out``."""
     from carddeck.deck import deck as deck_module
     from carddeck.deck import runtime
-    from carddeck.serving import batching
+    from carddeck.serving import batching, microbatch, verdicts
 
     log: dict[str, list] = collections.defaultdict(list)
     clock, cpu = time.perf_counter, time.thread_time
@@ -63,7 +65,8 @@ def serve_traced(out: str, argv: list[str]) -> int:
             try:
                 return fn(*args, **kwargs)
             finally:
-                size = len(args[1]) if len(args) > 1 else 0  # the batch's requests, or an ORT run's rows
+                sized = len(args) > 1 and hasattr(args[1], "__len__")
+                size = len(args[1]) if sized else 0  # the batch's requests, or an ORT run's rows
                 log[key].append((t0, clock(), c0, cpu(), threading.get_native_id(), size))
 
         setattr(owner, name, wrapper)
@@ -72,6 +75,10 @@ def serve_traced(out: str, argv: list[str]) -> int:
     timed(batching.MicroBatcher, "_execute", "batch")
     timed(batching.MicroBatcher, "_run_entries", "run")
     timed(runtime.CardSession, "_run", "ort", worker_only=False)
+    # the stages between card runs: the gate (features and routing), the verdict, the listeners
+    timed(microbatch, "_route", "gate", worker_only=False)
+    timed(verdicts.Verdicts, "of", "verdict", worker_only=False)
+    timed(verdicts.Verdicts, "observe", "observe", worker_only=False)
     claimed = deck_module.run_claimed
 
     def run_claimed(jobs: Any, fn: Any, pool: Any, threads: int) -> Any:
@@ -96,6 +103,7 @@ def serve_traced(out: str, argv: list[str]) -> int:
         os.replace(out + ".tmp", out)
 
     signal.signal(signal.SIGUSR1, dump)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # every thread's stack in the server's log (a hang)
     from carddeck.commands.cli import main
 
     sys.argv = ["carddeck", *argv]
@@ -219,7 +227,12 @@ def main() -> int:
 
     try:
         list(pool.map(time.sleep, [0.1] * args.client_procs))
-        measure_remote(pool, args.client_procs, args.kind, server, images, conc, 2.0, args.model)  # warm-up
+        for _ in range(3):  # warm-up; on a loaded machine the clients' first imports can outlast its window
+            try:
+                measure_remote(pool, args.client_procs, args.kind, server, images, conc, 2.0, args.model)
+                break
+            except IndexError:  # no call ended inside the window
+                continue
         start = time.perf_counter()
         sampler = threading.Thread(target=sample)
         sampler.start()
@@ -288,6 +301,14 @@ def report(args: argparse.Namespace, r: dict, window: dict, trace: dict) -> None
     print(f"  per batch: {1000 * run_wall / n:.2f} ms; ONNX Runtime {1000 * ort_wall / n:.2f} ms wall,"
           f" {1000 * ort_cpu / n:.2f} CPU; outside it {1000 * (run_wall - ort_wall) / n:.2f} ms wall,"
           f" {1000 * (run_cpu - ort_cpu) / n:.2f} CPU (the rest: waiting for the GIL, a lock or a core)")  # fmt: skip
+    stages = []
+    for key in ("gate", "verdict", "observe"):
+        rows = inside(trace.get(key, []))
+        if rows:
+            stages.append(f"{key} {1000 * sum(r[1] - r[0] for r in rows) / n:.2f} ms wall, "
+                          f"{1000 * sum(r[3] - r[2] for r in rows) / n:.2f} CPU")  # fmt: skip
+    if stages:
+        print("  of which, per batch: " + "; ".join(stages))
     helped = [c for c in inside(trace.get("claimed", [])) if c[3] > 0]
     if helped:
         late = [1000 * (c[4] - c[0]) for c in helped if c[4] is not None]
