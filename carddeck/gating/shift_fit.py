@@ -300,8 +300,8 @@ def refit_from_deck(deck: Deck, *, seed: int = 1, condition_draws: int = BOOTSTR
     feature: two severities of agreement with clean predictions are too thin a check to vouch for the coarse
     set (on digits32 it passed, where the labelled check on val, with fog/5, rejects it). It runs in the
     background of a serving process: the clean thresholds get their full draws (they set the false alarm
-    rate), the other conditions ``condition_draws`` (the default deck: 63 s before, 141 s with a quarter of
-    the clean draws each, on a loaded machine)."""
+    rate), the other conditions ``condition_draws`` (a quarter of the clean draws each took the default
+    deck's refit from 63 s to 141 s on a loaded machine; 250 keeps it at 63 s)."""
     from carddeck.data.corruptions import BENCHMARK_CORRUPTIONS
 
     images = deck.store.calibration_images() if deck.store is not None else None
