@@ -15,8 +15,7 @@ and thread CPU times; the wrappers change no answer. Drives it from client proce
 * the batch worker: batch sizes, the share of the window it spends forming batches, running them, and inside
   ONNX Runtime; per batch, its wall time outside ONNX Runtime against its CPU time there (the difference is
   waiting: for the GIL, for a lock, for a core); how long the card pool's helper takes to start and how long
-  the worker then waits for it; how much of the window has 0, 1 or 2 ONNX Runtime runs going; per batch, the wall
-  and CPU time of the gate (``sample_features`` and routing), the verdict (shift monitor) and the listeners;
+  the worker then waits for it; how much of the window has 0, 1 or 2 ONNX Runtime runs going;
 * with ``--perf`` (Linux ``perf``, tracepoints allowed): every voluntary context switch of the server for 2 s,
   classified from its native stack: waiting for the GIL (and after what: ONNX Runtime, a numpy call that
   released it, gRPC's core, a lock wait) or waiting on a lock or condition, gRPC's completion queue.
@@ -73,6 +72,8 @@ def serve_traced(out: str, argv: list[str]) -> int:
 
     timed(batching.MicroBatcher, "_next_batch", "form")
     timed(batching.MicroBatcher, "_execute", "batch")
+    if hasattr(batching.MicroBatcher, "_finish_batch"):  # pipelined (session 12): the cards run in the second stage
+        timed(batching.MicroBatcher, "_finish_batch", "batch")
     timed(batching.MicroBatcher, "_run_entries", "run")
     timed(runtime.CardSession, "_run", "ort", worker_only=False)
     # the stages between card runs: the gate (features and routing), the verdict, the listeners

@@ -60,6 +60,8 @@ class DataplaneConfig:
     max_wait_s: float = 0.002
     preferred_batch_sizes: tuple[int, ...] = ()
     batch_workers: int = 1  # batches in flight
+    # each in two stages: a batch's verdict runs while the next one is gated and run (carddeck.serving.batching)
+    batch_pipeline: bool = True
     poll_interval_s: float = 2.0
     providers: Sequence[str] | None = None
     intra_op_threads: int | None = None
@@ -102,6 +104,7 @@ class Dataplane:
             metrics=metrics,
             batching=config.batching,
             workers=config.batch_workers,
+            pipelined=config.batch_pipeline,
         )
 
     # test-time adaptation of shifted requests (set by the process assembly); None: never

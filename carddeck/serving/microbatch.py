@@ -66,45 +66,79 @@ def card_work(model: Model, images: np.ndarray) -> Work:
     return Work(deck, x, weights, model=model.name)
 
 
+@dataclass(slots=True)
+class Routed:
+    """A micro-batch between its gate and its card runs (:meth:`MicroBatchRun.route`): per snapshot, the
+    requests' indices, their merged rows and weights; each routed request's routing."""
+
+    works: list[Work]
+    groups: list[tuple[list[int], np.ndarray, np.ndarray]]
+    routings: dict[int, Routing]
+    gate_s: float
+    out: dict[int, np.ndarray] | None = None
+    agreements: dict[int, np.ndarray] | None = None
+
+
 class MicroBatchRun:
-    """``run(works) -> dones``, the function the micro-batcher calls (and a request alone, in its own thread)."""
+    """``run(works) -> dones``, the function the micro-batcher calls (and a request alone, in its own thread);
+    also in two stages, ``judge(route_and_run(works))``, so that a pipelined batcher
+    (:mod:`carddeck.serving.batching`) judges a micro-batch while the next one is gated and run."""
 
     def __init__(self, verdicts: Verdicts, statistics: Statistics) -> None:
         self.verdicts = verdicts
         self.statistics = statistics
 
     def __call__(self, works: list[Work]) -> list[Done]:
+        return self.judge(self.route_and_run(works))
+
+    def route(self, works: list[Work]) -> Routed:
         """Group by snapshot, route every request on its own rows (one features call, one policy call per
-        policy), run each card once over the merged rows, split back."""
+        policy); no card runs here."""
         t0 = time.monotonic()
-        out: dict[int, np.ndarray] = {}
-        agreements: dict[int, np.ndarray] = {}
         routings: dict[int, Routing] = {}
         groups: dict[int, list[int]] = {}
         for i, w in enumerate(works):
             groups.setdefault(id(w.deck), []).append(i)
-        on_card = self.verdicts.on_card
+        merged = []
         for idx in groups.values():
             deck = works[idx[0]].deck
             x = works[idx[0]].x if len(idx) == 1 else merge_rows([works[i].x for i in idx])
             routings.update(_route(deck, {i: works[i] for i in idx if works[i].weights is None}, x, len(idx)))
             weights = [_weights_of(works[i], routings.get(i)) for i in idx]
+            merged.append((idx, x, weights[0] if len(idx) == 1 else merge_rows(weights)))
+        return Routed(works, merged, routings, time.monotonic() - t0)
+
+    def route_and_run(self, works: list[Work]) -> Routed:
+        return self.run_cards(self.route(works))
+
+    def run_cards(self, routed: Routed) -> Routed:
+        t0 = time.monotonic()
+        works = routed.works
+        out: dict[int, np.ndarray] = {}
+        agreements: dict[int, np.ndarray] = {}
+        on_card = self.verdicts.on_card
+        for idx, x, weights in routed.groups:
             agreement = np.empty(len(x), np.float32)
-            probs = deck.run_routed(
-                x, weights[0] if len(idx) == 1 else merge_rows(weights), on_card=on_card, agreement=agreement
-            )
+            probs = works[idx[0]].deck.run_routed(x, weights, on_card=on_card, agreement=agreement)
             offset = 0
             for i in idx:
                 n = len(works[i].x)
                 out[i], agreements[i] = probs[offset : offset + n], agreement[offset : offset + n]
                 offset += n
+        routed.out, routed.agreements = out, agreements
+        routed.gate_s += time.monotonic() - t0
+        return routed
+
+    def judge(self, routed: Routed) -> list[Done]:
+        t0 = time.monotonic()
+        works, routings, out, agreements = routed.works, routed.routings, routed.out, routed.agreements
         predicted = {
             i: RoutedRequest(w.model, w.x, routings[i], out[i], agreements[i])
             for i, w in enumerate(works)
             if i in routings
         }
         verdicts: dict[int, Trust] = {}
-        for idx in groups.values():  # judged by a detector fitted for the cards they ran on (a swap may lag)
+        for idx, _, _ in routed.groups:  # judged by a detector fitted for the cards they ran on (a swap may lag)
             mine = [i for i in idx if i in predicted]
             cards = works[idx[0]].deck.card_keys
             verdicts.update(zip(mine, self.verdicts.of([predicted[i] for i in mine], cards)))
@@ -115,7 +149,7 @@ class MicroBatchRun:
             for i, request in predicted.items()
             if (a := self.verdicts.adapted(works[i].deck, request, verdicts.get(i))) is not None
         }
-        compute = time.monotonic() - t0
+        compute = routed.gate_s + time.monotonic() - t0  # not the wait between the stages
         self._count_execution(works, compute)
         self.verdicts.observe(list(predicted.values()))
         return [
@@ -188,4 +222,4 @@ def _route(deck: Deck, works: dict[int, Work], merged: np.ndarray, group: int) -
     return out
 
 
-__all__ = ["Done", "MicroBatchRun", "Work", "card_work", "deck_work", "merge_rows"]
+__all__ = ["Done", "MicroBatchRun", "Routed", "Work", "card_work", "deck_work", "merge_rows"]

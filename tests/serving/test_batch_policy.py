@@ -100,15 +100,21 @@ def _dataplane(deck_path, **kw) -> tuple[Dataplane, Metrics]:
 
 
 def _gate(dp: Dataplane) -> Gated:
-    """Hold the data plane's first micro-batch until released (the batcher calls ``_run``)."""
+    """Hold the data plane's first micro-batch until released: in its first stage (the gate) when the batcher
+    is pipelined, so that nothing is formed behind it either; else in ``_run``."""
     gated = Gated()
-    run = dp.dispatch.batcher._run  # type: ignore[union-attr]
+    batcher = dp.dispatch.batcher
+    stages = batcher._stages  # type: ignore[union-attr]
+    run = stages[0] if stages else batcher._run  # type: ignore[union-attr]
 
     def held(works):
         gated(works)
         return run(works)
 
-    dp.dispatch.batcher._run = held  # type: ignore[union-attr]
+    if stages:
+        batcher._stages = (held, stages[1])  # type: ignore[union-attr]
+    else:
+        batcher._run = held  # type: ignore[union-attr]
     return gated
 
 
