@@ -11,7 +11,7 @@ routing, and the verdicts and listeners (:mod:`carddeck.serving.verdicts`) told 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,15 +68,16 @@ def card_work(model: Model, images: np.ndarray) -> Work:
 
 @dataclass(slots=True)
 class Routed:
-    """A micro-batch between its gate and its card runs (:meth:`MicroBatchRun.route`): per snapshot, the
-    requests' indices, their merged rows and weights; each routed request's routing."""
+    """A micro-batch between its stages: after the gate (:meth:`MicroBatchRun.route`), per snapshot the
+    requests' indices, merged rows and weights, and each routed request's routing; after the cards
+    (:meth:`MicroBatchRun.run_cards`), each request's probabilities and agreements."""
 
     works: list[Work]
     groups: list[tuple[list[int], np.ndarray, np.ndarray]]
     routings: dict[int, Routing]
     gate_s: float
-    out: dict[int, np.ndarray] | None = None
-    agreements: dict[int, np.ndarray] | None = None
+    out: dict[int, np.ndarray] = field(default_factory=dict)  # per request: probabilities (run_cards)
+    agreements: dict[int, np.ndarray] = field(default_factory=dict)  # per request: the cards' agreement
 
 
 class MicroBatchRun:
