@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from carddeck.errors import Cancelled
 
@@ -175,6 +175,9 @@ class _Entry(Generic[T, R]):
     policy: BatchPolicy
     enqueued: float = field(default_factory=time.monotonic)
     is_cancelled: Callable[[], bool] | None = None
+
+
+_FAILED = object()  # a stage whose requests were answered otherwise (MicroBatcher._attempt)
 
 
 class _Handoff(Generic[T]):
@@ -345,15 +348,9 @@ class MicroBatcher(Generic[T, R]):
 
     def _prepare(self, live: list[_Entry[T, R]], handoff: _Handoff[tuple[list[_Entry[T, R]], object]]) -> None:
         assert self._stages is not None
-        try:
-            prepared = self._stages[0]([e.item for e in live])
-        except BaseException as exc:
-            if len(live) == 1:
-                live[0].future.set_exception(exc)
-                return
-            log.warning("preparing a merged batch of %d requests failed (%s); running them one by one", len(live), exc)
-            for entry in live:
-                self._run_entries([entry])
+        first = self._stages[0]
+        prepared = self._attempt(live, lambda: first([e.item for e in live]))
+        if prepared is _FAILED:
             return
         with self._cond:
             waiting = bool(self._queue)
@@ -372,18 +369,8 @@ class MicroBatcher(Generic[T, R]):
 
     def _finish_batch(self, live: list[_Entry[T, R]], prepared: object) -> None:
         assert self._stages is not None
-        try:
-            results = self._stages[1](prepared)
-        except BaseException as exc:
-            if len(live) == 1:
-                live[0].future.set_exception(exc)
-                return
-            log.warning("merged batch of %d requests failed (%s); running them one by one", len(live), exc)
-            for entry in live:
-                self._run_entries([entry])
-            return
-        for entry, result in zip(live, results):
-            entry.future.set_result(result)
+        second = self._stages[1]
+        self._answer(live, self._attempt(live, lambda: second(prepared)))
 
     def _fail(self, batch: list[_Entry[T, R]], exc: BaseException) -> None:
         """A worker that died would leave its model's queue unserved: fail the batch, go on."""
@@ -414,18 +401,27 @@ class MicroBatcher(Generic[T, R]):
         return live
 
     def _run_entries(self, live: list[_Entry[T, R]]) -> None:
+        self._answer(live, self._attempt(live, lambda: self._run([e.item for e in live])))
+
+    def _attempt(self, live: list[_Entry[T, R]], step: Callable[[], Any]) -> Any:
+        """``step()`` for these requests, or _FAILED once they are answered otherwise: a lone request gets the
+        error; a merged batch's requests are each run alone (one poisoned request cannot fail the others)."""
         try:
-            results = self._run([e.item for e in live])
+            return step()
         except BaseException as exc:
             if len(live) == 1:
                 live[0].future.set_exception(exc)
-                return
+                return _FAILED
             log.warning("merged batch of %d requests failed (%s); running them one by one", len(live), exc)
             for entry in live:
                 self._run_entries([entry])
-            return
-        for entry, result in zip(live, results):
-            entry.future.set_result(result)
+            return _FAILED
+
+    @staticmethod
+    def _answer(live: list[_Entry[T, R]], results: Any) -> None:
+        if results is not _FAILED:
+            for entry, result in zip(live, results):
+                entry.future.set_result(result)
 
 
 def then(future: Future[T], fn: Callable[[T], R]) -> Future[R]:
