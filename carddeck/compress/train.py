@@ -80,7 +80,10 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: t
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64) -> None:
     """Re-estimate every BatchNorm's running statistics on uint8 NHWC ``images`` (a cumulative average); weights
-    untouched. After a prune (lobs, dsa, dipgo, filter) the statistics describe the net before it."""
+    untouched. After a prune (lobs, dsa, dipgo, filter) the statistics describe the net before it. The images
+    are visited in a fixed shuffled order: the variance is an average of per-batch variances, and batches of a
+    split stored class by class miss the spread between classes (leaves32's filter CARDs, 1024 sorted views:
+    val 59.8% -> 72.0% shuffled)."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     saved = [(m, m.momentum) for m in bns]
     was_training = model.training
@@ -89,8 +92,9 @@ def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, device: torch.de
         m.momentum = None
     model.train()
     try:
+        order = np.random.default_rng(0).permutation(len(images))
         for i in range(0, len(images) - 1, batch_size):  # no batch of one image (BatchNorm needs two)
-            batch = images[i : i + batch_size]
+            batch = images[order[i : i + batch_size]]
             if len(batch) > 1:
                 model(to_nchw(batch.astype(np.float32) / np.float32(255.0), device))
     finally:

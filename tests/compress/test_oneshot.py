@@ -188,3 +188,20 @@ def test_batchnorm_recalibration_measures_the_pruned_net_on_the_images():
     recalibrate_batchnorm(net, images, torch.device("cpu"), batch_size=20)  # equal batches: an exact mean
     assert not net.training and torch.equal(net.conv1.weight, weight)
     torch.testing.assert_close(net.bn1.running_mean, stem.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_recalibration_sees_the_spread_between_classes_of_a_sorted_split():
+    """A split stored class by class (leaves32) must not give per-class batch variances: the re-estimate
+    visits the images shuffled, so the running variance is the whole set's. Mutant: batches in stored order
+    (each batch one level, variance ~0)."""
+    from carddeck.compress.train import recalibrate_batchnorm
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1, bias=False), torch.nn.BatchNorm2d(1)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0 / 3)  # the channels' mean: a black image gives 0, a white one 1
+    images = np.zeros((256, 8, 8, 3), np.uint8)
+    images[128:] = 255  # two "classes", stored one after the other
+    recalibrate_batchnorm(net, images, torch.device("cpu"), batch_size=64)
+    assert not net.training
+    assert float(net[1].running_mean) == pytest.approx(0.5, abs=1e-6)  # equal batches: the exact mean
+    assert float(net[1].running_var) == pytest.approx(0.25, abs=0.03)  # the whole set's variance, not ~0
