@@ -53,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("auto", *SCOPE_FEATURE_SETS),
         default="auto",
         help="what the per-image scope reads when fitting (auto: the first set that passes the family-held-out "
-        "check on val)",
+        "check on val; when none does, the closest, a harmful error weighing more than benign uncovered)",
     )
     parser.add_argument("--corruptions", default=None, help="comma-separated (default: the 15 benchmark ones)")
     parser.add_argument(

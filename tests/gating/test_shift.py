@@ -454,7 +454,8 @@ def test_the_scope_reads_only_its_features(detector, references):
 
 def test_the_scope_features_are_chosen_by_the_family_held_out_check(references, monkeypatch):
     """select_scope keeps the first feature set that meets its bounds on the fitting data (each family held out),
-    and falls back to every feature when none does; what each set measured is in the notes."""
+    and when none does, :func:`fallback_scope`'s choice (here a tie: every feature); what each set measured is
+    in the notes."""
     monkeypatch.setattr(shift_fit, "SCOPE_CHECK", {"benign_uncovered": 1.0, "harmful_error": 1.0})
     lax = fit_detector(references, draws=100)
     assert lax.notes["scope_features"] == "coarse" and lax.scope.features == SCOPE_FEATURE_SETS["coarse"]
@@ -466,6 +467,23 @@ def test_the_scope_features_are_chosen_by_the_family_held_out_check(references, 
     assert strict.notes["scope_check"]["coarse"] == lax.notes["scope_check"]["coarse"]
     with pytest.raises(InvalidInput, match="scope features"):
         fit_detector(references, draws=100, scope_features="fine")
+
+
+@pytest.mark.parametrize(
+    ("coarse", "every", "kept"),
+    [
+        ((0.12, 0.07), (0.27, 0.07), "coarse"),  # leaves32, fit seed 1: both within the harmful bound
+        ((0.03, 0.21), (0.88, 0.10), "all"),  # digits32: coarse misjudges a harmful condition
+        ((0.50, 0.13), (0.10, 0.20), "coarse"),  # neither within the harmful bound: the one misjudging less
+        ((0.30, 0.05), (0.30, 0.05), "all"),  # a tie: the later set
+    ],
+)
+def test_when_no_scope_passes_a_harmful_misjudgement_weighs_more_than_benign_uncovered(coarse, every, kept):
+    """Mutants: the last set whatever was measured (the leaves32 row), the fewest benign uncovered regardless
+    of the harmful bound (digits32), the first set on a tie."""
+    checked = {name: {"benign_uncovered": b, "harmful_error": h, "conditions": 75}
+               for name, (b, h) in (("coarse", coarse), ("all", every))}  # fmt: skip
+    assert shift_fit.fallback_scope(checked) == kept
 
 
 def test_a_coarse_scope_survives_saving_and_format_4_files_still_load(detector, references):
