@@ -11,7 +11,7 @@ routing, and the verdicts and listeners (:mod:`carddeck.serving.verdicts`) told 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,16 +68,15 @@ def card_work(model: Model, images: np.ndarray) -> Work:
 
 @dataclass(slots=True)
 class Routed:
-    """A micro-batch between its stages: after the gate (:meth:`MicroBatchRun.route`), per snapshot the
-    requests' indices, merged rows and weights, and each routed request's routing; after the cards
-    (:meth:`MicroBatchRun.run_cards`), each request's probabilities and agreements."""
+    """A micro-batch between its stages (:meth:`MicroBatchRun.route_and_run`): the requests' indices per deck
+    snapshot, each routed request's routing, and per request its probabilities and the cards' agreement."""
 
     works: list[Work]
-    groups: list[tuple[list[int], np.ndarray, np.ndarray]]
+    groups: list[list[int]]
     routings: dict[int, Routing]
-    gate_s: float
-    out: dict[int, np.ndarray] = field(default_factory=dict)  # per request: probabilities (run_cards)
-    agreements: dict[int, np.ndarray] = field(default_factory=dict)  # per request: the cards' agreement
+    out: dict[int, np.ndarray]
+    agreements: dict[int, np.ndarray]
+    compute_s: float  # the gate's and the cards' time
 
 
 class MicroBatchRun:
@@ -92,43 +91,32 @@ class MicroBatchRun:
     def __call__(self, works: list[Work]) -> list[Done]:
         return self.judge(self.route_and_run(works))
 
-    def route(self, works: list[Work]) -> Routed:
+    def route_and_run(self, works: list[Work]) -> Routed:
         """Group by snapshot, route every request on its own rows (one features call, one policy call per
-        policy); no card runs here."""
+        policy), run each card once over the merged rows, split back."""
         t0 = time.monotonic()
+        out: dict[int, np.ndarray] = {}
+        agreements: dict[int, np.ndarray] = {}
         routings: dict[int, Routing] = {}
         groups: dict[int, list[int]] = {}
         for i, w in enumerate(works):
             groups.setdefault(id(w.deck), []).append(i)
-        merged = []
+        on_card = self.verdicts.on_card
         for idx in groups.values():
             deck = works[idx[0]].deck
             x = works[idx[0]].x if len(idx) == 1 else merge_rows([works[i].x for i in idx])
             routings.update(_route(deck, {i: works[i] for i in idx if works[i].weights is None}, x, len(idx)))
             weights = [_weights_of(works[i], routings.get(i)) for i in idx]
-            merged.append((idx, x, weights[0] if len(idx) == 1 else merge_rows(weights)))
-        return Routed(works, merged, routings, time.monotonic() - t0)
-
-    def route_and_run(self, works: list[Work]) -> Routed:
-        return self.run_cards(self.route(works))
-
-    def run_cards(self, routed: Routed) -> Routed:
-        t0 = time.monotonic()
-        works = routed.works
-        out: dict[int, np.ndarray] = {}
-        agreements: dict[int, np.ndarray] = {}
-        on_card = self.verdicts.on_card
-        for idx, x, weights in routed.groups:
             agreement = np.empty(len(x), np.float32)
-            probs = works[idx[0]].deck.run_routed(x, weights, on_card=on_card, agreement=agreement)
+            probs = deck.run_routed(
+                x, weights[0] if len(idx) == 1 else merge_rows(weights), on_card=on_card, agreement=agreement
+            )
             offset = 0
             for i in idx:
                 n = len(works[i].x)
                 out[i], agreements[i] = probs[offset : offset + n], agreement[offset : offset + n]
                 offset += n
-        routed.out, routed.agreements = out, agreements
-        routed.gate_s += time.monotonic() - t0
-        return routed
+        return Routed(works, list(groups.values()), routings, out, agreements, time.monotonic() - t0)
 
     def judge(self, routed: Routed) -> list[Done]:
         t0 = time.monotonic()
@@ -139,7 +127,7 @@ class MicroBatchRun:
             if i in routings
         }
         verdicts: dict[int, Trust] = {}
-        for idx, _, _ in routed.groups:  # judged by a detector fitted for the cards they ran on (a swap may lag)
+        for idx in routed.groups:  # judged by a detector fitted for the cards they ran on (a swap may lag)
             mine = [i for i in idx if i in predicted]
             cards = works[idx[0]].deck.card_keys
             verdicts.update(zip(mine, self.verdicts.of([predicted[i] for i in mine], cards)))
@@ -150,7 +138,7 @@ class MicroBatchRun:
             for i, request in predicted.items()
             if (a := self.verdicts.adapted(works[i].deck, request, verdicts.get(i))) is not None
         }
-        compute = routed.gate_s + time.monotonic() - t0  # not the wait between the stages
+        compute = routed.compute_s + time.monotonic() - t0  # not the wait between the stages
         self._count_execution(works, compute)
         self.verdicts.observe(list(predicted.values()))
         return [
